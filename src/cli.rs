@@ -1,0 +1,215 @@
+//! The `tempalias` command line.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{bail, Context};
+use clap::{Parser, Subcommand};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Config;
+
+#[derive(Parser, Debug)]
+#[command(name = "tempalias", version, about = "Clustered temporary e-mail alias forwarder")]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Run a node. Without --config: one node on loopback, capturing forwarded mail.
+    Serve {
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// Log format, overriding log.format: text or json.
+        #[arg(long)]
+        log_format: Option<String>,
+    },
+    /// Validate a configuration file (and TEMPALIAS_* overrides) and exit.
+    CheckConfig { file: PathBuf },
+    /// Create, show or revoke aliases through a node's HTTP API.
+    Alias {
+        /// Base URL of the API.
+        #[arg(long, env = "TEMPALIAS_API", default_value = "http://127.0.0.1:8080", global = true)]
+        api: String,
+        #[command(subcommand)]
+        action: AliasCmd,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum AliasCmd {
+    /// Create an alias forwarding to TARGET.
+    Create {
+        target: String,
+        #[arg(long)]
+        days: Option<i64>,
+        #[arg(long = "max-usage")]
+        max_usage: Option<i64>,
+    },
+    /// Show an alias (needs the token returned at creation).
+    Show {
+        id: String,
+        #[arg(long, env = "TEMPALIAS_TOKEN")]
+        token: String,
+    },
+    /// Revoke an alias for good.
+    Revoke {
+        id: String,
+        #[arg(long, env = "TEMPALIAS_TOKEN")]
+        token: String,
+    },
+}
+
+/// Entry point of the binary.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("tempalias: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.command {
+        Cmd::CheckConfig { file } => {
+            let config = Config::load(Some(&file))?;
+            println!(
+                "{}: ok (node {}, domains {})",
+                file.display(),
+                config.node_id,
+                config.domains.join(", ")
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Serve { config, log_format } => {
+            let mut config = Config::load(config.as_deref())?;
+            if let Some(f) = log_format {
+                config.log.format = f;
+                config.validate()?;
+            }
+            init_logging(&config);
+            let runtime = tokio::runtime::Runtime::new().context("starting the runtime")?;
+            runtime.block_on(serve(config))?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Alias { api, action } => {
+            let runtime = tokio::runtime::Runtime::new().context("starting the runtime")?;
+            runtime.block_on(alias(&api, action))
+        }
+    }
+}
+
+fn init_logging(config: &Config) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("RUST_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&config.log.level));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if config.log.format == "json" {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+async fn serve(config: Config) -> anyhow::Result<()> {
+    let shutdown = CancellationToken::new();
+    let signal = shutdown.clone();
+    tokio::spawn(async move {
+        wait_for_signal().await;
+        tracing::info!("signal received");
+        signal.cancel();
+    });
+    let banner_config = config.clone();
+    crate::server::run(config, shutdown, move |bound| {
+        print!("{}", crate::server::banner(&banner_config, &bound));
+        use std::io::Write;
+        let _ = std::io::stdout().flush();
+    })
+    .await?;
+    Ok(())
+}
+
+async fn wait_for_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+async fn alias(api: &str, action: AliasCmd) -> anyhow::Result<ExitCode> {
+    let client = reqwest::Client::builder()
+        .timeout(std::time::Duration::from_secs(30))
+        .build()?;
+    let base = api.trim_end_matches('/');
+    let resp = match action {
+        AliasCmd::Create {
+            target,
+            days,
+            max_usage,
+        } => {
+            let mut body = serde_json::json!({ "target": target });
+            if let Some(d) = days {
+                body["days"] = d.into();
+            }
+            if let Some(m) = max_usage {
+                body["max-usage"] = m.into();
+            }
+            if days.is_none() && max_usage.is_none() {
+                bail!("give --days and/or --max-usage");
+            }
+            client.post(format!("{base}/v1/aliases")).json(&body).send().await
+        }
+        AliasCmd::Show { id, token } => {
+            client
+                .get(format!("{base}/v1/aliases/{id}"))
+                .bearer_auth(token)
+                .send()
+                .await
+        }
+        AliasCmd::Revoke { id, token } => {
+            client
+                .delete(format!("{base}/v1/aliases/{id}"))
+                .bearer_auth(token)
+                .send()
+                .await
+        }
+    }
+    .with_context(|| format!("calling {base}"))?;
+    let status = resp.status();
+    let text = resp.text().await.unwrap_or_default();
+    if status.is_success() {
+        if text.is_empty() {
+            println!("{}", status);
+        } else {
+            match serde_json::from_str::<serde_json::Value>(&text) {
+                Ok(v) => println!("{}", serde_json::to_string_pretty(&v)?),
+                Err(_) => println!("{text}"),
+            }
+        }
+        Ok(ExitCode::SUCCESS)
+    } else {
+        eprintln!("tempalias: {status}: {text}");
+        Ok(ExitCode::FAILURE)
+    }
+}

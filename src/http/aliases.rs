@@ -1,0 +1,244 @@
+//! `POST /aliases`, `POST /v1/aliases`, `GET` and `DELETE /v1/aliases/{id}`.
+
+use axum::body::Body;
+use axum::extract::{Path, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use serde::{Deserialize, Serialize};
+
+use super::{ApiError, AppState, MAX_BODY};
+use crate::alias;
+use crate::clock::rfc3339;
+use crate::raft::node::WriteError;
+use crate::raft::{AliasRecord, Command, Response as SmResponse};
+
+const DAY_MS: u64 = 86_400_000;
+/// Attempts at a fresh id when a random one is already taken.
+const ID_ATTEMPTS: usize = 3;
+
+/// Body of a create request. Unknown fields are refused so that a typo such
+/// as `max_usage` is reported instead of silently ignored.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CreateRequest {
+    target: String,
+    days: Option<i64>,
+    #[serde(rename = "max-usage")]
+    max_usage: Option<i64>,
+}
+
+/// How an alias is shown by the API.
+#[derive(Debug, Serialize)]
+struct AliasView {
+    alias: String,
+    id: String,
+    target: String,
+    created_at: String,
+    valid_until: String,
+    max_usage: u32,
+    remaining: u32,
+    /// `active`, `expired`, `used_up` or `revoked`.
+    state: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    token: Option<String>,
+}
+
+impl AliasView {
+    fn new(rec: &AliasRecord, now_ms: u64, token: Option<String>) -> Self {
+        let state = if rec.revoked {
+            "revoked"
+        } else if now_ms >= rec.valid_until_ms {
+            "expired"
+        } else if rec.used >= rec.max_usage {
+            "used_up"
+        } else {
+            "active"
+        };
+        Self {
+            alias: rec.address(),
+            id: rec.id.clone(),
+            target: rec.target.clone(),
+            created_at: rfc3339(rec.created_ms),
+            valid_until: rfc3339(rec.valid_until_ms),
+            max_usage: rec.max_usage,
+            remaining: rec.remaining(),
+            state,
+            token,
+        }
+    }
+}
+
+fn unavailable(e: WriteError) -> ApiError {
+    ApiError::Unavailable(e.to_string())
+}
+
+/// Reads the body, enforcing content type and size before parsing anything.
+async fn read_json(headers: &HeaderMap, body: Body) -> Result<CreateRequest, ApiError> {
+    let is_json = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .map(|v| {
+            v.split(';')
+                .next()
+                .unwrap_or("")
+                .trim()
+                .eq_ignore_ascii_case("application/json")
+        })
+        .unwrap_or(false);
+    if !is_json {
+        return Err(ApiError::UnsupportedMediaType);
+    }
+    let bytes = axum::body::to_bytes(body, MAX_BODY)
+        .await
+        .map_err(|_| ApiError::BodyTooLarge(MAX_BODY))?;
+    serde_json::from_slice(&bytes).map_err(|e| match e.classify() {
+        serde_json::error::Category::Data => ApiError::InvalidRequest(e.to_string()),
+        _ => ApiError::InvalidJson(format!("body is not valid JSON: {e}")),
+    })
+}
+
+/// Checks one numeric limit: positive and within the operator's cap.
+fn limit(name: &str, value: Option<i64>, cap: u32) -> Result<u32, ApiError> {
+    match value {
+        None => Ok(cap),
+        Some(v) if v <= 0 => Err(ApiError::InvalidLimit(format!("{name} must be a positive integer"))),
+        Some(v) if v > i64::from(cap) => Err(ApiError::LimitExceeded(format!(
+            "{name} is {v}, above this service's limit of {cap}"
+        ))),
+        Some(v) => Ok(v as u32),
+    }
+}
+
+pub(super) async fn create(State(state): State<AppState>, headers: HeaderMap, body: Body) -> Result<Response, ApiError> {
+    let req = read_json(&headers, body).await?;
+    let target = alias::parse_mailbox(&req.target).map_err(|e| ApiError::InvalidTarget(format!("target: {e}")))?;
+    if state.config.domains.contains(&target.domain) {
+        return Err(ApiError::InvalidTarget(
+            "target: an alias cannot forward to another alias".into(),
+        ));
+    }
+    if req.days.is_none() && req.max_usage.is_none() {
+        return Err(ApiError::InvalidRequest(
+            "give at least one of days and max-usage".into(),
+        ));
+    }
+    let limits = &state.config.limits;
+    let days = limit("days", req.days, limits.max_days)?;
+    let max_usage = limit("max-usage", req.max_usage, limits.max_usage)?;
+    let domain = state.config.domains[0].clone();
+    let token = alias::new_token();
+    let token_hash = alias::token_hash(&token);
+    for _ in 0..ID_ATTEMPTS {
+        let cmd = Command::CreateAlias {
+            id: alias::new_id(),
+            domain: domain.clone(),
+            target: target.to_string(),
+            token_hash: token_hash.clone(),
+            valid_for_ms: u64::from(days) * DAY_MS,
+            max_usage,
+        };
+        match state.node.write(cmd).await.map_err(unavailable)? {
+            SmResponse::Created(rec) => {
+                state.metrics.aliases_created.inc();
+                tracing::info!(id = %rec.id, days, max_usage, "alias created");
+                let view = AliasView::new(&rec, rec.created_ms, Some(token));
+                let location = format!("/v1/aliases/{}", rec.id);
+                let mut resp = (StatusCode::CREATED, axum::Json(view)).into_response();
+                if let Ok(v) = HeaderValue::from_str(&location) {
+                    resp.headers_mut().insert(header::LOCATION, v);
+                }
+                return Ok(resp);
+            }
+            SmResponse::IdTaken => continue,
+            other => {
+                tracing::error!(response = ?other, "unexpected answer to create");
+                return Err(ApiError::Internal);
+            }
+        }
+    }
+    Err(ApiError::Unavailable("could not find a free alias id".into()))
+}
+
+/// Finds the alias and checks the bearer token. A wrong token and an unknown id
+/// give the same answer, so the API reveals nothing without the token.
+fn authorize(state: &AppState, headers: &HeaderMap, id: &str) -> Result<AliasRecord, ApiError> {
+    let token = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
+        .map(str::trim)
+        .ok_or(ApiError::Unauthorized)?;
+    if !alias::is_valid_id(id) {
+        return Err(ApiError::NotFound);
+    }
+    let rec = state.node.reader().alias(id).map_err(|e| {
+        tracing::error!(error = %e, "reading the store");
+        ApiError::Internal
+    })?;
+    match rec {
+        Some(rec) if alias::token_matches(token, &rec.token_hash) => Ok(rec),
+        _ => Err(ApiError::NotFound),
+    }
+}
+
+pub(super) async fn show(State(state): State<AppState>, Path(id): Path<String>, headers: HeaderMap) -> Result<Response, ApiError> {
+    let rec = authorize(&state, &headers, &id)?;
+    let view = AliasView::new(&rec, state.node.now_ms(), None);
+    let body = serde_json::to_vec(&view).map_err(|_| ApiError::Internal)?;
+    let etag = format!("\"{}\"", &alias::token_hash(&String::from_utf8_lossy(&body))[..16]);
+    let not_modified = headers
+        .get(header::IF_NONE_MATCH)
+        .and_then(|v| v.to_str().ok())
+        .map(|v| v.split(',').any(|t| t.trim() == etag || t.trim() == "*"))
+        .unwrap_or(false);
+    let etag_value = HeaderValue::from_str(&etag).map_err(|_| ApiError::Internal)?;
+    if not_modified {
+        return Ok((StatusCode::NOT_MODIFIED, [(header::ETAG, etag_value)]).into_response());
+    }
+    Ok((
+        StatusCode::OK,
+        [
+            (header::ETAG, etag_value),
+            (header::CONTENT_TYPE, HeaderValue::from_static("application/json")),
+            (header::CACHE_CONTROL, HeaderValue::from_static("no-store")),
+        ],
+        body,
+    )
+        .into_response())
+}
+
+pub(super) async fn revoke(State(state): State<AppState>, Path(id): Path<String>, headers: HeaderMap) -> Result<Response, ApiError> {
+    let rec = authorize(&state, &headers, &id)?;
+    match state
+        .node
+        .write(Command::Revoke { id: rec.id.clone() })
+        .await
+        .map_err(unavailable)?
+    {
+        SmResponse::Revoked => {
+            tracing::info!(id = %rec.id, "alias revoked");
+            Ok(StatusCode::NO_CONTENT.into_response())
+        }
+        SmResponse::NotFound => Err(ApiError::NotFound),
+        other => {
+            tracing::error!(response = ?other, "unexpected answer to revoke");
+            Err(ApiError::Internal)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn limits_default_to_the_cap_and_refuse_bad_values() {
+        assert_eq!(limit("days", None, 60).unwrap(), 60);
+        assert_eq!(limit("days", Some(3), 60).unwrap(), 3);
+        assert!(matches!(limit("days", Some(0), 60), Err(ApiError::InvalidLimit(_))));
+        assert!(matches!(limit("days", Some(-2), 60), Err(ApiError::InvalidLimit(_))));
+        let e = limit("max-usage", Some(101), 100).unwrap_err();
+        assert!(matches!(e, ApiError::LimitExceeded(_)));
+        assert!(e.to_string().contains("100"), "{e}");
+    }
+}

@@ -1,0 +1,112 @@
+//! The HTTP front end: the alias API, health endpoints and `/metrics`.
+
+mod aliases;
+mod error;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::{MatchedPath, Request, State};
+use axum::http::{header, StatusCode};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::Router;
+use tokio::sync::Semaphore;
+
+pub use error::ApiError;
+
+use crate::config::Config;
+use crate::metrics::{HttpLabels, Metrics};
+use crate::raft::Node;
+
+/// Largest request body accepted by the API.
+pub const MAX_BODY: usize = 4096;
+
+/// Shared state of all handlers.
+#[derive(Clone)]
+pub struct AppState {
+    pub node: Node,
+    pub config: Arc<Config>,
+    pub metrics: Arc<Metrics>,
+    /// Requests in progress; when none is free the node sheds load with `503`.
+    permits: Arc<Semaphore>,
+}
+
+impl AppState {
+    pub fn new(node: Node, config: Arc<Config>, metrics: Arc<Metrics>) -> Self {
+        let permits = Arc::new(Semaphore::new(config.http.max_concurrent_requests));
+        Self {
+            node,
+            config,
+            metrics,
+            permits,
+        }
+    }
+}
+
+/// Builds the router.
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .route("/aliases", post(aliases::create))
+        .route("/v1/aliases", post(aliases::create))
+        .route("/v1/aliases/{id}", get(aliases::show).delete(aliases::revoke))
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .fallback(|| async { ApiError::NoRoute })
+        .layer(axum::middleware::from_fn_with_state(state.clone(), guard))
+        .with_state(state)
+}
+
+/// Load shedding, request timeout and per-route metrics for every request.
+async fn guard(State(state): State<AppState>, req: Request, next: Next) -> Response {
+    let route = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map(|p| p.as_str().to_string())
+        .unwrap_or_else(|| "unmatched".to_string());
+    let response = match state.permits.clone().try_acquire_owned() {
+        Err(_) => ApiError::Overloaded.into_response(),
+        Ok(_permit) => {
+            let timeout = Duration::from_secs(state.config.http.request_timeout_secs);
+            match tokio::time::timeout(timeout, next.run(req)).await {
+                Ok(r) => r,
+                Err(_) => ApiError::Unavailable("request timed out".into()).into_response(),
+            }
+        }
+    };
+    state
+        .metrics
+        .http_requests
+        .get_or_create(&HttpLabels {
+            route,
+            status: response.status().as_u16(),
+        })
+        .inc();
+    response
+}
+
+async fn healthz() -> impl IntoResponse {
+    axum::Json(serde_json::json!({ "status": "ok" }))
+}
+
+async fn readyz(State(state): State<AppState>) -> Response {
+    let store_ok = state.node.reader().alias("readyz-probe").is_ok();
+    let leader = state.node.has_leader();
+    let body = serde_json::json!({ "ready": store_ok && leader, "store": store_ok, "leader": leader });
+    let status = if store_ok && leader {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (status, axum::Json(body)).into_response()
+}
+
+async fn metrics(State(state): State<AppState>) -> Response {
+    (
+        [(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
+        state.metrics.encode(),
+    )
+        .into_response()
+}

@@ -1,0 +1,170 @@
+//! Prometheus metrics shared by every part of a node.
+//!
+//! Label values are fixed enums or matched routes, never raw input, so the
+//! number of series stays bounded whatever clients send.
+
+use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+
+/// Outcome of one message transaction (after DATA).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[allow(non_camel_case_types)]
+pub enum MessageResult {
+    forwarded,
+    rejected,
+    tempfail,
+    permfail,
+}
+
+/// Outcome of one RCPT command.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[allow(non_camel_case_types)]
+pub enum RcptResult {
+    accepted,
+    relay_denied,
+    unknown,
+    expired,
+    used_up,
+    revoked,
+    tempfail,
+    invalid,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct MessageLabels {
+    pub result: MessageResult,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RcptLabels {
+    pub result: RcptResult,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct HttpLabels {
+    pub route: String,
+    pub status: u16,
+}
+
+/// Every metric a node exports.
+pub struct Metrics {
+    registry: Registry,
+    pub smtp_sessions: Counter,
+    pub smtp_sessions_active: Gauge,
+    pub smtp_messages: Family<MessageLabels, Counter>,
+    pub smtp_rcpt: Family<RcptLabels, Counter>,
+    pub forward_duration: Histogram,
+    pub aliases_created: Counter,
+    pub aliases_active: Gauge,
+    pub http_requests: Family<HttpLabels, Counter>,
+    pub raft_term: Gauge,
+    pub raft_commit_index: Gauge,
+    pub raft_last_log_index: Gauge,
+    pub raft_is_leader: Gauge,
+    pub raft_leader_id: Gauge,
+    pub raft_write_errors: Counter,
+    pub raft_write_duration: Histogram,
+    pub build_info: Family<BuildLabels, Gauge>,
+}
+
+/// Labels of `tempalias_build_info`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct BuildLabels {
+    pub version: String,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("tempalias");
+        let m = Self {
+            smtp_sessions: Counter::default(),
+            smtp_sessions_active: Gauge::default(),
+            smtp_messages: Family::default(),
+            smtp_rcpt: Family::default(),
+            forward_duration: Histogram::new(
+                [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0].into_iter(),
+            ),
+            aliases_created: Counter::default(),
+            aliases_active: Gauge::default(),
+            http_requests: Family::default(),
+            raft_term: Gauge::default(),
+            raft_commit_index: Gauge::default(),
+            raft_last_log_index: Gauge::default(),
+            raft_is_leader: Gauge::default(),
+            raft_leader_id: Gauge::default(),
+            raft_write_errors: Counter::default(),
+            raft_write_duration: Histogram::new(
+                [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0].into_iter(),
+            ),
+            build_info: Family::default(),
+            registry: Registry::default(),
+        };
+        registry.register("smtp_sessions", "SMTP sessions accepted", m.smtp_sessions.clone());
+        registry.register("smtp_sessions_active", "SMTP sessions open now", m.smtp_sessions_active.clone());
+        registry.register(
+            "smtp_messages",
+            "Message transactions by outcome after DATA",
+            m.smtp_messages.clone(),
+        );
+        registry.register("smtp_rcpt", "RCPT commands by outcome", m.smtp_rcpt.clone());
+        registry.register_with_unit(
+            "forward_duration",
+            "Time to hand one message to the upstream",
+            prometheus_client::registry::Unit::Seconds,
+            m.forward_duration.clone(),
+        );
+        registry.register("aliases_created", "Aliases created through this node", m.aliases_created.clone());
+        registry.register(
+            "aliases_active",
+            "Aliases in the local replica that can still forward",
+            m.aliases_active.clone(),
+        );
+        registry.register("http_requests", "HTTP requests by matched route and status", m.http_requests.clone());
+        registry.register("raft_term", "Current Raft term", m.raft_term.clone());
+        registry.register(
+            "raft_commit_index",
+            "Highest log index committed and applied on this node",
+            m.raft_commit_index.clone(),
+        );
+        registry.register("raft_last_log_index", "Highest log index in this node's log", m.raft_last_log_index.clone());
+        registry.register("raft_is_leader", "1 when this node is the Raft leader", m.raft_is_leader.clone());
+        registry.register("raft_leader_id", "Node id of the known leader, 0 when none", m.raft_leader_id.clone());
+        registry.register(
+            "raft_write_errors",
+            "Raft writes that failed (no quorum, timeout)",
+            m.raft_write_errors.clone(),
+        );
+        registry.register_with_unit(
+            "raft_write_duration",
+            "Time from proposing a write to its application",
+            prometheus_client::registry::Unit::Seconds,
+            m.raft_write_duration.clone(),
+        );
+        registry.register("build_info", "Build information (always 1)", m.build_info.clone());
+        m.build_info
+            .get_or_create(&BuildLabels {
+                version: env!("CARGO_PKG_VERSION").to_string(),
+            })
+            .set(1);
+        Self { registry, ..m }
+    }
+
+    /// The registry in Prometheus text format.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        if prometheus_client::encoding::text::encode(&mut out, &self.registry).is_err() {
+            out.clear();
+        }
+        out
+    }
+}

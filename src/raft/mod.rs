@@ -1,0 +1,19 @@
+//! The replicated alias state.
+//!
+//! - [`types`]: the openraft type configuration and the command/response enums
+//!   that travel through the log.
+//! - [`state`]: the pure state-machine logic (what each command does to an alias),
+//!   kept free of storage so it can be tested exhaustively.
+//! - [`store`]: the redb database holding the Raft log, vote, state machine and
+//!   snapshots of one node.
+//! - [`network`]: how this node reaches its peers.
+//! - [`node`]: the handle the SMTP and HTTP front ends write and read through.
+
+pub mod network;
+pub mod node;
+pub mod state;
+pub mod store;
+pub mod types;
+
+pub use node::Node;
+pub use types::{AliasRecord, Command, Refusal, Request, Response, TypeConfig};

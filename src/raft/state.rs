@@ -1,0 +1,325 @@
+//! The state-machine logic: what each command does to one alias record.
+//!
+//! This is deliberately a pure function of (record, command, entry time, entry
+//! index) so that the redb store only loads and saves records, and every rule
+//! about expiry, leases and use counting is tested here without storage.
+
+use super::types::{AliasRecord, Command, Refusal, Response};
+
+/// The outcome of applying one command to the record it names.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Change {
+    /// Leave the stored record as it is.
+    Keep,
+    /// Store this record under its id.
+    Put(AliasRecord),
+}
+
+/// Applies `cmd` to `current` (the stored record with the id the command names).
+///
+/// `now_ms` is the entry's replicated time and `index` its log index, which
+/// becomes the reservation id of a `Reserve`.
+pub fn apply(current: Option<&AliasRecord>, cmd: &Command, now_ms: u64, index: u64) -> (Change, Response) {
+    match cmd {
+        Command::CreateAlias {
+            id,
+            domain,
+            target,
+            token_hash,
+            valid_for_ms,
+            max_usage,
+        } => {
+            if current.is_some() {
+                return (Change::Keep, Response::IdTaken);
+            }
+            let rec = AliasRecord {
+                id: id.clone(),
+                domain: domain.clone(),
+                target: target.clone(),
+                token_hash: token_hash.clone(),
+                created_ms: now_ms,
+                valid_until_ms: now_ms.saturating_add(*valid_for_ms),
+                max_usage: *max_usage,
+                used: 0,
+                reservations: Default::default(),
+                revoked: false,
+            };
+            (Change::Put(rec.clone()), Response::Created(rec))
+        }
+        Command::Reserve { lease_ms, .. } => {
+            let Some(rec) = current else {
+                return (Change::Keep, Response::Refused { reason: Refusal::Unknown });
+            };
+            let mut rec = rec.clone();
+            // Lapsed leases belong to transactions whose node died: drop them so
+            // their uses return to the alias.
+            let before = rec.reservations.len();
+            rec.reservations.retain(|_, until| *until > now_ms);
+            let pruned = rec.reservations.len() != before;
+            let refusal = if rec.revoked {
+                Some(Refusal::Revoked)
+            } else if now_ms >= rec.valid_until_ms {
+                Some(Refusal::Expired)
+            } else if rec.available(now_ms) == 0 {
+                Some(Refusal::UsedUp)
+            } else {
+                None
+            };
+            if let Some(reason) = refusal {
+                let change = if pruned { Change::Put(rec) } else { Change::Keep };
+                return (change, Response::Refused { reason });
+            }
+            rec.reservations.insert(index, now_ms.saturating_add(*lease_ms));
+            let target = rec.target.clone();
+            (
+                Change::Put(rec),
+                Response::Reserved {
+                    reservation: index,
+                    target,
+                },
+            )
+        }
+        Command::Commit { reservation, .. } => {
+            let Some(rec) = current else {
+                return (Change::Keep, Response::NotFound);
+            };
+            let mut rec = rec.clone();
+            // The message was delivered, so the use is spent even if the lease had
+            // already lapsed (a very slow upstream): counting it is the safe side.
+            rec.reservations.remove(reservation);
+            rec.used = rec.used.saturating_add(1).min(rec.max_usage);
+            (Change::Put(rec), Response::Committed)
+        }
+        Command::Release { reservation, .. } => {
+            let Some(rec) = current else {
+                return (Change::Keep, Response::NotFound);
+            };
+            if !rec.reservations.contains_key(reservation) {
+                return (Change::Keep, Response::Released);
+            }
+            let mut rec = rec.clone();
+            rec.reservations.remove(reservation);
+            (Change::Put(rec), Response::Released)
+        }
+        Command::Revoke { .. } => {
+            let Some(rec) = current else {
+                return (Change::Keep, Response::NotFound);
+            };
+            let mut rec = rec.clone();
+            rec.revoked = true;
+            (Change::Put(rec), Response::Revoked)
+        }
+    }
+}
+
+/// The alias id a command addresses.
+pub fn command_id(cmd: &Command) -> &str {
+    match cmd {
+        Command::CreateAlias { id, .. }
+        | Command::Reserve { id, .. }
+        | Command::Commit { id, .. }
+        | Command::Release { id, .. }
+        | Command::Revoke { id } => id,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const DAY: u64 = 86_400_000;
+
+    /// Creates an alias at time 0 that is valid until `valid_until_ms`.
+    fn create(max_usage: u32, valid_until_ms: u64) -> AliasRecord {
+        let cmd = Command::CreateAlias {
+            id: "abcdefghij".into(),
+            domain: "t.example".into(),
+            target: "me@example.net".into(),
+            token_hash: "h".into(),
+            valid_for_ms: valid_until_ms,
+            max_usage,
+        };
+        match apply(None, &cmd, 0, 1) {
+            (Change::Put(rec), Response::Created(view)) => {
+                assert_eq!(rec, view);
+                rec
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    fn reserve(rec: &AliasRecord, now: u64, index: u64, lease: u64) -> (Change, Response) {
+        apply(
+            Some(rec),
+            &Command::Reserve {
+                id: rec.id.clone(),
+                lease_ms: lease,
+            },
+            now,
+            index,
+        )
+    }
+
+    fn put(change: Change) -> AliasRecord {
+        match change {
+            Change::Put(r) => r,
+            Change::Keep => panic!("expected a change"),
+        }
+    }
+
+    #[test]
+    fn create_refuses_taken_id() {
+        let rec = create(2, DAY);
+        let cmd = Command::CreateAlias {
+            id: rec.id.clone(),
+            domain: "t.example".into(),
+            target: "other@example.net".into(),
+            token_hash: "x".into(),
+            valid_for_ms: DAY,
+            max_usage: 1,
+        };
+        assert_eq!(apply(Some(&rec), &cmd, 5, 2), (Change::Keep, Response::IdTaken));
+    }
+
+    #[test]
+    fn reserve_commit_counts_each_use_once() {
+        let mut rec = create(2, DAY);
+        for i in 0..2u64 {
+            let (change, resp) = reserve(&rec, 2000, 10 + i, 60_000);
+            assert_eq!(
+                resp,
+                Response::Reserved {
+                    reservation: 10 + i,
+                    target: "me@example.net".into()
+                }
+            );
+            rec = put(change);
+            let (change, resp) = apply(
+                Some(&rec),
+                &Command::Commit {
+                    id: rec.id.clone(),
+                    reservation: 10 + i,
+                },
+                2001,
+                20 + i,
+            );
+            assert_eq!(resp, Response::Committed);
+            rec = put(change);
+        }
+        assert_eq!(rec.used, 2);
+        assert_eq!(rec.remaining(), 0);
+        assert!(rec.reservations.is_empty());
+        let (_, resp) = reserve(&rec, 3000, 30, 60_000);
+        assert_eq!(resp, Response::Refused { reason: Refusal::UsedUp });
+    }
+
+    #[test]
+    fn reservations_hold_uses_until_released() {
+        let rec = create(1, DAY);
+        let rec = put(reserve(&rec, 2000, 5, 60_000).0);
+        assert_eq!(rec.available(2000), 0);
+        // A second concurrent message cannot take the only use.
+        let (_, resp) = reserve(&rec, 2001, 6, 60_000);
+        assert_eq!(resp, Response::Refused { reason: Refusal::UsedUp });
+        // Releasing gives it back; the use is not spent.
+        let (change, resp) = apply(
+            Some(&rec),
+            &Command::Release {
+                id: rec.id.clone(),
+                reservation: 5,
+            },
+            2002,
+            7,
+        );
+        assert_eq!(resp, Response::Released);
+        let rec = put(change);
+        assert_eq!(rec.used, 0);
+        assert!(matches!(reserve(&rec, 2003, 8, 60_000).1, Response::Reserved { .. }));
+        // Releasing an unknown reservation is harmless and idempotent.
+        let (change, resp) = apply(
+            Some(&rec),
+            &Command::Release {
+                id: rec.id.clone(),
+                reservation: 99,
+            },
+            2004,
+            9,
+        );
+        assert_eq!((change, resp), (Change::Keep, Response::Released));
+    }
+
+    #[test]
+    fn lapsed_lease_returns_the_use() {
+        let rec = create(1, DAY);
+        // Reserved by a node that then died: never committed nor released.
+        let rec = put(reserve(&rec, 2000, 5, 60_000).0);
+        assert_eq!(
+            reserve(&rec, 61_999, 6, 60_000).1,
+            Response::Refused { reason: Refusal::UsedUp }
+        );
+        let (change, resp) = reserve(&rec, 62_000, 7, 60_000);
+        assert!(matches!(resp, Response::Reserved { reservation: 7, .. }));
+        let rec = put(change);
+        assert_eq!(rec.reservations.keys().copied().collect::<Vec<_>>(), vec![7]);
+    }
+
+    #[test]
+    fn commit_after_lapsed_lease_still_counts() {
+        let rec = create(3, DAY);
+        let rec = put(reserve(&rec, 2000, 5, 10).0);
+        let (change, _) = apply(
+            Some(&rec),
+            &Command::Commit {
+                id: rec.id.clone(),
+                reservation: 5,
+            },
+            50_000,
+            6,
+        );
+        assert_eq!(put(change).used, 1);
+    }
+
+    #[test]
+    fn expiry_is_decided_by_entry_time() {
+        let rec = create(5, 10 * DAY);
+        assert!(matches!(reserve(&rec, 10 * DAY - 1, 2, 1000).1, Response::Reserved { .. }));
+        assert_eq!(
+            reserve(&rec, 10 * DAY, 3, 1000).1,
+            Response::Refused { reason: Refusal::Expired }
+        );
+        assert!(rec.is_dead(10 * DAY));
+        assert!(!rec.is_dead(10 * DAY - 1));
+    }
+
+    #[test]
+    fn revoke_disables() {
+        let rec = create(5, DAY);
+        let (change, resp) = apply(Some(&rec), &Command::Revoke { id: rec.id.clone() }, 3, 2);
+        assert_eq!(resp, Response::Revoked);
+        let rec = put(change);
+        assert_eq!(
+            reserve(&rec, 4, 3, 1000).1,
+            Response::Refused { reason: Refusal::Revoked }
+        );
+    }
+
+    #[test]
+    fn unknown_alias() {
+        let cmd = Command::Reserve {
+            id: "nope".into(),
+            lease_ms: 1,
+        };
+        assert_eq!(
+            apply(None, &cmd, 1, 1),
+            (Change::Keep, Response::Refused { reason: Refusal::Unknown })
+        );
+        for cmd in [
+            Command::Commit { id: "n".into(), reservation: 1 },
+            Command::Release { id: "n".into(), reservation: 1 },
+            Command::Revoke { id: "n".into() },
+        ] {
+            assert_eq!(apply(None, &cmd, 1, 1), (Change::Keep, Response::NotFound));
+            assert_eq!(command_id(&cmd), "n");
+        }
+    }
+}

@@ -1,0 +1,537 @@
+//! The redb database of one node: Raft log, vote, state machine and snapshot.
+//!
+//! One file, several tables. Every write is a redb transaction; log appends and
+//! votes commit with `Durability::Immediate` (one `fdatasync`), so an acknowledged
+//! vote or entry survives a crash. Appends arrive in batches from openraft, so
+//! concurrent client writes share one fsync (group commit).
+//!
+//! State-machine transactions commit with `Durability::None`: redb persists
+//! commits in order, so they become durable with the next log append at the
+//! latest, and a state machine that lost its last applies after a crash is
+//! simply re-applied from the log (openraft replays from `last_applied`). Log
+//! purges only ever follow a snapshot, which is itself written durably first.
+//!
+//! redb calls block (they may fsync), so each runs on tokio's blocking pool.
+
+use std::fmt::Debug;
+use std::io::Cursor;
+use std::ops::{Bound, RangeBounds};
+use std::path::Path;
+use std::sync::Arc;
+
+use openraft::storage::{LogFlushed, RaftLogStorage, RaftStateMachine};
+use openraft::{
+    AnyError, EntryPayload, ErrorSubject, ErrorVerb, LogId, LogState, OptionalSend, RaftLogReader,
+    RaftSnapshotBuilder, Snapshot, SnapshotMeta, StorageError, StorageIOError, StoredMembership,
+    Vote,
+};
+use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
+use serde::{Deserialize, Serialize};
+
+use super::state::{self, Change};
+use super::types::{AliasRecord, NodeId, Response, TypeConfig};
+
+type Entry = openraft::Entry<TypeConfig>;
+type StoreResult<T> = Result<T, StorageError<NodeId>>;
+
+/// Raft log: index -> JSON entry.
+const LOG: TableDefinition<u64, &[u8]> = TableDefinition::new("raft_log");
+/// Raft metadata: `vote`, `committed`, `last_purged`.
+const RAFT_META: TableDefinition<&str, &[u8]> = TableDefinition::new("raft_meta");
+/// State machine: alias id -> JSON record.
+const ALIASES: TableDefinition<&str, &[u8]> = TableDefinition::new("aliases");
+/// State-machine metadata: `last_applied`, `last_membership`, `last_now`.
+const SM_META: TableDefinition<&str, &[u8]> = TableDefinition::new("sm_meta");
+/// The current snapshot: `meta`, `data`.
+const SNAPSHOT: TableDefinition<&str, &[u8]> = TableDefinition::new("snapshot");
+
+/// Errors opening or reading the database outside openraft's own calls.
+#[derive(Debug, thiserror::Error)]
+pub enum DbError {
+    #[error("database: {0}")]
+    Redb(#[from] redb::Error),
+    #[error("stored value does not decode: {0}")]
+    Decode(#[from] serde_json::Error),
+    #[error("cannot create {path}: {source}")]
+    Dir {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("blocking task failed: {0}")]
+    Join(String),
+}
+
+macro_rules! from_redb {
+    ($($t:ty),*) => {$(
+        impl From<$t> for DbError {
+            fn from(e: $t) -> Self { DbError::Redb(e.into()) }
+        }
+    )*};
+}
+from_redb!(
+    redb::DatabaseError,
+    redb::TransactionError,
+    redb::TableError,
+    redb::StorageError,
+    redb::CommitError,
+    redb::SetDurabilityError
+);
+
+fn io_err(subject: ErrorSubject<NodeId>, verb: ErrorVerb, e: impl std::fmt::Display) -> StorageError<NodeId> {
+    StorageIOError::new(subject, verb, AnyError::error(e.to_string())).into()
+}
+
+/// Runs a blocking database closure on the blocking pool.
+async fn blocking<T, F>(subject: ErrorSubject<NodeId>, verb: ErrorVerb, f: F) -> StoreResult<T>
+where
+    T: Send + 'static,
+    F: FnOnce() -> Result<T, DbError> + Send + 'static,
+{
+    match tokio::task::spawn_blocking(f).await {
+        Ok(Ok(v)) => Ok(v),
+        Ok(Err(e)) => Err(io_err(subject, verb, e)),
+        Err(e) => Err(io_err(subject, verb, e)),
+    }
+}
+
+fn get_json<T: for<'de> Deserialize<'de>>(
+    table: &impl ReadableTable<&'static str, &'static [u8]>,
+    key: &str,
+) -> Result<Option<T>, DbError> {
+    match table.get(key)? {
+        Some(v) => Ok(Some(serde_json::from_slice(v.value())?)),
+        None => Ok(None),
+    }
+}
+
+/// Opens (creating if needed) the database of one node.
+///
+/// # Errors
+/// [`DbError`] when the directory or file cannot be created or opened (for
+/// example because another process holds it).
+pub fn open(path: &Path) -> Result<(LogStore, StateMachine), DbError> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(|source| DbError::Dir {
+            path: dir.display().to_string(),
+            source,
+        })?;
+    }
+    let db = Database::create(path)?;
+    let txn = db.begin_write()?;
+    {
+        txn.open_table(LOG)?;
+        txn.open_table(RAFT_META)?;
+        txn.open_table(ALIASES)?;
+        txn.open_table(SM_META)?;
+        txn.open_table(SNAPSHOT)?;
+    }
+    txn.commit()?;
+    let db = Arc::new(db);
+    Ok((LogStore { db: db.clone() }, StateMachine { db }))
+}
+
+/// The Raft log and vote. Cloning shares the database (it is the log reader too).
+#[derive(Clone)]
+pub struct LogStore {
+    db: Arc<Database>,
+}
+
+impl RaftLogReader<TypeConfig> for LogStore {
+    async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + Debug + OptionalSend>(
+        &mut self,
+        range: RB,
+    ) -> StoreResult<Vec<Entry>> {
+        let db = self.db.clone();
+        let bounds: (Bound<u64>, Bound<u64>) = (range.start_bound().cloned(), range.end_bound().cloned());
+        blocking(ErrorSubject::Logs, ErrorVerb::Read, move || {
+            let txn = db.begin_read()?;
+            let table = txn.open_table(LOG)?;
+            let mut out = Vec::new();
+            for item in table.range::<u64>(bounds)? {
+                let (_, v) = item?;
+                out.push(serde_json::from_slice(v.value())?);
+            }
+            Ok(out)
+        })
+        .await
+    }
+}
+
+impl RaftLogStorage<TypeConfig> for LogStore {
+    type LogReader = LogStore;
+
+    async fn get_log_state(&mut self) -> StoreResult<LogState<TypeConfig>> {
+        let db = self.db.clone();
+        blocking(ErrorSubject::Logs, ErrorVerb::Read, move || {
+            let txn = db.begin_read()?;
+            let meta = txn.open_table(RAFT_META)?;
+            let last_purged: Option<LogId<NodeId>> = get_json(&meta, "last_purged")?;
+            let log = txn.open_table(LOG)?;
+            let last = match log.last()? {
+                Some((_, v)) => Some(serde_json::from_slice::<Entry>(v.value())?.log_id),
+                None => last_purged,
+            };
+            Ok(LogState {
+                last_purged_log_id: last_purged,
+                last_log_id: last,
+            })
+        })
+        .await
+    }
+
+    async fn get_log_reader(&mut self) -> Self::LogReader {
+        self.clone()
+    }
+
+    async fn save_vote(&mut self, vote: &Vote<NodeId>) -> StoreResult<()> {
+        let db = self.db.clone();
+        let bytes = serde_json::to_vec(vote).map_err(|e| io_err(ErrorSubject::Vote, ErrorVerb::Write, e))?;
+        blocking(ErrorSubject::Vote, ErrorVerb::Write, move || {
+            let txn = db.begin_write()?;
+            txn.open_table(RAFT_META)?.insert("vote", bytes.as_slice())?;
+            txn.commit()?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn read_vote(&mut self) -> StoreResult<Option<Vote<NodeId>>> {
+        let db = self.db.clone();
+        blocking(ErrorSubject::Vote, ErrorVerb::Read, move || {
+            let txn = db.begin_read()?;
+            get_json(&txn.open_table(RAFT_META)?, "vote")
+        })
+        .await
+    }
+
+    async fn save_committed(&mut self, committed: Option<LogId<NodeId>>) -> StoreResult<()> {
+        let db = self.db.clone();
+        let bytes =
+            serde_json::to_vec(&committed).map_err(|e| io_err(ErrorSubject::Store, ErrorVerb::Write, e))?;
+        blocking(ErrorSubject::Store, ErrorVerb::Write, move || {
+            let mut txn = db.begin_write()?;
+            // Advisory: a lost value only means re-applying from an older point.
+            txn.set_durability(Durability::None)?;
+            txn.open_table(RAFT_META)?.insert("committed", bytes.as_slice())?;
+            txn.commit()?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn read_committed(&mut self) -> StoreResult<Option<LogId<NodeId>>> {
+        let db = self.db.clone();
+        blocking(ErrorSubject::Store, ErrorVerb::Read, move || {
+            let txn = db.begin_read()?;
+            Ok(get_json::<Option<LogId<NodeId>>>(&txn.open_table(RAFT_META)?, "committed")?.flatten())
+        })
+        .await
+    }
+
+    async fn append<I>(&mut self, entries: I, callback: LogFlushed<TypeConfig>) -> StoreResult<()>
+    where
+        I: IntoIterator<Item = Entry> + OptionalSend,
+        I::IntoIter: OptionalSend,
+    {
+        let mut rows = Vec::new();
+        for e in entries {
+            let bytes = serde_json::to_vec(&e).map_err(|err| io_err(ErrorSubject::Log(e.log_id), ErrorVerb::Write, err))?;
+            rows.push((e.log_id.index, bytes));
+        }
+        let db = self.db.clone();
+        let result = blocking(ErrorSubject::Logs, ErrorVerb::Write, move || {
+            let txn = db.begin_write()?;
+            {
+                let mut log = txn.open_table(LOG)?;
+                for (index, bytes) in &rows {
+                    log.insert(*index, bytes.as_slice())?;
+                }
+            }
+            // Durability::Immediate (the default): returns after fdatasync.
+            txn.commit()?;
+            Ok(())
+        })
+        .await;
+        match result {
+            Ok(()) => {
+                callback.log_io_completed(Ok(()));
+                Ok(())
+            }
+            Err(e) => {
+                callback.log_io_completed(Err(std::io::Error::other(e.to_string())));
+                Err(e)
+            }
+        }
+    }
+
+    async fn truncate(&mut self, log_id: LogId<NodeId>) -> StoreResult<()> {
+        let db = self.db.clone();
+        blocking(ErrorSubject::Logs, ErrorVerb::Delete, move || {
+            let txn = db.begin_write()?;
+            txn.open_table(LOG)?.retain_in::<u64, _>(log_id.index.., |_, _| false)?;
+            txn.commit()?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn purge(&mut self, log_id: LogId<NodeId>) -> StoreResult<()> {
+        let db = self.db.clone();
+        let bytes = serde_json::to_vec(&log_id).map_err(|e| io_err(ErrorSubject::Logs, ErrorVerb::Delete, e))?;
+        blocking(ErrorSubject::Logs, ErrorVerb::Delete, move || {
+            let txn = db.begin_write()?;
+            txn.open_table(RAFT_META)?.insert("last_purged", bytes.as_slice())?;
+            txn.open_table(LOG)?.retain_in::<u64, _>(..=log_id.index, |_, _| false)?;
+            txn.commit()?;
+            Ok(())
+        })
+        .await
+    }
+}
+
+/// What a snapshot holds: the whole alias table plus the replicated clock.
+#[derive(Serialize, Deserialize)]
+struct SnapshotData {
+    last_now: u64,
+    aliases: Vec<AliasRecord>,
+}
+
+/// The state machine: alias records and what has been applied.
+pub struct StateMachine {
+    db: Arc<Database>,
+}
+
+impl StateMachine {
+    /// A read-only view for the front ends (shares the database).
+    pub fn reader(&self) -> StateReader {
+        StateReader { db: self.db.clone() }
+    }
+}
+
+/// Reads the local replica of the state machine. Reads see what this node has
+/// applied, which on a follower may trail the leader.
+#[derive(Clone)]
+pub struct StateReader {
+    db: Arc<Database>,
+}
+
+impl StateReader {
+    /// The alias with this id, if this replica has it.
+    ///
+    /// # Errors
+    /// [`DbError`] when the database cannot be read.
+    pub fn alias(&self, id: &str) -> Result<Option<AliasRecord>, DbError> {
+        let txn = self.db.begin_read()?;
+        get_json(&txn.open_table(ALIASES)?, id)
+    }
+
+    /// Aliases that can still forward at `now_ms`, and all stored aliases.
+    ///
+    /// # Errors
+    /// [`DbError`] when the database cannot be read.
+    pub fn count(&self, now_ms: u64) -> Result<(u64, u64), DbError> {
+        let txn = self.db.begin_read()?;
+        let table = txn.open_table(ALIASES)?;
+        let (mut live, mut all) = (0, 0);
+        for item in table.iter()? {
+            let (_, v) = item?;
+            let rec: AliasRecord = serde_json::from_slice(v.value())?;
+            all += 1;
+            if !rec.is_dead(now_ms) {
+                live += 1;
+            }
+        }
+        Ok((live, all))
+    }
+}
+
+impl RaftStateMachine<TypeConfig> for StateMachine {
+    type SnapshotBuilder = SnapshotBuilder;
+
+    async fn applied_state(
+        &mut self,
+    ) -> StoreResult<(Option<LogId<NodeId>>, StoredMembership<NodeId, openraft::BasicNode>)> {
+        let db = self.db.clone();
+        blocking(ErrorSubject::StateMachine, ErrorVerb::Read, move || {
+            let txn = db.begin_read()?;
+            let meta = txn.open_table(SM_META)?;
+            Ok((
+                get_json(&meta, "last_applied")?,
+                get_json(&meta, "last_membership")?.unwrap_or_default(),
+            ))
+        })
+        .await
+    }
+
+    async fn apply<I>(&mut self, entries: I) -> StoreResult<Vec<Response>>
+    where
+        I: IntoIterator<Item = Entry> + OptionalSend,
+        I::IntoIter: OptionalSend,
+    {
+        let entries: Vec<Entry> = entries.into_iter().collect();
+        let db = self.db.clone();
+        blocking(ErrorSubject::StateMachine, ErrorVerb::Write, move || {
+            let mut txn = db.begin_write()?;
+            txn.set_durability(Durability::None)?;
+            let mut responses = Vec::with_capacity(entries.len());
+            {
+                let mut meta = txn.open_table(SM_META)?;
+                let mut aliases = txn.open_table(ALIASES)?;
+                let mut last_now: u64 = get_json(&meta, "last_now")?.unwrap_or(0);
+                let mut membership: Option<StoredMembership<NodeId, openraft::BasicNode>> = None;
+                let mut last_applied = None;
+                for entry in &entries {
+                    last_applied = Some(entry.log_id);
+                    match &entry.payload {
+                        EntryPayload::Blank => responses.push(Response::None),
+                        EntryPayload::Membership(m) => {
+                            membership = Some(StoredMembership::new(Some(entry.log_id), m.clone()));
+                            responses.push(Response::None);
+                        }
+                        EntryPayload::Normal(req) => {
+                            // Replicated time never runs backwards, even across a
+                            // change of leader whose clock lags.
+                            last_now = last_now.max(req.now_ms);
+                            let id = state::command_id(&req.cmd).to_string();
+                            let current: Option<AliasRecord> = get_json(&aliases, &id)?;
+                            let (change, response) =
+                                state::apply(current.as_ref(), &req.cmd, last_now, entry.log_id.index);
+                            if let Change::Put(rec) = change {
+                                aliases.insert(id.as_str(), serde_json::to_vec(&rec)?.as_slice())?;
+                            }
+                            responses.push(response);
+                        }
+                    }
+                }
+                meta.insert("last_now", serde_json::to_vec(&last_now)?.as_slice())?;
+                if let Some(applied) = last_applied {
+                    meta.insert("last_applied", serde_json::to_vec(&applied)?.as_slice())?;
+                }
+                if let Some(m) = membership {
+                    meta.insert("last_membership", serde_json::to_vec(&m)?.as_slice())?;
+                }
+            }
+            txn.commit()?;
+            Ok(responses)
+        })
+        .await
+    }
+
+    async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
+        SnapshotBuilder { db: self.db.clone() }
+    }
+
+    async fn begin_receiving_snapshot(&mut self) -> StoreResult<Box<Cursor<Vec<u8>>>> {
+        Ok(Box::new(Cursor::new(Vec::new())))
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        meta: &SnapshotMeta<NodeId, openraft::BasicNode>,
+        snapshot: Box<Cursor<Vec<u8>>>,
+    ) -> StoreResult<()> {
+        let subject = ErrorSubject::Snapshot(Some(meta.signature()));
+        let data = snapshot.into_inner();
+        let parsed: SnapshotData =
+            serde_json::from_slice(&data).map_err(|e| io_err(subject.clone(), ErrorVerb::Read, e))?;
+        let meta_bytes = serde_json::to_vec(meta).map_err(|e| io_err(subject.clone(), ErrorVerb::Write, e))?;
+        let applied_bytes =
+            serde_json::to_vec(&meta.last_log_id).map_err(|e| io_err(subject.clone(), ErrorVerb::Write, e))?;
+        let membership_bytes = serde_json::to_vec(&meta.last_membership)
+            .map_err(|e| io_err(subject.clone(), ErrorVerb::Write, e))?;
+        let db = self.db.clone();
+        blocking(subject, ErrorVerb::Write, move || {
+            // One transaction: the state machine is replaced whole or not at all.
+            let txn = db.begin_write()?;
+            {
+                let mut aliases = txn.open_table(ALIASES)?;
+                aliases.retain(|_, _| false)?;
+                for rec in &parsed.aliases {
+                    aliases.insert(rec.id.as_str(), serde_json::to_vec(rec)?.as_slice())?;
+                }
+                let mut sm = txn.open_table(SM_META)?;
+                sm.insert("last_applied", applied_bytes.as_slice())?;
+                sm.insert("last_membership", membership_bytes.as_slice())?;
+                sm.insert("last_now", serde_json::to_vec(&parsed.last_now)?.as_slice())?;
+                let mut snap = txn.open_table(SNAPSHOT)?;
+                snap.insert("meta", meta_bytes.as_slice())?;
+                snap.insert("data", data.as_slice())?;
+            }
+            txn.commit()?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn get_current_snapshot(&mut self) -> StoreResult<Option<Snapshot<TypeConfig>>> {
+        let db = self.db.clone();
+        blocking(ErrorSubject::Snapshot(None), ErrorVerb::Read, move || {
+            let txn = db.begin_read()?;
+            let table = txn.open_table(SNAPSHOT)?;
+            let meta: Option<SnapshotMeta<NodeId, openraft::BasicNode>> = get_json(&table, "meta")?;
+            let Some(meta) = meta else { return Ok(None) };
+            let data = table.get("data")?.map(|v| v.value().to_vec()).unwrap_or_default();
+            Ok(Some(Snapshot {
+                meta,
+                snapshot: Box::new(Cursor::new(data)),
+            }))
+        })
+        .await
+    }
+}
+
+/// Builds snapshots from a consistent read of the state machine.
+pub struct SnapshotBuilder {
+    db: Arc<Database>,
+}
+
+impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
+    async fn build_snapshot(&mut self) -> StoreResult<Snapshot<TypeConfig>> {
+        let db = self.db.clone();
+        blocking(ErrorSubject::Snapshot(None), ErrorVerb::Write, move || {
+            // A read transaction is a consistent view even while applies go on.
+            let read = db.begin_read()?;
+            let meta_table = read.open_table(SM_META)?;
+            let last_applied: Option<LogId<NodeId>> = get_json(&meta_table, "last_applied")?;
+            let last_membership: StoredMembership<NodeId, openraft::BasicNode> =
+                get_json(&meta_table, "last_membership")?.unwrap_or_default();
+            let last_now: u64 = get_json(&meta_table, "last_now")?.unwrap_or(0);
+            let mut aliases = Vec::new();
+            for item in read.open_table(ALIASES)?.iter()? {
+                let (_, v) = item?;
+                aliases.push(serde_json::from_slice::<AliasRecord>(v.value())?);
+            }
+            drop(read);
+            let data = serde_json::to_vec(&SnapshotData { last_now, aliases })?;
+            let snapshot_id = match last_applied {
+                Some(l) => format!("{}-{}-{}", l.leader_id, l.index, now_nanos()),
+                None => format!("none-{}", now_nanos()),
+            };
+            let meta = SnapshotMeta {
+                last_log_id: last_applied,
+                last_membership,
+                snapshot_id,
+            };
+            let txn = db.begin_write()?;
+            {
+                let mut table = txn.open_table(SNAPSHOT)?;
+                table.insert("meta", serde_json::to_vec(&meta)?.as_slice())?;
+                table.insert("data", data.as_slice())?;
+            }
+            txn.commit()?;
+            Ok(Snapshot {
+                meta,
+                snapshot: Box::new(Cursor::new(data)),
+            })
+        })
+        .await
+    }
+}
+
+fn now_nanos() -> u128 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0)
+}
+

@@ -1,0 +1,134 @@
+//! Types carried by the Raft log and returned by the state machine.
+
+use std::io::Cursor;
+
+use serde::{Deserialize, Serialize};
+
+openraft::declare_raft_types!(
+    /// openraft type configuration of tempalias.
+    pub TypeConfig:
+        D = Request,
+        R = Response,
+        NodeId = u64,
+        Node = openraft::BasicNode,
+        Entry = openraft::Entry<TypeConfig>,
+        SnapshotData = Cursor<Vec<u8>>,
+        AsyncRuntime = openraft::TokioRuntime,
+);
+
+/// The node id type.
+pub type NodeId = u64;
+
+/// One entry of application data in the Raft log.
+///
+/// `now_ms` is stamped by the leader when it accepts the write. The state machine
+/// decides expiry and lease questions from it (never from the applying node's
+/// clock), so every replica computes exactly the same state.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Request {
+    pub now_ms: u64,
+    pub cmd: Command,
+}
+
+impl std::fmt::Display for Request {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:?}@{}", self.cmd, self.now_ms)
+    }
+}
+
+/// What a client asks of the replicated state.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum Command {
+    /// Create an alias. The id and token digest are chosen by the node that took
+    /// the request, so replaying the entry is deterministic; the alias expires
+    /// `valid_for_ms` after the entry's replicated time.
+    CreateAlias {
+        id: String,
+        domain: String,
+        target: String,
+        token_hash: String,
+        valid_for_ms: u64,
+        max_usage: u32,
+    },
+    /// Hold one use of an alias for a message being forwarded. The reservation id
+    /// is the log index of this entry; the hold lapses at `now + lease_ms`.
+    Reserve { id: String, lease_ms: u64 },
+    /// The upstream accepted the message: the held use is spent.
+    Commit { id: String, reservation: u64 },
+    /// The upstream refused or the transaction was abandoned: give the use back.
+    Release { id: String, reservation: u64 },
+    /// Disable an alias for good.
+    Revoke { id: String },
+}
+
+/// Why a reservation was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Refusal {
+    Unknown,
+    Expired,
+    Revoked,
+    UsedUp,
+}
+
+/// What the state machine answers for one applied entry.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "result", rename_all = "snake_case")]
+pub enum Response {
+    /// Entries that carry no command (blank, membership).
+    None,
+    Created(AliasRecord),
+    /// The chosen id is taken; the caller picks another and retries.
+    IdTaken,
+    Reserved { reservation: u64, target: String },
+    Refused { reason: Refusal },
+    Committed,
+    Released,
+    Revoked,
+    NotFound,
+}
+
+/// One alias as held in the replicated state.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AliasRecord {
+    pub id: String,
+    pub domain: String,
+    pub target: String,
+    pub token_hash: String,
+    pub created_ms: u64,
+    pub valid_until_ms: u64,
+    pub max_usage: u32,
+    /// Uses spent (committed).
+    pub used: u32,
+    /// Uses held for messages in flight: reservation id -> lease end (ms).
+    pub reservations: std::collections::BTreeMap<u64, u64>,
+    pub revoked: bool,
+}
+
+impl AliasRecord {
+    /// Uses neither spent nor held by a live reservation at `now_ms`.
+    pub fn available(&self, now_ms: u64) -> u32 {
+        let held = self
+            .reservations
+            .values()
+            .filter(|&&until| until > now_ms)
+            .count() as u32;
+        self.max_usage.saturating_sub(self.used).saturating_sub(held)
+    }
+
+    /// Uses not yet spent (what a user thinks of as "uses left").
+    pub fn remaining(&self) -> u32 {
+        self.max_usage.saturating_sub(self.used)
+    }
+
+    /// The full address.
+    pub fn address(&self) -> String {
+        format!("{}@{}", self.id, self.domain)
+    }
+
+    /// True once the alias can never forward again.
+    pub fn is_dead(&self, now_ms: u64) -> bool {
+        self.revoked || now_ms >= self.valid_until_ms || self.used >= self.max_usage
+    }
+}

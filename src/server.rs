@@ -1,0 +1,182 @@
+//! One node, wired together: store and Raft, relay, SMTP and HTTP listeners.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::clock::{Clock, SystemClock};
+use crate::config::{Config, RelayMode};
+use crate::metrics::Metrics;
+use crate::raft::node::StartError;
+use crate::raft::Node;
+use crate::relay::{Relay, RelayError};
+use crate::smtp::SmtpContext;
+
+/// How long shutdown waits for SMTP sessions and HTTP requests to finish.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Why a node could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("cannot listen on {what} {addr}: {source}")]
+    Bind {
+        what: &'static str,
+        addr: String,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Start(#[from] StartError),
+    #[error(transparent)]
+    Relay(#[from] RelayError),
+}
+
+/// Addresses a started node listens on (ports may have been chosen by the OS).
+#[derive(Debug, Clone, Copy)]
+pub struct Bound {
+    pub http: SocketAddr,
+    pub smtp: SmtpAddr,
+}
+
+/// The SMTP listener's address.
+pub type SmtpAddr = SocketAddr;
+
+async fn bind(what: &'static str, addr: &str) -> Result<TcpListener, ServeError> {
+    TcpListener::bind(addr).await.map_err(|source| ServeError::Bind {
+        what,
+        addr: addr.to_string(),
+        source,
+    })
+}
+
+/// Runs a node until `shutdown` is cancelled, then drains and stops it.
+///
+/// `on_ready` is called once the listeners are bound and Raft has started.
+///
+/// # Errors
+/// [`ServeError`] when a listener cannot be bound or the store cannot be opened.
+pub async fn run(config: Config, shutdown: CancellationToken, on_ready: impl FnOnce(Bound)) -> Result<(), ServeError> {
+    let config = Arc::new(config);
+    let http_listener = bind("http.listen", &config.http.listen).await?;
+    let smtp_listener = bind("smtp.listen", &config.smtp.listen).await?;
+    let clock: Arc<dyn Clock> = Arc::new(SystemClock::from_env());
+    let metrics = Arc::new(Metrics::new());
+    let relay = Arc::new(Relay::from_config(&config.relay, &config.smtp.hostname)?);
+    let node = Node::start(&config, clock.clone()).await?;
+    tracing::info!(node_id = config.node_id, relay = %relay.describe(), "node started");
+
+    let bound = Bound {
+        http: http_listener.local_addr().map_err(|source| ServeError::Bind {
+            what: "http.listen",
+            addr: config.http.listen.clone(),
+            source,
+        })?,
+        smtp: smtp_listener.local_addr().map_err(|source| ServeError::Bind {
+            what: "smtp.listen",
+            addr: config.smtp.listen.clone(),
+            source,
+        })?,
+    };
+
+    let watcher = tokio::spawn(watch_metrics(node.clone(), metrics.clone(), shutdown.clone()));
+
+    let smtp_ctx = Arc::new(SmtpContext {
+        config: config.smtp.clone(),
+        domains: config.domains.clone(),
+        node: node.clone(),
+        relay,
+        metrics: metrics.clone(),
+        lease_ms: config.relay.reservation_lease_secs * 1000,
+    });
+    let smtp = tokio::spawn(crate::smtp::serve(smtp_listener, smtp_ctx, shutdown.clone()));
+
+    let state = crate::http::AppState::new(node.clone(), config.clone(), metrics.clone());
+    let app = crate::http::router(state);
+    let http_shutdown = shutdown.clone();
+    let http = tokio::spawn(async move {
+        let serve = axum::serve(
+            http_listener,
+            app.into_make_service_with_connect_info::<SocketAddr>(),
+        )
+        .with_graceful_shutdown(async move { http_shutdown.cancelled().await });
+        if let Err(e) = serve.await {
+            tracing::error!(error = %e, "http server");
+        }
+    });
+
+    on_ready(bound);
+    shutdown.cancelled().await;
+    tracing::info!("shutting down: draining SMTP sessions and HTTP requests");
+    let drained = tokio::time::timeout(DRAIN_TIMEOUT, async {
+        let _ = smtp.await;
+        let _ = http.await;
+    })
+    .await;
+    if drained.is_err() {
+        tracing::warn!("drain timed out; stopping anyway");
+    }
+    let _ = watcher.await;
+    node.shutdown().await;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// Mirrors Raft metrics into Prometheus gauges and refreshes the alias count.
+async fn watch_metrics(node: Node, metrics: Arc<Metrics>, shutdown: CancellationToken) {
+    let mut rx = node.raft().metrics();
+    let mut recount = tokio::time::interval(Duration::from_secs(15));
+    loop {
+        {
+            let m = rx.borrow_and_update().clone();
+            metrics.raft_term.set(m.current_term as i64);
+            metrics
+                .raft_commit_index
+                .set(m.last_applied.map(|l| l.index as i64).unwrap_or(0));
+            metrics
+                .raft_last_log_index
+                .set(m.last_log_index.map(|i| i as i64).unwrap_or(0));
+            metrics
+                .raft_is_leader
+                .set(i64::from(m.current_leader == Some(node.id)));
+            metrics
+                .raft_leader_id
+                .set(m.current_leader.map(|l| l as i64).unwrap_or(0));
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            changed = rx.changed() => if changed.is_err() { return },
+            _ = recount.tick() => {
+                let reader = node.reader().clone();
+                let now = node.now_ms();
+                if let Ok(Ok((live, _))) = tokio::task::spawn_blocking(move || reader.count(now)).await {
+                    metrics.aliases_active.set(live as i64);
+                }
+            }
+        }
+    }
+}
+
+/// Text printed by `serve` at start-up, so a newcomer knows where to look.
+pub fn banner(config: &Config, bound: &Bound) -> String {
+    let mut s = format!(
+        "tempalias node {} ready\n  HTTP API   http://{}/\n  SMTP       {}\n  alias domains {}\n  data       {}\n",
+        config.node_id,
+        bound.http,
+        bound.smtp,
+        config.domains.join(", "),
+        config.data_dir.display(),
+    );
+    match config.relay.mode {
+        RelayMode::Capture => s.push_str(&format!(
+            "  forwarded mail is captured in {}\n",
+            config.relay.capture_dir.display()
+        )),
+        RelayMode::Smarthost => s.push_str(&format!(
+            "  forwarded mail goes to {}\n",
+            config.relay.smarthosts.join(", ")
+        )),
+    }
+    s
+}

@@ -1,0 +1,172 @@
+//! Line framing of the inbound byte stream, with hard memory bounds.
+//!
+//! The reader never holds more than one bounded line: a command line longer than
+//! its limit is discarded as it arrives (not buffered) and reported once its end
+//! is seen; message data is handed over line by line and the caller stops
+//! storing it once the size limit is passed. Every socket read is bounded by the
+//! idle timeout.
+
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncReadExt};
+
+/// Bytes read from the socket at a time.
+const CHUNK: usize = 16 * 1024;
+
+/// Why no line could be read.
+#[derive(Debug, thiserror::Error)]
+pub enum InputError {
+    #[error("connection closed by client")]
+    Closed,
+    #[error("no data from client within {0:?}")]
+    Idle(Duration),
+    #[error("read: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// One framed line.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Line {
+    /// The line with its terminator (`\n` or `\r\n`).
+    Complete(Vec<u8>),
+    /// The line exceeded the limit; its bytes were discarded through its end.
+    TooLong,
+}
+
+/// Buffered reader over the client side of a session.
+pub struct Input<R> {
+    inner: R,
+    buf: Vec<u8>,
+    /// Start of unconsumed bytes in `buf`.
+    pos: usize,
+    idle: Duration,
+}
+
+impl<R: AsyncRead + Unpin> Input<R> {
+    pub fn new(inner: R, idle: Duration) -> Self {
+        Self {
+            inner,
+            buf: Vec::with_capacity(CHUNK),
+            pos: 0,
+            idle,
+        }
+    }
+
+    /// True when a whole line is already buffered: the session may then answer
+    /// it before flushing (PIPELINING).
+    pub fn has_line(&self) -> bool {
+        memchr_lf(&self.buf[self.pos..]).is_some()
+    }
+
+    /// Reads more bytes, compacting the buffer first.
+    async fn fill(&mut self) -> Result<(), InputError> {
+        if self.pos > 0 {
+            self.buf.drain(..self.pos);
+            self.pos = 0;
+        }
+        let start = self.buf.len();
+        self.buf.resize(start + CHUNK, 0);
+        let read = tokio::time::timeout(self.idle, self.inner.read(&mut self.buf[start..])).await;
+        let n = match read {
+            Err(_) => {
+                self.buf.truncate(start);
+                return Err(InputError::Idle(self.idle));
+            }
+            Ok(Err(e)) => {
+                self.buf.truncate(start);
+                return Err(e.into());
+            }
+            Ok(Ok(n)) => n,
+        };
+        self.buf.truncate(start + n);
+        if n == 0 {
+            return Err(InputError::Closed);
+        }
+        Ok(())
+    }
+
+    /// Returns the next line of at most `max` bytes (terminator included).
+    ///
+    /// # Errors
+    /// [`InputError`] when the client closed, went idle or the read failed.
+    pub async fn line(&mut self, max: usize) -> Result<Line, InputError> {
+        let mut discarding = false;
+        loop {
+            let avail = &self.buf[self.pos..];
+            if let Some(i) = memchr_lf(avail) {
+                if discarding || i + 1 > max {
+                    self.pos += i + 1;
+                    return Ok(Line::TooLong);
+                }
+                let line = avail[..=i].to_vec();
+                self.pos += i + 1;
+                return Ok(Line::Complete(line));
+            }
+            if discarding || avail.len() > max {
+                // Too long already: drop what we have and keep dropping until LF.
+                discarding = true;
+                self.pos = self.buf.len();
+            }
+            self.fill().await?;
+        }
+    }
+
+    /// Bytes buffered but not yet consumed (discarded after STARTTLS, and
+    /// inspected by tests).
+    pub fn buffered(&self) -> usize {
+        self.buf.len() - self.pos
+    }
+
+    /// Capacity held by the buffer (to check the memory bound in tests).
+    pub fn capacity(&self) -> usize {
+        self.buf.capacity()
+    }
+}
+
+fn memchr_lf(b: &[u8]) -> Option<usize> {
+    b.iter().position(|&c| c == b'\n')
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn input(data: &[u8]) -> Input<&[u8]> {
+        Input::new(data, Duration::from_secs(5))
+    }
+
+    #[tokio::test]
+    async fn frames_lines_with_either_terminator() {
+        let mut i = input(b"EHLO a\r\nNOOP\nQUIT\r\n");
+        assert_eq!(i.line(100).await.unwrap(), Line::Complete(b"EHLO a\r\n".to_vec()));
+        assert!(i.has_line());
+        assert_eq!(i.line(100).await.unwrap(), Line::Complete(b"NOOP\n".to_vec()));
+        assert_eq!(i.line(100).await.unwrap(), Line::Complete(b"QUIT\r\n".to_vec()));
+        assert!(!i.has_line());
+        assert!(matches!(i.line(100).await, Err(InputError::Closed)));
+    }
+
+    #[tokio::test]
+    async fn long_line_is_discarded_without_buffering() {
+        let mut data = vec![b'x'; 5 * 1024 * 1024];
+        data.extend_from_slice(b"\r\nNOOP\r\n");
+        let mut i = input(&data);
+        assert_eq!(i.line(4096).await.unwrap(), Line::TooLong);
+        assert!(i.capacity() < 4 * CHUNK, "buffer grew to {}", i.capacity());
+        assert_eq!(i.line(4096).await.unwrap(), Line::Complete(b"NOOP\r\n".to_vec()));
+    }
+
+    #[tokio::test]
+    async fn line_exactly_at_limit_is_kept() {
+        let mut i = input(b"abc\r\nabcd\r\n");
+        assert_eq!(i.line(5).await.unwrap(), Line::Complete(b"abc\r\n".to_vec()));
+        assert_eq!(i.line(5).await.unwrap(), Line::TooLong);
+    }
+
+    #[tokio::test]
+    async fn idle_client_times_out() {
+        let (_client, server) = tokio::io::duplex(64);
+        let mut i = Input::new(server, Duration::from_millis(20));
+        assert!(matches!(i.line(10).await, Err(InputError::Idle(_))));
+    }
+}

@@ -1,0 +1,84 @@
+//! The SMTP listener: bounded concurrency and graceful shutdown.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use super::session::Session;
+use crate::config::SmtpConfig;
+use crate::metrics::Metrics;
+use crate::raft::Node;
+use crate::relay::Relay;
+
+/// Everything a session needs, shared by all sessions of a node.
+pub struct SmtpContext {
+    pub config: SmtpConfig,
+    /// Alias domains (lower case).
+    pub domains: Vec<String>,
+    pub node: Node,
+    pub relay: Arc<Relay>,
+    pub metrics: Arc<Metrics>,
+    /// How long a reservation is held if this node dies mid-transaction.
+    pub lease_ms: u64,
+}
+
+/// Accepts connections until `shutdown` fires, then waits for the sessions,
+/// which answer `421` at their next command.
+///
+/// A permit is taken before `accept()`, so at most `max_connections` sessions
+/// exist and excess clients wait in the kernel's backlog instead of costing us
+/// memory. Accept errors (such as running out of file descriptors) back off
+/// instead of spinning.
+pub async fn serve(listener: TcpListener, ctx: Arc<SmtpContext>, shutdown: CancellationToken) {
+    let limit = Arc::new(Semaphore::new(ctx.config.max_connections));
+    let tracker = TaskTracker::new();
+    let mut backoff = Duration::from_millis(10);
+    loop {
+        let permit = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            p = limit.clone().acquire_owned() => match p {
+                Ok(p) => p,
+                Err(_) => break,
+            },
+        };
+        let accepted = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            a = listener.accept() => a,
+        };
+        let (stream, peer) = match accepted {
+            Ok(a) => {
+                backoff = Duration::from_millis(10);
+                a
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "smtp accept failed; backing off");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(1));
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let ctx = ctx.clone();
+        let shutdown = shutdown.clone();
+        tracker.spawn(async move {
+            run_session(stream, peer, ctx, shutdown).await;
+            drop(permit);
+        });
+    }
+    tracker.close();
+    tracker.wait().await;
+}
+
+async fn run_session(stream: tokio::net::TcpStream, peer: SocketAddr, ctx: Arc<SmtpContext>, shutdown: CancellationToken) {
+    ctx.metrics.smtp_sessions.inc();
+    ctx.metrics.smtp_sessions_active.inc();
+    let (reader, writer) = stream.into_split();
+    let mut session = Session::new(ctx.clone(), reader, writer, peer, shutdown);
+    session.run().await;
+    ctx.metrics.smtp_sessions_active.dec();
+}

@@ -1,0 +1,575 @@
+//! One SMTP session: the state machine from greeting to QUIT.
+//!
+//! Every valid recipient reserves one use of its alias through Raft at RCPT
+//! time, so two messages racing on different nodes can never exceed the alias's
+//! limit. After DATA the message goes upstream once, to all targets; the
+//! reservations are committed only when the upstream accepted (and then the
+//! client hears `250`) and released otherwise. Any way the session ends
+//! (RSET, a new MAIL, QUIT, timeout, disconnect, shutdown) releases what is
+//! still held; if the node dies instead, the reservation's lease lapses.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use smtp_proto::{Error as ParseError, Request};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio_util::sync::CancellationToken;
+
+use super::input::{Input, InputError, Line};
+use super::server::SmtpContext;
+use crate::metrics::{MessageLabels, MessageResult, RcptLabels, RcptResult};
+use crate::raft::{Command, Refusal, Response};
+use crate::relay::{Delivery, Envelope};
+
+/// Longest command line accepted (RFC 5321 asks for at least 512; extensions
+/// make lines longer, and smtp-proto's own limit is 4096).
+const MAX_COMMAND_LINE: usize = 4096;
+/// Syntax errors and unknown commands after which a session is dropped.
+const MAX_BAD_COMMANDS: u32 = 20;
+
+/// A recipient accepted in the current transaction, with the use it holds.
+#[derive(Debug, Clone)]
+struct Accepted {
+    alias_id: String,
+    address: String,
+    target: String,
+    reservation: u64,
+}
+
+/// The transaction in progress (between MAIL and the end of DATA).
+#[derive(Debug, Default)]
+struct Transaction {
+    /// `None` before MAIL; `Some("")` for the null sender.
+    mail_from: Option<String>,
+    rcpts: Vec<Accepted>,
+}
+
+/// Why the session loop stopped.
+enum End {
+    Quit,
+    Closed,
+}
+
+/// One client connection.
+pub struct Session<R, W> {
+    ctx: Arc<SmtpContext>,
+    input: Input<R>,
+    output: W,
+    out: Vec<u8>,
+    peer: SocketAddr,
+    shutdown: CancellationToken,
+    /// Session id, also used in the `Received:` header.
+    sid: String,
+    helo: Option<String>,
+    tx: Transaction,
+    failed_rcpts: u32,
+    bad_commands: u32,
+    deadline: Instant,
+}
+
+impl<R, W> Session<R, W>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    pub fn new(ctx: Arc<SmtpContext>, reader: R, writer: W, peer: SocketAddr, shutdown: CancellationToken) -> Self {
+        let idle = Duration::from_secs(ctx.config.idle_timeout_secs);
+        let deadline = Instant::now() + Duration::from_secs(ctx.config.session_timeout_secs);
+        Self {
+            ctx,
+            input: Input::new(reader, idle),
+            output: writer,
+            out: Vec::with_capacity(512),
+            peer,
+            shutdown,
+            sid: crate::alias::new_id(),
+            helo: None,
+            tx: Transaction::default(),
+            failed_rcpts: 0,
+            bad_commands: 0,
+            deadline,
+        }
+    }
+
+    /// Runs the session to its end; never panics on client input.
+    pub async fn run(&mut self) {
+        let span = tracing::info_span!("smtp", sid = %self.sid, peer = %self.peer);
+        let _enter = span.enter();
+        let result = self.converse().await;
+        self.release_all().await;
+        match result {
+            Ok(End::Quit) | Ok(End::Closed) => {}
+            Err(e) => tracing::debug!(error = %e, "session ended"),
+        }
+        let _ = self.output.shutdown().await;
+    }
+
+    fn reply(&mut self, code: u16, enhanced: &str, text: &str) {
+        self.out
+            .extend_from_slice(format!("{code} {enhanced} {text}\r\n").as_bytes());
+    }
+
+    async fn flush(&mut self) -> std::io::Result<()> {
+        if !self.out.is_empty() {
+            self.output.write_all(&self.out).await?;
+            self.output.flush().await?;
+            self.out.clear();
+        }
+        Ok(())
+    }
+
+    async fn converse(&mut self) -> Result<End, InputError> {
+        let host = self.ctx.config.hostname.clone();
+        self.out
+            .extend_from_slice(format!("220 {host} ESMTP tempalias\r\n").as_bytes());
+        loop {
+            // PIPELINING: answers are sent when no further command is waiting.
+            if !self.input.has_line() {
+                self.flush().await?;
+            }
+            let line = tokio::select! {
+                biased;
+                _ = self.shutdown.cancelled() => {
+                    self.reply(421, "4.3.0", &format!("{host} shutting down, try again later"));
+                    self.flush().await?;
+                    return Ok(End::Closed);
+                }
+                _ = tokio::time::sleep_until(self.deadline.into()) => {
+                    self.reply(421, "4.4.2", &format!("{host} session too long, closing"));
+                    self.flush().await?;
+                    return Ok(End::Closed);
+                }
+                l = self.input.line(MAX_COMMAND_LINE) => l,
+            };
+            let line = match line {
+                Ok(Line::Complete(l)) => l,
+                Ok(Line::TooLong) => {
+                    self.reply(500, "5.5.6", "Line too long");
+                    if self.bad_command() {
+                        return self.close_for_errors().await;
+                    }
+                    continue;
+                }
+                Err(InputError::Idle(_)) => {
+                    self.reply(421, "4.4.2", &format!("{host} idle too long, closing"));
+                    let _ = self.flush().await;
+                    return Ok(End::Closed);
+                }
+                Err(InputError::Closed) => return Ok(End::Closed),
+                Err(e) => return Err(e),
+            };
+            match Request::parse(&mut line.iter()) {
+                Ok(req) => {
+                    let req = req.into_owned();
+                    if let Some(end) = self.command(req).await? {
+                        return Ok(end);
+                    }
+                }
+                Err(e) => {
+                    self.parse_error(e);
+                    if self.bad_command() {
+                        return self.close_for_errors().await;
+                    }
+                }
+            }
+            if self.failed_rcpts >= self.ctx.config.max_failed_rcpts {
+                self.reply(421, "4.7.0", &format!("{host} too many failed recipients, closing"));
+                self.flush().await?;
+                return Ok(End::Closed);
+            }
+        }
+    }
+
+    fn bad_command(&mut self) -> bool {
+        self.bad_commands += 1;
+        self.bad_commands >= MAX_BAD_COMMANDS
+    }
+
+    async fn close_for_errors(&mut self) -> Result<End, InputError> {
+        let host = self.ctx.config.hostname.clone();
+        self.reply(421, "4.7.0", &format!("{host} too many errors, closing"));
+        self.flush().await?;
+        Ok(End::Closed)
+    }
+
+    fn parse_error(&mut self, e: ParseError) {
+        match e {
+            ParseError::UnknownCommand => self.reply(500, "5.5.1", "Command unrecognized"),
+            ParseError::InvalidSenderAddress => self.reply(501, "5.1.7", "Bad sender address syntax"),
+            ParseError::InvalidRecipientAddress => self.reply(501, "5.1.3", "Bad recipient address syntax"),
+            ParseError::SyntaxError { syntax } => self.reply(501, "5.5.4", &format!("Syntax: {syntax}")),
+            ParseError::InvalidParameter { param } => {
+                self.reply(501, "5.5.4", &format!("Invalid parameter {param:?}"))
+            }
+            ParseError::UnsupportedParameter { param } => {
+                let param: String = param.chars().filter(|c| c.is_ascii_graphic()).take(40).collect();
+                self.reply(555, "5.5.4", &format!("Unsupported parameter {param:?}"))
+            }
+            ParseError::ResponseTooLong => self.reply(500, "5.5.6", "Line too long"),
+            ParseError::NeedsMoreData { .. } | ParseError::InvalidResponse { .. } => {
+                self.reply(500, "5.5.2", "Syntax error")
+            }
+        }
+    }
+
+    /// Handles one parsed command; `Some` ends the session.
+    async fn command(&mut self, req: Request<String>) -> Result<Option<End>, InputError> {
+        let host = self.ctx.config.hostname.clone();
+        match req {
+            Request::Ehlo { host: client } => {
+                self.reset().await;
+                self.helo = Some(client.clone());
+                let size = self.ctx.config.max_message_size;
+                self.out.extend_from_slice(
+                    format!(
+                        "250-{host} greets {client}\r\n250-PIPELINING\r\n250-SIZE {size}\r\n250-8BITMIME\r\n250 ENHANCEDSTATUSCODES\r\n"
+                    )
+                    .as_bytes(),
+                );
+            }
+            Request::Helo { host: client } => {
+                self.reset().await;
+                self.helo = Some(client);
+                self.out.extend_from_slice(format!("250 {host}\r\n").as_bytes());
+            }
+            Request::Lhlo { .. } => self.reply(500, "5.5.1", "This is not an LMTP server"),
+            Request::Mail { from } => self.mail(from).await,
+            Request::Rcpt { to } => self.rcpt(&to.address).await,
+            Request::Data => self.data().await?,
+            Request::Rset => {
+                self.reset().await;
+                self.reply(250, "2.0.0", "Flushed");
+            }
+            Request::Noop { .. } => self.reply(250, "2.0.0", "OK"),
+            Request::Quit => {
+                self.reply(221, "2.0.0", &format!("{host} closing connection"));
+                self.flush().await?;
+                return Ok(Some(End::Quit));
+            }
+            Request::Vrfy { .. } => self.reply(
+                252,
+                "2.5.0",
+                "Cannot VRFY user, but will accept message and attempt delivery",
+            ),
+            Request::Expn { .. } => self.reply(502, "5.5.1", "EXPN not supported"),
+            Request::Help { .. } => self.reply(214, "2.0.0", "See RFC 5321"),
+            Request::StartTls => self.reply(502, "5.5.1", "STARTTLS not available on this listener"),
+            Request::Auth { .. } => self.reply(502, "5.5.1", "AUTH not available: this is an MX, not a submission server"),
+            Request::Bdat { .. } => self.reply(502, "5.5.1", "BDAT not supported; use DATA"),
+            Request::Etrn { .. } | Request::Atrn { .. } | Request::Burl { .. } => {
+                self.reply(502, "5.5.1", "Command not implemented")
+            }
+        }
+        Ok(None)
+    }
+
+    async fn mail(&mut self, from: smtp_proto::MailFrom<String>) {
+        if self.helo.is_none() {
+            return self.reply(503, "5.5.1", "Say EHLO or HELO first");
+        }
+        if self.tx.mail_from.is_some() {
+            return self.reply(503, "5.5.1", "Nested MAIL command");
+        }
+        if from.size as u64 > self.ctx.config.max_message_size {
+            return self.reply(552, "5.3.4", "Message size exceeds fixed maximum message size");
+        }
+        if from.flags & smtp_proto::MAIL_SMTPUTF8 != 0 {
+            return self.reply(555, "5.5.4", "SMTPUTF8 not supported");
+        }
+        let address = from.address;
+        if !address.is_empty() && address.parse::<lettre::Address>().is_err() {
+            return self.reply(553, "5.1.7", "Sender address cannot be relayed");
+        }
+        self.tx.mail_from = Some(address);
+        self.reply(250, "2.1.0", "Sender OK");
+    }
+
+    fn count_rcpt(&self, result: RcptResult) {
+        self.ctx.metrics.smtp_rcpt.get_or_create(&RcptLabels { result }).inc();
+    }
+
+    async fn rcpt_failed(&mut self) {
+        self.failed_rcpts += 1;
+        // Tarpit: each failure beyond the first costs the client more time, which
+        // makes guessing alias ids by RCPT hopeless.
+        if self.failed_rcpts > 1 {
+            let base = self.ctx.config.failed_rcpt_delay_ms;
+            let delay = Duration::from_millis(base.saturating_mul(u64::from(self.failed_rcpts - 1)))
+                .min(Duration::from_secs(5));
+            tokio::time::sleep(delay).await;
+        }
+    }
+
+    async fn rcpt(&mut self, address: &str) {
+        if self.tx.mail_from.is_none() {
+            return self.reply(503, "5.5.1", "Need MAIL before RCPT");
+        }
+        if self.tx.rcpts.len() >= self.ctx.config.max_recipients {
+            return self.reply(452, "4.5.3", "Too many recipients");
+        }
+        let Some((local, domain)) = address.rsplit_once('@') else {
+            self.count_rcpt(RcptResult::invalid);
+            self.rcpt_failed().await;
+            return self.reply(501, "5.1.3", "Bad recipient address syntax");
+        };
+        let domain = domain.to_ascii_lowercase();
+        if !self.ctx.domains.contains(&domain) {
+            self.count_rcpt(RcptResult::relay_denied);
+            self.rcpt_failed().await;
+            return self.reply(550, "5.7.1", "Relaying denied");
+        }
+        let id = local.to_ascii_lowercase();
+        if !crate::alias::is_valid_id(&id) {
+            self.count_rcpt(RcptResult::unknown);
+            self.rcpt_failed().await;
+            return self.reply(550, "5.1.1", "No such alias");
+        }
+        if self.tx.rcpts.iter().any(|a| a.alias_id == id) {
+            return self.reply(250, "2.1.5", "Recipient OK (duplicate)");
+        }
+        let cmd = Command::Reserve {
+            id: id.clone(),
+            lease_ms: self.ctx.lease_ms,
+        };
+        let started = Instant::now();
+        let result = self.ctx.node.write(cmd).await;
+        self.ctx
+            .metrics
+            .raft_write_duration
+            .observe(started.elapsed().as_secs_f64());
+        match result {
+            Ok(Response::Reserved { reservation, target }) => {
+                self.count_rcpt(RcptResult::accepted);
+                self.tx.rcpts.push(Accepted {
+                    alias_id: id,
+                    address: format!("{local}@{domain}"),
+                    target,
+                    reservation,
+                });
+                self.reply(250, "2.1.5", "Recipient OK");
+            }
+            Ok(Response::Refused { reason }) => {
+                let (result, text) = match reason {
+                    Refusal::Unknown => (RcptResult::unknown, "No such alias"),
+                    Refusal::Expired => (RcptResult::expired, "Alias expired"),
+                    Refusal::Revoked => (RcptResult::revoked, "Alias no longer exists"),
+                    Refusal::UsedUp => (RcptResult::used_up, "Alias used up"),
+                };
+                self.count_rcpt(result);
+                self.rcpt_failed().await;
+                self.reply(550, "5.1.1", text);
+            }
+            Ok(other) => {
+                tracing::error!(response = ?other, "unexpected answer to a reservation");
+                self.count_rcpt(RcptResult::tempfail);
+                self.reply(451, "4.3.0", "Temporary failure, try again later");
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "reservation not committed");
+                self.ctx.metrics.raft_write_errors.inc();
+                self.count_rcpt(RcptResult::tempfail);
+                self.reply(451, "4.3.0", "Temporary failure, try again later");
+            }
+        }
+    }
+
+    async fn data(&mut self) -> Result<(), InputError> {
+        if self.tx.mail_from.is_none() {
+            self.reply(503, "5.5.1", "Need MAIL before DATA");
+            return Ok(());
+        }
+        if self.tx.rcpts.is_empty() {
+            self.reply(554, "5.5.1", "No valid recipients");
+            return Ok(());
+        }
+        self.out
+            .extend_from_slice(b"354 End data with <CR><LF>.<CR><LF>\r\n");
+        self.flush().await?;
+        let body = self.read_message().await?;
+        let Some(body) = body else {
+            self.count_message(MessageResult::rejected);
+            self.release_all().await;
+            self.reply(552, "5.3.4", "Message size exceeds fixed maximum message size");
+            return Ok(());
+        };
+        if count_received(&body) >= self.ctx.config.max_hops {
+            self.count_message(MessageResult::rejected);
+            self.release_all().await;
+            self.reply(554, "5.4.6", "Too many hops: mail loop detected");
+            return Ok(());
+        }
+        let mut message = self.received_header().into_bytes();
+        message.extend_from_slice(&body);
+        drop(body);
+        let mut rcpt_to: Vec<String> = Vec::new();
+        for a in &self.tx.rcpts {
+            if !rcpt_to.contains(&a.target) {
+                rcpt_to.push(a.target.clone());
+            }
+        }
+        let envelope = Envelope {
+            mail_from: self.tx.mail_from.clone().unwrap_or_default(),
+            rcpt_to,
+        };
+        let started = Instant::now();
+        let delivery = self.ctx.relay.deliver(&envelope, &message).await;
+        self.ctx
+            .metrics
+            .forward_duration
+            .observe(started.elapsed().as_secs_f64());
+        match delivery {
+            Delivery::Accepted => {
+                self.commit_all().await;
+                self.count_message(MessageResult::forwarded);
+                tracing::info!(rcpts = self.tx.rcpts.len(), size = message.len(), "forwarded");
+                self.reply(250, "2.0.0", &format!("OK: forwarded as {}", self.sid));
+            }
+            Delivery::TempFail(reason) => {
+                tracing::warn!(%reason, "upstream temporary failure");
+                self.release_all().await;
+                self.count_message(MessageResult::tempfail);
+                self.reply(451, "4.4.1", "Upstream not available, try again later");
+            }
+            Delivery::PermFail { code, enhanced, text } => {
+                self.release_all().await;
+                self.count_message(MessageResult::permfail);
+                let text: String = text.chars().filter(|c| !c.is_control()).take(200).collect();
+                self.reply(code, &enhanced, &format!("Upstream refused: {text}"));
+            }
+        }
+        self.tx = Transaction::default();
+        Ok(())
+    }
+
+    fn count_message(&self, result: MessageResult) {
+        self.ctx
+            .metrics
+            .smtp_messages
+            .get_or_create(&MessageLabels { result })
+            .inc();
+    }
+
+    /// Reads message data up to the end-of-data line, undoing dot-stuffing.
+    /// Returns `None` when the message exceeds the size limit; the excess is
+    /// read and discarded, never stored.
+    ///
+    /// End of data is only a `.` line between two CRLFs: a bare LF does not end
+    /// the message (no SMTP smuggling through LF-only terminators).
+    async fn read_message(&mut self) -> Result<Option<Vec<u8>>, InputError> {
+        let max = self.ctx.config.max_message_size as usize;
+        let mut body: Vec<u8> = Vec::new();
+        let mut too_big = false;
+        let mut prev_crlf = true;
+        loop {
+            let budget = if too_big { 0 } else { max.saturating_sub(body.len()) };
+            // A line may be as long as what is left of the budget (plus the
+            // terminator); beyond that the message is too big anyway.
+            let line = self.input.line(budget.max(1000) + 2).await?;
+            let line = match line {
+                Line::TooLong => {
+                    too_big = true;
+                    prev_crlf = true;
+                    continue;
+                }
+                Line::Complete(l) => l,
+            };
+            if prev_crlf && line == b".\r\n" {
+                break;
+            }
+            prev_crlf = line.ends_with(b"\r\n");
+            let content = if line.first() == Some(&b'.') { &line[1..] } else { &line[..] };
+            if too_big || body.len() + content.len() > max {
+                too_big = true;
+                body = Vec::new();
+                continue;
+            }
+            body.extend_from_slice(content);
+        }
+        Ok(if too_big { None } else { Some(body) })
+    }
+
+    fn received_header(&self) -> String {
+        let helo: String = self
+            .helo
+            .as_deref()
+            .unwrap_or("unknown")
+            .chars()
+            .filter(|c| c.is_ascii_graphic())
+            .take(100)
+            .collect();
+        let for_clause = match self.tx.rcpts.as_slice() {
+            [one] => format!("\r\n\tfor <{}>", one.address),
+            _ => String::new(),
+        };
+        format!(
+            "Received: from {helo} ({ip})\r\n\tby {host} (tempalias) with ESMTP id {sid}{for_clause};\r\n\t{date}\r\n",
+            ip = self.peer.ip(),
+            host = self.ctx.config.hostname,
+            sid = self.sid,
+            date = crate::clock::rfc5322(self.ctx.node.now_ms()),
+        )
+    }
+
+    /// Ends the transaction, giving back any uses it holds.
+    async fn reset(&mut self) {
+        self.release_all().await;
+        self.tx = Transaction::default();
+    }
+
+    async fn commit_all(&mut self) {
+        for a in std::mem::take(&mut self.tx.rcpts) {
+            let cmd = Command::Commit {
+                id: a.alias_id.clone(),
+                reservation: a.reservation,
+            };
+            // The message is already safe upstream; if the commit cannot be
+            // made now, the lease lapses and the use is not counted (the one
+            // window documented in docs/architecture.md).
+            if let Err(e) = self.ctx.node.write(cmd).await {
+                self.ctx.metrics.raft_write_errors.inc();
+                tracing::warn!(alias = %a.alias_id, error = %e, "use not committed after delivery");
+            }
+        }
+    }
+
+    async fn release_all(&mut self) {
+        for a in std::mem::take(&mut self.tx.rcpts) {
+            let cmd = Command::Release {
+                id: a.alias_id.clone(),
+                reservation: a.reservation,
+            };
+            if let Err(e) = self.ctx.node.write(cmd).await {
+                self.ctx.metrics.raft_write_errors.inc();
+                tracing::warn!(alias = %a.alias_id, error = %e, "release failed; the lease will lapse");
+            }
+        }
+    }
+}
+
+/// Counts `Received:` fields in the header section (loop detection).
+fn count_received(message: &[u8]) -> usize {
+    let mut count = 0;
+    for line in message.split(|&b| b == b'\n') {
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        if line.is_empty() {
+            break;
+        }
+        if line.len() >= 9 && line[..9].eq_ignore_ascii_case(b"received:") {
+            count += 1;
+        }
+    }
+    count
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counts_received_headers_only_in_header_section() {
+        let m = b"Received: a\r\nRECEIVED: b\r\n c\r\nSubject: x\r\n\r\nReceived: body\r\n";
+        assert_eq!(count_received(m), 2);
+        assert_eq!(count_received(b""), 0);
+    }
+}
