@@ -10,7 +10,11 @@ use tokio_util::sync::CancellationToken;
 use crate::config::Config;
 
 #[derive(Parser, Debug)]
-#[command(name = "tempalias", version, about = "Clustered temporary e-mail alias forwarder")]
+#[command(
+    name = "tempalias",
+    version,
+    about = "Clustered temporary e-mail alias forwarder"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Cmd,
@@ -31,7 +35,12 @@ enum Cmd {
     /// Create, show or revoke aliases through a node's HTTP API.
     Alias {
         /// Base URL of the API.
-        #[arg(long, env = "TEMPALIAS_API", default_value = "http://127.0.0.1:8080", global = true)]
+        #[arg(
+            long,
+            env = "TEMPALIAS_API",
+            default_value = "http://127.0.0.1:8080",
+            global = true
+        )]
         api: String,
         #[command(subcommand)]
         action: AliasCmd,
@@ -178,7 +187,11 @@ async fn alias(api: &str, action: AliasCmd) -> anyhow::Result<ExitCode> {
             if days.is_none() && max_usage.is_none() {
                 bail!("give --days and/or --max-usage");
             }
-            client.post(format!("{base}/v1/aliases")).json(&body).send().await
+            client
+                .post(format!("{base}/v1/aliases"))
+                .json(&body)
+                .send()
+                .await
         }
         AliasCmd::Show { id, token } => {
             client

@@ -320,7 +320,10 @@ impl Config {
         parse_addr("smtp.listen", &self.smtp.listen)?;
         parse_addr("cluster.listen", &self.cluster.listen)?;
         positive("http.request_timeout_secs", self.http.request_timeout_secs)?;
-        positive("http.max_concurrent_requests", self.http.max_concurrent_requests as u64)?;
+        positive(
+            "http.max_concurrent_requests",
+            self.http.max_concurrent_requests as u64,
+        )?;
         if self.smtp.hostname.is_empty()
             || !self
                 .smtp
@@ -361,7 +364,10 @@ impl Config {
         positive("limits.max_days", self.limits.max_days as u64)?;
         positive("limits.max_usage", self.limits.max_usage as u64)?;
         if self.cluster.initial_members.is_empty() {
-            return Err(invalid("cluster.initial_members", "must list at least this node"));
+            return Err(invalid(
+                "cluster.initial_members",
+                "must list at least this node",
+            ));
         }
         for (id, addr) in &self.cluster.initial_members {
             match id.parse::<u64>() {
@@ -385,7 +391,10 @@ impl Config {
                 format!("must contain this node's id {}", self.node_id),
             ));
         }
-        positive("cluster.snapshot_after_entries", self.cluster.snapshot_after_entries)?;
+        positive(
+            "cluster.snapshot_after_entries",
+            self.cluster.snapshot_after_entries,
+        )?;
         positive("cluster.write_timeout_ms", self.cluster.write_timeout_ms)?;
         if !matches!(self.log.format.as_str(), "text" | "json") {
             return Err(invalid("log.format", "must be \"text\" or \"json\""));
@@ -419,8 +428,12 @@ fn positive(key: &str, v: u64) -> Result<(), ConfigError> {
 }
 
 fn parse_addr(key: &str, s: &str) -> Result<SocketAddr, ConfigError> {
-    s.parse()
-        .map_err(|_| invalid(key, format!("{s:?} is not an address such as 127.0.0.1:8080")))
+    s.parse().map_err(|_| {
+        invalid(
+            key,
+            format!("{s:?} is not an address such as 127.0.0.1:8080"),
+        )
+    })
 }
 
 /// Sets one override: `rest` is the variable name after the prefix, lower-cased.
@@ -490,7 +503,10 @@ mod tests {
         assert_eq!(c.relay.mode, RelayMode::Capture);
         assert_eq!(c.limits.max_days, 60);
         assert_eq!(c.limits.max_usage, 100);
-        assert_eq!(c.members(), BTreeMap::from([(1, "127.0.0.1:7001".to_string())]));
+        assert_eq!(
+            c.members(),
+            BTreeMap::from([(1, "127.0.0.1:7001".to_string())])
+        );
     }
 
     #[test]
@@ -507,7 +523,9 @@ mod tests {
 
     #[test]
     fn unknown_keys_are_errors_with_location() {
-        let e = load("[smtp]\nmax_mesage_size = 1\n", &[]).unwrap_err().to_string();
+        let e = load("[smtp]\nmax_mesage_size = 1\n", &[])
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("max_mesage_size"), "{e}");
         assert!(e.contains("line 2"), "{e}");
         let e = load("colour = 1\n", &[]).unwrap_err().to_string();
@@ -523,7 +541,10 @@ mod tests {
                 ("TEMPALIAS_HTTP_LISTEN", "127.0.0.1:9999"),
                 ("TEMPALIAS_DOMAINS", "[\"b.example\"]"),
                 ("TEMPALIAS_RELAY_MODE", "smarthost"),
-                ("TEMPALIAS_CLUSTER_INITIAL_MEMBERS", "{ \"1\" = \"127.0.0.1:7100\" }"),
+                (
+                    "TEMPALIAS_CLUSTER_INITIAL_MEMBERS",
+                    "{ \"1\" = \"127.0.0.1:7100\" }",
+                ),
                 ("HOME", "/ignored"),
             ],
         )
@@ -537,9 +558,13 @@ mod tests {
 
     #[test]
     fn env_unknown_keys_are_errors() {
-        let e = load("", &[("TEMPALIAS_SMTP_NOPE", "1")]).unwrap_err().to_string();
+        let e = load("", &[("TEMPALIAS_SMTP_NOPE", "1")])
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("nope"), "{e}");
-        let e = load("", &[("TEMPALIAS_BOGUS_X", "1")]).unwrap_err().to_string();
+        let e = load("", &[("TEMPALIAS_BOGUS_X", "1")])
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("TEMPALIAS_BOGUS_X"), "{e}");
         // The test clock is not a configuration key and is not refused.
         load("", &[(crate::clock::TEST_CLOCK_OFFSET_FILE_ENV, "/x")]).unwrap();
@@ -553,12 +578,21 @@ mod tests {
             ("domains = [\"Upper.Example\"]\n", "domains"),
             ("[http]\nlisten = \"nonsense\"\n", "http.listen"),
             ("[smtp]\nmax_message_size = 0\n", "smtp.max_message_size"),
-            ("[relay]\nmode = \"smarthost\"\nsmarthosts = []\n", "relay.smarthosts"),
-            ("[relay]\nmode = \"smarthost\"\nsmarthosts = [\"ftp://x:1\"]\n", "relay.smarthosts"),
+            (
+                "[relay]\nmode = \"smarthost\"\nsmarthosts = []\n",
+                "relay.smarthosts",
+            ),
+            (
+                "[relay]\nmode = \"smarthost\"\nsmarthosts = [\"ftp://x:1\"]\n",
+                "relay.smarthosts",
+            ),
             ("[limits]\nmax_days = 0\n", "limits.max_days"),
             ("node_id = 2\n", "cluster.initial_members"),
             ("[log]\nformat = \"xml\"\n", "log.format"),
-            ("[relay]\nreservation_lease_secs = 10\n", "relay.reservation_lease_secs"),
+            (
+                "[relay]\nreservation_lease_secs = 10\n",
+                "relay.reservation_lease_secs",
+            ),
         ];
         for (text, key) in cases {
             let e = load(text, &[]).unwrap_err().to_string();
@@ -568,9 +602,16 @@ mod tests {
 
     #[test]
     fn bad_types_are_errors() {
-        let e = load("[smtp]\nmax_message_size = \"big\"\n", &[]).unwrap_err().to_string();
-        assert!(e.contains("max_message_size") || e.contains("invalid type"), "{e}");
-        let e = load("", &[("TEMPALIAS_LIMITS_MAX_DAYS", "lots")]).unwrap_err().to_string();
+        let e = load("[smtp]\nmax_message_size = \"big\"\n", &[])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("max_message_size") || e.contains("invalid type"),
+            "{e}"
+        );
+        let e = load("", &[("TEMPALIAS_LIMITS_MAX_DAYS", "lots")])
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("environment"), "{e}");
     }
 }

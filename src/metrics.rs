@@ -91,9 +91,9 @@ impl Metrics {
             smtp_sessions_active: Gauge::default(),
             smtp_messages: Family::default(),
             smtp_rcpt: Family::default(),
-            forward_duration: Histogram::new(
-                [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0].into_iter(),
-            ),
+            forward_duration: Histogram::new([
+                0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+            ]),
             aliases_created: Counter::default(),
             aliases_active: Gauge::default(),
             http_requests: Family::default(),
@@ -103,14 +103,22 @@ impl Metrics {
             raft_is_leader: Gauge::default(),
             raft_leader_id: Gauge::default(),
             raft_write_errors: Counter::default(),
-            raft_write_duration: Histogram::new(
-                [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0].into_iter(),
-            ),
+            raft_write_duration: Histogram::new([
+                0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0,
+            ]),
             build_info: Family::default(),
             registry: Registry::default(),
         };
-        registry.register("smtp_sessions", "SMTP sessions accepted", m.smtp_sessions.clone());
-        registry.register("smtp_sessions_active", "SMTP sessions open now", m.smtp_sessions_active.clone());
+        registry.register(
+            "smtp_sessions",
+            "SMTP sessions accepted",
+            m.smtp_sessions.clone(),
+        );
+        registry.register(
+            "smtp_sessions_active",
+            "SMTP sessions open now",
+            m.smtp_sessions_active.clone(),
+        );
         registry.register(
             "smtp_messages",
             "Message transactions by outcome after DATA",
@@ -123,22 +131,42 @@ impl Metrics {
             prometheus_client::registry::Unit::Seconds,
             m.forward_duration.clone(),
         );
-        registry.register("aliases_created", "Aliases created through this node", m.aliases_created.clone());
+        registry.register(
+            "aliases_created",
+            "Aliases created through this node",
+            m.aliases_created.clone(),
+        );
         registry.register(
             "aliases_active",
             "Aliases in the local replica that can still forward",
             m.aliases_active.clone(),
         );
-        registry.register("http_requests", "HTTP requests by matched route and status", m.http_requests.clone());
+        registry.register(
+            "http_requests",
+            "HTTP requests by matched route and status",
+            m.http_requests.clone(),
+        );
         registry.register("raft_term", "Current Raft term", m.raft_term.clone());
         registry.register(
             "raft_commit_index",
             "Highest log index committed and applied on this node",
             m.raft_commit_index.clone(),
         );
-        registry.register("raft_last_log_index", "Highest log index in this node's log", m.raft_last_log_index.clone());
-        registry.register("raft_is_leader", "1 when this node is the Raft leader", m.raft_is_leader.clone());
-        registry.register("raft_leader_id", "Node id of the known leader, 0 when none", m.raft_leader_id.clone());
+        registry.register(
+            "raft_last_log_index",
+            "Highest log index in this node's log",
+            m.raft_last_log_index.clone(),
+        );
+        registry.register(
+            "raft_is_leader",
+            "1 when this node is the Raft leader",
+            m.raft_is_leader.clone(),
+        );
+        registry.register(
+            "raft_leader_id",
+            "Node id of the known leader, 0 when none",
+            m.raft_leader_id.clone(),
+        );
         registry.register(
             "raft_write_errors",
             "Raft writes that failed (no quorum, timeout)",
@@ -150,7 +178,11 @@ impl Metrics {
             prometheus_client::registry::Unit::Seconds,
             m.raft_write_duration.clone(),
         );
-        registry.register("build_info", "Build information (always 1)", m.build_info.clone());
+        registry.register(
+            "build_info",
+            "Build information (always 1)",
+            m.build_info.clone(),
+        );
         m.build_info
             .get_or_create(&BuildLabels {
                 version: env!("CARGO_PKG_VERSION").to_string(),

@@ -44,11 +44,13 @@ pub struct Bound {
 pub type SmtpAddr = SocketAddr;
 
 async fn bind(what: &'static str, addr: &str) -> Result<TcpListener, ServeError> {
-    TcpListener::bind(addr).await.map_err(|source| ServeError::Bind {
-        what,
-        addr: addr.to_string(),
-        source,
-    })
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| ServeError::Bind {
+            what,
+            addr: addr.to_string(),
+            source,
+        })
 }
 
 /// Runs a node until `shutdown` is cancelled, then drains and stops it.
@@ -57,7 +59,11 @@ async fn bind(what: &'static str, addr: &str) -> Result<TcpListener, ServeError>
 ///
 /// # Errors
 /// [`ServeError`] when a listener cannot be bound or the store cannot be opened.
-pub async fn run(config: Config, shutdown: CancellationToken, on_ready: impl FnOnce(Bound)) -> Result<(), ServeError> {
+pub async fn run(
+    config: Config,
+    shutdown: CancellationToken,
+    on_ready: impl FnOnce(Bound),
+) -> Result<(), ServeError> {
     let config = Arc::new(config);
     let http_listener = bind("http.listen", &config.http.listen).await?;
     let smtp_listener = bind("smtp.listen", &config.smtp.listen).await?;
@@ -68,19 +74,27 @@ pub async fn run(config: Config, shutdown: CancellationToken, on_ready: impl FnO
     tracing::info!(node_id = config.node_id, relay = %relay.describe(), "node started");
 
     let bound = Bound {
-        http: http_listener.local_addr().map_err(|source| ServeError::Bind {
-            what: "http.listen",
-            addr: config.http.listen.clone(),
-            source,
-        })?,
-        smtp: smtp_listener.local_addr().map_err(|source| ServeError::Bind {
-            what: "smtp.listen",
-            addr: config.smtp.listen.clone(),
-            source,
-        })?,
+        http: http_listener
+            .local_addr()
+            .map_err(|source| ServeError::Bind {
+                what: "http.listen",
+                addr: config.http.listen.clone(),
+                source,
+            })?,
+        smtp: smtp_listener
+            .local_addr()
+            .map_err(|source| ServeError::Bind {
+                what: "smtp.listen",
+                addr: config.smtp.listen.clone(),
+                source,
+            })?,
     };
 
-    let watcher = tokio::spawn(watch_metrics(node.clone(), metrics.clone(), shutdown.clone()));
+    let watcher = tokio::spawn(watch_metrics(
+        node.clone(),
+        metrics.clone(),
+        shutdown.clone(),
+    ));
 
     let smtp_ctx = Arc::new(SmtpContext {
         config: config.smtp.clone(),
@@ -90,7 +104,11 @@ pub async fn run(config: Config, shutdown: CancellationToken, on_ready: impl FnO
         metrics: metrics.clone(),
         lease_ms: config.relay.reservation_lease_secs * 1000,
     });
-    let smtp = tokio::spawn(crate::smtp::serve(smtp_listener, smtp_ctx, shutdown.clone()));
+    let smtp = tokio::spawn(crate::smtp::serve(
+        smtp_listener,
+        smtp_ctx,
+        shutdown.clone(),
+    ));
 
     let state = crate::http::AppState::new(node.clone(), config.clone(), metrics.clone());
     let app = crate::http::router(state);

@@ -8,7 +8,9 @@ use tempalias::raft::TypeConfig;
 struct RedbBuilder;
 
 impl StoreBuilder<TypeConfig, LogStore, StateMachine, tempfile::TempDir> for RedbBuilder {
-    async fn build(&self) -> Result<(tempfile::TempDir, LogStore, StateMachine), StorageError<u64>> {
+    async fn build(
+        &self,
+    ) -> Result<(tempfile::TempDir, LogStore, StateMachine), StorageError<u64>> {
         let dir = tempfile::tempdir().expect("temp dir");
         let (log, sm) = store::open(&dir.path().join("t.redb")).expect("open store");
         Ok((dir, log, sm))

@@ -101,7 +101,9 @@ async fn read_json(headers: &HeaderMap, body: Body) -> Result<CreateRequest, Api
 fn limit(name: &str, value: Option<i64>, cap: u32) -> Result<u32, ApiError> {
     match value {
         None => Ok(cap),
-        Some(v) if v <= 0 => Err(ApiError::InvalidLimit(format!("{name} must be a positive integer"))),
+        Some(v) if v <= 0 => Err(ApiError::InvalidLimit(format!(
+            "{name} must be a positive integer"
+        ))),
         Some(v) if v > i64::from(cap) => Err(ApiError::LimitExceeded(format!(
             "{name} is {v}, above this service's limit of {cap}"
         ))),
@@ -109,9 +111,14 @@ fn limit(name: &str, value: Option<i64>, cap: u32) -> Result<u32, ApiError> {
     }
 }
 
-pub(super) async fn create(State(state): State<AppState>, headers: HeaderMap, body: Body) -> Result<Response, ApiError> {
+pub(super) async fn create(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
     let req = read_json(&headers, body).await?;
-    let target = alias::parse_mailbox(&req.target).map_err(|e| ApiError::InvalidTarget(format!("target: {e}")))?;
+    let target = alias::parse_mailbox(&req.target)
+        .map_err(|e| ApiError::InvalidTarget(format!("target: {e}")))?;
     if state.config.domains.contains(&target.domain) {
         return Err(ApiError::InvalidTarget(
             "target: an alias cannot forward to another alias".into(),
@@ -156,7 +163,9 @@ pub(super) async fn create(State(state): State<AppState>, headers: HeaderMap, bo
             }
         }
     }
-    Err(ApiError::Unavailable("could not find a free alias id".into()))
+    Err(ApiError::Unavailable(
+        "could not find a free alias id".into(),
+    ))
 }
 
 /// Finds the alias and checks the bearer token. A wrong token and an unknown id
@@ -165,7 +174,10 @@ fn authorize(state: &AppState, headers: &HeaderMap, id: &str) -> Result<AliasRec
     let token = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
+        .and_then(|v| {
+            v.strip_prefix("Bearer ")
+                .or_else(|| v.strip_prefix("bearer "))
+        })
         .map(str::trim)
         .ok_or(ApiError::Unauthorized)?;
     if !alias::is_valid_id(id) {
@@ -181,11 +193,18 @@ fn authorize(state: &AppState, headers: &HeaderMap, id: &str) -> Result<AliasRec
     }
 }
 
-pub(super) async fn show(State(state): State<AppState>, Path(id): Path<String>, headers: HeaderMap) -> Result<Response, ApiError> {
+pub(super) async fn show(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
     let rec = authorize(&state, &headers, &id)?;
     let view = AliasView::new(&rec, state.node.now_ms(), None);
     let body = serde_json::to_vec(&view).map_err(|_| ApiError::Internal)?;
-    let etag = format!("\"{}\"", &alias::token_hash(&String::from_utf8_lossy(&body))[..16]);
+    let etag = format!(
+        "\"{}\"",
+        &alias::token_hash(&String::from_utf8_lossy(&body))[..16]
+    );
     let not_modified = headers
         .get(header::IF_NONE_MATCH)
         .and_then(|v| v.to_str().ok())
@@ -199,7 +218,10 @@ pub(super) async fn show(State(state): State<AppState>, Path(id): Path<String>, 
         StatusCode::OK,
         [
             (header::ETAG, etag_value),
-            (header::CONTENT_TYPE, HeaderValue::from_static("application/json")),
+            (
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json"),
+            ),
             (header::CACHE_CONTROL, HeaderValue::from_static("no-store")),
         ],
         body,
@@ -207,7 +229,11 @@ pub(super) async fn show(State(state): State<AppState>, Path(id): Path<String>, 
         .into_response())
 }
 
-pub(super) async fn revoke(State(state): State<AppState>, Path(id): Path<String>, headers: HeaderMap) -> Result<Response, ApiError> {
+pub(super) async fn revoke(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
     let rec = authorize(&state, &headers, &id)?;
     match state
         .node
@@ -235,8 +261,14 @@ mod tests {
     fn limits_default_to_the_cap_and_refuse_bad_values() {
         assert_eq!(limit("days", None, 60).unwrap(), 60);
         assert_eq!(limit("days", Some(3), 60).unwrap(), 3);
-        assert!(matches!(limit("days", Some(0), 60), Err(ApiError::InvalidLimit(_))));
-        assert!(matches!(limit("days", Some(-2), 60), Err(ApiError::InvalidLimit(_))));
+        assert!(matches!(
+            limit("days", Some(0), 60),
+            Err(ApiError::InvalidLimit(_))
+        ));
+        assert!(matches!(
+            limit("days", Some(-2), 60),
+            Err(ApiError::InvalidLimit(_))
+        ));
         let e = limit("max-usage", Some(101), 100).unwrap_err();
         assert!(matches!(e, ApiError::LimitExceeded(_)));
         assert!(e.to_string().contains("100"), "{e}");

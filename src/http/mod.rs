@@ -50,7 +50,10 @@ pub fn router(state: AppState) -> Router {
     Router::new()
         .route("/aliases", post(aliases::create))
         .route("/v1/aliases", post(aliases::create))
-        .route("/v1/aliases/{id}", get(aliases::show).delete(aliases::revoke))
+        .route(
+            "/v1/aliases/{id}",
+            get(aliases::show).delete(aliases::revoke),
+        )
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
@@ -94,7 +97,8 @@ async fn healthz() -> impl IntoResponse {
 async fn readyz(State(state): State<AppState>) -> Response {
     let store_ok = state.node.reader().alias("readyz-probe").is_ok();
     let leader = state.node.has_leader();
-    let body = serde_json::json!({ "ready": store_ok && leader, "store": store_ok, "leader": leader });
+    let body =
+        serde_json::json!({ "ready": store_ok && leader, "store": store_ok, "leader": leader });
     let status = if store_ok && leader {
         StatusCode::OK
     } else {
@@ -105,7 +109,10 @@ async fn readyz(State(state): State<AppState>) -> Response {
 
 async fn metrics(State(state): State<AppState>) -> Response {
     (
-        [(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
         state.metrics.encode(),
     )
         .into_response()

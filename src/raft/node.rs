@@ -58,10 +58,9 @@ impl Node {
     /// [`StartError`] when the store cannot be opened or Raft cannot start.
     pub async fn start(config: &Config, clock: Arc<dyn Clock>) -> Result<Self, StartError> {
         let path = config.db_path();
-        let (log_store, state_machine) =
-            tokio::task::spawn_blocking(move || store::open(&path))
-                .await
-                .map_err(|e| StartError::Raft(e.to_string()))??;
+        let (log_store, state_machine) = tokio::task::spawn_blocking(move || store::open(&path))
+            .await
+            .map_err(|e| StartError::Raft(e.to_string()))??;
         let reader = state_machine.reader();
         let raft_config = openraft::Config {
             cluster_name: "tempalias".into(),
@@ -77,9 +76,15 @@ impl Node {
                 .validate()
                 .map_err(|e| StartError::RaftConfig(e.to_string()))?,
         );
-        let raft = Raft::new(config.node_id, raft_config, NoPeers, log_store, state_machine)
-            .await
-            .map_err(|e| StartError::Raft(e.to_string()))?;
+        let raft = Raft::new(
+            config.node_id,
+            raft_config,
+            NoPeers,
+            log_store,
+            state_machine,
+        )
+        .await
+        .map_err(|e| StartError::Raft(e.to_string()))?;
         let node = Node {
             id: config.node_id,
             raft,

@@ -19,7 +19,12 @@ pub enum Change {
 ///
 /// `now_ms` is the entry's replicated time and `index` its log index, which
 /// becomes the reservation id of a `Reserve`.
-pub fn apply(current: Option<&AliasRecord>, cmd: &Command, now_ms: u64, index: u64) -> (Change, Response) {
+pub fn apply(
+    current: Option<&AliasRecord>,
+    cmd: &Command,
+    now_ms: u64,
+    index: u64,
+) -> (Change, Response) {
     match cmd {
         Command::CreateAlias {
             id,
@@ -48,7 +53,12 @@ pub fn apply(current: Option<&AliasRecord>, cmd: &Command, now_ms: u64, index: u
         }
         Command::Reserve { lease_ms, .. } => {
             let Some(rec) = current else {
-                return (Change::Keep, Response::Refused { reason: Refusal::Unknown });
+                return (
+                    Change::Keep,
+                    Response::Refused {
+                        reason: Refusal::Unknown,
+                    },
+                );
             };
             let mut rec = rec.clone();
             // Lapsed leases belong to transactions whose node died: drop them so
@@ -66,10 +76,15 @@ pub fn apply(current: Option<&AliasRecord>, cmd: &Command, now_ms: u64, index: u
                 None
             };
             if let Some(reason) = refusal {
-                let change = if pruned { Change::Put(rec) } else { Change::Keep };
+                let change = if pruned {
+                    Change::Put(rec)
+                } else {
+                    Change::Keep
+                };
                 return (change, Response::Refused { reason });
             }
-            rec.reservations.insert(index, now_ms.saturating_add(*lease_ms));
+            rec.reservations
+                .insert(index, now_ms.saturating_add(*lease_ms));
             let target = rec.target.clone();
             (
                 Change::Put(rec),
@@ -178,7 +193,10 @@ mod tests {
             valid_for_ms: DAY,
             max_usage: 1,
         };
-        assert_eq!(apply(Some(&rec), &cmd, 5, 2), (Change::Keep, Response::IdTaken));
+        assert_eq!(
+            apply(Some(&rec), &cmd, 5, 2),
+            (Change::Keep, Response::IdTaken)
+        );
     }
 
     #[test]
@@ -210,7 +228,12 @@ mod tests {
         assert_eq!(rec.remaining(), 0);
         assert!(rec.reservations.is_empty());
         let (_, resp) = reserve(&rec, 3000, 30, 60_000);
-        assert_eq!(resp, Response::Refused { reason: Refusal::UsedUp });
+        assert_eq!(
+            resp,
+            Response::Refused {
+                reason: Refusal::UsedUp
+            }
+        );
     }
 
     #[test]
@@ -220,7 +243,12 @@ mod tests {
         assert_eq!(rec.available(2000), 0);
         // A second concurrent message cannot take the only use.
         let (_, resp) = reserve(&rec, 2001, 6, 60_000);
-        assert_eq!(resp, Response::Refused { reason: Refusal::UsedUp });
+        assert_eq!(
+            resp,
+            Response::Refused {
+                reason: Refusal::UsedUp
+            }
+        );
         // Releasing gives it back; the use is not spent.
         let (change, resp) = apply(
             Some(&rec),
@@ -234,7 +262,10 @@ mod tests {
         assert_eq!(resp, Response::Released);
         let rec = put(change);
         assert_eq!(rec.used, 0);
-        assert!(matches!(reserve(&rec, 2003, 8, 60_000).1, Response::Reserved { .. }));
+        assert!(matches!(
+            reserve(&rec, 2003, 8, 60_000).1,
+            Response::Reserved { .. }
+        ));
         // Releasing an unknown reservation is harmless and idempotent.
         let (change, resp) = apply(
             Some(&rec),
@@ -255,12 +286,17 @@ mod tests {
         let rec = put(reserve(&rec, 2000, 5, 60_000).0);
         assert_eq!(
             reserve(&rec, 61_999, 6, 60_000).1,
-            Response::Refused { reason: Refusal::UsedUp }
+            Response::Refused {
+                reason: Refusal::UsedUp
+            }
         );
         let (change, resp) = reserve(&rec, 62_000, 7, 60_000);
         assert!(matches!(resp, Response::Reserved { reservation: 7, .. }));
         let rec = put(change);
-        assert_eq!(rec.reservations.keys().copied().collect::<Vec<_>>(), vec![7]);
+        assert_eq!(
+            rec.reservations.keys().copied().collect::<Vec<_>>(),
+            vec![7]
+        );
     }
 
     #[test]
@@ -282,10 +318,15 @@ mod tests {
     #[test]
     fn expiry_is_decided_by_entry_time() {
         let rec = create(5, 10 * DAY);
-        assert!(matches!(reserve(&rec, 10 * DAY - 1, 2, 1000).1, Response::Reserved { .. }));
+        assert!(matches!(
+            reserve(&rec, 10 * DAY - 1, 2, 1000).1,
+            Response::Reserved { .. }
+        ));
         assert_eq!(
             reserve(&rec, 10 * DAY, 3, 1000).1,
-            Response::Refused { reason: Refusal::Expired }
+            Response::Refused {
+                reason: Refusal::Expired
+            }
         );
         assert!(rec.is_dead(10 * DAY));
         assert!(!rec.is_dead(10 * DAY - 1));
@@ -299,7 +340,9 @@ mod tests {
         let rec = put(change);
         assert_eq!(
             reserve(&rec, 4, 3, 1000).1,
-            Response::Refused { reason: Refusal::Revoked }
+            Response::Refused {
+                reason: Refusal::Revoked
+            }
         );
     }
 
@@ -311,11 +354,22 @@ mod tests {
         };
         assert_eq!(
             apply(None, &cmd, 1, 1),
-            (Change::Keep, Response::Refused { reason: Refusal::Unknown })
+            (
+                Change::Keep,
+                Response::Refused {
+                    reason: Refusal::Unknown
+                }
+            )
         );
         for cmd in [
-            Command::Commit { id: "n".into(), reservation: 1 },
-            Command::Release { id: "n".into(), reservation: 1 },
+            Command::Commit {
+                id: "n".into(),
+                reservation: 1,
+            },
+            Command::Release {
+                id: "n".into(),
+                reservation: 1,
+            },
             Command::Revoke { id: "n".into() },
         ] {
             assert_eq!(apply(None, &cmd, 1, 1), (Change::Keep, Response::NotFound));

@@ -77,7 +77,11 @@ from_redb!(
     redb::SetDurabilityError
 );
 
-fn io_err(subject: ErrorSubject<NodeId>, verb: ErrorVerb, e: impl std::fmt::Display) -> StorageError<NodeId> {
+fn io_err(
+    subject: ErrorSubject<NodeId>,
+    verb: ErrorVerb,
+    e: impl std::fmt::Display,
+) -> StorageError<NodeId> {
     StorageIOError::new(subject, verb, AnyError::error(e.to_string())).into()
 }
 
@@ -142,7 +146,8 @@ impl RaftLogReader<TypeConfig> for LogStore {
         range: RB,
     ) -> StoreResult<Vec<Entry>> {
         let db = self.db.clone();
-        let bounds: (Bound<u64>, Bound<u64>) = (range.start_bound().cloned(), range.end_bound().cloned());
+        let bounds: (Bound<u64>, Bound<u64>) =
+            (range.start_bound().cloned(), range.end_bound().cloned());
         blocking(ErrorSubject::Logs, ErrorVerb::Read, move || {
             let txn = db.begin_read()?;
             let table = txn.open_table(LOG)?;
@@ -185,10 +190,12 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 
     async fn save_vote(&mut self, vote: &Vote<NodeId>) -> StoreResult<()> {
         let db = self.db.clone();
-        let bytes = serde_json::to_vec(vote).map_err(|e| io_err(ErrorSubject::Vote, ErrorVerb::Write, e))?;
+        let bytes = serde_json::to_vec(vote)
+            .map_err(|e| io_err(ErrorSubject::Vote, ErrorVerb::Write, e))?;
         blocking(ErrorSubject::Vote, ErrorVerb::Write, move || {
             let txn = db.begin_write()?;
-            txn.open_table(RAFT_META)?.insert("vote", bytes.as_slice())?;
+            txn.open_table(RAFT_META)?
+                .insert("vote", bytes.as_slice())?;
             txn.commit()?;
             Ok(())
         })
@@ -206,13 +213,14 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 
     async fn save_committed(&mut self, committed: Option<LogId<NodeId>>) -> StoreResult<()> {
         let db = self.db.clone();
-        let bytes =
-            serde_json::to_vec(&committed).map_err(|e| io_err(ErrorSubject::Store, ErrorVerb::Write, e))?;
+        let bytes = serde_json::to_vec(&committed)
+            .map_err(|e| io_err(ErrorSubject::Store, ErrorVerb::Write, e))?;
         blocking(ErrorSubject::Store, ErrorVerb::Write, move || {
             let mut txn = db.begin_write()?;
             // Advisory: a lost value only means re-applying from an older point.
             txn.set_durability(Durability::None)?;
-            txn.open_table(RAFT_META)?.insert("committed", bytes.as_slice())?;
+            txn.open_table(RAFT_META)?
+                .insert("committed", bytes.as_slice())?;
             txn.commit()?;
             Ok(())
         })
@@ -223,7 +231,10 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         let db = self.db.clone();
         blocking(ErrorSubject::Store, ErrorVerb::Read, move || {
             let txn = db.begin_read()?;
-            Ok(get_json::<Option<LogId<NodeId>>>(&txn.open_table(RAFT_META)?, "committed")?.flatten())
+            Ok(
+                get_json::<Option<LogId<NodeId>>>(&txn.open_table(RAFT_META)?, "committed")?
+                    .flatten(),
+            )
         })
         .await
     }
@@ -235,7 +246,8 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     {
         let mut rows = Vec::new();
         for e in entries {
-            let bytes = serde_json::to_vec(&e).map_err(|err| io_err(ErrorSubject::Log(e.log_id), ErrorVerb::Write, err))?;
+            let bytes = serde_json::to_vec(&e)
+                .map_err(|err| io_err(ErrorSubject::Log(e.log_id), ErrorVerb::Write, err))?;
             rows.push((e.log_id.index, bytes));
         }
         let db = self.db.clone();
@@ -268,7 +280,8 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         let db = self.db.clone();
         blocking(ErrorSubject::Logs, ErrorVerb::Delete, move || {
             let txn = db.begin_write()?;
-            txn.open_table(LOG)?.retain_in::<u64, _>(log_id.index.., |_, _| false)?;
+            txn.open_table(LOG)?
+                .retain_in::<u64, _>(log_id.index.., |_, _| false)?;
             txn.commit()?;
             Ok(())
         })
@@ -277,11 +290,14 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 
     async fn purge(&mut self, log_id: LogId<NodeId>) -> StoreResult<()> {
         let db = self.db.clone();
-        let bytes = serde_json::to_vec(&log_id).map_err(|e| io_err(ErrorSubject::Logs, ErrorVerb::Delete, e))?;
+        let bytes = serde_json::to_vec(&log_id)
+            .map_err(|e| io_err(ErrorSubject::Logs, ErrorVerb::Delete, e))?;
         blocking(ErrorSubject::Logs, ErrorVerb::Delete, move || {
             let txn = db.begin_write()?;
-            txn.open_table(RAFT_META)?.insert("last_purged", bytes.as_slice())?;
-            txn.open_table(LOG)?.retain_in::<u64, _>(..=log_id.index, |_, _| false)?;
+            txn.open_table(RAFT_META)?
+                .insert("last_purged", bytes.as_slice())?;
+            txn.open_table(LOG)?
+                .retain_in::<u64, _>(..=log_id.index, |_, _| false)?;
             txn.commit()?;
             Ok(())
         })
@@ -304,7 +320,9 @@ pub struct StateMachine {
 impl StateMachine {
     /// A read-only view for the front ends (shares the database).
     pub fn reader(&self) -> StateReader {
-        StateReader { db: self.db.clone() }
+        StateReader {
+            db: self.db.clone(),
+        }
     }
 }
 
@@ -350,7 +368,10 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
 
     async fn applied_state(
         &mut self,
-    ) -> StoreResult<(Option<LogId<NodeId>>, StoredMembership<NodeId, openraft::BasicNode>)> {
+    ) -> StoreResult<(
+        Option<LogId<NodeId>>,
+        StoredMembership<NodeId, openraft::BasicNode>,
+    )> {
         let db = self.db.clone();
         blocking(ErrorSubject::StateMachine, ErrorVerb::Read, move || {
             let txn = db.begin_read()?;
@@ -394,10 +415,15 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                             last_now = last_now.max(req.now_ms);
                             let id = state::command_id(&req.cmd).to_string();
                             let current: Option<AliasRecord> = get_json(&aliases, &id)?;
-                            let (change, response) =
-                                state::apply(current.as_ref(), &req.cmd, last_now, entry.log_id.index);
+                            let (change, response) = state::apply(
+                                current.as_ref(),
+                                &req.cmd,
+                                last_now,
+                                entry.log_id.index,
+                            );
                             if let Change::Put(rec) = change {
-                                aliases.insert(id.as_str(), serde_json::to_vec(&rec)?.as_slice())?;
+                                aliases
+                                    .insert(id.as_str(), serde_json::to_vec(&rec)?.as_slice())?;
                             }
                             responses.push(response);
                         }
@@ -418,7 +444,9 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
     }
 
     async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
-        SnapshotBuilder { db: self.db.clone() }
+        SnapshotBuilder {
+            db: self.db.clone(),
+        }
     }
 
     async fn begin_receiving_snapshot(&mut self) -> StoreResult<Box<Cursor<Vec<u8>>>> {
@@ -432,11 +460,12 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
     ) -> StoreResult<()> {
         let subject = ErrorSubject::Snapshot(Some(meta.signature()));
         let data = snapshot.into_inner();
-        let parsed: SnapshotData =
-            serde_json::from_slice(&data).map_err(|e| io_err(subject.clone(), ErrorVerb::Read, e))?;
-        let meta_bytes = serde_json::to_vec(meta).map_err(|e| io_err(subject.clone(), ErrorVerb::Write, e))?;
-        let applied_bytes =
-            serde_json::to_vec(&meta.last_log_id).map_err(|e| io_err(subject.clone(), ErrorVerb::Write, e))?;
+        let parsed: SnapshotData = serde_json::from_slice(&data)
+            .map_err(|e| io_err(subject.clone(), ErrorVerb::Read, e))?;
+        let meta_bytes =
+            serde_json::to_vec(meta).map_err(|e| io_err(subject.clone(), ErrorVerb::Write, e))?;
+        let applied_bytes = serde_json::to_vec(&meta.last_log_id)
+            .map_err(|e| io_err(subject.clone(), ErrorVerb::Write, e))?;
         let membership_bytes = serde_json::to_vec(&meta.last_membership)
             .map_err(|e| io_err(subject.clone(), ErrorVerb::Write, e))?;
         let db = self.db.clone();
@@ -470,7 +499,10 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             let table = txn.open_table(SNAPSHOT)?;
             let meta: Option<SnapshotMeta<NodeId, openraft::BasicNode>> = get_json(&table, "meta")?;
             let Some(meta) = meta else { return Ok(None) };
-            let data = table.get("data")?.map(|v| v.value().to_vec()).unwrap_or_default();
+            let data = table
+                .get("data")?
+                .map(|v| v.value().to_vec())
+                .unwrap_or_default();
             Ok(Some(Snapshot {
                 meta,
                 snapshot: Box::new(Cursor::new(data)),
@@ -534,4 +566,3 @@ fn now_nanos() -> u128 {
         .map(|d| d.as_nanos())
         .unwrap_or(0)
 }
-

@@ -81,8 +81,13 @@ pub enum Response {
     Created(AliasRecord),
     /// The chosen id is taken; the caller picks another and retries.
     IdTaken,
-    Reserved { reservation: u64, target: String },
-    Refused { reason: Refusal },
+    Reserved {
+        reservation: u64,
+        target: String,
+    },
+    Refused {
+        reason: Refusal,
+    },
     Committed,
     Released,
     Revoked,
@@ -114,7 +119,9 @@ impl AliasRecord {
             .values()
             .filter(|&&until| until > now_ms)
             .count() as u32;
-        self.max_usage.saturating_sub(self.used).saturating_sub(held)
+        self.max_usage
+            .saturating_sub(self.used)
+            .saturating_sub(held)
     }
 
     /// Uses not yet spent (what a user thinks of as "uses left").

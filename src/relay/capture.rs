@@ -90,7 +90,10 @@ mod tests {
             mail_from: "a@b.example".into(),
             rcpt_to: vec!["c@d.example".into()],
         };
-        assert_eq!(relay.deliver(&env, b"Subject: x\r\n\r\nhi\r\n").await, Delivery::Accepted);
+        assert_eq!(
+            relay.deliver(&env, b"Subject: x\r\n\r\nhi\r\n").await,
+            Delivery::Accepted
+        );
         let mut names: Vec<String> = std::fs::read_dir(relay.dir())
             .unwrap()
             .map(|e| e.unwrap().file_name().into_string().unwrap())

@@ -74,7 +74,8 @@ impl SmarthostRelay {
         let timeout = Duration::from_secs(config.timeout_secs);
         let mut upstreams = Vec::new();
         for url in &config.smarthosts {
-            let parsed = SmarthostUrl::parse(url).map_err(|e| RelayError::Smarthost(format!("{url}: {e}")))?;
+            let parsed = SmarthostUrl::parse(url)
+                .map_err(|e| RelayError::Smarthost(format!("{url}: {e}")))?;
             let tls_params = TlsParameters::new(parsed.host.clone())
                 .map_err(|e| RelayError::Smarthost(format!("{url}: {e}")))?;
             let tls = if parsed.implicit_tls {
@@ -82,12 +83,13 @@ impl SmarthostRelay {
             } else {
                 Tls::Opportunistic(tls_params)
             };
-            let transport = AsyncSmtpTransport::<Tokio1Executor>::builder_dangerous(parsed.host.as_str())
-                .port(parsed.port)
-                .tls(tls)
-                .timeout(Some(timeout))
-                .hello_name(ClientId::Domain(helo_name.to_string()))
-                .build();
+            let transport =
+                AsyncSmtpTransport::<Tokio1Executor>::builder_dangerous(parsed.host.as_str())
+                    .port(parsed.port)
+                    .tls(tls)
+                    .timeout(Some(timeout))
+                    .hello_name(ClientId::Domain(helo_name.to_string()))
+                    .build();
             upstreams.push(Upstream {
                 url: url.clone(),
                 transport,
@@ -147,7 +149,10 @@ fn to_lettre(envelope: &Envelope) -> Result<LettreEnvelope, String> {
     let to = envelope
         .rcpt_to
         .iter()
-        .map(|r| r.parse::<Address>().map_err(|e| format!("recipient address: {e}")))
+        .map(|r| {
+            r.parse::<Address>()
+                .map_err(|e| format!("recipient address: {e}"))
+        })
         .collect::<Result<Vec<_>, _>>()?;
     LettreEnvelope::new(from, to).map_err(|e| e.to_string())
 }
@@ -158,9 +163,17 @@ fn classify(e: &lettre::transport::smtp::Error) -> Delivery {
     if e.is_permanent() {
         let code = e.status().map(u16::from).unwrap_or(550);
         // lettre renders "permanent error (550): <upstream text>".
-        let text = full.split_once("): ").map(|(_, t)| t.trim()).unwrap_or("").to_string();
+        let text = full
+            .split_once("): ")
+            .map(|(_, t)| t.trim())
+            .unwrap_or("")
+            .to_string();
         let (enhanced, text) = split_enhanced(&text, code);
-        return Delivery::PermFail { code, enhanced, text };
+        return Delivery::PermFail {
+            code,
+            enhanced,
+            text,
+        };
     }
     Delivery::TempFail(full)
 }
@@ -170,7 +183,11 @@ fn classify(e: &lettre::transport::smtp::Error) -> Delivery {
 fn split_enhanced(text: &str, code: u16) -> (String, String) {
     if let Some((first, rest)) = text.split_once(' ') {
         let parts: Vec<&str> = first.split('.').collect();
-        if parts.len() == 3 && parts.iter().all(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit())) {
+        if parts.len() == 3
+            && parts
+                .iter()
+                .all(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()))
+        {
             return (first.to_string(), rest.to_string());
         }
     }
@@ -194,7 +211,10 @@ mod tests {
         let u = SmarthostUrl::parse("smtps://relay.example").unwrap();
         assert!(u.implicit_tls);
         assert_eq!(u.port, 465);
-        assert_eq!(SmarthostUrl::parse("smtp://relay.example/").unwrap().port, 25);
+        assert_eq!(
+            SmarthostUrl::parse("smtp://relay.example/").unwrap().port,
+            25
+        );
         assert_eq!(SmarthostUrl::parse("smtp://[::1]:26").unwrap().host, "::1");
         assert!(SmarthostUrl::parse("http://x").is_err());
         assert!(SmarthostUrl::parse("smtp://").is_err());
@@ -208,7 +228,10 @@ mod tests {
             split_enhanced("5.1.1 no such user", 550),
             ("5.1.1".into(), "no such user".into())
         );
-        assert_eq!(split_enhanced("go away", 554), ("5.0.0".into(), "go away".into()));
+        assert_eq!(
+            split_enhanced("go away", 554),
+            ("5.0.0".into(), "go away".into())
+        );
     }
 
     #[test]
@@ -245,6 +268,9 @@ mod tests {
             mail_from: "a@b.example".into(),
             rcpt_to: vec!["c@d.example".into()],
         };
-        assert!(matches!(relay.deliver(&env, b"x\r\n").await, Delivery::TempFail(_)));
+        assert!(matches!(
+            relay.deliver(&env, b"x\r\n").await,
+            Delivery::TempFail(_)
+        ));
     }
 }

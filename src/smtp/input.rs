@@ -138,10 +138,19 @@ mod tests {
     #[tokio::test]
     async fn frames_lines_with_either_terminator() {
         let mut i = input(b"EHLO a\r\nNOOP\nQUIT\r\n");
-        assert_eq!(i.line(100).await.unwrap(), Line::Complete(b"EHLO a\r\n".to_vec()));
+        assert_eq!(
+            i.line(100).await.unwrap(),
+            Line::Complete(b"EHLO a\r\n".to_vec())
+        );
         assert!(i.has_line());
-        assert_eq!(i.line(100).await.unwrap(), Line::Complete(b"NOOP\n".to_vec()));
-        assert_eq!(i.line(100).await.unwrap(), Line::Complete(b"QUIT\r\n".to_vec()));
+        assert_eq!(
+            i.line(100).await.unwrap(),
+            Line::Complete(b"NOOP\n".to_vec())
+        );
+        assert_eq!(
+            i.line(100).await.unwrap(),
+            Line::Complete(b"QUIT\r\n".to_vec())
+        );
         assert!(!i.has_line());
         assert!(matches!(i.line(100).await, Err(InputError::Closed)));
     }
@@ -153,13 +162,19 @@ mod tests {
         let mut i = input(&data);
         assert_eq!(i.line(4096).await.unwrap(), Line::TooLong);
         assert!(i.capacity() < 4 * CHUNK, "buffer grew to {}", i.capacity());
-        assert_eq!(i.line(4096).await.unwrap(), Line::Complete(b"NOOP\r\n".to_vec()));
+        assert_eq!(
+            i.line(4096).await.unwrap(),
+            Line::Complete(b"NOOP\r\n".to_vec())
+        );
     }
 
     #[tokio::test]
     async fn line_exactly_at_limit_is_kept() {
         let mut i = input(b"abc\r\nabcd\r\n");
-        assert_eq!(i.line(5).await.unwrap(), Line::Complete(b"abc\r\n".to_vec()));
+        assert_eq!(
+            i.line(5).await.unwrap(),
+            Line::Complete(b"abc\r\n".to_vec())
+        );
         assert_eq!(i.line(5).await.unwrap(), Line::TooLong);
     }
 

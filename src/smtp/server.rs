@@ -74,7 +74,12 @@ pub async fn serve(listener: TcpListener, ctx: Arc<SmtpContext>, shutdown: Cance
     tracker.wait().await;
 }
 
-async fn run_session(stream: tokio::net::TcpStream, peer: SocketAddr, ctx: Arc<SmtpContext>, shutdown: CancellationToken) {
+async fn run_session(
+    stream: tokio::net::TcpStream,
+    peer: SocketAddr,
+    ctx: Arc<SmtpContext>,
+    shutdown: CancellationToken,
+) {
     ctx.metrics.smtp_sessions.inc();
     ctx.metrics.smtp_sessions_active.inc();
     let (reader, writer) = stream.into_split();

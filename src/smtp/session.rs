@@ -73,7 +73,13 @@ where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
-    pub fn new(ctx: Arc<SmtpContext>, reader: R, writer: W, peer: SocketAddr, shutdown: CancellationToken) -> Self {
+    pub fn new(
+        ctx: Arc<SmtpContext>,
+        reader: R,
+        writer: W,
+        peer: SocketAddr,
+        shutdown: CancellationToken,
+    ) -> Self {
         let idle = Duration::from_secs(ctx.config.idle_timeout_secs);
         let deadline = Instant::now() + Duration::from_secs(ctx.config.session_timeout_secs);
         Self {
@@ -174,7 +180,11 @@ where
                 }
             }
             if self.failed_rcpts >= self.ctx.config.max_failed_rcpts {
-                self.reply(421, "4.7.0", &format!("{host} too many failed recipients, closing"));
+                self.reply(
+                    421,
+                    "4.7.0",
+                    &format!("{host} too many failed recipients, closing"),
+                );
                 self.flush().await?;
                 return Ok(End::Closed);
             }
@@ -196,14 +206,24 @@ where
     fn parse_error(&mut self, e: ParseError) {
         match e {
             ParseError::UnknownCommand => self.reply(500, "5.5.1", "Command unrecognized"),
-            ParseError::InvalidSenderAddress => self.reply(501, "5.1.7", "Bad sender address syntax"),
-            ParseError::InvalidRecipientAddress => self.reply(501, "5.1.3", "Bad recipient address syntax"),
-            ParseError::SyntaxError { syntax } => self.reply(501, "5.5.4", &format!("Syntax: {syntax}")),
+            ParseError::InvalidSenderAddress => {
+                self.reply(501, "5.1.7", "Bad sender address syntax")
+            }
+            ParseError::InvalidRecipientAddress => {
+                self.reply(501, "5.1.3", "Bad recipient address syntax")
+            }
+            ParseError::SyntaxError { syntax } => {
+                self.reply(501, "5.5.4", &format!("Syntax: {syntax}"))
+            }
             ParseError::InvalidParameter { param } => {
                 self.reply(501, "5.5.4", &format!("Invalid parameter {param:?}"))
             }
             ParseError::UnsupportedParameter { param } => {
-                let param: String = param.chars().filter(|c| c.is_ascii_graphic()).take(40).collect();
+                let param: String = param
+                    .chars()
+                    .filter(|c| c.is_ascii_graphic())
+                    .take(40)
+                    .collect();
                 self.reply(555, "5.5.4", &format!("Unsupported parameter {param:?}"))
             }
             ParseError::ResponseTooLong => self.reply(500, "5.5.6", "Line too long"),
@@ -231,7 +251,8 @@ where
             Request::Helo { host: client } => {
                 self.reset().await;
                 self.helo = Some(client);
-                self.out.extend_from_slice(format!("250 {host}\r\n").as_bytes());
+                self.out
+                    .extend_from_slice(format!("250 {host}\r\n").as_bytes());
             }
             Request::Lhlo { .. } => self.reply(500, "5.5.1", "This is not an LMTP server"),
             Request::Mail { from } => self.mail(from).await,
@@ -254,8 +275,14 @@ where
             ),
             Request::Expn { .. } => self.reply(502, "5.5.1", "EXPN not supported"),
             Request::Help { .. } => self.reply(214, "2.0.0", "See RFC 5321"),
-            Request::StartTls => self.reply(502, "5.5.1", "STARTTLS not available on this listener"),
-            Request::Auth { .. } => self.reply(502, "5.5.1", "AUTH not available: this is an MX, not a submission server"),
+            Request::StartTls => {
+                self.reply(502, "5.5.1", "STARTTLS not available on this listener")
+            }
+            Request::Auth { .. } => self.reply(
+                502,
+                "5.5.1",
+                "AUTH not available: this is an MX, not a submission server",
+            ),
             Request::Bdat { .. } => self.reply(502, "5.5.1", "BDAT not supported; use DATA"),
             Request::Etrn { .. } | Request::Atrn { .. } | Request::Burl { .. } => {
                 self.reply(502, "5.5.1", "Command not implemented")
@@ -272,7 +299,11 @@ where
             return self.reply(503, "5.5.1", "Nested MAIL command");
         }
         if from.size as u64 > self.ctx.config.max_message_size {
-            return self.reply(552, "5.3.4", "Message size exceeds fixed maximum message size");
+            return self.reply(
+                552,
+                "5.3.4",
+                "Message size exceeds fixed maximum message size",
+            );
         }
         if from.flags & smtp_proto::MAIL_SMTPUTF8 != 0 {
             return self.reply(555, "5.5.4", "SMTPUTF8 not supported");
@@ -286,7 +317,11 @@ where
     }
 
     fn count_rcpt(&self, result: RcptResult) {
-        self.ctx.metrics.smtp_rcpt.get_or_create(&RcptLabels { result }).inc();
+        self.ctx
+            .metrics
+            .smtp_rcpt
+            .get_or_create(&RcptLabels { result })
+            .inc();
     }
 
     async fn rcpt_failed(&mut self) {
@@ -295,8 +330,9 @@ where
         // makes guessing alias ids by RCPT hopeless.
         if self.failed_rcpts > 1 {
             let base = self.ctx.config.failed_rcpt_delay_ms;
-            let delay = Duration::from_millis(base.saturating_mul(u64::from(self.failed_rcpts - 1)))
-                .min(Duration::from_secs(5));
+            let delay =
+                Duration::from_millis(base.saturating_mul(u64::from(self.failed_rcpts - 1)))
+                    .min(Duration::from_secs(5));
             tokio::time::sleep(delay).await;
         }
     }
@@ -339,7 +375,10 @@ where
             .raft_write_duration
             .observe(started.elapsed().as_secs_f64());
         match result {
-            Ok(Response::Reserved { reservation, target }) => {
+            Ok(Response::Reserved {
+                reservation,
+                target,
+            }) => {
                 self.count_rcpt(RcptResult::accepted);
                 self.tx.rcpts.push(Accepted {
                     alias_id: id,
@@ -390,7 +429,11 @@ where
         let Some(body) = body else {
             self.count_message(MessageResult::rejected);
             self.release_all().await;
-            self.reply(552, "5.3.4", "Message size exceeds fixed maximum message size");
+            self.reply(
+                552,
+                "5.3.4",
+                "Message size exceeds fixed maximum message size",
+            );
             return Ok(());
         };
         if count_received(&body) >= self.ctx.config.max_hops {
@@ -422,7 +465,11 @@ where
             Delivery::Accepted => {
                 self.commit_all().await;
                 self.count_message(MessageResult::forwarded);
-                tracing::info!(rcpts = self.tx.rcpts.len(), size = message.len(), "forwarded");
+                tracing::info!(
+                    rcpts = self.tx.rcpts.len(),
+                    size = message.len(),
+                    "forwarded"
+                );
                 self.reply(250, "2.0.0", &format!("OK: forwarded as {}", self.sid));
             }
             Delivery::TempFail(reason) => {
@@ -431,7 +478,11 @@ where
                 self.count_message(MessageResult::tempfail);
                 self.reply(451, "4.4.1", "Upstream not available, try again later");
             }
-            Delivery::PermFail { code, enhanced, text } => {
+            Delivery::PermFail {
+                code,
+                enhanced,
+                text,
+            } => {
                 self.release_all().await;
                 self.count_message(MessageResult::permfail);
                 let text: String = text.chars().filter(|c| !c.is_control()).take(200).collect();
@@ -462,7 +513,11 @@ where
         let mut too_big = false;
         let mut prev_crlf = true;
         loop {
-            let budget = if too_big { 0 } else { max.saturating_sub(body.len()) };
+            let budget = if too_big {
+                0
+            } else {
+                max.saturating_sub(body.len())
+            };
             // A line may be as long as what is left of the budget (plus the
             // terminator); beyond that the message is too big anyway.
             let line = self.input.line(budget.max(1000) + 2).await?;
@@ -478,7 +533,11 @@ where
                 break;
             }
             prev_crlf = line.ends_with(b"\r\n");
-            let content = if line.first() == Some(&b'.') { &line[1..] } else { &line[..] };
+            let content = if line.first() == Some(&b'.') {
+                &line[1..]
+            } else {
+                &line[..]
+            };
             if too_big || body.len() + content.len() > max {
                 too_big = true;
                 body = Vec::new();
