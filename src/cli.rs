@@ -32,6 +32,17 @@ enum Cmd {
     },
     /// Validate a configuration file (and TEMPALIAS_* overrides) and exit.
     CheckConfig { file: PathBuf },
+    /// Show or change cluster membership over the cluster RPC port.
+    Cluster {
+        /// Configuration to take the cluster secret and default node from.
+        #[arg(long, short, global = true)]
+        config: Option<PathBuf>,
+        /// Cluster address of the node to ask (default: cluster.listen).
+        #[arg(long, global = true)]
+        node: Option<String>,
+        #[command(subcommand)]
+        action: ClusterCmd,
+    },
     /// Create, show or revoke aliases through a node's HTTP API.
     Alias {
         /// Base URL of the API.
@@ -45,6 +56,22 @@ enum Cmd {
         #[command(subcommand)]
         action: AliasCmd,
     },
+}
+
+#[derive(Subcommand, Debug)]
+enum ClusterCmd {
+    /// Members, leader, term, each node's last applied index and lag.
+    Status {
+        /// Print the raw JSON reports instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Add a node as a learner; returns once it has caught up.
+    AddLearner { id: u64, addr: String },
+    /// Make a learner a voter.
+    Promote { id: u64 },
+    /// Remove a node from the cluster.
+    Remove { id: u64 },
 }
 
 #[derive(Subcommand, Debug)]
@@ -106,6 +133,15 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             runtime.block_on(serve(config))?;
             Ok(ExitCode::SUCCESS)
         }
+        Cmd::Cluster {
+            config,
+            node,
+            action,
+        } => {
+            let config = Config::load(config.as_deref())?;
+            let runtime = tokio::runtime::Runtime::new().context("starting the runtime")?;
+            runtime.block_on(cluster(&config, node, action))
+        }
         Cmd::Alias { api, action } => {
             let runtime = tokio::runtime::Runtime::new().context("starting the runtime")?;
             runtime.block_on(alias(&api, action))
@@ -118,7 +154,8 @@ fn init_logging(config: &Config) {
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&config.log.level));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
     if config.log.format == "json" {
         builder.json().init();
     } else {
@@ -163,6 +200,102 @@ async fn wait_for_signal() {
     #[cfg(not(unix))]
     {
         let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+async fn cluster(
+    config: &Config,
+    node: Option<String>,
+    action: ClusterCmd,
+) -> anyhow::Result<ExitCode> {
+    use crate::cluster::client::Peers;
+    use crate::cluster::messages::MembershipChange;
+    let secret = config.cluster_secret()?;
+    let peers = Peers::new(&secret, std::time::Duration::from_secs(5))?;
+    let addr = node.unwrap_or_else(|| config.cluster.listen.clone());
+    let change = match action {
+        ClusterCmd::Status { json } => {
+            let first = peers
+                .status(&addr)
+                .await
+                .with_context(|| format!("asking {addr}"))?;
+            let mut reports = Vec::new();
+            for (id, member_addr) in &first.nodes {
+                let report = if *id == first.id {
+                    Ok(first.clone())
+                } else {
+                    peers.status(member_addr).await
+                };
+                reports.push((*id, member_addr.clone(), report));
+            }
+            if reports.is_empty() {
+                reports.push((first.id, addr.clone(), Ok(first.clone())));
+            }
+            if json {
+                let all: Vec<_> = reports
+                    .iter()
+                    .map(|(id, a, r)| match r {
+                        Ok(r) => serde_json::json!({ "id": id, "addr": a, "status": r }),
+                        Err(e) => {
+                            serde_json::json!({ "id": id, "addr": a, "error": e.to_string() })
+                        }
+                    })
+                    .collect();
+                println!("{}", serde_json::to_string_pretty(&all)?);
+                return Ok(ExitCode::SUCCESS);
+            }
+            let head = reports
+                .iter()
+                .filter_map(|(_, _, r)| r.as_ref().ok())
+                .filter_map(|r| r.last_log_index)
+                .max()
+                .unwrap_or(0);
+            let leader = reports
+                .iter()
+                .filter_map(|(_, _, r)| r.as_ref().ok())
+                .find(|r| r.leader == Some(r.id));
+            match leader {
+                Some(l) => println!("leader: node {} (term {})", l.id, l.term),
+                None => println!("leader: none known"),
+            }
+            println!("voters: {:?}  learners: {:?}", first.voters, first.learners);
+            println!(
+                "{:>4}  {:<22} {:<10} {:>6} {:>10} {:>6}",
+                "id", "address", "state", "term", "applied", "lag"
+            );
+            for (id, a, r) in &reports {
+                match r {
+                    Ok(r) => {
+                        let applied = r.last_applied.unwrap_or(0);
+                        println!(
+                            "{:>4}  {:<22} {:<10} {:>6} {:>10} {:>6}",
+                            id,
+                            a,
+                            r.state,
+                            r.term,
+                            applied,
+                            head.saturating_sub(applied)
+                        );
+                    }
+                    Err(e) => println!("{id:>4}  {a:<22} unreachable: {e}"),
+                }
+            }
+            return Ok(ExitCode::SUCCESS);
+        }
+        ClusterCmd::AddLearner { id, addr } => MembershipChange::AddLearner { id, addr },
+        ClusterCmd::Promote { id } => MembershipChange::Promote { id },
+        ClusterCmd::Remove { id } => MembershipChange::Remove { id },
+    };
+    let resp = peers
+        .change_membership(&addr, &change, std::time::Duration::from_secs(300))
+        .await
+        .with_context(|| format!("asking {addr}"))?;
+    if resp.ok {
+        println!("{}", resp.message);
+        Ok(ExitCode::SUCCESS)
+    } else {
+        eprintln!("tempalias: {}", resp.message);
+        Ok(ExitCode::FAILURE)
     }
 }
 

@@ -21,10 +21,10 @@ const ENV_NOT_CONFIG: &[&str] = &[crate::clock::TEST_CLOCK_OFFSET_FILE_ENV, "TEM
 /// Why a configuration could not be used. Each variant names the offending key.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("cannot read {path}: {source}")]
+    #[error("cannot read {path}: {error}")]
     Read {
         path: PathBuf,
-        source: std::io::Error,
+        error: std::io::Error,
     },
     #[error("{origin}: {message}")]
     Parse { origin: String, message: String },
@@ -203,6 +203,40 @@ pub struct ClusterConfig {
     pub snapshot_after_entries: u64,
     /// Upper bound on one Raft write as seen by a client (reserve, create, ...).
     pub write_timeout_ms: u64,
+    /// Shared secret every cluster RPC must carry. Required when the cluster has
+    /// more than one member; prefer `secret_file` so it stays out of the config.
+    pub secret: Option<Secret>,
+    /// File holding the shared secret (first line, surrounding blanks trimmed).
+    pub secret_file: Option<PathBuf>,
+    /// Upper bound on one node-to-node RPC.
+    pub rpc_timeout_ms: u64,
+    /// Leader heartbeat interval.
+    pub heartbeat_ms: u64,
+    /// A follower that hears no leader for a random time in
+    /// [election_timeout_ms, 2 * election_timeout_ms] starts an election.
+    pub election_timeout_ms: u64,
+}
+
+/// A secret that never appears in `Debug` output or logs.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(s: impl Into<String>) -> Self {
+        Self(s.into())
+    }
+
+    /// The secret itself; call only where it is sent or compared.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret([redacted])")
+    }
 }
 
 impl Default for ClusterConfig {
@@ -212,6 +246,11 @@ impl Default for ClusterConfig {
             initial_members: BTreeMap::from([("1".to_string(), "127.0.0.1:7001".to_string())]),
             snapshot_after_entries: 5000,
             write_timeout_ms: 5000,
+            secret: None,
+            secret_file: None,
+            rpc_timeout_ms: 2000,
+            heartbeat_ms: 250,
+            election_timeout_ms: 1000,
         }
     }
 }
@@ -254,9 +293,9 @@ impl Config {
     ) -> Result<Self, ConfigError> {
         let mut table = match path {
             Some(path) => {
-                let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                let text = std::fs::read_to_string(path).map_err(|error| ConfigError::Read {
                     path: path.to_path_buf(),
-                    source,
+                    error,
                 })?;
                 // Parse into the typed struct first: its errors carry line numbers.
                 let typed: Config = toml::from_str(&text).map_err(|e| ConfigError::Parse {
@@ -396,6 +435,43 @@ impl Config {
             self.cluster.snapshot_after_entries,
         )?;
         positive("cluster.write_timeout_ms", self.cluster.write_timeout_ms)?;
+        positive("cluster.rpc_timeout_ms", self.cluster.rpc_timeout_ms)?;
+        positive("cluster.heartbeat_ms", self.cluster.heartbeat_ms)?;
+        if self.cluster.election_timeout_ms < 3 * self.cluster.heartbeat_ms {
+            return Err(invalid(
+                "cluster.election_timeout_ms",
+                "must be at least three heartbeats (cluster.heartbeat_ms), or followers start needless elections",
+            ));
+        }
+        if self.cluster.secret.is_some() && self.cluster.secret_file.is_some() {
+            return Err(invalid(
+                "cluster.secret",
+                "set either cluster.secret or cluster.secret_file, not both",
+            ));
+        }
+        if let Some(s) = &self.cluster.secret {
+            if s.expose().len() < 16 {
+                return Err(invalid("cluster.secret", "must be at least 16 characters"));
+            }
+        }
+        if let Some(path) = &self.cluster.secret_file {
+            let s = read_secret_file(path).map_err(|e| invalid("cluster.secret_file", e))?;
+            if s.expose().len() < 16 {
+                return Err(invalid(
+                    "cluster.secret_file",
+                    "the secret must be at least 16 characters",
+                ));
+            }
+        }
+        if self.cluster.initial_members.len() > 1
+            && self.cluster.secret.is_none()
+            && self.cluster.secret_file.is_none()
+        {
+            return Err(invalid(
+                "cluster.secret",
+                "a multi-node cluster needs cluster.secret or cluster.secret_file",
+            ));
+        }
         if !matches!(self.log.format.as_str(), "text" | "json") {
             return Err(invalid("log.format", "must be \"text\" or \"json\""));
         }
@@ -413,10 +489,59 @@ impl Config {
             .collect()
     }
 
+    /// The cluster secret: configured, from `secret_file`, or (single-node
+    /// setups only) generated once into the data directory so that even a
+    /// zero-config node's admin port is not open to every local user.
+    ///
+    /// # Errors
+    /// [`ConfigError::Invalid`] when the file cannot be read or written.
+    pub fn cluster_secret(&self) -> Result<Secret, ConfigError> {
+        if let Some(s) = &self.cluster.secret {
+            return Ok(s.clone());
+        }
+        if let Some(path) = &self.cluster.secret_file {
+            return read_secret_file(path).map_err(|e| invalid("cluster.secret_file", e));
+        }
+        let path = self.data_dir.join("cluster.secret");
+        if let Ok(s) = read_secret_file(&path) {
+            return Ok(s);
+        }
+        let secret = crate::alias::new_token();
+        std::fs::create_dir_all(&self.data_dir)
+            .and_then(|_| write_private(&path, secret.as_bytes()))
+            .map_err(|e| invalid("data_dir", format!("cannot write {}: {e}", path.display())))?;
+        Ok(Secret::new(secret))
+    }
+
     /// The file holding this node's database.
     pub fn db_path(&self) -> PathBuf {
         self.data_dir.join("tempalias.redb")
     }
+}
+
+fn read_secret_file(path: &Path) -> Result<Secret, String> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let line = text.lines().next().unwrap_or("").trim();
+    if line.is_empty() {
+        return Err(format!("{} is empty", path.display()));
+    }
+    Ok(Secret::new(line))
+}
+
+/// Writes a file readable by its owner only.
+fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut opts = std::fs::OpenOptions::new();
+    opts.write(true).create_new(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        opts.mode(0o600);
+    }
+    let mut f = opts.open(path)?;
+    f.write_all(bytes)?;
+    f.sync_all()
 }
 
 fn positive(key: &str, v: u64) -> Result<(), ConfigError> {
@@ -597,6 +722,54 @@ mod tests {
         for (text, key) in cases {
             let e = load(text, &[]).unwrap_err().to_string();
             assert!(e.starts_with(key), "{text:?} gave {e}");
+        }
+    }
+
+    #[test]
+    fn multi_node_clusters_need_a_secret() {
+        let members = "[cluster]\ninitial_members = { \"1\" = \"127.0.0.1:7001\", \"2\" = \"127.0.0.2:7001\" }\n";
+        let e = load(members, &[]).unwrap_err().to_string();
+        assert!(e.starts_with("cluster.secret"), "{e}");
+        let c = load(
+            &format!("{members}secret = \"0123456789abcdef0123\"\n"),
+            &[],
+        )
+        .unwrap();
+        assert_eq!(c.cluster_secret().unwrap().expose(), "0123456789abcdef0123");
+        let e = load(&format!("{members}secret = \"short\"\n"), &[])
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with("cluster.secret"), "{e}");
+    }
+
+    #[test]
+    fn secrets_never_print() {
+        let c = load(
+            "[cluster]\nsecret = \"0123456789abcdef-very-secret\"\n",
+            &[],
+        )
+        .unwrap();
+        assert!(!format!("{c:?}").contains("very-secret"));
+    }
+
+    #[test]
+    fn generated_secret_is_stable_and_private() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = Config {
+            data_dir: dir.path().join("data"),
+            ..Config::default()
+        };
+        let a = c.cluster_secret().unwrap();
+        let b = c.cluster_secret().unwrap();
+        assert_eq!(a, b);
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(dir.path().join("data/cluster.secret"))
+                .unwrap()
+                .permissions()
+                .mode();
+            assert_eq!(mode & 0o077, 0, "{mode:o}");
         }
     }
 

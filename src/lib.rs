@@ -18,6 +18,7 @@
 pub mod alias;
 pub mod cli;
 pub mod clock;
+pub mod cluster;
 pub mod config;
 pub mod http;
 pub mod metrics;

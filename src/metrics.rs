@@ -50,6 +50,11 @@ pub struct HttpLabels {
     pub status: u16,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PeerLabels {
+    pub peer: String,
+}
+
 /// Every metric a node exports.
 pub struct Metrics {
     registry: Registry,
@@ -69,6 +74,11 @@ pub struct Metrics {
     pub raft_write_errors: Counter,
     pub raft_write_duration: Histogram,
     pub build_info: Family<BuildLabels, Gauge>,
+    pub raft_elections: Counter,
+    pub raft_forwarded_writes: Counter,
+    pub raft_replication_lag: Family<PeerLabels, Gauge>,
+    pub cluster_rpc_errors: Family<PeerLabels, Counter>,
+    pub cluster_auth_failures: Counter,
 }
 
 /// Labels of `tempalias_build_info`.
@@ -107,6 +117,11 @@ impl Metrics {
                 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0,
             ]),
             build_info: Family::default(),
+            raft_elections: Counter::default(),
+            raft_forwarded_writes: Counter::default(),
+            raft_replication_lag: Family::default(),
+            cluster_rpc_errors: Family::default(),
+            cluster_auth_failures: Counter::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -182,6 +197,31 @@ impl Metrics {
             "build_info",
             "Build information (always 1)",
             m.build_info.clone(),
+        );
+        registry.register(
+            "raft_elections",
+            "Elections this node started (times it became candidate)",
+            m.raft_elections.clone(),
+        );
+        registry.register(
+            "raft_forwarded_writes",
+            "Writes this node forwarded to the leader",
+            m.raft_forwarded_writes.clone(),
+        );
+        registry.register(
+            "raft_replication_lag",
+            "On the leader: log entries each peer is behind",
+            m.raft_replication_lag.clone(),
+        );
+        registry.register(
+            "cluster_rpc_errors",
+            "Raft RPCs to a peer that failed",
+            m.cluster_rpc_errors.clone(),
+        );
+        registry.register(
+            "cluster_auth_failures",
+            "Cluster RPCs refused for a missing or wrong secret",
+            m.cluster_auth_failures.clone(),
         );
         m.build_info
             .get_or_create(&BuildLabels {

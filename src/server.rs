@@ -8,6 +8,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::clock::{Clock, SystemClock};
+use crate::cluster::client::Peers;
 use crate::config::{Config, RelayMode};
 use crate::metrics::Metrics;
 use crate::raft::node::StartError;
@@ -21,35 +22,45 @@ const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 /// Why a node could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
-    #[error("cannot listen on {what} {addr}: {source}")]
+    #[error("cannot listen on {what} {addr}: {error}")]
     Bind {
         what: &'static str,
         addr: String,
-        source: std::io::Error,
+        error: std::io::Error,
     },
     #[error(transparent)]
     Start(#[from] StartError),
     #[error(transparent)]
     Relay(#[from] RelayError),
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    #[error("cluster client: {0}")]
+    Cluster(#[from] crate::cluster::client::RpcError),
 }
 
 /// Addresses a started node listens on (ports may have been chosen by the OS).
 #[derive(Debug, Clone, Copy)]
 pub struct Bound {
     pub http: SocketAddr,
-    pub smtp: SmtpAddr,
+    pub smtp: SocketAddr,
+    pub cluster: SocketAddr,
 }
 
-/// The SMTP listener's address.
-pub type SmtpAddr = SocketAddr;
+fn local_addr(what: &'static str, l: &TcpListener) -> Result<SocketAddr, ServeError> {
+    l.local_addr().map_err(|error| ServeError::Bind {
+        what,
+        addr: "?".into(),
+        error,
+    })
+}
 
 async fn bind(what: &'static str, addr: &str) -> Result<TcpListener, ServeError> {
     TcpListener::bind(addr)
         .await
-        .map_err(|source| ServeError::Bind {
+        .map_err(|error| ServeError::Bind {
             what,
             addr: addr.to_string(),
-            source,
+            error,
         })
 }
 
@@ -65,31 +76,41 @@ pub async fn run(
     on_ready: impl FnOnce(Bound),
 ) -> Result<(), ServeError> {
     let config = Arc::new(config);
+    let secret = config.cluster_secret()?;
     let http_listener = bind("http.listen", &config.http.listen).await?;
     let smtp_listener = bind("smtp.listen", &config.smtp.listen).await?;
+    let cluster_listener = bind("cluster.listen", &config.cluster.listen).await?;
+    let bound = Bound {
+        http: local_addr("http.listen", &http_listener)?,
+        smtp: local_addr("smtp.listen", &smtp_listener)?,
+        cluster: local_addr("cluster.listen", &cluster_listener)?,
+    };
     let clock: Arc<dyn Clock> = Arc::new(SystemClock::from_env());
     let metrics = Arc::new(Metrics::new());
     let relay = Arc::new(Relay::from_config(&config.relay, &config.smtp.hostname)?);
-    let node = Node::start(&config, clock.clone()).await?;
+    let peers = Peers::new(
+        &secret,
+        Duration::from_millis(config.cluster.rpc_timeout_ms),
+    )?;
+    let node = Node::start(&config, clock.clone(), peers, metrics.clone()).await?;
     tracing::info!(node_id = config.node_id, relay = %relay.describe(), "node started");
 
-    let bound = Bound {
-        http: http_listener
-            .local_addr()
-            .map_err(|source| ServeError::Bind {
-                what: "http.listen",
-                addr: config.http.listen.clone(),
-                source,
-            })?,
-        smtp: smtp_listener
-            .local_addr()
-            .map_err(|source| ServeError::Bind {
-                what: "smtp.listen",
-                addr: config.smtp.listen.clone(),
-                source,
-            })?,
-    };
-
+    // Cluster RPC stops last: peers need it while this node hands over leadership.
+    let cluster_shutdown = CancellationToken::new();
+    let cluster = tokio::spawn({
+        let (node, metrics, token) = (node.clone(), metrics.clone(), cluster_shutdown.clone());
+        async move {
+            if let Err(e) =
+                crate::cluster::service::serve(cluster_listener, node, secret, metrics, token).await
+            {
+                tracing::error!(error = %e, "cluster RPC server");
+            }
+        }
+    });
+    let forming = tokio::spawn({
+        let (node, members, token) = (node.clone(), config.members(), shutdown.clone());
+        async move { node.form_cluster(members, token).await }
+    });
     let watcher = tokio::spawn(watch_metrics(
         node.clone(),
         metrics.clone(),
@@ -136,6 +157,10 @@ pub async fn run(
         tracing::warn!("drain timed out; stopping anyway");
     }
     let _ = watcher.await;
+    let _ = forming.await;
+    node.transfer_leadership().await;
+    cluster_shutdown.cancel();
+    let _ = cluster.await;
     node.shutdown().await;
     tracing::info!("stopped");
     Ok(())
@@ -145,9 +170,26 @@ pub async fn run(
 async fn watch_metrics(node: Node, metrics: Arc<Metrics>, shutdown: CancellationToken) {
     let mut rx = node.raft().metrics();
     let mut recount = tokio::time::interval(Duration::from_secs(15));
+    let mut was_candidate = false;
     loop {
         {
             let m = rx.borrow_and_update().clone();
+            let candidate = m.state == openraft::ServerState::Candidate;
+            if candidate && !was_candidate {
+                metrics.raft_elections.inc();
+            }
+            was_candidate = candidate;
+            if let (Some(repl), Some(last)) = (&m.replication, m.last_log_index) {
+                for (peer, matched) in repl.iter() {
+                    let behind = last.saturating_sub(matched.map(|l| l.index).unwrap_or(0));
+                    metrics
+                        .raft_replication_lag
+                        .get_or_create(&crate::metrics::PeerLabels {
+                            peer: peer.to_string(),
+                        })
+                        .set(behind as i64);
+                }
+            }
             metrics.raft_term.set(m.current_term as i64);
             metrics
                 .raft_commit_index
@@ -179,10 +221,11 @@ async fn watch_metrics(node: Node, metrics: Arc<Metrics>, shutdown: Cancellation
 /// Text printed by `serve` at start-up, so a newcomer knows where to look.
 pub fn banner(config: &Config, bound: &Bound) -> String {
     let mut s = format!(
-        "tempalias node {} ready\n  HTTP API   http://{}/\n  SMTP       {}\n  alias domains {}\n  data       {}\n",
+        "tempalias node {} ready\n  HTTP API   http://{}/\n  SMTP       {}\n  cluster    {}\n  alias domains {}\n  data       {}\n",
         config.node_id,
         bound.http,
         bound.smtp,
+        bound.cluster,
         config.domains.join(", "),
         config.data_dir.display(),
     );

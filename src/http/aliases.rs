@@ -170,7 +170,16 @@ pub(super) async fn create(
 
 /// Finds the alias and checks the bearer token. A wrong token and an unknown id
 /// give the same answer, so the API reveals nothing without the token.
-fn authorize(state: &AppState, headers: &HeaderMap, id: &str) -> Result<AliasRecord, ApiError> {
+///
+/// The read is linearizable: this replica first catches up with everything the
+/// leader had committed, so a node never shows counts older than a write the
+/// client already saw acknowledged elsewhere; a node that cannot confirm that
+/// (no quorum) answers `503`.
+async fn authorize(
+    state: &AppState,
+    headers: &HeaderMap,
+    id: &str,
+) -> Result<AliasRecord, ApiError> {
     let token = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
@@ -183,6 +192,7 @@ fn authorize(state: &AppState, headers: &HeaderMap, id: &str) -> Result<AliasRec
     if !alias::is_valid_id(id) {
         return Err(ApiError::NotFound);
     }
+    state.node.read_barrier().await.map_err(unavailable)?;
     let rec = state.node.reader().alias(id).map_err(|e| {
         tracing::error!(error = %e, "reading the store");
         ApiError::Internal
@@ -198,7 +208,7 @@ pub(super) async fn show(
     Path(id): Path<String>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    let rec = authorize(&state, &headers, &id)?;
+    let rec = authorize(&state, &headers, &id).await?;
     let view = AliasView::new(&rec, state.node.now_ms(), None);
     let body = serde_json::to_vec(&view).map_err(|_| ApiError::Internal)?;
     let etag = format!(
@@ -234,7 +244,7 @@ pub(super) async fn revoke(
     Path(id): Path<String>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    let rec = authorize(&state, &headers, &id)?;
+    let rec = authorize(&state, &headers, &id).await?;
     match state
         .node
         .write(Command::Revoke { id: rec.id.clone() })

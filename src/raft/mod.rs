@@ -16,4 +16,5 @@ pub mod store;
 pub mod types;
 
 pub use node::Node;
+
 pub use types::{AliasRecord, Command, Refusal, Request, Response, TypeConfig};

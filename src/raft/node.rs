@@ -1,21 +1,29 @@
-//! The handle through which SMTP and HTTP read and write alias state.
+//! The handle through which SMTP, HTTP and cluster RPC read and write alias state.
 //!
-//! Writes go through Raft: the node stamps the entry with its clock (it is the
-//! leader: a one-member cluster always is) and waits until the entry is
-//! committed and applied. Reads come from the local replica.
+//! Writes go through Raft. Any node takes any write: the leader proposes it,
+//! stamped with its clock; a follower forwards the command to the leader over
+//! gRPC, so clients never see "not leader". Reads come from the local replica,
+//! after a read barrier when they must not be stale.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
 
 use openraft::error::{ClientWriteError, RaftError};
-use openraft::{BasicNode, Raft, SnapshotPolicy};
+use openraft::{BasicNode, ChangeMembers, Raft, RaftMetrics, ServerState, SnapshotPolicy};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
 
-use super::network::NoPeers;
+use super::network::Network;
 use super::store::{self, DbError, StateReader};
 use super::types::{Command, NodeId, Request, Response, TypeConfig};
 use crate::clock::Clock;
+use crate::cluster::client::{Peers, RpcError};
+use crate::cluster::messages::{
+    ForwardRequest, ForwardResponse, MembershipChange, MembershipResponse, StatusReport,
+};
 use crate::config::Config;
+use crate::metrics::Metrics;
 
 /// Why a node could not start.
 #[derive(Debug, thiserror::Error)]
@@ -33,7 +41,7 @@ pub enum StartError {
 /// HTTP `503`), never with a permanent one.
 #[derive(Debug, thiserror::Error)]
 pub enum WriteError {
-    #[error("no quorum or no leader: {0}")]
+    #[error("no leader reachable: {0}")]
     Unavailable(String),
     #[error("the write was not committed within {0:?}")]
     Timeout(Duration),
@@ -41,34 +49,48 @@ pub enum WriteError {
     Fatal(String),
 }
 
-/// One node's Raft instance, its local replica and its clock.
+/// One node's Raft instance, its local replica, clock and peers.
 #[derive(Clone)]
 pub struct Node {
     pub id: NodeId,
     raft: Raft<TypeConfig>,
     reader: StateReader,
     clock: Arc<dyn Clock>,
+    peers: Peers,
+    metrics: Arc<Metrics>,
     write_timeout: Duration,
+    election_timeout: Duration,
 }
 
 impl Node {
-    /// Opens the store, starts Raft and forms the cluster on first start.
+    /// Opens the store and starts Raft. Forming the cluster happens in the
+    /// background ([`Node::form_cluster`]) so the node can serve health checks
+    /// while it waits for its peers.
     ///
     /// # Errors
     /// [`StartError`] when the store cannot be opened or Raft cannot start.
-    pub async fn start(config: &Config, clock: Arc<dyn Clock>) -> Result<Self, StartError> {
+    pub async fn start(
+        config: &Config,
+        clock: Arc<dyn Clock>,
+        peers: Peers,
+        metrics: Arc<Metrics>,
+    ) -> Result<Self, StartError> {
         let path = config.db_path();
         let (log_store, state_machine) = tokio::task::spawn_blocking(move || store::open(&path))
             .await
             .map_err(|e| StartError::Raft(e.to_string()))??;
         let reader = state_machine.reader();
+        let election = config.cluster.election_timeout_ms;
         let raft_config = openraft::Config {
             cluster_name: "tempalias".into(),
-            heartbeat_interval: 250,
-            election_timeout_min: 1000,
-            election_timeout_max: 2000,
+            heartbeat_interval: config.cluster.heartbeat_ms,
+            election_timeout_min: election,
+            election_timeout_max: election * 2,
             snapshot_policy: SnapshotPolicy::LogsSinceLast(config.cluster.snapshot_after_entries),
-            max_in_snapshot_log_to_keep: 500,
+            max_in_snapshot_log_to_keep: (config.cluster.snapshot_after_entries / 10).max(10),
+            // Chunks travel as JSON inside one gRPC message each.
+            snapshot_max_chunk_size: 1024 * 1024,
+            install_snapshot_timeout: 10_000,
             ..Default::default()
         };
         let raft_config = Arc::new(
@@ -76,67 +98,394 @@ impl Node {
                 .validate()
                 .map_err(|e| StartError::RaftConfig(e.to_string()))?,
         );
+        let network = Network {
+            peers: peers.clone(),
+            metrics: metrics.clone(),
+        };
         let raft = Raft::new(
             config.node_id,
             raft_config,
-            NoPeers,
+            network,
             log_store,
             state_machine,
         )
         .await
         .map_err(|e| StartError::Raft(e.to_string()))?;
-        let node = Node {
+        Ok(Node {
             id: config.node_id,
             raft,
             reader,
             clock,
+            peers,
+            metrics,
             write_timeout: Duration::from_millis(config.cluster.write_timeout_ms),
-        };
-        node.form_cluster(&config.members()).await?;
-        Ok(node)
+            election_timeout: Duration::from_millis(election),
+        })
     }
 
-    /// Initialises the cluster from `initial_members` exactly once: a node that
-    /// already has state (a restart) skips this.
-    async fn form_cluster(&self, members: &BTreeMap<NodeId, String>) -> Result<(), StartError> {
-        let initialized = self
-            .raft
-            .is_initialized()
-            .await
-            .map_err(|e| StartError::Raft(e.to_string()))?;
-        if initialized {
-            return Ok(());
-        }
-        let nodes: BTreeMap<NodeId, BasicNode> = members
-            .iter()
-            .map(|(id, addr)| (*id, BasicNode { addr: addr.clone() }))
-            .collect();
-        tracing::info!(members = ?members.keys().collect::<Vec<_>>(), "forming the cluster");
-        self.raft
-            .initialize(nodes)
-            .await
-            .map_err(|e| StartError::Raft(e.to_string()))
-    }
-
-    /// Commits `cmd` through Raft and returns the state machine's answer.
+    /// Initialises the cluster from `initial_members` exactly once.
     ///
-    /// # Errors
-    /// [`WriteError`] when the write could not be committed now.
-    pub async fn write(&self, cmd: Command) -> Result<Response, WriteError> {
+    /// Only the member with the lowest id initialises, and only when every
+    /// member answers and none is initialised yet: restarts, re-runs and nodes
+    /// whose peers already formed a cluster do nothing (the leader brings them
+    /// up to date). Loops until done or `shutdown`.
+    pub async fn form_cluster(
+        &self,
+        members: BTreeMap<NodeId, String>,
+        shutdown: CancellationToken,
+    ) {
+        let lowest = members.keys().next().copied();
+        let mut logged = false;
+        loop {
+            match self.raft.is_initialized().await {
+                Ok(true) | Err(_) => return,
+                Ok(false) => {}
+            }
+            if lowest != Some(self.id) {
+                tracing::info!(initialiser = ?lowest, "waiting for the cluster to be formed by its lowest member");
+                return;
+            }
+            let mut all_reachable = true;
+            for (id, addr) in members.iter().filter(|(id, _)| **id != self.id) {
+                match self.peers.status(addr).await {
+                    Ok(s) if s.initialized => {
+                        tracing::info!(
+                            peer = id,
+                            "peer already belongs to a cluster; not initialising"
+                        );
+                        return;
+                    }
+                    Ok(_) => {}
+                    Err(e) => {
+                        if !logged {
+                            tracing::info!(peer = id, error = %e, "waiting for every initial member before forming the cluster");
+                            logged = true;
+                        }
+                        all_reachable = false;
+                    }
+                }
+            }
+            if all_reachable {
+                let nodes: BTreeMap<NodeId, BasicNode> = members
+                    .iter()
+                    .map(|(id, addr)| (*id, BasicNode { addr: addr.clone() }))
+                    .collect();
+                tracing::info!(members = ?members.keys().collect::<Vec<_>>(), "forming the cluster");
+                match self.raft.initialize(nodes).await {
+                    Ok(()) => return,
+                    Err(e) => tracing::warn!(error = %e, "initialising the cluster"),
+                }
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(Duration::from_millis(300)) => {}
+            }
+        }
+    }
+
+    fn metrics_now(&self) -> RaftMetrics<NodeId, BasicNode> {
+        self.raft.metrics().borrow().clone()
+    }
+
+    /// Address of a member, from the current membership.
+    fn addr_of(&self, id: NodeId) -> Option<String> {
+        self.metrics_now()
+            .membership_config
+            .membership()
+            .get_node(&id)
+            .map(|n| n.addr.clone())
+    }
+
+    /// Proposes `cmd` on this node, which must be the leader: the entry is
+    /// stamped with this node's clock here.
+    pub async fn write_as_leader(&self, cmd: Command) -> ForwardResponse {
+        self.write_as_leader_within(cmd, self.write_timeout).await
+    }
+
+    async fn write_as_leader_within(&self, cmd: Command, limit: Duration) -> ForwardResponse {
         let req = Request {
             now_ms: self.clock.now_ms(),
             cmd,
         };
-        match tokio::time::timeout(self.write_timeout, self.raft.client_write(req)).await {
-            Err(_) => Err(WriteError::Timeout(self.write_timeout)),
-            Ok(Ok(resp)) => Ok(resp.data),
-            Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f)))) => Err(
-                WriteError::Unavailable(format!("leader is {:?}", f.leader_id)),
-            ),
-            Ok(Err(RaftError::APIError(ClientWriteError::ChangeMembershipError(e)))) => {
-                Err(WriteError::Unavailable(e.to_string()))
+        match tokio::time::timeout(limit, self.raft.client_write(req)).await {
+            Err(_) => ForwardResponse::Failed {
+                message: format!("not committed within {limit:?}"),
+            },
+            Ok(Ok(resp)) => ForwardResponse::Applied {
+                response: resp.data,
+            },
+            Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f)))) => {
+                ForwardResponse::NotLeader {
+                    leader: f.leader_id,
+                }
             }
-            Ok(Err(RaftError::Fatal(e))) => Err(WriteError::Fatal(e.to_string())),
+            Ok(Err(e)) => ForwardResponse::Failed {
+                message: e.to_string(),
+            },
+        }
+    }
+
+    /// Commits `cmd` through Raft, on the leader wherever it is, and returns
+    /// the state machine's answer.
+    ///
+    /// A write is retried only when it certainly was not proposed (no leader
+    /// known, the receiver was not the leader, the leader was unreachable).
+    /// Retrying after an unknown outcome could apply a command twice; the
+    /// commands are designed so that even that is harmless (commit and release
+    /// are idempotent, a doubled reservation lapses with its lease).
+    ///
+    /// # Errors
+    /// [`WriteError`] when no leader could commit the write in time.
+    pub async fn write(&self, cmd: Command) -> Result<Response, WriteError> {
+        let deadline = Instant::now() + self.write_timeout;
+        let mut backoff = Duration::from_millis(10);
+        let mut last_problem = String::from("no leader known");
+        loop {
+            let remaining = deadline.saturating_duration_since(Instant::now());
+            if remaining.is_zero() {
+                return Err(WriteError::Unavailable(last_problem));
+            }
+            let leader = self.metrics_now().current_leader;
+            let outcome = match leader {
+                Some(l) if l == self.id => {
+                    self.write_as_leader_within(cmd.clone(), remaining).await
+                }
+                Some(l) => match self.addr_of(l) {
+                    None => ForwardResponse::NotLeader { leader: None },
+                    Some(addr) => {
+                        self.metrics.raft_forwarded_writes.inc();
+                        match self
+                            .peers
+                            .forward(&addr, &ForwardRequest { cmd: cmd.clone() }, remaining)
+                            .await
+                        {
+                            Ok(r) => r,
+                            Err(e @ RpcError::Unreachable { .. }) => {
+                                last_problem = e.to_string();
+                                ForwardResponse::NotLeader { leader: None }
+                            }
+                            Err(e) => ForwardResponse::Failed {
+                                message: e.to_string(),
+                            },
+                        }
+                    }
+                },
+                None => ForwardResponse::NotLeader { leader: None },
+            };
+            match outcome {
+                ForwardResponse::Applied { response } => return Ok(response),
+                ForwardResponse::Failed { message } => {
+                    return if Instant::now() >= deadline {
+                        Err(WriteError::Timeout(self.write_timeout))
+                    } else {
+                        Err(WriteError::Unavailable(message))
+                    };
+                }
+                ForwardResponse::NotLeader { .. } => {
+                    // An election may be under way: wait a little and look again.
+                    let pause = backoff.min(deadline.saturating_duration_since(Instant::now()));
+                    let mut rx = self.raft.metrics();
+                    let _ = tokio::time::timeout(pause, rx.changed()).await;
+                    backoff = (backoff * 2).min(Duration::from_millis(200));
+                }
+            }
+        }
+    }
+
+    /// Waits until this replica has applied everything committed before the
+    /// call, so a following local read is linearizable.
+    ///
+    /// # Errors
+    /// [`WriteError`] when no leader confirms its position in time (for
+    /// example, this node is cut off in a minority).
+    pub async fn read_barrier(&self) -> Result<(), WriteError> {
+        let deadline = Instant::now() + self.write_timeout;
+        loop {
+            let remaining = deadline.saturating_duration_since(Instant::now());
+            if remaining.is_zero() {
+                return Err(WriteError::Unavailable(
+                    "no leader confirmed a read index".into(),
+                ));
+            }
+            let leader = self.metrics_now().current_leader;
+            let index = match leader {
+                Some(l) if l == self.id => {
+                    match tokio::time::timeout(remaining, self.raft.ensure_linearizable()).await {
+                        Ok(Ok(_)) => return Ok(()),
+                        Ok(Err(_)) => None,
+                        Err(_) => return Err(WriteError::Timeout(self.write_timeout)),
+                    }
+                }
+                Some(l) => match self.addr_of(l) {
+                    Some(addr) => match self.peers.read_index(&addr, remaining).await {
+                        Ok(r) if r.error.is_none() => Some(r.index),
+                        _ => None,
+                    },
+                    None => None,
+                },
+                None => None,
+            };
+            match index {
+                Some(index) => {
+                    let remaining = deadline.saturating_duration_since(Instant::now());
+                    return self
+                        .raft
+                        .wait(Some(remaining))
+                        .applied_index_at_least(index, "read barrier")
+                        .await
+                        .map(|_| ())
+                        .map_err(|_| WriteError::Timeout(self.write_timeout));
+                }
+                None => {
+                    let mut rx = self.raft.metrics();
+                    let _ = tokio::time::timeout(Duration::from_millis(50), rx.changed()).await;
+                }
+            }
+        }
+    }
+
+    /// This node's view of itself and the cluster.
+    pub fn status(&self) -> StatusReport {
+        let m = self.metrics_now();
+        let stored = m.membership_config.clone();
+        let membership = stored.membership();
+        let initialized = membership.nodes().next().is_some();
+        let report = StatusReport {
+            id: self.id,
+            state: format!("{:?}", m.state),
+            term: m.current_term,
+            leader: m.current_leader,
+            last_log_index: m.last_log_index,
+            last_applied: m.last_applied.map(|l| l.index),
+            snapshot_index: m.snapshot.map(|l| l.index),
+            purged_index: m.purged.map(|l| l.index),
+            initialized,
+            voters: membership.voter_ids().collect(),
+            learners: membership.learner_ids().collect(),
+            nodes: membership
+                .nodes()
+                .map(|(id, n)| (*id, n.addr.clone()))
+                .collect(),
+            replication: m
+                .replication
+                .as_ref()
+                .map(|r| r.iter().map(|(id, l)| (*id, l.map(|l| l.index))).collect())
+                .unwrap_or_default(),
+            millis_since_quorum_ack: m.millis_since_quorum_ack,
+        };
+        report
+    }
+
+    /// Applies a membership change on the leader (forwarding if needed).
+    pub async fn change_membership(&self, change: MembershipChange) -> MembershipResponse {
+        let leader = self.metrics_now().current_leader;
+        let Some(leader) = leader else {
+            return MembershipResponse {
+                ok: false,
+                message: "no leader known; try again".into(),
+            };
+        };
+        if leader != self.id {
+            let Some(addr) = self.addr_of(leader) else {
+                return MembershipResponse {
+                    ok: false,
+                    message: format!("leader {leader} has no known address"),
+                };
+            };
+            return match self
+                .peers
+                .change_membership(&addr, &change, Duration::from_secs(120))
+                .await
+            {
+                Ok(r) => r,
+                Err(e) => MembershipResponse {
+                    ok: false,
+                    message: e.to_string(),
+                },
+            };
+        }
+        let result = match &change {
+            MembershipChange::AddLearner { id, addr } => {
+                // Blocking: returns once the learner has caught up (by log or snapshot).
+                self.raft
+                    .add_learner(*id, BasicNode { addr: addr.clone() }, true)
+                    .await
+                    .map(|_| ())
+            }
+            MembershipChange::Promote { id } => self
+                .raft
+                .change_membership(ChangeMembers::AddVoterIds(BTreeSet::from([*id])), false)
+                .await
+                .map(|_| ()),
+            MembershipChange::Remove { id } => {
+                let is_voter = self
+                    .metrics_now()
+                    .membership_config
+                    .membership()
+                    .voter_ids()
+                    .any(|v| v == *id);
+                let change = if is_voter {
+                    ChangeMembers::RemoveVoters(BTreeSet::from([*id]))
+                } else {
+                    ChangeMembers::RemoveNodes(BTreeSet::from([*id]))
+                };
+                self.raft.change_membership(change, false).await.map(|_| ())
+            }
+        };
+        match result {
+            Ok(()) => {
+                tracing::info!(?change, "membership changed");
+                MembershipResponse {
+                    ok: true,
+                    message: format!("{change:?} done"),
+                }
+            }
+            Err(e) => MembershipResponse {
+                ok: false,
+                message: e.to_string(),
+            },
+        }
+    }
+
+    /// If this node leads, asks the most up-to-date other voter to take over and
+    /// waits (bounded) for leadership to move, so a planned stop costs clients
+    /// no election timeout.
+    pub async fn transfer_leadership(&self) {
+        let m = self.metrics_now();
+        if m.current_leader != Some(self.id) {
+            return;
+        }
+        let voters: Vec<NodeId> = m
+            .membership_config
+            .membership()
+            .voter_ids()
+            .filter(|v| *v != self.id)
+            .collect();
+        let best = voters.iter().copied().max_by_key(|v| {
+            m.replication
+                .as_ref()
+                .and_then(|r| r.get(v).copied().flatten())
+                .map(|l| l.index)
+        });
+        let Some(best) = best else { return };
+        let Some(addr) = self.addr_of(best) else {
+            return;
+        };
+        tracing::info!(to = best, "handing leadership over before stopping");
+        if let Err(e) = self.peers.trigger_election(&addr).await {
+            tracing::warn!(error = %e, "leadership hand-over request failed");
+            return;
+        }
+        let waited = self
+            .raft
+            .wait(Some(self.election_timeout * 3))
+            .metrics(
+                |m| m.current_leader.is_some() && m.current_leader != Some(self.id),
+                "leader moved",
+            )
+            .await;
+        if waited.is_err() {
+            tracing::warn!("leadership did not move in time; stopping anyway");
         }
     }
 
@@ -145,20 +494,33 @@ impl Node {
         &self.reader
     }
 
-    /// The replicated clock as this node sees it (for display, not decisions).
+    /// This node's clock (for display; decisions use replicated time).
     pub fn now_ms(&self) -> u64 {
         self.clock.now_ms()
     }
 
-    /// The openraft handle (metrics, membership, shutdown).
+    /// The openraft handle (metrics, RPC handlers, shutdown).
     pub fn raft(&self) -> &Raft<TypeConfig> {
         &self.raft
     }
 
-    /// True when this node knows a leader that has a quorum behind it.
-    pub fn has_leader(&self) -> bool {
-        let m = self.raft.metrics().borrow().clone();
-        m.running_state.is_ok() && m.current_leader.is_some()
+    /// True when this node can serve: it knows a leader, and if it is the
+    /// leader, a quorum acknowledged it recently.
+    pub fn is_ready(&self) -> bool {
+        let m = self.metrics_now();
+        if m.running_state.is_err() {
+            return false;
+        }
+        match m.current_leader {
+            None => false,
+            Some(l) if l == self.id => {
+                let voters = m.membership_config.membership().voter_ids().count();
+                voters <= 1
+                    || m.millis_since_quorum_ack
+                        .is_some_and(|ms| ms < 2 * self.election_timeout.as_millis() as u64)
+            }
+            Some(_) => m.state == ServerState::Follower || m.state == ServerState::Learner,
+        }
     }
 
     /// Stops Raft (flushing what it holds).

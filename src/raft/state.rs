@@ -47,6 +47,7 @@ pub fn apply(
                 max_usage: *max_usage,
                 used: 0,
                 reservations: Default::default(),
+                committed: Default::default(),
                 revoked: false,
             };
             (Change::Put(rec.clone()), Response::Created(rec))
@@ -98,11 +99,18 @@ pub fn apply(
             let Some(rec) = current else {
                 return (Change::Keep, Response::NotFound);
             };
+            if rec.committed.contains(reservation) {
+                // A retried commit: already counted.
+                return (Change::Keep, Response::Committed);
+            }
             let mut rec = rec.clone();
             // The message was delivered, so the use is spent even if the lease had
             // already lapsed (a very slow upstream): counting it is the safe side.
             rec.reservations.remove(reservation);
-            rec.used = rec.used.saturating_add(1).min(rec.max_usage);
+            if rec.used < rec.max_usage {
+                rec.used += 1;
+                rec.committed.insert(*reservation);
+            }
             (Change::Put(rec), Response::Committed)
         }
         Command::Release { reservation, .. } => {
@@ -296,6 +304,22 @@ mod tests {
         assert_eq!(
             rec.reservations.keys().copied().collect::<Vec<_>>(),
             vec![7]
+        );
+    }
+
+    #[test]
+    fn retried_commit_counts_once() {
+        let rec = create(3, DAY);
+        let rec = put(reserve(&rec, 2000, 5, 60_000).0);
+        let commit = Command::Commit {
+            id: rec.id.clone(),
+            reservation: 5,
+        };
+        let rec = put(apply(Some(&rec), &commit, 2001, 6).0);
+        assert_eq!(rec.used, 1);
+        assert_eq!(
+            apply(Some(&rec), &commit, 2002, 7),
+            (Change::Keep, Response::Committed)
         );
     }
 

@@ -52,11 +52,8 @@ pub enum DbError {
     Redb(#[from] redb::Error),
     #[error("stored value does not decode: {0}")]
     Decode(#[from] serde_json::Error),
-    #[error("cannot create {path}: {source}")]
-    Dir {
-        path: String,
-        source: std::io::Error,
-    },
+    #[error("cannot create {path}: {error}")]
+    Dir { path: String, error: std::io::Error },
     #[error("blocking task failed: {0}")]
     Join(String),
 }
@@ -115,9 +112,9 @@ fn get_json<T: for<'de> Deserialize<'de>>(
 /// example because another process holds it).
 pub fn open(path: &Path) -> Result<(LogStore, StateMachine), DbError> {
     if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).map_err(|source| DbError::Dir {
+        std::fs::create_dir_all(dir).map_err(|error| DbError::Dir {
             path: dir.display().to_string(),
-            source,
+            error,
         })?;
     }
     let db = Database::create(path)?;

@@ -108,6 +108,10 @@ pub struct AliasRecord {
     pub used: u32,
     /// Uses held for messages in flight: reservation id -> lease end (ms).
     pub reservations: std::collections::BTreeMap<u64, u64>,
+    /// Reservations already committed, so a retried commit counts once. At most
+    /// `max_usage` entries: an alias is never committed more often than that.
+    #[serde(default)]
+    pub committed: std::collections::BTreeSet<u64>,
     pub revoked: bool,
 }
 

@@ -23,9 +23,9 @@ impl CaptureRelay {
     /// # Errors
     /// [`RelayError::CaptureDir`] when it cannot be created.
     pub fn new(dir: &Path) -> Result<Self, RelayError> {
-        std::fs::create_dir_all(dir).map_err(|source| RelayError::CaptureDir {
+        std::fs::create_dir_all(dir).map_err(|error| RelayError::CaptureDir {
             path: dir.display().to_string(),
-            source,
+            error,
         })?;
         Ok(Self {
             dir: dir.to_path_buf(),

@@ -40,11 +40,8 @@ pub enum Delivery {
 /// Why a relay could not be built from its configuration.
 #[derive(Debug, thiserror::Error)]
 pub enum RelayError {
-    #[error("relay.capture_dir {path}: {source}")]
-    CaptureDir {
-        path: String,
-        source: std::io::Error,
-    },
+    #[error("relay.capture_dir {path}: {error}")]
+    CaptureDir { path: String, error: std::io::Error },
     #[error("relay.smarthosts: {0}")]
     Smarthost(String),
 }

@@ -1,0 +1,296 @@
+//! The outbound side of cluster RPC: one cached channel per peer address, the
+//! shared secret on every call, a timeout on every call.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use openraft::error::{InstallSnapshotError, RaftError};
+use openraft::raft::{
+    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
+    VoteRequest, VoteResponse,
+};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use tonic::metadata::{Ascii, MetadataValue};
+use tonic::service::interceptor::InterceptedService;
+use tonic::service::Interceptor;
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Code, Status};
+
+use super::messages::{
+    ForwardRequest, ForwardResponse, MembershipChange, MembershipResponse, ReadIndexResponse,
+    StatusReport,
+};
+use super::proto::cluster_client::ClusterClient;
+use super::proto::{Empty, Payload};
+use crate::config::Secret;
+use crate::raft::types::{NodeId, TypeConfig};
+
+/// Why an RPC gave no answer.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum RpcError {
+    /// The peer could not be reached; the request was (most likely) not seen.
+    #[error("{addr} unreachable: {message}")]
+    Unreachable { addr: String, message: String },
+    /// The peer refused our secret: a misconfigured node, never retried.
+    #[error("{addr} refused the cluster secret")]
+    Unauthenticated { addr: String },
+    /// The call failed after it may have been processed (timeout, reset).
+    #[error("{addr}: {message}")]
+    Failed { addr: String, message: String },
+    #[error("cannot use address {addr}: {message}")]
+    BadAddress { addr: String, message: String },
+    #[error("undecodable payload: {0}")]
+    Codec(String),
+}
+
+impl RpcError {
+    fn from_status(addr: &str, s: Status) -> Self {
+        let addr = addr.to_string();
+        match s.code() {
+            Code::Unavailable => RpcError::Unreachable {
+                addr,
+                message: s.message().to_string(),
+            },
+            Code::Unauthenticated => RpcError::Unauthenticated { addr },
+            _ => RpcError::Failed {
+                addr,
+                message: format!("{:?}: {}", s.code(), s.message()),
+            },
+        }
+    }
+}
+
+/// Adds `authorization: Bearer <secret>` to every outgoing call.
+#[derive(Clone)]
+pub struct AuthInterceptor {
+    header: MetadataValue<Ascii>,
+}
+
+impl Interceptor for AuthInterceptor {
+    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, Status> {
+        req.metadata_mut()
+            .insert("authorization", self.header.clone());
+        Ok(req)
+    }
+}
+
+type Client = ClusterClient<InterceptedService<Channel, AuthInterceptor>>;
+
+/// Channels to peers, shared by Raft replication, write forwarding and the CLI.
+#[derive(Clone)]
+pub struct Peers {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    /// Address -> channel. A tonic channel reconnects by itself, so one per peer
+    /// serves for the life of the process.
+    channels: Mutex<HashMap<String, Channel>>,
+    auth: AuthInterceptor,
+    timeout: Duration,
+}
+
+impl Peers {
+    /// # Errors
+    /// [`RpcError::Codec`] when the secret cannot be sent as a header value.
+    pub fn new(secret: &Secret, timeout: Duration) -> Result<Self, RpcError> {
+        let header = format!("Bearer {}", secret.expose())
+            .parse::<MetadataValue<Ascii>>()
+            .map_err(|_| RpcError::Codec("the cluster secret must be printable ASCII".into()))?;
+        Ok(Self {
+            inner: Arc::new(Inner {
+                channels: Mutex::new(HashMap::new()),
+                auth: AuthInterceptor { header },
+                timeout,
+            }),
+        })
+    }
+
+    /// The default per-call timeout.
+    pub fn timeout(&self) -> Duration {
+        self.inner.timeout
+    }
+
+    fn client(&self, addr: &str) -> Result<Client, RpcError> {
+        let channel = {
+            let mut channels = self
+                .inner
+                .channels
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            match channels.get(addr) {
+                Some(c) => c.clone(),
+                None => {
+                    let endpoint = Endpoint::from_shared(format!("http://{addr}"))
+                        .map_err(|e| RpcError::BadAddress {
+                            addr: addr.to_string(),
+                            message: e.to_string(),
+                        })?
+                        .connect_timeout(self.inner.timeout.min(Duration::from_secs(1)))
+                        .tcp_nodelay(true)
+                        .http2_keep_alive_interval(Duration::from_secs(10))
+                        .keep_alive_timeout(Duration::from_secs(5));
+                    let c = endpoint.connect_lazy();
+                    channels.insert(addr.to_string(), c.clone());
+                    c
+                }
+            }
+        };
+        Ok(
+            ClusterClient::with_interceptor(channel, self.inner.auth.clone())
+                .max_decoding_message_size(super::MAX_MESSAGE)
+                .max_encoding_message_size(super::MAX_MESSAGE),
+        )
+    }
+
+    /// One unary call with a JSON payload.
+    async fn call<Req, Resp, F, Fut>(
+        &self,
+        addr: &str,
+        req: &Req,
+        timeout: Duration,
+        f: F,
+    ) -> Result<Resp, RpcError>
+    where
+        Req: Serialize,
+        Resp: DeserializeOwned,
+        F: FnOnce(Client, tonic::Request<Payload>) -> Fut,
+        Fut: std::future::Future<Output = Result<tonic::Response<Payload>, Status>>,
+    {
+        let json = serde_json::to_vec(req).map_err(|e| RpcError::Codec(e.to_string()))?;
+        self.call_raw(addr, Payload { json }, timeout, f).await
+    }
+
+    /// One unary call: send `msg` with a deadline, decode the JSON answer.
+    async fn call_raw<M, Resp, F, Fut>(
+        &self,
+        addr: &str,
+        msg: M,
+        timeout: Duration,
+        f: F,
+    ) -> Result<Resp, RpcError>
+    where
+        Resp: DeserializeOwned,
+        F: FnOnce(Client, tonic::Request<M>) -> Fut,
+        Fut: std::future::Future<Output = Result<tonic::Response<Payload>, Status>>,
+    {
+        let mut request = tonic::Request::new(msg);
+        request.set_timeout(timeout);
+        let client = self.client(addr)?;
+        let resp =
+            match tokio::time::timeout(timeout + Duration::from_millis(100), f(client, request))
+                .await
+            {
+                Err(_) => {
+                    return Err(RpcError::Failed {
+                        addr: addr.to_string(),
+                        message: format!("no answer within {timeout:?}"),
+                    })
+                }
+                Ok(r) => r.map_err(|s| RpcError::from_status(addr, s))?,
+            };
+        serde_json::from_slice(&resp.into_inner().json).map_err(|e| RpcError::Codec(e.to_string()))
+    }
+
+    pub async fn append_entries(
+        &self,
+        addr: &str,
+        req: &AppendEntriesRequest<TypeConfig>,
+        timeout: Duration,
+    ) -> Result<Result<AppendEntriesResponse<NodeId>, RaftError<NodeId>>, RpcError> {
+        self.call(addr, req, timeout, |mut c, r| async move {
+            c.append_entries(r).await
+        })
+        .await
+    }
+
+    pub async fn vote(
+        &self,
+        addr: &str,
+        req: &VoteRequest<NodeId>,
+        timeout: Duration,
+    ) -> Result<Result<VoteResponse<NodeId>, RaftError<NodeId>>, RpcError> {
+        self.call(
+            addr,
+            req,
+            timeout,
+            |mut c, r| async move { c.vote(r).await },
+        )
+        .await
+    }
+
+    #[allow(clippy::type_complexity)]
+    pub async fn install_snapshot(
+        &self,
+        addr: &str,
+        req: &InstallSnapshotRequest<TypeConfig>,
+        timeout: Duration,
+    ) -> Result<
+        Result<InstallSnapshotResponse<NodeId>, RaftError<NodeId, InstallSnapshotError>>,
+        RpcError,
+    > {
+        self.call(addr, req, timeout, |mut c, r| async move {
+            c.install_snapshot(r).await
+        })
+        .await
+    }
+
+    pub async fn forward(
+        &self,
+        addr: &str,
+        req: &ForwardRequest,
+        timeout: Duration,
+    ) -> Result<ForwardResponse, RpcError> {
+        self.call(
+            addr,
+            req,
+            timeout,
+            |mut c, r| async move { c.forward(r).await },
+        )
+        .await
+    }
+
+    pub async fn change_membership(
+        &self,
+        addr: &str,
+        req: &MembershipChange,
+        timeout: Duration,
+    ) -> Result<MembershipResponse, RpcError> {
+        self.call(addr, req, timeout, |mut c, r| async move {
+            c.change_membership(r).await
+        })
+        .await
+    }
+
+    pub async fn status(&self, addr: &str) -> Result<StatusReport, RpcError> {
+        self.call_raw(addr, Empty {}, self.inner.timeout, |mut c, r| async move {
+            c.status(r).await
+        })
+        .await
+    }
+
+    pub async fn read_index(
+        &self,
+        addr: &str,
+        timeout: Duration,
+    ) -> Result<ReadIndexResponse, RpcError> {
+        self.call_raw(addr, Empty {}, timeout, |mut c, r| async move {
+            c.read_index(r).await
+        })
+        .await
+    }
+
+    /// Asks `addr` to start an election now.
+    pub async fn trigger_election(&self, addr: &str) -> Result<(), RpcError> {
+        let mut request = tonic::Request::new(Empty {});
+        request.set_timeout(self.inner.timeout);
+        let mut client = self.client(addr)?;
+        client
+            .trigger_election(request)
+            .await
+            .map(|_| ())
+            .map_err(|s| RpcError::from_status(addr, s))
+    }
+}

@@ -1,0 +1,81 @@
+//! Payloads of the cluster RPCs (JSON inside `Payload.json`).
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::raft::types::{Command, NodeId, Response};
+
+/// A write forwarded by a follower to the leader. The leader stamps the time.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ForwardRequest {
+    pub cmd: Command,
+}
+
+/// The leader's answer to a forwarded write.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "outcome", rename_all = "snake_case")]
+pub enum ForwardResponse {
+    Applied {
+        response: Response,
+    },
+    /// The receiver is not (or no longer) the leader; nothing was proposed.
+    NotLeader {
+        leader: Option<NodeId>,
+    },
+    /// Proposed but not known to be committed (timeout, lost quorum).
+    Failed {
+        message: String,
+    },
+}
+
+/// The leader's read index: a follower that has applied up to `index` may
+/// answer a read linearizably.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ReadIndexResponse {
+    pub index: Option<u64>,
+    pub error: Option<String>,
+}
+
+/// One node's view of itself and the cluster.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StatusReport {
+    pub id: NodeId,
+    /// `Leader`, `Follower`, `Candidate`, `Learner` or `Shutdown`.
+    pub state: String,
+    pub term: u64,
+    pub leader: Option<NodeId>,
+    pub last_log_index: Option<u64>,
+    pub last_applied: Option<u64>,
+    pub snapshot_index: Option<u64>,
+    pub purged_index: Option<u64>,
+    /// False until the node has a membership (formed or joined a cluster).
+    pub initialized: bool,
+    pub voters: Vec<NodeId>,
+    pub learners: Vec<NodeId>,
+    /// Every member's cluster address.
+    pub nodes: BTreeMap<NodeId, String>,
+    /// On the leader: each peer's last replicated index.
+    pub replication: BTreeMap<NodeId, Option<u64>>,
+    /// Milliseconds since a quorum last acknowledged this leader.
+    pub millis_since_quorum_ack: Option<u64>,
+}
+
+/// A membership change asked of the cluster.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum MembershipChange {
+    /// Add a non-voting member that receives the log (or a snapshot).
+    AddLearner { id: NodeId, addr: String },
+    /// Turn a learner into a voter.
+    Promote { id: NodeId },
+    /// Remove a voter or learner from the cluster.
+    Remove { id: NodeId },
+}
+
+/// The answer to a membership change.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct MembershipResponse {
+    pub ok: bool,
+    pub message: String,
+}

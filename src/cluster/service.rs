@@ -1,0 +1,148 @@
+//! The inbound side of cluster RPC.
+//!
+//! Every call must carry the cluster secret; a call without it is refused with
+//! `UNAUTHENTICATED` and counted, before any payload is decoded.
+
+use std::sync::Arc;
+
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tonic::{Request, Response, Status};
+
+use super::messages::{ForwardRequest, MembershipChange, ReadIndexResponse};
+use super::proto::cluster_server::{Cluster, ClusterServer};
+use super::proto::{Empty, Payload};
+use crate::config::Secret;
+use crate::metrics::Metrics;
+use crate::raft::Node;
+
+/// Handlers of the cluster RPCs on one node.
+pub struct ClusterService {
+    node: Node,
+}
+
+fn decode<T: DeserializeOwned>(req: Request<Payload>) -> Result<T, Status> {
+    serde_json::from_slice(&req.into_inner().json)
+        .map_err(|e| Status::invalid_argument(format!("undecodable payload: {e}")))
+}
+
+fn encode<T: Serialize>(value: &T) -> Result<Response<Payload>, Status> {
+    serde_json::to_vec(value)
+        .map(|json| Response::new(Payload { json }))
+        .map_err(|e| Status::internal(format!("cannot encode answer: {e}")))
+}
+
+#[tonic::async_trait]
+impl Cluster for ClusterService {
+    async fn append_entries(&self, req: Request<Payload>) -> Result<Response<Payload>, Status> {
+        let rpc = decode(req)?;
+        encode(&self.node.raft().append_entries(rpc).await)
+    }
+
+    async fn vote(&self, req: Request<Payload>) -> Result<Response<Payload>, Status> {
+        let rpc = decode(req)?;
+        encode(&self.node.raft().vote(rpc).await)
+    }
+
+    async fn install_snapshot(&self, req: Request<Payload>) -> Result<Response<Payload>, Status> {
+        let rpc = decode(req)?;
+        encode(&self.node.raft().install_snapshot(rpc).await)
+    }
+
+    async fn forward(&self, req: Request<Payload>) -> Result<Response<Payload>, Status> {
+        let fwd: ForwardRequest = decode(req)?;
+        encode(&self.node.write_as_leader(fwd.cmd).await)
+    }
+
+    async fn read_index(&self, _req: Request<Empty>) -> Result<Response<Payload>, Status> {
+        let answer = match self.node.raft().ensure_linearizable().await {
+            Ok(log_id) => ReadIndexResponse {
+                index: log_id.map(|l| l.index),
+                error: None,
+            },
+            Err(e) => ReadIndexResponse {
+                index: None,
+                error: Some(e.to_string()),
+            },
+        };
+        encode(&answer)
+    }
+
+    async fn status(&self, _req: Request<Empty>) -> Result<Response<Payload>, Status> {
+        encode(&self.node.status())
+    }
+
+    async fn change_membership(&self, req: Request<Payload>) -> Result<Response<Payload>, Status> {
+        let change: MembershipChange = decode(req)?;
+        encode(&self.node.change_membership(change).await)
+    }
+
+    async fn trigger_election(&self, _req: Request<Empty>) -> Result<Response<Empty>, Status> {
+        self.node
+            .raft()
+            .trigger()
+            .elect()
+            .await
+            .map_err(|e| Status::unavailable(e.to_string()))?;
+        Ok(Response::new(Empty {}))
+    }
+}
+
+/// Compares without an early exit, so timing does not reveal the secret.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// Serves cluster RPC on `listener` until `shutdown` is cancelled.
+///
+/// # Errors
+/// The transport error if the server fails.
+pub async fn serve(
+    listener: TcpListener,
+    node: Node,
+    secret: Secret,
+    metrics: Arc<Metrics>,
+    shutdown: CancellationToken,
+) -> Result<(), tonic::transport::Error> {
+    let expected = format!("Bearer {}", secret.expose()).into_bytes();
+    let check = move |req: Request<()>| -> Result<Request<()>, Status> {
+        let presented = req
+            .metadata()
+            .get("authorization")
+            .map(|v| v.as_bytes())
+            .unwrap_or(b"");
+        if constant_time_eq(presented, &expected) {
+            Ok(req)
+        } else {
+            metrics.cluster_auth_failures.inc();
+            tracing::warn!(peer = ?req.remote_addr(), "cluster RPC without the right secret refused");
+            Err(Status::unauthenticated("cluster secret required"))
+        }
+    };
+    let server = ClusterServer::new(ClusterService { node })
+        .max_decoding_message_size(super::MAX_MESSAGE)
+        .max_encoding_message_size(super::MAX_MESSAGE);
+    let service = tonic::service::interceptor::InterceptedService::new(server, check);
+    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    tonic::transport::Server::builder()
+        .concurrency_limit_per_connection(256)
+        .tcp_nodelay(true)
+        .add_service(service)
+        .serve_with_incoming_shutdown(incoming, async move { shutdown.cancelled().await })
+        .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn secret_comparison() {
+        assert!(constant_time_eq(b"Bearer abc", b"Bearer abc"));
+        assert!(!constant_time_eq(b"Bearer abd", b"Bearer abc"));
+        assert!(!constant_time_eq(b"Bearer ab", b"Bearer abc"));
+        assert!(!constant_time_eq(b"", b"Bearer abc"));
+    }
+}
