@@ -58,30 +58,21 @@ impl<R: AsyncRead + Unpin> Input<R> {
         memchr_lf(&self.buf[self.pos..]).is_some()
     }
 
-    /// Reads more bytes, compacting the buffer first.
+    /// Reads more bytes, compacting the buffer first. Cancel-safe: bytes are
+    /// appended only after a read completed.
     async fn fill(&mut self) -> Result<(), InputError> {
         if self.pos > 0 {
             self.buf.drain(..self.pos);
             self.pos = 0;
         }
-        let start = self.buf.len();
-        self.buf.resize(start + CHUNK, 0);
-        let read = tokio::time::timeout(self.idle, self.inner.read(&mut self.buf[start..])).await;
-        let n = match read {
-            Err(_) => {
-                self.buf.truncate(start);
-                return Err(InputError::Idle(self.idle));
-            }
-            Ok(Err(e)) => {
-                self.buf.truncate(start);
-                return Err(e.into());
-            }
+        let mut chunk = [0u8; CHUNK];
+        let n = match tokio::time::timeout(self.idle, self.inner.read(&mut chunk)).await {
+            Err(_) => return Err(InputError::Idle(self.idle)),
+            Ok(Err(e)) => return Err(e.into()),
+            Ok(Ok(0)) => return Err(InputError::Closed),
             Ok(Ok(n)) => n,
         };
-        self.buf.truncate(start + n);
-        if n == 0 {
-            return Err(InputError::Closed);
-        }
+        self.buf.extend_from_slice(&chunk[..n]);
         Ok(())
     }
 

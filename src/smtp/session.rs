@@ -102,7 +102,16 @@ where
     pub async fn run(&mut self) {
         let span = tracing::info_span!("smtp", sid = %self.sid, peer = %self.peer);
         let _enter = span.enter();
-        let result = self.converse().await;
+        let result = match self.converse().await {
+            Err(InputError::Idle(_)) => {
+                // Idle in the middle of a command or of message data.
+                let host = self.ctx.config.hostname.clone();
+                self.reply(421, "4.4.2", &format!("{host} idle too long, closing"));
+                let _ = self.flush().await;
+                Ok(End::Closed)
+            }
+            other => other,
+        };
         self.release_all().await;
         match result {
             Ok(End::Quit) | Ok(End::Closed) => {}
