@@ -231,12 +231,73 @@ impl Metrics {
         Self { registry, ..m }
     }
 
-    /// The registry in Prometheus text format.
+    /// The registry in OpenMetrics text format (what Prometheus asks for).
     pub fn encode(&self) -> String {
         let mut out = String::new();
         if prometheus_client::encoding::text::encode(&mut out, &self.registry).is_err() {
             out.clear();
         }
         out
+    }
+
+    /// The registry in the classic Prometheus text format (version 0.0.4), for
+    /// clients that do not ask for OpenMetrics, such as `promtool check metrics`
+    /// or a human with curl.
+    pub fn encode_classic(&self) -> String {
+        to_classic(&self.encode())
+    }
+}
+
+/// Converts OpenMetrics text to the classic format: counter families are named
+/// with their `_total` suffix in `# HELP`/`# TYPE`, and `# UNIT`/`# EOF` go.
+fn to_classic(openmetrics: &str) -> String {
+    let counters: std::collections::HashSet<&str> = openmetrics
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|l| l.strip_suffix(" counter"))
+        .collect();
+    let mut out = String::with_capacity(openmetrics.len());
+    for line in openmetrics.lines() {
+        if line.starts_with("# UNIT ") || line == "# EOF" {
+            continue;
+        }
+        let meta = ["# HELP ", "# TYPE "]
+            .into_iter()
+            .find_map(|p| line.strip_prefix(p).map(|rest| (p, rest)));
+        match meta {
+            Some((prefix, rest)) => {
+                let (name, tail) = rest.split_once(' ').unwrap_or((rest, ""));
+                if counters.contains(name) {
+                    out.push_str(&format!("{prefix}{name}_total {tail}\n"));
+                } else {
+                    out.push_str(line);
+                    out.push('\n');
+                }
+            }
+            None => {
+                out.push_str(line);
+                out.push('\n');
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn classic_format_names_counters_with_total() {
+        let m = Metrics::new();
+        m.smtp_sessions.inc();
+        let text = m.encode_classic();
+        assert!(text.contains("# TYPE tempalias_smtp_sessions_total counter\n"), "{text}");
+        assert!(text.contains("# HELP tempalias_smtp_sessions_total "), "{text}");
+        assert!(text.contains("tempalias_smtp_sessions_total 1\n"), "{text}");
+        assert!(text.contains("# TYPE tempalias_raft_term gauge\n"), "{text}");
+        assert!(!text.contains("# EOF"));
+        assert!(!text.contains("# UNIT"));
+        assert!(m.encode().ends_with("# EOF\n"));
     }
 }
