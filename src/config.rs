@@ -16,7 +16,11 @@ use serde::{Deserialize, Serialize};
 pub const ENV_PREFIX: &str = "TEMPALIAS_";
 
 /// Variables with the prefix that are not configuration keys.
-const ENV_NOT_CONFIG: &[&str] = &[crate::clock::TEST_CLOCK_OFFSET_FILE_ENV, "TEMPALIAS_API"];
+const ENV_NOT_CONFIG: &[&str] = &[
+    crate::clock::TEST_CLOCK_OFFSET_FILE_ENV,
+    "TEMPALIAS_API",
+    "TEMPALIAS_TOKEN",
+];
 
 /// Why a configuration could not be used. Each variant names the offending key.
 #[derive(Debug, thiserror::Error)]
@@ -115,6 +119,11 @@ pub struct SmtpConfig {
     pub max_failed_rcpts: u32,
     /// Extra delay per failed recipient beyond the first (tarpit against enumeration).
     pub failed_rcpt_delay_ms: u64,
+    /// Failed recipients one client address may cause per window, across all its
+    /// sessions; beyond that its recipients get `450 4.7.1` until the window ends.
+    pub max_failed_rcpts_per_ip: u32,
+    /// Length of that window.
+    pub failed_rcpt_window_secs: u64,
     /// Recipients accepted in one transaction.
     pub max_recipients: usize,
     /// `Received:` headers after which a message is refused as a loop.
@@ -132,6 +141,8 @@ impl Default for SmtpConfig {
             session_timeout_secs: 1800,
             max_failed_rcpts: 10,
             failed_rcpt_delay_ms: 500,
+            max_failed_rcpts_per_ip: 100,
+            failed_rcpt_window_secs: 600,
             max_recipients: 50,
             max_hops: 50,
         }
@@ -181,6 +192,8 @@ impl Default for RelayConfig {
 pub struct LimitsConfig {
     pub max_days: u32,
     pub max_usage: u32,
+    /// Days an expired alias is kept (and shown as expired) before it is deleted.
+    pub keep_expired_days: u32,
 }
 
 impl Default for LimitsConfig {
@@ -188,6 +201,7 @@ impl Default for LimitsConfig {
         Self {
             max_days: 60,
             max_usage: 100,
+            keep_expired_days: 7,
         }
     }
 }
@@ -377,6 +391,14 @@ impl Config {
         positive("smtp.idle_timeout_secs", self.smtp.idle_timeout_secs)?;
         positive("smtp.session_timeout_secs", self.smtp.session_timeout_secs)?;
         positive("smtp.max_failed_rcpts", self.smtp.max_failed_rcpts as u64)?;
+        positive(
+            "smtp.max_failed_rcpts_per_ip",
+            self.smtp.max_failed_rcpts_per_ip as u64,
+        )?;
+        positive(
+            "smtp.failed_rcpt_window_secs",
+            self.smtp.failed_rcpt_window_secs,
+        )?;
         positive("smtp.max_recipients", self.smtp.max_recipients as u64)?;
         positive("smtp.max_hops", self.smtp.max_hops as u64)?;
         if self.relay.mode == RelayMode::Smarthost {
@@ -392,12 +414,16 @@ impl Config {
             }
         }
         positive("relay.timeout_secs", self.relay.timeout_secs)?;
-        if self.relay.reservation_lease_secs
-            <= self.relay.timeout_secs + self.smtp.idle_timeout_secs
-        {
+        // A reservation lives from RCPT to the upstream's reply: at most the
+        // whole session plus one attempt per smarthost.
+        let attempts = self.relay.smarthosts.len().max(1) as u64;
+        let longest = self.smtp.session_timeout_secs + self.relay.timeout_secs * attempts;
+        if self.relay.reservation_lease_secs <= longest {
             return Err(invalid(
                 "relay.reservation_lease_secs",
-                "must exceed relay.timeout_secs + smtp.idle_timeout_secs, or a live transaction could lose its reservation",
+                format!(
+                    "must exceed smtp.session_timeout_secs + relay.timeout_secs per smarthost ({longest} s), or a live transaction could lose its reservation"
+                ),
             ));
         }
         positive("limits.max_days", self.limits.max_days as u64)?;

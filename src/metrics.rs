@@ -30,6 +30,10 @@ pub enum RcptResult {
     expired,
     used_up,
     revoked,
+    /// All remaining uses held by messages in flight (450).
+    busy,
+    /// The client address has too many failed recipients (450).
+    throttled,
     tempfail,
     invalid,
 }
@@ -292,10 +296,19 @@ mod tests {
         let m = Metrics::new();
         m.smtp_sessions.inc();
         let text = m.encode_classic();
-        assert!(text.contains("# TYPE tempalias_smtp_sessions_total counter\n"), "{text}");
-        assert!(text.contains("# HELP tempalias_smtp_sessions_total "), "{text}");
+        assert!(
+            text.contains("# TYPE tempalias_smtp_sessions_total counter\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("# HELP tempalias_smtp_sessions_total "),
+            "{text}"
+        );
         assert!(text.contains("tempalias_smtp_sessions_total 1\n"), "{text}");
-        assert!(text.contains("# TYPE tempalias_raft_term gauge\n"), "{text}");
+        assert!(
+            text.contains("# TYPE tempalias_raft_term gauge\n"),
+            "{text}"
+        );
         assert!(!text.contains("# EOF"));
         assert!(!text.contains("# UNIT"));
         assert!(m.encode().ends_with("# EOF\n"));

@@ -116,6 +116,11 @@ pub async fn run(
         metrics.clone(),
         shutdown.clone(),
     ));
+    let purger = tokio::spawn(purge_expired(
+        node.clone(),
+        u64::from(config.limits.keep_expired_days) * 86_400_000,
+        shutdown.clone(),
+    ));
 
     let smtp_ctx = Arc::new(SmtpContext {
         config: config.smtp.clone(),
@@ -124,6 +129,10 @@ pub async fn run(
         relay,
         metrics: metrics.clone(),
         lease_ms: config.relay.reservation_lease_secs * 1000,
+        failures: crate::smtp::limits::FailedRcpts::new(
+            config.smtp.max_failed_rcpts_per_ip,
+            Duration::from_secs(config.smtp.failed_rcpt_window_secs),
+        ),
     });
     let smtp = tokio::spawn(crate::smtp::serve(
         smtp_listener,
@@ -157,6 +166,7 @@ pub async fn run(
         tracing::warn!("drain timed out; stopping anyway");
     }
     let _ = watcher.await;
+    let _ = purger.await;
     let _ = forming.await;
     node.transfer_leadership().await;
     cluster_shutdown.cancel();
@@ -164,6 +174,31 @@ pub async fn run(
     node.shutdown().await;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// How often the leader proposes deleting long-expired aliases.
+const PURGE_EVERY: Duration = Duration::from_secs(600);
+
+/// On the leader, periodically deletes aliases long past their expiry.
+async fn purge_expired(node: Node, keep_ms: u64, shutdown: CancellationToken) {
+    let mut tick = tokio::time::interval(PURGE_EVERY);
+    tick.tick().await;
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        if node.raft().metrics().borrow().current_leader != Some(node.id) {
+            continue;
+        }
+        match node.write(crate::raft::Command::Purge { keep_ms }).await {
+            Ok(crate::raft::Response::Purged { count }) if count > 0 => {
+                tracing::info!(count, "purged long-expired aliases");
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "purge not committed"),
+        }
+    }
 }
 
 /// Mirrors Raft metrics into Prometheus gauges and refreshes the alias count.
@@ -206,7 +241,13 @@ async fn watch_metrics(node: Node, metrics: Arc<Metrics>, shutdown: Cancellation
         }
         tokio::select! {
             _ = shutdown.cancelled() => return,
-            changed = rx.changed() => if changed.is_err() { return },
+            changed = rx.changed() => if changed.is_err() {
+                // Raft stopped (shutdown or a fatal storage error): this node
+                // leads nothing and knows no leader any more.
+                metrics.raft_is_leader.set(0);
+                metrics.raft_leader_id.set(0);
+                return;
+            },
             _ = recount.tick() => {
                 let reader = node.reader().clone();
                 let now = node.now_ms();

@@ -28,7 +28,10 @@ pub enum ApiError {
     NotFound,
     #[error("no such route")]
     NoRoute,
-    #[error("the cluster cannot accept writes right now: {0}")]
+    #[error("method not allowed on this route")]
+    MethodNotAllowed,
+    /// The detail is logged, not sent: it may name internal conditions.
+    #[error("the cluster cannot take this request right now; retry later")]
     Unavailable(String),
     #[error("the node is overloaded")]
     Overloaded,
@@ -48,6 +51,7 @@ impl ApiError {
             ApiError::BodyTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
             ApiError::NotFound | ApiError::NoRoute => StatusCode::NOT_FOUND,
+            ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::Unavailable(_) | ApiError::Overloaded => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Internal => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -66,6 +70,7 @@ impl ApiError {
             ApiError::Unauthorized => "unauthorized",
             ApiError::NotFound => "not_found",
             ApiError::NoRoute => "no_route",
+            ApiError::MethodNotAllowed => "method_not_allowed",
             ApiError::Unavailable(_) => "unavailable",
             ApiError::Overloaded => "overloaded",
             ApiError::Internal => "internal",
@@ -76,6 +81,9 @@ impl ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let status = self.status();
+        if let ApiError::Unavailable(detail) = &self {
+            tracing::warn!(%detail, "answering 503");
+        }
         let body = json!({ "error": self.code(), "message": self.to_string() });
         let mut resp = (status, axum::Json(body)).into_response();
         let headers = resp.headers_mut();

@@ -237,6 +237,18 @@ impl Node {
     /// # Errors
     /// [`WriteError`] when no leader could commit the write in time.
     pub async fn write(&self, cmd: Command) -> Result<Response, WriteError> {
+        let started = std::time::Instant::now();
+        let result = self.write_inner(cmd).await;
+        self.metrics
+            .raft_write_duration
+            .observe(started.elapsed().as_secs_f64());
+        if result.is_err() {
+            self.metrics.raft_write_errors.inc();
+        }
+        result
+    }
+
+    async fn write_inner(&self, cmd: Command) -> Result<Response, WriteError> {
         let deadline = Instant::now() + self.write_timeout;
         let mut backoff = Duration::from_millis(10);
         let mut last_problem = String::from("no leader known");

@@ -13,6 +13,8 @@ pub enum Change {
     Keep,
     /// Store this record under its id.
     Put(AliasRecord),
+    /// Remove the record.
+    Delete,
 }
 
 /// Applies `cmd` to `current` (the stored record with the id the command names).
@@ -71,8 +73,10 @@ pub fn apply(
                 Some(Refusal::Revoked)
             } else if now_ms >= rec.valid_until_ms {
                 Some(Refusal::Expired)
-            } else if rec.available(now_ms) == 0 {
+            } else if rec.used >= rec.max_usage {
                 Some(Refusal::UsedUp)
+            } else if rec.available(now_ms) == 0 {
+                Some(Refusal::Held)
             } else {
                 None
             };
@@ -132,17 +136,24 @@ pub fn apply(
             rec.revoked = true;
             (Change::Put(rec), Response::Revoked)
         }
+        Command::Purge { keep_ms } => match current {
+            Some(rec) if rec.purgeable(now_ms, *keep_ms) => {
+                (Change::Delete, Response::Purged { count: 1 })
+            }
+            _ => (Change::Keep, Response::Purged { count: 0 }),
+        },
     }
 }
 
-/// The alias id a command addresses.
-pub fn command_id(cmd: &Command) -> &str {
+/// The alias id a command addresses; `None` for commands over all aliases.
+pub fn command_id(cmd: &Command) -> Option<&str> {
     match cmd {
         Command::CreateAlias { id, .. }
         | Command::Reserve { id, .. }
         | Command::Commit { id, .. }
         | Command::Release { id, .. }
-        | Command::Revoke { id } => id,
+        | Command::Revoke { id } => Some(id),
+        Command::Purge { .. } => None,
     }
 }
 
@@ -186,7 +197,7 @@ mod tests {
     fn put(change: Change) -> AliasRecord {
         match change {
             Change::Put(r) => r,
-            Change::Keep => panic!("expected a change"),
+            other => panic!("expected a stored record, got {other:?}"),
         }
     }
 
@@ -249,12 +260,13 @@ mod tests {
         let rec = create(1, DAY);
         let rec = put(reserve(&rec, 2000, 5, 60_000).0);
         assert_eq!(rec.available(2000), 0);
-        // A second concurrent message cannot take the only use.
+        // A second concurrent message cannot take the only use; the refusal
+        // says it may clear (SMTP answers 4xx, not 5xx).
         let (_, resp) = reserve(&rec, 2001, 6, 60_000);
         assert_eq!(
             resp,
             Response::Refused {
-                reason: Refusal::UsedUp
+                reason: Refusal::Held
             }
         );
         // Releasing gives it back; the use is not spent.
@@ -295,7 +307,7 @@ mod tests {
         assert_eq!(
             reserve(&rec, 61_999, 6, 60_000).1,
             Response::Refused {
-                reason: Refusal::UsedUp
+                reason: Refusal::Held
             }
         );
         let (change, resp) = reserve(&rec, 62_000, 7, 60_000);
@@ -371,6 +383,28 @@ mod tests {
     }
 
     #[test]
+    fn purge_deletes_long_expired_aliases_only() {
+        let rec = create(5, 10 * DAY);
+        let purge = Command::Purge { keep_ms: 7 * DAY };
+        assert_eq!(command_id(&purge), None);
+        assert_eq!(
+            apply(Some(&rec), &purge, 17 * DAY - 1, 2),
+            (Change::Keep, Response::Purged { count: 0 })
+        );
+        assert_eq!(
+            apply(Some(&rec), &purge, 17 * DAY, 3),
+            (Change::Delete, Response::Purged { count: 1 })
+        );
+        // A live reservation keeps the record until its lease lapses.
+        let mut held = rec.clone();
+        held.reservations.insert(9, 18 * DAY);
+        assert_eq!(
+            apply(Some(&held), &purge, 17 * DAY, 4),
+            (Change::Keep, Response::Purged { count: 0 })
+        );
+    }
+
+    #[test]
     fn unknown_alias() {
         let cmd = Command::Reserve {
             id: "nope".into(),
@@ -397,7 +431,7 @@ mod tests {
             Command::Revoke { id: "n".into() },
         ] {
             assert_eq!(apply(None, &cmd, 1, 1), (Change::Keep, Response::NotFound));
-            assert_eq!(command_id(&cmd), "n");
+            assert_eq!(command_id(&cmd), Some("n"));
         }
     }
 }

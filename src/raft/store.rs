@@ -410,18 +410,51 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                             // Replicated time never runs backwards, even across a
                             // change of leader whose clock lags.
                             last_now = last_now.max(req.now_ms);
-                            let id = state::command_id(&req.cmd).to_string();
-                            let current: Option<AliasRecord> = get_json(&aliases, &id)?;
-                            let (change, response) = state::apply(
-                                current.as_ref(),
-                                &req.cmd,
-                                last_now,
-                                entry.log_id.index,
-                            );
-                            if let Change::Put(rec) = change {
-                                aliases
-                                    .insert(id.as_str(), serde_json::to_vec(&rec)?.as_slice())?;
-                            }
+                            let response = match state::command_id(&req.cmd) {
+                                Some(id) => {
+                                    let current: Option<AliasRecord> = get_json(&aliases, id)?;
+                                    let (change, response) = state::apply(
+                                        current.as_ref(),
+                                        &req.cmd,
+                                        last_now,
+                                        entry.log_id.index,
+                                    );
+                                    match change {
+                                        Change::Put(rec) => {
+                                            aliases
+                                                .insert(id, serde_json::to_vec(&rec)?.as_slice())?;
+                                        }
+                                        Change::Delete => {
+                                            aliases.remove(id)?;
+                                        }
+                                        Change::Keep => {}
+                                    }
+                                    response
+                                }
+                                None => {
+                                    // A command over all aliases (purge).
+                                    let mut doomed = Vec::new();
+                                    for item in aliases.iter()? {
+                                        let (k, v) = item?;
+                                        let rec: AliasRecord = serde_json::from_slice(v.value())?;
+                                        let (change, _) = state::apply(
+                                            Some(&rec),
+                                            &req.cmd,
+                                            last_now,
+                                            entry.log_id.index,
+                                        );
+                                        if change == Change::Delete {
+                                            doomed.push(k.value().to_string());
+                                        }
+                                    }
+                                    for id in &doomed {
+                                        aliases.remove(id.as_str())?;
+                                    }
+                                    Response::Purged {
+                                        count: doomed.len() as u64,
+                                    }
+                                }
+                            };
                             responses.push(response);
                         }
                     }

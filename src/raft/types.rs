@@ -60,6 +60,9 @@ pub enum Command {
     Release { id: String, reservation: u64 },
     /// Disable an alias for good.
     Revoke { id: String },
+    /// Delete aliases that expired more than `keep_ms` before the entry's time,
+    /// so the store does not grow forever. Proposed periodically by the leader.
+    Purge { keep_ms: u64 },
 }
 
 /// Why a reservation was refused.
@@ -69,7 +72,11 @@ pub enum Refusal {
     Unknown,
     Expired,
     Revoked,
+    /// Every use is spent: permanent.
     UsedUp,
+    /// The uses left are all held by messages in flight: this may clear (the
+    /// holder fails, or its lease lapses), so SMTP answers with a 4xx.
+    Held,
 }
 
 /// What the state machine answers for one applied entry.
@@ -92,6 +99,9 @@ pub enum Response {
     Released,
     Revoked,
     NotFound,
+    Purged {
+        count: u64,
+    },
 }
 
 /// One alias as held in the replicated state.
@@ -136,6 +146,12 @@ impl AliasRecord {
     /// The full address.
     pub fn address(&self) -> String {
         format!("{}@{}", self.id, self.domain)
+    }
+
+    /// True when a purge at `now_ms` keeping `keep_ms` may delete this record.
+    pub fn purgeable(&self, now_ms: u64, keep_ms: u64) -> bool {
+        now_ms >= self.valid_until_ms.saturating_add(keep_ms)
+            && self.reservations.values().all(|&until| until <= now_ms)
     }
 
     /// True once the alias can never forward again.

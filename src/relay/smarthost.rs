@@ -65,6 +65,9 @@ struct Upstream {
 /// Sends through the configured smarthosts.
 pub struct SmarthostRelay {
     upstreams: Vec<Upstream>,
+    /// Bound on one whole attempt. lettre's own timeout covers only parts of
+    /// the dialogue, so a stalled upstream is cut off here.
+    timeout: Duration,
 }
 
 impl SmarthostRelay {
@@ -95,7 +98,7 @@ impl SmarthostRelay {
                 transport,
             });
         }
-        Ok(Self { upstreams })
+        Ok(Self { upstreams, timeout })
     }
 
     pub fn describe(&self) -> String {
@@ -119,7 +122,20 @@ impl SmarthostRelay {
         };
         let mut last = Delivery::TempFail("no smarthost configured".into());
         for upstream in &self.upstreams {
-            match upstream.transport.send_raw(&lettre_envelope, message).await {
+            let attempt = tokio::time::timeout(
+                self.timeout,
+                upstream.transport.send_raw(&lettre_envelope, message),
+            )
+            .await;
+            let Ok(result) = attempt else {
+                tracing::warn!(smarthost = %upstream.url, timeout = ?self.timeout, "upstream did not answer in time");
+                last = Delivery::TempFail(format!(
+                    "{} did not answer within {:?}",
+                    upstream.url, self.timeout
+                ));
+                continue;
+            };
+            match result {
                 Ok(_) => return Delivery::Accepted,
                 Err(e) => {
                     let outcome = classify(&e);
@@ -247,6 +263,40 @@ mod tests {
             rcpt_to: vec!["a@b.example".into()],
         })
         .is_err());
+    }
+
+    #[tokio::test]
+    async fn stalled_smarthost_is_cut_off_by_the_timeout() {
+        // Accepts the connection and never says a word.
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let hold = tokio::spawn(async move {
+            let (sock, _) = listener.accept().await.unwrap();
+            tokio::time::sleep(std::time::Duration::from_secs(30)).await;
+            drop(sock);
+        });
+        let config = RelayConfig {
+            mode: crate::config::RelayMode::Smarthost,
+            smarthosts: vec![format!("smtp://127.0.0.1:{port}")],
+            timeout_secs: 1,
+            ..Default::default()
+        };
+        let relay = SmarthostRelay::new(&config, "mx.test.example").unwrap();
+        let env = Envelope {
+            mail_from: "a@b.example".into(),
+            rcpt_to: vec!["c@d.example".into()],
+        };
+        let started = std::time::Instant::now();
+        assert!(matches!(
+            relay.deliver(&env, b"x\r\n").await,
+            Delivery::TempFail(_)
+        ));
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(10),
+            "{:?}",
+            started.elapsed()
+        );
+        hold.abort();
     }
 
     #[tokio::test]

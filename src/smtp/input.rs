@@ -20,6 +20,8 @@ pub enum InputError {
     Closed,
     #[error("no data from client within {0:?}")]
     Idle(Duration),
+    #[error("session lasted longer than allowed")]
+    Deadline,
     #[error("read: {0}")]
     Io(#[from] std::io::Error),
 }
@@ -30,7 +32,8 @@ pub enum Line {
     /// The line with its terminator (`\n` or `\r\n`).
     Complete(Vec<u8>),
     /// The line exceeded the limit; its bytes were discarded through its end.
-    TooLong,
+    /// `crlf` says whether it ended with CR LF (DATA framing needs to know).
+    TooLong { crlf: bool },
 }
 
 /// Buffered reader over the client side of a session.
@@ -40,6 +43,8 @@ pub struct Input<R> {
     /// Start of unconsumed bytes in `buf`.
     pos: usize,
     idle: Duration,
+    /// No read waits past this instant (the session's total time limit).
+    deadline: Option<tokio::time::Instant>,
 }
 
 impl<R: AsyncRead + Unpin> Input<R> {
@@ -49,7 +54,13 @@ impl<R: AsyncRead + Unpin> Input<R> {
             buf: Vec::with_capacity(CHUNK),
             pos: 0,
             idle,
+            deadline: None,
         }
+    }
+
+    /// Bounds every later read by `deadline` as well as by the idle timeout.
+    pub fn set_deadline(&mut self, deadline: tokio::time::Instant) {
+        self.deadline = Some(deadline);
     }
 
     /// True when a whole line is already buffered: the session may then answer
@@ -66,8 +77,13 @@ impl<R: AsyncRead + Unpin> Input<R> {
             self.pos = 0;
         }
         let mut chunk = [0u8; CHUNK];
-        let n = match tokio::time::timeout(self.idle, self.inner.read(&mut chunk)).await {
-            Err(_) => return Err(InputError::Idle(self.idle)),
+        let idle_end = tokio::time::Instant::now() + self.idle;
+        let (until, error) = match self.deadline {
+            Some(d) if d < idle_end => (d, InputError::Deadline),
+            _ => (idle_end, InputError::Idle(self.idle)),
+        };
+        let n = match tokio::time::timeout_at(until, self.inner.read(&mut chunk)).await {
+            Err(_) => return Err(error),
             Ok(Err(e)) => return Err(e.into()),
             Ok(Ok(0)) => return Err(InputError::Closed),
             Ok(Ok(n)) => n,
@@ -82,12 +98,17 @@ impl<R: AsyncRead + Unpin> Input<R> {
     /// [`InputError`] when the client closed, went idle or the read failed.
     pub async fn line(&mut self, max: usize) -> Result<Line, InputError> {
         let mut discarding = false;
+        // Last byte dropped while discarding, to tell CR LF from a bare LF.
+        let mut last_dropped = 0u8;
         loop {
             let avail = &self.buf[self.pos..];
             if let Some(i) = memchr_lf(avail) {
                 if discarding || i + 1 > max {
+                    let before_lf = if i > 0 { avail[i - 1] } else { last_dropped };
                     self.pos += i + 1;
-                    return Ok(Line::TooLong);
+                    return Ok(Line::TooLong {
+                        crlf: before_lf == b'\r',
+                    });
                 }
                 let line = avail[..=i].to_vec();
                 self.pos += i + 1;
@@ -96,6 +117,9 @@ impl<R: AsyncRead + Unpin> Input<R> {
             if discarding || avail.len() > max {
                 // Too long already: drop what we have and keep dropping until LF.
                 discarding = true;
+                if let Some(&b) = avail.last() {
+                    last_dropped = b;
+                }
                 self.pos = self.buf.len();
             }
             self.fill().await?;
@@ -151,7 +175,7 @@ mod tests {
         let mut data = vec![b'x'; 5 * 1024 * 1024];
         data.extend_from_slice(b"\r\nNOOP\r\n");
         let mut i = input(&data);
-        assert_eq!(i.line(4096).await.unwrap(), Line::TooLong);
+        assert_eq!(i.line(4096).await.unwrap(), Line::TooLong { crlf: true });
         assert!(i.capacity() < 4 * CHUNK, "buffer grew to {}", i.capacity());
         assert_eq!(
             i.line(4096).await.unwrap(),
@@ -161,12 +185,42 @@ mod tests {
 
     #[tokio::test]
     async fn line_exactly_at_limit_is_kept() {
-        let mut i = input(b"abc\r\nabcd\r\n");
+        let mut i = input(b"abc\r\nabcd\r\nabcdefgh\n");
         assert_eq!(
             i.line(5).await.unwrap(),
             Line::Complete(b"abc\r\n".to_vec())
         );
-        assert_eq!(i.line(5).await.unwrap(), Line::TooLong);
+        assert_eq!(i.line(5).await.unwrap(), Line::TooLong { crlf: true });
+        assert_eq!(i.line(5).await.unwrap(), Line::TooLong { crlf: false });
+    }
+
+    #[tokio::test]
+    async fn bare_lf_after_a_discarded_chunk_is_told_apart() {
+        // The CR sits at the end of the discarded part, the LF in the next read.
+        let mut data = vec![b'x'; 3 * CHUNK];
+        data.push(b'\r');
+        let (mut client, server) = tokio::io::duplex(CHUNK);
+        let writer = tokio::spawn(async move {
+            use tokio::io::AsyncWriteExt;
+            client.write_all(&data).await.unwrap();
+            client.write_all(b"\nNOOP\r\n").await.unwrap();
+            client
+        });
+        let mut i = Input::new(server, Duration::from_secs(5));
+        assert_eq!(i.line(100).await.unwrap(), Line::TooLong { crlf: true });
+        assert_eq!(
+            i.line(100).await.unwrap(),
+            Line::Complete(b"NOOP\r\n".to_vec())
+        );
+        drop(writer.await.unwrap());
+    }
+
+    #[tokio::test]
+    async fn deadline_bounds_a_trickling_client() {
+        let (_client, server) = tokio::io::duplex(64);
+        let mut i = Input::new(server, Duration::from_secs(60));
+        i.set_deadline(tokio::time::Instant::now() + Duration::from_millis(20));
+        assert!(matches!(i.line(10).await, Err(InputError::Deadline)));
     }
 
     #[tokio::test]

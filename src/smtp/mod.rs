@@ -5,6 +5,7 @@
 //! DATA framing are our own (see `docs/architecture.md` for why).
 
 pub mod input;
+pub mod limits;
 pub mod server;
 pub mod session;
 

@@ -25,6 +25,8 @@ pub struct SmtpContext {
     pub metrics: Arc<Metrics>,
     /// How long a reservation is held if this node dies mid-transaction.
     pub lease_ms: u64,
+    /// Failed recipients per client address, across sessions.
+    pub failures: super::limits::FailedRcpts,
 }
 
 /// Accepts connections until `shutdown` fires, then waits for the sessions,
@@ -84,6 +86,7 @@ async fn run_session(
     ctx.metrics.smtp_sessions_active.inc();
     let (reader, writer) = stream.into_split();
     let mut session = Session::new(ctx.clone(), reader, writer, peer, shutdown);
-    session.run().await;
+    let span = tracing::info_span!("smtp", sid = %session.sid(), %peer);
+    tracing::Instrument::instrument(session.run(), span).await;
     ctx.metrics.smtp_sessions_active.dec();
 }

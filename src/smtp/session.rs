@@ -65,7 +65,6 @@ pub struct Session<R, W> {
     tx: Transaction,
     failed_rcpts: u32,
     bad_commands: u32,
-    deadline: Instant,
 }
 
 impl<R, W> Session<R, W>
@@ -81,10 +80,13 @@ where
         shutdown: CancellationToken,
     ) -> Self {
         let idle = Duration::from_secs(ctx.config.idle_timeout_secs);
-        let deadline = Instant::now() + Duration::from_secs(ctx.config.session_timeout_secs);
+        let mut input = Input::new(reader, idle);
+        input.set_deadline(
+            tokio::time::Instant::now() + Duration::from_secs(ctx.config.session_timeout_secs),
+        );
         Self {
             ctx,
-            input: Input::new(reader, idle),
+            input,
             output: writer,
             out: Vec::with_capacity(512),
             peer,
@@ -94,19 +96,25 @@ where
             tx: Transaction::default(),
             failed_rcpts: 0,
             bad_commands: 0,
-            deadline,
         }
+    }
+
+    /// The session id (also in the `Received:` header and logs).
+    pub fn sid(&self) -> &str {
+        &self.sid
     }
 
     /// Runs the session to its end; never panics on client input.
     pub async fn run(&mut self) {
-        let span = tracing::info_span!("smtp", sid = %self.sid, peer = %self.peer);
-        let _enter = span.enter();
+        let host = self.ctx.config.hostname.clone();
         let result = match self.converse().await {
             Err(InputError::Idle(_)) => {
-                // Idle in the middle of a command or of message data.
-                let host = self.ctx.config.hostname.clone();
                 self.reply(421, "4.4.2", &format!("{host} idle too long, closing"));
+                let _ = self.flush().await;
+                Ok(End::Closed)
+            }
+            Err(InputError::Deadline) => {
+                self.reply(421, "4.4.2", &format!("{host} session too long, closing"));
                 let _ = self.flush().await;
                 Ok(End::Closed)
             }
@@ -150,26 +158,16 @@ where
                     self.flush().await?;
                     return Ok(End::Closed);
                 }
-                _ = tokio::time::sleep_until(self.deadline.into()) => {
-                    self.reply(421, "4.4.2", &format!("{host} session too long, closing"));
-                    self.flush().await?;
-                    return Ok(End::Closed);
-                }
                 l = self.input.line(MAX_COMMAND_LINE) => l,
             };
             let line = match line {
                 Ok(Line::Complete(l)) => l,
-                Ok(Line::TooLong) => {
+                Ok(Line::TooLong { .. }) => {
                     self.reply(500, "5.5.6", "Line too long");
                     if self.bad_command() {
                         return self.close_for_errors().await;
                     }
                     continue;
-                }
-                Err(InputError::Idle(_)) => {
-                    self.reply(421, "4.4.2", &format!("{host} idle too long, closing"));
-                    let _ = self.flush().await;
-                    return Ok(End::Closed);
                 }
                 Err(InputError::Closed) => return Ok(End::Closed),
                 Err(e) => return Err(e),
@@ -335,6 +333,7 @@ where
 
     async fn rcpt_failed(&mut self) {
         self.failed_rcpts += 1;
+        self.ctx.failures.record(self.peer.ip());
         // Tarpit: each failure beyond the first costs the client more time, which
         // makes guessing alias ids by RCPT hopeless.
         if self.failed_rcpts > 1 {
@@ -346,12 +345,69 @@ where
         }
     }
 
+    async fn refuse(&mut self, reason: Refusal) {
+        let (result, text) = match reason {
+            Refusal::Unknown => (RcptResult::unknown, "No such alias"),
+            Refusal::Expired => (RcptResult::expired, "Alias expired"),
+            Refusal::Revoked => (RcptResult::revoked, "Alias no longer exists"),
+            Refusal::UsedUp => (RcptResult::used_up, "Alias used up"),
+            Refusal::Held => {
+                // Every use left is held by a message in flight; if that one
+                // fails, the use comes back. Not a permanent condition.
+                self.count_rcpt(RcptResult::busy);
+                return self.reply(
+                    450,
+                    "4.2.1",
+                    "Alias busy with messages in transit, try again later",
+                );
+            }
+        };
+        self.count_rcpt(result);
+        self.rcpt_failed().await;
+        self.reply(550, "5.1.1", text);
+    }
+
+    fn tempfail(&mut self) {
+        self.count_rcpt(RcptResult::tempfail);
+        self.reply(451, "4.3.0", "Temporary failure, try again later");
+    }
+
+    /// Refuses from the local replica when it says the alias can never take
+    /// mail again (absent, revoked, used up), but only after catching up with
+    /// the leader, so a lagging replica never causes a wrong `550`. Guessed
+    /// ids thus cost no Raft write. Expiry is left to the Raft write, which
+    /// decides it with replicated time.
+    async fn permanently_refused(&mut self, id: &str) -> Result<Option<Refusal>, ()> {
+        let local = |reader: &crate::raft::store::StateReader| match reader.alias(id) {
+            Ok(None) => Some(Refusal::Unknown),
+            Ok(Some(rec)) if rec.revoked => Some(Refusal::Revoked),
+            Ok(Some(rec)) if rec.used >= rec.max_usage => Some(Refusal::UsedUp),
+            _ => None,
+        };
+        if local(self.ctx.node.reader()).is_none() {
+            return Ok(None);
+        }
+        if let Err(e) = self.ctx.node.read_barrier().await {
+            tracing::warn!(error = %e, "cannot confirm the local replica is current");
+            return Err(());
+        }
+        Ok(local(self.ctx.node.reader()))
+    }
+
     async fn rcpt(&mut self, address: &str) {
         if self.tx.mail_from.is_none() {
             return self.reply(503, "5.5.1", "Need MAIL before RCPT");
         }
         if self.tx.rcpts.len() >= self.ctx.config.max_recipients {
             return self.reply(452, "4.5.3", "Too many recipients");
+        }
+        if self.ctx.failures.is_blocked(self.peer.ip()) {
+            self.count_rcpt(RcptResult::throttled);
+            return self.reply(
+                450,
+                "4.7.1",
+                "Too many failed recipients from your address, try again later",
+            );
         }
         let Some((local, domain)) = address.rsplit_once('@') else {
             self.count_rcpt(RcptResult::invalid);
@@ -366,24 +422,21 @@ where
         }
         let id = local.to_ascii_lowercase();
         if !crate::alias::is_valid_id(&id) {
-            self.count_rcpt(RcptResult::unknown);
-            self.rcpt_failed().await;
-            return self.reply(550, "5.1.1", "No such alias");
+            return self.refuse(Refusal::Unknown).await;
         }
         if self.tx.rcpts.iter().any(|a| a.alias_id == id) {
             return self.reply(250, "2.1.5", "Recipient OK (duplicate)");
+        }
+        match self.permanently_refused(&id).await {
+            Ok(Some(reason)) => return self.refuse(reason).await,
+            Ok(None) => {}
+            Err(()) => return self.tempfail(),
         }
         let cmd = Command::Reserve {
             id: id.clone(),
             lease_ms: self.ctx.lease_ms,
         };
-        let started = Instant::now();
-        let result = self.ctx.node.write(cmd).await;
-        self.ctx
-            .metrics
-            .raft_write_duration
-            .observe(started.elapsed().as_secs_f64());
-        match result {
+        match self.ctx.node.write(cmd).await {
             Ok(Response::Reserved {
                 reservation,
                 target,
@@ -397,27 +450,14 @@ where
                 });
                 self.reply(250, "2.1.5", "Recipient OK");
             }
-            Ok(Response::Refused { reason }) => {
-                let (result, text) = match reason {
-                    Refusal::Unknown => (RcptResult::unknown, "No such alias"),
-                    Refusal::Expired => (RcptResult::expired, "Alias expired"),
-                    Refusal::Revoked => (RcptResult::revoked, "Alias no longer exists"),
-                    Refusal::UsedUp => (RcptResult::used_up, "Alias used up"),
-                };
-                self.count_rcpt(result);
-                self.rcpt_failed().await;
-                self.reply(550, "5.1.1", text);
-            }
+            Ok(Response::Refused { reason }) => self.refuse(reason).await,
             Ok(other) => {
                 tracing::error!(response = ?other, "unexpected answer to a reservation");
-                self.count_rcpt(RcptResult::tempfail);
-                self.reply(451, "4.3.0", "Temporary failure, try again later");
+                self.tempfail();
             }
             Err(e) => {
                 tracing::warn!(error = %e, "reservation not committed");
-                self.ctx.metrics.raft_write_errors.inc();
-                self.count_rcpt(RcptResult::tempfail);
-                self.reply(451, "4.3.0", "Temporary failure, try again later");
+                self.tempfail();
             }
         }
     }
@@ -531,9 +571,9 @@ where
             // terminator); beyond that the message is too big anyway.
             let line = self.input.line(budget.max(1000) + 2).await?;
             let line = match line {
-                Line::TooLong => {
+                Line::TooLong { crlf } => {
                     too_big = true;
-                    prev_crlf = true;
+                    prev_crlf = crlf;
                     continue;
                 }
                 Line::Complete(l) => l,
@@ -595,7 +635,6 @@ where
             // made now, the lease lapses and the use is not counted (the one
             // window documented in docs/architecture.md).
             if let Err(e) = self.ctx.node.write(cmd).await {
-                self.ctx.metrics.raft_write_errors.inc();
                 tracing::warn!(alias = %a.alias_id, error = %e, "use not committed after delivery");
             }
         }
@@ -608,7 +647,6 @@ where
                 reservation: a.reservation,
             };
             if let Err(e) = self.ctx.node.write(cmd).await {
-                self.ctx.metrics.raft_write_errors.inc();
                 tracing::warn!(alias = %a.alias_id, error = %e, "release failed; the lease will lapse");
             }
         }
