@@ -205,6 +205,9 @@ async fn purge_expired(node: Node, keep_ms: u64, shutdown: CancellationToken) {
 async fn watch_metrics(node: Node, metrics: Arc<Metrics>, shutdown: CancellationToken) {
     let mut rx = node.raft().metrics();
     let mut recount = tokio::time::interval(Duration::from_secs(15));
+    // A leader cut off from its quorum produces no metric changes, so the
+    // gauges are also refreshed on a timer.
+    let mut refresh = tokio::time::interval(Duration::from_secs(1));
     let mut was_candidate = false;
     loop {
         {
@@ -214,6 +217,9 @@ async fn watch_metrics(node: Node, metrics: Arc<Metrics>, shutdown: Cancellation
                 metrics.raft_elections.inc();
             }
             was_candidate = candidate;
+            // Only the leader knows its peers' progress; everyone else (and a
+            // leader for departed peers) exports no stale values.
+            metrics.raft_replication_lag.clear();
             if let (Some(repl), Some(last)) = (&m.replication, m.last_log_index) {
                 for (peer, matched) in repl.iter() {
                     let behind = last.saturating_sub(matched.map(|l| l.index).unwrap_or(0));
@@ -232,12 +238,18 @@ async fn watch_metrics(node: Node, metrics: Arc<Metrics>, shutdown: Cancellation
             metrics
                 .raft_last_log_index
                 .set(m.last_log_index.map(|i| i as i64).unwrap_or(0));
+            // A leader without a quorum behind it is not reported as leading:
+            // openraft 0.9 does not step it down, but it cannot commit anything.
+            let leader = match m.current_leader {
+                Some(l) if l == node.id && !node.leader_has_quorum(&m) => None,
+                other => other,
+            };
             metrics
                 .raft_is_leader
-                .set(i64::from(m.current_leader == Some(node.id)));
+                .set(i64::from(leader == Some(node.id)));
             metrics
                 .raft_leader_id
-                .set(m.current_leader.map(|l| l as i64).unwrap_or(0));
+                .set(leader.map(|l| l as i64).unwrap_or(0));
         }
         tokio::select! {
             _ = shutdown.cancelled() => return,
@@ -246,8 +258,10 @@ async fn watch_metrics(node: Node, metrics: Arc<Metrics>, shutdown: Cancellation
                 // leads nothing and knows no leader any more.
                 metrics.raft_is_leader.set(0);
                 metrics.raft_leader_id.set(0);
+                metrics.raft_replication_lag.clear();
                 return;
             },
+            _ = refresh.tick() => {}
             _ = recount.tick() => {
                 let reader = node.reader().clone();
                 let now = node.now_ms();

@@ -184,10 +184,12 @@ async fn authorize(
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| {
-            v.strip_prefix("Bearer ")
-                .or_else(|| v.strip_prefix("bearer "))
+            let (scheme, token) = v.trim().split_once(' ')?;
+            scheme
+                .eq_ignore_ascii_case("bearer")
+                .then_some(token.trim())
         })
-        .map(str::trim)
+        .filter(|t| !t.is_empty())
         .ok_or(ApiError::Unauthorized)?;
     if !alias::is_valid_id(id) {
         return Err(ApiError::NotFound);

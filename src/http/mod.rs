@@ -97,7 +97,12 @@ async fn healthz() -> impl IntoResponse {
 
 async fn readyz(State(state): State<AppState>) -> Response {
     let store_ok = state.node.reader().alias("readyz-probe").is_ok();
-    let leader = state.node.is_ready();
+    let leader = state
+        .node
+        .is_ready(Duration::from_millis(
+            state.config.cluster.election_timeout_ms,
+        ))
+        .await;
     let body =
         serde_json::json!({ "ready": store_ok && leader, "store": store_ok, "leader": leader });
     let status = if store_ok && leader {

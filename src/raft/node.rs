@@ -228,11 +228,12 @@ impl Node {
     /// Commits `cmd` through Raft, on the leader wherever it is, and returns
     /// the state machine's answer.
     ///
-    /// A write is retried only when it certainly was not proposed (no leader
-    /// known, the receiver was not the leader, the leader was unreachable).
-    /// Retrying after an unknown outcome could apply a command twice; the
-    /// commands are designed so that even that is harmless (commit and release
-    /// are idempotent, a doubled reservation lapses with its lease).
+    /// A write is retried only when it was most likely not proposed: no leader
+    /// known, the receiver was not the leader, or the leader was unreachable
+    /// (gRPC `UNAVAILABLE`, which tonic also reports for a connection reset
+    /// after sending, so this is not a certainty). A command applied twice is
+    /// harmless by design: commit and release are idempotent, a doubled
+    /// reservation lapses with its lease, a doubled create leaves an unused alias.
     ///
     /// # Errors
     /// [`WriteError`] when no leader could commit the write in time.
@@ -296,8 +297,7 @@ impl Node {
                 ForwardResponse::NotLeader { .. } => {
                     // An election may be under way: wait a little and look again.
                     let pause = backoff.min(deadline.saturating_duration_since(Instant::now()));
-                    let mut rx = self.raft.metrics();
-                    let _ = tokio::time::timeout(pause, rx.changed()).await;
+                    tokio::time::sleep(pause).await;
                     backoff = (backoff * 2).min(Duration::from_millis(200));
                 }
             }
@@ -311,7 +311,17 @@ impl Node {
     /// [`WriteError`] when no leader confirms its position in time (for
     /// example, this node is cut off in a minority).
     pub async fn read_barrier(&self) -> Result<(), WriteError> {
-        let deadline = Instant::now() + self.write_timeout;
+        self.read_barrier_within(self.write_timeout).await
+    }
+
+    /// [`Node::read_barrier`] with its own time limit (readiness probes use a
+    /// short one).
+    ///
+    /// # Errors
+    /// See [`Node::read_barrier`].
+    pub async fn read_barrier_within(&self, limit: Duration) -> Result<(), WriteError> {
+        let deadline = Instant::now() + limit;
+        let mut backoff = Duration::from_millis(20);
         loop {
             let remaining = deadline.saturating_duration_since(Instant::now());
             if remaining.is_zero() {
@@ -325,7 +335,7 @@ impl Node {
                     match tokio::time::timeout(remaining, self.raft.ensure_linearizable()).await {
                         Ok(Ok(_)) => return Ok(()),
                         Ok(Err(_)) => None,
-                        Err(_) => return Err(WriteError::Timeout(self.write_timeout)),
+                        Err(_) => return Err(WriteError::Timeout(limit)),
                     }
                 }
                 Some(l) => match self.addr_of(l) {
@@ -346,11 +356,14 @@ impl Node {
                         .applied_index_at_least(index, "read barrier")
                         .await
                         .map(|_| ())
-                        .map_err(|_| WriteError::Timeout(self.write_timeout));
+                        .map_err(|_| WriteError::Timeout(limit));
                 }
                 None => {
-                    let mut rx = self.raft.metrics();
-                    let _ = tokio::time::timeout(Duration::from_millis(50), rx.changed()).await;
+                    // No leader could confirm its position (election, or no
+                    // quorum): back off instead of hammering the peers.
+                    let pause = backoff.min(deadline.saturating_duration_since(Instant::now()));
+                    tokio::time::sleep(pause).await;
+                    backoff = (backoff * 2).min(Duration::from_millis(250));
                 }
             }
         }
@@ -516,23 +529,34 @@ impl Node {
         &self.raft
     }
 
-    /// True when this node can serve: it knows a leader, and if it is the
-    /// leader, a quorum acknowledged it recently.
-    pub fn is_ready(&self) -> bool {
+    /// Cheap local view: this node knows a leader, and if it is the leader, a
+    /// quorum acknowledged it recently. A follower cannot tell from here
+    /// whether its leader still has a quorum; [`Node::is_ready`] asks.
+    pub fn knows_confirmed_leader(&self) -> bool {
         let m = self.metrics_now();
         if m.running_state.is_err() {
             return false;
         }
         match m.current_leader {
             None => false,
-            Some(l) if l == self.id => {
-                let voters = m.membership_config.membership().voter_ids().count();
-                voters <= 1
-                    || m.millis_since_quorum_ack
-                        .is_some_and(|ms| ms < 2 * self.election_timeout.as_millis() as u64)
-            }
+            Some(l) if l == self.id => self.leader_has_quorum(&m),
             Some(_) => m.state == ServerState::Follower || m.state == ServerState::Learner,
         }
+    }
+
+    /// On a leader: whether a quorum acknowledged it within two election timeouts.
+    pub fn leader_has_quorum(&self, m: &RaftMetrics<NodeId, BasicNode>) -> bool {
+        let voters = m.membership_config.membership().voter_ids().count();
+        voters <= 1
+            || m.millis_since_quorum_ack
+                .is_some_and(|ms| ms < 2 * self.election_timeout.as_millis() as u64)
+    }
+
+    /// True when this node can serve linearizably right now: the local view
+    /// says so and a read barrier (which needs a quorum behind the leader)
+    /// completes within `limit`.
+    pub async fn is_ready(&self, limit: Duration) -> bool {
+        self.knows_confirmed_leader() && self.read_barrier_within(limit).await.is_ok()
     }
 
     /// Stops Raft (flushing what it holds).

@@ -476,8 +476,10 @@ where
         self.flush().await?;
         let body = self.read_message().await?;
         let Some(body) = body else {
+            // End of data ends the transaction whatever the verdict (RFC 5321
+            // 4.1.1.4): the sender is forgotten too.
             self.count_message(MessageResult::rejected);
-            self.release_all().await;
+            self.reset().await;
             self.reply(
                 552,
                 "5.3.4",
@@ -487,7 +489,7 @@ where
         };
         if count_received(&body) >= self.ctx.config.max_hops {
             self.count_message(MessageResult::rejected);
-            self.release_all().await;
+            self.reset().await;
             self.reply(554, "5.4.6", "Too many hops: mail loop detected");
             return Ok(());
         }
@@ -625,29 +627,42 @@ where
         self.tx = Transaction::default();
     }
 
+    /// Spends the held uses: the message is safe upstream.
     async fn commit_all(&mut self) {
-        for a in std::mem::take(&mut self.tx.rcpts) {
-            let cmd = Command::Commit {
-                id: a.alias_id.clone(),
-                reservation: a.reservation,
-            };
-            // The message is already safe upstream; if the commit cannot be
-            // made now, the lease lapses and the use is not counted (the one
-            // window documented in docs/architecture.md).
-            if let Err(e) = self.ctx.node.write(cmd).await {
-                tracing::warn!(alias = %a.alias_id, error = %e, "use not committed after delivery");
-            }
-        }
+        self.settle_all(true).await;
     }
 
+    /// Gives the held uses back.
     async fn release_all(&mut self) {
-        for a in std::mem::take(&mut self.tx.rcpts) {
-            let cmd = Command::Release {
-                id: a.alias_id.clone(),
-                reservation: a.reservation,
+        self.settle_all(false).await;
+    }
+
+    /// Commits or releases every reservation of the transaction, concurrently
+    /// (each is its own Raft write; they share the leader's round trips).
+    ///
+    /// A commit that fails leaves the lease to lapse and the use uncounted
+    /// (the window documented in docs/architecture.md); a release that fails
+    /// leaves the lease to lapse and the use returns then.
+    async fn settle_all(&mut self, commit: bool) {
+        let rcpts = std::mem::take(&mut self.tx.rcpts);
+        let node = &self.ctx.node;
+        let writes = rcpts.iter().map(|a| {
+            let cmd = if commit {
+                Command::Commit {
+                    id: a.alias_id.clone(),
+                    reservation: a.reservation,
+                }
+            } else {
+                Command::Release {
+                    id: a.alias_id.clone(),
+                    reservation: a.reservation,
+                }
             };
-            if let Err(e) = self.ctx.node.write(cmd).await {
-                tracing::warn!(alias = %a.alias_id, error = %e, "release failed; the lease will lapse");
+            async move { (a, node.write(cmd).await) }
+        });
+        for (a, result) in futures::future::join_all(writes).await {
+            if let Err(e) = result {
+                tracing::warn!(alias = %a.alias_id, commit, error = %e, "reservation not settled; its lease will lapse");
             }
         }
     }
