@@ -100,9 +100,12 @@ impl<R: AsyncRead + Unpin> Input<R> {
         let mut discarding = false;
         // Last byte dropped while discarding, to tell CR LF from a bare LF.
         let mut last_dropped = 0u8;
+        // Bytes of the pending line already searched for LF: each byte is
+        // scanned once, so a long line costs linear time.
+        let mut scanned = 0usize;
         loop {
             let avail = &self.buf[self.pos..];
-            if let Some(i) = memchr_lf(avail) {
+            if let Some(i) = memchr_lf(&avail[scanned..]).map(|i| i + scanned) {
                 if discarding || i + 1 > max {
                     let before_lf = if i > 0 { avail[i - 1] } else { last_dropped };
                     self.pos += i + 1;
@@ -122,6 +125,7 @@ impl<R: AsyncRead + Unpin> Input<R> {
                 }
                 self.pos = self.buf.len();
             }
+            scanned = self.buf.len() - self.pos;
             self.fill().await?;
         }
     }

@@ -179,6 +179,13 @@ where
                         return Ok(end);
                     }
                 }
+                Err(ParseError::InvalidRecipientAddress) if is_address_literal_rcpt(&line) => {
+                    // smtp-proto does not parse `user@[192.0.2.1]`; we serve no
+                    // address literals, so this is a relaying attempt.
+                    self.count_rcpt(RcptResult::relay_denied);
+                    self.rcpt_failed().await;
+                    self.reply(550, "5.7.1", "Relaying denied");
+                }
                 Err(e) => {
                     self.parse_error(e);
                     if self.bad_command() {
@@ -514,13 +521,10 @@ where
             .observe(started.elapsed().as_secs_f64());
         match delivery {
             Delivery::Accepted => {
+                let rcpts = self.tx.rcpts.len();
                 self.commit_all().await;
                 self.count_message(MessageResult::forwarded);
-                tracing::info!(
-                    rcpts = self.tx.rcpts.len(),
-                    size = message.len(),
-                    "forwarded"
-                );
+                tracing::info!(rcpts, size = message.len(), "forwarded");
                 self.reply(250, "2.0.0", &format!("OK: forwarded as {}", self.sid));
             }
             Delivery::TempFail(reason) => {
@@ -668,6 +672,11 @@ where
     }
 }
 
+/// True for `RCPT TO:<local@[address literal]>`.
+fn is_address_literal_rcpt(line: &[u8]) -> bool {
+    line.len() > 4 && line[..4].eq_ignore_ascii_case(b"RCPT") && line.windows(2).any(|w| w == b"@[")
+}
+
 /// Counts `Received:` fields in the header section (loop detection).
 fn count_received(message: &[u8]) -> usize {
     let mut count = 0;
@@ -686,6 +695,14 @@ fn count_received(message: &[u8]) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn recognises_address_literal_recipients() {
+        assert!(is_address_literal_rcpt(b"RCPT TO:<a@[127.0.0.1]>\r\n"));
+        assert!(is_address_literal_rcpt(b"rcpt to:<a@[IPv6:::1]>\r\n"));
+        assert!(!is_address_literal_rcpt(b"RCPT TO:<a@example.org>\r\n"));
+        assert!(!is_address_literal_rcpt(b"MAIL FROM:<a@[127.0.0.1]>\r\n"));
+    }
 
     #[test]
     fn counts_received_headers_only_in_header_section() {

@@ -1,0 +1,118 @@
+"""`tempalias check-config`: 0 for a valid file, non-zero naming the key otherwise."""
+
+from __future__ import annotations
+
+import subprocess
+
+import pytest
+
+from harness import BIN, clean_env
+
+VALID = """\
+node_id  = 1
+data_dir = "./tempalias-data"
+domains  = ["tempalias.test"]
+
+[http]
+listen = "127.0.0.1:8080"
+
+[smtp]
+listen = "127.0.0.1:2525"
+hostname = "mx1.tempalias.test"
+max_message_size = 26214400
+
+[relay]
+mode = "capture"
+capture_dir = "./tempalias-data/outbox"
+smarthosts = ["smtp://127.0.0.1:2526"]
+
+[limits]
+max_days = 60
+max_usage = 100
+
+[cluster]
+listen = "127.0.0.1:7001"
+initial_members = { "1" = "127.0.0.1:7001" }
+"""
+
+
+def check(tmp_path, text: str, env: dict | None = None):
+    path = tmp_path / "config.toml"
+    path.write_text(text)
+    return subprocess.run([str(BIN), "check-config", str(path)], capture_output=True, text=True,
+                          timeout=30, env=clean_env(env), cwd=tmp_path)
+
+
+def test_issue_example_config_is_valid(tmp_path):
+    r = check(tmp_path, VALID)
+    assert r.returncode == 0, r.stderr
+    assert "ok" in r.stdout
+
+
+def test_empty_file_is_valid_defaults(tmp_path):
+    r = check(tmp_path, "")
+    assert r.returncode == 0, r.stderr
+
+
+@pytest.mark.parametrize(
+    "text,names",
+    [
+        # unknown keys, top level and in a section
+        (VALID + "colour = 1\n", ["colour"]),
+        (VALID.replace("max_message_size = 26214400", "max_mesage_size = 26214400"), ["max_mesage_size"]),
+        (VALID + "\n[nonsense]\nx = 1\n", ["nonsense"]),
+        # values of the wrong type
+        (VALID.replace("max_message_size = 26214400", 'max_message_size = "big"'), ["max_message_size"]),
+        (VALID.replace('mode = "capture"', 'mode = "carrier-pigeon"'), ["mode"]),
+        # values that parse but cannot work
+        (VALID.replace("max_message_size = 26214400", "max_message_size = 0"), ["smtp.max_message_size"]),
+        (VALID.replace('listen = "127.0.0.1:8080"', 'listen = "nonsense"'), ["http.listen"]),
+        (VALID.replace("max_days = 60", "max_days = 0"), ["limits.max_days"]),
+        (VALID.replace('domains  = ["tempalias.test"]', "domains  = []"), ["domains"]),
+        (VALID.replace("node_id  = 1", "node_id  = 2"), ["cluster.initial_members"]),
+        (VALID.replace('smarthosts = ["smtp://127.0.0.1:2526"]', 'smarthosts = ["ftp://x:1"]')
+         .replace('mode = "capture"', 'mode = "smarthost"'), ["relay.smarthosts"]),
+        (VALID + "\n[log]\nformat = \"xml\"\n", ["log.format"]),
+        (VALID.replace("[relay]\n", "[relay]\nreservation_lease_secs = 10\n"), ["relay.reservation_lease_secs"]),
+        # broken TOML: the line is named
+        (VALID.replace("max_usage = 100", "max_usage = = 100"),
+         [f"line {VALID.splitlines().index('max_usage = 100') + 1}"]),
+    ],
+)
+def test_invalid_configs_exit_nonzero_naming_the_key(tmp_path, text, names):
+    r = check(tmp_path, text)
+    assert r.returncode != 0, f"accepted:\n{text}"
+    for name in names:
+        assert name in r.stderr, r.stderr
+    assert "panicked" not in r.stderr
+
+
+def test_unknown_environment_override_is_an_error(tmp_path):
+    r = check(tmp_path, VALID, env={"TEMPALIAS_SMTP_MAX_MESAGE_SIZE": "1"})
+    assert r.returncode != 0
+    assert "max_mesage_size" in r.stderr.lower(), r.stderr
+
+
+def test_environment_override_is_validated(tmp_path):
+    r = check(tmp_path, VALID, env={"TEMPALIAS_SMTP_MAX_MESSAGE_SIZE": "0"})
+    assert r.returncode != 0
+    assert "smtp.max_message_size" in r.stderr, r.stderr
+    r = check(tmp_path, VALID, env={"TEMPALIAS_SMTP_MAX_MESSAGE_SIZE": "1000", "TEMPALIAS_DOMAINS": '["b.example"]'})
+    assert r.returncode == 0, r.stderr
+    assert "b.example" in r.stdout
+
+
+def test_missing_file_is_an_error(tmp_path):
+    r = subprocess.run([str(BIN), "check-config", str(tmp_path / "nope.toml")], capture_output=True, text=True,
+                       timeout=30, env=clean_env())
+    assert r.returncode != 0
+    assert "nope.toml" in r.stderr
+
+
+def test_serve_refuses_an_invalid_config_without_starting(tmp_path):
+    path = tmp_path / "bad.toml"
+    path.write_text(VALID + "colour = 1\n")
+    r = subprocess.run([str(BIN), "serve", "--config", str(path)], capture_output=True, text=True, timeout=30,
+                       env=clean_env(), cwd=tmp_path)
+    assert r.returncode != 0
+    assert "colour" in r.stderr
