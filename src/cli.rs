@@ -270,7 +270,12 @@ async fn cluster(
             let leader = reports
                 .iter()
                 .filter_map(|(_, _, r)| r.as_ref().ok())
-                .find(|r| r.leader == Some(r.id));
+                .find(|r| {
+                    r.leader == Some(r.id)
+                        && (r.voters.len() <= 1
+                            || r.millis_since_quorum_ack
+                                .is_some_and(|ms| ms <= 2 * config.cluster.election_timeout_ms))
+                });
             match leader {
                 Some(l) => println!("leader: node {} (term {})", l.id, l.term),
                 None => println!("leader: none known"),
@@ -284,11 +289,21 @@ async fn cluster(
                 match r {
                     Ok(r) => {
                         let applied = r.last_applied.unwrap_or(0);
+                        // openraft 0.9 does not step a cut-off leader down; say so.
+                        let no_quorum = r.state == "Leader"
+                            && r.voters.len() > 1
+                            && r.millis_since_quorum_ack
+                                .is_none_or(|ms| ms > 2 * config.cluster.election_timeout_ms);
+                        let state = if no_quorum {
+                            "Leader(no quorum)".to_string()
+                        } else {
+                            r.state.clone()
+                        };
                         println!(
                             "{:>4}  {:<22} {:<10} {:>6} {:>10} {:>6}",
                             id,
                             a,
-                            r.state,
+                            state,
                             r.term,
                             applied,
                             head.saturating_sub(applied)

@@ -168,7 +168,7 @@ impl Metrics {
         registry.register("raft_term", "Current Raft term", m.raft_term.clone());
         registry.register(
             "raft_commit_index",
-            "Highest log index committed and applied on this node",
+            "Highest log index applied on this node (entries are applied as soon as they are committed)",
             m.raft_commit_index.clone(),
         );
         registry.register(
@@ -204,7 +204,7 @@ impl Metrics {
         );
         registry.register(
             "raft_elections",
-            "Elections this node started (times it became candidate)",
+            "Elections this node started (terms in which it was a candidate)",
             m.raft_elections.clone(),
         );
         registry.register(

@@ -208,20 +208,19 @@ async fn watch_metrics(node: Node, metrics: Arc<Metrics>, shutdown: Cancellation
     // A leader cut off from its quorum produces no metric changes, so the
     // gauges are also refreshed on a timer.
     let mut refresh = tokio::time::interval(Duration::from_secs(1));
-    let mut was_candidate = false;
+    let mut last_candidate_term = 0u64;
     loop {
         {
             let m = rx.borrow_and_update().clone();
-            let candidate = m.state == openraft::ServerState::Candidate;
-            if candidate && !was_candidate {
+            if m.state == openraft::ServerState::Candidate && m.current_term > last_candidate_term {
                 metrics.raft_elections.inc();
+                last_candidate_term = m.current_term;
             }
-            was_candidate = candidate;
             // Only the leader knows its peers' progress; everyone else (and a
             // leader for departed peers) exports no stale values.
             metrics.raft_replication_lag.clear();
             if let (Some(repl), Some(last)) = (&m.replication, m.last_log_index) {
-                for (peer, matched) in repl.iter() {
+                for (peer, matched) in repl.iter().filter(|(peer, _)| **peer != node.id) {
                     let behind = last.saturating_sub(matched.map(|l| l.index).unwrap_or(0));
                     metrics
                         .raft_replication_lag

@@ -130,12 +130,6 @@ impl<R: AsyncRead + Unpin> Input<R> {
         }
     }
 
-    /// Bytes buffered but not yet consumed (discarded after STARTTLS, and
-    /// inspected by tests).
-    pub fn buffered(&self) -> usize {
-        self.buf.len() - self.pos
-    }
-
     /// Capacity held by the buffer (to check the memory bound in tests).
     pub fn capacity(&self) -> usize {
         self.buf.capacity()

@@ -4,8 +4,8 @@
 //! time, so two messages racing on different nodes can never exceed the alias's
 //! limit. After DATA the message goes upstream once, to all targets; the
 //! reservations are committed only when the upstream accepted (and then the
-//! client hears `250`) and released otherwise. Any way the session ends
-//! (RSET, a new MAIL, QUIT, timeout, disconnect, shutdown) releases what is
+//! client hears `250`) and released otherwise. Any way the transaction ends
+//! (RSET, EHLO/HELO, QUIT, timeout, disconnect, shutdown) releases what is
 //! still held; if the node dies instead, the reservation's lease lapses.
 
 use std::net::SocketAddr;
@@ -180,11 +180,16 @@ where
                     }
                 }
                 Err(ParseError::InvalidRecipientAddress) if is_address_literal_rcpt(&line) => {
-                    // smtp-proto does not parse `user@[192.0.2.1]`; we serve no
-                    // address literals, so this is a relaying attempt.
-                    self.count_rcpt(RcptResult::relay_denied);
-                    self.rcpt_failed().await;
-                    self.reply(550, "5.7.1", "Relaying denied");
+                    // smtp-proto does not parse `user@[192.0.2.1]`; such a
+                    // recipient goes through the usual checks, where its domain
+                    // (we serve no address literals) makes it a relaying attempt.
+                    let line = String::from_utf8_lossy(&line);
+                    let address = line
+                        .split_once('<')
+                        .and_then(|(_, rest)| rest.split_once('>'))
+                        .map(|(addr, _)| addr.to_string())
+                        .unwrap_or_default();
+                    self.rcpt(&address).await;
                 }
                 Err(e) => {
                     self.parse_error(e);
