@@ -49,6 +49,17 @@ pub enum WriteError {
     Fatal(String),
 }
 
+/// Commands whose second application changes nothing.
+fn is_idempotent(cmd: &Command) -> bool {
+    matches!(
+        cmd,
+        Command::Commit { .. }
+            | Command::Release { .. }
+            | Command::Revoke { .. }
+            | Command::Purge { .. }
+    )
+}
+
 /// One node's Raft instance, its local replica, clock and peers.
 #[derive(Clone)]
 pub struct Node {
@@ -274,6 +285,12 @@ impl Node {
                         {
                             Ok(r) => r,
                             Err(e @ RpcError::Unreachable { .. }) => {
+                                last_problem = e.to_string();
+                                ForwardResponse::NotLeader { leader: None }
+                            }
+                            // The outcome is unknown, but repeating these is
+                            // harmless: try again (a new leader, if the old one died).
+                            Err(e) if is_idempotent(&cmd) => {
                                 last_problem = e.to_string();
                                 ForwardResponse::NotLeader { leader: None }
                             }
