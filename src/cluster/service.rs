@@ -57,6 +57,12 @@ impl Cluster for ClusterService {
     }
 
     async fn read_index(&self, _req: Request<Empty>) -> Result<Response<Payload>, Status> {
+        if self.node.is_stepping_down() {
+            return encode(&ReadIndexResponse {
+                index: None,
+                error: Some("stepping down".into()),
+            });
+        }
         let answer = match self.node.raft().ensure_linearizable().await {
             Ok(log_id) => ReadIndexResponse {
                 index: log_id.map(|l| l.index),

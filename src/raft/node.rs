@@ -71,6 +71,8 @@ pub struct Node {
     metrics: Arc<Metrics>,
     write_timeout: Duration,
     election_timeout: Duration,
+    /// Set while a leader steps down for shutdown: it proposes nothing more.
+    stepping_down: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Node {
@@ -131,6 +133,7 @@ impl Node {
             metrics,
             write_timeout: Duration::from_millis(config.cluster.write_timeout_ms),
             election_timeout: Duration::from_millis(election),
+            stepping_down: Arc::new(std::sync::atomic::AtomicBool::new(false)),
         })
     }
 
@@ -214,6 +217,9 @@ impl Node {
     }
 
     async fn write_as_leader_within(&self, cmd: Command, limit: Duration) -> ForwardResponse {
+        if self.stepping_down.load(std::sync::atomic::Ordering::SeqCst) {
+            return ForwardResponse::NotLeader { leader: None };
+        }
         let req = Request {
             now_ms: self.clock.now_ms(),
             cmd,
@@ -489,46 +495,75 @@ impl Node {
         }
     }
 
-    /// If this node leads, asks the most up-to-date other voter to take over and
-    /// waits (bounded) for leadership to move, so a planned stop costs clients
-    /// no election timeout.
+    /// If this node leads, steps down so that another voter takes over before
+    /// this node stops.
+    ///
+    /// openraft 0.9 has no leadership transfer, and a follower refuses to vote
+    /// while its leader lease runs (`2 x election_timeout_ms` since it last
+    /// heard from the leader), so asking a follower to campaign while this
+    /// leader is still active fails under load. Instead this node stops
+    /// proposing (forwarded writes are told "not leader" and retried by their
+    /// sender), stops heartbeats and its own election timer, lets the leases
+    /// run out, and then asks the most up-to-date voter to campaign: it wins
+    /// at once. Writes wait about one lease instead of failing.
     pub async fn transfer_leadership(&self) {
         let m = self.metrics_now();
         if m.current_leader != Some(self.id) {
             return;
         }
-        let voters: Vec<NodeId> = m
+        let best = m
             .membership_config
             .membership()
             .voter_ids()
             .filter(|v| *v != self.id)
-            .collect();
-        let best = voters.iter().copied().max_by_key(|v| {
-            m.replication
-                .as_ref()
-                .and_then(|r| r.get(v).copied().flatten())
-                .map(|l| l.index)
-        });
+            .max_by_key(|v| {
+                m.replication
+                    .as_ref()
+                    .and_then(|r| r.get(v).copied().flatten())
+                    .map(|l| l.index)
+            });
         let Some(best) = best else { return };
         let Some(addr) = self.addr_of(best) else {
             return;
         };
-        tracing::info!(to = best, "handing leadership over before stopping");
-        if let Err(e) = self.peers.trigger_election(&addr).await {
-            tracing::warn!(error = %e, "leadership hand-over request failed");
+        tracing::info!(to = best, "stepping down before stopping");
+        self.stepping_down
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        self.raft.runtime_config().heartbeat(false);
+        self.raft.runtime_config().elect(false);
+        let lease = self.election_timeout * 2 + Duration::from_millis(50);
+        let moved = |m: &RaftMetrics<NodeId, BasicNode>| {
+            m.current_leader.is_some() && m.current_leader != Some(self.id)
+        };
+        // A follower whose own election timer fires first may win already.
+        if self
+            .raft
+            .wait(Some(lease))
+            .metrics(moved, "leader moved")
+            .await
+            .is_ok()
+        {
             return;
         }
-        let waited = self
+        if let Err(e) = self.peers.trigger_election(&addr).await {
+            tracing::warn!(error = %e, "asking node {best} to campaign failed");
+        }
+        if self
             .raft
-            .wait(Some(self.election_timeout * 3))
-            .metrics(
-                |m| m.current_leader.is_some() && m.current_leader != Some(self.id),
-                "leader moved",
-            )
-            .await;
-        if waited.is_err() {
+            .wait(Some(self.election_timeout * 2))
+            .metrics(moved, "leader moved")
+            .await
+            .is_err()
+        {
             tracing::warn!("leadership did not move in time; stopping anyway");
         }
+    }
+
+    /// True while this node steps down for shutdown (it serves no leader work:
+    /// confirming a read index would send heartbeats and renew the leases it
+    /// is waiting out).
+    pub fn is_stepping_down(&self) -> bool {
+        self.stepping_down.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// The local replica of the state machine.
