@@ -111,6 +111,12 @@ pub struct SmtpConfig {
     pub max_message_size: u64,
     /// Concurrent sessions; a permit is taken before `accept()`.
     pub max_connections: usize,
+    /// Concurrent sessions from one client address (IPv6: one /64).
+    pub max_connections_per_ip: usize,
+    /// Longest time a transaction may hold reservations, from its first
+    /// accepted RCPT to the end of DATA; a client idling in between is cut off
+    /// so it cannot keep an alias busy.
+    pub transaction_timeout_secs: u64,
     /// Longest wait for the next command or data chunk (RFC 5321 asks for >= 5 min).
     pub idle_timeout_secs: u64,
     /// Upper bound on a whole session, so a trickling client cannot stay forever.
@@ -137,6 +143,8 @@ impl Default for SmtpConfig {
             hostname: "mx1.tempalias.test".to_string(),
             max_message_size: 26_214_400,
             max_connections: 1000,
+            max_connections_per_ip: 20,
+            transaction_timeout_secs: 600,
             idle_timeout_secs: 300,
             session_timeout_secs: 1800,
             max_failed_rcpts: 10,
@@ -388,6 +396,14 @@ impl Config {
         }
         positive("smtp.max_message_size", self.smtp.max_message_size)?;
         positive("smtp.max_connections", self.smtp.max_connections as u64)?;
+        positive(
+            "smtp.max_connections_per_ip",
+            self.smtp.max_connections_per_ip as u64,
+        )?;
+        positive(
+            "smtp.transaction_timeout_secs",
+            self.smtp.transaction_timeout_secs,
+        )?;
         positive("smtp.idle_timeout_secs", self.smtp.idle_timeout_secs)?;
         positive("smtp.session_timeout_secs", self.smtp.session_timeout_secs)?;
         positive("smtp.max_failed_rcpts", self.smtp.max_failed_rcpts as u64)?;

@@ -129,6 +129,7 @@ pub async fn run(
         relay,
         metrics: metrics.clone(),
         lease_ms: config.relay.reservation_lease_secs * 1000,
+        connections: crate::smtp::limits::ConnectionCounts::new(config.smtp.max_connections_per_ip),
         failures: crate::smtp::limits::FailedRcpts::new(
             config.smtp.max_failed_rcpts_per_ip,
             Duration::from_secs(config.smtp.failed_rcpt_window_secs),

@@ -70,16 +70,32 @@ async fn guard(State(state): State<AppState>, req: Request, next: Next) -> Respo
         .get::<MatchedPath>()
         .map(|p| p.as_str().to_string())
         .unwrap_or_else(|| "unmatched".to_string());
-    let response = match state.permits.clone().try_acquire_owned() {
-        Err(_) => ApiError::Overloaded.into_response(),
-        Ok(_permit) => {
-            let timeout = Duration::from_secs(state.config.http.request_timeout_secs);
-            match tokio::time::timeout(timeout, next.run(req)).await {
-                Ok(r) => r,
-                Err(_) => ApiError::Unavailable("request timed out".into()).into_response(),
+    // Probes and scrapes are never shed: an overloaded node must still say
+    // how it is.
+    let exempt = matches!(route.as_str(), "/healthz" | "/readyz" | "/metrics");
+    let permit = if exempt {
+        None
+    } else {
+        match state.permits.clone().try_acquire_owned() {
+            Ok(p) => Some(p),
+            Err(_) => {
+                let response = ApiError::Overloaded.into_response();
+                count(&state, route, &response);
+                return response;
             }
         }
     };
+    let timeout = Duration::from_secs(state.config.http.request_timeout_secs);
+    let response = match tokio::time::timeout(timeout, next.run(req)).await {
+        Ok(r) => r,
+        Err(_) => ApiError::Unavailable("request timed out".into()).into_response(),
+    };
+    drop(permit);
+    count(&state, route, &response);
+    response
+}
+
+fn count(state: &AppState, route: String, response: &Response) {
     state
         .metrics
         .http_requests
@@ -88,7 +104,6 @@ async fn guard(State(state): State<AppState>, req: Request, next: Next) -> Respo
             status: response.status().as_u16(),
         })
         .inc();
-    response
 }
 
 async fn healthz() -> impl IntoResponse {

@@ -1,7 +1,7 @@
 //! The state-machine logic: what each command does to one alias record.
 //!
-//! This is deliberately a pure function of (record, command, entry time, entry
-//! index) so that the redb store only loads and saves records, and every rule
+//! This is deliberately a pure function of (record, command, entry time) so
+//! that the redb store only loads and saves records, and every rule
 //! about expiry, leases and use counting is tested here without storage.
 
 use super::types::{AliasRecord, Command, Refusal, Response};
@@ -19,14 +19,8 @@ pub enum Change {
 
 /// Applies `cmd` to `current` (the stored record with the id the command names).
 ///
-/// `now_ms` is the entry's replicated time and `index` its log index, which
-/// becomes the reservation id of a `Reserve`.
-pub fn apply(
-    current: Option<&AliasRecord>,
-    cmd: &Command,
-    now_ms: u64,
-    index: u64,
-) -> (Change, Response) {
+/// `now_ms` is the entry's replicated time.
+pub fn apply(current: Option<&AliasRecord>, cmd: &Command, now_ms: u64) -> (Change, Response) {
     match cmd {
         Command::CreateAlias {
             id,
@@ -36,7 +30,12 @@ pub fn apply(
             valid_for_ms,
             max_usage,
         } => {
-            if current.is_some() {
+            if let Some(existing) = current {
+                // The same request applied again (a retried forward): the
+                // token digest is 256 random bits, so equality proves it.
+                if existing.token_hash == *token_hash && existing.target == *target {
+                    return (Change::Keep, Response::Created(existing.clone()));
+                }
                 return (Change::Keep, Response::IdTaken);
             }
             let rec = AliasRecord {
@@ -54,7 +53,11 @@ pub fn apply(
             };
             (Change::Put(rec.clone()), Response::Created(rec))
         }
-        Command::Reserve { lease_ms, .. } => {
+        Command::Reserve {
+            lease_ms,
+            reservation,
+            ..
+        } => {
             let Some(rec) = current else {
                 return (
                     Change::Keep,
@@ -63,6 +66,16 @@ pub fn apply(
                     },
                 );
             };
+            if rec.reservations.contains_key(reservation) || rec.committed.contains(reservation) {
+                // A retried Reserve: already holding (or spent) this use.
+                return (
+                    Change::Keep,
+                    Response::Reserved {
+                        reservation: *reservation,
+                        target: rec.target.clone(),
+                    },
+                );
+            }
             let mut rec = rec.clone();
             // Lapsed leases belong to transactions whose node died: drop them so
             // their uses return to the alias.
@@ -89,12 +102,12 @@ pub fn apply(
                 return (change, Response::Refused { reason });
             }
             rec.reservations
-                .insert(index, now_ms.saturating_add(*lease_ms));
+                .insert(*reservation, now_ms.saturating_add(*lease_ms));
             let target = rec.target.clone();
             (
                 Change::Put(rec),
                 Response::Reserved {
-                    reservation: index,
+                    reservation: *reservation,
                     target,
                 },
             )
@@ -173,7 +186,7 @@ mod tests {
             valid_for_ms: valid_until_ms,
             max_usage,
         };
-        match apply(None, &cmd, 0, 1) {
+        match apply(None, &cmd, 0) {
             (Change::Put(rec), Response::Created(view)) => {
                 assert_eq!(rec, view);
                 rec
@@ -182,15 +195,16 @@ mod tests {
         }
     }
 
+    /// Reserves with reservation id `index`.
     fn reserve(rec: &AliasRecord, now: u64, index: u64, lease: u64) -> (Change, Response) {
         apply(
             Some(rec),
             &Command::Reserve {
                 id: rec.id.clone(),
                 lease_ms: lease,
+                reservation: index,
             },
             now,
-            index,
         )
     }
 
@@ -213,7 +227,7 @@ mod tests {
             max_usage: 1,
         };
         assert_eq!(
-            apply(Some(&rec), &cmd, 5, 2),
+            apply(Some(&rec), &cmd, 5),
             (Change::Keep, Response::IdTaken)
         );
     }
@@ -238,7 +252,6 @@ mod tests {
                     reservation: 10 + i,
                 },
                 2001,
-                20 + i,
             );
             assert_eq!(resp, Response::Committed);
             rec = put(change);
@@ -277,7 +290,6 @@ mod tests {
                 reservation: 5,
             },
             2002,
-            7,
         );
         assert_eq!(resp, Response::Released);
         let rec = put(change);
@@ -294,7 +306,6 @@ mod tests {
                 reservation: 99,
             },
             2004,
-            9,
         );
         assert_eq!((change, resp), (Change::Keep, Response::Released));
     }
@@ -320,6 +331,39 @@ mod tests {
     }
 
     #[test]
+    fn retried_reserve_holds_one_use() {
+        let rec = create(2, DAY);
+        let rec = put(reserve(&rec, 2000, 77, 60_000).0);
+        let (change, resp) = reserve(&rec, 2001, 77, 60_000);
+        assert_eq!(change, Change::Keep);
+        assert!(matches!(
+            resp,
+            Response::Reserved {
+                reservation: 77,
+                ..
+            }
+        ));
+        assert_eq!(rec.available(2001), 1);
+    }
+
+    #[test]
+    fn retried_create_returns_the_alias() {
+        let rec = create(2, DAY);
+        let again = Command::CreateAlias {
+            id: rec.id.clone(),
+            domain: rec.domain.clone(),
+            target: rec.target.clone(),
+            token_hash: rec.token_hash.clone(),
+            valid_for_ms: DAY,
+            max_usage: 2,
+        };
+        assert_eq!(
+            apply(Some(&rec), &again, 5),
+            (Change::Keep, Response::Created(rec.clone()))
+        );
+    }
+
+    #[test]
     fn retried_commit_counts_once() {
         let rec = create(3, DAY);
         let rec = put(reserve(&rec, 2000, 5, 60_000).0);
@@ -327,10 +371,10 @@ mod tests {
             id: rec.id.clone(),
             reservation: 5,
         };
-        let rec = put(apply(Some(&rec), &commit, 2001, 6).0);
+        let rec = put(apply(Some(&rec), &commit, 2001).0);
         assert_eq!(rec.used, 1);
         assert_eq!(
-            apply(Some(&rec), &commit, 2002, 7),
+            apply(Some(&rec), &commit, 2002),
             (Change::Keep, Response::Committed)
         );
     }
@@ -346,7 +390,6 @@ mod tests {
                 reservation: 5,
             },
             50_000,
-            6,
         );
         assert_eq!(put(change).used, 1);
     }
@@ -371,7 +414,7 @@ mod tests {
     #[test]
     fn revoke_disables() {
         let rec = create(5, DAY);
-        let (change, resp) = apply(Some(&rec), &Command::Revoke { id: rec.id.clone() }, 3, 2);
+        let (change, resp) = apply(Some(&rec), &Command::Revoke { id: rec.id.clone() }, 3);
         assert_eq!(resp, Response::Revoked);
         let rec = put(change);
         assert_eq!(
@@ -388,18 +431,18 @@ mod tests {
         let purge = Command::Purge { keep_ms: 7 * DAY };
         assert_eq!(command_id(&purge), None);
         assert_eq!(
-            apply(Some(&rec), &purge, 17 * DAY - 1, 2),
+            apply(Some(&rec), &purge, 17 * DAY - 1),
             (Change::Keep, Response::Purged { count: 0 })
         );
         assert_eq!(
-            apply(Some(&rec), &purge, 17 * DAY, 3),
+            apply(Some(&rec), &purge, 17 * DAY),
             (Change::Delete, Response::Purged { count: 1 })
         );
         // A live reservation keeps the record until its lease lapses.
         let mut held = rec.clone();
         held.reservations.insert(9, 18 * DAY);
         assert_eq!(
-            apply(Some(&held), &purge, 17 * DAY, 4),
+            apply(Some(&held), &purge, 17 * DAY),
             (Change::Keep, Response::Purged { count: 0 })
         );
     }
@@ -409,9 +452,10 @@ mod tests {
         let cmd = Command::Reserve {
             id: "nope".into(),
             lease_ms: 1,
+            reservation: 1,
         };
         assert_eq!(
-            apply(None, &cmd, 1, 1),
+            apply(None, &cmd, 1),
             (
                 Change::Keep,
                 Response::Refused {
@@ -430,7 +474,7 @@ mod tests {
             },
             Command::Revoke { id: "n".into() },
         ] {
-            assert_eq!(apply(None, &cmd, 1, 1), (Change::Keep, Response::NotFound));
+            assert_eq!(apply(None, &cmd, 1), (Change::Keep, Response::NotFound));
             assert_eq!(command_id(&cmd), Some("n"));
         }
     }

@@ -413,12 +413,8 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                             let response = match state::command_id(&req.cmd) {
                                 Some(id) => {
                                     let current: Option<AliasRecord> = get_json(&aliases, id)?;
-                                    let (change, response) = state::apply(
-                                        current.as_ref(),
-                                        &req.cmd,
-                                        last_now,
-                                        entry.log_id.index,
-                                    );
+                                    let (change, response) =
+                                        state::apply(current.as_ref(), &req.cmd, last_now);
                                     match change {
                                         Change::Put(rec) => {
                                             aliases
@@ -437,12 +433,8 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                                     for item in aliases.iter()? {
                                         let (k, v) = item?;
                                         let rec: AliasRecord = serde_json::from_slice(v.value())?;
-                                        let (change, _) = state::apply(
-                                            Some(&rec),
-                                            &req.cmd,
-                                            last_now,
-                                            entry.log_id.index,
-                                        );
+                                        let (change, _) =
+                                            state::apply(Some(&rec), &req.cmd, last_now);
                                         if change == Change::Delete {
                                             doomed.push(k.value().to_string());
                                         }
@@ -577,8 +569,15 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
             let txn = db.begin_write()?;
             {
                 let mut table = txn.open_table(SNAPSHOT)?;
-                table.insert("meta", serde_json::to_vec(&meta)?.as_slice())?;
-                table.insert("data", data.as_slice())?;
+                // A snapshot installed from the leader while this one was being
+                // built may be newer: never replace it with an older one.
+                let stored: Option<SnapshotMeta<NodeId, openraft::BasicNode>> =
+                    get_json(&table, "meta")?;
+                let newer_stored = stored.is_some_and(|m| m.last_log_id >= meta.last_log_id);
+                if !newer_stored {
+                    table.insert("meta", serde_json::to_vec(&meta)?.as_slice())?;
+                    table.insert("data", data.as_slice())?;
+                }
             }
             txn.commit()?;
             Ok(Snapshot {

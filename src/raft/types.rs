@@ -51,9 +51,16 @@ pub enum Command {
         valid_for_ms: u64,
         max_usage: u32,
     },
-    /// Hold one use of an alias for a message being forwarded. The reservation id
-    /// is the log index of this entry; the hold lapses at `now + lease_ms`.
-    Reserve { id: String, lease_ms: u64 },
+    /// Hold one use of an alias for a message being forwarded; the hold lapses
+    /// at `now + lease_ms`. The reservation id is chosen (at random) by the
+    /// node that took the RCPT, so a retried Reserve finds its first
+    /// application instead of holding a second use, and a failed one can be
+    /// released by id even when its outcome is unknown.
+    Reserve {
+        id: String,
+        lease_ms: u64,
+        reservation: u64,
+    },
     /// The upstream accepted the message: the held use is spent.
     Commit { id: String, reservation: u64 },
     /// The upstream refused or the transaction was abandoned: give the use back.

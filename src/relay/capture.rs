@@ -37,7 +37,7 @@ impl CaptureRelay {
         &self.dir
     }
 
-    pub async fn deliver(&self, envelope: &Envelope, message: &[u8]) -> Delivery {
+    pub async fn deliver(&self, envelope: &Envelope, message: std::sync::Arc<Vec<u8>>) -> Delivery {
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_micros())
@@ -53,7 +53,6 @@ impl CaptureRelay {
             "rcpt_to": envelope.rcpt_to,
             "size": message.len(),
         });
-        let message = message.to_vec();
         let result = tokio::task::spawn_blocking(move || -> std::io::Result<()> {
             write_atomically(&dir, &format!("{name}.json"), meta.to_string().as_bytes())?;
             write_atomically(&dir, &format!("{name}.eml"), &message)?;
@@ -91,7 +90,12 @@ mod tests {
             rcpt_to: vec!["c@d.example".into()],
         };
         assert_eq!(
-            relay.deliver(&env, b"Subject: x\r\n\r\nhi\r\n").await,
+            relay
+                .deliver(
+                    &env,
+                    std::sync::Arc::new(b"Subject: x\r\n\r\nhi\r\n".to_vec())
+                )
+                .await,
             Delivery::Accepted
         );
         let mut names: Vec<String> = std::fs::read_dir(relay.dir())

@@ -67,10 +67,11 @@ impl Relay {
 
     /// Delivers one message. Never panics and never returns an error: every
     /// failure is classified into a [`Delivery`].
-    pub async fn deliver(&self, envelope: &Envelope, message: &[u8]) -> Delivery {
+    /// The message is shared, not copied: it can be tens of megabytes.
+    pub async fn deliver(&self, envelope: &Envelope, message: std::sync::Arc<Vec<u8>>) -> Delivery {
         match self {
             Relay::Capture(c) => c.deliver(envelope, message).await,
-            Relay::Smarthost(s) => s.deliver(envelope, message).await,
+            Relay::Smarthost(s) => s.deliver(envelope, &message).await,
         }
     }
 

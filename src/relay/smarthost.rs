@@ -63,6 +63,10 @@ struct Upstream {
 }
 
 /// Sends through the configured smarthosts.
+///
+/// Each message uses a fresh connection: lettre's connection pool would put a
+/// connection back after our timeout cancelled a send half-way, and the next
+/// message would then read the previous one's late replies.
 pub struct SmarthostRelay {
     upstreams: Vec<Upstream>,
     /// Bound on one whole attempt. lettre's own timeout covers only parts of

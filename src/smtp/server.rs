@@ -27,6 +27,8 @@ pub struct SmtpContext {
     pub lease_ms: u64,
     /// Failed recipients per client address, across sessions.
     pub failures: super::limits::FailedRcpts,
+    /// Open connections per client address.
+    pub connections: super::limits::ConnectionCounts,
 }
 
 /// Accepts connections until `shutdown` fires, then waits for the sessions,
@@ -77,11 +79,20 @@ pub async fn serve(listener: TcpListener, ctx: Arc<SmtpContext>, shutdown: Cance
 }
 
 async fn run_session(
-    stream: tokio::net::TcpStream,
+    mut stream: tokio::net::TcpStream,
     peer: SocketAddr,
     ctx: Arc<SmtpContext>,
     shutdown: CancellationToken,
 ) {
+    let Some(_slot) = ctx.connections.acquire(peer.ip()) else {
+        use tokio::io::AsyncWriteExt;
+        let host = &ctx.config.hostname;
+        let msg =
+            format!("421 4.7.0 {host} too many connections from your address, try again later\r\n");
+        let _ =
+            tokio::time::timeout(Duration::from_secs(5), stream.write_all(msg.as_bytes())).await;
+        return;
+    };
     ctx.metrics.smtp_sessions.inc();
     ctx.metrics.smtp_sessions_active.inc();
     let (reader, writer) = stream.into_split();

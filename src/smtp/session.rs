@@ -25,6 +25,18 @@ use crate::relay::{Delivery, Envelope};
 /// Longest command line accepted (RFC 5321 asks for at least 512; extensions
 /// make lines longer, and smtp-proto's own limit is 4096).
 const MAX_COMMAND_LINE: usize = 4096;
+/// Longest line accepted inside message data. RFC 5321 allows 1000; real mail
+/// has longer ones, but not megabytes, and this bounds the input buffer.
+const MAX_DATA_LINE: usize = 1024 * 1024;
+
+/// How the data of one message ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum DataOutcome {
+    Complete,
+    TooBig,
+    LineTooLong,
+}
+
 /// Syntax errors and unknown commands after which a session is dropped.
 const MAX_BAD_COMMANDS: u32 = 20;
 
@@ -43,6 +55,8 @@ struct Transaction {
     /// `None` before MAIL; `Some("")` for the null sender.
     mail_from: Option<String>,
     rcpts: Vec<Accepted>,
+    /// When the first recipient was accepted (its reservation taken).
+    started: Option<Instant>,
 }
 
 /// Why the session loop stopped.
@@ -133,10 +147,21 @@ where
             .extend_from_slice(format!("{code} {enhanced} {text}\r\n").as_bytes());
     }
 
+    /// Sends the queued replies. Bounded by the idle timeout: a client that
+    /// stops reading its replies must not hold a session slot forever.
     async fn flush(&mut self) -> std::io::Result<()> {
         if !self.out.is_empty() {
-            self.output.write_all(&self.out).await?;
-            self.output.flush().await?;
+            let idle = Duration::from_secs(self.ctx.config.idle_timeout_secs);
+            let write = async {
+                self.output.write_all(&self.out).await?;
+                self.output.flush().await
+            };
+            tokio::time::timeout(idle, write).await.map_err(|_| {
+                std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    "client does not read its replies",
+                )
+            })??;
             self.out.clear();
         }
         Ok(())
@@ -151,8 +176,23 @@ where
             if !self.input.has_line() {
                 self.flush().await?;
             }
+            let tx_deadline = self.tx.started.map(|t| {
+                tokio::time::Instant::from_std(t)
+                    + Duration::from_secs(self.ctx.config.transaction_timeout_secs)
+            });
             let line = tokio::select! {
                 biased;
+                _ = async {
+                    match tx_deadline {
+                        Some(d) => tokio::time::sleep_until(d).await,
+                        None => std::future::pending().await,
+                    }
+                } => {
+                    // Held reservations are released when the session ends.
+                    self.reply(421, "4.4.2", &format!("{host} transaction took too long, closing"));
+                    self.flush().await?;
+                    return Ok(End::Closed);
+                }
                 _ = self.shutdown.cancelled() => {
                     self.reply(421, "4.3.0", &format!("{host} shutting down, try again later"));
                     self.flush().await?;
@@ -343,9 +383,17 @@ where
             .inc();
     }
 
-    async fn rcpt_failed(&mut self) {
+    /// Counts a refused recipient against the session (and, for guesses,
+    /// against the client address), then tarpits.
+    ///
+    /// Only guesses (unknown ids, foreign domains, bad syntax) count per
+    /// address: mail to expired or used-up aliases is this service's normal
+    /// traffic, and must not get a large provider's address blocked.
+    async fn rcpt_failed(&mut self, guess: bool) {
         self.failed_rcpts += 1;
-        self.ctx.failures.record(self.peer.ip());
+        if guess {
+            self.ctx.failures.record(self.peer.ip());
+        }
         // Tarpit: each failure beyond the first costs the client more time, which
         // makes guessing alias ids by RCPT hopeless.
         if self.failed_rcpts > 1 {
@@ -358,11 +406,11 @@ where
     }
 
     async fn refuse(&mut self, reason: Refusal) {
-        let (result, text) = match reason {
-            Refusal::Unknown => (RcptResult::unknown, "No such alias"),
-            Refusal::Expired => (RcptResult::expired, "Alias expired"),
-            Refusal::Revoked => (RcptResult::revoked, "Alias no longer exists"),
-            Refusal::UsedUp => (RcptResult::used_up, "Alias used up"),
+        let result = match reason {
+            Refusal::Unknown => RcptResult::unknown,
+            Refusal::Expired => RcptResult::expired,
+            Refusal::Revoked => RcptResult::revoked,
+            Refusal::UsedUp => RcptResult::used_up,
             Refusal::Held => {
                 // Every use left is held by a message in flight; if that one
                 // fails, the use comes back. Not a permanent condition.
@@ -375,8 +423,10 @@ where
             }
         };
         self.count_rcpt(result);
-        self.rcpt_failed().await;
-        self.reply(550, "5.1.1", text);
+        self.rcpt_failed(reason == Refusal::Unknown).await;
+        // One text for every refusal: a stranger learns nothing about which
+        // ids exist or existed (the metric keeps the distinction).
+        self.reply(550, "5.1.1", "No such alias, or it is no longer valid");
     }
 
     fn tempfail(&mut self) {
@@ -423,13 +473,13 @@ where
         }
         let Some((local, domain)) = address.rsplit_once('@') else {
             self.count_rcpt(RcptResult::invalid);
-            self.rcpt_failed().await;
+            self.rcpt_failed(true).await;
             return self.reply(501, "5.1.3", "Bad recipient address syntax");
         };
         let domain = domain.to_ascii_lowercase();
         if !self.ctx.domains.contains(&domain) {
             self.count_rcpt(RcptResult::relay_denied);
-            self.rcpt_failed().await;
+            self.rcpt_failed(true).await;
             return self.reply(550, "5.7.1", "Relaying denied");
         }
         let id = local.to_ascii_lowercase();
@@ -444,9 +494,11 @@ where
             Ok(None) => {}
             Err(()) => return self.tempfail(),
         }
+        let reservation: u64 = rand::random();
         let cmd = Command::Reserve {
             id: id.clone(),
             lease_ms: self.ctx.lease_ms,
+            reservation,
         };
         match self.ctx.node.write(cmd).await {
             Ok(Response::Reserved {
@@ -454,6 +506,7 @@ where
                 target,
             }) => {
                 self.count_rcpt(RcptResult::accepted);
+                self.tx.started.get_or_insert_with(Instant::now);
                 self.tx.rcpts.push(Accepted {
                     alias_id: id,
                     address: format!("{local}@{domain}"),
@@ -469,6 +522,13 @@ where
             }
             Err(e) => {
                 tracing::warn!(error = %e, "reservation not committed");
+                // Its outcome is unknown: it may still be applied. Release it
+                // by id in the background (harmless if it never was), so a
+                // use is not held for a whole lease.
+                let node = self.ctx.node.clone();
+                tokio::spawn(async move {
+                    let _ = node.write(Command::Release { id, reservation }).await;
+                });
                 self.tempfail();
             }
         }
@@ -486,28 +546,36 @@ where
         self.out
             .extend_from_slice(b"354 End data with <CR><LF>.<CR><LF>\r\n");
         self.flush().await?;
-        let body = self.read_message().await?;
-        let Some(body) = body else {
+        // The message is built in one buffer: our trace header, then the data.
+        let mut message = self.received_header().into_bytes();
+        let outcome = self.read_message(&mut message).await?;
+        if outcome != DataOutcome::Complete {
             // End of data ends the transaction whatever the verdict (RFC 5321
             // 4.1.1.4): the sender is forgotten too.
             self.count_message(MessageResult::rejected);
             self.reset().await;
-            self.reply(
-                552,
-                "5.3.4",
-                "Message size exceeds fixed maximum message size",
-            );
+            match outcome {
+                DataOutcome::TooBig => self.reply(
+                    552,
+                    "5.3.4",
+                    "Message size exceeds fixed maximum message size",
+                ),
+                _ => self.reply(
+                    554,
+                    "5.6.0",
+                    &format!("Message contains a line longer than {MAX_DATA_LINE} bytes"),
+                ),
+            }
             return Ok(());
-        };
-        if count_received(&body) >= self.ctx.config.max_hops {
+        }
+        // Our own Received: header is counted too.
+        if count_received(&message) > self.ctx.config.max_hops {
             self.count_message(MessageResult::rejected);
             self.reset().await;
             self.reply(554, "5.4.6", "Too many hops: mail loop detected");
             return Ok(());
         }
-        let mut message = self.received_header().into_bytes();
-        message.extend_from_slice(&body);
-        drop(body);
+        let message = std::sync::Arc::new(message);
         let mut rcpt_to: Vec<String> = Vec::new();
         for a in &self.tx.rcpts {
             if !rcpt_to.contains(&a.target) {
@@ -519,7 +587,7 @@ where
             rcpt_to,
         };
         let started = Instant::now();
-        let delivery = self.ctx.relay.deliver(&envelope, &message).await;
+        let delivery = self.ctx.relay.deliver(&envelope, message.clone()).await;
         self.ctx
             .metrics
             .forward_duration
@@ -561,29 +629,44 @@ where
             .inc();
     }
 
-    /// Reads message data up to the end-of-data line, undoing dot-stuffing.
-    /// Returns `None` when the message exceeds the size limit; the excess is
-    /// read and discarded, never stored.
+    /// Reads message data up to the end-of-data line into `out`, undoing
+    /// dot-stuffing. Data beyond the size limit is read and discarded, never
+    /// stored.
     ///
     /// End of data is only a `.` line between two CRLFs: a bare LF does not end
-    /// the message (no SMTP smuggling through LF-only terminators).
-    async fn read_message(&mut self) -> Result<Option<Vec<u8>>, InputError> {
+    /// the message. Line ends are normalised as they are stored: a bare LF or a
+    /// bare CR becomes CRLF (RFC 5321 2.3.8 forbids them), so what goes
+    /// upstream has no line end that the upstream could read differently from
+    /// us, and nothing can be smuggled past our end of data into the
+    /// upstream session.
+    async fn read_message(&mut self, out: &mut Vec<u8>) -> Result<DataOutcome, InputError> {
         let max = self.ctx.config.max_message_size as usize;
-        let mut body: Vec<u8> = Vec::new();
-        let mut too_big = false;
+        let start = out.len();
+        let mut outcome = DataOutcome::Complete;
         let mut prev_crlf = true;
         loop {
-            let budget = if too_big {
-                0
+            let used = out.len() - start;
+            let budget = if outcome == DataOutcome::Complete {
+                max.saturating_sub(used)
             } else {
-                max.saturating_sub(body.len())
+                0
             };
-            // A line may be as long as what is left of the budget (plus the
-            // terminator); beyond that the message is too big anyway.
-            let line = self.input.line(budget.max(1000) + 2).await?;
-            let line = match line {
+            // A line may be as long as what is left of the budget, up to a
+            // hard per-line cap that bounds the input buffer.
+            let limit = budget.clamp(1000, MAX_DATA_LINE) + 2;
+            let line = match self.input.line(limit).await? {
                 Line::TooLong { crlf } => {
-                    too_big = true;
+                    if outcome == DataOutcome::Complete {
+                        // Past what is left of the size budget it is too big;
+                        // only a line under the budget can be merely too long.
+                        outcome = if budget > MAX_DATA_LINE {
+                            DataOutcome::LineTooLong
+                        } else {
+                            DataOutcome::TooBig
+                        };
+                        out.truncate(start);
+                        out.shrink_to(start + 4096);
+                    }
                     prev_crlf = crlf;
                     continue;
                 }
@@ -593,19 +676,30 @@ where
                 break;
             }
             prev_crlf = line.ends_with(b"\r\n");
-            let content = if line.first() == Some(&b'.') {
-                &line[1..]
-            } else {
-                &line[..]
-            };
-            if too_big || body.len() + content.len() > max {
-                too_big = true;
-                body = Vec::new();
+            if outcome != DataOutcome::Complete {
                 continue;
             }
-            body.extend_from_slice(content);
+            let text = line
+                .strip_suffix(b"\r\n")
+                .or_else(|| line.strip_suffix(b"\n"))
+                .unwrap_or(&line);
+            let text = text.strip_prefix(b".").unwrap_or(text);
+            if used + text.len() + 2 > max {
+                outcome = DataOutcome::TooBig;
+                out.truncate(start);
+                out.shrink_to(start + 4096);
+                continue;
+            }
+            for &b in text {
+                if b == b'\r' {
+                    out.extend_from_slice(b"\r\n");
+                } else {
+                    out.push(b);
+                }
+            }
+            out.extend_from_slice(b"\r\n");
         }
-        Ok(if too_big { None } else { Some(body) })
+        Ok(outcome)
     }
 
     fn received_header(&self) -> String {

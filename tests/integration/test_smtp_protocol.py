@@ -260,6 +260,38 @@ def test_bare_lf_dot_does_not_end_the_message(node):
     assert caps[0]["meta"]["rcpt_to"] == [TARGET]
     assert b"Subject: smuggled" in caps[0]["eml"]
     assert node.remaining(victim) == 5
+    # Line ends are normalised: nothing but CRLF goes upstream.
+    eml = caps[0]["eml"]
+    assert b"\n" not in eml.replace(b"\r\n", b""), eml
+    assert b"\r" not in eml.replace(b"\r\n", b""), eml
+
+
+def test_no_smuggling_into_the_upstream_session(node_factory, sink_factory):
+    """A dot line after a bare LF does not end our DATA; it must not end the
+    upstream's either. After normalisation the upstream sees one message whose
+    body contains the would-be commands as text."""
+    sink = sink_factory()
+    node = node_factory(relay="smarthost", smarthosts=[sink.url])
+    alias = node.create_alias(days=1, max_usage=5)
+    smuggled = (
+        "Subject: outer\r\n\r\nouter body\n..\r\nMAIL FROM:<x@bank.example>\r\n"
+        "RCPT TO:<victim@example.net>\r\nDATA\r\nSubject: smuggled\r\n\r\nsmuggled\r\n.\r\n"
+    )
+    with greet(node) as c:
+        assert c.cmd("EHLO client.example.org")[0] == 250
+        assert c.cmd(f"MAIL FROM:<{SENDER}>")[0] == 250
+        assert c.cmd(f"RCPT TO:<{alias['alias']}>")[0] == 250
+        assert c.cmd("DATA")[0] == 354
+        c.send(smuggled)
+        assert c.reply()[0] == 250
+    (m,) = sink.wait_for(1)
+    assert m.rcpt_to == [TARGET]
+    assert b"MAIL FROM:<x@bank.example>" in m.data
+    assert b"Subject: smuggled" in m.data
+    # Give a smuggled second transaction every chance to show up.
+    with greet(node) as c:
+        assert c.cmd("NOOP")[0] == 250
+    assert len(sink.messages()) == 1, [x.rcpt_to for x in sink.messages()]
 
 
 def test_connection_cap_holds_excess_clients_in_the_backlog(node_factory):
@@ -305,3 +337,40 @@ def test_failed_rcpts_are_limited_per_client_address_across_sessions(node_factor
         code, _ = s.rcpt(f"zzzzzzzzzz77@{DOMAIN}")
         assert code == 450
     assert node.remaining(alias) == 1
+
+
+def test_connections_are_capped_per_client_address(node_factory):
+    node = node_factory(config={"smtp": {"max_connections_per_ip": 2}})
+    first, second = greet(node), greet(node)
+    try:
+        with node.raw(timeout=10) as third:
+            code, text = third.reply()
+            assert (code, text[:5]) == (421, "4.7.0"), (code, text)
+        # The two admitted sessions are unaffected.
+        assert first.cmd("NOOP")[0] == 250
+        assert second.cmd("QUIT")[0] == 221
+        # A slot freed is a slot available again (once the session has ended,
+        # which is just after its 221).
+        def admitted():
+            with node.raw(timeout=10) as c:
+                return c.reply()[0] == 220
+
+        wait_until(admitted, 10, "a connection slot to be returned")
+    finally:
+        first.close()
+        second.close()
+
+
+def test_a_transaction_cannot_hold_a_use_forever(node_factory):
+    """A client that reserves the only use and then idles is cut off after
+    smtp.transaction_timeout_secs, and the use returns."""
+    node = node_factory(config={"smtp": {"transaction_timeout_secs": 1}})
+    alias = node.create_alias(days=1, max_usage=1)
+    with greet(node) as c:
+        assert c.cmd("EHLO client.example.org")[0] == 250
+        assert c.cmd(f"MAIL FROM:<{SENDER}>")[0] == 250
+        assert c.cmd(f"RCPT TO:<{alias['alias']}>")[0] == 250
+        c.sock.settimeout(30)
+        code, text = c.reply()  # unsolicited: the server gives up on us
+        assert (code, text[:5]) == (421, "4.4.2"), (code, text)
+    assert node.rcpt_reply(alias["alias"])[0] == 250
