@@ -113,9 +113,10 @@ pub struct SmtpConfig {
     pub max_connections: usize,
     /// Concurrent sessions from one client address (IPv6: one /64).
     pub max_connections_per_ip: usize,
-    /// Longest time a transaction may hold reservations, from its first
-    /// accepted RCPT to the end of DATA; a client idling in between is cut off
-    /// so it cannot keep an alias busy.
+    /// Longest time a transaction may hold reservations while waiting for
+    /// commands (from its first accepted RCPT until DATA); a client idling in
+    /// between is cut off so it cannot keep an alias busy. Message data itself
+    /// is bounded by the idle and session timeouts.
     pub transaction_timeout_secs: u64,
     /// Longest wait for the next command or data chunk (RFC 5321 asks for >= 5 min).
     pub idle_timeout_secs: u64,

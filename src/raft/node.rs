@@ -248,9 +248,10 @@ impl Node {
     /// A write is retried only when it was most likely not proposed: no leader
     /// known, the receiver was not the leader, or the leader was unreachable
     /// (gRPC `UNAVAILABLE`, which tonic also reports for a connection reset
-    /// after sending, so this is not a certainty). A command applied twice is
-    /// harmless by design: commit and release are idempotent, a doubled
-    /// reservation lapses with its lease, a doubled create leaves an unused alias.
+    /// after sending, so this is not a certainty); idempotent commands (commit,
+    /// release, revoke, purge) are also retried after any unknown outcome. A
+    /// command applied twice changes nothing by design: a repeated Reserve
+    /// finds its reservation id, a repeated Create its id and token digest.
     ///
     /// # Errors
     /// [`WriteError`] when no leader could commit the write in time.

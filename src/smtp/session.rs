@@ -684,7 +684,9 @@ where
                 .or_else(|| line.strip_suffix(b"\n"))
                 .unwrap_or(&line);
             let text = text.strip_prefix(b".").unwrap_or(text);
-            if used + text.len() + 2 > max {
+            // Stored size: bare CRs become CRLF, and the line gets a CRLF.
+            let stored = text.len() + text.iter().filter(|&&b| b == b'\r').count() + 2;
+            if used + stored > max {
                 outcome = DataOutcome::TooBig;
                 out.truncate(start);
                 out.shrink_to(start + 4096);
