@@ -352,12 +352,18 @@ class LocalNode:
         try:
             log.write(f"\n===== launch.py: starting {self.name} at {time.strftime('%Y-%m-%d %H:%M:%S')} =====\n".encode())
             log.flush()
+            env = child_env()
+            # Test hook: a node directory holding `test-clock-offset` (seconds)
+            # runs that node with its clock shifted by that much.
+            offset_file = self.dir / "test-clock-offset"
+            if offset_file.exists():
+                env["TEMPALIAS_TEST_CLOCK_OFFSET_FILE"] = str(offset_file)
             self.proc = subprocess.Popen(
                 [str(self.cluster.binary), "serve", "--config", str(self.config_path)],
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=log,
-                env=child_env(),
+                env=env,
                 cwd=str(self.dir),
                 start_new_session=True,
                 preexec_fn=_die_with_parent if (self.cluster.die_with_parent and _PRCTL is not None) else None,

@@ -83,6 +83,7 @@ pub struct Metrics {
     pub raft_replication_lag: Family<PeerLabels, Gauge>,
     pub cluster_rpc_errors: Family<PeerLabels, Counter>,
     pub cluster_auth_failures: Counter,
+    pub clock_offset: Family<PeerLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
 }
 
 /// Labels of `tempalias_build_info`.
@@ -126,6 +127,7 @@ impl Metrics {
             raft_replication_lag: Family::default(),
             cluster_rpc_errors: Family::default(),
             cluster_auth_failures: Counter::default(),
+            clock_offset: Family::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -226,6 +228,12 @@ impl Metrics {
             "cluster_auth_failures",
             "Cluster RPCs refused for a missing or wrong secret",
             m.cluster_auth_failures.clone(),
+        );
+        registry.register_with_unit(
+            "clock_offset",
+            "Each peer's clock minus this node's (the leader's clock is replicated time)",
+            prometheus_client::registry::Unit::Seconds,
+            m.clock_offset.clone(),
         );
         m.build_info
             .get_or_create(&BuildLabels {

@@ -116,6 +116,11 @@ pub async fn run(
         metrics.clone(),
         shutdown.clone(),
     ));
+    let clocks = tokio::spawn(watch_clocks(
+        node.clone(),
+        metrics.clone(),
+        shutdown.clone(),
+    ));
     let purger = tokio::spawn(purge_expired(
         node.clone(),
         u64::from(config.limits.keep_expired_days) * 86_400_000,
@@ -168,6 +173,7 @@ pub async fn run(
     }
     let _ = watcher.await;
     let _ = purger.await;
+    let _ = clocks.await;
     let _ = forming.await;
     node.transfer_leadership().await;
     cluster_shutdown.cancel();
@@ -175,6 +181,32 @@ pub async fn run(
     node.shutdown().await;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// How often each node compares its clock with its peers'.
+const CLOCK_CHECK_EVERY: Duration = Duration::from_secs(15);
+
+/// Exports each peer's clock offset. Replicated time is the leader's clock
+/// (never running backwards), so a leader far ahead would expire aliases and
+/// leases early for the whole cluster: operators must hear of skew first.
+async fn watch_clocks(node: Node, metrics: Arc<Metrics>, shutdown: CancellationToken) {
+    let mut tick = tokio::time::interval(CLOCK_CHECK_EVERY);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let offsets = node.clock_offsets().await;
+        metrics.clock_offset.clear();
+        for (peer, ms) in offsets {
+            metrics
+                .clock_offset
+                .get_or_create(&crate::metrics::PeerLabels {
+                    peer: peer.to_string(),
+                })
+                .set(ms as f64 / 1000.0);
+        }
+    }
 }
 
 /// How often the leader proposes deleting long-expired aliases.

@@ -59,6 +59,10 @@ pub struct StatusReport {
     pub replication: BTreeMap<NodeId, Option<u64>>,
     /// Milliseconds since a quorum last acknowledged this leader.
     pub millis_since_quorum_ack: Option<u64>,
+    /// This node's clock (ms since the epoch) when it answered: the leader's
+    /// clock becomes replicated time, so peers watch for skew.
+    #[serde(default)]
+    pub now_ms: u64,
 }
 
 /// A membership change asked of the cluster.

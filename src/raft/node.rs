@@ -421,6 +421,7 @@ impl Node {
                 .map(|r| r.iter().map(|(id, l)| (*id, l.map(|l| l.index))).collect())
                 .unwrap_or_default(),
             millis_since_quorum_ack: m.millis_since_quorum_ack,
+            now_ms: self.clock.now_ms(),
         };
         report
     }
@@ -565,6 +566,32 @@ impl Node {
     /// is waiting out).
     pub fn is_stepping_down(&self) -> bool {
         self.stepping_down.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Each other member's clock minus ours, in milliseconds, estimated from
+    /// one Status call each (half the round trip is added to their reading).
+    /// Members that do not answer are left out.
+    pub async fn clock_offsets(&self) -> Vec<(NodeId, i64)> {
+        let members: Vec<(NodeId, String)> = self
+            .metrics_now()
+            .membership_config
+            .membership()
+            .nodes()
+            .filter(|(id, _)| **id != self.id)
+            .map(|(id, n)| (*id, n.addr.clone()))
+            .collect();
+        let calls = members.into_iter().map(|(id, addr)| async move {
+            let before = self.clock.now_ms();
+            let report = self.peers.status(&addr).await.ok()?;
+            let after = self.clock.now_ms();
+            let midpoint = (before + after) / 2;
+            Some((id, report.now_ms as i64 - midpoint as i64))
+        });
+        futures::future::join_all(calls)
+            .await
+            .into_iter()
+            .flatten()
+            .collect()
     }
 
     /// The local replica of the state machine.

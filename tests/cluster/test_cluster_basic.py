@@ -233,3 +233,27 @@ def test_cluster_rpc_connections_disable_nagle(cluster):
         return
     # The socket options cannot be read here: judge by the symptom instead.
     assert slow <= 5, f"{slow} of 100 forwarded writes took >= 35 ms (Nagle + delayed ACK on cluster RPC?)"
+
+
+def test_clock_skew_is_exported(cluster):
+    """Replicated time is the leader's clock, so every node exports each
+    peer's clock offset: a node whose clock runs two minutes ahead shows up
+    on the others' /metrics (and TempaliasClockSkew in alerts.yml fires)."""
+    import re
+
+    skewed = cluster.node(3)
+    (skewed.dir / "test-clock-offset").write_text("120")
+    try:
+        cluster.restart(3)
+
+        def offset_seen_by_node1():
+            m = re.search(r'^tempalias_clock_offset_seconds\{peer="3"\} (\S+)$', cluster.node(1).metrics(), re.M)
+            return m and float(m.group(1))
+
+        offset = wait_until(offset_seen_by_node1, 45, "node 1 to measure node 3's clock")
+        assert 115 < offset < 125, offset
+        m = re.search(r'^tempalias_clock_offset_seconds\{peer="2"\} (\S+)$', cluster.node(1).metrics(), re.M)
+        assert m and abs(float(m.group(1))) < 5, m and m.group(0)
+    finally:
+        (skewed.dir / "test-clock-offset").unlink()
+        cluster.restart(3)
