@@ -14,6 +14,7 @@ import signal
 import smtplib
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 import urllib.error
@@ -68,44 +69,10 @@ def clean_env(extra: dict | None = None) -> dict:
 
 # --------------------------------------------------------------------------- TOML
 
+# The launcher's config writer serves the single-node tests too.
+sys.path.insert(0, str(REPO / "cluster"))
+from launch import deep_merge, toml_dumps  # noqa: E402
 
-def _toml_value(v) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, (int, float)):
-        return repr(v)
-    if isinstance(v, str):
-        return json.dumps(v)
-    if isinstance(v, (list, tuple)):
-        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
-    if isinstance(v, dict):
-        return "{ " + ", ".join(f"{json.dumps(str(k))} = {_toml_value(x)}" for k, x in v.items()) + " }"
-    raise TypeError(f"cannot write {v!r} as TOML")
-
-
-def toml_dumps(config: dict) -> str:
-    """Writes a two-level config (top-level keys, then [sections])."""
-    lines = []
-    for k, v in config.items():
-        if not isinstance(v, dict) or k == "initial_members":
-            lines.append(f"{k} = {_toml_value(v)}")
-    for section, table in config.items():
-        if isinstance(table, dict):
-            lines.append("")
-            lines.append(f"[{section}]")
-            for k, v in table.items():
-                lines.append(f"{k} = {_toml_value(v)}")
-    return "\n".join(lines) + "\n"
-
-
-def deep_merge(base: dict, over: dict) -> dict:
-    out = dict(base)
-    for k, v in over.items():
-        if isinstance(v, dict) and isinstance(out.get(k), dict) and k != "initial_members":
-            out[k] = deep_merge(out[k], v)
-        else:
-            out[k] = v
-    return out
 
 
 # --------------------------------------------------------------------------- HTTP
