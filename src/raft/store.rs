@@ -54,8 +54,6 @@ pub enum DbError {
     Decode(#[from] serde_json::Error),
     #[error("cannot create {path}: {error}")]
     Dir { path: String, error: std::io::Error },
-    #[error("blocking task failed: {0}")]
-    Join(String),
 }
 
 macro_rules! from_redb {

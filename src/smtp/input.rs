@@ -131,7 +131,8 @@ impl<R: AsyncRead + Unpin> Input<R> {
     }
 
     /// Capacity held by the buffer (to check the memory bound in tests).
-    pub fn capacity(&self) -> usize {
+    #[cfg(test)]
+    fn capacity(&self) -> usize {
         self.buf.capacity()
     }
 }

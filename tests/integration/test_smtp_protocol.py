@@ -239,6 +239,14 @@ def test_concurrent_sessions_never_exceed_max_usage(node):
     assert len(node.captured()) == 3
 
 
+def start_data(c, alias):
+    """EHLO, MAIL, RCPT to `alias` and DATA, each accepted."""
+    assert c.cmd("EHLO client.example.org")[0] == 250
+    assert c.cmd(f"MAIL FROM:<{SENDER}>")[0] == 250
+    assert c.cmd(f"RCPT TO:<{alias['alias']}>")[0] == 250
+    assert c.cmd("DATA")[0] == 354
+
+
 def test_bare_lf_dot_does_not_end_the_message(node):
     """No SMTP smuggling: only <CRLF>.<CRLF> ends DATA."""
     alias = node.create_alias(days=1, max_usage=5)
@@ -248,10 +256,7 @@ def test_bare_lf_dot_does_not_end_the_message(node):
         f"DATA\r\nSubject: smuggled\r\n\r\nsmuggled\r\n.\r\n"
     )
     with greet(node) as c:
-        assert c.cmd("EHLO client.example.org")[0] == 250
-        assert c.cmd(f"MAIL FROM:<{SENDER}>")[0] == 250
-        assert c.cmd(f"RCPT TO:<{alias['alias']}>")[0] == 250
-        assert c.cmd("DATA")[0] == 354
+        start_data(c, alias)
         c.send(smuggled)
         assert c.reply()[0] == 250
         assert c.cmd("NOOP")[0] == 250
@@ -278,10 +283,7 @@ def test_no_smuggling_into_the_upstream_session(node_factory, sink_factory):
         "RCPT TO:<victim@example.net>\r\nDATA\r\nSubject: smuggled\r\n\r\nsmuggled\r\n.\r\n"
     )
     with greet(node) as c:
-        assert c.cmd("EHLO client.example.org")[0] == 250
-        assert c.cmd(f"MAIL FROM:<{SENDER}>")[0] == 250
-        assert c.cmd(f"RCPT TO:<{alias['alias']}>")[0] == 250
-        assert c.cmd("DATA")[0] == 354
+        start_data(c, alias)
         c.send(smuggled)
         assert c.reply()[0] == 250
     (m,) = sink.wait_for(1)
