@@ -91,7 +91,8 @@ pub async fn run(
     let peers = Peers::new(
         &secret,
         Duration::from_millis(config.cluster.rpc_timeout_ms),
-    )?;
+    )?
+    .with_local_address(Some(bound.cluster.ip()));
     let node = Node::start(&config, clock.clone(), peers, metrics.clone()).await?;
     tracing::info!(node_id = config.node_id, relay = %relay.describe(), "node started");
 
@@ -115,6 +116,11 @@ pub async fn run(
         node.clone(),
         metrics.clone(),
         shutdown.clone(),
+    ));
+    let watchdog = tokio::spawn(crate::raft::watchdog::run(
+        node.clone(),
+        metrics.clone(),
+        cluster_shutdown.clone(),
     ));
     let clocks = tokio::spawn(watch_clocks(
         node.clone(),
@@ -178,6 +184,7 @@ pub async fn run(
     node.transfer_leadership().await;
     cluster_shutdown.cancel();
     let _ = cluster.await;
+    let _ = watchdog.await;
     node.shutdown().await;
     tracing::info!("stopped");
     Ok(())
