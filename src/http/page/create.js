@@ -29,14 +29,20 @@
     formError.textContent = "";
   }
 
-  function whole(name, label) {
+  function whole(name, label, max) {
     var v = fields[name].value.trim();
     if (v === "") return null;
     if (!/^[0-9]+$/.test(v)) {
       setError(name, "Enter a whole number of " + label + ".");
       return undefined;
     }
-    return Number(v);
+    var n = Number(v);
+    // Too large for a JSON integer: the API's limit applies anyway.
+    if (!Number.isSafeInteger(n)) {
+      setError(name, "Choose from 1 to " + max + " " + label + ".");
+      return undefined;
+    }
+    return n;
   }
 
   // Puts an API error next to the field it concerns, in plain words.
@@ -121,8 +127,8 @@
       fields.target.focus();
       return;
     }
-    var days = whole("days", "days");
-    var uses = whole("uses", "messages");
+    var days = whole("days", "days", maxDays);
+    var uses = whole("uses", "messages", maxUses);
     if (days === undefined || uses === undefined) return;
     var body = { target: target };
     if (days !== null) body.days = days;

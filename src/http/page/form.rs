@@ -102,7 +102,7 @@ pub(super) async fn create(
         days: form.days.trim().to_string(),
         uses: form.uses.trim().to_string(),
     };
-    let (days, uses, errors) = parse_numbers(&values);
+    let (days, uses, errors) = parse_numbers(&values, site.max_days, site.max_uses);
     if errors != FormErrors::default() {
         let page = site.render_index(&values, &errors);
         return dynamic_html(StatusCode::BAD_REQUEST, page, &site.csp);
@@ -181,20 +181,29 @@ fn passed_on_headers(api: &HeaderMap) -> HeaderMap {
 }
 
 /// Reads the two numbers; an empty field means "not given".
-fn parse_numbers(values: &FormValues) -> (Option<i64>, Option<i64>, FormErrors) {
-    fn number(text: &str, what: &str, error: &mut String) -> Option<i64> {
+fn parse_numbers(
+    values: &FormValues,
+    max_days: u32,
+    max_uses: u32,
+) -> (Option<i64>, Option<i64>, FormErrors) {
+    fn number(text: &str, what: &str, max: u32, error: &mut String) -> Option<i64> {
         if text.is_empty() {
             return None;
         }
         let n = text.parse::<i64>().ok();
         if n.is_none() {
-            *error = format!("Enter a whole number of {what}.");
+            *error = if text.bytes().all(|b| b.is_ascii_digit()) {
+                // Digits only, but beyond any integer: above the limit anyway.
+                format!("Choose from 1 to {max} {what}.")
+            } else {
+                format!("Enter a whole number of {what}.")
+            };
         }
         n
     }
     let mut errors = FormErrors::default();
-    let days = number(&values.days, "days", &mut errors.days);
-    let uses = number(&values.uses, "messages", &mut errors.uses);
+    let days = number(&values.days, "days", max_days, &mut errors.days);
+    let uses = number(&values.uses, "messages", max_uses, &mut errors.uses);
     if values.target.is_empty() {
         errors.target = "Enter the address the alias should forward to.".into();
     }
@@ -285,10 +294,16 @@ mod tests {
 
     #[test]
     fn numbers_are_optional_but_must_be_whole() {
-        let (d, u, e) = parse_numbers(&values("me@example.net", "3", ""));
+        let (d, u, e) = parse_numbers(&values("me@example.net", "3", ""), 60, 100);
         assert_eq!((d, u), (Some(3), None));
         assert_eq!(e, FormErrors::default());
-        let (_, _, e) = parse_numbers(&values("", "2.5", "x"));
+        let (_, _, e) = parse_numbers(
+            &values("a@example.net", "99999999999999999999", ""),
+            60,
+            100,
+        );
+        assert_eq!(e.days, "Choose from 1 to 60 days.");
+        let (_, _, e) = parse_numbers(&values("", "2.5", "x"), 60, 100);
         assert!(e.target.contains("Enter the address"), "{e:?}");
         assert!(e.days.contains("whole number of days"), "{e:?}");
         assert!(e.uses.contains("whole number of messages"), "{e:?}");
