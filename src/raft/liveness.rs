@@ -314,7 +314,174 @@ pub fn quorum(n: usize) -> usize {
 
 #[cfg(test)]
 mod tests {
+    use std::collections::{BTreeMap, BTreeSet};
+    use std::sync::Arc;
+
+    use openraft::{Membership, StoredMembership, Vote};
+
     use super::*;
+
+    const TIMING: Timing = Timing {
+        probe_every: Duration::from_millis(80),
+        probe_timeout: Duration::from_millis(250),
+        lease: Duration::from_millis(500),
+    };
+
+    /// Metrics of node `me` in a three-voter cluster {1, 2, 3}.
+    fn metrics(
+        me: NodeId,
+        state: ServerState,
+        leader: Option<NodeId>,
+    ) -> RaftMetrics<NodeId, BasicNode> {
+        let nodes: BTreeMap<NodeId, BasicNode> = (1..=3)
+            .map(|i| (i, BasicNode::new(format!("127.0.0.{i}:7001"))))
+            .collect();
+        let membership = Membership::new(vec![BTreeSet::from([1, 2, 3])], nodes);
+        let mut m = RaftMetrics::new_initial(me);
+        m.state = state;
+        m.current_leader = leader;
+        m.vote = Vote::new_committed(1, leader.unwrap_or(me));
+        m.membership_config = Arc::new(StoredMembership::new(None, membership));
+        m.last_log_index = Some(10);
+        m
+    }
+
+    fn report(alive: bool, last_log_index: u64) -> StatusReport {
+        StatusReport {
+            id: 0,
+            state: String::new(),
+            term: 1,
+            leader: None,
+            last_log_index: Some(last_log_index),
+            last_applied: None,
+            snapshot_index: None,
+            purged_index: None,
+            initialized: true,
+            voters: vec![],
+            learners: vec![],
+            nodes: BTreeMap::new(),
+            replication: BTreeMap::new(),
+            millis_since_quorum_ack: None,
+            now_ms: 0,
+            leader_alive: alive,
+            last_log_term: Some(1),
+        }
+    }
+
+    fn fail(l: &Liveness, peer: NodeId) {
+        for _ in 0..FAILED_PROBES {
+            l.record_probe(peer, None);
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_follower_that_hears_its_leader_keeps_elections_off() {
+        let l = Liveness::new(2, TIMING);
+        let m = metrics(2, ServerState::Follower, Some(1));
+        l.record_contact(1);
+        l.record_probe(1, Some(&report(true, 10)));
+        l.record_probe(3, Some(&report(true, 10)));
+        assert!(l.leader_alive(&m));
+        let v = l.evaluate(&m);
+        assert!(!v.elections_allowed && !v.campaign_now);
+        assert!(l.can_write(&m) && l.can_read(&m));
+        assert!(!l.refuse_leader(1, &m));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_dead_leader_is_replaced_by_the_longest_log_at_once() {
+        let l2 = Liveness::new(2, TIMING);
+        let l3 = Liveness::new(3, TIMING);
+        let mut m2 = metrics(2, ServerState::Follower, Some(1));
+        let m3 = metrics(3, ServerState::Follower, Some(1));
+        m2.last_log_index = Some(11);
+        l2.record_contact(1);
+        l3.record_contact(1);
+        // The leader dies: probes fail; the lease runs out on both followers.
+        fail(&l2, 1);
+        fail(&l3, 1);
+        tokio::time::advance(TIMING.lease + LEASE_MARGIN + Duration::from_millis(1)).await;
+        assert!(!l2.leader_alive(&m2) && !l3.leader_alive(&m3));
+        l2.record_probe(3, Some(&report(false, 10)));
+        l3.record_probe(2, Some(&report(false, 11)));
+        let v2 = l2.evaluate(&m2);
+        let v3 = l3.evaluate(&m3);
+        assert!(v2.elections_allowed && v3.elections_allowed);
+        assert!(v2.campaign_now, "node 2 has the longer log");
+        assert!(!v3.campaign_now, "node 3 leaves it to node 2");
+        // Not again within the lease.
+        assert!(!l2.evaluate(&m2).campaign_now);
+        // Both can still expect their writes to succeed (an election will).
+        assert!(l2.can_write(&m2) && l3.can_write(&m3));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn equal_logs_let_the_lowest_id_campaign() {
+        let l2 = Liveness::new(2, TIMING);
+        let l3 = Liveness::new(3, TIMING);
+        let m2 = metrics(2, ServerState::Follower, None);
+        let m3 = metrics(3, ServerState::Follower, None);
+        l2.record_probe(3, Some(&report(false, 10)));
+        l3.record_probe(2, Some(&report(false, 10)));
+        fail(&l2, 1);
+        fail(&l3, 1);
+        assert!(l2.evaluate(&m2).campaign_now);
+        assert!(!l3.evaluate(&m3).campaign_now);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_isolated_follower_neither_campaigns_nor_waits() {
+        let l = Liveness::new(3, TIMING);
+        let m = metrics(3, ServerState::Follower, Some(1));
+        l.record_contact(1);
+        fail(&l, 1);
+        fail(&l, 2);
+        tokio::time::advance(TIMING.lease * 3).await;
+        let v = l.evaluate(&m);
+        assert!(!v.elections_allowed, "alone it must not raise its term");
+        assert!(!v.campaign_now);
+        assert!(!l.can_write(&m) && !l.can_read(&m), "minority: fail fast");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_leader_that_cannot_be_reached_is_refused() {
+        let l = Liveness::new(2, TIMING);
+        let m = metrics(2, ServerState::Follower, Some(1));
+        l.record_contact(1);
+        assert!(!l.refuse_leader(1, &m), "no evidence yet");
+        fail(&l, 1);
+        assert!(l.refuse_leader(1, &m));
+        // Another node (a new leader, or the old one at a stale term) is
+        // always heard, so it can learn the current term.
+        assert!(!l.refuse_leader(3, &m));
+        l.record_probe(1, Some(&report(true, 10)));
+        assert!(!l.refuse_leader(1, &m), "reachable again");
+        // The other follower still hears the leader: no election.
+        let l3 = Liveness::new(3, TIMING);
+        let m3 = metrics(3, ServerState::Follower, Some(1));
+        l3.record_contact(1);
+        l3.record_probe(2, Some(&report(false, 10)));
+        assert!(!l3.evaluate(&m3).elections_allowed);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_leader_without_quorum_refuses_writes() {
+        let l = Liveness::new(1, TIMING);
+        let mut m = metrics(1, ServerState::Leader, Some(1));
+        m.millis_since_quorum_ack = Some(100);
+        assert!(l.leader_has_quorum(&m) && l.can_write(&m));
+        m.millis_since_quorum_ack = Some(5_000);
+        assert!(!l.leader_has_quorum(&m) && !l.can_write(&m));
+        assert!(!l.leader_alive(&m));
+        // Just elected, not acknowledged yet: benefit of the doubt...
+        m.millis_since_quorum_ack = None;
+        assert!(l.leader_has_quorum(&m));
+        // ...but not for a leader removed from the voters.
+        let removed = Liveness::new(4, TIMING);
+        let mut m4 = metrics(4, ServerState::Leader, Some(4));
+        m4.millis_since_quorum_ack = None;
+        assert!(!removed.leader_has_quorum(&m4));
+    }
 
     #[test]
     fn quorum_sizes() {
