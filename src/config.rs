@@ -644,8 +644,41 @@ impl Config {
         let secret = crate::alias::new_token();
         std::fs::create_dir_all(&self.data_dir)
             .and_then(|_| write_private(&path, secret.as_bytes()))
-            .map_err(|e| invalid("data_dir", format!("cannot write {}: {e}", path.display())))?;
+            .map_err(|e| {
+                invalid(
+                    "data_dir",
+                    format!(
+                        "{} (TEMPALIAS_DATA_DIR) is not writable: {e}; the node keeps its cluster secret and database there",
+                        self.data_dir.display()
+                    ),
+                )
+            })?;
         Ok(Secret::new(secret))
+    }
+
+    /// The cluster secret for an admin client, and where it was found (for
+    /// messages). Unlike [`Config::cluster_secret`] it never creates one: a
+    /// client with a fresh secret could only be refused.
+    ///
+    /// # Errors
+    /// [`ConfigError::Invalid`] saying where a secret was looked for.
+    pub fn existing_cluster_secret(&self) -> Result<(Secret, String), ConfigError> {
+        if let Some(s) = &self.cluster.secret {
+            return Ok((s.clone(), "cluster.secret".into()));
+        }
+        if let Some(path) = &self.cluster.secret_file {
+            return read_secret_file(path)
+                .map(|s| (s, path.display().to_string()))
+                .map_err(|e| invalid("cluster.secret_file", e));
+        }
+        let path = self.data_dir.join("cluster.secret");
+        match read_secret_file(&path) {
+            Ok(s) => Ok((s, path.display().to_string())),
+            Err(e) => Err(invalid(
+                "cluster.secret",
+                format!("no secret configured, and {e} (a node without a configured secret writes it there when it first starts); run this in the node's directory, or give --config FILE or --secret-file FILE"),
+            )),
+        }
     }
 
     /// The file holding this node's database.
