@@ -81,7 +81,7 @@ fn whole_number(name: &str, value: &serde_json::Value) -> Result<i64, ApiError> 
             ApiError::InvalidRequest(format!("{name} must be a whole number, not {n}"))
         }),
         _ => Err(ApiError::InvalidRequest(format!(
-            "{name} must be a number, such as 3 (not a string or {})",
+            "{name} must be a whole number such as 3, not a {}",
             match value {
                 serde_json::Value::String(_) => "string",
                 serde_json::Value::Bool(_) => "boolean",
