@@ -192,7 +192,12 @@ struct TokenArgs {
     /// The token returned when the alias was created. Prefer TEMPALIAS_TOKEN
     /// or --token-file: a token given here is kept in your shell history and
     /// is visible to other users in `ps`.
-    #[arg(long, env = "TEMPALIAS_TOKEN", hide_env_values = true, value_name = "TOKEN")]
+    #[arg(
+        long,
+        env = "TEMPALIAS_TOKEN",
+        hide_env_values = true,
+        value_name = "TOKEN"
+    )]
     token: Option<String>,
     /// Read the token from FILE (its first line; "-" reads standard input).
     /// Takes precedence over --token and TEMPALIAS_TOKEN.

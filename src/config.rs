@@ -376,7 +376,8 @@ impl Config {
 
         // Each value on its own over the defaults, so that every mistyped
         // value is reported (serde stops at the first) and names its origin.
-        let defaults = toml::Table::try_from(Config::default()).map_err(|e| invalid("", e.to_string()))?;
+        let defaults =
+            toml::Table::try_from(Config::default()).map_err(|e| invalid("", e.to_string()))?;
         let mut table = defaults.clone();
         let mut origins: BTreeMap<String, Origin> = BTreeMap::new();
         for setting in settings {
@@ -865,7 +866,10 @@ mod tests {
         let e = load("", &[("TEMPALIAS_HTTP_LISTEN", "nonsense")])
             .unwrap_err()
             .to_string();
-        assert!(e.starts_with("TEMPALIAS_HTTP_LISTEN (http.listen): "), "{e}");
+        assert!(
+            e.starts_with("TEMPALIAS_HTTP_LISTEN (http.listen): "),
+            "{e}"
+        );
     }
 
     #[test]
@@ -952,7 +956,10 @@ mod tests {
         ];
         for (text, key) in cases {
             let found = problems(text, &[]);
-            assert!(found.iter().any(|(_, k, _)| k == key), "{text:?} gave {found:?}");
+            assert!(
+                found.iter().any(|(_, k, _)| k == key),
+                "{text:?} gave {found:?}"
+            );
         }
     }
 

@@ -22,10 +22,7 @@ pub enum DataDirError {
         "data_dir {dir} (TEMPALIAS_DATA_DIR) is not a writable directory: {error}. \
          The node keeps its database and cluster secret there; choose a directory this user can write"
     )]
-    NotWritable {
-        dir: PathBuf,
-        error: std::io::Error,
-    },
+    NotWritable { dir: PathBuf, error: std::io::Error },
     #[error(
         "data_dir {dir} is in use by another tempalias process{}; stop it, or give this node its own data_dir (TEMPALIAS_DATA_DIR)",
         .pid.map(|p| format!(" (pid {p})")).unwrap_or_default()

@@ -22,7 +22,11 @@ const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 /// Why a node could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
-    #[error("cannot listen on {addr} ({what}, {}): {error}{}", crate::config::env_var(what), in_use_hint(error))]
+    #[error(
+        "cannot listen on {addr} ({what}, {}): {error}{}",
+        crate::config::env_var(what),
+        in_use_hint(error)
+    )]
     Bind {
         what: &'static str,
         addr: String,

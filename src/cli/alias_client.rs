@@ -198,10 +198,9 @@ fn when(rfc3339: &str, now: time::OffsetDateTime, offset: time::UtcOffset) -> St
     let fmt = time::macros::format_description!(
         "[year]-[month]-[day] [hour]:[minute] [offset_hour sign:mandatory]:[offset_minute]"
     );
-    let Ok(t) = time::OffsetDateTime::parse(
-        rfc3339,
-        &time::format_description::well_known::Rfc3339,
-    ) else {
+    let Ok(t) =
+        time::OffsetDateTime::parse(rfc3339, &time::format_description::well_known::Rfc3339)
+    else {
         return rfc3339.to_string();
     };
     let local = t.to_offset(offset).format(&fmt).unwrap_or_default();
@@ -248,7 +247,10 @@ mod tests {
         };
         let now = time::macros::datetime!(2026-11-21 06:21:40 UTC);
         let out = summary(&view, now, time::macros::offset!(+1));
-        assert!(out.contains("expires      2026-11-24 07:21 +01:00 (in 3 d 0 h)"), "{out}");
+        assert!(
+            out.contains("expires      2026-11-24 07:21 +01:00 (in 3 d 0 h)"),
+            "{out}"
+        );
         assert!(out.contains("uses left    1 of 2"), "{out}");
         assert!(out.contains("state        used up"), "{out}");
         assert!(!out.contains("token"), "{out}");

@@ -33,7 +33,8 @@ pub(super) async fn run(
     let addr = node.unwrap_or_else(|| config.cluster.listen.clone());
     // A refused secret is the usual mistake (an old ./tempalias-data secret
     // while another cluster runs): say where ours came from and what to pass.
-    let explain = |e: RpcError| match e {
+    let explain = |e: RpcError| {
+        match e {
         RpcError::Unauthenticated { addr } => anyhow!(
             "{addr} refused the cluster secret from {secret_from}: it belongs to another cluster. \
              Give the node's configuration with --config FILE, or its secret with --secret-file FILE"
@@ -42,6 +43,7 @@ pub(super) async fn run(
             "cannot reach {addr} ({message}): is a node running there? Choose it with --node ADDR or --config FILE"
         ),
         other => anyhow!(other),
+    }
     };
     let change = match action {
         ClusterCmd::Status { json } => {
@@ -134,21 +136,25 @@ fn table(first: &StatusReport, reports: &[Row], election: u64) -> String {
     use std::fmt::Write;
     let mut s = String::new();
     let answered = || reports.iter().filter_map(|(_, _, r)| r.as_ref().ok());
-    let head = answered().filter_map(|r| r.last_log_index).max().unwrap_or(0);
+    let head = answered()
+        .filter_map(|r| r.last_log_index)
+        .max()
+        .unwrap_or(0);
     let leader = answered().find(|r| r.leader == Some(r.id) && role(r, election) == "Leader");
     let stranded: Vec<u64> = answered()
         .filter(|r| role(r, election) == LEADER_WITHOUT_QUORUM)
         .map(|r| r.id)
         .collect();
-    let _ = match (leader, stranded.as_slice()) {
-        (Some(l), _) => writeln!(s, "leader: node {} (term {})", l.id, l.term),
-        (None, []) => writeln!(s, "leader: none known"),
-        (None, ids) => writeln!(
+    let _ =
+        match (leader, stranded.as_slice()) {
+            (Some(l), _) => writeln!(s, "leader: node {} (term {})", l.id, l.term),
+            (None, []) => writeln!(s, "leader: none known"),
+            (None, ids) => writeln!(
             s,
             "leader: none with a quorum (node {} is a {LEADER_WITHOUT_QUORUM}: it cannot commit)",
             ids.iter().map(u64::to_string).collect::<Vec<_>>().join(", ")
         ),
-    };
+        };
     let _ = writeln!(
         s,
         "voters: {:?}  learners: {:?}",
@@ -230,7 +236,11 @@ mod tests {
                     message: "tcp connect error".into(),
                 }),
             ),
-            (3, "127.0.0.3:7001".into(), Ok(report(3, "Leader", Some(10)))),
+            (
+                3,
+                "127.0.0.3:7001".into(),
+                Ok(report(3, "Leader", Some(10))),
+            ),
         ];
         let out = table(&report(3, "Leader", Some(10)), &rows, 1000);
         let lines: Vec<&str> = out.lines().collect();
@@ -239,7 +249,10 @@ mod tests {
         assert_eq!(down.len(), up.len(), "{out}");
         assert_eq!(header.len(), up.len(), "{out}");
         assert_eq!(out.matches("127.0.0.1:7001").count(), 1, "{out}");
-        assert!(out.contains("node 1: unreachable (tcp connect error)"), "{out}");
+        assert!(
+            out.contains("node 1: unreachable (tcp connect error)"),
+            "{out}"
+        );
     }
 
     #[test]
@@ -247,9 +260,15 @@ mod tests {
         let lone = report(3, "Leader", Some(60_000));
         let rows: Vec<Row> = vec![(3, "127.0.0.3:7001".into(), Ok(lone.clone()))];
         let out = table(&lone, &rows, 1000);
-        assert!(out.starts_with("leader: none with a quorum (node 3"), "{out}");
+        assert!(
+            out.starts_with("leader: none with a quorum (node 3"),
+            "{out}"
+        );
         assert!(out.contains(LEADER_WITHOUT_QUORUM), "{out}");
-        assert_eq!(role(&report(3, "Leader", None), 1000), LEADER_WITHOUT_QUORUM);
+        assert_eq!(
+            role(&report(3, "Leader", None), 1000),
+            LEADER_WITHOUT_QUORUM
+        );
         assert_eq!(role(&report(3, "Leader", Some(5)), 1000), "Leader");
         assert_eq!(role(&report(3, "Follower", None), 1000), "Follower");
     }

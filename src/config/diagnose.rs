@@ -89,11 +89,8 @@ impl Schema {
 
     /// Every key as its environment variable, for suggestions.
     fn env_vars(&self) -> Vec<(String, String)> {
-        let mut out: Vec<(String, String)> = self
-            .top
-            .iter()
-            .map(|k| (env_var(k), k.clone()))
-            .collect();
+        let mut out: Vec<(String, String)> =
+            self.top.iter().map(|k| (env_var(k), k.clone())).collect();
         for (section, keys) in &self.sections {
             for k in keys {
                 let dotted = format!("{section}.{k}");
@@ -120,14 +117,21 @@ pub fn suggest<'a>(word: &str, candidates: impl IntoIterator<Item = &'a str>) ->
     let limit = (word.len() / 3).clamp(1, 3);
     candidates
         .into_iter()
-        .map(|c| (strsim::damerau_levenshtein(&word, &c.to_ascii_lowercase()), c))
+        .map(|c| {
+            (
+                strsim::damerau_levenshtein(&word, &c.to_ascii_lowercase()),
+                c,
+            )
+        })
         .filter(|(d, _)| *d <= limit)
         .min_by_key(|(d, _)| *d)
         .map(|(_, c)| c)
 }
 
 fn did_you_mean(found: Option<&str>, fmt: impl Fn(&str) -> String) -> String {
-    found.map(|c| format!("; did you mean {}?", fmt(c))).unwrap_or_default()
+    found
+        .map(|c| format!("; did you mean {}?", fmt(c)))
+        .unwrap_or_default()
 }
 
 /// 1-based line of a byte offset.
@@ -205,14 +209,15 @@ pub fn read_file(path: &Path, text: &str, schema: &Schema) -> (Vec<Setting>, Vec
             let message = if is_table {
                 format!(
                     "unknown section [{name}]{}",
-                    did_you_mean(suggest(name, schema.sections.keys().map(String::as_str)), |c| {
-                        format!("[{c}]")
-                    })
+                    did_you_mean(
+                        suggest(name, schema.sections.keys().map(String::as_str)),
+                        |c| { format!("[{c}]") }
+                    )
                 )
             } else {
                 format!(
                     "unknown key{}",
-                    did_you_mean(suggest(name, top_names.iter().copied()), |c| format!("{c}"))
+                    did_you_mean(suggest(name, top_names.iter().copied()), |c| c.to_string())
                 )
             };
             problems.push(Problem {

@@ -69,8 +69,7 @@ impl CreateRequest {
                 }
             }
         }
-        req.target = target
-            .ok_or_else(|| ApiError::InvalidRequest("target is required".into()))?;
+        req.target = target.ok_or_else(|| ApiError::InvalidRequest("target is required".into()))?;
         Ok(req)
     }
 }

@@ -267,7 +267,11 @@ where
             }
             Ok(Err(InputError::Closed)) => Ok(End::Closed),
             _ => {
-                self.reply(421, "4.3.0", &format!("{host} shutting down, try again later"));
+                self.reply(
+                    421,
+                    "4.3.0",
+                    &format!("{host} shutting down, try again later"),
+                );
                 self.flush().await?;
                 Ok(End::Closed)
             }
@@ -860,7 +864,10 @@ mod tests {
         assert_eq!(split_subaddress("abc-x+y", "+-"), Some(("abc", "-x+y")));
         assert_eq!(split_subaddress("abc+shop", ""), Some(("abc+shop", "")));
         assert_eq!(split_subaddress("abc+a>b", "+"), None);
-        assert_eq!(split_subaddress(&format!("abc+{}", "x".repeat(64)), "+"), None);
+        assert_eq!(
+            split_subaddress(&format!("abc+{}", "x".repeat(64)), "+"),
+            None
+        );
     }
 
     #[test]
