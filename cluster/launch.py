@@ -45,6 +45,9 @@ DEFAULT_DIR = "tempalias-cluster"
 DEFAULT_PORTS = {"http": 8080, "smtp": 2525, "cluster": 7001}
 DOMAIN = "tempalias.test"
 READY_TIMEOUT = 60.0
+# The role `tempalias cluster status` reports for a leader no quorum has
+# acknowledged lately (it answers /readyz with 503).
+LEADER_WITHOUT_QUORUM = "leader without quorum"
 STOP_TIMEOUT = 45.0
 
 
@@ -108,7 +111,12 @@ def node_ip(node_id: int, one_address: bool = False) -> str:
 
 
 def port_is_free(ip: str, port: int) -> bool:
+    """True when a node could listen on ip:port now. The probe binds as the
+    node does (tokio sets SO_REUSEADDR on listeners), so connections of a node
+    that just stopped, still in TIME_WAIT, do not count as "in use"; only a
+    socket that is really bound there does."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((ip, port))
             return True
@@ -907,20 +915,29 @@ def cmd_status(args) -> int:
         print(json.dumps(out, indent=2))
         return 0
     print(f"cluster in {c.dir}  (binary {c.binary})")
-    print(f"{'node':>4}  {'process':<14} {'ready':<6} {'role':<10} {'term':>5} {'applied':>8}  {'HTTP API':<24} {'SMTP':<18} cluster")
+    print(f"{'node':>4}  {'process':<14} {'ready':<6} {'role':<21} {'term':>5} {'applied':>8}  {'HTTP API':<24} {'SMTP':<18} cluster")
     for nd in c:
         proc = f"pid {nd.pid}" if nd.running() else ("removed" if nd.removed else "stopped")
         ready = ("yes" if nd.readyz() == 200 else "no") if nd.running() else "-"
-        r = by_id.get(nd.id, {}).get("status") or {}
-        role = r.get("state", "-")
+        entry = by_id.get(nd.id, {})
+        r = entry.get("status") or {}
+        role = entry.get("role") or r.get("state", "-")
         term = r.get("term", "-")
         applied = r.get("last_applied", "-")
-        print(f"{nd.id:>4}  {proc:<14} {ready:<6} {role:<10} {term!s:>5} {applied!s:>8}  {nd.api:<24} {nd.ip + ':' + str(nd.smtp_port):<18} {nd.cluster_addr}")
+        print(f"{nd.id:>4}  {proc:<14} {ready:<6} {role:<21} {term!s:>5} {applied!s:>8}  {nd.api:<24} {nd.ip + ':' + str(nd.smtp_port):<18} {nd.cluster_addr}")
     if raft:
-        leading = [r["id"] for r in raft if (r.get("status") or {}).get("state") == "Leader"]
+        # One truth with the nodes' own /readyz: a leader that no quorum has
+        # acknowledged lately cannot commit anything and is not "the leader".
+        leading = [r["id"] for r in raft if r.get("role", (r.get("status") or {}).get("state")) == "Leader"]
+        stranded = [r["id"] for r in raft if r.get("role") == LEADER_WITHOUT_QUORUM]
         believed = sorted({r["status"]["leader"] for r in raft if r.get("status") and r["status"].get("leader")})
         if leading:
             print(f"leader: node {', '.join(map(str, leading))}")
+        elif stranded:
+            print(
+                f"leader: none with a quorum; node {', '.join(map(str, stranded))} is a {LEADER_WITHOUT_QUORUM} "
+                "(it cannot commit: writes get 503 and RCPTs 451 until a majority runs again)"
+            )
         else:
             print("leader: none right now (election under way?)" + (f"; nodes last heard from node {', '.join(map(str, believed))}" if believed else ""))
     elif c.running_nodes():

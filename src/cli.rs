@@ -1,10 +1,15 @@
-//! The `tempalias` command line.
+//! The `tempalias` command line: the definitions (also the source of the
+//! shell completions and the man page) and the dispatch to each subcommand.
+
+mod alias_client;
+mod cluster_admin;
+mod style;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use anyhow::{bail, Context};
-use clap::{Parser, Subcommand};
+use anyhow::Context;
+use clap::{Args, CommandFactory, Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
@@ -13,7 +18,14 @@ use crate::config::Config;
 #[command(
     name = "tempalias",
     version,
-    about = "Clustered temporary e-mail alias forwarder"
+    about = "Clustered temporary e-mail alias forwarder",
+    long_about = "Clustered temporary e-mail alias forwarder.\n\n\
+        One binary: `serve` runs a node (with no configuration, a single node on \
+        loopback that captures forwarded mail), `alias` talks to a node's HTTP API, \
+        `cluster` shows and changes membership, `check-config` validates a \
+        configuration file.",
+    after_help = "Configuration keys and their TEMPALIAS_* environment variables: docs/configuration.md.\n\
+        Set NO_COLOR to turn colours off (they are only used on a terminal)."
 )]
 struct Cli {
     #[command(subcommand)]
@@ -22,89 +34,187 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Cmd {
-    /// Run a node. Without --config: one node on loopback, capturing forwarded mail.
+    /// Run a node until SIGTERM or Ctrl-C.
+    #[command(
+        long_about = "Run a node until SIGTERM or Ctrl-C, then drain and stop.\n\n\
+            Without --config: one node on loopback (HTTP 127.0.0.1:8080, SMTP \
+            127.0.0.1:2525, cluster 127.0.0.1:7001), data in ./tempalias-data, \
+            forwarded mail captured in ./tempalias-data/outbox."
+    )]
     Serve {
-        #[arg(long, short)]
+        /// Configuration file (TOML, every key in docs/configuration.md).
+        /// Default: none, the built-in single-node defaults. TEMPALIAS_*
+        /// variables override the file and the defaults.
+        #[arg(long, short, value_name = "FILE")]
         config: Option<PathBuf>,
-        /// Log format, overriding log.format: text or json.
-        #[arg(long)]
+        /// Log format, overriding the configuration's log.format (default: text).
+        #[arg(long, value_name = "FORMAT", value_parser = ["text", "json"])]
         log_format: Option<String>,
     },
-    /// Validate a configuration file (and TEMPALIAS_* overrides) and exit.
-    CheckConfig { file: PathBuf },
-    /// Show or change cluster membership over the cluster RPC port.
+    /// Check a configuration file (and TEMPALIAS_* overrides) and exit.
+    #[command(
+        long_about = "Check a configuration file and the TEMPALIAS_* variables set \
+            now, as `serve` would read them, and exit: 0 and a summary when it is \
+            usable, 1 and every problem (file line or variable, key, reason) \
+            otherwise."
+    )]
+    CheckConfig {
+        /// The configuration file to check.
+        #[arg(value_name = "FILE")]
+        file: PathBuf,
+    },
+    /// Show or change cluster membership over the cluster port.
     Cluster {
-        /// Configuration to take the cluster secret and default node from.
-        #[arg(long, short, global = true)]
+        /// Configuration to take the cluster secret and the node to ask from.
+        /// Default: none, the single-node defaults (secret in
+        /// ./tempalias-data/cluster.secret, node 127.0.0.1:7001).
+        #[arg(long, short, global = true, value_name = "FILE")]
         config: Option<PathBuf>,
-        /// Cluster address of the node to ask (default: cluster.listen).
-        #[arg(long, global = true)]
+        /// File holding the cluster secret (first line), overriding the
+        /// configuration's.
+        #[arg(long, global = true, value_name = "FILE")]
+        secret_file: Option<PathBuf>,
+        /// Cluster address (host:port) of the node to ask. Default: the
+        /// configuration's cluster.listen.
+        #[arg(long, global = true, value_name = "ADDR")]
         node: Option<String>,
         #[command(subcommand)]
         action: ClusterCmd,
     },
     /// Create, show or revoke aliases through a node's HTTP API.
     Alias {
-        /// Base URL of the API.
+        /// Base URL of a node's HTTP API; without a scheme, http:// is assumed.
         #[arg(
             long,
             env = "TEMPALIAS_API",
             default_value = "http://127.0.0.1:8080",
-            global = true
+            global = true,
+            value_name = "URL"
         )]
         api: String,
+        /// Print the API's JSON answer instead of a summary.
+        #[arg(long, global = true)]
+        json: bool,
         #[command(subcommand)]
         action: AliasCmd,
     },
+    /// Print a shell completion script.
+    #[command(
+        long_about = "Print a completion script for SHELL on standard output. For example:\n  \
+            tempalias completions bash > ~/.local/share/bash-completion/completions/tempalias\n  \
+            tempalias completions zsh > ~/.zfunc/_tempalias\n  \
+            tempalias completions fish > ~/.config/fish/completions/tempalias.fish"
+    )]
+    Completions {
+        /// The shell to complete for.
+        #[arg(value_name = "SHELL")]
+        shell: clap_complete::Shell,
+    },
+    /// Print the manual page (roff) on standard output.
+    #[command(
+        long_about = "Print the manual page, generated from these definitions, in roff \
+            on standard output. Read it with `tempalias man | man -l -`, or install it \
+            with `tempalias man > /usr/local/share/man/man1/tempalias.1`."
+    )]
+    Man,
 }
 
 #[derive(Subcommand, Debug)]
 enum ClusterCmd {
     /// Members, leader, term, each node's last applied index and lag.
     Status {
-        /// Print the raw JSON reports instead of a table.
+        /// Print each member's raw status report as JSON instead of a table.
         #[arg(long)]
         json: bool,
     },
     /// Add a node as a learner; returns once it has caught up.
-    AddLearner { id: u64, addr: String },
+    AddLearner {
+        /// The new node's node_id: a positive integer never used before in this cluster.
+        #[arg(value_name = "ID", value_parser = clap::value_parser!(u64).range(1..))]
+        id: u64,
+        /// The new node's cluster address, host:port (its cluster.listen).
+        #[arg(value_name = "ADDR")]
+        addr: String,
+    },
     /// Make a learner a voter.
-    Promote { id: u64 },
-    /// Remove a node from the cluster.
-    Remove { id: u64 },
+    Promote {
+        /// The learner's node id.
+        #[arg(value_name = "ID", value_parser = clap::value_parser!(u64).range(1..))]
+        id: u64,
+    },
+    /// Remove a node (voter or learner) from the cluster.
+    Remove {
+        /// The node's id.
+        #[arg(value_name = "ID", value_parser = clap::value_parser!(u64).range(1..))]
+        id: u64,
+    },
 }
 
 #[derive(Subcommand, Debug)]
 enum AliasCmd {
-    /// Create an alias forwarding to TARGET.
+    /// Create an alias forwarding to TARGET; prints it with its token.
     Create {
+        /// The address mail to the alias is forwarded to.
+        #[arg(value_name = "TARGET")]
         target: String,
-        #[arg(long)]
+        /// Days the alias lives, at least 1 and at most the node's
+        /// limits.max_days (60 by default). Default: that maximum.
+        #[arg(long, value_name = "N", value_parser = clap::value_parser!(i64).range(1..))]
         days: Option<i64>,
-        #[arg(long = "max-usage")]
+        /// Messages the alias forwards before it stops, at least 1 and at most
+        /// the node's limits.max_usage (100 by default). Default: that maximum.
+        /// Give --days, --max-usage or both.
+        #[arg(long = "max-usage", value_name = "N", value_parser = clap::value_parser!(i64).range(1..))]
         max_usage: Option<i64>,
     },
-    /// Show an alias (needs the token returned at creation).
+    /// Show an alias: target, state, expiry, uses left.
     Show {
+        /// The alias id (the part before the @).
+        #[arg(value_name = "ID")]
         id: String,
-        #[arg(long, env = "TEMPALIAS_TOKEN")]
-        token: String,
+        #[command(flatten)]
+        token: TokenArgs,
     },
-    /// Revoke an alias for good.
+    /// Revoke an alias for good: from then on it refuses all mail.
     Revoke {
+        /// The alias id (the part before the @).
+        #[arg(value_name = "ID")]
         id: String,
-        #[arg(long, env = "TEMPALIAS_TOKEN")]
-        token: String,
+        #[command(flatten)]
+        token: TokenArgs,
     },
+}
+
+/// The management token. On the command line it is visible to every local
+/// user in `ps` and lands in shell history, hence the environment and a file.
+#[derive(Args, Debug)]
+struct TokenArgs {
+    /// The token returned when the alias was created. Prefer TEMPALIAS_TOKEN
+    /// or --token-file: a token given here is kept in your shell history and
+    /// is visible to other users in `ps`.
+    #[arg(
+        long,
+        env = "TEMPALIAS_TOKEN",
+        hide_env_values = true,
+        value_name = "TOKEN"
+    )]
+    token: Option<String>,
+    /// Read the token from FILE (its first line; "-" reads standard input).
+    /// Takes precedence over --token and TEMPALIAS_TOKEN.
+    #[arg(long, env = "TEMPALIAS_TOKEN_FILE", value_name = "FILE")]
+    token_file: Option<PathBuf>,
 }
 
 /// Entry point of the binary.
 pub fn main() -> ExitCode {
+    // Read while the process has one thread: the local offset cannot be
+    // determined soundly once the runtime's threads exist.
+    let local_offset = time::UtcOffset::current_local_offset().unwrap_or(time::UtcOffset::UTC);
     let cli = Cli::parse();
-    match run(cli) {
+    match run(cli, local_offset) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("tempalias: {}", error_chain(&e));
+            eprintln!("{}: {}", style::error_label(), error_chain(&e));
             ExitCode::FAILURE
         }
     }
@@ -127,7 +237,7 @@ fn error_chain(e: &anyhow::Error) -> String {
     out
 }
 
-fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+fn run(cli: Cli, local_offset: time::UtcOffset) -> anyhow::Result<ExitCode> {
     match cli.command {
         Cmd::CheckConfig { file } => {
             let config = Config::load(Some(&file))?;
@@ -143,7 +253,6 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let mut config = Config::load(config.as_deref())?;
             if let Some(f) = log_format {
                 config.log.format = f;
-                config.validate()?;
             }
             init_logging(&config);
             let runtime = tokio::runtime::Runtime::new().context("starting the runtime")?;
@@ -152,18 +261,46 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Cmd::Cluster {
             config,
+            secret_file,
             node,
             action,
         } => {
-            let config = Config::load(config.as_deref())?;
             let runtime = tokio::runtime::Runtime::new().context("starting the runtime")?;
-            runtime.block_on(cluster(&config, node, action))
+            runtime.block_on(cluster_admin::run(
+                config.as_deref(),
+                secret_file.as_deref(),
+                node,
+                action,
+            ))
         }
-        Cmd::Alias { api, action } => {
+        Cmd::Alias { api, json, action } => {
             let runtime = tokio::runtime::Runtime::new().context("starting the runtime")?;
-            runtime.block_on(alias(&api, action))
+            runtime.block_on(alias_client::run(&api, json, action, local_offset))
+        }
+        Cmd::Completions { shell } => {
+            // Generated into memory: the generator panics on a write error
+            // (such as a closed pipe), which we report instead.
+            let mut script = Vec::new();
+            clap_complete::generate(shell, &mut Cli::command(), "tempalias", &mut script);
+            write_stdout(&script).context("writing the completion script")?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Man => {
+            let mut page = Vec::new();
+            clap_mangen::Man::new(Cli::command())
+                .render(&mut page)
+                .context("rendering the man page")?;
+            write_stdout(&page).context("writing the man page")?;
+            Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+fn write_stdout(bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    out.write_all(bytes)?;
+    out.flush()
 }
 
 fn init_logging(config: &Config) {
@@ -172,7 +309,7 @@ fn init_logging(config: &Config) {
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
+        .with_ansi(style::colour(&std::io::stderr()));
     if config.log.format == "json" {
         builder.json().init();
     } else {
@@ -220,174 +357,46 @@ async fn wait_for_signal() {
     }
 }
 
-async fn cluster(
-    config: &Config,
-    node: Option<String>,
-    action: ClusterCmd,
-) -> anyhow::Result<ExitCode> {
-    use crate::cluster::client::Peers;
-    use crate::cluster::messages::MembershipChange;
-    let secret = config.cluster_secret()?;
-    let peers = Peers::new(&secret, std::time::Duration::from_secs(5))?;
-    let addr = node.unwrap_or_else(|| config.cluster.listen.clone());
-    let change = match action {
-        ClusterCmd::Status { json } => {
-            let first = peers
-                .status(&addr)
-                .await
-                .with_context(|| format!("asking {addr}"))?;
-            let mut reports = Vec::new();
-            for (id, member_addr) in &first.nodes {
-                let report = if *id == first.id {
-                    Ok(first.clone())
-                } else {
-                    peers.status(member_addr).await
-                };
-                reports.push((*id, member_addr.clone(), report));
-            }
-            if reports.is_empty() {
-                reports.push((first.id, addr.clone(), Ok(first.clone())));
-            }
-            if json {
-                let all: Vec<_> = reports
-                    .iter()
-                    .map(|(id, a, r)| match r {
-                        Ok(r) => serde_json::json!({ "id": id, "addr": a, "status": r }),
-                        Err(e) => {
-                            serde_json::json!({ "id": id, "addr": a, "error": e.to_string() })
-                        }
-                    })
-                    .collect();
-                println!("{}", serde_json::to_string_pretty(&all)?);
-                return Ok(ExitCode::SUCCESS);
-            }
-            let head = reports
-                .iter()
-                .filter_map(|(_, _, r)| r.as_ref().ok())
-                .filter_map(|r| r.last_log_index)
-                .max()
-                .unwrap_or(0);
-            let leader = reports
-                .iter()
-                .filter_map(|(_, _, r)| r.as_ref().ok())
-                .find(|r| {
-                    r.leader == Some(r.id)
-                        && (r.voters.len() <= 1
-                            || r.millis_since_quorum_ack
-                                .is_some_and(|ms| ms <= 2 * config.cluster.election_timeout_ms))
-                });
-            match leader {
-                Some(l) => println!("leader: node {} (term {})", l.id, l.term),
-                None => println!("leader: none known"),
-            }
-            println!("voters: {:?}  learners: {:?}", first.voters, first.learners);
-            println!(
-                "{:>4}  {:<22} {:<10} {:>6} {:>10} {:>6}",
-                "id", "address", "state", "term", "applied", "lag"
-            );
-            for (id, a, r) in &reports {
-                match r {
-                    Ok(r) => {
-                        let applied = r.last_applied.unwrap_or(0);
-                        // openraft 0.9 does not step a cut-off leader down; say so.
-                        let no_quorum = r.state == "Leader"
-                            && r.voters.len() > 1
-                            && r.millis_since_quorum_ack
-                                .is_none_or(|ms| ms > 2 * config.cluster.election_timeout_ms);
-                        let state = if no_quorum {
-                            "Leader(no quorum)".to_string()
-                        } else {
-                            r.state.clone()
-                        };
-                        println!(
-                            "{:>4}  {:<22} {:<10} {:>6} {:>10} {:>6}",
-                            id,
-                            a,
-                            state,
-                            r.term,
-                            applied,
-                            head.saturating_sub(applied)
-                        );
-                    }
-                    Err(e) => println!("{id:>4}  {a:<22} unreachable: {e}"),
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn definitions_are_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    /// Every argument and option says what it is for.
+    #[test]
+    fn every_argument_has_help() {
+        fn walk(cmd: &clap::Command, path: &str, missing: &mut Vec<String>) {
+            for arg in cmd.get_arguments() {
+                let id = arg.get_id().as_str();
+                if matches!(id, "help" | "version") {
+                    continue;
+                }
+                if arg.get_help().is_none() && arg.get_long_help().is_none() {
+                    missing.push(format!("{path} {id}"));
                 }
             }
-            return Ok(ExitCode::SUCCESS);
+            for sub in cmd.get_subcommands() {
+                if sub.get_about().is_none() && sub.get_name() != "help" {
+                    missing.push(format!("{path} {}", sub.get_name()));
+                }
+                walk(sub, &format!("{path} {}", sub.get_name()), missing);
+            }
         }
-        ClusterCmd::AddLearner { id, addr } => MembershipChange::AddLearner { id, addr },
-        ClusterCmd::Promote { id } => MembershipChange::Promote { id },
-        ClusterCmd::Remove { id } => MembershipChange::Remove { id },
-    };
-    let resp = peers
-        .change_membership(&addr, &change, std::time::Duration::from_secs(300))
-        .await
-        .with_context(|| format!("asking {addr}"))?;
-    if resp.ok {
-        println!("{}", resp.message);
-        Ok(ExitCode::SUCCESS)
-    } else {
-        eprintln!("tempalias: {}", resp.message);
-        Ok(ExitCode::FAILURE)
+        let mut missing = Vec::new();
+        walk(&Cli::command(), "tempalias", &mut missing);
+        assert!(missing.is_empty(), "no help text: {missing:?}");
     }
-}
 
-async fn alias(api: &str, action: AliasCmd) -> anyhow::Result<ExitCode> {
-    let client = reqwest::Client::builder()
-        .timeout(std::time::Duration::from_secs(30))
-        .build()?;
-    let base = api.trim_end_matches('/');
-    let resp = match action {
-        AliasCmd::Create {
-            target,
-            days,
-            max_usage,
-        } => {
-            let mut body = serde_json::json!({ "target": target });
-            if let Some(d) = days {
-                body["days"] = d.into();
-            }
-            if let Some(m) = max_usage {
-                body["max-usage"] = m.into();
-            }
-            if days.is_none() && max_usage.is_none() {
-                bail!("give --days and/or --max-usage");
-            }
-            client
-                .post(format!("{base}/v1/aliases"))
-                .json(&body)
-                .send()
-                .await
-        }
-        AliasCmd::Show { id, token } => {
-            client
-                .get(format!("{base}/v1/aliases/{id}"))
-                .bearer_auth(token)
-                .send()
-                .await
-        }
-        AliasCmd::Revoke { id, token } => {
-            client
-                .delete(format!("{base}/v1/aliases/{id}"))
-                .bearer_auth(token)
-                .send()
-                .await
-        }
-    }
-    .with_context(|| format!("calling {base}"))?;
-    let status = resp.status();
-    let text = resp.text().await.unwrap_or_default();
-    if status.is_success() {
-        if text.is_empty() {
-            println!("{}", status);
-        } else {
-            match serde_json::from_str::<serde_json::Value>(&text) {
-                Ok(v) => println!("{}", serde_json::to_string_pretty(&v)?),
-                Err(_) => println!("{text}"),
-            }
-        }
-        Ok(ExitCode::SUCCESS)
-    } else {
-        eprintln!("tempalias: {status}: {text}");
-        Ok(ExitCode::FAILURE)
+    #[test]
+    fn a_bad_flag_value_names_the_flag() {
+        let e = Cli::try_parse_from(["tempalias", "serve", "--log-format", "xml"]).unwrap_err();
+        assert!(e.to_string().contains("--log-format"), "{e}");
+        let e = Cli::try_parse_from(["tempalias", "alias", "create", "a@b.example", "--days", "0"])
+            .unwrap_err();
+        assert!(e.to_string().contains("--days"), "{e}");
     }
 }

@@ -15,14 +15,11 @@ use serde::{Deserialize, Serialize};
 /// Environment prefix for overrides.
 pub const ENV_PREFIX: &str = "TEMPALIAS_";
 
-/// Variables with the prefix that are not configuration keys.
-const ENV_NOT_CONFIG: &[&str] = &[
-    crate::clock::TEST_CLOCK_OFFSET_FILE_ENV,
-    "TEMPALIAS_API",
-    "TEMPALIAS_TOKEN",
-];
+mod diagnose;
 
-/// Why a configuration could not be used. Each variant names the offending key.
+pub use diagnose::{env_var, Origin, Problem};
+
+/// Why a configuration could not be used.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read {path}: {error}")]
@@ -30,12 +27,53 @@ pub enum ConfigError {
         path: PathBuf,
         error: std::io::Error,
     },
-    #[error("{origin}: {message}")]
-    Parse { origin: String, message: String },
-    #[error("environment variable {var}: {message}")]
-    Env { var: String, message: String },
+    /// One key is wrong (used where a single value is checked on its own).
     #[error("{key}: {message}")]
     Invalid { key: String, message: String },
+    /// Everything wrong with the file and the environment, each with its place.
+    #[error("{}", problem_list(.0))]
+    Problems(Vec<Problem>),
+}
+
+fn problem_list(problems: &[Problem]) -> String {
+    match problems {
+        [one] => one.to_string(),
+        many => {
+            let mut s = format!("{} problems in the configuration:", many.len());
+            for p in many {
+                s.push_str("\n  ");
+                s.push_str(&p.to_string());
+            }
+            s
+        }
+    }
+}
+
+impl ConfigError {
+    fn from_problems(problems: Vec<Problem>) -> Result<(), ConfigError> {
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(ConfigError::Problems(problems))
+        }
+    }
+
+    /// The problems this error stands for (one for the single-key variants).
+    pub fn problems(&self) -> Vec<Problem> {
+        match self {
+            ConfigError::Problems(p) => p.clone(),
+            ConfigError::Invalid { key, message } => vec![Problem {
+                origin: Origin::Default,
+                key: key.clone(),
+                message: message.clone(),
+            }],
+            ConfigError::Read { path, error } => vec![Problem {
+                origin: Origin::Default,
+                key: String::new(),
+                message: format!("cannot read {}: {error}", path.display()),
+            }],
+        }
+    }
 }
 
 fn invalid(key: &str, message: impl Into<String>) -> ConfigError {
@@ -135,6 +173,10 @@ pub struct SmtpConfig {
     pub max_recipients: usize,
     /// `Received:` headers after which a message is refused as a loop.
     pub max_hops: usize,
+    /// Sub-addressing, as Postfix's `recipient_delimiter`: `id+tag@domain`
+    /// is the alias `id`, so users can tag what they hand out and filter on
+    /// it. Each character is a delimiter; empty turns it off.
+    pub recipient_delimiter: String,
 }
 
 impl Default for SmtpConfig {
@@ -154,6 +196,7 @@ impl Default for SmtpConfig {
             failed_rcpt_window_secs: 600,
             max_recipients: 50,
             max_hops: 50,
+            recipient_delimiter: "+".to_string(),
         }
     }
 }
@@ -303,7 +346,8 @@ impl Config {
     /// Loads the configuration: defaults, then `path` (if any), then the environment.
     ///
     /// # Errors
-    /// A [`ConfigError`] naming the file line, variable or key that is wrong.
+    /// A [`ConfigError`] listing every problem found, each naming the file
+    /// line or environment variable and the key.
     pub fn load(path: Option<&Path>) -> Result<Self, ConfigError> {
         Self::load_with_env(path, std::env::vars())
     }
@@ -316,78 +360,115 @@ impl Config {
         path: Option<&Path>,
         env: impl IntoIterator<Item = (String, String)>,
     ) -> Result<Self, ConfigError> {
-        let mut table = match path {
-            Some(path) => {
-                let text = std::fs::read_to_string(path).map_err(|error| ConfigError::Read {
-                    path: path.to_path_buf(),
-                    error,
-                })?;
-                // Parse into the typed struct first: its errors carry line numbers.
-                let typed: Config = toml::from_str(&text).map_err(|e| ConfigError::Parse {
-                    origin: path.display().to_string(),
-                    message: e.to_string(),
-                })?;
-                toml::Table::try_from(typed).map_err(|e| ConfigError::Parse {
-                    origin: path.display().to_string(),
-                    message: e.to_string(),
-                })?
-            }
-            None => toml::Table::try_from(Config::default()).map_err(|e| ConfigError::Parse {
-                origin: "defaults".into(),
-                message: e.to_string(),
-            })?,
-        };
-        let mut overridden = false;
-        for (var, raw) in env {
-            let Some(rest) = var.strip_prefix(ENV_PREFIX) else {
-                continue;
-            };
-            if ENV_NOT_CONFIG.contains(&var.as_str()) {
-                continue;
-            }
-            apply_env(&mut table, &var, &rest.to_ascii_lowercase(), &raw)?;
-            overridden = true;
+        let schema = diagnose::Schema::new();
+        let mut settings = Vec::new();
+        let mut problems = Vec::new();
+        if let Some(path) = path {
+            let text = std::fs::read_to_string(path).map_err(|error| ConfigError::Read {
+                path: path.to_path_buf(),
+                error,
+            })?;
+            let (s, p) = diagnose::read_file(path, &text, &schema);
+            settings.extend(s);
+            problems.extend(p);
         }
-        let origin = if overridden {
-            "environment overrides"
-        } else {
-            "configuration"
+        let (s, p) = diagnose::read_env(env, &schema);
+        settings.extend(s);
+        problems.extend(p);
+
+        // Each value on its own over the defaults, so that every mistyped
+        // value is reported (serde stops at the first) and names its origin.
+        let defaults =
+            toml::Table::try_from(Config::default()).map_err(|e| invalid("", e.to_string()))?;
+        let mut table = defaults.clone();
+        let mut origins: BTreeMap<String, Origin> = BTreeMap::new();
+        for setting in settings {
+            let mut alone = defaults.clone();
+            diagnose::set(&mut alone, &setting.key, setting.value.clone());
+            match Config::deserialize(alone) {
+                Ok(_) => {
+                    diagnose::set(&mut table, &setting.key, setting.value);
+                    origins.insert(setting.key, setting.origin);
+                }
+                Err(e) => problems.push(Problem {
+                    origin: setting.origin,
+                    key: setting.key,
+                    message: diagnose::type_error(&e),
+                }),
+            }
+        }
+        let config = match Config::deserialize(table) {
+            Ok(c) => c,
+            Err(e) => {
+                problems.push(Problem {
+                    origin: Origin::Default,
+                    key: String::new(),
+                    message: diagnose::type_error(&e),
+                });
+                return Err(ConfigError::Problems(problems));
+            }
         };
-        let config = Config::deserialize(table).map_err(|e| ConfigError::Parse {
-            origin: origin.into(),
-            message: e.to_string(),
-        })?;
-        config.validate()?;
+        for (key, message) in config.problems() {
+            let origin = origins.get(&key).cloned().unwrap_or(Origin::Default);
+            problems.push(Problem {
+                origin,
+                key,
+                message,
+            });
+        }
+        // File lines in order, then the environment, then the rest.
+        problems.sort_by_key(|p| match &p.origin {
+            Origin::File { line, .. } => (0, *line),
+            Origin::Env(_) => (1, 0),
+            Origin::Default => (2, 0),
+        });
+        ConfigError::from_problems(problems)?;
         Ok(config)
     }
 
     /// Checks values that parse but cannot work.
     ///
     /// # Errors
-    /// [`ConfigError::Invalid`] with the dotted key and the reason.
+    /// [`ConfigError::Problems`] with every dotted key and its reason.
     pub fn validate(&self) -> Result<(), ConfigError> {
+        let problems: Vec<Problem> = self
+            .problems()
+            .into_iter()
+            .map(|(key, message)| Problem {
+                origin: Origin::Default,
+                key,
+                message,
+            })
+            .collect();
+        ConfigError::from_problems(problems)
+    }
+
+    /// Every value that parses but cannot work, as `(dotted key, reason)`
+    /// pairs: all of them, so one `check-config` run shows everything to fix.
+    pub fn problems(&self) -> Vec<(String, String)> {
+        let mut out = Checks::default();
         if self.node_id == 0 {
-            return Err(invalid("node_id", "must be a positive integer"));
+            out.push("node_id", "must be a positive integer");
         }
         if self.domains.is_empty() {
-            return Err(invalid("domains", "at least one alias domain is required"));
+            out.push("domains", "at least one alias domain is required");
         }
         for d in &self.domains {
             if !crate::alias::is_valid_domain(d) || d.to_ascii_lowercase() != *d {
-                return Err(invalid(
+                out.push(
                     "domains",
                     format!("{d:?} is not a lower-case domain name with at least two labels"),
-                ));
+                );
             }
         }
-        parse_addr("http.listen", &self.http.listen)?;
-        parse_addr("smtp.listen", &self.smtp.listen)?;
-        parse_addr("cluster.listen", &self.cluster.listen)?;
-        positive("http.request_timeout_secs", self.http.request_timeout_secs)?;
-        positive(
+        out.listen("http.listen", &self.http.listen);
+        out.listen("smtp.listen", &self.smtp.listen);
+        out.listen("cluster.listen", &self.cluster.listen);
+        out.positive("http.request_timeout_secs", self.http.request_timeout_secs);
+        out.positive(
             "http.max_concurrent_requests",
             self.http.max_concurrent_requests as u64,
-        )?;
+        );
         if self.smtp.hostname.is_empty()
             || !self
                 .smtp
@@ -395,134 +476,146 @@ impl Config {
                 .bytes()
                 .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'-')
         {
-            return Err(invalid("smtp.hostname", "must be a host name"));
+            out.push("smtp.hostname", "must be a host name");
         }
-        positive("smtp.max_message_size", self.smtp.max_message_size)?;
-        positive("smtp.max_connections", self.smtp.max_connections as u64)?;
-        positive(
+        let delimiter = &self.smtp.recipient_delimiter;
+        if !delimiter.bytes().all(|b| b"+-_=.".contains(&b)) {
+            out.push(
+                "smtp.recipient_delimiter",
+                format!(
+                    "{delimiter:?}: each character must be one of + - _ = . (or leave it empty to turn sub-addressing off)"
+                ),
+            );
+        }
+        out.positive("smtp.max_message_size", self.smtp.max_message_size);
+        out.positive("smtp.max_connections", self.smtp.max_connections as u64);
+        out.positive(
             "smtp.max_connections_per_ip",
             self.smtp.max_connections_per_ip as u64,
-        )?;
-        positive(
+        );
+        out.positive(
             "smtp.transaction_timeout_secs",
             self.smtp.transaction_timeout_secs,
-        )?;
-        positive("smtp.idle_timeout_secs", self.smtp.idle_timeout_secs)?;
-        positive("smtp.session_timeout_secs", self.smtp.session_timeout_secs)?;
-        positive("smtp.max_failed_rcpts", self.smtp.max_failed_rcpts as u64)?;
-        positive(
+        );
+        out.positive("smtp.idle_timeout_secs", self.smtp.idle_timeout_secs);
+        out.positive("smtp.session_timeout_secs", self.smtp.session_timeout_secs);
+        out.positive("smtp.max_failed_rcpts", self.smtp.max_failed_rcpts as u64);
+        out.positive(
             "smtp.max_failed_rcpts_per_ip",
             self.smtp.max_failed_rcpts_per_ip as u64,
-        )?;
-        positive(
+        );
+        out.positive(
             "smtp.failed_rcpt_window_secs",
             self.smtp.failed_rcpt_window_secs,
-        )?;
-        positive("smtp.max_recipients", self.smtp.max_recipients as u64)?;
-        positive("smtp.max_hops", self.smtp.max_hops as u64)?;
+        );
+        out.positive("smtp.max_recipients", self.smtp.max_recipients as u64);
+        out.positive("smtp.max_hops", self.smtp.max_hops as u64);
         if self.relay.mode == RelayMode::Smarthost {
             if self.relay.smarthosts.is_empty() {
-                return Err(invalid(
+                out.push(
                     "relay.smarthosts",
                     "at least one smarthost is required when relay.mode = \"smarthost\"",
-                ));
+                );
             }
             for url in &self.relay.smarthosts {
-                crate::relay::SmarthostUrl::parse(url)
-                    .map_err(|e| invalid("relay.smarthosts", format!("{url:?}: {e}")))?;
+                if let Err(e) = crate::relay::SmarthostUrl::parse(url) {
+                    out.push("relay.smarthosts", format!("{url:?}: {e}"));
+                }
             }
         }
-        positive("relay.timeout_secs", self.relay.timeout_secs)?;
+        out.positive("relay.timeout_secs", self.relay.timeout_secs);
         // A reservation lives from RCPT to the upstream's reply: at most the
         // whole session plus one attempt per smarthost.
         let attempts = self.relay.smarthosts.len().max(1) as u64;
-        let longest = self.smtp.session_timeout_secs + self.relay.timeout_secs * attempts;
+        let longest = self
+            .smtp
+            .session_timeout_secs
+            .saturating_add(self.relay.timeout_secs.saturating_mul(attempts));
         if self.relay.reservation_lease_secs <= longest {
-            return Err(invalid(
+            out.push(
                 "relay.reservation_lease_secs",
                 format!(
                     "must exceed smtp.session_timeout_secs + relay.timeout_secs per smarthost ({longest} s), or a live transaction could lose its reservation"
                 ),
-            ));
+            );
         }
-        positive("limits.max_days", self.limits.max_days as u64)?;
-        positive("limits.max_usage", self.limits.max_usage as u64)?;
+        out.positive("limits.max_days", self.limits.max_days as u64);
+        out.positive("limits.max_usage", self.limits.max_usage as u64);
         if self.cluster.initial_members.is_empty() {
-            return Err(invalid(
-                "cluster.initial_members",
-                "must list at least this node",
-            ));
+            out.push("cluster.initial_members", "must list at least this node");
         }
         for (id, addr) in &self.cluster.initial_members {
             match id.parse::<u64>() {
                 Ok(n) if n > 0 => {}
-                _ => {
-                    return Err(invalid(
-                        "cluster.initial_members",
-                        format!("{id:?} is not a positive node id"),
-                    ))
-                }
+                _ => out.push(
+                    "cluster.initial_members",
+                    format!("{id:?} is not a positive node id"),
+                ),
             }
-            parse_addr("cluster.initial_members", addr)?;
+            out.listen("cluster.initial_members", addr);
         }
-        if !self
-            .cluster
-            .initial_members
-            .contains_key(&self.node_id.to_string())
+        if self.node_id != 0
+            && !self.cluster.initial_members.is_empty()
+            && !self
+                .cluster
+                .initial_members
+                .contains_key(&self.node_id.to_string())
         {
-            return Err(invalid(
+            out.push(
                 "cluster.initial_members",
                 format!("must contain this node's id {}", self.node_id),
-            ));
+            );
         }
-        positive(
+        out.positive(
             "cluster.snapshot_after_entries",
             self.cluster.snapshot_after_entries,
-        )?;
-        positive("cluster.write_timeout_ms", self.cluster.write_timeout_ms)?;
-        positive("cluster.rpc_timeout_ms", self.cluster.rpc_timeout_ms)?;
-        positive("cluster.heartbeat_ms", self.cluster.heartbeat_ms)?;
-        if self.cluster.election_timeout_ms < 3 * self.cluster.heartbeat_ms {
-            return Err(invalid(
+        );
+        out.positive("cluster.write_timeout_ms", self.cluster.write_timeout_ms);
+        out.positive("cluster.rpc_timeout_ms", self.cluster.rpc_timeout_ms);
+        out.positive("cluster.heartbeat_ms", self.cluster.heartbeat_ms);
+        if self.cluster.election_timeout_ms < self.cluster.heartbeat_ms.saturating_mul(3) {
+            out.push(
                 "cluster.election_timeout_ms",
                 "must be at least three heartbeats (cluster.heartbeat_ms), or followers start needless elections",
-            ));
+            );
         }
         if self.cluster.secret.is_some() && self.cluster.secret_file.is_some() {
-            return Err(invalid(
+            out.push(
                 "cluster.secret",
                 "set either cluster.secret or cluster.secret_file, not both",
-            ));
+            );
         }
         if let Some(s) = &self.cluster.secret {
             if s.expose().len() < 16 {
-                return Err(invalid("cluster.secret", "must be at least 16 characters"));
+                out.push("cluster.secret", "must be at least 16 characters");
             }
         }
         if let Some(path) = &self.cluster.secret_file {
-            let s = read_secret_file(path).map_err(|e| invalid("cluster.secret_file", e))?;
-            if s.expose().len() < 16 {
-                return Err(invalid(
+            match read_secret_file(path) {
+                Err(e) => out.push("cluster.secret_file", e),
+                Ok(s) if s.expose().len() < 16 => out.push(
                     "cluster.secret_file",
                     "the secret must be at least 16 characters",
-                ));
+                ),
+                Ok(_) => {}
             }
         }
         if self.cluster.initial_members.len() > 1
             && self.cluster.secret.is_none()
             && self.cluster.secret_file.is_none()
         {
-            return Err(invalid(
+            out.push(
                 "cluster.secret",
                 "a multi-node cluster needs cluster.secret or cluster.secret_file",
-            ));
+            );
         }
         if !matches!(self.log.format.as_str(), "text" | "json") {
-            return Err(invalid("log.format", "must be \"text\" or \"json\""));
+            out.push("log.format", "must be \"text\" or \"json\"");
         }
-        tracing_subscriber::EnvFilter::try_new(&self.log.level)
-            .map_err(|e| invalid("log.level", e.to_string()))?;
-        Ok(())
+        if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log.level) {
+            out.push("log.level", e.to_string());
+        }
+        out.0
     }
 
     /// Initial members as typed ids and addresses.
@@ -554,8 +647,41 @@ impl Config {
         let secret = crate::alias::new_token();
         std::fs::create_dir_all(&self.data_dir)
             .and_then(|_| write_private(&path, secret.as_bytes()))
-            .map_err(|e| invalid("data_dir", format!("cannot write {}: {e}", path.display())))?;
+            .map_err(|e| {
+                invalid(
+                    "data_dir",
+                    format!(
+                        "{} (TEMPALIAS_DATA_DIR) is not writable: {e}; the node keeps its cluster secret and database there",
+                        self.data_dir.display()
+                    ),
+                )
+            })?;
         Ok(Secret::new(secret))
+    }
+
+    /// The cluster secret for an admin client, and where it was found (for
+    /// messages). Unlike [`Config::cluster_secret`] it never creates one: a
+    /// client with a fresh secret could only be refused.
+    ///
+    /// # Errors
+    /// [`ConfigError::Invalid`] saying where a secret was looked for.
+    pub fn existing_cluster_secret(&self) -> Result<(Secret, String), ConfigError> {
+        if let Some(s) = &self.cluster.secret {
+            return Ok((s.clone(), "cluster.secret".into()));
+        }
+        if let Some(path) = &self.cluster.secret_file {
+            return read_secret_file(path)
+                .map(|s| (s, path.display().to_string()))
+                .map_err(|e| invalid("cluster.secret_file", e));
+        }
+        let path = self.data_dir.join("cluster.secret");
+        match read_secret_file(&path) {
+            Ok(s) => Ok((s, path.display().to_string())),
+            Err(e) => Err(invalid(
+                "cluster.secret",
+                format!("no secret configured, and {e} (a node without a configured secret writes it there when it first starts); run this in the node's directory, or give --config FILE or --secret-file FILE"),
+            )),
+        }
     }
 
     /// The file holding this node's database.
@@ -589,64 +715,56 @@ fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     f.sync_all()
 }
 
-fn positive(key: &str, v: u64) -> Result<(), ConfigError> {
-    if v == 0 {
-        Err(invalid(key, "must be greater than zero"))
-    } else {
-        Ok(())
+/// Collects `(key, reason)` pairs for [`Config::problems`].
+#[derive(Default)]
+struct Checks(Vec<(String, String)>);
+
+impl Checks {
+    fn push(&mut self, key: &str, message: impl Into<String>) {
+        self.0.push((key.to_string(), message.into()));
+    }
+
+    fn positive(&mut self, key: &str, v: u64) {
+        if v == 0 {
+            self.push(key, "must be greater than zero");
+        }
+    }
+
+    fn listen(&mut self, key: &str, s: &str) {
+        if let Err(e) = check_listen_addr(s) {
+            self.push(key, e);
+        }
     }
 }
 
-fn parse_addr(key: &str, s: &str) -> Result<SocketAddr, ConfigError> {
-    s.parse().map_err(|_| {
-        invalid(
-            key,
-            format!("{s:?} is not an address such as 127.0.0.1:8080"),
-        )
-    })
-}
-
-/// Sets one override: `rest` is the variable name after the prefix, lower-cased.
-fn apply_env(table: &mut toml::Table, var: &str, rest: &str, raw: &str) -> Result<(), ConfigError> {
-    let value = parse_env_value(raw);
-    let top_level = ["node_id", "data_dir", "domains"];
-    if top_level.contains(&rest) {
-        table.insert(rest.to_string(), value);
+/// Accepts `IP:port`, `[IPv6]:port` and `host:port`. Host names are resolved
+/// when the node binds (all of the name's addresses are tried in order), so
+/// `localhost:8080` works; the check here is only that it is a name at all.
+fn check_listen_addr(s: &str) -> Result<(), String> {
+    let example = "an address such as 127.0.0.1:8080, [::1]:8080 or localhost:8080";
+    if s.parse::<SocketAddr>().is_ok() {
         return Ok(());
     }
-    let sections = ["http", "smtp", "relay", "limits", "cluster", "log"];
-    let Some((section, key)) = rest.split_once('_') else {
-        return Err(ConfigError::Env {
-            var: var.to_string(),
-            message: "not a configuration key".into(),
-        });
+    let Some((host, port)) = s.rsplit_once(':') else {
+        return Err(format!("{s:?} has no port: use {example}"));
     };
-    if !sections.contains(&section) {
-        return Err(ConfigError::Env {
-            var: var.to_string(),
-            message: format!("unknown section {section:?}"),
-        });
+    if port.parse::<u16>().is_err() {
+        return Err(format!("{s:?}: {port:?} is not a port number (0 to 65535)"));
     }
-    let entry = table
-        .entry(section.to_string())
-        .or_insert_with(|| toml::Value::Table(toml::Table::new()));
-    let toml::Value::Table(section_table) = entry else {
-        return Err(ConfigError::Env {
-            var: var.to_string(),
-            message: format!("{section} is not a section"),
+    let is_name = !host.is_empty()
+        && host.len() <= 253
+        && host.split('.').all(|l| {
+            !l.is_empty()
+                && l.len() <= 63
+                && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+                && !l.starts_with('-')
+                && !l.ends_with('-')
         });
-    };
-    section_table.insert(key.to_string(), value);
-    Ok(())
-}
-
-/// Environment values are TOML values when they parse as one (numbers, arrays,
-/// inline tables), and plain strings otherwise.
-fn parse_env_value(raw: &str) -> toml::Value {
-    toml::from_str::<toml::Table>(&format!("v = {raw}"))
-        .ok()
-        .and_then(|mut t| t.remove("v"))
-        .unwrap_or_else(|| toml::Value::String(raw.to_string()))
+    if is_name {
+        Ok(())
+    } else {
+        Err(format!("{s:?} is not {example}"))
+    }
 }
 
 #[cfg(test)]
@@ -697,9 +815,83 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("max_mesage_size"), "{e}");
-        assert!(e.contains("line 2"), "{e}");
+        assert!(e.contains("c.toml:2:"), "{e}");
         let e = load("colour = 1\n", &[]).unwrap_err().to_string();
         assert!(e.contains("colour"), "{e}");
+    }
+
+    fn problems(text: &str, env: &[(&str, &str)]) -> Vec<(Option<usize>, String, String)> {
+        load(text, env)
+            .unwrap_err()
+            .problems()
+            .into_iter()
+            .map(|p| {
+                let line = match p.origin {
+                    Origin::File { line, .. } => Some(line),
+                    _ => None,
+                };
+                (line, p.key, p.message)
+            })
+            .collect()
+    }
+
+    #[test]
+    fn every_problem_is_reported_with_its_line_and_a_suggestion() {
+        let text = "node_id = 0\ndomians = [\"a.example\"]\n\n[smpt]\nlisten = \"x\"\n\n[http]\nlisten = \"nonsense\"\nrequest_timeout_secs = \"ten\"\n[limits]\nmax_days = 0\n";
+        let found = problems(text, &[]);
+        let keys: Vec<_> = found.iter().map(|(l, k, _)| (*l, k.as_str())).collect();
+        assert_eq!(
+            keys,
+            vec![
+                (Some(1), "node_id"),
+                (Some(2), "domians"),
+                (Some(4), "smpt"),
+                (Some(8), "http.listen"),
+                (Some(9), "http.request_timeout_secs"),
+                (Some(11), "limits.max_days"),
+            ],
+            "{found:?}"
+        );
+        assert!(found[1].2.contains("did you mean domains?"), "{found:?}");
+        assert!(found[2].2.contains("did you mean [smtp]?"), "{found:?}");
+    }
+
+    #[test]
+    fn environment_problems_name_the_variable() {
+        let e = load("", &[("TEMPALIAS_HTTP_LISTN", "127.0.0.1:1")])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with("TEMPALIAS_HTTP_LISTN: not a configuration variable; did you mean TEMPALIAS_HTTP_LISTEN?"),
+            "{e}"
+        );
+        let e = load("", &[("TEMPALIAS_HTTP_LISTEN", "nonsense")])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with("TEMPALIAS_HTTP_LISTEN (http.listen): "),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn listen_addresses_may_be_host_names() {
+        let c = load("[http]\nlisten = \"localhost:8080\"\n", &[]).unwrap();
+        assert_eq!(c.http.listen, "localhost:8080");
+        load("[http]\nlisten = \"[::1]:8080\"\n", &[]).unwrap();
+        for bad in ["localhost", "local host:80", "a:99999", ":80"] {
+            let e = load(&format!("[http]\nlisten = {bad:?}\n"), &[]).unwrap_err();
+            assert!(e.to_string().contains("http.listen"), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn recipient_delimiter_is_checked() {
+        assert_eq!(Config::default().smtp.recipient_delimiter, "+");
+        load("[smtp]\nrecipient_delimiter = \"\"\n", &[]).unwrap();
+        load("[smtp]\nrecipient_delimiter = \"+-\"\n", &[]).unwrap();
+        let e = load("[smtp]\nrecipient_delimiter = \"a\"\n", &[]).unwrap_err();
+        assert!(e.to_string().contains("smtp.recipient_delimiter"), "{e}");
     }
 
     #[test]
@@ -731,7 +923,7 @@ mod tests {
         let e = load("", &[("TEMPALIAS_SMTP_NOPE", "1")])
             .unwrap_err()
             .to_string();
-        assert!(e.contains("nope"), "{e}");
+        assert!(e.contains("TEMPALIAS_SMTP_NOPE"), "{e}");
         let e = load("", &[("TEMPALIAS_BOGUS_X", "1")])
             .unwrap_err()
             .to_string();
@@ -765,8 +957,11 @@ mod tests {
             ),
         ];
         for (text, key) in cases {
-            let e = load(text, &[]).unwrap_err().to_string();
-            assert!(e.starts_with(key), "{text:?} gave {e}");
+            let found = problems(text, &[]);
+            assert!(
+                found.iter().any(|(_, k, _)| k == key),
+                "{text:?} gave {found:?}"
+            );
         }
     }
 
@@ -774,7 +969,7 @@ mod tests {
     fn multi_node_clusters_need_a_secret() {
         let members = "[cluster]\ninitial_members = { \"1\" = \"127.0.0.1:7001\", \"2\" = \"127.0.0.2:7001\" }\n";
         let e = load(members, &[]).unwrap_err().to_string();
-        assert!(e.starts_with("cluster.secret"), "{e}");
+        assert!(e.contains("cluster.secret: "), "{e}");
         let c = load(
             &format!("{members}secret = \"0123456789abcdef0123\"\n"),
             &[],
@@ -784,7 +979,7 @@ mod tests {
         let e = load(&format!("{members}secret = \"short\"\n"), &[])
             .unwrap_err()
             .to_string();
-        assert!(e.starts_with("cluster.secret"), "{e}");
+        assert!(e.contains("cluster.secret: "), "{e}");
     }
 
     #[test]
@@ -830,6 +1025,9 @@ mod tests {
         let e = load("", &[("TEMPALIAS_LIMITS_MAX_DAYS", "lots")])
             .unwrap_err()
             .to_string();
-        assert!(e.contains("environment"), "{e}");
+        assert!(
+            e.starts_with("TEMPALIAS_LIMITS_MAX_DAYS (limits.max_days): invalid type"),
+            "{e}"
+        );
     }
 }

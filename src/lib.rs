@@ -3,6 +3,7 @@
 //! The crate is organised by role, so the architecture is visible in the tree:
 //!
 //! - [`config`]: the TOML configuration, its defaults and `TEMPALIAS_*` overrides.
+//! - [`data_dir`]: the node's data directory, locked against a second process.
 //! - [`alias`]: alias ids, management tokens and e-mail address syntax.
 //! - [`clock`]: where the leader reads the time it stamps into Raft entries.
 //! - [`raft`]: the replicated alias state: command types, the pure state-machine
@@ -20,6 +21,7 @@ pub mod cli;
 pub mod clock;
 pub mod cluster;
 pub mod config;
+pub mod data_dir;
 pub mod http;
 pub mod metrics;
 pub mod raft;

@@ -27,12 +27,18 @@ fn drain_timeout(config: &Config) -> Duration {
 /// Why a node could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
-    #[error("cannot listen on {what} {addr}: {error}")]
+    #[error(
+        "cannot listen on {addr} ({what}, {}): {error}{}",
+        crate::config::env_var(what),
+        in_use_hint(error)
+    )]
     Bind {
         what: &'static str,
         addr: String,
         error: std::io::Error,
     },
+    #[error(transparent)]
+    DataDir(#[from] crate::data_dir::DataDirError),
     #[error(transparent)]
     Start(#[from] StartError),
     #[error(transparent)]
@@ -41,6 +47,14 @@ pub enum ServeError {
     Config(#[from] crate::config::ConfigError),
     #[error("cluster client: {0}")]
     Cluster(#[from] crate::cluster::client::RpcError),
+}
+
+fn in_use_hint(e: &std::io::Error) -> &'static str {
+    if e.kind() == std::io::ErrorKind::AddrInUse {
+        "; another process (another tempalias node?) listens there"
+    } else {
+        ""
+    }
 }
 
 /// Addresses a started node listens on (ports may have been chosen by the OS).
@@ -81,10 +95,13 @@ pub async fn run(
     on_ready: impl FnOnce(Bound),
 ) -> Result<(), ServeError> {
     let config = Arc::new(config);
-    let secret = config.cluster_secret()?;
+    // Bind first and create state after: a node that cannot start leaves
+    // nothing behind (no data directory, no generated secret).
     let http_listener = bind("http.listen", &config.http.listen).await?;
     let smtp_listener = bind("smtp.listen", &config.smtp.listen).await?;
     let cluster_listener = bind("cluster.listen", &config.cluster.listen).await?;
+    let _data_dir_lock = crate::data_dir::lock(&config.data_dir)?;
+    let secret = config.cluster_secret()?;
     let bound = Bound {
         http: local_addr("http.listen", &http_listener)?,
         smtp: local_addr("smtp.listen", &smtp_listener)?,
@@ -332,24 +349,27 @@ async fn watch_metrics(node: Node, metrics: Arc<Metrics>, shutdown: Cancellation
 
 /// Text printed by `serve` at start-up, so a newcomer knows where to look.
 pub fn banner(config: &Config, bound: &Bound) -> String {
-    let mut s = format!(
-        "tempalias node {} ready\n  HTTP API   http://{}/\n  SMTP       {}\n  cluster    {}\n  alias domains {}\n  data       {}\n",
-        config.node_id,
-        bound.http,
-        bound.smtp,
-        bound.cluster,
-        config.domains.join(", "),
-        config.data_dir.display(),
-    );
+    let mut rows = vec![
+        ("HTTP API", format!("http://{}/", bound.http)),
+        ("SMTP", bound.smtp.to_string()),
+        ("cluster", bound.cluster.to_string()),
+        ("alias domains", config.domains.join(", ")),
+        ("data", config.data_dir.display().to_string()),
+    ];
     match config.relay.mode {
-        RelayMode::Capture => s.push_str(&format!(
-            "  forwarded mail is captured in {}\n",
-            config.relay.capture_dir.display()
+        RelayMode::Capture => rows.push((
+            "forwarded mail",
+            format!("captured in {}", config.relay.capture_dir.display()),
         )),
-        RelayMode::Smarthost => s.push_str(&format!(
-            "  forwarded mail goes to {}\n",
-            config.relay.smarthosts.join(", ")
+        RelayMode::Smarthost => rows.push((
+            "forwarded mail",
+            format!("goes to {}", config.relay.smarthosts.join(", ")),
         )),
+    }
+    let width = rows.iter().map(|(k, _)| k.len()).max().unwrap_or(0);
+    let mut s = format!("tempalias node {} ready\n", config.node_id);
+    for (k, v) in rows {
+        s.push_str(&format!("  {k:<width$}  {v}\n"));
     }
     s
 }

@@ -4,7 +4,7 @@ use axum::body::Body;
 use axum::extract::{Path, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 
 use super::{ApiError, AppState, MAX_BODY};
 use crate::alias;
@@ -16,15 +16,80 @@ const DAY_MS: u64 = 86_400_000;
 /// Attempts at a fresh id when a random one is already taken.
 const ID_ATTEMPTS: usize = 3;
 
-/// Body of a create request. Unknown fields are refused so that a typo such
-/// as `max_usage` is reported instead of silently ignored.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
+/// Body of a create request.
+///
+/// Read field by field rather than derived with serde, so that every refusal
+/// speaks the API's words (serde's messages name Rust types such as "struct
+/// CreateRequest"). Unknown fields are refused, so a typo is reported instead
+/// of silently ignored; `max_usage` is accepted as an alias of `max-usage`,
+/// because the response spells it that way and sending it back is natural.
+#[derive(Debug, Default)]
 struct CreateRequest {
     target: String,
     days: Option<i64>,
-    #[serde(rename = "max-usage")]
     max_usage: Option<i64>,
+}
+
+/// The fields, as listed in error messages.
+const FIELDS: &str = "target, days and max-usage (or max_usage)";
+
+impl CreateRequest {
+    fn from_json(value: serde_json::Value) -> Result<Self, ApiError> {
+        let serde_json::Value::Object(fields) = value else {
+            return Err(ApiError::InvalidRequest(format!(
+                "the body must be a JSON object with the fields {FIELDS}, such as {{\"target\": \"me@example.net\", \"days\": 3, \"max-usage\": 5}}"
+            )));
+        };
+        let mut req = CreateRequest::default();
+        let mut target = None;
+        for (name, value) in fields {
+            match name.as_str() {
+                "target" => match value {
+                    serde_json::Value::String(t) => target = Some(t),
+                    _ => {
+                        return Err(ApiError::InvalidRequest(
+                            "target must be a string: the e-mail address to forward to".into(),
+                        ))
+                    }
+                },
+                "days" => req.days = Some(whole_number("days", &value)?),
+                "max-usage" | "max_usage" => {
+                    if req.max_usage.is_some() {
+                        return Err(ApiError::InvalidRequest(
+                            "give max-usage or max_usage, not both".into(),
+                        ));
+                    }
+                    req.max_usage = Some(whole_number("max-usage", &value)?);
+                }
+                other => {
+                    let other: String = other.chars().take(64).collect();
+                    return Err(ApiError::InvalidRequest(format!(
+                        "unknown field {other:?}; the fields are {FIELDS}"
+                    )));
+                }
+            }
+        }
+        req.target = target.ok_or_else(|| ApiError::InvalidRequest("target is required".into()))?;
+        Ok(req)
+    }
+}
+
+fn whole_number(name: &str, value: &serde_json::Value) -> Result<i64, ApiError> {
+    match value {
+        serde_json::Value::Number(n) => n.as_i64().ok_or_else(|| {
+            ApiError::InvalidRequest(format!("{name} must be a whole number, not {n}"))
+        }),
+        _ => Err(ApiError::InvalidRequest(format!(
+            "{name} must be a whole number such as 3, not a {}",
+            match value {
+                serde_json::Value::String(_) => "string",
+                serde_json::Value::Bool(_) => "boolean",
+                serde_json::Value::Array(_) => "array",
+                serde_json::Value::Object(_) => "object",
+                _ => "null",
+            }
+        ))),
+    }
 }
 
 /// How an alias is shown by the API.
@@ -91,10 +156,9 @@ async fn read_json(headers: &HeaderMap, body: Body) -> Result<CreateRequest, Api
     let bytes = axum::body::to_bytes(body, MAX_BODY)
         .await
         .map_err(|_| ApiError::BodyTooLarge(MAX_BODY))?;
-    serde_json::from_slice(&bytes).map_err(|e| match e.classify() {
-        serde_json::error::Category::Data => ApiError::InvalidRequest(e.to_string()),
-        _ => ApiError::InvalidJson(format!("body is not valid JSON: {e}")),
-    })
+    let value: serde_json::Value = serde_json::from_slice(&bytes)
+        .map_err(|e| ApiError::InvalidJson(format!("body is not valid JSON: {e}")))?;
+    CreateRequest::from_json(value)
 }
 
 /// Checks one numeric limit: positive and within the operator's cap.
@@ -268,6 +332,39 @@ pub(super) async fn revoke(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn parse(body: &str) -> Result<CreateRequest, ApiError> {
+        CreateRequest::from_json(serde_json::from_str(body).unwrap())
+    }
+
+    #[test]
+    fn max_usage_is_an_alias_of_max_hyphen_usage() {
+        let r = parse(r#"{"target":"a@b.example","max_usage":3}"#).unwrap();
+        assert_eq!(r.max_usage, Some(3));
+        let r = parse(r#"{"target":"a@b.example","max-usage":4,"days":2}"#).unwrap();
+        assert_eq!((r.max_usage, r.days), (Some(4), Some(2)));
+        assert!(parse(r#"{"target":"a@b.example","max-usage":4,"max_usage":4}"#).is_err());
+    }
+
+    #[test]
+    fn refusals_speak_the_api_words() {
+        for body in [
+            "[]",
+            r#"["a@b.example", 3]"#,
+            r#"{"target":"a@b.example","days":"3"}"#,
+            r#"{"target":"a@b.example","days":1.5}"#,
+            r#"{"target":3}"#,
+            r#"{"days":3}"#,
+            r#"{"target":"a@b.example","colour":"red"}"#,
+        ] {
+            let e = parse(body).unwrap_err();
+            assert!(matches!(e, ApiError::InvalidRequest(_)), "{body}: {e:?}");
+            let m = e.to_string();
+            for internal in ["struct", "CreateRequest", "i64", "u32", "sequence"] {
+                assert!(!m.contains(internal), "{body}: {m}");
+            }
+        }
+    }
 
     #[test]
     fn limits_default_to_the_cap_and_refuse_bad_values() {

@@ -54,7 +54,9 @@ impl CaptureRelay {
             "size": message.len(),
         });
         let result = tokio::task::spawn_blocking(move || -> std::io::Result<()> {
-            write_atomically(&dir, &format!("{name}.json"), meta.to_string().as_bytes())?;
+            // A text file ends with a newline (`cat` leaves the prompt alone).
+            let meta = format!("{meta}\n");
+            write_atomically(&dir, &format!("{name}.json"), meta.as_bytes())?;
             write_atomically(&dir, &format!("{name}.eml"), &message)?;
             Ok(())
         })
@@ -110,8 +112,9 @@ mod tests {
             std::fs::read(relay.dir().join(eml)).unwrap(),
             b"Subject: x\r\n\r\nhi\r\n"
         );
-        let v: serde_json::Value =
-            serde_json::from_slice(&std::fs::read(relay.dir().join(json)).unwrap()).unwrap();
+        let json = std::fs::read(relay.dir().join(json)).unwrap();
+        assert!(json.ends_with(b"}\n"), "{}", String::from_utf8_lossy(&json));
+        let v: serde_json::Value = serde_json::from_slice(&json).unwrap();
         assert_eq!(v["rcpt_to"][0], "c@d.example");
         assert_eq!(v["mail_from"], "a@b.example");
     }

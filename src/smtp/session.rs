@@ -37,6 +37,10 @@ enum DataOutcome {
     LineTooLong,
 }
 
+/// How long a session told to shut down waits for the client's next command
+/// (see `close_for_shutdown`); short, as every idle session waits this long.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
+
 /// Syntax errors and unknown commands after which a session is dropped.
 const MAX_BAD_COMMANDS: u32 = 20;
 
@@ -196,11 +200,7 @@ where
                     self.flush().await?;
                     return Ok(End::Closed);
                 }
-                _ = self.shutdown.cancelled() => {
-                    self.reply(421, "4.3.0", &format!("{host} shutting down, try again later"));
-                    self.flush().await?;
-                    return Ok(End::Closed);
-                }
+                _ = self.shutdown.cancelled() => return self.close_for_shutdown().await,
                 l = self.input.line(MAX_COMMAND_LINE) => l,
             };
             let line = match line {
@@ -249,6 +249,34 @@ where
                 );
                 self.flush().await?;
                 return Ok(End::Closed);
+            }
+        }
+    }
+
+    /// Ends the session because the node shuts down. A client about to say
+    /// QUIT (typically right after its message was accepted) gets `221`, as
+    /// Postfix answers, instead of a `421` that looks like a failure; any
+    /// other command, or none within [`SHUTDOWN_GRACE`], gets `421`.
+    async fn close_for_shutdown(&mut self) -> Result<End, InputError> {
+        let host = self.ctx.config.hostname.clone();
+        let next = tokio::time::timeout(SHUTDOWN_GRACE, self.input.line(MAX_COMMAND_LINE)).await;
+        match next {
+            Ok(Ok(Line::Complete(line)))
+                if matches!(Request::parse(&mut line.iter()), Ok(Request::Quit)) =>
+            {
+                self.reply(221, "2.0.0", &format!("{host} closing connection"));
+                self.flush().await?;
+                Ok(End::Quit)
+            }
+            Ok(Err(InputError::Closed)) => Ok(End::Closed),
+            _ => {
+                self.reply(
+                    421,
+                    "4.3.0",
+                    &format!("{host} shutting down, try again later"),
+                );
+                self.flush().await?;
+                Ok(End::Closed)
             }
         }
     }
@@ -487,7 +515,13 @@ where
             self.rcpt_failed(true).await;
             return self.reply(550, "5.7.1", "Relaying denied");
         }
-        let id = local.to_ascii_lowercase();
+        let Some((bare, tag)) = split_subaddress(local, &self.ctx.config.recipient_delimiter)
+        else {
+            self.count_rcpt(RcptResult::invalid);
+            self.rcpt_failed(true).await;
+            return self.reply(501, "5.1.3", "Bad recipient address syntax");
+        };
+        let id = bare.to_ascii_lowercase();
         if !crate::alias::is_valid_id(&id) {
             return self.refuse(Refusal::Unknown).await;
         }
@@ -515,8 +549,9 @@ where
                 self.ctx.settlements.hold(&id, reservation);
                 self.tx.started.get_or_insert_with(Instant::now);
                 self.tx.rcpts.push(Accepted {
+                    // With its tag, for the Received header's `for` clause.
+                    address: format!("{id}{tag}@{domain}"),
                     alias_id: id,
-                    address: format!("{local}@{domain}"),
                     target,
                     reservation,
                     lease_ends,
@@ -776,6 +811,22 @@ where
     }
 }
 
+/// Splits sub-addressing off a local part: `id+tag` is `("id", "+tag")`
+/// when `+` is one of the `delimiters` (the first delimiter found splits, as
+/// in Postfix). `None` when the tag holds anything but the characters of a
+/// dot-atom (it goes into our `Received:` header) or is over 64 characters.
+fn split_subaddress<'a>(local: &'a str, delimiters: &str) -> Option<(&'a str, &'a str)> {
+    let Some(at) = local.find(|c| delimiters.contains(c)) else {
+        return Some((local, ""));
+    };
+    let (bare, tag) = local.split_at(at);
+    let ok = tag.len() <= 64
+        && tag
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-/=?^_`{|}~.".contains(&b));
+    ok.then_some((bare, tag))
+}
+
 /// True for `RCPT TO:<local@[address literal]>`.
 fn is_address_literal_rcpt(line: &[u8]) -> bool {
     line.len() > 4 && line[..4].eq_ignore_ascii_case(b"RCPT") && line.windows(2).any(|w| w == b"@[")
@@ -806,6 +857,20 @@ mod tests {
         assert!(is_address_literal_rcpt(b"rcpt to:<a@[IPv6:::1]>\r\n"));
         assert!(!is_address_literal_rcpt(b"RCPT TO:<a@example.org>\r\n"));
         assert!(!is_address_literal_rcpt(b"MAIL FROM:<a@[127.0.0.1]>\r\n"));
+    }
+
+    #[test]
+    fn sub_addresses_split_at_the_first_delimiter() {
+        assert_eq!(split_subaddress("abc", "+"), Some(("abc", "")));
+        assert_eq!(split_subaddress("abc+shop", "+"), Some(("abc", "+shop")));
+        assert_eq!(split_subaddress("abc+a+b", "+"), Some(("abc", "+a+b")));
+        assert_eq!(split_subaddress("abc-x+y", "+-"), Some(("abc", "-x+y")));
+        assert_eq!(split_subaddress("abc+shop", ""), Some(("abc+shop", "")));
+        assert_eq!(split_subaddress("abc+a>b", "+"), None);
+        assert_eq!(
+            split_subaddress(&format!("abc+{}", "x".repeat(64)), "+"),
+            None
+        );
     }
 
     #[test]

@@ -5,11 +5,14 @@ cluster heals."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import time
 
 import pytest
 
 from clusterkit import (
+    REPO,
     Load,
     captured_uids,
     create,
@@ -204,6 +207,16 @@ def test_minority_refuses_then_heals(cluster_factory, survivor_role):
     r = show(s, aliases[0])
     assert r.status == 503, (r.status, r.body)
     assert s.readyz() == 503
+    # One truth: the status commands agree with /readyz that no node leads.
+    roles = {r["id"]: r.get("role") for r in cluster.status(via=survivor)}
+    assert roles[survivor] != "Leader", roles
+    out = subprocess.run([sys.executable, str(REPO / "cluster" / "launch.py"), "status", "--dir", str(cluster.dir),
+                          "--binary", str(cluster.binary)], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert "leader: node" not in out.stdout, out.stdout
+    if survivor_role == "leader":
+        assert roles[survivor] == "leader without quorum", roles
+        assert "leader: none with a quorum" in out.stdout, out.stdout
 
     for nid in gone:
         cluster.start_node(nid, wait=False)

@@ -76,7 +76,7 @@ def test_empty_file_is_valid_defaults(tmp_path):
         (VALID.replace("[relay]\n", "[relay]\nreservation_lease_secs = 10\n"), ["relay.reservation_lease_secs"]),
         # broken TOML: the line is named
         (VALID.replace("max_usage = 100", "max_usage = = 100"),
-         [f"line {VALID.splitlines().index('max_usage = 100') + 1}"]),
+         [f"config.toml:{VALID.splitlines().index('max_usage = 100') + 1}:"]),
     ],
 )
 def test_invalid_configs_exit_nonzero_naming_the_key(tmp_path, text, names):
@@ -116,3 +116,45 @@ def test_serve_refuses_an_invalid_config_without_starting(tmp_path):
                        env=clean_env(), cwd=tmp_path)
     assert r.returncode != 0
     assert "colour" in r.stderr
+
+
+def test_every_problem_is_reported_in_one_run_with_its_line(tmp_path):
+    text = (VALID.replace('domains  = ["tempalias.test"]', 'domians  = ["tempalias.test"]')
+            .replace("[smtp]", "[smpt]")
+            .replace("max_days = 60", "max_days = 0")
+            .replace('listen = "127.0.0.1:8080"', 'listen = "nonsense"'))
+    lines = text.splitlines()
+
+    def line_of(fragment: str) -> int:
+        return next(i for i, l in enumerate(lines, 1) if fragment in l)
+
+    r = check(tmp_path, text)
+    assert r.returncode != 0
+    err = r.stderr
+    assert "4 problems" in err, err
+    assert f"config.toml:{line_of('domians')}: domians: unknown key; did you mean domains?" in err, err
+    assert f"config.toml:{line_of('[smpt]')}: smpt: unknown section [smpt]; did you mean [smtp]?" in err, err
+    assert f"config.toml:{line_of('max_days')}: limits.max_days: must be greater than zero" in err, err
+    assert f"config.toml:{line_of('nonsense')}: http.listen: " in err, err
+
+
+def test_a_misspelt_environment_variable_is_named_with_a_suggestion(tmp_path):
+    r = check(tmp_path, VALID, env={"TEMPALIAS_HTTP_LISTN": "127.0.0.1:9000"})
+    assert r.returncode != 0
+    assert "TEMPALIAS_HTTP_LISTN: not a configuration variable; did you mean TEMPALIAS_HTTP_LISTEN?" in r.stderr, r.stderr
+    r = check(tmp_path, VALID, env={"TEMPALIAS_LIMITS_MAX_DAYS": "lots"})
+    assert r.returncode != 0
+    assert r.stderr.startswith("tempalias: TEMPALIAS_LIMITS_MAX_DAYS (limits.max_days): invalid type"), r.stderr
+
+
+def test_listen_addresses_may_be_host_names(tmp_path):
+    r = check(tmp_path, VALID.replace('listen = "127.0.0.1:8080"', 'listen = "localhost:8080"'))
+    assert r.returncode == 0, r.stderr
+
+
+def test_a_bad_flag_value_names_the_flag(tmp_path):
+    r = subprocess.run([str(BIN), "serve", "--log-format", "xml"], capture_output=True, text=True, timeout=30,
+                       env=clean_env(), cwd=tmp_path)
+    assert r.returncode != 0
+    assert "--log-format" in r.stderr, r.stderr
+    assert not (tmp_path / "tempalias-data").exists()

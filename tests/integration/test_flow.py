@@ -215,7 +215,7 @@ def test_alias_domain_is_case_insensitive(node):
 
 def test_alias_cli_create_show_revoke_round_trip(node):
     env = {"PATH": "/usr/bin:/bin"}
-    api = ["--api", node.api]
+    api = ["--api", node.api, "--json"]
     r = subprocess.run([str(BIN), "alias", "create", TARGET, "--days", "2", "--max-usage", "3", *api],
                        capture_output=True, text=True, timeout=30, env=env)
     assert r.returncode == 0, r.stderr

@@ -70,7 +70,8 @@ JSON = {"Content-Type": "application/json"}
         (b"", JSON, 400, "invalid_json", None),
         (b'{"target": "me@example.net", "days": 1, "colour": "red"}', JSON, 400, "invalid_request", "colour"),
         (b'{"target": "me@example.net", "days": "3"}', JSON, 400, "invalid_request", None),
-        (b'{"target": "me@example.net", "max_usage": 3}', JSON, 400, "invalid_request", "max_usage"),
+        (b'{"target": "me@example.net", "max_usage": 3, "max-usage": 3}', JSON, 400, "invalid_request", "max_usage"),
+        (b'[]', JSON, 400, "invalid_request", "JSON object"),
         (b'{"target": "me@example.net"}', JSON, 400, "invalid_request", None),
         (b'{"days": 3}', JSON, 400, "invalid_request", "target"),
         (b'["me@example.net", 3]', JSON, 400, "invalid_request", None),
@@ -92,6 +93,22 @@ JSON = {"Content-Type": "application/json"}
 def test_create_errors(node, path, body, headers, status, code, mentions):
     r = node.http("POST", path, body, headers=headers)
     assert_error(r, status, code, mentions)
+
+
+def test_errors_speak_the_api_words_not_internal_type_names(node):
+    for body in (b"[]", b'"x"', b'{"target": "me@example.net", "days": "3"}', b'{"target": 1, "days": 1}'):
+        r = node.http("POST", "/v1/aliases", body, headers=JSON)
+        assert r.status == 400, (body, r.status, r.body)
+        message = r.json()["message"]
+        for internal in ("struct", "CreateRequest", "i64", "sequence", "u32"):
+            assert internal not in message, (body, message)
+
+
+def test_max_usage_is_accepted_as_an_alias_of_max_hyphen_usage(node):
+    """The response says `max_usage`; sending that spelling back works."""
+    r = node.http("POST", "/v1/aliases", {"target": TARGET, "days": 1, "max_usage": 3})
+    assert r.status == 201, (r.status, r.body)
+    assert r.json()["max_usage"] == 3 and r.json()["remaining"] == 3
 
 
 def test_numbers_too_large_for_any_integer_type_are_400_not_500(node):

@@ -147,6 +147,19 @@ def test_sigterm_with_an_idle_session_sends_421_and_exits_zero(node):
     assert node.proc.wait(timeout=40) == 0
 
 
+def test_quit_during_shutdown_gets_221(node):
+    """A client that says QUIT while the node shuts down (say, right after its
+    message was accepted) gets 221, as from Postfix, not a 421."""
+    with greet(node, timeout=40) as c:
+        assert c.cmd("EHLO client.example.org")[0] == 250
+        node.proc.send_signal(__import__("signal").SIGTERM)
+        wait_until(lambda: "shutting down" in node.stderr_path.read_text(errors="replace"), 20, "shutdown to begin")
+        code, text = c.cmd("QUIT")
+        assert code == 221 and text.startswith("2.0.0"), (code, text)
+        assert c.closed_by_peer()
+    assert node.proc.wait(timeout=40) == 0
+
+
 def test_sigterm_with_a_transaction_open_releases_its_reservation(node):
     alias = node.create_alias(days=1, max_usage=1)
     with greet(node, timeout=40) as c:
