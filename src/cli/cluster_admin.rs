@@ -222,6 +222,8 @@ mod tests {
             replication: Default::default(),
             millis_since_quorum_ack: ack,
             now_ms: 0,
+            leader_alive: ack.is_some_and(|ms| ms < 500),
+            last_log_term: Some(2),
         }
     }
 
