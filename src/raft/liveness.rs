@@ -74,6 +74,9 @@ struct State {
     contact: Option<(NodeId, Instant)>,
     peers: HashMap<NodeId, PeerSeen>,
     last_trigger: Option<Instant>,
+    /// The term this node leads in and since when (noted at most one
+    /// heartbeat late, so never earlier than openraft's own record).
+    leading: Option<(u64, Instant)>,
 }
 
 /// Shared failure-detector state of one node. Cheap to query: a mutex held
@@ -114,6 +117,21 @@ impl Liveness {
     /// Records an `AppendEntries` from `leader` that Raft processed.
     pub fn record_contact(&self, leader: NodeId) {
         self.lock().contact = Some((leader, Instant::now()));
+    }
+
+    /// Notes whether this node leads, and in which term.
+    pub fn note_leadership(&self, m: &RaftMetrics<NodeId, BasicNode>) {
+        let mut st = self.lock();
+        if m.state != ServerState::Leader {
+            st.leading = None;
+        } else if st.leading.is_none_or(|(term, _)| term != m.current_term) {
+            st.leading = Some((m.current_term, Instant::now()));
+        }
+    }
+
+    /// For how long this node has led, as far as it noted.
+    pub fn leading_for(&self) -> Option<Duration> {
+        self.lock().leading.map(|(_, since)| since.elapsed())
     }
 
     /// Records the outcome of one probe of `peer`.

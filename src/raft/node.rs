@@ -86,6 +86,26 @@ pub struct Node {
     liveness: Arc<Liveness>,
     /// Set while a leader steps down for shutdown: it proposes nothing more.
     stepping_down: Arc<std::sync::atomic::AtomicBool>,
+    /// Proposals this node is making as leader right now: a hand-over waits
+    /// until none is left, so the chosen follower can have every entry.
+    proposing: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+/// Counts one proposal in [`Node::proposing`] for as long as it lives (also
+/// when the proposing future is dropped).
+struct Proposing(Arc<std::sync::atomic::AtomicUsize>);
+
+impl Proposing {
+    fn new(counter: &Arc<std::sync::atomic::AtomicUsize>) -> Self {
+        counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        Self(counter.clone())
+    }
+}
+
+impl Drop for Proposing {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+    }
 }
 
 impl Node {
@@ -156,6 +176,7 @@ impl Node {
             election_timeout: Duration::from_millis(election),
             liveness,
             stepping_down: Arc::new(std::sync::atomic::AtomicBool::new(false)),
+            proposing: Arc::new(std::sync::atomic::AtomicUsize::new(0)),
         })
     }
 
@@ -239,6 +260,9 @@ impl Node {
     }
 
     async fn write_as_leader_within(&self, cmd: Command, limit: Duration) -> ForwardResponse {
+        // Counted before the check, so that a hand-over that sets
+        // `stepping_down` and then sees no proposal left cannot miss this one.
+        let _proposing = Proposing::new(&self.proposing);
         if self.stepping_down.load(std::sync::atomic::Ordering::SeqCst) {
             return ForwardResponse::NotLeader { leader: None };
         }
@@ -592,15 +616,23 @@ impl Node {
         if others.is_empty() {
             return;
         }
+        // This node refuses to vote for anyone until its own lease has run
+        // since it was elected; go on serving until then, so that the vote
+        // is granted at the first request and writes pause only for the
+        // hand-over itself.
+        let lease = self.election_timeout * 2;
+        let vote_free_after = lease + Duration::from_millis(50);
+        let led = self.liveness.leading_for().unwrap_or_default();
+        if led < vote_free_after {
+            tokio::time::sleep(vote_free_after - led).await;
+        }
         self.stepping_down
             .store(true, std::sync::atomic::Ordering::SeqCst);
         // This node must not campaign again once it has handed over.
         self.raft.runtime_config().elect(false);
         let moved = |m: &RaftMetrics<NodeId, BasicNode>| {
             m.current_leader.is_some() && m.current_leader != Some(self.id)
-                || m.state != ServerState::Leader
         };
-        let lease = self.election_timeout * 2;
         let give_up = Instant::now() + lease * 2;
         let mut target: Option<NodeId> = None;
         while Instant::now() < give_up {
@@ -608,7 +640,21 @@ impl Node {
             if moved(&m) {
                 break;
             }
-            // Everything proposed so far is replicated to and applied on...
+            if m.state != ServerState::Leader {
+                // Leadership was lost without a successor (a vote request
+                // that failed still raised the term here): ask the member
+                // with the longest log to campaign.
+                self.elect_longest_log(&others).await;
+                let _ = self
+                    .raft
+                    .wait(Some(self.election_timeout / 2))
+                    .metrics(moved, "leader moved")
+                    .await;
+                continue;
+            }
+            // Every proposal has been answered, and everything in the log is
+            // applied here and replicated to the chosen follower.
+            let idle = self.proposing.load(std::sync::atomic::Ordering::SeqCst) == 0;
             let last = m.last_log_index;
             let matched = |v: &NodeId| {
                 m.replication
@@ -621,7 +667,8 @@ impl Node {
                 .filter(|v| self.liveness.reachable(**v))
                 .max_by_key(|v| (matched(v), std::cmp::Reverse(**v)))
                 .copied();
-            let caught_up = best.is_some_and(|b| matched(&b) == last)
+            let caught_up = idle
+                && best.is_some_and(|b| matched(&b) == last)
                 && m.last_applied.map(|l| l.index) == last;
             match best {
                 Some(b) if caught_up => {
@@ -633,9 +680,6 @@ impl Node {
                     if let Err(e) = self.peers.trigger_election(&addr).await {
                         tracing::warn!(error = %e, "asking node {b} to campaign failed");
                     }
-                    // The vote round is a few round trips; if this node's
-                    // own lease still runs, it refuses and the next round
-                    // asks again.
                     let _ = self
                         .raft
                         .wait(Some(self.election_timeout / 2))
@@ -645,7 +689,7 @@ impl Node {
                 _ => {
                     let _ = self
                         .raft
-                        .wait(Some(Duration::from_millis(5)))
+                        .wait(Some(Duration::from_millis(2)))
                         .metrics(moved, "leader moved")
                         .await;
                 }
@@ -666,6 +710,36 @@ impl Node {
             .is_err()
         {
             tracing::warn!("leadership did not move in time; stopping anyway");
+        }
+    }
+
+    /// Asks the reachable member among `candidates` with the longest log to
+    /// campaign (its vote request is then granted by the others).
+    async fn elect_longest_log(&self, candidates: &[NodeId]) {
+        let calls = candidates.iter().filter_map(|id| {
+            let addr = self.addr_of(*id)?;
+            Some(async move {
+                let r = self
+                    .peers
+                    .status_within(&addr, self.election_timeout)
+                    .await
+                    .ok()?;
+                Some(((r.last_log_term, r.last_log_index), *id, addr))
+            })
+        });
+        let best = futures::future::join_all(calls)
+            .await
+            .into_iter()
+            .flatten()
+            .max_by(|a, b| a.0.cmp(&b.0).then(b.1.cmp(&a.1)));
+        if let Some((_, id, addr)) = best {
+            tracing::info!(
+                to = id,
+                "no leader after stepping down; asking the longest log to campaign"
+            );
+            if let Err(e) = self.peers.trigger_election(&addr).await {
+                tracing::warn!(error = %e, "asking node {id} to campaign failed");
+            }
         }
     }
 

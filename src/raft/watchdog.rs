@@ -60,6 +60,7 @@ pub async fn run(node: Node, metrics: Arc<Metrics>, shutdown: CancellationToken)
         let ids: Vec<NodeId> = members.iter().map(|(id, _)| *id).collect();
         node.liveness().retain_peers(&ids);
 
+        node.liveness().note_leadership(&m);
         let verdict = node.liveness().evaluate(&m);
         // A node handing over its leadership must not campaign again.
         let want = verdict.elections_allowed && !node.is_stepping_down();
