@@ -47,10 +47,10 @@ class Playbooks:
         self.inventory = inventory
         self.runs = 0
 
-    def run(self, playbook: str, *extra: str, timeout: float = 400) -> tuple[subprocess.CompletedProcess, dict]:
+    def run(self, playbook: str, *extra: str, inventory: Path | None = None, timeout: float = 400) -> tuple[subprocess.CompletedProcess, dict]:
         self.runs += 1
         env = dict(os.environ, ANSIBLE_CONFIG=str(ANSIBLE / "ansible.cfg"), ANSIBLE_NOCOLOR="1", ANSIBLE_FORCE_COLOR="0")
-        cmd = ["ansible-playbook", "-i", str(self.inventory), playbook, *extra]
+        cmd = ["ansible-playbook", "-i", str(inventory or self.inventory), playbook, *extra]
         r = subprocess.run(cmd, cwd=ANSIBLE, capture_output=True, text=True, env=env, timeout=timeout)
         (self.workdir / f"run{self.runs}-{Path(playbook).stem}.log").write_text(r.stdout + r.stderr)
         recap = {m[0]: {"ok": int(m[1]), "changed": int(m[2]), "unreachable": int(m[3]), "failed": int(m[4]), "rescued": int(m[5])} for m in RECAP.findall(r.stdout)}
@@ -101,7 +101,7 @@ def lab(workdir):
         pytest.fail("the Ansible lab needs root (overlay mounts and systemd-nspawn)")
     for tool in ("mmdebstrap", "systemd-nspawn", "ansible-playbook", "ansible-lint", "ssh", "objcopy"):
         assert shutil.which(tool), f"{tool} is not installed; run scripts/test"
-    lab = Lab(workdir / "lab")
+    lab = Lab(workdir / "lab", n=4, members=3)  # mx4: a spare for add-node.yml
     try:
         lab.up()
         yield lab
@@ -110,21 +110,23 @@ def lab(workdir):
 
 
 @pytest.fixture(scope="session")
-def playbooks(workdir, lab, builds, sink, lab_secret) -> Playbooks:
-    inv = lab.inventory(
-        {
-            "tempalias_domains": ["tempalias.test"],
-            "tempalias_cluster_secret": lab_secret,
-            "tempalias_binary_src": str(builds["old"]),
-            "tempalias_ready_timeout": 60,
-            "tempalias_config": {
-                "relay": {"mode": "smarthost", "smarthosts": [sink.url], "timeout_secs": 20},
-                "smtp": {"failed_rcpt_delay_ms": 0, "max_failed_rcpts": 100},
-                "limits": {"max_usage": 100000},
-            },
-        }
-    )
-    return Playbooks(workdir, inv)
+def group_vars(builds, sink, lab_secret) -> dict:
+    return {
+        "tempalias_domains": ["tempalias.test"],
+        "tempalias_cluster_secret": lab_secret,
+        "tempalias_binary_src": str(builds["old"]),
+        "tempalias_ready_timeout": 60,
+        "tempalias_config": {
+            "relay": {"mode": "smarthost", "smarthosts": [sink.url], "timeout_secs": 20},
+            "smtp": {"failed_rcpt_delay_ms": 0, "max_failed_rcpts": 100},
+            "limits": {"max_usage": 100000},
+        },
+    }
+
+
+@pytest.fixture(scope="session")
+def playbooks(workdir, lab, group_vars) -> Playbooks:
+    return Playbooks(workdir, lab.inventory(group_vars))
 
 
 @pytest.hookimpl(hookwrapper=True, tryfirst=True)
@@ -134,7 +136,7 @@ def pytest_runtest_makereport(item, call):
     if rep.failed and rep.when in ("setup", "call"):
         lab = item.funcargs.get("lab") if hasattr(item, "funcargs") else None
         if lab is not None:
-            for h in lab.hosts:
+            for h in lab.nodes:
                 try:
                     r = h.ssh("journalctl -u tempalias --no-pager -n 40", timeout=20, check=False)
                     rep.sections.append((f"{h.name} journal", r.stdout[-4000:]))

@@ -216,12 +216,14 @@ class Host:
 
 
 class Lab:
-    """N hosts mx1..mxN on 127.0.0.11.. with a fresh ssh key."""
+    """N hosts mx1..mxN on 127.0.0.11.. with a fresh ssh key; the first
+    `members` of them (`nodes`) are the cluster, the rest spares to add."""
 
-    def __init__(self, directory: Path, n: int = 3):
+    def __init__(self, directory: Path, n: int = 3, members: int | None = None):
         self.dir = Path(directory)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.hosts = [Host(self, i) for i in range(1, n + 1)]
+        self.nodes = self.hosts[: members or n]
         self.key = self.dir / "id_ed25519"
 
     def ssh_options(self) -> list[str]:
@@ -268,13 +270,14 @@ class Lab:
             except Exception:  # noqa: BLE001 - teardown must go on for the others
                 pass
 
-    def inventory(self, group_vars: dict) -> Path:
-        """An inventory of the lab hosts (YAML is a superset of JSON)."""
+    def inventory(self, group_vars: dict, hosts: list[Host] | None = None, name: str = "inventory.yml") -> Path:
+        """An inventory whose group `tempalias` holds `hosts` (default: the
+        cluster's nodes). YAML is a superset of JSON."""
         import json
 
         hosts = {
             h.name: {"ansible_host": h.ip, "tempalias_node_id": h.n, "tempalias_smtp_hostname": f"{h.name}.tempalias.test"}
-            for h in self.hosts
+            for h in (hosts if hosts is not None else self.nodes)
         }
         inv = {
             "tempalias": {
@@ -287,6 +290,6 @@ class Lab:
                 },
             }
         }
-        path = self.dir / "inventory.yml"
+        path = self.dir / name
         path.write_text(json.dumps(inv, indent=2))
         return path

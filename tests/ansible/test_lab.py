@@ -181,7 +181,7 @@ def sink_uids(sink) -> Counter:
 
 
 def wait_ready(lab, timeout: float = 120):
-    for h in lab.hosts:
+    for h in lab.nodes:
         wait_until(lambda h=h: call(h.ip, "GET", "/readyz", timeout=5)[0] == 200, timeout, f"{h.name} /readyz")
 
 
@@ -207,15 +207,15 @@ def test_lint_and_syntax_check():
 def test_converge_from_nothing_then_idempotent(lab, playbooks, lab_secret, builds):
     r, recap = playbooks.run("site.yml")
     assert r.returncode == 0, r.stdout[-6000:] + r.stderr[-2000:]
-    assert set(recap) == {h.name for h in lab.hosts}
+    assert set(recap) == {h.name for h in lab.nodes}
     assert all(v["changed"] > 0 and v["failed"] == 0 for v in recap.values()), recap
     assert lab_secret not in r.stdout + r.stderr, "the cluster secret appeared in the playbook output"
 
     r, recap = playbooks.run("site.yml")
     assert r.returncode == 0, r.stdout[-6000:]
-    assert {h: v["changed"] for h, v in recap.items()} == {h.name: 0 for h in lab.hosts}, recap
+    assert {h: v["changed"] for h, v in recap.items()} == {h.name: 0 for h in lab.nodes}, recap
 
-    h = lab.hosts[0]
+    h = lab.nodes[0]
     out = h.ssh("systemd-analyze security tempalias --no-pager | tail -1").stdout
     score = float(re.search(r"exposure level for tempalias\.service: ([0-9.]+)", out).group(1))
     print(f"\nsystemd-analyze security tempalias.service: {out.strip()}")
@@ -234,22 +234,22 @@ def test_cluster_serves_on_25_and_80_as_unprivileged_user_and_is_scraped(lab, pl
     from promkit import Prometheus
     from harness import free_port
 
-    for h in lab.hosts:
+    for h in lab.nodes:
         user = h.ssh("ps -o user= -C tempalias").stdout.split()
         assert user == ["tempalias"], (h.name, user)
         caps = h.ssh("grep CapEff /proc/$(pidof tempalias)/status").stdout.split()[1]
         assert int(caps, 16) == 1 << 10, f"{h.name}: effective capabilities {caps} (want only CAP_NET_BIND_SERVICE)"
-    status, alias = create_alias(lab.hosts[1].ip)
+    status, alias = create_alias(lab.nodes[1].ip)
     assert status == 201, (status, alias)
     uid = uuid.uuid4().hex
-    assert smtp_once(lab.hosts[2].ip, alias["alias"], uid) == ("ok", 250)
+    assert smtp_once(lab.nodes[2].ip, alias["alias"], uid) == ("ok", 250)
     wait_until(lambda: sink_uids(sink)[uid] == 1, 30, "the message in smtp-sink")
-    status, shown = show_alias(lab.hosts[0].ip, alias)
+    status, shown = show_alias(lab.nodes[0].ip, alias)
     assert status == 200 and shown["remaining"] == alias["max_usage"] - 1, shown
 
-    prom = Prometheus(workdir, free_port(), [f"{h.ip}:80" for h in lab.hosts]).start()
+    prom = Prometheus(workdir, free_port(), [f"{h.ip}:80" for h in lab.nodes]).start()
     try:
-        want = {f"{h.ip}:80": "up" for h in lab.hosts}
+        want = {f"{h.ip}:80": "up" for h in lab.nodes}
         wait_until(lambda: prom.targets_health() == want, 60, "Prometheus to scrape every lab node")
         leaders = wait_until(lambda: prom.query("sum(tempalias_raft_is_leader)"), 30, "leader series")
         assert leaders[0]["value"][1] == "1"
@@ -258,7 +258,7 @@ def test_cluster_serves_on_25_and_80_as_unprivileged_user_and_is_scraped(lab, pl
 
 
 def test_rolling_upgrade_under_load_loses_nothing(lab, playbooks, sink, builds):
-    ips = [h.ip for h in lab.hosts]
+    ips = [h.ip for h in lab.nodes]
     status, alias = create_alias(ips[0], max_usage=100000)
     assert status == 201
     load = Load(ips, alias).start()
@@ -274,7 +274,7 @@ def test_rolling_upgrade_under_load_loses_nothing(lab, playbooks, sink, builds):
         rep = load.stop()
     assert r.returncode == 0, r.stdout[-8000:]
     assert all(v["failed"] == 0 for v in recap.values()), recap
-    for h in lab.hosts:
+    for h in lab.nodes:
         assert installed_sha(h) == sha256(builds["new"]), h.name
 
     times = sorted(t for t, _ in rep.created)
@@ -300,7 +300,7 @@ def test_rolling_upgrade_under_load_loses_nothing(lab, playbooks, sink, builds):
     dup = {u: seen[u] for u in want if seen[u] != 1}
     assert not dup, f"delivered more than once: {dup}"
     # Every alias that got 201 is on every node.
-    checks = [(h, a) for _, a in rep.created for h in lab.hosts]
+    checks = [(h, a) for _, a in rep.created for h in lab.nodes]
     with ThreadPoolExecutor(8) as pool:
         statuses = list(pool.map(lambda c: (c[0].name, c[1]["id"], show_alias(c[0].ip, c[1])[0]), checks))
     missing = [s for s in statuses if s[2] != 200]
@@ -308,10 +308,10 @@ def test_rolling_upgrade_under_load_loses_nothing(lab, playbooks, sink, builds):
 
 
 def test_broken_build_stops_rollout_at_first_node(lab, playbooks, builds):
-    good = {h.name: installed_sha(h) for h in lab.hosts}
+    good = {h.name: installed_sha(h) for h in lab.nodes}
     r, recap = playbooks.run("rolling-upgrade.yml", "-e", f"tempalias_binary_src={builds['broken']}", "-e", "tempalias_ready_timeout=20")
     assert r.returncode != 0, "the rollout of a broken build succeeded"
-    first, rest = lab.hosts[0], lab.hosts[1:]
+    first, rest = lab.nodes[0], lab.nodes[1:]
     assert recap[first.name]["failed"] == 1 and recap[first.name]["rescued"] == 1, recap
     assert all(h.name not in recap or recap[h.name]["changed"] == 0 for h in rest), recap
     assert installed_sha(first) == sha256(builds["broken"])
@@ -333,13 +333,42 @@ def test_broken_build_stops_rollout_at_first_node(lab, playbooks, builds):
 
 
 def test_reboot_brings_the_service_back(lab):
-    status, alias = create_alias(lab.hosts[0].ip)
+    status, alias = create_alias(lab.nodes[0].ip)
     assert status == 201
     started = time.monotonic()
     lab.reboot()
     wait_ready(lab)
     print(f"\nreboot of all three hosts: ready again after {time.monotonic() - started:.1f}s")
-    for h in lab.hosts:
+    for h in lab.nodes:
         assert show_alias(h.ip, alias)[0] == 200, h.name
-    status, _ = create_alias(lab.hosts[2].ip)
+    status, _ = create_alias(lab.nodes[2].ip)
+    assert status == 201
+
+
+def cluster_status(host) -> list[dict]:
+    return json.loads(host.ssh("tempalias cluster --config /etc/tempalias/tempalias.toml status --json").stdout)
+
+
+def test_add_node_then_remove_it(lab, playbooks, group_vars, builds):
+    new = lab.hosts[3]
+    grown = lab.inventory(group_vars, hosts=lab.hosts, name="inventory-grown.yml")
+    status, alias = create_alias(lab.nodes[0].ip)
+    assert status == 201
+    r, recap = playbooks.run("add-node.yml", "-e", f"tempalias_new_node={new.name}", "-e", f"tempalias_binary_src={builds['new']}",
+                             inventory=grown)
+    assert r.returncode == 0, r.stdout[-6000:]
+    assert set(recap) == {new.name}, recap
+    first = cluster_status(lab.nodes[0])[0]["status"]
+    assert sorted(first["voters"]) == [1, 2, 3, 4] and first["learners"] == [], first
+    assert show_alias(new.ip, alias)[0] == 200
+    uid = uuid.uuid4().hex
+    assert smtp_once(new.ip, alias["alias"], uid) == ("ok", 250)
+
+    r, recap = playbooks.run("remove-node.yml", "-e", f"tempalias_remove_node={new.name}", inventory=grown)
+    assert r.returncode == 0, r.stdout[-6000:]
+    first = cluster_status(lab.nodes[0])[0]["status"]
+    assert sorted(first["voters"]) == [1, 2, 3] and first["learners"] == [], first
+    assert new.ssh("systemctl is-active tempalias", check=False).stdout.strip() == "inactive"
+    assert new.ssh("systemctl is-enabled tempalias", check=False).stdout.strip() == "disabled"
+    status, _ = create_alias(lab.nodes[1].ip)
     assert status == 201

@@ -54,7 +54,7 @@ def wait_until(pred, timeout: float, what: str, interval: float = 0.2):
     raise TimeoutError(f"timed out after {timeout}s waiting for {what} (last error: {last!r})")
 
 
-def test_rules(rules_text: str) -> tuple[str, dict]:
+def shortened_rules(rules_text: str) -> tuple[str, dict]:
     """The production rules with every `for:` shortened to TEST_FOR.
     Returns (YAML text, {alert name: original for}) so a test can say what it changed."""
     doc = yaml.safe_load(rules_text)
@@ -148,7 +148,7 @@ class Prometheus:
         config["global"]["evaluation_interval"] = "1s"
         (job,) = [j for j in config["scrape_configs"] if j["job_name"] == "tempalias"]
         job["static_configs"] = [{"targets": self.targets}]
-        rules, self.changed_for = test_rules((PROM_DIR / "alerts.yml").read_text())
+        rules, self.changed_for = shortened_rules((PROM_DIR / "alerts.yml").read_text())
         rule_files = []
         for name in config["rule_files"]:
             assert name == "alerts.yml", f"unexpected rule file {name} in prometheus.yml"
