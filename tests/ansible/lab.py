@@ -235,12 +235,42 @@ class Lab:
     def ssh_cmd(self, host: Host) -> list[str]:
         return ["ssh", "-i", str(self.key), *self.ssh_options(), f"root@{host.ip}"]
 
+    @staticmethod
+    def cleanup_stale():
+        """Ends what an earlier lab run left behind when its process was
+        killed before its teardown: the processes in the lab's own cgroups
+        (tempalias-lab-*) and overlay mounts on the cached rootfs."""
+        for root in CGROUP_ROOTS + [Path("/sys/fs/cgroup")]:
+            for d in root.glob("tempalias-lab-mx*") if root.is_dir() else []:
+                for procs in d.rglob("cgroup.procs"):
+                    for pid in procs.read_text().split():
+                        try:
+                            os.kill(int(pid), signal.SIGKILL)
+                        except ProcessLookupError:
+                            pass
+        for root in CGROUP_ROOTS + [Path("/sys/fs/cgroup")]:
+            for d in root.glob("tempalias-lab-mx*") if root.is_dir() else []:
+                def empty():
+                    return not any(p.read_text().split() for p in d.rglob("cgroup.procs"))
+
+                wait_until(empty, 30, f"processes in {d} to end")
+                for sub in sorted((p for p in d.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts)) + [d]:
+                    try:
+                        sub.rmdir()
+                    except OSError:
+                        pass
+        for line in Path("/proc/mounts").read_text().splitlines():
+            parts = line.split()
+            if len(parts) > 3 and parts[2] == "overlay" and f"lowerdir={CACHE}/" in parts[3]:
+                subprocess.run(["umount", "-l", parts[1]], capture_output=True, timeout=30)
+
     def check_addresses_free(self):
         busy = [f"{h.ip}:{p}" for h in self.hosts for p in (22, 25, 80, 7001) if port_open(h.ip, p)]
         if busy:
             raise RuntimeError(f"lab addresses already in use (another lab running?): {busy}")
 
     def up(self, timeout: float = 90):
+        self.cleanup_stale()
         self.check_addresses_free()
         rootfs = ensure_rootfs()
         subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(self.key)], check=True, timeout=30)
