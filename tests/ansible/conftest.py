@@ -111,9 +111,14 @@ def lab(workdir):
 
 @pytest.fixture(scope="session")
 def group_vars(builds, sink, lab_secret) -> dict:
+    # The TLS files and the extra secret are only installed: no configuration
+    # key reads them yet (SMTP TLS, SRS and DKIM are being built).
     return {
         "tempalias_domains": ["tempalias.test"],
         "tempalias_cluster_secret": lab_secret,
+        "tempalias_tls_cert": "-----BEGIN CERTIFICATE-----\nlab-certificate\n-----END CERTIFICATE-----\n",
+        "tempalias_tls_key": f"-----BEGIN PRIVATE KEY-----\n{lab_secret}-tls\n-----END PRIVATE KEY-----\n",
+        "tempalias_secret_files": [{"name": "srs.key", "content": f"{lab_secret}-srs"}],
         "tempalias_binary_src": str(builds["old"]),
         "tempalias_ready_timeout": 60,
         "tempalias_config": {

@@ -209,7 +209,7 @@ def test_converge_from_nothing_then_idempotent(lab, playbooks, lab_secret, build
     assert r.returncode == 0, r.stdout[-6000:] + r.stderr[-2000:]
     assert set(recap) == {h.name for h in lab.nodes}
     assert all(v["changed"] > 0 and v["failed"] == 0 for v in recap.values()), recap
-    assert lab_secret not in r.stdout + r.stderr, "the cluster secret appeared in the playbook output"
+    assert lab_secret not in r.stdout + r.stderr, "a secret appeared in the playbook output"
 
     r, recap = playbooks.run("site.yml")
     assert r.returncode == 0, r.stdout[-6000:]
@@ -221,13 +221,19 @@ def test_converge_from_nothing_then_idempotent(lab, playbooks, lab_secret, build
     print(f"\nsystemd-analyze security tempalias.service: {out.strip()}")
     assert score <= 2.0, out
     assert installed_sha(h) == sha256(builds["old"])
-    modes = h.ssh("stat -c '%n %U %a' /etc/tempalias /etc/tempalias/cluster.secret /etc/tempalias/tempalias.toml /var/lib/tempalias").stdout
-    assert modes.split("\n")[:4] == [
+    paths = ["/etc/tempalias", "/etc/tempalias/cluster.secret", "/etc/tempalias/tempalias.toml", "/var/lib/tempalias",
+             "/etc/tempalias/secrets/srs.key", "/etc/tempalias/tls/cert.pem", "/etc/tempalias/tls/key.pem"]
+    modes = h.ssh("stat -c '%n %U %a' " + " ".join(paths)).stdout
+    assert modes.split("\n")[:7] == [
         "/etc/tempalias root 750",
         "/etc/tempalias/cluster.secret tempalias 600",
         "/etc/tempalias/tempalias.toml root 640",
         "/var/lib/tempalias tempalias 750",
+        "/etc/tempalias/secrets/srs.key tempalias 600",
+        "/etc/tempalias/tls/cert.pem root 640",
+        "/etc/tempalias/tls/key.pem tempalias 600",
     ], modes
+    assert h.ssh("cat /etc/tempalias/secrets/srs.key").stdout == f"{lab_secret}-srs"
 
 
 def test_cluster_serves_on_25_and_80_as_unprivileged_user_and_is_scraped(lab, playbooks, sink, workdir):
