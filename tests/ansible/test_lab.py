@@ -331,9 +331,12 @@ def test_broken_build_stops_rollout_at_first_node(lab, playbooks, builds):
     assert smtp_once(rest[1].ip, alias["alias"], uuid.uuid4().hex) == ("ok", 250)
     assert call(first.ip, "GET", "/readyz", timeout=3)[0] == 0  # nothing listens on the broken node
 
-    # The operator's way back: converge with the good build.
-    r, recap = playbooks.run("site.yml", "-e", f"tempalias_binary_src={builds['new']}")
+    # The way back: the rollout again with a good build upgrades the failed
+    # node (the health check asks the other members) and skips the others.
+    r, recap = playbooks.run("rolling-upgrade.yml", "-e", f"tempalias_binary_src={builds['new']}")
     assert r.returncode == 0, r.stdout[-6000:]
+    assert recap[first.name]["changed"] > 0 and all(recap[h.name]["changed"] == 0 for h in rest), recap
+    assert installed_sha(first) == sha256(builds["new"])
     wait_ready(lab)
     assert show_alias(first.ip, alias)[0] == 200
 
