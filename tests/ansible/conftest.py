@@ -1,4 +1,4 @@
-"""Fixtures for the Ansible lab (issue 7): three Debian hosts booted with
+"""Fixtures for the Ansible lab (issue 7): Debian hosts (three nodes and a spare) booted with
 systemd-nspawn (lab.py), Postfix's smtp-sink on the machine as the smarthost
 every node forwards to, and the binaries the playbooks install.
 
