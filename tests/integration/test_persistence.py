@@ -102,3 +102,41 @@ def test_reservation_is_released_when_the_client_disconnects(node):
 
     wait_until(lambda: node.rcpt_reply(alias["alias"])[0] == 250, 10, "the reservation to be released")
     assert node.remaining(alias) == 1
+
+
+def test_sigterm_refuses_new_clients_at_once_and_finishes_the_message_in_flight(node):
+    """A stopping node closes its SMTP socket at once (new senders are refused
+    and move to the next MX instead of waiting in the backlog), while a
+    message already being received is finished, forwarded and counted."""
+    import signal
+    import socket
+
+    from harness import wait_until
+
+    alias = node.create_alias(days=1, max_usage=2)
+    c = node.raw()
+    assert c.reply()[0] == 220
+    assert c.cmd("EHLO client.example.org")[0] == 250
+    assert c.cmd(f"MAIL FROM:<{SENDER}>")[0] == 250
+    assert c.cmd(f"RCPT TO:<{alias['alias']}>")[0] == 250
+    assert c.cmd("DATA")[0] == 354
+    c.send(b"Subject: in flight at shutdown\r\n\r\nfirst half\r\n")
+    node.proc.send_signal(signal.SIGTERM)
+
+    def refused() -> bool:
+        try:
+            socket.create_connection(("127.0.0.1", node.smtp_port), timeout=1).close()
+        except ConnectionRefusedError:
+            return True
+        return False
+
+    wait_until(refused, 5, "the SMTP port to refuse new connections")
+    assert node.running(), "the node waits for the session in progress"
+    c.send(b"second half\r\n.\r\n")
+    code, text = c.reply()
+    assert code == 250, (code, text)
+    c.close()
+    assert node.proc.wait(timeout=30) == 0
+    assert any(b"in flight at shutdown" in cap["eml"] for cap in node.captured())
+    node.start()
+    assert node.remaining(alias) == 1, "the message was counted before the node stopped"
