@@ -60,6 +60,7 @@ pub struct Config {
     pub relay: RelayConfig,
     pub limits: LimitsConfig,
     pub cluster: ClusterConfig,
+    pub maintenance: MaintenanceConfig,
     pub log: LogConfig,
 }
 
@@ -74,6 +75,7 @@ impl Default for Config {
             relay: RelayConfig::default(),
             limits: LimitsConfig::default(),
             cluster: ClusterConfig::default(),
+            maintenance: MaintenanceConfig::default(),
             log: LogConfig::default(),
         }
     }
@@ -276,6 +278,53 @@ impl Default for ClusterConfig {
             election_timeout_ms: 1000,
         }
     }
+}
+
+/// What a drained node still lets through (see `tempalias maintenance`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MaintenanceConfig {
+    /// Client networks (CIDR, or single addresses) that still reach the HTTP
+    /// API while the node drains, so operators can check it before turning
+    /// maintenance off.
+    pub allow: Vec<String>,
+    /// `Retry-After` of the maintenance `503`, in seconds.
+    pub retry_after_secs: u64,
+}
+
+impl Default for MaintenanceConfig {
+    fn default() -> Self {
+        Self {
+            allow: Vec::new(),
+            retry_after_secs: 120,
+        }
+    }
+}
+
+impl MaintenanceConfig {
+    /// The parsed `allow` networks.
+    ///
+    /// # Errors
+    /// [`ConfigError::Invalid`] naming the first entry that is not a network.
+    pub fn allow_nets(&self) -> Result<Vec<ipnet::IpNet>, ConfigError> {
+        parse_nets("maintenance.allow", &self.allow)
+    }
+}
+
+/// Parses CIDR networks; a bare address is its own /32 or /128.
+///
+/// # Errors
+/// [`ConfigError::Invalid`] naming `key` and the entry that does not parse.
+pub fn parse_nets(key: &str, entries: &[String]) -> Result<Vec<ipnet::IpNet>, ConfigError> {
+    entries
+        .iter()
+        .map(|e| {
+            let e = e.trim();
+            e.parse::<ipnet::IpNet>()
+                .or_else(|_| e.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
+                .map_err(|_| invalid(key, format!("{e:?} is not an address or CIDR network")))
+        })
+        .collect()
 }
 
 /// Log output.
@@ -515,6 +564,11 @@ impl Config {
                 "a multi-node cluster needs cluster.secret or cluster.secret_file",
             ));
         }
+        self.maintenance.allow_nets()?;
+        positive(
+            "maintenance.retry_after_secs",
+            self.maintenance.retry_after_secs,
+        )?;
         if !matches!(self.log.format.as_str(), "text" | "json") {
             return Err(invalid("log.format", "must be \"text\" or \"json\""));
         }

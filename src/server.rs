@@ -10,6 +10,7 @@ use tokio_util::sync::CancellationToken;
 use crate::clock::{Clock, SystemClock};
 use crate::cluster::client::Peers;
 use crate::config::{Config, RelayMode};
+use crate::maintenance::Maintenance;
 use crate::metrics::Metrics;
 use crate::raft::node::StartError;
 use crate::raft::Node;
@@ -36,6 +37,8 @@ pub enum ServeError {
     Config(#[from] crate::config::ConfigError),
     #[error("cluster client: {0}")]
     Cluster(#[from] crate::cluster::client::RpcError),
+    #[error("cannot read the maintenance state: {0}")]
+    Maintenance(std::io::Error),
 }
 
 /// Addresses a started node listens on (ports may have been chosen by the OS).
@@ -94,14 +97,37 @@ pub async fn run(
     )?;
     let node = Node::start(&config, clock.clone(), peers, metrics.clone()).await?;
     tracing::info!(node_id = config.node_id, relay = %relay.describe(), "node started");
+    let maintenance =
+        Arc::new(Maintenance::load(&config.data_dir).map_err(ServeError::Maintenance)?);
+    // Know the replicated flag before any listener takes work.
+    if let Ok(c) = node.reader().cluster_maintenance() {
+        maintenance.observe_cluster(&c);
+    }
+    if maintenance.draining() {
+        tracing::warn!("starting in maintenance: draining until turned off");
+    }
+    let maintenance_watch = tokio::spawn(crate::maintenance::watch(
+        maintenance.clone(),
+        node.reader().clone(),
+        metrics.clone(),
+        shutdown.clone(),
+    ));
 
     // Cluster RPC stops last: peers need it while this node hands over leadership.
     let cluster_shutdown = CancellationToken::new();
     let cluster = tokio::spawn({
         let (node, metrics, token) = (node.clone(), metrics.clone(), cluster_shutdown.clone());
+        let maintenance = maintenance.clone();
         async move {
-            if let Err(e) =
-                crate::cluster::service::serve(cluster_listener, node, secret, metrics, token).await
+            if let Err(e) = crate::cluster::service::serve(
+                cluster_listener,
+                node,
+                maintenance,
+                secret,
+                metrics,
+                token,
+            )
+            .await
             {
                 tracing::error!(error = %e, "cluster RPC server");
             }
@@ -134,6 +160,7 @@ pub async fn run(
         relay,
         metrics: metrics.clone(),
         lease_ms: config.relay.reservation_lease_secs * 1000,
+        maintenance: maintenance.clone(),
         connections: crate::smtp::limits::ConnectionCounts::new(config.smtp.max_connections_per_ip),
         failures: crate::smtp::limits::FailedRcpts::new(
             config.smtp.max_failed_rcpts_per_ip,
@@ -146,7 +173,12 @@ pub async fn run(
         shutdown.clone(),
     ));
 
-    let state = crate::http::AppState::new(node.clone(), config.clone(), metrics.clone());
+    let state = crate::http::AppState::new(
+        node.clone(),
+        config.clone(),
+        metrics.clone(),
+        maintenance.clone(),
+    );
     let app = crate::http::router(state);
     let http_shutdown = shutdown.clone();
     let http = tokio::spawn(async move {
@@ -172,6 +204,7 @@ pub async fn run(
         tracing::warn!("drain timed out; stopping anyway");
     }
     let _ = watcher.await;
+    let _ = maintenance_watch.await;
     let _ = purger.await;
     let _ = clocks.await;
     let _ = forming.await;

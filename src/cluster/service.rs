@@ -15,12 +15,14 @@ use super::messages::{ForwardRequest, MembershipChange, ReadIndexResponse};
 use super::proto::cluster_server::{Cluster, ClusterServer};
 use super::proto::{Empty, Payload};
 use crate::config::Secret;
+use crate::maintenance::{Maintenance, MaintenanceRequest};
 use crate::metrics::Metrics;
 use crate::raft::Node;
 
 /// Handlers of the cluster RPCs on one node.
 pub struct ClusterService {
     node: Node,
+    maintenance: Arc<Maintenance>,
 }
 
 fn decode<T: DeserializeOwned>(req: Request<Payload>) -> Result<T, Status> {
@@ -94,6 +96,11 @@ impl Cluster for ClusterService {
             .map_err(|e| Status::unavailable(e.to_string()))?;
         Ok(Response::new(Empty {}))
     }
+
+    async fn maintenance(&self, req: Request<Payload>) -> Result<Response<Payload>, Status> {
+        let req: MaintenanceRequest = decode(req)?;
+        encode(&crate::maintenance::handle(&self.maintenance, &self.node, &req).await)
+    }
 }
 
 /// Compares without an early exit, so timing does not reveal the secret.
@@ -108,6 +115,7 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 pub async fn serve(
     listener: TcpListener,
     node: Node,
+    maintenance: Arc<Maintenance>,
     secret: Secret,
     metrics: Arc<Metrics>,
     shutdown: CancellationToken,
@@ -127,7 +135,7 @@ pub async fn serve(
             Err(Status::unauthenticated("cluster secret required"))
         }
     };
-    let server = ClusterServer::new(ClusterService { node })
+    let server = ClusterServer::new(ClusterService { node, maintenance })
         .max_decoding_message_size(super::MAX_MESSAGE)
         .max_encoding_message_size(super::MAX_MESSAGE);
     let service = tonic::service::interceptor::InterceptedService::new(server, check);

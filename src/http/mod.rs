@@ -1,7 +1,9 @@
 //! The HTTP front end: the alias API, health endpoints and `/metrics`.
 
 mod aliases;
+mod client_ip;
 mod error;
+mod maintenance;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -17,6 +19,7 @@ use tokio::sync::Semaphore;
 pub use error::ApiError;
 
 use crate::config::Config;
+use crate::maintenance::Maintenance;
 use crate::metrics::{HttpLabels, Metrics};
 use crate::raft::Node;
 
@@ -31,16 +34,29 @@ pub struct AppState {
     pub metrics: Arc<Metrics>,
     /// Requests in progress; when none is free the node sheds load with `503`.
     permits: Arc<Semaphore>,
+    /// Whether the node drains (answers `503` to all but `maintenance_allow`).
+    pub maintenance: Arc<Maintenance>,
+    /// `[maintenance] allow`, parsed.
+    maintenance_allow: Arc<Vec<ipnet::IpNet>>,
 }
 
 impl AppState {
-    pub fn new(node: Node, config: Arc<Config>, metrics: Arc<Metrics>) -> Self {
+    pub fn new(
+        node: Node,
+        config: Arc<Config>,
+        metrics: Arc<Metrics>,
+        maintenance: Arc<Maintenance>,
+    ) -> Self {
         let permits = Arc::new(Semaphore::new(config.http.max_concurrent_requests));
+        // Validated with the rest of the configuration.
+        let maintenance_allow = Arc::new(config.maintenance.allow_nets().unwrap_or_default());
         Self {
             node,
             config,
             metrics,
             permits,
+            maintenance,
+            maintenance_allow,
         }
     }
 }
@@ -59,6 +75,10 @@ pub fn router(state: AppState) -> Router {
         .route("/metrics", get(metrics))
         .fallback(|| async { ApiError::NoRoute })
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            maintenance::drain,
+        ))
         .layer(axum::middleware::from_fn_with_state(state.clone(), guard))
         .with_state(state)
 }
@@ -111,6 +131,10 @@ async fn healthz() -> impl IntoResponse {
 }
 
 async fn readyz(State(state): State<AppState>) -> Response {
+    if state.maintenance.draining() {
+        let body = serde_json::json!({ "ready": false, "maintenance": true });
+        return (StatusCode::SERVICE_UNAVAILABLE, axum::Json(body)).into_response();
+    }
     let store_ok = state.node.reader().alias("readyz-probe").is_ok();
     let leader = state
         .node

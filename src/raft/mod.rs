@@ -4,11 +4,14 @@
 //!   that travel through the log.
 //! - [`state`]: the pure state-machine logic (what each command does to an alias),
 //!   kept free of storage so it can be tested exhaustively.
+//! - [`idempotency`]: keyed creates (an `Idempotency-Key` claimed together
+//!   with the alias it creates), also pure.
 //! - [`store`]: the redb database holding the Raft log, vote, state machine and
 //!   snapshots of one node.
 //! - [`network`]: how this node reaches its peers.
 //! - [`node`]: the handle the SMTP and HTTP front ends write and read through.
 
+pub mod idempotency;
 pub mod network;
 pub mod node;
 pub mod state;
