@@ -90,6 +90,12 @@ pub struct HttpConfig {
     pub request_timeout_secs: u64,
     /// Requests served at once; beyond that the node sheds load with `503`.
     pub max_concurrent_requests: usize,
+    /// Open connections; beyond that a new connection gets a fast `503`.
+    pub max_connections: usize,
+    /// A client must send a complete request head within this time.
+    pub header_read_timeout_secs: u64,
+    /// A connection that moves no byte for this long is closed.
+    pub keepalive_idle_secs: u64,
 }
 
 impl Default for HttpConfig {
@@ -98,6 +104,9 @@ impl Default for HttpConfig {
             listen: "127.0.0.1:8080".to_string(),
             request_timeout_secs: 10,
             max_concurrent_requests: 512,
+            max_connections: 4096,
+            header_read_timeout_secs: 10,
+            keepalive_idle_secs: 60,
         }
     }
 }
@@ -435,6 +444,12 @@ impl Config {
             "http.max_concurrent_requests",
             self.http.max_concurrent_requests as u64,
         )?;
+        positive("http.max_connections", self.http.max_connections as u64)?;
+        positive(
+            "http.header_read_timeout_secs",
+            self.http.header_read_timeout_secs,
+        )?;
+        positive("http.keepalive_idle_secs", self.http.keepalive_idle_secs)?;
         if self.smtp.hostname.is_empty()
             || !self
                 .smtp

@@ -180,17 +180,17 @@ pub async fn run(
         maintenance.clone(),
     );
     let app = crate::http::router(state);
-    let http_shutdown = shutdown.clone();
-    let http = tokio::spawn(async move {
-        let serve = axum::serve(
-            http_listener,
-            app.into_make_service_with_connect_info::<SocketAddr>(),
-        )
-        .with_graceful_shutdown(async move { http_shutdown.cancelled().await });
-        if let Err(e) = serve.await {
-            tracing::error!(error = %e, "http server");
-        }
-    });
+    let http = tokio::spawn(crate::http::listener::serve(
+        http_listener,
+        app,
+        crate::http::listener::Limits {
+            max_connections: config.http.max_connections,
+            header_read_timeout: Duration::from_secs(config.http.header_read_timeout_secs),
+            keepalive_idle: Duration::from_secs(config.http.keepalive_idle_secs),
+        },
+        metrics.clone(),
+        shutdown.clone(),
+    ));
 
     on_ready(bound);
     shutdown.cancelled().await;

@@ -3,7 +3,9 @@
 mod aliases;
 mod client_ip;
 mod error;
+pub mod listener;
 mod maintenance;
+mod readiness;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -38,6 +40,8 @@ pub struct AppState {
     pub maintenance: Arc<Maintenance>,
     /// `[maintenance] allow`, parsed.
     maintenance_allow: Arc<Vec<ipnet::IpNet>>,
+    /// The cached `/readyz` verdict.
+    readiness: Arc<readiness::Readiness>,
 }
 
 impl AppState {
@@ -57,6 +61,7 @@ impl AppState {
             permits,
             maintenance,
             maintenance_allow,
+            readiness: Arc::default(),
         }
     }
 }
@@ -130,21 +135,21 @@ async fn healthz() -> impl IntoResponse {
     axum::Json(serde_json::json!({ "status": "ok" }))
 }
 
+/// Ready when the store reads, a quorum-confirmed leader is known and the
+/// node is not drained for maintenance. The first two come from a verdict
+/// cached for a few hundred ms (see `readiness.rs`).
 async fn readyz(State(state): State<AppState>) -> Response {
-    if state.maintenance.draining() {
-        let body = serde_json::json!({ "ready": false, "maintenance": true });
-        return (StatusCode::SERVICE_UNAVAILABLE, axum::Json(body)).into_response();
-    }
-    let store_ok = state.node.reader().alias("readyz-probe").is_ok();
-    let leader = state
-        .node
-        .is_ready(Duration::from_millis(
-            state.config.cluster.election_timeout_ms,
-        ))
-        .await;
-    let body =
-        serde_json::json!({ "ready": store_ok && leader, "store": store_ok, "leader": leader });
-    let status = if store_ok && leader {
+    let limit = Duration::from_millis(state.config.cluster.election_timeout_ms);
+    let v = state.readiness.get(&state.node, limit).await;
+    let maintenance = state.maintenance.draining();
+    let ready = v.store && v.leader && !maintenance;
+    let body = serde_json::json!({
+        "ready": ready,
+        "store": v.store,
+        "leader": v.leader,
+        "maintenance": maintenance,
+    });
+    let status = if ready {
         StatusCode::OK
     } else {
         StatusCode::SERVICE_UNAVAILABLE
