@@ -61,6 +61,7 @@ pub struct Config {
     pub limits: LimitsConfig,
     pub cluster: ClusterConfig,
     pub maintenance: MaintenanceConfig,
+    pub ratelimit: RateLimitConfig,
     pub log: LogConfig,
 }
 
@@ -76,6 +77,7 @@ impl Default for Config {
             limits: LimitsConfig::default(),
             cluster: ClusterConfig::default(),
             maintenance: MaintenanceConfig::default(),
+            ratelimit: RateLimitConfig::default(),
             log: LogConfig::default(),
         }
     }
@@ -96,6 +98,53 @@ pub struct HttpConfig {
     pub header_read_timeout_secs: u64,
     /// A connection that moves no byte for this long is closed.
     pub keepalive_idle_secs: u64,
+    /// Reverse proxies (CIDR or addresses) whose `Forwarded` and
+    /// `X-Forwarded-For` headers name the client; from anyone else those
+    /// headers are ignored, since any client can send them.
+    pub trusted_proxies: Vec<String>,
+}
+
+impl HttpConfig {
+    /// The parsed `trusted_proxies`.
+    ///
+    /// # Errors
+    /// [`ConfigError::Invalid`] naming the first entry that is not a network.
+    pub fn trusted_proxy_nets(&self) -> Result<Vec<ipnet::IpNet>, ConfigError> {
+        parse_nets("http.trusted_proxies", &self.trusted_proxies)
+    }
+}
+
+/// Per-client token buckets on the HTTP API (per node).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RateLimitConfig {
+    pub enabled: bool,
+    /// Buckets kept per policy, whatever the number of client addresses.
+    pub max_clients: usize,
+    /// Alias creations: `create_quota` per `create_window_secs`.
+    pub create_quota: u32,
+    pub create_window_secs: u64,
+    /// Status reads and revokes of one alias.
+    pub status_quota: u32,
+    pub status_window_secs: u64,
+    /// Lookups answered `404` (unknown id or wrong token).
+    pub failed_quota: u32,
+    pub failed_window_secs: u64,
+}
+
+impl Default for RateLimitConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            max_clients: 100_000,
+            create_quota: 10,
+            create_window_secs: 300,
+            status_quota: 120,
+            status_window_secs: 60,
+            failed_quota: 10,
+            failed_window_secs: 60,
+        }
+    }
 }
 
 impl Default for HttpConfig {
@@ -107,6 +156,7 @@ impl Default for HttpConfig {
             max_connections: 4096,
             header_read_timeout_secs: 10,
             keepalive_idle_secs: 60,
+            trusted_proxies: Vec::new(),
         }
     }
 }
@@ -580,6 +630,15 @@ impl Config {
             ));
         }
         self.maintenance.allow_nets()?;
+        self.http.trusted_proxy_nets()?;
+        let r = &self.ratelimit;
+        positive("ratelimit.max_clients", r.max_clients as u64)?;
+        positive("ratelimit.create_quota", u64::from(r.create_quota))?;
+        positive("ratelimit.create_window_secs", r.create_window_secs)?;
+        positive("ratelimit.status_quota", u64::from(r.status_quota))?;
+        positive("ratelimit.status_window_secs", r.status_window_secs)?;
+        positive("ratelimit.failed_quota", u64::from(r.failed_quota))?;
+        positive("ratelimit.failed_window_secs", r.failed_window_secs)?;
         positive(
             "maintenance.retry_after_secs",
             self.maintenance.retry_after_secs,
@@ -681,7 +740,16 @@ fn apply_env(table: &mut toml::Table, var: &str, rest: &str, raw: &str) -> Resul
         table.insert(rest.to_string(), value);
         return Ok(());
     }
-    let sections = ["http", "smtp", "relay", "limits", "cluster", "log"];
+    let sections = [
+        "http",
+        "smtp",
+        "relay",
+        "limits",
+        "cluster",
+        "maintenance",
+        "ratelimit",
+        "log",
+    ];
     let Some((section, key)) = rest.split_once('_') else {
         return Err(ConfigError::Env {
             var: var.to_string(),

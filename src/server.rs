@@ -80,6 +80,7 @@ pub async fn run(
 ) -> Result<(), ServeError> {
     let config = Arc::new(config);
     let secret = config.cluster_secret()?;
+    let token_key = crate::http::TokenKey::from_secret(&secret);
     let http_listener = bind("http.listen", &config.http.listen).await?;
     let smtp_listener = bind("smtp.listen", &config.smtp.listen).await?;
     let cluster_listener = bind("cluster.listen", &config.cluster.listen).await?;
@@ -178,6 +179,7 @@ pub async fn run(
         config.clone(),
         metrics.clone(),
         maintenance.clone(),
+        token_key,
     );
     let app = crate::http::router(state);
     let http = tokio::spawn(crate::http::listener::serve(

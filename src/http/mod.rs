@@ -3,8 +3,10 @@
 mod aliases;
 mod client_ip;
 mod error;
+mod idempotency;
 pub mod listener;
 mod maintenance;
+mod ratelimit;
 mod readiness;
 
 use std::sync::Arc;
@@ -19,6 +21,7 @@ use axum::Router;
 use tokio::sync::Semaphore;
 
 pub use error::ApiError;
+pub use idempotency::TokenKey;
 
 use crate::config::Config;
 use crate::maintenance::Maintenance;
@@ -42,6 +45,12 @@ pub struct AppState {
     maintenance_allow: Arc<Vec<ipnet::IpNet>>,
     /// The cached `/readyz` verdict.
     readiness: Arc<readiness::Readiness>,
+    /// Derives the tokens of keyed creates (see `idempotency.rs`).
+    token_key: TokenKey,
+    /// `[http] trusted_proxies`, parsed (see `client_ip.rs`).
+    trusted_proxies: Arc<Vec<ipnet::IpNet>>,
+    /// Per-client rate limits; `None` when `[ratelimit] enabled = false`.
+    ratelimits: Option<Arc<ratelimit::RateLimits>>,
 }
 
 impl AppState {
@@ -50,10 +59,13 @@ impl AppState {
         config: Arc<Config>,
         metrics: Arc<Metrics>,
         maintenance: Arc<Maintenance>,
+        token_key: TokenKey,
     ) -> Self {
         let permits = Arc::new(Semaphore::new(config.http.max_concurrent_requests));
         // Validated with the rest of the configuration.
         let maintenance_allow = Arc::new(config.maintenance.allow_nets().unwrap_or_default());
+        let trusted_proxies = Arc::new(config.http.trusted_proxy_nets().unwrap_or_default());
+        let ratelimits = ratelimit::RateLimits::from_config(&config.ratelimit).map(Arc::new);
         Self {
             node,
             config,
@@ -62,6 +74,9 @@ impl AppState {
             maintenance,
             maintenance_allow,
             readiness: Arc::default(),
+            token_key,
+            trusted_proxies,
+            ratelimits,
         }
     }
 }
@@ -80,6 +95,10 @@ pub fn router(state: AppState) -> Router {
         .route("/metrics", get(metrics))
         .fallback(|| async { ApiError::NoRoute })
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            ratelimit::limit,
+        ))
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
             maintenance::drain,

@@ -113,7 +113,7 @@ def many_fds():
 
 def test_create_succeeds_while_idle_and_slowloris_clients_are_held(many_fds, node_factory):
     # The node inherits the raised descriptor limit from this process.
-    node = node_factory(config={"http": {"header_read_timeout_secs": 20, "keepalive_idle_secs": 60}})
+    node = node_factory(config={"http": {"header_read_timeout_secs": 120, "keepalive_idle_secs": 120}})
     sockets = []
     try:
         for _ in range(IDLE):
