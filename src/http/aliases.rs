@@ -240,7 +240,11 @@ async fn authorize(
     if !alias::is_valid_id(id) {
         return Err(ApiError::NotFound);
     }
-    state.node.read_barrier().await.map_err(unavailable)?;
+    state
+        .barriers
+        .wait(&state.node)
+        .await
+        .map_err(ApiError::Unavailable)?;
     let rec = state.node.reader().alias(id).map_err(|e| {
         tracing::error!(error = %e, "reading the store");
         ApiError::Internal

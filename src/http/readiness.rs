@@ -14,7 +14,34 @@ use std::time::Duration;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+
+use super::AppState;
 use crate::raft::Node;
+
+/// Ready when the store reads, a quorum-confirmed leader is known and the
+/// node is not drained for maintenance. The first two come from the cached
+/// verdict; maintenance is read every time.
+pub(super) async fn readyz(State(state): State<AppState>) -> Response {
+    let limit = Duration::from_millis(state.config.cluster.election_timeout_ms);
+    let v = state.readiness.get(&state.node, limit).await;
+    let maintenance = state.maintenance.draining();
+    let ready = v.store && v.leader && !maintenance;
+    let body = serde_json::json!({
+        "ready": ready,
+        "store": v.store,
+        "leader": v.leader,
+        "maintenance": maintenance,
+    });
+    let status = if ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (status, axum::Json(body)).into_response()
+}
 
 /// How long one verdict is served.
 pub const MAX_AGE: Duration = Duration::from_millis(250);

@@ -293,6 +293,15 @@ def main(argv=None) -> int:
     print("Per run (req/s):")
     for k, v in figures.items():
         print(f"    {k:<18} " + " ".join(f"{r['rate']:.0f}" for r in v))
+    # The machine may be shared: a ratio to the nginx run of the same round is
+    # steadier than a ratio of medians.
+    print()
+    print("Per run, x nginx of the same round (median):")
+    for k, v in figures.items():
+        if k == "nginx static 200":
+            continue
+        ratios = [r["rate"] / n["rate"] for r, n in zip(v, figures["nginx static 200"])]
+        print(f"    {k:<18} " + " ".join(f"{x:.2f}" for x in ratios) + f"   (median {statistics.median(ratios):.2f})")
     print()
     print("create on a fresh connection, 20 each (1-node):")
     print(f"    nothing held:                         median {statistics.median(quiet):6.2f} ms  max {max(quiet):6.2f} ms")
