@@ -9,13 +9,14 @@ import socket
 import subprocess
 
 from clusterkit import create_ok, request, wait_until
+from launch import child_env
 
 
 def maintenance(cluster, via, *args) -> subprocess.CompletedProcess:
     nd = cluster.node(via)
     return subprocess.run(
         [str(cluster.binary), "maintenance", "--config", str(nd.config_path), *args],
-        capture_output=True, text=True, timeout=30,
+        capture_output=True, text=True, timeout=30, env=child_env(),
     )
 
 
