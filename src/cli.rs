@@ -81,6 +81,17 @@ enum Cmd {
         #[command(subcommand)]
         action: ClusterCmd,
     },
+    /// Drain a node (or the whole cluster) for maintenance, undo it, or show it.
+    Maintenance {
+        /// Configuration to take the cluster secret and default node from.
+        #[arg(long, short, global = true)]
+        config: Option<PathBuf>,
+        /// Cluster address of the node to ask (default: cluster.listen).
+        #[arg(long, global = true)]
+        node: Option<String>,
+        #[command(subcommand)]
+        action: MaintenanceCmd,
+    },
     /// Create, show or revoke aliases through a node's HTTP API.
     Alias {
         /// Base URL of a node's HTTP API; without a scheme, http:// is assumed.
@@ -147,6 +158,28 @@ enum ClusterCmd {
         /// The node's id.
         #[arg(value_name = "ID", value_parser = clap::value_parser!(u64).range(1..))]
         id: u64,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum MaintenanceCmd {
+    /// Start draining: SMTP answers 421, HTTP 503, /readyz 503.
+    On {
+        /// Every node of the cluster (replicated) instead of this node only.
+        #[arg(long)]
+        cluster: bool,
+    },
+    /// Stop draining.
+    Off {
+        /// Cluster-wide maintenance instead of this node's own.
+        #[arg(long)]
+        cluster: bool,
+    },
+    /// Show this node's maintenance state.
+    Status {
+        /// Print the raw JSON report.
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -273,6 +306,15 @@ fn run(cli: Cli, local_offset: time::UtcOffset) -> anyhow::Result<ExitCode> {
                 action,
             ))
         }
+        Cmd::Maintenance {
+            config,
+            node,
+            action,
+        } => {
+            let config = Config::load(config.as_deref())?;
+            let runtime = tokio::runtime::Runtime::new().context("starting the runtime")?;
+            runtime.block_on(maintenance(&config, node, action))
+        }
         Cmd::Alias { api, json, action } => {
             let runtime = tokio::runtime::Runtime::new().context("starting the runtime")?;
             runtime.block_on(alias_client::run(&api, json, action, local_offset))
@@ -355,6 +397,74 @@ async fn wait_for_signal() {
     {
         let _ = tokio::signal::ctrl_c().await;
     }
+}
+
+async fn maintenance(
+    config: &Config,
+    node: Option<String>,
+    action: MaintenanceCmd,
+) -> anyhow::Result<ExitCode> {
+    use crate::maintenance::{MaintenanceAction, MaintenanceRequest};
+    let secret = config.cluster_secret()?;
+    let addr = node.unwrap_or_else(|| config.cluster.listen.clone());
+    let (req, json) = match action {
+        MaintenanceCmd::On { cluster } => (
+            MaintenanceRequest {
+                action: MaintenanceAction::On,
+                cluster,
+            },
+            false,
+        ),
+        MaintenanceCmd::Off { cluster } => (
+            MaintenanceRequest {
+                action: MaintenanceAction::Off,
+                cluster,
+            },
+            false,
+        ),
+        MaintenanceCmd::Status { json } => (
+            MaintenanceRequest {
+                action: MaintenanceAction::Status,
+                cluster: false,
+            },
+            json,
+        ),
+    };
+    let report = crate::maintenance::ask(&addr, &secret, &req, std::time::Duration::from_secs(15))
+        .await
+        .with_context(|| format!("asking {addr}"))?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        let since = |ms: Option<u64>| {
+            ms.map(|ms| format!(" since {}", crate::clock::rfc3339(ms)))
+                .unwrap_or_default()
+        };
+        println!(
+            "node {}: {}",
+            report.node_id,
+            if report.draining {
+                "draining"
+            } else {
+                "serving"
+            }
+        );
+        println!(
+            "  node maintenance:    {}{}",
+            if report.node { "on" } else { "off" },
+            since(report.node_since_ms)
+        );
+        println!(
+            "  cluster maintenance: {}{}",
+            if report.cluster { "on" } else { "off" },
+            since(report.cluster_since_ms)
+        );
+    }
+    if let Some(e) = report.error {
+        eprintln!("tempalias: {e}");
+        return Ok(ExitCode::FAILURE);
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 #[cfg(test)]

@@ -98,6 +98,8 @@ pub struct Config {
     pub relay: RelayConfig,
     pub limits: LimitsConfig,
     pub cluster: ClusterConfig,
+    pub maintenance: MaintenanceConfig,
+    pub ratelimit: RateLimitConfig,
     pub log: LogConfig,
 }
 
@@ -112,6 +114,8 @@ impl Default for Config {
             relay: RelayConfig::default(),
             limits: LimitsConfig::default(),
             cluster: ClusterConfig::default(),
+            maintenance: MaintenanceConfig::default(),
+            ratelimit: RateLimitConfig::default(),
             log: LogConfig::default(),
         }
     }
@@ -126,6 +130,59 @@ pub struct HttpConfig {
     pub request_timeout_secs: u64,
     /// Requests served at once; beyond that the node sheds load with `503`.
     pub max_concurrent_requests: usize,
+    /// Open connections; beyond that a new connection gets a fast `503`.
+    pub max_connections: usize,
+    /// A client must send a complete request head within this time.
+    pub header_read_timeout_secs: u64,
+    /// A connection that moves no byte for this long is closed.
+    pub keepalive_idle_secs: u64,
+    /// Reverse proxies (CIDR or addresses) whose `Forwarded` and
+    /// `X-Forwarded-For` headers name the client; from anyone else those
+    /// headers are ignored, since any client can send them.
+    pub trusted_proxies: Vec<String>,
+}
+
+impl HttpConfig {
+    /// The parsed `trusted_proxies`.
+    ///
+    /// # Errors
+    /// [`ConfigError::Invalid`] naming the first entry that is not a network.
+    pub fn trusted_proxy_nets(&self) -> Result<Vec<ipnet::IpNet>, ConfigError> {
+        parse_nets("http.trusted_proxies", &self.trusted_proxies)
+    }
+}
+
+/// Per-client token buckets on the HTTP API (per node).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RateLimitConfig {
+    pub enabled: bool,
+    /// Buckets kept per policy, whatever the number of client addresses.
+    pub max_clients: usize,
+    /// Alias creations: `create_quota` per `create_window_secs`.
+    pub create_quota: u32,
+    pub create_window_secs: u64,
+    /// Status reads and revokes of one alias.
+    pub status_quota: u32,
+    pub status_window_secs: u64,
+    /// Lookups answered `404` (unknown id or wrong token).
+    pub failed_quota: u32,
+    pub failed_window_secs: u64,
+}
+
+impl Default for RateLimitConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            max_clients: 100_000,
+            create_quota: 10,
+            create_window_secs: 300,
+            status_quota: 120,
+            status_window_secs: 60,
+            failed_quota: 10,
+            failed_window_secs: 60,
+        }
+    }
 }
 
 impl Default for HttpConfig {
@@ -134,6 +191,10 @@ impl Default for HttpConfig {
             listen: "127.0.0.1:8080".to_string(),
             request_timeout_secs: 10,
             max_concurrent_requests: 512,
+            max_connections: 4096,
+            header_read_timeout_secs: 10,
+            keepalive_idle_secs: 60,
+            trusted_proxies: Vec::new(),
         }
     }
 }
@@ -323,6 +384,53 @@ impl Default for ClusterConfig {
     }
 }
 
+/// What a drained node still lets through (see `tempalias maintenance`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MaintenanceConfig {
+    /// Client networks (CIDR, or single addresses) that still reach the HTTP
+    /// API while the node drains, so operators can check it before turning
+    /// maintenance off.
+    pub allow: Vec<String>,
+    /// `Retry-After` of the maintenance `503`, in seconds.
+    pub retry_after_secs: u64,
+}
+
+impl Default for MaintenanceConfig {
+    fn default() -> Self {
+        Self {
+            allow: Vec::new(),
+            retry_after_secs: 120,
+        }
+    }
+}
+
+impl MaintenanceConfig {
+    /// The parsed `allow` networks.
+    ///
+    /// # Errors
+    /// [`ConfigError::Invalid`] naming the first entry that is not a network.
+    pub fn allow_nets(&self) -> Result<Vec<ipnet::IpNet>, ConfigError> {
+        parse_nets("maintenance.allow", &self.allow)
+    }
+}
+
+/// Parses CIDR networks; a bare address is its own /32 or /128.
+///
+/// # Errors
+/// [`ConfigError::Invalid`] naming `key` and the entry that does not parse.
+pub fn parse_nets(key: &str, entries: &[String]) -> Result<Vec<ipnet::IpNet>, ConfigError> {
+    entries
+        .iter()
+        .map(|e| {
+            let e = e.trim();
+            e.parse::<ipnet::IpNet>()
+                .or_else(|_| e.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
+                .map_err(|_| invalid(key, format!("{e:?} is not an address or CIDR network")))
+        })
+        .collect()
+}
+
 /// Log output.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -469,6 +577,12 @@ impl Config {
             "http.max_concurrent_requests",
             self.http.max_concurrent_requests as u64,
         );
+        out.positive("http.max_connections", self.http.max_connections as u64);
+        out.positive(
+            "http.header_read_timeout_secs",
+            self.http.header_read_timeout_secs,
+        );
+        out.positive("http.keepalive_idle_secs", self.http.keepalive_idle_secs);
         if self.smtp.hostname.is_empty()
             || !self
                 .smtp
@@ -609,6 +723,23 @@ impl Config {
                 "a multi-node cluster needs cluster.secret or cluster.secret_file",
             );
         }
+        for nets in [self.maintenance.allow_nets(), self.http.trusted_proxy_nets()] {
+            if let Err(ConfigError::Invalid { key, message }) = nets {
+                out.push(&key, message);
+            }
+        }
+        let r = &self.ratelimit;
+        out.positive("ratelimit.max_clients", r.max_clients as u64);
+        out.positive("ratelimit.create_quota", u64::from(r.create_quota));
+        out.positive("ratelimit.create_window_secs", r.create_window_secs);
+        out.positive("ratelimit.status_quota", u64::from(r.status_quota));
+        out.positive("ratelimit.status_window_secs", r.status_window_secs);
+        out.positive("ratelimit.failed_quota", u64::from(r.failed_quota));
+        out.positive("ratelimit.failed_window_secs", r.failed_window_secs);
+        out.positive(
+            "maintenance.retry_after_secs",
+            self.maintenance.retry_after_secs,
+        );
         if !matches!(self.log.format.as_str(), "text" | "json") {
             out.push("log.format", "must be \"text\" or \"json\"");
         }

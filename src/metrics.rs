@@ -87,6 +87,14 @@ pub struct Metrics {
     pub cluster_peer_reachable: Family<PeerLabels, Gauge>,
     pub raft_triggered_elections: Counter,
     pub raft_refused_appends: Counter,
+    /// SMTP connections turned away with `421 4.3.2` while draining.
+    pub smtp_drained: Counter,
+    /// 1 while the node drains (node or cluster-wide maintenance).
+    pub maintenance: Gauge,
+    /// HTTP connections open on the public listener.
+    pub http_connections_active: Gauge,
+    /// HTTP connections refused because the listener was at its cap.
+    pub http_connections_refused: Counter,
 }
 
 /// Labels of `tempalias_build_info`.
@@ -134,6 +142,10 @@ impl Metrics {
             cluster_peer_reachable: Family::default(),
             raft_triggered_elections: Counter::default(),
             raft_refused_appends: Counter::default(),
+            smtp_drained: Counter::default(),
+            maintenance: Gauge::default(),
+            http_connections_active: Gauge::default(),
+            http_connections_refused: Counter::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -172,6 +184,26 @@ impl Metrics {
             "http_requests",
             "HTTP requests by matched route and status",
             m.http_requests.clone(),
+        );
+        registry.register(
+            "smtp_drained",
+            "SMTP connections turned away with 421 4.3.2 during maintenance",
+            m.smtp_drained.clone(),
+        );
+        registry.register(
+            "maintenance",
+            "1 while this node drains (node or cluster-wide maintenance)",
+            m.maintenance.clone(),
+        );
+        registry.register(
+            "http_connections_active",
+            "HTTP connections open on the public listener",
+            m.http_connections_active.clone(),
+        );
+        registry.register(
+            "http_connections_refused",
+            "HTTP connections refused at the listener's connection cap",
+            m.http_connections_refused.clone(),
         );
         registry.register("raft_term", "Current Raft term", m.raft_term.clone());
         registry.register(

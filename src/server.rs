@@ -10,6 +10,7 @@ use tokio_util::sync::CancellationToken;
 use crate::clock::{Clock, SystemClock};
 use crate::cluster::client::Peers;
 use crate::config::{Config, RelayMode};
+use crate::maintenance::Maintenance;
 use crate::metrics::Metrics;
 use crate::raft::node::StartError;
 use crate::raft::Node;
@@ -47,6 +48,8 @@ pub enum ServeError {
     Config(#[from] crate::config::ConfigError),
     #[error("cluster client: {0}")]
     Cluster(#[from] crate::cluster::client::RpcError),
+    #[error("cannot read the maintenance state: {0}")]
+    Maintenance(std::io::Error),
 }
 
 fn in_use_hint(e: &std::io::Error) -> &'static str {
@@ -102,6 +105,7 @@ pub async fn run(
     let cluster_listener = bind("cluster.listen", &config.cluster.listen).await?;
     let _data_dir_lock = crate::data_dir::lock(&config.data_dir)?;
     let secret = config.cluster_secret()?;
+    let token_key = crate::http::TokenKey::from_secret(&secret);
     let bound = Bound {
         http: local_addr("http.listen", &http_listener)?,
         smtp: local_addr("smtp.listen", &smtp_listener)?,
@@ -117,14 +121,37 @@ pub async fn run(
     .with_local_address(Some(bound.cluster.ip()));
     let node = Node::start(&config, clock.clone(), peers, metrics.clone()).await?;
     tracing::info!(node_id = config.node_id, relay = %relay.describe(), "node started");
+    let maintenance =
+        Arc::new(Maintenance::load(&config.data_dir).map_err(ServeError::Maintenance)?);
+    // Know the replicated flag before any listener takes work.
+    if let Ok(c) = node.reader().cluster_maintenance() {
+        maintenance.observe_cluster(&c);
+    }
+    if maintenance.draining() {
+        tracing::warn!("starting in maintenance: draining until turned off");
+    }
+    let maintenance_watch = tokio::spawn(crate::maintenance::watch(
+        maintenance.clone(),
+        node.reader().clone(),
+        metrics.clone(),
+        shutdown.clone(),
+    ));
 
     // Cluster RPC stops last: peers need it while this node hands over leadership.
     let cluster_shutdown = CancellationToken::new();
     let cluster = tokio::spawn({
         let (node, metrics, token) = (node.clone(), metrics.clone(), cluster_shutdown.clone());
+        let maintenance = maintenance.clone();
         async move {
-            if let Err(e) =
-                crate::cluster::service::serve(cluster_listener, node, secret, metrics, token).await
+            if let Err(e) = crate::cluster::service::serve(
+                cluster_listener,
+                node,
+                maintenance,
+                secret,
+                metrics,
+                token,
+            )
+            .await
             {
                 tracing::error!(error = %e, "cluster RPC server");
             }
@@ -162,6 +189,7 @@ pub async fn run(
         relay,
         metrics: metrics.clone(),
         lease_ms: config.relay.reservation_lease_secs * 1000,
+        maintenance: maintenance.clone(),
         connections: crate::smtp::limits::ConnectionCounts::new(config.smtp.max_connections_per_ip),
         settlements: crate::smtp::settle::Settlements::new(),
         failures: crate::smtp::limits::FailedRcpts::new(
@@ -177,19 +205,25 @@ pub async fn run(
         smtp_abort.clone(),
     ));
 
-    let state = crate::http::AppState::new(node.clone(), config.clone(), metrics.clone());
+    let state = crate::http::AppState::new(
+        node.clone(),
+        config.clone(),
+        metrics.clone(),
+        maintenance.clone(),
+        token_key,
+    );
     let app = crate::http::router(state);
-    let http_shutdown = shutdown.clone();
-    let mut http = tokio::spawn(async move {
-        let serve = axum::serve(
-            http_listener,
-            app.into_make_service_with_connect_info::<SocketAddr>(),
-        )
-        .with_graceful_shutdown(async move { http_shutdown.cancelled().await });
-        if let Err(e) = serve.await {
-            tracing::error!(error = %e, "http server");
-        }
-    });
+    let mut http = tokio::spawn(crate::http::listener::serve(
+        http_listener,
+        app,
+        crate::http::listener::Limits {
+            max_connections: config.http.max_connections,
+            header_read_timeout: Duration::from_secs(config.http.header_read_timeout_secs),
+            keepalive_idle: Duration::from_secs(config.http.keepalive_idle_secs),
+        },
+        metrics.clone(),
+        shutdown.clone(),
+    ));
 
     on_ready(bound);
     shutdown.cancelled().await;
@@ -213,6 +247,7 @@ pub async fn run(
         .drain(&node, smtp_ctx.lease_ms, Duration::from_secs(10))
         .await;
     let _ = watcher.await;
+    let _ = maintenance_watch.await;
     let _ = purger.await;
     let _ = clocks.await;
     let _ = forming.await;

@@ -17,6 +17,7 @@ use super::messages::{ForwardRequest, MembershipChange, ReadIndexResponse};
 use super::proto::cluster_server::{Cluster, ClusterServer};
 use super::proto::{Empty, Payload};
 use crate::config::Secret;
+use crate::maintenance::{Maintenance, MaintenanceRequest};
 use crate::metrics::Metrics;
 use crate::raft::{Node, TypeConfig};
 
@@ -24,6 +25,7 @@ use crate::raft::{Node, TypeConfig};
 pub struct ClusterService {
     node: Node,
     metrics: Arc<Metrics>,
+    maintenance: Arc<Maintenance>,
 }
 
 fn decode<T: DeserializeOwned>(req: Request<Payload>) -> Result<T, Status> {
@@ -121,6 +123,11 @@ impl Cluster for ClusterService {
             .map_err(|e| Status::unavailable(e.to_string()))?;
         Ok(Response::new(Empty {}))
     }
+
+    async fn maintenance(&self, req: Request<Payload>) -> Result<Response<Payload>, Status> {
+        let req: MaintenanceRequest = decode(req)?;
+        encode(&crate::maintenance::handle(&self.maintenance, &self.node, &req).await)
+    }
 }
 
 /// Compares without an early exit, so timing does not reveal the secret.
@@ -135,6 +142,7 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 pub async fn serve(
     listener: TcpListener,
     node: Node,
+    maintenance: Arc<Maintenance>,
     secret: Secret,
     metrics: Arc<Metrics>,
     shutdown: CancellationToken,
@@ -158,6 +166,7 @@ pub async fn serve(
     let server = ClusterServer::new(ClusterService {
         node,
         metrics: service_metrics,
+        maintenance,
     })
     .max_decoding_message_size(super::MAX_MESSAGE)
     .max_encoding_message_size(super::MAX_MESSAGE);

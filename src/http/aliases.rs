@@ -6,7 +6,7 @@ use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 
-use super::{ApiError, AppState, MAX_BODY};
+use super::{idempotency, ApiError, AppState, MAX_BODY};
 use crate::alias;
 use crate::clock::rfc3339;
 use crate::raft::node::WriteError;
@@ -175,11 +175,27 @@ fn limit(name: &str, value: Option<i64>, cap: u32) -> Result<u32, ApiError> {
     }
 }
 
+/// The `201` of a create (or of its replay).
+fn created(rec: &AliasRecord, token: String, replayed: bool) -> Response {
+    let view = AliasView::new(rec, rec.created_ms, Some(token));
+    let location = format!("/v1/aliases/{}", rec.id);
+    let mut resp = (StatusCode::CREATED, axum::Json(view)).into_response();
+    if let Ok(v) = HeaderValue::from_str(&location) {
+        resp.headers_mut().insert(header::LOCATION, v);
+    }
+    if replayed {
+        resp.headers_mut()
+            .insert("idempotent-replayed", HeaderValue::from_static("true"));
+    }
+    resp
+}
+
 pub(super) async fn create(
     State(state): State<AppState>,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
+    let key = idempotency::key(&headers)?;
     let req = read_json(&headers, body).await?;
     let target = alias::parse_mailbox(&req.target)
         .map_err(|e| ApiError::InvalidTarget(format!("target: {e}")))?;
@@ -197,29 +213,59 @@ pub(super) async fn create(
     let days = limit("days", req.days, limits.max_days)?;
     let max_usage = limit("max-usage", req.max_usage, limits.max_usage)?;
     let domain = state.config.domains[0].clone();
-    let token = alias::new_token();
-    let token_hash = alias::token_hash(&token);
+    // With an Idempotency-Key the token is derived (so any node can answer a
+    // replay with it); without one it is random.
+    let keyed = key.map(|k| {
+        let key_hash = idempotency::key_hash(&k);
+        let fingerprint = idempotency::fingerprint(&target.to_string(), days, max_usage);
+        (key_hash, fingerprint)
+    });
+    let random_token = alias::new_token();
     for _ in 0..ID_ATTEMPTS {
-        let cmd = Command::CreateAlias {
-            id: alias::new_id(),
+        let id = alias::new_id();
+        let token = match &keyed {
+            Some((key_hash, _)) => state.token_key.token(key_hash, &id),
+            None => random_token.clone(),
+        };
+        let create = Command::CreateAlias {
+            id,
             domain: domain.clone(),
             target: target.to_string(),
-            token_hash: token_hash.clone(),
+            token_hash: alias::token_hash(&token),
             valid_for_ms: u64::from(days) * DAY_MS,
             max_usage,
+        };
+        let cmd = match &keyed {
+            Some((key_hash, fingerprint)) => Command::CreateAliasKeyed {
+                key_hash: key_hash.clone(),
+                fingerprint: fingerprint.clone(),
+                create: Box::new(create),
+            },
+            None => create,
         };
         match state.node.write(cmd).await.map_err(unavailable)? {
             SmResponse::Created(rec) => {
                 state.metrics.aliases_created.inc();
-                tracing::info!(id = %rec.id, days, max_usage, "alias created");
-                let view = AliasView::new(&rec, rec.created_ms, Some(token));
-                let location = format!("/v1/aliases/{}", rec.id);
-                let mut resp = (StatusCode::CREATED, axum::Json(view)).into_response();
-                if let Ok(v) = HeaderValue::from_str(&location) {
-                    resp.headers_mut().insert(header::LOCATION, v);
-                }
-                return Ok(resp);
+                tracing::info!(id = %rec.id, days, max_usage, keyed = keyed.is_some(), "alias created");
+                return Ok(created(&rec, token, false));
             }
+            SmResponse::Replayed(rec) => {
+                let Some((key_hash, _)) = &keyed else {
+                    return Err(ApiError::Internal);
+                };
+                let token = state.token_key.token(key_hash, &rec.id);
+                if alias::token_hash(&token) != rec.token_hash {
+                    tracing::warn!(id = %rec.id, "idempotent replay: token cannot be derived again (cluster secret changed?)");
+                    return Err(ApiError::IdempotencyConflict);
+                }
+                tracing::info!(id = %rec.id, "idempotent create replayed");
+                // The answer the first request got: the alias as created.
+                let mut first = rec.clone();
+                first.used = 0;
+                first.revoked = false;
+                return Ok(created(&first, token, true));
+            }
+            SmResponse::KeyReused => return Err(ApiError::IdempotencyKeyReused),
             SmResponse::IdTaken => continue,
             other => {
                 tracing::error!(response = ?other, "unexpected answer to create");
@@ -258,7 +304,11 @@ async fn authorize(
     if !alias::is_valid_id(id) {
         return Err(ApiError::NotFound);
     }
-    state.node.read_barrier().await.map_err(unavailable)?;
+    state
+        .barriers
+        .wait(&state.node)
+        .await
+        .map_err(ApiError::Unavailable)?;
     let rec = state.node.reader().alias(id).map_err(|e| {
         tracing::error!(error = %e, "reading the store");
         ApiError::Internal

@@ -35,6 +35,17 @@ pub enum ApiError {
     Unavailable(String),
     #[error("the node is overloaded")]
     Overloaded,
+    #[error("{0}")]
+    InvalidIdempotencyKey(String),
+    #[error("this Idempotency-Key was already used for a different request")]
+    IdempotencyKeyReused,
+    /// The alias of a replayed key cannot be shown with its token (the
+    /// cluster secret changed since it was created).
+    #[error("the alias created with this Idempotency-Key cannot be shown again")]
+    IdempotencyConflict,
+    /// Refused by a rate limit; retry after this many seconds.
+    #[error("too many requests; retry after {0} s")]
+    RateLimited(u64),
     #[error("internal error")]
     Internal,
 }
@@ -46,7 +57,11 @@ impl ApiError {
             | ApiError::InvalidRequest(_)
             | ApiError::InvalidTarget(_)
             | ApiError::InvalidLimit(_)
-            | ApiError::LimitExceeded(_) => StatusCode::BAD_REQUEST,
+            | ApiError::LimitExceeded(_)
+            | ApiError::InvalidIdempotencyKey(_) => StatusCode::BAD_REQUEST,
+            ApiError::IdempotencyKeyReused => StatusCode::UNPROCESSABLE_ENTITY,
+            ApiError::IdempotencyConflict => StatusCode::CONFLICT,
+            ApiError::RateLimited(_) => StatusCode::TOO_MANY_REQUESTS,
             ApiError::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ApiError::BodyTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
@@ -73,6 +88,10 @@ impl ApiError {
             ApiError::MethodNotAllowed => "method_not_allowed",
             ApiError::Unavailable(_) => "unavailable",
             ApiError::Overloaded => "overloaded",
+            ApiError::InvalidIdempotencyKey(_) => "invalid_idempotency_key",
+            ApiError::IdempotencyKeyReused => "idempotency_key_reused",
+            ApiError::IdempotencyConflict => "idempotency_conflict",
+            ApiError::RateLimited(_) => "rate_limited",
             ApiError::Internal => "internal",
         }
     }
@@ -93,6 +112,9 @@ impl IntoResponse for ApiError {
             }
             ApiError::Unauthorized => {
                 headers.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+            }
+            ApiError::RateLimited(secs) => {
+                headers.insert(header::RETRY_AFTER, HeaderValue::from(secs.max(1)));
             }
             _ => {}
         }

@@ -4,6 +4,8 @@
 //!   that travel through the log.
 //! - [`state`]: the pure state-machine logic (what each command does to an alias),
 //!   kept free of storage so it can be tested exhaustively.
+//! - [`idempotency`]: keyed creates (an `Idempotency-Key` claimed together
+//!   with the alias it creates), also pure.
 //! - [`store`]: the redb database holding the Raft log, vote, state machine and
 //!   snapshots of one node.
 //! - [`network`]: how this node reaches its peers.
@@ -11,6 +13,7 @@
 //! - [`liveness`] and [`watchdog`]: failure detection around openraft (fast
 //!   failover, one-way partitions, no disruptive campaigns).
 
+pub mod idempotency;
 pub mod liveness;
 pub mod network;
 pub mod node;

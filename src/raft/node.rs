@@ -53,8 +53,9 @@ pub enum WriteError {
 /// Commands whose second application changes nothing, so a write whose
 /// outcome is unknown (the leader died or a forward timed out after sending)
 /// may be proposed again. Every command is today: a repeated Reserve finds
-/// its reservation id, a repeated Create its id and token digest, and the
-/// others are idempotent by nature. A new command must decide here.
+/// its reservation id, a repeated Create its id and token digest, a repeated
+/// keyed create its key, and the others are idempotent by nature. A new
+/// command must decide here.
 fn is_idempotent(cmd: &Command) -> bool {
     match cmd {
         Command::CreateAlias { .. }
@@ -62,7 +63,13 @@ fn is_idempotent(cmd: &Command) -> bool {
         | Command::Commit { .. }
         | Command::Release { .. }
         | Command::Revoke { .. }
-        | Command::Purge { .. } => true,
+        | Command::Purge { .. }
+        // Setting the same state twice leaves it set.
+        | Command::SetMaintenance { .. }
+        // A second application finds its key claimed by the same request and
+        // answers with that alias (`Replayed`), which the front end serves as
+        // the first answer.
+        | Command::CreateAliasKeyed { .. } => true,
     }
 }
 

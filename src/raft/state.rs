@@ -179,6 +179,11 @@ pub fn apply(current: Option<&AliasRecord>, cmd: &Command, now_ms: u64) -> (Chan
             rec.revoked = true;
             (Change::Put(rec), Response::Revoked)
         }
+        // Applied by the store against their own tables (maintenance flag,
+        // idempotency keys); see `store.rs` and `idempotency.rs`.
+        Command::SetMaintenance { .. } | Command::CreateAliasKeyed { .. } => {
+            (Change::Keep, Response::None)
+        }
         Command::Purge { keep_ms } => match current {
             Some(rec) if rec.purgeable(now_ms, *keep_ms) => {
                 (Change::Delete, Response::Purged { count: 1 })
@@ -196,7 +201,8 @@ pub fn command_id(cmd: &Command) -> Option<&str> {
         | Command::Commit { id, .. }
         | Command::Release { id, .. }
         | Command::Revoke { id } => Some(id),
-        Command::Purge { .. } => None,
+        Command::CreateAliasKeyed { create, .. } => command_id(create),
+        Command::Purge { .. } | Command::SetMaintenance { .. } => None,
     }
 }
 

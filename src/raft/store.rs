@@ -28,8 +28,11 @@ use openraft::{
 use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
 
+use super::idempotency;
 use super::state::{self, Change};
-use super::types::{AliasRecord, NodeId, Response, TypeConfig};
+use super::types::{
+    AliasRecord, ClusterMaintenance, Command, IdempotencyRecord, NodeId, Response, TypeConfig,
+};
 
 type Entry = openraft::Entry<TypeConfig>;
 type StoreResult<T> = Result<T, StorageError<NodeId>>;
@@ -42,6 +45,10 @@ const RAFT_META: TableDefinition<&str, &[u8]> = TableDefinition::new("raft_meta"
 const ALIASES: TableDefinition<&str, &[u8]> = TableDefinition::new("aliases");
 /// State-machine metadata: `last_applied`, `last_membership`, `last_now`.
 const SM_META: TableDefinition<&str, &[u8]> = TableDefinition::new("sm_meta");
+/// Replicated settings: `maintenance` (cluster-wide maintenance).
+const SETTINGS: TableDefinition<&str, &[u8]> = TableDefinition::new("settings");
+/// Claimed idempotency keys: SHA-256 of the key -> JSON claim.
+const IDEMPOTENCY: TableDefinition<&str, &[u8]> = TableDefinition::new("idempotency_keys");
 /// The current snapshot: `meta`, `data`.
 const SNAPSHOT: TableDefinition<&str, &[u8]> = TableDefinition::new("snapshot");
 /// Ids of purged aliases -> replicated time of the purge. Mail to a purged
@@ -132,6 +139,8 @@ pub fn open(path: &Path) -> Result<(LogStore, StateMachine), DbError> {
         txn.open_table(SM_META)?;
         txn.open_table(SNAPSHOT)?;
         txn.open_table(PURGED)?;
+        txn.open_table(SETTINGS)?;
+        txn.open_table(IDEMPOTENCY)?;
     }
     txn.commit()?;
     let db = Arc::new(db);
@@ -309,7 +318,9 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 }
 
-/// What a snapshot holds: the whole alias table plus the replicated clock.
+/// What a snapshot holds: the whole alias table plus the replicated clock,
+/// the maintenance flag and the claimed idempotency keys (absent in snapshots
+/// written before they existed).
 #[derive(Serialize, Deserialize)]
 struct SnapshotData {
     last_now: u64,
@@ -317,6 +328,10 @@ struct SnapshotData {
     /// Purged ids and when they were purged.
     #[serde(default)]
     purged: Vec<(String, u64)>,
+    #[serde(default)]
+    maintenance: ClusterMaintenance,
+    #[serde(default)]
+    idempotency: Vec<(String, IdempotencyRecord)>,
 }
 
 /// The state machine: alias records and what has been applied.
@@ -358,6 +373,15 @@ impl StateReader {
     pub fn was_purged(&self, id: &str) -> Result<bool, DbError> {
         let txn = self.db.begin_read()?;
         Ok(txn.open_table(PURGED)?.get(id)?.is_some())
+    }
+
+    /// Cluster-wide maintenance as this replica has applied it.
+    ///
+    /// # Errors
+    /// [`DbError`] when the database cannot be read.
+    pub fn cluster_maintenance(&self) -> Result<ClusterMaintenance, DbError> {
+        let txn = self.db.begin_read()?;
+        Ok(get_json(&txn.open_table(SETTINGS)?, "maintenance")?.unwrap_or_default())
     }
 
     /// Aliases that can still forward at `now_ms`, and all stored aliases.
@@ -415,6 +439,8 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             {
                 let mut meta = txn.open_table(SM_META)?;
                 let mut aliases = txn.open_table(ALIASES)?;
+                let mut settings = txn.open_table(SETTINGS)?;
+                let mut keys = txn.open_table(IDEMPOTENCY)?;
                 let mut last_now: u64 = get_json(&meta, "last_now")?.unwrap_or(0);
                 let mut membership: Option<StoredMembership<NodeId, openraft::BasicNode>> = None;
                 let mut last_applied = None;
@@ -430,6 +456,16 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                             // Replicated time never runs backwards, even across a
                             // change of leader whose clock lags.
                             last_now = last_now.max(req.now_ms);
+                            if let Some(response) = apply_own_tables(
+                                &mut aliases,
+                                &mut settings,
+                                &mut keys,
+                                &req.cmd,
+                                last_now,
+                            )? {
+                                responses.push(response);
+                                continue;
+                            }
                             let response = match state::command_id(&req.cmd) {
                                 Some(id) => {
                                     let current: Option<AliasRecord> = get_json(&aliases, id)?;
@@ -529,6 +565,17 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                 for (id, at) in &parsed.purged {
                     purged.insert(id.as_str(), *at)?;
                 }
+                let mut settings = txn.open_table(SETTINGS)?;
+                settings.retain(|_, _| false)?;
+                settings.insert(
+                    "maintenance",
+                    serde_json::to_vec(&parsed.maintenance)?.as_slice(),
+                )?;
+                let mut keys = txn.open_table(IDEMPOTENCY)?;
+                keys.retain(|_, _| false)?;
+                for (key, claim) in &parsed.idempotency {
+                    keys.insert(key.as_str(), serde_json::to_vec(claim)?.as_slice())?;
+                }
                 let mut sm = txn.open_table(SM_META)?;
                 sm.insert("last_applied", applied_bytes.as_slice())?;
                 sm.insert("last_membership", membership_bytes.as_slice())?;
@@ -589,11 +636,20 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
                 let (k, v) = item?;
                 purged.push((k.value().to_string(), v.value()));
             }
+            let maintenance: ClusterMaintenance =
+                get_json(&read.open_table(SETTINGS)?, "maintenance")?.unwrap_or_default();
+            let mut idempotency = Vec::new();
+            for item in read.open_table(IDEMPOTENCY)?.iter()? {
+                let (k, v) = item?;
+                idempotency.push((k.value().to_string(), serde_json::from_slice(v.value())?));
+            }
             drop(read);
             let data = serde_json::to_vec(&SnapshotData {
                 last_now,
                 aliases,
                 purged,
+                maintenance,
+                idempotency,
             })?;
             let snapshot_id = match last_applied {
                 Some(l) => format!("{}-{}-{}", l.leader_id, l.index, now_nanos()),
@@ -624,6 +680,76 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
             })
         })
         .await
+    }
+}
+
+type Table<'t> = redb::Table<'t, &'static str, &'static [u8]>;
+
+/// Applies the commands that live in tables other than the alias table
+/// (maintenance, keyed creates) and the key half of a purge. `None` means the
+/// command is an alias command for the caller (a purge still is, after its
+/// expired keys are gone).
+fn apply_own_tables(
+    aliases: &mut Table<'_>,
+    settings: &mut Table<'_>,
+    keys: &mut Table<'_>,
+    cmd: &Command,
+    now_ms: u64,
+) -> Result<Option<Response>, DbError> {
+    match cmd {
+        Command::SetMaintenance { on } => {
+            let current: ClusterMaintenance =
+                get_json(settings, "maintenance")?.unwrap_or_default();
+            let next = if current.on == *on {
+                current
+            } else {
+                ClusterMaintenance {
+                    on: *on,
+                    since_ms: now_ms,
+                }
+            };
+            settings.insert("maintenance", serde_json::to_vec(&next)?.as_slice())?;
+            Ok(Some(Response::Maintenance(next)))
+        }
+        Command::CreateAliasKeyed {
+            key_hash,
+            fingerprint,
+            create,
+        } => {
+            let claim: Option<IdempotencyRecord> = get_json(keys, key_hash)?;
+            let claimed_alias: Option<AliasRecord> = match &claim {
+                Some(c) => get_json(aliases, &c.alias_id)?,
+                None => None,
+            };
+            let current: Option<AliasRecord> = match state::command_id(create) {
+                Some(id) => get_json(aliases, id)?,
+                None => None,
+            };
+            let outcome = idempotency::apply(
+                claim.as_ref(),
+                claimed_alias.as_ref(),
+                current.as_ref(),
+                fingerprint,
+                create,
+                now_ms,
+            );
+            if let Change::Put(rec) = &outcome.change {
+                aliases.insert(rec.id.as_str(), serde_json::to_vec(rec)?.as_slice())?;
+            }
+            if let Some(c) = &outcome.claim {
+                keys.insert(key_hash.as_str(), serde_json::to_vec(c)?.as_slice())?;
+            }
+            Ok(Some(outcome.response))
+        }
+        Command::Purge { .. } => {
+            keys.retain(|_, v| {
+                serde_json::from_slice::<IdempotencyRecord>(v)
+                    .map(|c| !idempotency::expired(&c, now_ms))
+                    .unwrap_or(false)
+            })?;
+            Ok(None)
+        }
+        _ => Ok(None),
     }
 }
 

@@ -76,7 +76,20 @@ pub enum Command {
     Revoke { id: String },
     /// Delete aliases that expired more than `keep_ms` before the entry's time,
     /// so the store does not grow forever. Proposed periodically by the leader.
+    /// Also forgets idempotency keys older than their retention.
     Purge { keep_ms: u64 },
+    /// Turn cluster-wide maintenance on or off: every node drains (SMTP `421`,
+    /// HTTP `503`) while it is on. Kept in its own table, not an alias record.
+    SetMaintenance { on: bool },
+    /// Create an alias and claim an `Idempotency-Key` for it in one entry, so
+    /// a replay to any node finds the alias the first request created. `create`
+    /// is a [`Command::CreateAlias`]; `key_hash` is the SHA-256 of the client's
+    /// key and `fingerprint` the SHA-256 of the normalised request body.
+    CreateAliasKeyed {
+        key_hash: String,
+        fingerprint: String,
+        create: Box<Command>,
+    },
 }
 
 /// Why a reservation was refused.
@@ -116,7 +129,36 @@ pub enum Response {
     Purged {
         count: u64,
     },
+    /// The cluster-wide maintenance state after a [`Command::SetMaintenance`].
+    Maintenance(ClusterMaintenance),
+    /// A keyed create whose key was already claimed by the same request: the
+    /// alias that request created.
+    Replayed(AliasRecord),
+    /// A keyed create whose key was claimed by a different request body.
+    KeyReused,
 }
+
+/// Cluster-wide maintenance as replicated.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClusterMaintenance {
+    pub on: bool,
+    /// Replicated time of the last change (ms since the epoch).
+    pub since_ms: u64,
+}
+
+/// A claimed `Idempotency-Key`: which alias it created and for what request.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IdempotencyRecord {
+    pub alias_id: String,
+    /// SHA-256 of the normalised request that claimed the key.
+    pub fingerprint: String,
+    /// Replicated time of the claim; the key is forgotten
+    /// [`IDEMPOTENCY_KEY_TTL_MS`] later.
+    pub claimed_ms: u64,
+}
+
+/// How long a claimed idempotency key is remembered (replicated time).
+pub const IDEMPOTENCY_KEY_TTL_MS: u64 = 24 * 3_600_000;
 
 /// One alias as held in the replicated state.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -31,6 +31,8 @@ pub struct SmtpContext {
     pub connections: super::limits::ConnectionCounts,
     /// Uses held by this node's sessions, and commits being retried.
     pub settlements: super::settle::Settlements,
+    /// While draining, new connections are turned away with `421 4.3.2`.
+    pub maintenance: Arc<crate::maintenance::Maintenance>,
 }
 
 /// Accepts connections until `shutdown` fires, then closes the listening
@@ -100,6 +102,18 @@ async fn run_session(
     ctx: Arc<SmtpContext>,
     shutdown: CancellationToken,
 ) {
+    if ctx.maintenance.draining() {
+        // Senders try the next MX at once; sessions already open finish.
+        use tokio::io::AsyncWriteExt;
+        ctx.metrics.smtp_drained.inc();
+        let host = &ctx.config.hostname;
+        let msg = format!(
+            "421 4.3.2 {host} Service not available: node in maintenance, try another MX\r\n"
+        );
+        let _ =
+            tokio::time::timeout(Duration::from_secs(5), stream.write_all(msg.as_bytes())).await;
+        return;
+    }
     let Some(_slot) = ctx.connections.acquire(peer.ip()) else {
         use tokio::io::AsyncWriteExt;
         let host = &ctx.config.hostname;

@@ -274,7 +274,7 @@ def main(argv=None) -> int:
     ips = ["127.0.0.1", "127.0.0.2", "127.0.0.3"]
     p3 = dict(zip(("http", "smtp", "cluster"), free_ports(ips, 3)))
     # Quiet logs: the benchmark measures the nodes, not their log output.
-    extra = {"log": {"level": "warn"}, "limits": {"max_usage": 100}}
+    extra = {"log": {"level": "warn"}, "limits": {"max_usage": 100}, "ratelimit": {"enabled": False}}
     three = LocalCluster(tmp / "three", n=3, binary=binary, ports=p3, extra_config=extra)
     one = None
     started = time.monotonic()

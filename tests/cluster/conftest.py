@@ -28,6 +28,8 @@ from clusterkit import REPO, LocalCluster, find_test_binary, free_ports
 BASE_CONFIG = {
     "smtp": {"failed_rcpt_delay_ms": 0, "max_failed_rcpts": 100, "idle_timeout_secs": 60},
     "limits": {"max_usage": 10000},
+    # Every test client is on 127.0.0.0/8: the per-client limits would throttle the load.
+    "ratelimit": {"enabled": False},
     "log": {"level": "info,openraft=warn"},
 }
 

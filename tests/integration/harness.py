@@ -219,6 +219,8 @@ class Node:
                 "reservation_lease_secs": 120,
             },
             "cluster": {"listen": cluster_addr, "initial_members": {"1": cluster_addr}},
+            # Every test client is 127.0.0.1; test_ratelimit.py turns it on.
+            "ratelimit": {"enabled": False},
             "log": {"level": "info,openraft=warn"},
         }
         self.config = deep_merge(base_config, config or {})

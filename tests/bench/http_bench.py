@@ -1,0 +1,314 @@
+#!/usr/bin/env python3
+"""HTTP load benchmark (issue 8): status reads and creates against nginx.
+
+    cargo build --release
+    python3 tests/bench/http_bench.py          # 3 runs x 5 s per figure
+
+In one run, on loopback only, it starts:
+
+  * Debian's nginx serving a static `200` (`return 200`), the ceiling;
+  * a single tempalias node and a three-node cluster (127.0.0.1-3), release
+    binary, default HTTP settings, log level `warn`;
+
+and drives each with wrk (Debian package `wrk`), 64 connections, 2 threads:
+
+  * `GET /v1/aliases/{id}` with a valid bearer token (a linearizable read: on
+    the three-node cluster the 64 connections are spread over the three nodes,
+    so two thirds of the reads are served by followers after a ReadIndex round
+    trip to the leader);
+  * `POST /v1/aliases` (a Raft write; spread over the nodes the same way);
+  * nginx's static `200` with the same wrk settings.
+
+Runs of the targets are interleaved; each figure is the median run. It also
+times a create on a fresh connection while 2,000 idle connections and 500
+slowloris clients (an incomplete request head, one more header line each) are
+held open against the single node, against the same create with nothing
+held. Prints tables; asserts nothing about time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import os
+import platform
+import re
+import resource
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO / "cluster"))
+
+from launch import LocalCluster, find_binary, free_ports, wait_until  # noqa: E402
+
+CREATE = json.dumps({"target": "me@example.net", "days": 1, "max-usage": 3})
+CONNECTIONS = 64
+THREADS = 2
+
+
+def machine() -> str:
+    cpu = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{os.cpu_count()} CPUs ({cpu}), Linux {platform.release()}"
+
+
+# --------------------------------------------------------------------------- nginx
+
+
+def start_nginx(directory: Path, port: int) -> subprocess.Popen:
+    directory.mkdir(parents=True, exist_ok=True)
+    conf = directory / "nginx.conf"
+    conf.write_text(f"""
+worker_processes auto;
+daemon off;
+pid {directory}/nginx.pid;
+error_log {directory}/error.log warn;
+events {{ worker_connections 4096; }}
+http {{
+    access_log off;
+    client_body_temp_path {directory}/body;
+    proxy_temp_path {directory}/proxy;
+    fastcgi_temp_path {directory}/fastcgi;
+    uwsgi_temp_path {directory}/uwsgi;
+    scgi_temp_path {directory}/scgi;
+    keepalive_requests 1000000;
+    server {{
+        listen 127.0.0.1:{port};
+        location / {{ default_type application/json; return 200 '{{"status":"ok"}}'; }}
+    }}
+}}
+""")
+    nginx = shutil.which("nginx") or "/usr/sbin/nginx"
+    proc = subprocess.Popen([nginx, "-c", str(conf), "-p", str(directory)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def up():
+        if proc.poll() is not None:
+            raise RuntimeError(f"nginx exited: {(directory / 'error.log').read_text()}")
+        with socket.create_connection(("127.0.0.1", port), timeout=1):
+            return True
+
+    wait_until(lambda: _quiet(up), 15, "nginx")
+    return proc
+
+
+def _quiet(f):
+    try:
+        return f()
+    except OSError:
+        return False
+
+
+# --------------------------------------------------------------------------- wrk
+
+
+def wrk(urls: list[str], duration: float, directory: Path, method="GET", body=None, headers=None) -> dict:
+    """Runs one wrk per URL at once (64 connections split over them); sums."""
+    script = None
+    if method != "GET" or body:
+        script = directory / "req.lua"
+        lua_body = json.dumps(body) if body else "nil"
+        script.write_text(f'wrk.method = "{method}"\nwrk.body = {lua_body}\n'
+                          'wrk.headers["Content-Type"] = "application/json"\n')
+    procs = []
+    per = CONNECTIONS // len(urls)
+    for i, url in enumerate(urls):
+        conns = per + (1 if i < CONNECTIONS % len(urls) else 0)
+        cmd = ["wrk", f"-t{min(THREADS, conns)}", f"-c{conns}", f"-d{duration:g}s", "--latency", "--timeout", "5s"]
+        for k, v in (headers or {}).items():
+            cmd += ["-H", f"{k}: {v}"]
+        if script:
+            cmd += ["-s", str(script)]
+        cmd.append(url)
+        procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    rate, errors, p50s, p99s = 0.0, 0, [], []
+    for p in procs:
+        out, _ = p.communicate(timeout=duration + 60)
+        m = re.search(r"Requests/sec:\s+([\d.]+)", out)
+        if not m:
+            raise RuntimeError(f"wrk output not understood:\n{out}")
+        rate += float(m.group(1))
+        m = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", out)
+        errors += int(m.group(1)) if m else 0
+        m = re.search(r"Socket errors:.*", out)
+        if m:
+            errors += sum(int(x) for x in re.findall(r"\d+", m.group(0)))
+        p50s.append(_ms(re.search(r"\s50%\s+([\d.]+\w+)", out).group(1)))
+        p99s.append(_ms(re.search(r"\s99%\s+([\d.]+\w+)", out).group(1)))
+    return {"rate": rate, "errors": errors, "p50": max(p50s), "p99": max(p99s)}
+
+
+def _ms(text: str) -> float:
+    m = re.match(r"([\d.]+)(us|ms|s|m)", text)
+    value, unit = float(m.group(1)), m.group(2)
+    return value * {"us": 0.001, "ms": 1.0, "s": 1000.0, "m": 60000.0}[unit]
+
+
+# --------------------------------------------------------------------------- tempalias
+
+
+def create(ip: str, port: int) -> dict:
+    conn = http.client.HTTPConnection(ip, port, timeout=10)
+    try:
+        conn.request("POST", "/v1/aliases", CREATE, {"Content-Type": "application/json"})
+        r = conn.getresponse()
+        body = r.read()
+        if r.status != 201:
+            raise RuntimeError(f"create: {r.status} {body!r}")
+        return json.loads(body)
+    finally:
+        conn.close()
+
+
+def timed_create(ip: str, port: int) -> float:
+    t0 = time.perf_counter()
+    create(ip, port)
+    return (time.perf_counter() - t0) * 1000
+
+
+def held_connections(port: int, idle: int, slow: int) -> list[socket.socket]:
+    out = []
+    for _ in range(idle):
+        out.append(socket.create_connection(("127.0.0.1", port), timeout=10))
+    slowloris = []
+    for _ in range(slow):
+        s = socket.create_connection(("127.0.0.1", port), timeout=10)
+        s.sendall(b"POST /v1/aliases HTTP/1.1\r\nHost: t\r\n")
+        slowloris.append(s)
+    for s in slowloris:
+        s.sendall(b"X-Trickle: 1\r\n")
+    return out + slowloris
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--binary", help="tempalias binary (default: $TEMPALIAS_BIN, target/release, target/debug)")
+    p.add_argument("--runs", type=int, default=3, help="runs per figure (default: %(default)s)")
+    p.add_argument("--duration", type=float, default=5.0, help="seconds per run (default: %(default)s)")
+    p.add_argument("--keep", action="store_true", help="keep the working directory")
+    args = p.parse_args(argv)
+    if not shutil.which("wrk"):
+        print("wrk is missing: apt-get install wrk", file=sys.stderr)
+        return 2
+    binary = find_binary(args.binary)
+    if "release" not in str(binary):
+        print(f"warning: {binary} is not a release build; figures will be low", file=sys.stderr)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(hard, 8192)), hard))
+
+    tmp = Path(tempfile.mkdtemp(prefix="tempalias-httpbench-"))
+    ips = ["127.0.0.1", "127.0.0.2", "127.0.0.3"]
+    # The limiter stays on (its cost is part of the figures) with quotas no
+    # benchmark reaches: every wrk connection is the same client.
+    big = 1_000_000_000
+    extra = {
+        "log": {"level": "warn"},
+        "limits": {"max_usage": 100},
+        "ratelimit": {"create_quota": big, "status_quota": big, "failed_quota": big},
+    }
+    started = time.monotonic()
+    nginx = one = three = None
+    try:
+        nginx_port = free_ports(ips[:1], 1)[0]
+        nginx = start_nginx(tmp / "nginx", nginx_port)
+        p3 = dict(zip(("http", "smtp", "cluster"), free_ports(ips, 3)))
+        three = LocalCluster(tmp / "three", n=3, binary=binary, ports=p3, extra_config=extra)
+        three.start(timeout=60)
+        p1 = dict(zip(("http", "smtp", "cluster"), free_ports(ips[:1], 3)))
+        one = LocalCluster(tmp / "one", n=1, binary=binary, ports=p1, extra_config=extra)
+        one.start(timeout=60)
+
+        targets = {}
+        for name, cl in (("1-node", one), ("3-node", three)):
+            nodes = list(cl)
+            alias = create(nodes[0].ip, nodes[0].http_port)
+            targets[name] = {
+                "read": ([f"http://{nd.ip}:{nd.http_port}/v1/aliases/{alias['id']}" for nd in nodes],
+                         {"Authorization": f"Bearer {alias['token']}"}),
+                "create": [f"http://{nd.ip}:{nd.http_port}/v1/aliases" for nd in nodes],
+            }
+        figures: dict[str, list[dict]] = {}
+        for run in range(args.runs):
+            jobs = [("nginx static 200", lambda: wrk([f"http://127.0.0.1:{nginx_port}/"], args.duration, tmp))]
+            for name in ("1-node", "3-node"):
+                urls, hdrs = targets[name]["read"]
+                jobs.append((f"{name} GET status", lambda u=urls, h=hdrs: wrk(u, args.duration, tmp, headers=h)))
+                jobs.append((f"{name} POST create", lambda n=name: wrk(
+                    targets[n]["create"], args.duration, tmp, method="POST", body=CREATE)))
+            for label, job in jobs:
+                r = job()
+                figures.setdefault(label, []).append(r)
+                print(f"run {run + 1}/{args.runs} {label:<18} {r['rate']:9.0f} req/s  p50 {r['p50']:6.2f} ms  "
+                      f"p99 {r['p99']:6.2f} ms  errors {r['errors']}", flush=True)
+
+        # A create while idle and slowloris connections are held open.
+        node = next(iter(one))
+        quiet = [timed_create(node.ip, node.http_port) for _ in range(20)]
+        held = held_connections(node.http_port, 2000, 500)
+        try:
+            loaded = [timed_create(node.ip, node.http_port) for _ in range(20)]
+        finally:
+            for s in held:
+                s.close()
+        one.stop()
+        three.stop()
+    finally:
+        for cl in (one, three):
+            if cl is not None:
+                cl.cleanup()
+        if nginx is not None:
+            nginx.terminate()
+            nginx.wait(timeout=10)
+        if not args.keep:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    med = {k: {f: statistics.median(r[f] for r in v) for f in ("rate", "p50", "p99")} for k, v in figures.items()}
+    errs = {k: sum(r["errors"] for r in v) for k, v in figures.items()}
+    ceiling = med["nginx static 200"]["rate"]
+    print()
+    print(f"tempalias HTTP benchmark: {binary}")
+    print(f"machine: {machine()}")
+    print(f"wrk, {CONNECTIONS} connections, {THREADS} threads per wrk; {args.runs} runs x {args.duration:g} s "
+          f"(medians); total {time.monotonic() - started:.0f} s")
+    print()
+    print(f"| {'target':<18} | {'req/s':>9} | {'x nginx':>7} | {'p50':>8} | {'p99':>8} | {'errors':>6} |")
+    print(f"|{'-' * 20}|{'-' * 11}|{'-' * 9}|{'-' * 10}|{'-' * 10}|{'-' * 8}|")
+    for k, v in med.items():
+        print(f"| {k:<18} | {v['rate']:9.0f} | {v['rate'] / ceiling:7.2f} | {v['p50']:5.2f} ms | {v['p99']:5.2f} ms | {errs[k]:6d} |")
+    print()
+    print("Per run (req/s):")
+    for k, v in figures.items():
+        print(f"    {k:<18} " + " ".join(f"{r['rate']:.0f}" for r in v))
+    # The machine may be shared: a ratio to the nginx run of the same round is
+    # steadier than a ratio of medians.
+    print()
+    print("Per run, x nginx of the same round (median):")
+    for k, v in figures.items():
+        if k == "nginx static 200":
+            continue
+        ratios = [r["rate"] / n["rate"] for r, n in zip(v, figures["nginx static 200"])]
+        print(f"    {k:<18} " + " ".join(f"{x:.2f}" for x in ratios) + f"   (median {statistics.median(ratios):.2f})")
+    print()
+    print("create on a fresh connection, 20 each (1-node):")
+    print(f"    nothing held:                         median {statistics.median(quiet):6.2f} ms  max {max(quiet):6.2f} ms")
+    print(f"    2,000 idle + 500 slowloris held open: median {statistics.median(loaded):6.2f} ms  max {max(loaded):6.2f} ms"
+          f"  (ratio {statistics.median(loaded) / statistics.median(quiet):.2f})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

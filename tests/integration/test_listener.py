@@ -1,0 +1,141 @@
+"""The public HTTP listener under hostile clients: header-read timeout
+(slowloris), keep-alive idle timeout, the connection cap with its fast 503
+(probes still answered), and a normal client creating an alias while 2,000
+idle connections and 500 slowloris clients are held open."""
+
+from __future__ import annotations
+
+import resource
+import socket
+import time
+
+import pytest
+
+from harness import TARGET, wait_until
+
+CREATE = b'{"target": "me@example.net", "days": 1}'
+
+
+def closed_within(sock: socket.socket, seconds: float) -> bool:
+    """True when the server closes `sock` (EOF or reset) within `seconds`."""
+    sock.settimeout(seconds)
+    try:
+        while True:
+            chunk = sock.recv(4096)
+            if not chunk:
+                return True
+    except ConnectionResetError:
+        return True
+    except socket.timeout:
+        return False
+
+
+def raw_request(port: int, data: bytes, timeout: float = 10) -> bytes:
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+        s.sendall(data)
+        out = b""
+        try:
+            while True:
+                chunk = s.recv(65536)
+                if not chunk:
+                    break
+                out += chunk
+        except ConnectionResetError:
+            pass
+        return out
+
+
+def create_request() -> bytes:
+    return (b"POST /v1/aliases HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
+            b"Connection: close\r\nContent-Length: %d\r\n\r\n%s" % (len(CREATE), CREATE))
+
+
+def test_slow_headers_and_idle_connections_are_cut(node_factory):
+    node = node_factory(config={"http": {"header_read_timeout_secs": 1, "keepalive_idle_secs": 2}})
+    # A request head that never completes: closed after the header timeout.
+    slow = socket.create_connection(("127.0.0.1", node.http_port), timeout=10)
+    slow.sendall(b"GET /healthz HTTP/1.1\r\nHost: t\r\nX-Slow: 1\r\n")
+    t0 = time.monotonic()
+    assert closed_within(slow, 8), "a connection with an incomplete request head stayed open"
+    assert time.monotonic() - t0 < 6
+    slow.close()
+
+    # A keep-alive connection that goes quiet after a request: closed when idle.
+    idle = socket.create_connection(("127.0.0.1", node.http_port), timeout=10)
+    idle.sendall(b"GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n")
+    first = idle.recv(4096)
+    assert first.startswith(b"HTTP/1.1 200"), first
+    assert closed_within(idle, 10), "an idle keep-alive connection stayed open"
+    idle.close()
+
+
+def test_connection_cap_refuses_fast_but_answers_probes(node_factory):
+    cap = 20
+    node = node_factory(config={"http": {"max_connections": cap, "header_read_timeout_secs": 30}})
+    held = [socket.create_connection(("127.0.0.1", node.http_port), timeout=10) for _ in range(cap)]
+    try:
+        wait_until(lambda: f"tempalias_http_connections_active {cap}\n" in raw_request(
+            node.http_port, b"GET /metrics HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n").decode(),
+            10, "the held connections to be counted")
+        t0 = time.monotonic()
+        answer = raw_request(node.http_port, create_request())
+        assert answer.startswith(b"HTTP/1.1 503"), answer
+        assert b"retry-after: 2" in answer.lower() and b'"overloaded"' in answer
+        assert time.monotonic() - t0 < 2
+        # Probes and scrapes past the cap are still served.
+        probe = raw_request(node.http_port, b"GET /readyz HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+        assert probe.startswith(b"HTTP/1.1 200"), probe
+        metrics = raw_request(node.http_port, b"GET /metrics HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+        refused = [l for l in metrics.decode().splitlines() if l.startswith("tempalias_http_connections_refused_total ")]
+        assert refused and float(refused[0].split()[1]) >= 1, refused
+    finally:
+        for s in held:
+            s.close()
+    # Once the held connections are gone, creates work again.
+    wait_until(lambda: raw_request(node.http_port, create_request()).startswith(b"HTTP/1.1 201"), 10,
+               "a create after the held connections closed")
+
+
+IDLE = 2000
+SLOWLORIS = 500
+
+
+@pytest.fixture
+def many_fds():
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = IDLE + SLOWLORIS + 1000
+    if hard != resource.RLIM_INFINITY and hard < want:
+        pytest.skip(f"needs {want} file descriptors, the hard limit is {hard}")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, want), hard))
+    yield
+    resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def test_create_succeeds_while_idle_and_slowloris_clients_are_held(many_fds, node_factory):
+    # The node inherits the raised descriptor limit from this process.
+    node = node_factory(config={"http": {"header_read_timeout_secs": 120, "keepalive_idle_secs": 120}})
+    sockets = []
+    try:
+        for _ in range(IDLE):
+            sockets.append(socket.create_connection(("127.0.0.1", node.http_port), timeout=10))
+        slow = []
+        for _ in range(SLOWLORIS):
+            s = socket.create_connection(("127.0.0.1", node.http_port), timeout=10)
+            s.sendall(b"POST /v1/aliases HTTP/1.1\r\nHost: t\r\n")
+            slow.append(s)
+        sockets += slow
+        for s in slow:  # one more trickled header line each
+            s.sendall(b"X-Trickle: 1\r\n")
+        t0 = time.monotonic()
+        answer = raw_request(node.http_port, create_request(), timeout=10)
+        took = time.monotonic() - t0
+        assert answer.startswith(b"HTTP/1.1 201"), answer[:300]
+        assert TARGET.encode() in answer
+        print(f"create with {IDLE} idle + {SLOWLORIS} slowloris connections held: {took * 1000:.1f} ms")
+        # They were all still held (none was refused or closed by the node).
+        status = raw_request(node.http_port, b"GET /metrics HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n").decode()
+        active = [l for l in status.splitlines() if l.startswith("tempalias_http_connections_active ")]
+        assert active and float(active[0].split()[1]) >= IDLE + SLOWLORIS, active
+    finally:
+        for s in sockets:
+            s.close()
