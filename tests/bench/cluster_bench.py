@@ -153,7 +153,8 @@ def throughput(addrs, clients: int, duration: float, warmup: float = 1.0, proces
 
 
 class Prober:
-    """Clients writing continuously to the given nodes; records (start, end, status)."""
+    """Clients writing continuously to the given nodes; records
+    (start, end, status, node id)."""
 
     def __init__(self, nodes, per_node: int = 2):
         self.nodes = nodes
@@ -179,7 +180,7 @@ class Prober:
                 conn = None
             t1 = time.monotonic()
             with self.lock:
-                self.records.append((t0, t1, status))
+                self.records.append((t0, t1, status, nd.id))
             if status != 201:
                 self.stop_event.wait(0.01)
         if conn is not None:
@@ -192,7 +193,7 @@ class Prober:
 
     def first_commit_after(self, t: float):
         with self.lock:
-            ends = [e for (s, e, st) in self.records if st == 201 and s >= t]
+            ends = [e for (s, e, st, _n) in self.records if st == 201 and s >= t]
         return min(ends) if ends else None
 
     def stop(self):
@@ -219,10 +220,10 @@ def failover_gap(cluster: LocalCluster, sig: int) -> tuple[float, float]:
         cluster.node(leader).wait_exit(60)
         cluster.wait_leader(among=[nd.id for nd in others], timeout=60)
         t_led = time.monotonic()
-        wait_until(lambda: sum(1 for (s, e, st) in list(prober.records) if st == 201 and s >= t_led) >= 20, 60, "commits under the new leader")
+        wait_until(lambda: sum(1 for (s, e, st, _n) in list(prober.records) if st == 201 and s >= t_led) >= 20, 60, "commits under the new leader")
     finally:
         prober.stop()
-    ends = sorted([t] + [e for (s, e, st) in prober.records if st == 201 and e >= t])
+    ends = sorted([t] + [e for (s, e, st, _n) in prober.records if st == 201 and e >= t])
     stall = max(b - a for a, b in zip(ends, ends[1:]))
     cluster.start_node(leader, wait=False)
     cluster.wait_ready(timeout=60)

@@ -657,14 +657,14 @@ class ChaosCluster(LocalCluster):
     Nodes run inside the namespace because the process that starts them is in
     it (see Netns); nothing else differs from launch.py's nodes."""
 
-    def __init__(self, directory, binary, extra_config: dict | None = None):
+    def __init__(self, directory, binary, config: dict):
         http, cluster = free_ports(list(NODE_IPS.values()), 2)
         super().__init__(
             directory,
             n=3,
             binary=binary,
             ports={"http": http, "smtp": 25, "cluster": cluster},
-            extra_config=merge(NODE_CONFIG, extra_config or {}),
+            extra_config=config,
             die_with_parent=True,
         )
 
@@ -674,13 +674,6 @@ class ChaosCluster(LocalCluster):
         followers: call after writes went through every node."""
         conns = outbound_sources(self.ports["cluster"])
         return any(src != "127.0.0.1" and src in NODE_IPS.values() for src, _dst in conns)
-
-
-def merge(base: dict, over: dict) -> dict:
-    out = dict(base)
-    for k, v in over.items():
-        out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
 
 
 # --------------------------------------------------------------------------- clients
@@ -944,11 +937,16 @@ def settled_after(probes: list[Probe], kind: str, t0: float, t1: float) -> float
 
 class Lab:
     """Everything above, started in order and torn down in reverse (also on
-    failure). Use as a context manager or call start()/close()."""
+    failure). Use as a context manager or call start()/close().
 
-    def __init__(self, binary, extra_config: dict | None = None, keep: bool = False):
+    `mail=False` leaves out nsd, smtp-sink and Postfix (the benchmark needs
+    only the nodes and the firewall); `node_config` replaces NODE_CONFIG as
+    the nodes' settings (launch.py's defaults, capture relay, when {})."""
+
+    def __init__(self, binary, node_config: dict | None = None, mail: bool = True, keep: bool = False):
         self.binary = binary
-        self.extra_config = extra_config or {}
+        self.node_config = NODE_CONFIG if node_config is None else node_config
+        self.mail = mail
         self.keep = keep
         self.base = Path(tempfile.mkdtemp(prefix="tempalias-chaos-"))
         # Postfix's daemons (user postfix) must reach their queue below this.
@@ -964,14 +962,16 @@ class Lab:
         try:
             self.netns.create()
             self.netns.enter()
-            self.netns.add_address(POSTFIX_IP)
-            self.netns.write_resolv_conf(DNS_IP)
-            self.nsd = Nsd(self.base, NODE_IPS).start()
-            self.sink = Sink(self.base).start()
-            self.cluster = ChaosCluster(self.base / "cluster", self.binary, self.extra_config)
+            if self.mail:
+                self.netns.add_address(POSTFIX_IP)
+                self.netns.write_resolv_conf(DNS_IP)
+                self.nsd = Nsd(self.base, NODE_IPS).start()
+                self.sink = Sink(self.base).start()
+            self.cluster = ChaosCluster(self.base / "cluster", self.binary, self.node_config)
             self.cluster.start(wait=True, timeout=90)
             self.fw = Firewall(self.netns, self.cluster.ports["cluster"])
-            self.postfix = Postfix(self.base, self.netns).start()
+            if self.mail:
+                self.postfix = Postfix(self.base, self.netns).start()
         except BaseException:
             self.close()
             raise

@@ -234,8 +234,18 @@ def test_fault(healthy_lab, name):
         if out is not None and out.probe is not None:
             out.probe.stop()
     lab.cluster.wait_ready(timeout=90)
-    t_drain0 = time.monotonic()
-    drained = lab.postfix.wait_empty(DRAIN_TIMEOUT)
+    t_ready = time.monotonic() - out.t_heal
+    live_addrs = {a["alias"] for a in live}
+    live_uids = [u for u, rcpt in mail.accepted.items() if rcpt in live_addrs]
+    # Mail for the live aliases first, then the whole queue (a use reserved
+    # by a node that lost its quorum or died is held until its lease lapses,
+    # so the over-limit message to a limited alias may wait that long).
+    try:
+        wait_until(lambda: all(lab.sink.counts().delivered[u] for u in live_uids), DRAIN_TIMEOUT, "live-alias mail delivered", interval=0.1)
+    except TimeoutError:
+        pass  # reported below with the missing Message-IDs
+    live_done = time.monotonic() - out.t_heal
+    lab.postfix.wait_empty(DRAIN_TIMEOUT)
     drain_from_heal = time.monotonic() - out.t_heal
 
     problems = []
@@ -243,10 +253,7 @@ def test_fault(healthy_lab, name):
 
     # --- mail: delivered, not bounced, duplicates counted
     counts = lab.sink.counts()
-    live_addrs = {a["alias"] for a in live}
-    limited_addrs = {a["alias"] for a in limited}
     statuses = lab.postfix.statuses()
-    live_uids = [u for u, rcpt in mail.accepted.items() if rcpt in live_addrs]
     missing = [u for u in live_uids if counts.delivered[u] == 0]
     bounced = [u for u in live_uids if statuses.get(u, {}).get("bounced") or counts.bounced[u]]
     dups = sum(max(0, counts.delivered[u] - 1) for u in live_uids)
@@ -269,8 +276,8 @@ def test_fault(healthy_lab, name):
             problems.append(f"{a['alias']}: {got} delivered + {back} bounced of {len(uids)}")
     figures.append(
         f"  mail: {len(live_uids)} accepted for live aliases, all delivered: {not missing}; "
-        f"duplicates {dups}; queue empty {drain_from_heal:.1f} s after the heal ({drained:.1f} s after the load stopped"
-        f" and the cluster was ready at +{t_drain0 - out.t_heal:.1f} s)"
+        f"duplicates {dups}; after the heal: cluster ready +{t_ready:.1f} s, live-alias mail delivered +{live_done:.1f} s, "
+        f"Postfix's queue empty +{drain_from_heal:.1f} s"
     )
     if mail.refused:
         problems.append(f"Postfix refused submissions: {mail.refused[:3]}")
