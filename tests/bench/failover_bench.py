@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import argparse
 import signal
-import statistics
 import sys
 import time
 from pathlib import Path

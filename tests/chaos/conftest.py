@@ -35,6 +35,12 @@ def pytest_terminal_summary(terminalreporter):
 
 
 @pytest.fixture(scope="session")
+def figures() -> list[str]:
+    """Where a test puts the lines it wants in the terminal summary."""
+    return FIGURES
+
+
+@pytest.fixture(scope="session")
 def binary():
     try:
         found = find_binary()

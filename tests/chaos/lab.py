@@ -34,6 +34,7 @@ node and a node on the minority side is still asked by clients.
 from __future__ import annotations
 
 import ctypes
+import http.client
 import json
 import os
 import re
@@ -565,7 +566,7 @@ class Postfix:
             "maximal_queue_lifetime": "1h",
             "bounce_queue_lifetime": "1h",
             "maillog_file": self.maillog,
-            "maillog_file_prefixes": str(base_of(d)),
+            "maillog_file_prefixes": str(d.parent),
             "biff": "no",
         }
         return "".join(f"{k} = {v}\n" for k, v in settings.items())
@@ -644,10 +645,6 @@ class Postfix:
         self.postfix("abort", check=False, timeout=30)
 
 
-def base_of(p: Path) -> Path:
-    return p.parent
-
-
 # --------------------------------------------------------------------------- cluster
 
 
@@ -681,8 +678,6 @@ class ChaosCluster(LocalCluster):
 
 def http_json(node: LocalNode, method: str, path: str, body=None, headers=None, timeout: float = 15.0) -> tuple[int, dict | None]:
     """(status, parsed JSON or None); status 0 when the node did not answer."""
-    import http.client
-
     hdrs = dict(headers or {})
     data = None
     if body is not None:
