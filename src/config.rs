@@ -233,10 +233,12 @@ pub struct ClusterConfig {
     pub secret_file: Option<PathBuf>,
     /// Upper bound on one node-to-node RPC.
     pub rpc_timeout_ms: u64,
-    /// Leader heartbeat interval.
+    /// Leader heartbeat interval, and how often each node probes its peers.
     pub heartbeat_ms: u64,
-    /// A follower that hears no leader for a random time in
-    /// [election_timeout_ms, 2 * election_timeout_ms] starts an election.
+    /// The leader lease is twice this; a follower that hears no leader for
+    /// the lease plus a random time in [election_timeout_ms,
+    /// 2 * election_timeout_ms] starts an election (sooner when the failure
+    /// detector sees the leader gone). Also the deadline of one probe.
     pub election_timeout_ms: u64,
 }
 
@@ -272,8 +274,8 @@ impl Default for ClusterConfig {
             secret: None,
             secret_file: None,
             rpc_timeout_ms: 2000,
-            heartbeat_ms: 250,
-            election_timeout_ms: 1000,
+            heartbeat_ms: 80,
+            election_timeout_ms: 250,
         }
     }
 }

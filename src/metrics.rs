@@ -84,6 +84,9 @@ pub struct Metrics {
     pub cluster_rpc_errors: Family<PeerLabels, Counter>,
     pub cluster_auth_failures: Counter,
     pub clock_offset: Family<PeerLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
+    pub cluster_peer_reachable: Family<PeerLabels, Gauge>,
+    pub raft_triggered_elections: Counter,
+    pub raft_refused_appends: Counter,
 }
 
 /// Labels of `tempalias_build_info`.
@@ -128,6 +131,9 @@ impl Metrics {
             cluster_rpc_errors: Family::default(),
             cluster_auth_failures: Counter::default(),
             clock_offset: Family::default(),
+            cluster_peer_reachable: Family::default(),
+            raft_triggered_elections: Counter::default(),
+            raft_refused_appends: Counter::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -234,6 +240,21 @@ impl Metrics {
             "Each peer's clock minus this node's (the leader's clock is replicated time)",
             prometheus_client::registry::Unit::Seconds,
             m.clock_offset.clone(),
+        );
+        registry.register(
+            "cluster_peer_reachable",
+            "1 while this node's liveness probes reach the peer, else 0",
+            m.cluster_peer_reachable.clone(),
+        );
+        registry.register(
+            "raft_triggered_elections",
+            "Campaigns started at once because the leader was unreachable and a quorum heard no leader",
+            m.raft_triggered_elections.clone(),
+        );
+        registry.register(
+            "raft_refused_appends",
+            "AppendEntries refused from a leader this node cannot reach (one-way partition)",
+            m.raft_refused_appends.clone(),
         );
         m.build_info
             .get_or_create(&BuildLabels {

@@ -16,8 +16,13 @@ use crate::raft::Node;
 use crate::relay::{Relay, RelayError};
 use crate::smtp::SmtpContext;
 
-/// How long shutdown waits for SMTP sessions and HTTP requests to finish.
-const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long shutdown waits for SMTP sessions and HTTP requests to finish: at
+/// least one full relay attempt per smarthost (a message being forwarded is
+/// not cut off while the upstream may still accept it), and never under 30 s.
+fn drain_timeout(config: &Config) -> Duration {
+    let attempts = config.relay.smarthosts.len().max(1) as u64;
+    Duration::from_secs((config.relay.timeout_secs * attempts + 10).max(30))
+}
 
 /// Why a node could not start.
 #[derive(Debug, thiserror::Error)]
@@ -91,7 +96,8 @@ pub async fn run(
     let peers = Peers::new(
         &secret,
         Duration::from_millis(config.cluster.rpc_timeout_ms),
-    )?;
+    )?
+    .with_local_address(Some(bound.cluster.ip()));
     let node = Node::start(&config, clock.clone(), peers, metrics.clone()).await?;
     tracing::info!(node_id = config.node_id, relay = %relay.describe(), "node started");
 
@@ -116,6 +122,11 @@ pub async fn run(
         metrics.clone(),
         shutdown.clone(),
     ));
+    let watchdog = tokio::spawn(crate::raft::watchdog::run(
+        node.clone(),
+        metrics.clone(),
+        cluster_shutdown.clone(),
+    ));
     let clocks = tokio::spawn(watch_clocks(
         node.clone(),
         metrics.clone(),
@@ -135,21 +146,24 @@ pub async fn run(
         metrics: metrics.clone(),
         lease_ms: config.relay.reservation_lease_secs * 1000,
         connections: crate::smtp::limits::ConnectionCounts::new(config.smtp.max_connections_per_ip),
+        settlements: crate::smtp::settle::Settlements::new(),
         failures: crate::smtp::limits::FailedRcpts::new(
             config.smtp.max_failed_rcpts_per_ip,
             Duration::from_secs(config.smtp.failed_rcpt_window_secs),
         ),
     });
-    let smtp = tokio::spawn(crate::smtp::serve(
+    let smtp_abort = CancellationToken::new();
+    let mut smtp = tokio::spawn(crate::smtp::serve(
         smtp_listener,
-        smtp_ctx,
+        smtp_ctx.clone(),
         shutdown.clone(),
+        smtp_abort.clone(),
     ));
 
     let state = crate::http::AppState::new(node.clone(), config.clone(), metrics.clone());
     let app = crate::http::router(state);
     let http_shutdown = shutdown.clone();
-    let http = tokio::spawn(async move {
+    let mut http = tokio::spawn(async move {
         let serve = axum::serve(
             http_listener,
             app.into_make_service_with_connect_info::<SocketAddr>(),
@@ -162,15 +176,25 @@ pub async fn run(
 
     on_ready(bound);
     shutdown.cancelled().await;
-    tracing::info!("shutting down: draining SMTP sessions and HTTP requests");
-    let drained = tokio::time::timeout(DRAIN_TIMEOUT, async {
-        let _ = smtp.await;
-        let _ = http.await;
+    let drain = drain_timeout(&config);
+    tracing::info!(limit = ?drain, "shutting down: SMTP listener closed, draining sessions and HTTP requests");
+    let drained = tokio::time::timeout(drain, async {
+        let _ = (&mut smtp).await;
+        let _ = (&mut http).await;
     })
     .await;
     if drained.is_err() {
-        tracing::warn!("drain timed out; stopping anyway");
+        tracing::warn!("drain timed out; ending the remaining sessions");
+        smtp_abort.cancel();
+        let _ = tokio::time::timeout(Duration::from_secs(5), &mut smtp).await;
+        http.abort();
     }
+    // Uses held by sessions that did not finish go back now, while Raft runs,
+    // rather than when their leases lapse.
+    smtp_ctx
+        .settlements
+        .drain(&node, smtp_ctx.lease_ms, Duration::from_secs(10))
+        .await;
     let _ = watcher.await;
     let _ = purger.await;
     let _ = clocks.await;
@@ -178,6 +202,7 @@ pub async fn run(
     node.transfer_leadership().await;
     cluster_shutdown.cancel();
     let _ = cluster.await;
+    let _ = watchdog.await;
     node.shutdown().await;
     tracing::info!("stopped");
     Ok(())

@@ -2,6 +2,7 @@
 //! shared secret on every call, a timeout on every call.
 
 use std::collections::HashMap;
+use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -90,6 +91,9 @@ struct Inner {
     channels: Mutex<HashMap<String, Channel>>,
     auth: AuthInterceptor,
     timeout: Duration,
+    /// Source address of outgoing connections: a node's own cluster address,
+    /// so that peers (and firewalls) see every node under one address.
+    local: Option<IpAddr>,
 }
 
 impl Peers {
@@ -104,8 +108,23 @@ impl Peers {
                 channels: Mutex::new(HashMap::new()),
                 auth: AuthInterceptor { header },
                 timeout,
+                local: None,
             }),
         })
+    }
+
+    /// The same peers, with outgoing connections bound to `ip` (a node binds
+    /// them to the address of its own cluster listener; unspecified
+    /// addresses leave the choice to the kernel).
+    pub fn with_local_address(self, ip: Option<IpAddr>) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                channels: Mutex::new(HashMap::new()),
+                auth: self.inner.auth.clone(),
+                timeout: self.inner.timeout,
+                local: ip.filter(|ip| !ip.is_unspecified()),
+            }),
+        }
     }
 
     /// The default per-call timeout.
@@ -130,8 +149,13 @@ impl Peers {
                         })?
                         .connect_timeout(self.inner.timeout.min(Duration::from_secs(1)))
                         .tcp_nodelay(true)
-                        .http2_keep_alive_interval(Duration::from_secs(10))
-                        .keep_alive_timeout(Duration::from_secs(5));
+                        .local_address(self.inner.local)
+                        // A connection whose peer vanished without a reset (a
+                        // partition, a dead host) is noticed within ~2 s and
+                        // replaced, instead of stalling every call on it.
+                        .http2_keep_alive_interval(Duration::from_secs(1))
+                        .keep_alive_timeout(Duration::from_secs(1))
+                        .keep_alive_while_idle(true);
                     let c = endpoint.connect_lazy();
                     channels.insert(addr.to_string(), c.clone());
                     c
@@ -265,7 +289,16 @@ impl Peers {
     }
 
     pub async fn status(&self, addr: &str) -> Result<StatusReport, RpcError> {
-        self.call_raw(addr, Empty {}, self.inner.timeout, |mut c, r| async move {
+        self.status_within(addr, self.inner.timeout).await
+    }
+
+    /// [`Peers::status`] with its own deadline (liveness probes use a short one).
+    pub async fn status_within(
+        &self,
+        addr: &str,
+        timeout: Duration,
+    ) -> Result<StatusReport, RpcError> {
+        self.call_raw(addr, Empty {}, timeout, |mut c, r| async move {
             c.status(r).await
         })
         .await

@@ -63,6 +63,16 @@ pub struct StatusReport {
     /// clock becomes replicated time, so peers watch for skew.
     #[serde(default)]
     pub now_ms: u64,
+    /// Whether this node hears a live leader now (or is one with a quorum
+    /// behind it). Peers count the nodes that do not before they allow
+    /// elections (src/raft/liveness.rs); absent from older nodes, which then
+    /// count as leaderless, as every node did before.
+    #[serde(default)]
+    pub leader_alive: bool,
+    /// Term of this node's last applied entry: with `last_log_index`, which
+    /// peer is most up to date, so that one campaigns first.
+    #[serde(default)]
+    pub last_log_term: Option<u64>,
 }
 
 /// A membership change asked of the cluster.

@@ -11,16 +11,19 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
+use openraft::raft::{AppendEntriesRequest, AppendEntriesResponse};
+
 use super::messages::{ForwardRequest, MembershipChange, ReadIndexResponse};
 use super::proto::cluster_server::{Cluster, ClusterServer};
 use super::proto::{Empty, Payload};
 use crate::config::Secret;
 use crate::metrics::Metrics;
-use crate::raft::Node;
+use crate::raft::{Node, TypeConfig};
 
 /// Handlers of the cluster RPCs on one node.
 pub struct ClusterService {
     node: Node,
+    metrics: Arc<Metrics>,
 }
 
 fn decode<T: DeserializeOwned>(req: Request<Payload>) -> Result<T, Status> {
@@ -37,8 +40,32 @@ fn encode<T: Serialize>(value: &T) -> Result<Response<Payload>, Status> {
 #[tonic::async_trait]
 impl Cluster for ClusterService {
     async fn append_entries(&self, req: Request<Payload>) -> Result<Response<Payload>, Status> {
-        let rpc = decode(req)?;
-        encode(&self.node.raft().append_entries(rpc).await)
+        let rpc: AppendEntriesRequest<TypeConfig> = decode(req)?;
+        let from = rpc.vote.leader_id().voted_for();
+        if let Some(from) = from {
+            let refuse = {
+                let rx = self.node.raft().metrics();
+                let m = rx.borrow();
+                self.node.liveness().refuse_leader(from, &m)
+            };
+            if refuse {
+                // This node cannot reach its leader (a one-way partition):
+                // following it would leave every write taken here stuck. Not
+                // processing its heartbeats lets the lease lapse so that the
+                // nodes that can talk to each other elect a leader.
+                self.metrics.raft_refused_appends.inc();
+                return Err(Status::failed_precondition(
+                    "this node cannot reach you; not following",
+                ));
+            }
+        }
+        let answer = self.node.raft().append_entries(rpc).await;
+        if let (Some(from), Ok(resp)) = (from, &answer) {
+            if !matches!(resp, AppendEntriesResponse::HigherVote(_)) {
+                self.node.liveness().record_contact(from);
+            }
+        }
+        encode(&answer)
     }
 
     async fn vote(&self, req: Request<Payload>) -> Result<Response<Payload>, Status> {
@@ -113,6 +140,7 @@ pub async fn serve(
     shutdown: CancellationToken,
 ) -> Result<(), tonic::transport::Error> {
     let expected = format!("Bearer {}", secret.expose()).into_bytes();
+    let service_metrics = metrics.clone();
     let check = move |req: Request<()>| -> Result<Request<()>, Status> {
         let presented = req
             .metadata()
@@ -127,9 +155,12 @@ pub async fn serve(
             Err(Status::unauthenticated("cluster secret required"))
         }
     };
-    let server = ClusterServer::new(ClusterService { node })
-        .max_decoding_message_size(super::MAX_MESSAGE)
-        .max_encoding_message_size(super::MAX_MESSAGE);
+    let server = ClusterServer::new(ClusterService {
+        node,
+        metrics: service_metrics,
+    })
+    .max_decoding_message_size(super::MAX_MESSAGE)
+    .max_encoding_message_size(super::MAX_MESSAGE);
     let service = tonic::service::interceptor::InterceptedService::new(server, check);
     // tonic's own TCP_NODELAY applies only to listeners it binds itself; set
     // it on every accepted stream, or Nagle + delayed ACK add ~40 ms per RPC.

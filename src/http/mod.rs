@@ -1,7 +1,9 @@
-//! The HTTP front end: the alias API, health endpoints and `/metrics`.
+//! The HTTP front end: the alias API, the web page, health endpoints and
+//! `/metrics`.
 
 mod aliases;
 mod error;
+mod page;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -13,6 +15,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
 use tokio::sync::Semaphore;
+use tower_http::compression::CompressionLayer;
 
 pub use error::ApiError;
 
@@ -57,9 +60,14 @@ pub fn router(state: AppState) -> Router {
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
+        .merge(page::routes(&state.config))
         .fallback(|| async { ApiError::NoRoute })
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
         .layer(axum::middleware::from_fn_with_state(state.clone(), guard))
+        // gzip or br when the client accepts it (HTML, JSON, metrics alike;
+        // Prometheus asks for gzip). Outermost, so shed and timed-out answers
+        // are compressed too and the guard's metrics see the real status.
+        .layer(CompressionLayer::new().gzip(true).br(true))
         .with_state(state)
 }
 

@@ -8,12 +8,16 @@
 //!   snapshots of one node.
 //! - [`network`]: how this node reaches its peers.
 //! - [`node`]: the handle the SMTP and HTTP front ends write and read through.
+//! - [`liveness`] and [`watchdog`]: failure detection around openraft (fast
+//!   failover, one-way partitions, no disruptive campaigns).
 
+pub mod liveness;
 pub mod network;
 pub mod node;
 pub mod state;
 pub mod store;
 pub mod types;
+pub mod watchdog;
 
 pub use node::Node;
 

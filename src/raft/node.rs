@@ -14,6 +14,7 @@ use openraft::{BasicNode, ChangeMembers, Raft, RaftMetrics, ServerState, Snapsho
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use super::liveness::{Liveness, Timing};
 use super::network::Network;
 use super::store::{self, DbError, StateReader};
 use super::types::{Command, NodeId, Request, Response, TypeConfig};
@@ -49,16 +50,26 @@ pub enum WriteError {
     Fatal(String),
 }
 
-/// Commands whose second application changes nothing.
+/// Commands whose second application changes nothing, so a write whose
+/// outcome is unknown (the leader died or a forward timed out after sending)
+/// may be proposed again. Every command is today: a repeated Reserve finds
+/// its reservation id, a repeated Create its id and token digest, and the
+/// others are idempotent by nature. A new command must decide here.
 fn is_idempotent(cmd: &Command) -> bool {
-    matches!(
-        cmd,
-        Command::Commit { .. }
-            | Command::Release { .. }
-            | Command::Revoke { .. }
-            | Command::Purge { .. }
-    )
+    match cmd {
+        Command::CreateAlias { .. }
+        | Command::Reserve { .. }
+        | Command::Commit { .. }
+        | Command::Release { .. }
+        | Command::Revoke { .. }
+        | Command::Purge { .. } => true,
+    }
 }
+
+/// Upper bound on one forward to the leader: a leader that holds a write
+/// longer is more likely gone than slow, and the write (idempotent) is tried
+/// again, possibly on a new leader, within the caller's deadline.
+const FORWARD_ATTEMPT: Duration = Duration::from_secs(1);
 
 /// One node's Raft instance, its local replica, clock and peers.
 #[derive(Clone)]
@@ -71,6 +82,8 @@ pub struct Node {
     metrics: Arc<Metrics>,
     write_timeout: Duration,
     election_timeout: Duration,
+    /// Who this node reaches and whether it hears a live leader.
+    liveness: Arc<Liveness>,
     /// Set while a leader steps down for shutdown: it proposes nothing more.
     stepping_down: Arc<std::sync::atomic::AtomicBool>,
 }
@@ -94,6 +107,14 @@ impl Node {
             .map_err(|e| StartError::Raft(e.to_string()))??;
         let reader = state_machine.reader();
         let election = config.cluster.election_timeout_ms;
+        let liveness = Arc::new(Liveness::new(
+            config.node_id,
+            Timing {
+                probe_every: Duration::from_millis(config.cluster.heartbeat_ms),
+                probe_timeout: Duration::from_millis(election),
+                lease: Duration::from_millis(election * 2),
+            },
+        ));
         let raft_config = openraft::Config {
             cluster_name: "tempalias".into(),
             heartbeat_interval: config.cluster.heartbeat_ms,
@@ -133,6 +154,7 @@ impl Node {
             metrics,
             write_timeout: Duration::from_millis(config.cluster.write_timeout_ms),
             election_timeout: Duration::from_millis(election),
+            liveness,
             stepping_down: Arc::new(std::sync::atomic::AtomicBool::new(false)),
         })
     }
@@ -220,6 +242,14 @@ impl Node {
         if self.stepping_down.load(std::sync::atomic::Ordering::SeqCst) {
             return ForwardResponse::NotLeader { leader: None };
         }
+        let m = self.metrics_now();
+        if m.state == ServerState::Leader && !self.liveness.leader_has_quorum(&m) {
+            // Cut off from the majority: the entry could not commit here, and
+            // another leader may already be writing. Say so at once.
+            return ForwardResponse::Failed {
+                message: "the leader has lost its quorum".into(),
+            };
+        }
         let req = Request {
             now_ms: self.clock.now_ms(),
             cmd,
@@ -269,14 +299,22 @@ impl Node {
 
     async fn write_inner(&self, cmd: Command) -> Result<Response, WriteError> {
         let deadline = Instant::now() + self.write_timeout;
-        let mut backoff = Duration::from_millis(10);
+        let mut backoff = Duration::from_millis(5);
         let mut last_problem = String::from("no leader known");
         loop {
             let remaining = deadline.saturating_duration_since(Instant::now());
             if remaining.is_zero() {
                 return Err(WriteError::Unavailable(last_problem));
             }
-            let leader = self.metrics_now().current_leader;
+            let m = self.metrics_now();
+            if !self.liveness.can_write(&m) {
+                // A minority side: no leader here can commit and no election
+                // can succeed. Answer now; the client retries elsewhere.
+                return Err(WriteError::Unavailable(
+                    "this node cannot reach a quorum of the cluster".into(),
+                ));
+            }
+            let leader = m.current_leader;
             let outcome = match leader {
                 Some(l) if l == self.id => {
                     self.write_as_leader_within(cmd.clone(), remaining).await
@@ -287,16 +325,23 @@ impl Node {
                         self.metrics.raft_forwarded_writes.inc();
                         match self
                             .peers
-                            .forward(&addr, &ForwardRequest { cmd: cmd.clone() }, remaining)
+                            .forward(
+                                &addr,
+                                &ForwardRequest { cmd: cmd.clone() },
+                                remaining.min(FORWARD_ATTEMPT),
+                            )
                             .await
                         {
                             Ok(r) => r,
-                            Err(e @ RpcError::Unreachable { .. }) => {
-                                last_problem = e.to_string();
-                                ForwardResponse::NotLeader { leader: None }
+                            Err(
+                                e
+                                @ (RpcError::Unauthenticated { .. } | RpcError::BadAddress { .. }),
+                            ) => {
+                                return Err(WriteError::Unavailable(e.to_string()));
                             }
-                            // The outcome is unknown, but repeating these is
-                            // harmless: try again (a new leader, if the old one died).
+                            // Not seen, or seen with an unknown outcome: both
+                            // are safe to repeat (every command is idempotent),
+                            // on this leader or on the next one.
                             Err(e) if is_idempotent(&cmd) => {
                                 last_problem = e.to_string();
                                 ForwardResponse::NotLeader { leader: None }
@@ -319,10 +364,15 @@ impl Node {
                     };
                 }
                 ForwardResponse::NotLeader { .. } => {
-                    // An election may be under way: wait a little and look again.
+                    // An election or a hand-over is under way: look again as
+                    // soon as the leader changes, or after a short pause.
                     let pause = backoff.min(deadline.saturating_duration_since(Instant::now()));
-                    tokio::time::sleep(pause).await;
-                    backoff = (backoff * 2).min(Duration::from_millis(200));
+                    let _ = self
+                        .raft
+                        .wait(Some(pause))
+                        .metrics(|m| m.current_leader != leader, "leader change")
+                        .await;
+                    backoff = (backoff * 2).min(Duration::from_millis(40));
                 }
             }
         }
@@ -345,7 +395,7 @@ impl Node {
     /// See [`Node::read_barrier`].
     pub async fn read_barrier_within(&self, limit: Duration) -> Result<(), WriteError> {
         let deadline = Instant::now() + limit;
-        let mut backoff = Duration::from_millis(20);
+        let mut backoff = Duration::from_millis(10);
         loop {
             let remaining = deadline.saturating_duration_since(Instant::now());
             if remaining.is_zero() {
@@ -353,7 +403,13 @@ impl Node {
                     "no leader confirmed a read index".into(),
                 ));
             }
-            let leader = self.metrics_now().current_leader;
+            let m = self.metrics_now();
+            if !self.liveness.can_read(&m) {
+                return Err(WriteError::Unavailable(
+                    "this node cannot reach a quorum or does not hear its leader".into(),
+                ));
+            }
+            let leader = m.current_leader;
             let index = match leader {
                 Some(l) if l == self.id => {
                     match tokio::time::timeout(remaining, self.raft.ensure_linearizable()).await {
@@ -363,7 +419,11 @@ impl Node {
                     }
                 }
                 Some(l) => match self.addr_of(l) {
-                    Some(addr) => match self.peers.read_index(&addr, remaining).await {
+                    Some(addr) => match self
+                        .peers
+                        .read_index(&addr, remaining.min(FORWARD_ATTEMPT))
+                        .await
+                    {
                         Ok(r) if r.error.is_none() => Some(r.index),
                         _ => None,
                     },
@@ -386,8 +446,12 @@ impl Node {
                     // No leader could confirm its position (election, or no
                     // quorum): back off instead of hammering the peers.
                     let pause = backoff.min(deadline.saturating_duration_since(Instant::now()));
-                    tokio::time::sleep(pause).await;
-                    backoff = (backoff * 2).min(Duration::from_millis(250));
+                    let _ = self
+                        .raft
+                        .wait(Some(pause))
+                        .metrics(|m| m.current_leader != leader, "leader change")
+                        .await;
+                    backoff = (backoff * 2).min(Duration::from_millis(100));
                 }
             }
         }
@@ -422,6 +486,8 @@ impl Node {
                 .unwrap_or_default(),
             millis_since_quorum_ack: m.millis_since_quorum_ack,
             now_ms: self.clock.now_ms(),
+            leader_alive: self.liveness.leader_alive(&m),
+            last_log_term: m.last_applied.map(|l| l.leader_id.term),
         };
         report
     }
@@ -497,62 +563,104 @@ impl Node {
         }
     }
 
-    /// If this node leads, steps down so that another voter takes over before
-    /// this node stops.
+    /// If this node leads, hands leadership to the most up-to-date voter
+    /// before this node stops, so writes pause for a few round trips instead
+    /// of an election timeout.
     ///
-    /// openraft 0.9 has no leadership transfer, and a follower refuses to vote
-    /// while its leader lease runs (`2 x election_timeout_ms` since it last
-    /// heard from the leader), so asking a follower to campaign while this
-    /// leader is still active fails under load. Instead this node stops
-    /// proposing (forwarded writes are told "not leader" and retried by their
-    /// sender), stops heartbeats and its own election timer, lets the leases
-    /// run out, and then asks the most up-to-date voter to campaign: it wins
-    /// at once. Writes wait about one lease instead of failing.
+    /// openraft 0.9 has no transfer-leader call, but it has what one needs: a
+    /// leader grants its vote to a candidate whose log is as long as its own
+    /// (once its own leader lease has run, `2 x election_timeout_ms` after it
+    /// was elected), and a candidate holding that vote and its own has a
+    /// majority of three. So: stop proposing (forwarded writes are told "not
+    /// leader" and retried by their sender as soon as a new leader shows),
+    /// wait until the chosen follower has every entry and every proposed
+    /// write has been answered, then ask it to campaign. It wins with this
+    /// node's vote; the third node follows the higher term. If that does not
+    /// happen in time (a follower lagging far behind, a vote refused), this
+    /// node falls back to going silent until a follower's own timer elects it.
     pub async fn transfer_leadership(&self) {
         let m = self.metrics_now();
-        if m.current_leader != Some(self.id) {
+        if m.current_leader != Some(self.id) || m.state != ServerState::Leader {
             return;
         }
-        let best = m
+        let others: Vec<NodeId> = m
             .membership_config
             .membership()
             .voter_ids()
             .filter(|v| *v != self.id)
-            .max_by_key(|v| {
+            .collect();
+        if others.is_empty() {
+            return;
+        }
+        self.stepping_down
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        // This node must not campaign again once it has handed over.
+        self.raft.runtime_config().elect(false);
+        let moved = |m: &RaftMetrics<NodeId, BasicNode>| {
+            m.current_leader.is_some() && m.current_leader != Some(self.id)
+                || m.state != ServerState::Leader
+        };
+        let lease = self.election_timeout * 2;
+        let give_up = Instant::now() + lease * 2;
+        let mut target: Option<NodeId> = None;
+        while Instant::now() < give_up {
+            let m = self.metrics_now();
+            if moved(&m) {
+                break;
+            }
+            // Everything proposed so far is replicated to and applied on...
+            let last = m.last_log_index;
+            let matched = |v: &NodeId| {
                 m.replication
                     .as_ref()
                     .and_then(|r| r.get(v).copied().flatten())
                     .map(|l| l.index)
-            });
-        let Some(best) = best else { return };
-        let Some(addr) = self.addr_of(best) else {
+            };
+            let best = others
+                .iter()
+                .filter(|v| self.liveness.reachable(**v))
+                .max_by_key(|v| (matched(v), std::cmp::Reverse(**v)))
+                .copied();
+            let caught_up = best.is_some_and(|b| matched(&b) == last)
+                && m.last_applied.map(|l| l.index) == last;
+            match best {
+                Some(b) if caught_up => {
+                    let Some(addr) = self.addr_of(b) else { break };
+                    if target != Some(b) {
+                        tracing::info!(to = b, "handing leadership over before stopping");
+                        target = Some(b);
+                    }
+                    if let Err(e) = self.peers.trigger_election(&addr).await {
+                        tracing::warn!(error = %e, "asking node {b} to campaign failed");
+                    }
+                    // The vote round is a few round trips; if this node's
+                    // own lease still runs, it refuses and the next round
+                    // asks again.
+                    let _ = self
+                        .raft
+                        .wait(Some(self.election_timeout / 2))
+                        .metrics(moved, "leader moved")
+                        .await;
+                }
+                _ => {
+                    let _ = self
+                        .raft
+                        .wait(Some(Duration::from_millis(5)))
+                        .metrics(moved, "leader moved")
+                        .await;
+                }
+            }
+        }
+        if moved(&self.metrics_now()) {
             return;
-        };
-        tracing::info!(to = best, "stepping down before stopping");
-        self.stepping_down
-            .store(true, std::sync::atomic::Ordering::SeqCst);
+        }
+        // Fallback: go silent so the followers' leases lapse and one of them
+        // is elected by its own timer.
+        tracing::warn!("hand-over did not complete; going silent until a follower takes over");
         self.raft.runtime_config().heartbeat(false);
-        self.raft.runtime_config().elect(false);
-        let lease = self.election_timeout * 2 + Duration::from_millis(50);
-        let moved = |m: &RaftMetrics<NodeId, BasicNode>| {
-            m.current_leader.is_some() && m.current_leader != Some(self.id)
-        };
-        // A follower whose own election timer fires first may win already.
         if self
             .raft
-            .wait(Some(lease))
-            .metrics(moved, "leader moved")
-            .await
-            .is_ok()
-        {
-            return;
-        }
-        if let Err(e) = self.peers.trigger_election(&addr).await {
-            tracing::warn!(error = %e, "asking node {best} to campaign failed");
-        }
-        if self
-            .raft
-            .wait(Some(self.election_timeout * 2))
+            .wait(Some(lease * 3))
             .metrics(moved, "leader moved")
             .await
             .is_err()
@@ -609,27 +717,21 @@ impl Node {
         &self.raft
     }
 
-    /// Cheap local view: this node knows a leader, and if it is the leader, a
-    /// quorum acknowledged it recently. A follower cannot tell from here
-    /// whether its leader still has a quorum; [`Node::is_ready`] asks.
+    /// Cheap local view: this node hears a live leader (if it is the leader
+    /// itself, a quorum acknowledged it within the lease), and can reach the
+    /// quorum a write needs. A follower cannot tell from here whether its
+    /// leader still has a quorum; [`Node::is_ready`] asks.
     pub fn knows_confirmed_leader(&self) -> bool {
         let m = self.metrics_now();
-        if m.running_state.is_err() {
+        if m.running_state.is_err() || m.current_leader.is_none() {
             return false;
         }
-        match m.current_leader {
-            None => false,
-            Some(l) if l == self.id => self.leader_has_quorum(&m),
-            Some(_) => m.state == ServerState::Follower || m.state == ServerState::Learner,
-        }
+        self.liveness.leader_alive(&m) && self.liveness.can_read(&m)
     }
 
-    /// On a leader: whether a quorum acknowledged it within two election timeouts.
+    /// On a leader: whether a quorum acknowledged it within the leader lease.
     pub fn leader_has_quorum(&self, m: &RaftMetrics<NodeId, BasicNode>) -> bool {
-        let voters = m.membership_config.membership().voter_ids().count();
-        voters <= 1
-            || m.millis_since_quorum_ack
-                .is_some_and(|ms| ms < 2 * self.election_timeout.as_millis() as u64)
+        self.liveness.leader_has_quorum(m)
     }
 
     /// True when this node can serve linearizably right now: the local view
@@ -637,6 +739,16 @@ impl Node {
     /// completes within `limit`.
     pub async fn is_ready(&self, limit: Duration) -> bool {
         self.knows_confirmed_leader() && self.read_barrier_within(limit).await.is_ok()
+    }
+
+    /// The failure detector's state (probes write it, RPC handlers read it).
+    pub fn liveness(&self) -> &Arc<Liveness> {
+        &self.liveness
+    }
+
+    /// Channels to the other members.
+    pub fn peers(&self) -> &Peers {
+        &self.peers
     }
 
     /// Stops Raft (flushing what it holds).

@@ -49,6 +49,7 @@ pub fn apply(current: Option<&AliasRecord>, cmd: &Command, now_ms: u64) -> (Chan
                 used: 0,
                 reservations: Default::default(),
                 committed: Default::default(),
+                released: Default::default(),
                 revoked: false,
             };
             (Change::Put(rec.clone()), Response::Created(rec))
@@ -66,6 +67,20 @@ pub fn apply(current: Option<&AliasRecord>, cmd: &Command, now_ms: u64) -> (Chan
                     },
                 );
             };
+            if rec
+                .released
+                .get(reservation)
+                .is_some_and(|until| *until > now_ms)
+            {
+                // Applied after its own Release: the node that asked has given
+                // up on it, so hold nothing.
+                return (
+                    Change::Keep,
+                    Response::Refused {
+                        reason: Refusal::Held,
+                    },
+                );
+            }
             if rec.reservations.contains_key(reservation) || rec.committed.contains(reservation) {
                 // A retried Reserve: already holding (or spent) this use.
                 return (
@@ -79,9 +94,10 @@ pub fn apply(current: Option<&AliasRecord>, cmd: &Command, now_ms: u64) -> (Chan
             let mut rec = rec.clone();
             // Lapsed leases belong to transactions whose node died: drop them so
             // their uses return to the alias.
-            let before = rec.reservations.len();
+            let before = rec.reservations.len() + rec.released.len();
             rec.reservations.retain(|_, until| *until > now_ms);
-            let pruned = rec.reservations.len() != before;
+            rec.released.retain(|_, until| *until > now_ms);
+            let pruned = rec.reservations.len() + rec.released.len() != before;
             let refusal = if rec.revoked {
                 Some(Refusal::Revoked)
             } else if now_ms >= rec.valid_until_ms {
@@ -130,15 +146,29 @@ pub fn apply(current: Option<&AliasRecord>, cmd: &Command, now_ms: u64) -> (Chan
             }
             (Change::Put(rec), Response::Committed)
         }
-        Command::Release { reservation, .. } => {
+        Command::Release {
+            reservation,
+            lease_ms,
+            ..
+        } => {
             let Some(rec) = current else {
                 return (Change::Keep, Response::NotFound);
             };
-            if !rec.reservations.contains_key(reservation) {
+            if rec.committed.contains(reservation) {
                 return (Change::Keep, Response::Released);
             }
             let mut rec = rec.clone();
-            rec.reservations.remove(reservation);
+            // Remember the id until its Reserve could no longer hold anything
+            // (its lease would have lapsed), whether or not it was applied.
+            let until = rec
+                .reservations
+                .remove(reservation)
+                .unwrap_or(0)
+                .max(now_ms.saturating_add(*lease_ms));
+            rec.released.retain(|_, u| *u > now_ms);
+            if until > now_ms {
+                rec.released.insert(*reservation, until);
+            }
             (Change::Put(rec), Response::Released)
         }
         Command::Revoke { .. } => {
@@ -288,6 +318,7 @@ mod tests {
             &Command::Release {
                 id: rec.id.clone(),
                 reservation: 5,
+                lease_ms: 60_000,
             },
             2002,
         );
@@ -298,16 +329,85 @@ mod tests {
             reserve(&rec, 2003, 8, 60_000).1,
             Response::Reserved { .. }
         ));
-        // Releasing an unknown reservation is harmless and idempotent.
+        // Releasing an unknown reservation holds nothing and says released
+        // (its id is remembered, see below).
+        let release = Command::Release {
+            id: rec.id.clone(),
+            reservation: 99,
+            lease_ms: 60_000,
+        };
+        let (change, resp) = apply(Some(&rec), &release, 2004);
+        assert_eq!(resp, Response::Released);
+        let again = put(change);
+        assert_eq!(again.available(2004), rec.available(2004));
+        // Releasing it again holds nothing either (it only remembers longer).
+        let (change, _) = apply(Some(&again), &release, 2005);
+        let twice = put(change);
+        assert_eq!(twice.available(2005), rec.available(2005));
+        assert_eq!(
+            twice.released.keys().collect::<Vec<_>>(),
+            again.released.keys().collect::<Vec<_>>()
+        );
+    }
+
+    #[test]
+    fn reserve_applied_after_its_release_holds_nothing() {
+        let rec = create(1, DAY);
+        // The taking node gave up on a forwarded Reserve and released it; the
+        // late Reserve is applied afterwards.
+        let (change, _) = apply(
+            Some(&rec),
+            &Command::Release {
+                id: rec.id.clone(),
+                reservation: 7,
+                lease_ms: 60_000,
+            },
+            1000,
+        );
+        let rec = put(change);
+        let (change, resp) = reserve(&rec, 1001, 7, 60_000);
+        assert_eq!(
+            resp,
+            Response::Refused {
+                reason: Refusal::Held
+            }
+        );
+        assert_eq!(change, Change::Keep);
+        assert_eq!(rec.available(1001), 1, "the use is not held");
+        // Another message still gets the use.
+        assert!(matches!(
+            reserve(&rec, 1002, 8, 60_000).1,
+            Response::Reserved { .. }
+        ));
+        // The remembered id is pruned once its lease would have ended.
+        let rec = put(reserve(&rec, 61_001, 9, 60_000).0);
+        assert!(rec.released.is_empty(), "{:?}", rec.released);
+    }
+
+    #[test]
+    fn release_after_commit_changes_nothing() {
+        let rec = create(2, DAY);
+        let rec = put(reserve(&rec, 1000, 5, 60_000).0);
+        let (change, _) = apply(
+            Some(&rec),
+            &Command::Commit {
+                id: rec.id.clone(),
+                reservation: 5,
+            },
+            1001,
+        );
+        let rec = put(change);
         let (change, resp) = apply(
             Some(&rec),
             &Command::Release {
                 id: rec.id.clone(),
-                reservation: 99,
+                reservation: 5,
+                lease_ms: 60_000,
             },
-            2004,
+            1002,
         );
         assert_eq!((change, resp), (Change::Keep, Response::Released));
+        assert_eq!(rec.used, 1);
     }
 
     #[test]
@@ -471,6 +571,7 @@ mod tests {
             Command::Release {
                 id: "n".into(),
                 reservation: 1,
+                lease_ms: 0,
             },
             Command::Revoke { id: "n".into() },
         ] {

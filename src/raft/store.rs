@@ -44,6 +44,14 @@ const ALIASES: TableDefinition<&str, &[u8]> = TableDefinition::new("aliases");
 const SM_META: TableDefinition<&str, &[u8]> = TableDefinition::new("sm_meta");
 /// The current snapshot: `meta`, `data`.
 const SNAPSHOT: TableDefinition<&str, &[u8]> = TableDefinition::new("snapshot");
+/// Ids of purged aliases -> replicated time of the purge. Mail to a purged
+/// alias is then refused as expired, not counted as a guess against the
+/// sender's address (a large provider's relays would otherwise be throttled
+/// for mail to long-gone aliases). About 30 bytes each.
+const PURGED: TableDefinition<&str, u64> = TableDefinition::new("purged");
+
+/// How long a purged alias's id is remembered.
+pub const TOMBSTONE_KEEP_MS: u64 = 365 * 86_400_000;
 
 /// Errors opening or reading the database outside openraft's own calls.
 #[derive(Debug, thiserror::Error)]
@@ -123,6 +131,7 @@ pub fn open(path: &Path) -> Result<(LogStore, StateMachine), DbError> {
         txn.open_table(ALIASES)?;
         txn.open_table(SM_META)?;
         txn.open_table(SNAPSHOT)?;
+        txn.open_table(PURGED)?;
     }
     txn.commit()?;
     let db = Arc::new(db);
@@ -305,6 +314,9 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 struct SnapshotData {
     last_now: u64,
     aliases: Vec<AliasRecord>,
+    /// Purged ids and when they were purged.
+    #[serde(default)]
+    purged: Vec<(String, u64)>,
 }
 
 /// The state machine: alias records and what has been applied.
@@ -336,6 +348,16 @@ impl StateReader {
     pub fn alias(&self, id: &str) -> Result<Option<AliasRecord>, DbError> {
         let txn = self.db.begin_read()?;
         get_json(&txn.open_table(ALIASES)?, id)
+    }
+
+    /// Whether an alias with this id existed and was purged (within
+    /// [`TOMBSTONE_KEEP_MS`]).
+    ///
+    /// # Errors
+    /// [`DbError`] when the database cannot be read.
+    pub fn was_purged(&self, id: &str) -> Result<bool, DbError> {
+        let txn = self.db.begin_read()?;
+        Ok(txn.open_table(PURGED)?.get(id)?.is_some())
     }
 
     /// Aliases that can still forward at `now_ms`, and all stored aliases.
@@ -437,9 +459,13 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                                             doomed.push(k.value().to_string());
                                         }
                                     }
+                                    let mut purged = txn.open_table(PURGED)?;
                                     for id in &doomed {
                                         aliases.remove(id.as_str())?;
+                                        purged.insert(id.as_str(), last_now)?;
                                     }
+                                    let horizon = last_now.saturating_sub(TOMBSTONE_KEEP_MS);
+                                    purged.retain(|_, at| at > horizon)?;
                                     Response::Purged {
                                         count: doomed.len() as u64,
                                     }
@@ -498,6 +524,11 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                 for rec in &parsed.aliases {
                     aliases.insert(rec.id.as_str(), serde_json::to_vec(rec)?.as_slice())?;
                 }
+                let mut purged = txn.open_table(PURGED)?;
+                purged.retain(|_, _| false)?;
+                for (id, at) in &parsed.purged {
+                    purged.insert(id.as_str(), *at)?;
+                }
                 let mut sm = txn.open_table(SM_META)?;
                 sm.insert("last_applied", applied_bytes.as_slice())?;
                 sm.insert("last_membership", membership_bytes.as_slice())?;
@@ -553,8 +584,17 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
                 let (_, v) = item?;
                 aliases.push(serde_json::from_slice::<AliasRecord>(v.value())?);
             }
+            let mut purged = Vec::new();
+            for item in read.open_table(PURGED)?.iter()? {
+                let (k, v) = item?;
+                purged.push((k.value().to_string(), v.value()));
+            }
             drop(read);
-            let data = serde_json::to_vec(&SnapshotData { last_now, aliases })?;
+            let data = serde_json::to_vec(&SnapshotData {
+                last_now,
+                aliases,
+                purged,
+            })?;
             let snapshot_id = match last_applied {
                 Some(l) => format!("{}-{}-{}", l.leader_id, l.index, now_nanos()),
                 None => format!("none-{}", now_nanos()),

@@ -64,7 +64,14 @@ pub enum Command {
     /// The upstream accepted the message: the held use is spent.
     Commit { id: String, reservation: u64 },
     /// The upstream refused or the transaction was abandoned: give the use back.
-    Release { id: String, reservation: u64 },
+    /// The id is remembered for `lease_ms`, so that a Reserve with it that is
+    /// applied later (a forward the taking node gave up on) holds nothing.
+    Release {
+        id: String,
+        reservation: u64,
+        #[serde(default)]
+        lease_ms: u64,
+    },
     /// Disable an alias for good.
     Revoke { id: String },
     /// Delete aliases that expired more than `keep_ms` before the entry's time,
@@ -129,6 +136,11 @@ pub struct AliasRecord {
     /// `max_usage` entries: an alias is never committed more often than that.
     #[serde(default)]
     pub committed: std::collections::BTreeSet<u64>,
+    /// Reservations released (reservation id -> until when it is remembered):
+    /// a Reserve applied after its own Release must not hold a use that
+    /// nobody will ever commit or release. Pruned once the time has passed.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub released: std::collections::BTreeMap<u64, u64>,
     pub revoked: bool,
 }
 

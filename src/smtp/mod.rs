@@ -8,5 +8,6 @@ pub mod input;
 pub mod limits;
 pub mod server;
 pub mod session;
+pub mod settle;
 
 pub use server::{serve, SmtpContext};

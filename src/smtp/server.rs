@@ -29,16 +29,27 @@ pub struct SmtpContext {
     pub failures: super::limits::FailedRcpts,
     /// Open connections per client address.
     pub connections: super::limits::ConnectionCounts,
+    /// Uses held by this node's sessions, and commits being retried.
+    pub settlements: super::settle::Settlements,
 }
 
-/// Accepts connections until `shutdown` fires, then waits for the sessions,
-/// which answer `421` at their next command.
+/// Accepts connections until `shutdown` fires, then closes the listening
+/// socket at once (new clients are refused and move to the next MX instead
+/// of waiting in the backlog) and waits for the sessions, which answer `421`
+/// at their next command. Sessions still running when `abort` fires are
+/// dropped; the uses they hold stay in [`SmtpContext::settlements`] for
+/// shutdown to release.
 ///
 /// A permit is taken before `accept()`, so at most `max_connections` sessions
 /// exist and excess clients wait in the kernel's backlog instead of costing us
 /// memory. Accept errors (such as running out of file descriptors) back off
 /// instead of spinning.
-pub async fn serve(listener: TcpListener, ctx: Arc<SmtpContext>, shutdown: CancellationToken) {
+pub async fn serve(
+    listener: TcpListener,
+    ctx: Arc<SmtpContext>,
+    shutdown: CancellationToken,
+    abort: CancellationToken,
+) {
     let limit = Arc::new(Semaphore::new(ctx.config.max_connections));
     let tracker = TaskTracker::new();
     let mut backoff = Duration::from_millis(10);
@@ -69,11 +80,16 @@ pub async fn serve(listener: TcpListener, ctx: Arc<SmtpContext>, shutdown: Cance
         let _ = stream.set_nodelay(true);
         let ctx = ctx.clone();
         let shutdown = shutdown.clone();
+        let abort = abort.clone();
         tracker.spawn(async move {
-            run_session(stream, peer, ctx, shutdown).await;
+            tokio::select! {
+                _ = run_session(stream, peer, ctx, shutdown) => {}
+                _ = abort.cancelled() => {}
+            }
             drop(permit);
         });
     }
+    drop(listener);
     tracker.close();
     tracker.wait().await;
 }

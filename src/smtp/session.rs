@@ -47,6 +47,9 @@ struct Accepted {
     address: String,
     target: String,
     reservation: u64,
+    /// When the reservation's lease ends at the latest (counted from before
+    /// the Reserve was sent, so never later than the replicated one).
+    lease_ends: Instant,
 }
 
 /// The transaction in progress (between MAIL and the end of DATA).
@@ -441,6 +444,8 @@ where
     /// decides it with replicated time.
     async fn permanently_refused(&mut self, id: &str) -> Result<Option<Refusal>, ()> {
         let local = |reader: &crate::raft::store::StateReader| match reader.alias(id) {
+            // A purged alias existed: mail to it is no guess.
+            Ok(None) if reader.was_purged(id).unwrap_or(false) => Some(Refusal::Expired),
             Ok(None) => Some(Refusal::Unknown),
             Ok(Some(rec)) if rec.revoked => Some(Refusal::Revoked),
             Ok(Some(rec)) if rec.used >= rec.max_usage => Some(Refusal::UsedUp),
@@ -495,6 +500,7 @@ where
             Err(()) => return self.tempfail(),
         }
         let reservation: u64 = rand::random();
+        let lease_ends = Instant::now() + Duration::from_millis(self.ctx.lease_ms);
         let cmd = Command::Reserve {
             id: id.clone(),
             lease_ms: self.ctx.lease_ms,
@@ -506,12 +512,14 @@ where
                 target,
             }) => {
                 self.count_rcpt(RcptResult::accepted);
+                self.ctx.settlements.hold(&id, reservation);
                 self.tx.started.get_or_insert_with(Instant::now);
                 self.tx.rcpts.push(Accepted {
                     alias_id: id,
                     address: format!("{local}@{domain}"),
                     target,
                     reservation,
+                    lease_ends,
                 });
                 self.reply(250, "2.1.5", "Recipient OK");
             }
@@ -525,9 +533,11 @@ where
                 // Its outcome is unknown: it may still be applied. Release it
                 // by id in the background (harmless if it never was), so a
                 // use is not held for a whole lease.
-                let node = self.ctx.node.clone();
+                let ctx = self.ctx.clone();
                 tokio::spawn(async move {
-                    let _ = node.write(Command::Release { id, reservation }).await;
+                    ctx.settlements
+                        .release(&ctx.node, &id, reservation, ctx.lease_ms)
+                        .await;
                 });
                 self.tempfail();
             }
@@ -745,31 +755,24 @@ where
     /// Commits or releases every reservation of the transaction, concurrently
     /// (each is its own Raft write; they share the leader's round trips).
     ///
-    /// A commit that fails leaves the lease to lapse and the use uncounted
-    /// (the window documented in docs/architecture.md); a release that fails
-    /// leaves the lease to lapse and the use returns then.
+    /// A commit that fails is retried in the background until its lease
+    /// ends (src/smtp/settle.rs); a release that fails leaves the lease to
+    /// lapse and the use returns then.
     async fn settle_all(&mut self, commit: bool) {
         let rcpts = std::mem::take(&mut self.tx.rcpts);
-        let node = &self.ctx.node;
-        let writes = rcpts.iter().map(|a| {
-            let cmd = if commit {
-                Command::Commit {
-                    id: a.alias_id.clone(),
-                    reservation: a.reservation,
-                }
+        let ctx = &self.ctx;
+        let writes = rcpts.iter().map(|a| async move {
+            if commit {
+                ctx.settlements
+                    .commit(&ctx.node, &a.alias_id, a.reservation, a.lease_ends)
+                    .await;
             } else {
-                Command::Release {
-                    id: a.alias_id.clone(),
-                    reservation: a.reservation,
-                }
-            };
-            async move { (a, node.write(cmd).await) }
-        });
-        for (a, result) in futures::future::join_all(writes).await {
-            if let Err(e) = result {
-                tracing::warn!(alias = %a.alias_id, commit, error = %e, "reservation not settled; its lease will lapse");
+                ctx.settlements
+                    .release(&ctx.node, &a.alias_id, a.reservation, ctx.lease_ms)
+                    .await;
             }
-        }
+        });
+        futures::future::join_all(writes).await;
     }
 }
 

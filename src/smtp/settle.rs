@@ -1,0 +1,130 @@
+//! Settling reservations: every use a session holds ends committed (the
+//! upstream accepted the message) or released, even when Raft is briefly
+//! unavailable or the node is shutting down.
+//!
+//! - A Commit that fails after the upstream accepted is retried in the
+//!   background (it is idempotent) until the reservation's lease would end:
+//!   if it lapsed uncounted, the use would come back and the alias could
+//!   forward one message more than its limit.
+//! - Reservations still held when shutdown gives up on a session are released
+//!   before Raft stops, instead of staying held for a whole lease.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use tokio_util::task::TaskTracker;
+
+use crate::raft::{Command, Node};
+
+/// One use held by a session of this node.
+#[derive(Debug, Clone)]
+struct Held {
+    alias_id: String,
+}
+
+/// Reservations held on this node and commits still being retried.
+#[derive(Default)]
+pub struct Settlements {
+    held: Mutex<HashMap<u64, Held>>,
+    retries: TaskTracker,
+}
+
+impl Settlements {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Held>> {
+        self.held.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A reservation was taken for a session of this node.
+    pub fn hold(&self, alias_id: &str, reservation: u64) {
+        self.lock().insert(
+            reservation,
+            Held {
+                alias_id: alias_id.to_string(),
+            },
+        );
+    }
+
+    /// Commits a reservation (the message is safe upstream). On failure the
+    /// commit is retried in the background until `lease_ends`.
+    pub async fn commit(&self, node: &Node, alias_id: &str, reservation: u64, lease_ends: Instant) {
+        // From here on the use is the commit's: shutdown must not release it.
+        self.lock().remove(&reservation);
+        let cmd = Command::Commit {
+            id: alias_id.to_string(),
+            reservation,
+        };
+        let Err(e) = node.write(cmd.clone()).await else {
+            return;
+        };
+        tracing::warn!(alias = %alias_id, error = %e, "commit failed; retrying in the background until the lease ends");
+        let node = node.clone();
+        let alias = alias_id.to_string();
+        self.retries.spawn(async move {
+            let mut pause = Duration::from_millis(100);
+            loop {
+                if Instant::now() + pause >= lease_ends {
+                    tracing::error!(
+                        alias = %alias,
+                        "commit not settled before the lease ended: this message is not counted"
+                    );
+                    return;
+                }
+                tokio::time::sleep(pause).await;
+                match node.write(cmd.clone()).await {
+                    Ok(_) => {
+                        tracing::info!(alias = %alias, "commit settled on retry");
+                        return;
+                    }
+                    Err(e) => tracing::debug!(alias = %alias, error = %e, "commit retry failed"),
+                }
+                pause = (pause * 2).min(Duration::from_secs(5));
+            }
+        });
+    }
+
+    /// Gives a held use back. A failed release leaves the lease to lapse.
+    pub async fn release(&self, node: &Node, alias_id: &str, reservation: u64, lease_ms: u64) {
+        self.lock().remove(&reservation);
+        let cmd = Command::Release {
+            id: alias_id.to_string(),
+            reservation,
+            lease_ms,
+        };
+        if let Err(e) = node.write(cmd).await {
+            tracing::warn!(alias = %alias_id, error = %e, "release failed; the use returns when its lease lapses");
+        }
+    }
+
+    /// For shutdown: waits (at most `limit`) for commits being retried, then
+    /// releases every use still held by sessions that did not finish.
+    pub async fn drain(&self, node: &Node, lease_ms: u64, limit: Duration) {
+        self.retries.close();
+        if tokio::time::timeout(limit, self.retries.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!("commits still being retried at shutdown; their leases will lapse");
+        }
+        let held: Vec<(u64, Held)> = self.lock().drain().collect();
+        if held.is_empty() {
+            return;
+        }
+        tracing::info!(
+            count = held.len(),
+            "releasing uses held by unfinished sessions"
+        );
+        let releases = held.iter().map(|(reservation, h)| {
+            node.write(Command::Release {
+                id: h.alias_id.clone(),
+                reservation: *reservation,
+                lease_ms,
+            })
+        });
+        let _ = tokio::time::timeout(limit, futures::future::join_all(releases)).await;
+    }
+}
