@@ -51,7 +51,7 @@ from lab import (
     wait_until,
 )
 
-FAULT_SECS = 8.0  # how long a partition lasts
+FAULT_SECS = 10.0  # how long a partition lasts (the minority must settle on refusing within it)
 DOWN_SECS = 4.0  # how long a killed node stays down
 AFTER_SECS = 2.0  # load kept running after the heal
 RESUME_BOUND = 15.0  # sanity bound: writes through a majority node resume within this
