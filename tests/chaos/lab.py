@@ -177,6 +177,8 @@ class Netns:
             pass
         if self.created:
             for pid in self.pids():
+                if pid == os.getpid():
+                    continue  # never this process, even if leaving failed
                 try:
                     os.kill(pid, 9)
                 except OSError:
