@@ -168,7 +168,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--binary", help="tempalias binary (default: $TEMPALIAS_BIN, target/release, target/debug)")
     p.add_argument("--reps", type=int, default=20, help="repetitions per fault (default: %(default)s)")
-    p.add_argument("--fault-secs", type=float, default=5.0, help="how long each partition lasts (default: %(default)s)")
+    p.add_argument("--fault-secs", type=float, default=8.0, help="how long each partition lasts (default: %(default)s)")
     p.add_argument("--idle-minutes", type=float, default=10.0, help="idle watch; 0 skips it (default: %(default)s)")
     p.add_argument("--only", default="kill,term,a,b,c,d", help="figures to measure, comma-separated (default: %(default)s)")
     p.add_argument("--keep", action="store_true", help="keep the lab directory")
