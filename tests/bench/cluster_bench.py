@@ -153,7 +153,8 @@ def throughput(addrs, clients: int, duration: float, warmup: float = 1.0, proces
 
 
 class Prober:
-    """Clients writing continuously to the given nodes; records (start, end, status)."""
+    """Clients writing continuously to the given nodes; records
+    (start, end, status, node id)."""
 
     def __init__(self, nodes, per_node: int = 2):
         self.nodes = nodes
@@ -179,7 +180,7 @@ class Prober:
                 conn = None
             t1 = time.monotonic()
             with self.lock:
-                self.records.append((t0, t1, status))
+                self.records.append((t0, t1, status, nd.id))
             if status != 201:
                 self.stop_event.wait(0.01)
         if conn is not None:
@@ -192,7 +193,7 @@ class Prober:
 
     def first_commit_after(self, t: float):
         with self.lock:
-            ends = [e for (s, e, st) in self.records if st == 201 and s >= t]
+            ends = [e for (s, e, st, _n) in self.records if st == 201 and s >= t]
         return min(ends) if ends else None
 
     def stop(self):
@@ -201,32 +202,48 @@ class Prober:
             t.join(40)
 
 
-def failover_gap(cluster: LocalCluster, sig: int) -> tuple[float, float]:
-    """Stops the leader with `sig` while clients write through the other nodes.
+def stop_leader(cluster: LocalCluster, sig: int, load_all: bool = False) -> dict:
+    """Stops the leader with `sig` while clients write through the other nodes
+    (`load_all`: through every node, the stopped one included), then starts
+    it again and waits until the cluster is ready.
 
-    Returns (first, stall): seconds from the signal to the first commit of a
-    create sent after it, and the longest stretch without any commit from the
-    signal until the new leader has served 20 creates (for a graceful stop the
-    old leader may go on committing for a while and stall later)."""
+    Returns {"first", "stall", "errors", "errors_stopped", "old", "new"}:
+    seconds from the signal to the first commit of a create sent after it;
+    the longest stretch without any commit from the signal until the new
+    leader has served 20 creates (for a graceful stop the old leader may go
+    on committing for a while and stall later); non-201 answers through the
+    other nodes after the signal; through the stopped node, requests in
+    flight at the signal that got no 201 and HTTP error answers after it (a
+    refused connection once its listener is closed is not counted: a client
+    moves on to another address); the old and the new leader."""
     leader = cluster.wait_leader(timeout=30)
     others = [nd for nd in cluster if nd.id != leader]
-    prober = Prober(others).start()
+    prober = Prober(list(cluster) if load_all else others).start()
     try:
         wait_until(lambda: prober.first_commit_after(0) is not None, 30, "probes to commit before the stop")
         t = time.monotonic()
         cluster.kill(leader, sig, wait=False)
         first = wait_until(lambda: prober.first_commit_after(t), 60, "a commit after the stop", interval=0.005)
         cluster.node(leader).wait_exit(60)
-        cluster.wait_leader(among=[nd.id for nd in others], timeout=60)
+        new = cluster.wait_leader(among=[nd.id for nd in others], timeout=60)
         t_led = time.monotonic()
-        wait_until(lambda: sum(1 for (s, e, st) in list(prober.records) if st == 201 and s >= t_led) >= 20, 60, "commits under the new leader")
+        wait_until(lambda: sum(1 for (s, e, st, _n) in list(prober.records) if st == 201 and s >= t_led) >= 20, 60, "commits under the new leader")
     finally:
         prober.stop()
-    ends = sorted([t] + [e for (s, e, st) in prober.records if st == 201 and e >= t])
+    recs = [r for r in prober.records if r[1] >= t]
+    ends = sorted([t] + [e for (s, e, st, _n) in recs if st == 201])
     stall = max(b - a for a, b in zip(ends, ends[1:]))
+    errors = sum(1 for (s, e, st, n) in recs if st != 201 and n != leader)
+    errors_stopped = sum(1 for (s, e, st, n) in recs if n == leader and st != 201 and (s < t or st != 0))
     cluster.start_node(leader, wait=False)
     cluster.wait_ready(timeout=60)
-    return first - t, stall
+    return {"first": first - t, "stall": stall, "errors": errors, "errors_stopped": errors_stopped, "old": leader, "new": new}
+
+
+def failover_gap(cluster: LocalCluster, sig: int) -> tuple[float, float]:
+    """(first, stall) of `stop_leader` with clients on the other nodes."""
+    r = stop_leader(cluster, sig)
+    return r["first"], r["stall"]
 
 
 # --------------------------------------------------------------------------- main
