@@ -723,7 +723,10 @@ impl Config {
                 "a multi-node cluster needs cluster.secret or cluster.secret_file",
             );
         }
-        for nets in [self.maintenance.allow_nets(), self.http.trusted_proxy_nets()] {
+        for nets in [
+            self.maintenance.allow_nets(),
+            self.http.trusted_proxy_nets(),
+        ] {
             if let Err(ConfigError::Invalid { key, message }) = nets {
                 out.push(&key, message);
             }

@@ -5,10 +5,10 @@ mod aliases;
 mod barrier;
 mod client_ip;
 mod error;
-mod page;
 mod idempotency;
 pub mod listener;
 mod maintenance;
+mod page;
 mod ratelimit;
 mod readiness;
 

@@ -74,6 +74,8 @@ struct State {
     contact: Option<(NodeId, Instant)>,
     peers: HashMap<NodeId, PeerSeen>,
     last_trigger: Option<Instant>,
+    /// Since when a quorum has reported no live leader (the gate is open).
+    gate_open_since: Option<Instant>,
     /// The term this node leads in and since when (noted at most one
     /// heartbeat late, so never earlier than openraft's own record).
     leading: Option<(u64, Instant)>,
@@ -289,7 +291,12 @@ impl Liveness {
                 }
             }
         }
-        let elections_allowed = leaderless.len() >= quorum(voters.len());
+        let gate_open = leaderless.len() >= quorum(voters.len());
+        if !gate_open {
+            st.gate_open_since = None;
+        } else if st.gate_open_since.is_none() {
+            st.gate_open_since = Some(now);
+        }
         let leader_gone = match m.current_leader {
             None => true,
             Some(l) => l != self.id && !Self::reachable_in(&st, l),
@@ -300,6 +307,12 @@ impl Liveness {
             .iter()
             .max_by(|a, b| a.1.cmp(&b.1).then(b.0.cmp(&a.0)))
             .map(|(id, _)| *id);
+        // The others give it one lease of head start before their own timers
+        // may fire, so that two campaigns do not split the vote.
+        let head_start_over = st
+            .gate_open_since
+            .is_some_and(|t| now.duration_since(t) >= self.timing.lease);
+        let elections_allowed = gate_open && (best == Some(self.id) || head_start_over);
         let recently = st
             .last_trigger
             .is_some_and(|t| now.duration_since(t) < self.timing.lease);
@@ -424,11 +437,16 @@ mod tests {
         l3.record_probe(2, Some(&report(false, 11)));
         let v2 = l2.evaluate(&m2);
         let v3 = l3.evaluate(&m3);
-        assert!(v2.elections_allowed && v3.elections_allowed);
         assert!(v2.campaign_now, "node 2 has the longer log");
+        assert!(v2.elections_allowed);
         assert!(!v3.campaign_now, "node 3 leaves it to node 2");
+        assert!(!v3.elections_allowed, "and gives it a head start");
         // Not again within the lease.
         assert!(!l2.evaluate(&m2).campaign_now);
+        // Should node 2 fail to win, node 3's own timer may run a lease later.
+        tokio::time::advance(TIMING.lease).await;
+        l3.record_probe(2, Some(&report(false, 11)));
+        assert!(l3.evaluate(&m3).elections_allowed);
         // Both can still expect their writes to succeed (an election will).
         assert!(l2.can_write(&m2) && l3.can_write(&m3));
     }

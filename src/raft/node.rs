@@ -285,7 +285,32 @@ impl Node {
             now_ms: self.clock.now_ms(),
             cmd,
         };
-        match tokio::time::timeout(limit, self.raft.client_write(req)).await {
+        // A write pending when this leader loses its quorum (a partition that
+        // began after it was proposed) cannot commit here: answer as soon as
+        // the metrics show it, not when `limit` runs out.
+        let liveness = self.liveness.clone();
+        let raft = self.raft.clone();
+        let quorum_lost = async move {
+            let lost = raft
+                .wait(Some(limit))
+                .metrics(
+                    move |m| m.state == ServerState::Leader && !liveness.leader_has_quorum(m),
+                    "quorum lost",
+                )
+                .await;
+            if lost.is_err() {
+                std::future::pending::<()>().await;
+            }
+        };
+        let written = tokio::select! {
+            w = tokio::time::timeout(limit, self.raft.client_write(req)) => w,
+            _ = quorum_lost => {
+                return ForwardResponse::Failed {
+                    message: "the leader lost its quorum while the write was pending".into(),
+                };
+            }
+        };
+        match written {
             Err(_) => ForwardResponse::Failed {
                 message: format!("not committed within {limit:?}"),
             },
