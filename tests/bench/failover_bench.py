@@ -54,7 +54,7 @@ from launch import find_binary, wait_until  # noqa: E402
 
 # Default settings, as an operator would run them; quiet logs, and room for
 # the many aliases the clients create.
-NODE_CONFIG = {"log": {"level": "warn"}, "smtp": {"failed_rcpt_delay_ms": 0}}
+NODE_CONFIG = {"log": {"level": "warn"}, "smtp": {"failed_rcpt_delay_ms": 0}, "ratelimit": {"enabled": False}}
 
 
 def pct(xs, q: float) -> float:

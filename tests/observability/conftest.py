@@ -27,6 +27,7 @@ from promkit import Alertmanager, Prometheus, find_tool  # noqa: E402
 BASE_CONFIG = {
     "smtp": {"failed_rcpt_delay_ms": 0, "max_failed_rcpts": 100, "idle_timeout_secs": 60},
     "limits": {"max_usage": 10000},
+    "ratelimit": {"enabled": False},
     "log": {"level": "info,openraft=warn"},
 }
 
