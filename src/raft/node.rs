@@ -375,19 +375,33 @@ impl Node {
                 Some(l) if l == self.id => {
                     self.write_as_leader_within(cmd.clone(), remaining).await
                 }
+                // A leader this node's probes cannot reach would only hold
+                // the write until the attempt times out: wait for the next.
+                Some(l) if !self.liveness.reachable(l) => {
+                    last_problem = format!("leader {l} unreachable");
+                    ForwardResponse::NotLeader { leader: None }
+                }
                 Some(l) => match self.addr_of(l) {
                     None => ForwardResponse::NotLeader { leader: None },
                     Some(addr) => {
                         self.metrics.raft_forwarded_writes.inc();
-                        match self
-                            .peers
-                            .forward(
-                                &addr,
-                                &ForwardRequest { cmd: cmd.clone() },
-                                remaining.min(FORWARD_ATTEMPT),
-                            )
-                            .await
-                        {
+                        let request = ForwardRequest { cmd: cmd.clone() };
+                        let forward =
+                            self.peers
+                                .forward(&addr, &request, remaining.min(FORWARD_ATTEMPT));
+                        // A new leader elected while the forward hangs (the
+                        // old one was cut off) takes the write at once; the
+                        // abandoned forward's outcome is unknown, and every
+                        // command may be repeated.
+                        let moved = self.leader_changed(leader, remaining);
+                        let forwarded = tokio::select! {
+                            r = forward => r,
+                            () = moved => Err(RpcError::Unreachable {
+                                addr: addr.clone(),
+                                message: "a new leader was elected meanwhile".into(),
+                            }),
+                        };
+                        match forwarded {
                             Ok(r) => r,
                             Err(
                                 e
@@ -431,6 +445,22 @@ impl Node {
                     backoff = (backoff * 2).min(Duration::from_millis(40));
                 }
             }
+        }
+    }
+
+    /// Resolves when openraft's metrics name a leader other than `from`
+    /// (within `limit`; never otherwise).
+    async fn leader_changed(&self, from: Option<NodeId>, limit: Duration) {
+        let changed = self
+            .raft
+            .wait(Some(limit))
+            .metrics(
+                |m| m.current_leader.is_some() && m.current_leader != from,
+                "leader change",
+            )
+            .await;
+        if changed.is_err() {
+            std::future::pending::<()>().await;
         }
     }
 
