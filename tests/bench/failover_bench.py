@@ -114,6 +114,11 @@ class Bench:
                 fw.cut_inbound(ip(victim), self.lab.others(victim))
             elif kind in ("b", "c"):
                 fw.isolate(ip(victim), self.lab.others(victim))
+            # Installing the rules takes a few iptables calls: writes that
+            # started before the last rule was in place may still get
+            # through, so "resumed" counts from the moment the fault is whole
+            # (the minority's answers count from before the first rule).
+            t_cut = time.monotonic() if kind != "d" else t
             if probe:
                 probe.start()
             if kind == "d":
@@ -126,8 +131,8 @@ class Bench:
             prober.stop()
             if probe:
                 probe.stop()
-        resumed = {n: prober.first_commit_after(t, n) for n in majority}
-        out = {"resume": max((r - t) if r else float("inf") for r in resumed.values())}
+        resumed = {n: prober.first_commit_after(t_cut, n) for n in majority}
+        out = {"resume": max((r - t_cut) if r else float("inf") for r in resumed.values())}
         if probe:
             ps = probe.snapshot()
             for k in ("readyz", "create", "rcpt"):
