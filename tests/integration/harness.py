@@ -193,6 +193,17 @@ class Node:
         self.stdout_path = self.dir / "stdout.log"
         self.stderr_path = self.dir / "stderr.log"
         self.config_path = self.dir / "tempalias.toml"
+        self._relay, self._smarthosts, self._overrides = relay, smarthosts, config
+        self.proc: subprocess.Popen | None = None
+        self.starts = 0
+        self.ever_ready = False
+        self._assign_ports()
+
+    def _assign_ports(self):
+        """Picks free ports and writes the configuration. A port found free
+        can be taken by another socket before the node binds it, so a first
+        start that fails with "Address already in use" picks again."""
+        relay, smarthosts, config = self._relay, self._smarthosts, self._overrides
         self.http_port = free_port()
         self.smtp_port = free_port()
         self.cluster_port = free_port()
@@ -225,8 +236,6 @@ class Node:
         }
         self.config = deep_merge(base_config, config or {})
         self.config_path.write_text(toml_dumps(self.config))
-        self.proc: subprocess.Popen | None = None
-        self.starts = 0
 
     # ---- lifecycle
 
@@ -238,6 +247,23 @@ class Node:
         return clean_env({"TEMPALIAS_TEST_CLOCK_OFFSET_FILE": str(self.clock_file), "NO_COLOR": "1"})
 
     def start(self, wait: bool = True) -> "Node":
+        for attempt in range(3):
+            self._spawn()
+            if not wait:
+                return self
+            try:
+                self.wait_ready()
+            except AssertionError:
+                lost_a_port = "Address already in use" in self.stderr_path.read_text(errors="replace").split("===== start #")[-1]
+                if self.ever_ready or not lost_a_port or attempt == 2:
+                    raise
+                self._assign_ports()
+                continue
+            self.ever_ready = True
+            return self
+        return self
+
+    def _spawn(self):
         assert self.proc is None or self.proc.poll() is not None, "already running"
         self.starts += 1
         with open(self.stdout_path, "ab") as out, open(self.stderr_path, "ab") as err:
@@ -254,9 +280,6 @@ class Node:
                 env=self.env(),
                 cwd=self.dir,
             )
-        if wait:
-            self.wait_ready()
-        return self
 
     def wait_ready(self, timeout: float = READY_TIMEOUT):
         def ready():
