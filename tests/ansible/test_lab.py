@@ -106,7 +106,8 @@ class LoadReport:
 class Load:
     """Mail to one alias round-robin over the hosts, retrying 4xx and lost
     connections at the next host as an MTA would (bounded per message), and
-    alias creation round-robin, moving to the next host when one does not answer."""
+    alias creation round-robin, moving to the next host when one does not answer
+    or is drained for maintenance."""
 
     def __init__(self, ips: list[str], alias: dict, mailers: int = 2, creators: int = 1, give_up_after: float = 120):
         self.ips = ips
@@ -151,6 +152,10 @@ class Load:
             with self.lock:
                 if status == 201:
                     self.report.created.append((time.monotonic(), body))
+                elif status == 503 and isinstance(body, dict) and body.get("error") == "maintenance":
+                    # A drained node sends API clients elsewhere, as a load
+                    # balancer would (it also answers /readyz 503): move on.
+                    self.report.http_other["503 maintenance"] += 1
                 elif status >= 500:
                     self.report.http_5xx.append((ip, status, body))
                 else:
