@@ -109,9 +109,22 @@ def test_smarthost_refusing_everything_fires_forward_failure_alert(cluster, prom
     assert not prometheus.firing("TempaliasUpstreamTempfails")
     alias = create_ok(cluster.node(1), max_usage=100)
     nd3 = cluster.node(3)
-    for _ in range(12):
+
+    def deferred():
         r = send(nd3, alias["alias"])
         assert r.stage == "data" and r.code == 451, str(r)
+
+    # Counter series appear at their first increment: let Prometheus see the
+    # tempfail series once before the rest, or a burst inside one scrape
+    # interval is a series that starts at 12 and never shows an increase.
+    deferred()
+    wait_until(
+        lambda: prometheus.query('tempalias_smtp_messages_total{result="tempfail"}'),
+        ALERT_WAIT,
+        "Prometheus to scrape the tempfail series",
+    )
+    for _ in range(11):
+        deferred()
     alerts = wait_until(lambda: prometheus.firing("TempaliasUpstreamTempfails"), ALERT_WAIT, "TempaliasUpstreamTempfails firing")
     assert alerts[0]["labels"]["severity"] == "warning"
     wait_until(lambda: [a for a in alertmanager.alerts() if a["labels"]["alertname"] == "TempaliasUpstreamTempfails"],
