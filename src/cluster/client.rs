@@ -127,6 +127,15 @@ impl Peers {
         }
     }
 
+    /// The source address for a connection to `addr`: this node's own, when
+    /// the peer is an address of the same family (a name, or the other
+    /// family, is left to the kernel, which would refuse such a binding).
+    fn local_for(&self, addr: &str) -> Option<IpAddr> {
+        let local = self.inner.local?;
+        let peer: std::net::SocketAddr = addr.parse().ok()?;
+        (peer.is_ipv4() == local.is_ipv4()).then_some(local)
+    }
+
     /// The default per-call timeout.
     pub fn timeout(&self) -> Duration {
         self.inner.timeout
@@ -149,12 +158,13 @@ impl Peers {
                         })?
                         .connect_timeout(self.inner.timeout.min(Duration::from_secs(1)))
                         .tcp_nodelay(true)
-                        .local_address(self.inner.local)
+                        .local_address(self.local_for(addr))
                         // A connection whose peer vanished without a reset (a
-                        // partition, a dead host) is noticed within ~2 s and
-                        // replaced, instead of stalling every call on it.
+                        // partition, a dead host) is noticed within ~4 s and
+                        // replaced, instead of stalling every call on it; a
+                        // busy link gets 3 s to answer a ping.
                         .http2_keep_alive_interval(Duration::from_secs(1))
-                        .keep_alive_timeout(Duration::from_secs(1))
+                        .keep_alive_timeout(Duration::from_secs(3))
                         .keep_alive_while_idle(true);
                     let c = endpoint.connect_lazy();
                     channels.insert(addr.to_string(), c.clone());

@@ -34,8 +34,10 @@ use tokio::time::Instant;
 use super::types::NodeId;
 use crate::cluster::messages::StatusReport;
 
-/// Consecutive failed probes after which a peer counts as unreachable.
-const FAILED_PROBES: u32 = 2;
+/// Consecutive failed probes after which a peer counts as unreachable. A
+/// dead process refuses connections, so three probes take a quarter of a
+/// second; a busy but live peer must miss three deadlines in a row.
+const FAILED_PROBES: u32 = 3;
 
 /// Extra time beyond the leader lease before this node says "no live
 /// leader", so openraft's own lease (measured from the same heartbeat a few
@@ -212,7 +214,9 @@ impl Liveness {
     /// its `AppendEntries` are then refused, so that this node stops following
     /// a leader it cannot forward writes to.
     pub fn refuse_leader(&self, from: NodeId, m: &RaftMetrics<NodeId, BasicNode>) -> bool {
-        m.state != ServerState::Leader
+        // A learner has no vote to give anyone: refusing would only keep it
+        // from catching up.
+        m.state == ServerState::Follower
             && m.current_leader == Some(from)
             && from != self.id
             && !self.reachable(from)
@@ -239,6 +243,18 @@ impl Liveness {
         if let Some(l) = m.current_leader {
             if l == self.id || Self::reachable_in(&st, l) {
                 return true;
+            }
+            // The leader is out of reach from here only: a peer still hears
+            // it, so no election is coming to rescue this node's writes.
+            let fresh = self.alive_window();
+            let others_hear_it = st.peers.iter().any(|(id, p)| {
+                p.failures < FAILED_PROBES
+                    && voters.contains(id)
+                    && p.report
+                        .is_some_and(|r| r.leader_alive && r.at.elapsed() <= fresh)
+            });
+            if others_hear_it {
+                return false;
             }
         }
         self.reachable_voters(&st, &voters) >= quorum(voters.len())
@@ -498,6 +514,24 @@ mod tests {
         l3.record_contact(1);
         l3.record_probe(2, Some(&report(false, 10)));
         assert!(!l3.evaluate(&m3).elections_allowed);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_follower_alone_in_not_reaching_the_leader_fails_fast() {
+        let l = Liveness::new(2, TIMING);
+        let m = metrics(2, ServerState::Follower, Some(1));
+        fail(&l, 1);
+        // Node 3 still hears the leader: no election will come, so writes
+        // taken here cannot succeed and must not wait out their deadline.
+        l.record_probe(3, Some(&report(true, 10)));
+        assert!(!l.can_write(&m));
+        // Once node 3 hears no leader either, an election is coming: wait.
+        l.record_probe(3, Some(&report(false, 10)));
+        assert!(l.can_write(&m));
+        // A learner never refuses its leader's log.
+        let mut learner = metrics(2, ServerState::Learner, Some(1));
+        learner.state = ServerState::Learner;
+        assert!(!l.refuse_leader(1, &learner));
     }
 
     #[tokio::test(start_paused = true)]

@@ -331,13 +331,12 @@ impl Node {
     /// Commits `cmd` through Raft, on the leader wherever it is, and returns
     /// the state machine's answer.
     ///
-    /// A write is retried only when it was most likely not proposed: no leader
-    /// known, the receiver was not the leader, or the leader was unreachable
-    /// (gRPC `UNAVAILABLE`, which tonic also reports for a connection reset
-    /// after sending, so this is not a certainty); idempotent commands (commit,
-    /// release, revoke, purge) are also retried after any unknown outcome. A
-    /// command applied twice changes nothing by design: a repeated Reserve
-    /// finds its reservation id, a repeated Create its id and token digest.
+    /// A write is retried within `write_timeout_ms` whenever it may not have
+    /// taken effect: no leader known, the receiver was not the leader, the
+    /// leader was unreachable, or the forward's outcome is unknown (a timeout,
+    /// a reset after sending). Every command is idempotent ([`is_idempotent`]):
+    /// a repeated Reserve finds its reservation id, a repeated Create its id
+    /// and token digest. On a minority side it fails at once instead.
     ///
     /// # Errors
     /// [`WriteError`] when no leader could commit the write in time.
@@ -410,15 +409,13 @@ impl Node {
                                 return Err(WriteError::Unavailable(e.to_string()));
                             }
                             // Not seen, or seen with an unknown outcome: both
-                            // are safe to repeat (every command is idempotent),
-                            // on this leader or on the next one.
-                            Err(e) if is_idempotent(&cmd) => {
+                            // are safe to repeat on this leader or the next
+                            // one, as every command is idempotent.
+                            Err(e) => {
+                                debug_assert!(is_idempotent(&cmd));
                                 last_problem = e.to_string();
                                 ForwardResponse::NotLeader { leader: None }
                             }
-                            Err(e) => ForwardResponse::Failed {
-                                message: e.to_string(),
-                            },
                         }
                     }
                 },
@@ -697,6 +694,7 @@ impl Node {
         };
         let give_up = Instant::now() + lease * 2;
         let mut target: Option<NodeId> = None;
+        let mut last_rescue: Option<Instant> = None;
         while Instant::now() < give_up {
             let m = self.metrics_now();
             if moved(&m) {
@@ -705,8 +703,13 @@ impl Node {
             if m.state != ServerState::Leader {
                 // Leadership was lost without a successor (a vote request
                 // that failed still raised the term here): ask the member
-                // with the longest log to campaign.
-                self.elect_longest_log(&others).await;
+                // with the longest log to campaign, at most once a lease
+                // (with five voters the others' leases may still run, and
+                // each campaign raises the term).
+                if last_rescue.is_none_or(|t: Instant| t.elapsed() >= lease) {
+                    last_rescue = Some(Instant::now());
+                    self.elect_longest_log(&others).await;
+                }
                 let _ = self
                     .raft
                     .wait(Some(self.election_timeout / 2))
