@@ -66,6 +66,8 @@ struct Report {
 #[derive(Debug, Default)]
 struct PeerSeen {
     failures: u32,
+    /// When the current run of failed probes began.
+    failing_since: Option<Instant>,
     report: Option<Report>,
 }
 
@@ -146,13 +148,17 @@ impl Liveness {
         match outcome {
             Some(r) => {
                 seen.failures = 0;
+                seen.failing_since = None;
                 seen.report = Some(Report {
                     at: now,
                     leader_alive: r.leader_alive,
                     last_log: (r.last_log_term.unwrap_or(0), r.last_log_index.unwrap_or(0)),
                 });
             }
-            None => seen.failures = seen.failures.saturating_add(1),
+            None => {
+                seen.failures = seen.failures.saturating_add(1);
+                seen.failing_since.get_or_insert(now);
+            }
         }
     }
 
@@ -245,13 +251,20 @@ impl Liveness {
                 return true;
             }
             // The leader is out of reach from here only: a peer still hears
-            // it, so no election is coming to rescue this node's writes.
+            // it, so no election is coming to rescue this node's writes. Only
+            // a report taken a full lease after this node lost the leader
+            // says so: until then a peer of a leader that crashed still
+            // reports the contact it had before the crash.
             let fresh = self.alive_window();
-            let others_hear_it = st.peers.iter().any(|(id, p)| {
-                p.failures < FAILED_PROBES
-                    && voters.contains(id)
-                    && p.report
-                        .is_some_and(|r| r.leader_alive && r.at.elapsed() <= fresh)
+            let lost_since = st.peers.get(&l).and_then(|p| p.failing_since);
+            let others_hear_it = lost_since.is_some_and(|lost| {
+                st.peers.iter().any(|(id, p)| {
+                    p.failures < FAILED_PROBES
+                        && voters.contains(id)
+                        && p.report.is_some_and(|r| {
+                            r.leader_alive && r.at.elapsed() <= fresh && r.at >= lost + fresh
+                        })
+                })
             });
             if others_hear_it {
                 return false;
@@ -521,8 +534,16 @@ mod tests {
         let l = Liveness::new(2, TIMING);
         let m = metrics(2, ServerState::Follower, Some(1));
         fail(&l, 1);
-        // Node 3 still hears the leader: no election will come, so writes
-        // taken here cannot succeed and must not wait out their deadline.
+        // Right after the leader went out of reach, node 3 still reporting
+        // it alive proves nothing (a crashed leader looks the same for a
+        // lease): keep waiting for the election.
+        l.record_probe(3, Some(&report(true, 10)));
+        assert!(l.can_write(&m));
+        // A lease later node 3 still hears it: no election will come, so
+        // writes taken here cannot succeed and must not wait out their
+        // deadline.
+        tokio::time::advance(TIMING.lease + LEASE_MARGIN).await;
+        l.record_probe(1, None);
         l.record_probe(3, Some(&report(true, 10)));
         assert!(!l.can_write(&m));
         // Once node 3 hears no leader either, an election is coming: wait.
