@@ -361,6 +361,8 @@ def main(argv=None) -> int:
     if graceful:
         rows += [("SIGTERM leader -> next committed write", graceful), ("SIGTERM leader: longest stretch w/o commit", term_stalls)]
     for label, xs in rows:
+        if not xs:  # --kills 0 / --no-graceful
+            continue
         print(f"| {label:<44} | {statistics.median(xs):>6.2f} s | {min(xs):>6.2f} s | {max(xs):>6.2f} s |")
     print()
     print("per-run creations/s:")
