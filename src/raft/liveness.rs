@@ -303,8 +303,10 @@ impl Liveness {
         let now = Instant::now();
         let mut st = self.lock();
         let fresh = self.alive_window();
-        let mine = (m.vote.leader_id().get_term(), m.last_log_index.unwrap_or(0));
-        let mine = (last_log_term(m).unwrap_or(mine.0), mine.1);
+        let mine = (
+            last_log_term(m).unwrap_or(m.vote.leader_id().get_term()),
+            m.last_log_index.unwrap_or(0),
+        );
         // Voters that report no live leader, with their last log ids.
         let mut leaderless: Vec<(NodeId, (u64, u64))> = Vec::new();
         if !alive_here {
@@ -360,8 +362,9 @@ impl Liveness {
     }
 }
 
-/// The term of this node's last log entry, if the metrics tell it.
-fn last_log_term(m: &RaftMetrics<NodeId, BasicNode>) -> Option<u64> {
+/// The term of this node's last log entry, if the metrics tell it (also what
+/// `Status` reports, so every node compares logs the same way).
+pub fn last_log_term(m: &RaftMetrics<NodeId, BasicNode>) -> Option<u64> {
     // openraft 0.9 metrics carry the last log index only; the last applied
     // id is the best cheap proxy for the term (an unapplied tail is short).
     m.last_applied.map(|l| l.leader_id.term)

@@ -570,7 +570,7 @@ impl Node {
             millis_since_quorum_ack: m.millis_since_quorum_ack,
             now_ms: self.clock.now_ms(),
             leader_alive: self.liveness.leader_alive(&m),
-            last_log_term: m.last_applied.map(|l| l.leader_id.term),
+            last_log_term: super::liveness::last_log_term(&m),
         };
         report
     }
