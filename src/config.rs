@@ -16,8 +16,10 @@ use serde::{Deserialize, Serialize};
 pub const ENV_PREFIX: &str = "TEMPALIAS_";
 
 mod diagnose;
+mod smarthost;
 
 pub use diagnose::{env_var, Origin, Problem};
+pub use smarthost::{SmarthostUrl, TlsMode};
 
 /// Why a configuration could not be used.
 #[derive(Debug, thiserror::Error)]
@@ -270,6 +272,8 @@ pub enum RelayMode {
     Capture,
     /// Hand each message to the first smarthost that answers.
     Smarthost,
+    /// Deliver directly to the MX hosts of each target's domain.
+    Mx,
 }
 
 /// Outbound delivery settings.
@@ -278,10 +282,44 @@ pub enum RelayMode {
 pub struct RelayConfig {
     pub mode: RelayMode,
     pub capture_dir: PathBuf,
-    /// `smtp://host:port` URLs, tried in order; STARTTLS is used when offered.
-    pub smarthosts: Vec<String>,
+    /// Smarthost URLs, tried in order (see [`SmarthostUrl`]); parsed here so a
+    /// bad one is reported with its file line.
+    pub smarthosts: Vec<SmarthostUrl>,
     /// Upper bound on one upstream attempt (connect to final reply).
     pub timeout_secs: u64,
+    /// Upper bound on all attempts for one message together, failover and
+    /// backoff included. Below the 10 minutes a sender waits for the reply to
+    /// its end of data (RFC 5321 4.5.3.2.6), so it hears `451` from us
+    /// instead of timing out and retrying while we may still deliver.
+    pub delivery_timeout_secs: u64,
+    /// Attempts per message over all smarthosts (a skipped smarthost with an
+    /// open circuit breaker is not an attempt).
+    pub max_attempts: u32,
+    /// Backoff between rounds over the smarthost list: a random pause in
+    /// [0, min(backoff_max_ms, backoff_base_ms * 2^round)] (full jitter).
+    pub backoff_base_ms: u64,
+    pub backoff_max_ms: u64,
+    /// Consecutive failed attempts after which a smarthost's circuit breaker
+    /// opens and messages skip it.
+    pub breaker_failures: u32,
+    /// How long an open breaker stays open before one probe message may try
+    /// the smarthost again.
+    pub breaker_cooldown_secs: u64,
+    /// PEM file of extra CA certificates trusted for smarthost certificates
+    /// (a private CA); the public web roots stay trusted too.
+    pub ca_file: Option<PathBuf>,
+    /// AUTH password for smarthost URLs that name a user; prefer
+    /// `password_file` (or `TEMPALIAS_RELAY_PASSWORD`) to keep it out of files.
+    pub password: Option<Secret>,
+    /// File holding the AUTH password (first line, surrounding blanks trimmed).
+    pub password_file: Option<PathBuf>,
+    /// DNS servers (`IP` or `IP:port`) for `mode = "mx"`; empty uses the
+    /// system's resolv.conf. Set it to a local validating resolver, or to a
+    /// test zone's server.
+    pub dns_servers: Vec<String>,
+    /// TCP port of MX hosts (25 everywhere on the Internet; other values are
+    /// for labs and port-redirecting gateways).
+    pub mx_port: u16,
     /// How long a reserved use stays held if the node holding it dies; must exceed
     /// the longest a transaction can take between RCPT and the upstream reply.
     pub reservation_lease_secs: u64,
@@ -292,10 +330,164 @@ impl Default for RelayConfig {
         Self {
             mode: RelayMode::Capture,
             capture_dir: PathBuf::from("./tempalias-data/outbox"),
-            smarthosts: vec!["smtp://127.0.0.1:2526".to_string()],
+            smarthosts: vec![SmarthostUrl {
+                tls: TlsMode::Opportunistic,
+                user: None,
+                host: "127.0.0.1".to_string(),
+                port: 2526,
+            }],
             timeout_secs: 60,
+            delivery_timeout_secs: 300,
+            max_attempts: 4,
+            backoff_base_ms: 200,
+            backoff_max_ms: 5000,
+            breaker_failures: 5,
+            breaker_cooldown_secs: 30,
+            ca_file: None,
+            password: None,
+            password_file: None,
+            dns_servers: Vec::new(),
+            mx_port: 25,
             reservation_lease_secs: 2400,
         }
+    }
+}
+
+impl RelayConfig {
+    /// The AUTH password, if one is configured.
+    ///
+    /// # Errors
+    /// [`ConfigError::Invalid`] when `password_file` cannot be read.
+    pub fn smarthost_password(&self) -> Result<Option<Secret>, ConfigError> {
+        if let Some(p) = &self.password {
+            return Ok(Some(p.clone()));
+        }
+        match &self.password_file {
+            Some(path) => read_secret_file(path)
+                .map(Some)
+                .map_err(|e| invalid("relay.password_file", e)),
+            None => Ok(None),
+        }
+    }
+
+    /// The `dns_servers` as socket addresses (port 53 when not given).
+    ///
+    /// # Errors
+    /// [`ConfigError::Invalid`] naming the first entry that is not an address.
+    pub fn dns_server_addrs(&self) -> Result<Vec<SocketAddr>, ConfigError> {
+        self.dns_servers
+            .iter()
+            .map(|s| {
+                s.parse::<SocketAddr>()
+                    .or_else(|_| {
+                        s.parse::<std::net::IpAddr>()
+                            .map(|ip| SocketAddr::new(ip, 53))
+                    })
+                    .map_err(|_| {
+                        invalid(
+                            "relay.dns_servers",
+                            format!("{s:?} is not an IP address or IP:port"),
+                        )
+                    })
+            })
+            .collect()
+    }
+
+    /// Checks of the relay section, as `(key, reason)` pairs.
+    fn problems(&self, out: &mut Checks) {
+        if self.mode == RelayMode::Smarthost && self.smarthosts.is_empty() {
+            out.push(
+                "relay.smarthosts",
+                "at least one smarthost is required when relay.mode = \"smarthost\"",
+            );
+        }
+        out.positive("relay.timeout_secs", self.timeout_secs);
+        out.positive("relay.delivery_timeout_secs", self.delivery_timeout_secs);
+        if self.delivery_timeout_secs >= 600 {
+            out.push(
+                "relay.delivery_timeout_secs",
+                "must be under 600: a sender waits 10 minutes for the reply to its end of data (RFC 5321 4.5.3.2.6), and must hear 451 before it gives up",
+            );
+        }
+        if self.timeout_secs > self.delivery_timeout_secs {
+            out.push(
+                "relay.timeout_secs",
+                "must not exceed relay.delivery_timeout_secs (the budget of all attempts together)",
+            );
+        }
+        out.positive("relay.max_attempts", self.max_attempts as u64);
+        out.positive("relay.backoff_base_ms", self.backoff_base_ms);
+        if self.backoff_max_ms < self.backoff_base_ms {
+            out.push(
+                "relay.backoff_max_ms",
+                "must be at least relay.backoff_base_ms",
+            );
+        }
+        out.positive("relay.breaker_failures", self.breaker_failures as u64);
+        out.positive("relay.breaker_cooldown_secs", self.breaker_cooldown_secs);
+        out.positive("relay.mx_port", self.mx_port as u64);
+        if let Err(ConfigError::Invalid { key, message }) = self.dns_server_addrs() {
+            out.push(&key, message);
+        }
+        if let Some(path) = &self.ca_file {
+            match std::fs::read(path) {
+                Err(e) => out.push(
+                    "relay.ca_file",
+                    format!("cannot read {}: {e}", path.display()),
+                ),
+                Ok(pem) if !pem.windows(27).any(|w| w == b"-----BEGIN CERTIFICATE-----") => out
+                    .push(
+                        "relay.ca_file",
+                        format!("{} holds no PEM certificate", path.display()),
+                    ),
+                Ok(_) => {}
+            }
+        }
+        if self.password.is_some() && self.password_file.is_some() {
+            out.push(
+                "relay.password",
+                "set either relay.password or relay.password_file, not both",
+            );
+        }
+        let has_password = match self.smarthost_password() {
+            Ok(p) => p.is_some(),
+            Err(e) => {
+                out.push("relay.password_file", e.to_string());
+                true
+            }
+        };
+        let mut any_user = false;
+        for url in &self.smarthosts {
+            if url.user.is_none() {
+                continue;
+            }
+            any_user = true;
+            if url.tls == TlsMode::Opportunistic {
+                out.push(
+                    "relay.smarthosts",
+                    format!(
+                        "{url}: AUTH needs smtp+starttls:// or smtps:// (a password is never sent over a connection that may be plaintext or unverified)"
+                    ),
+                );
+            }
+            if !has_password {
+                out.push(
+                    "relay.smarthosts",
+                    format!("{url} names a user, but neither relay.password_file nor relay.password is set"),
+                );
+            }
+        }
+        if has_password && !any_user && self.mode == RelayMode::Smarthost {
+            out.push(
+                "relay.password",
+                "a password is set but no smarthost URL names a user (smtps://user@host)",
+            );
+        }
+    }
+
+    /// The longest one message can spend in the relay.
+    pub fn longest_delivery_secs(&self) -> u64 {
+        self.delivery_timeout_secs
     }
 }
 
@@ -624,32 +816,18 @@ impl Config {
         );
         out.positive("smtp.max_recipients", self.smtp.max_recipients as u64);
         out.positive("smtp.max_hops", self.smtp.max_hops as u64);
-        if self.relay.mode == RelayMode::Smarthost {
-            if self.relay.smarthosts.is_empty() {
-                out.push(
-                    "relay.smarthosts",
-                    "at least one smarthost is required when relay.mode = \"smarthost\"",
-                );
-            }
-            for url in &self.relay.smarthosts {
-                if let Err(e) = crate::relay::SmarthostUrl::parse(url) {
-                    out.push("relay.smarthosts", format!("{url:?}: {e}"));
-                }
-            }
-        }
-        out.positive("relay.timeout_secs", self.relay.timeout_secs);
+        self.relay.problems(&mut out);
         // A reservation lives from RCPT to the upstream's reply: at most the
-        // whole session plus one attempt per smarthost.
-        let attempts = self.relay.smarthosts.len().max(1) as u64;
+        // whole session plus the relay's budget for one message.
         let longest = self
             .smtp
             .session_timeout_secs
-            .saturating_add(self.relay.timeout_secs.saturating_mul(attempts));
+            .saturating_add(self.relay.longest_delivery_secs());
         if self.relay.reservation_lease_secs <= longest {
             out.push(
                 "relay.reservation_lease_secs",
                 format!(
-                    "must exceed smtp.session_timeout_secs + relay.timeout_secs per smarthost ({longest} s), or a live transaction could lose its reservation"
+                    "must exceed smtp.session_timeout_secs + relay.delivery_timeout_secs ({longest} s), or a live transaction could lose its reservation"
                 ),
             );
         }
@@ -1089,6 +1267,19 @@ mod tests {
                 "[relay]\nreservation_lease_secs = 10\n",
                 "relay.reservation_lease_secs",
             ),
+            (
+                "[relay]\nmode = \"smarthost\"\nsmarthosts = [\"smtp://u@h.example\"]\npassword = \"pw\"\n",
+                "relay.smarthosts",
+            ),
+            (
+                "[relay]\nmode = \"smarthost\"\nsmarthosts = [\"smtps://u@h.example\"]\n",
+                "relay.smarthosts",
+            ),
+            ("[relay]\ndelivery_timeout_secs = 600\n", "relay.delivery_timeout_secs"),
+            ("[relay]\ntimeout_secs = 400\n", "relay.timeout_secs"),
+            ("[relay]\ndns_servers = [\"dns.example\"]\n", "relay.dns_servers"),
+            ("[relay]\nca_file = \"/nonexistent/ca.pem\"\n", "relay.ca_file"),
+            ("[relay]\nbreaker_failures = 0\n", "relay.breaker_failures"),
         ];
         for (text, key) in cases {
             let found = problems(text, &[]);
@@ -1097,6 +1288,51 @@ mod tests {
                 "{text:?} gave {found:?}"
             );
         }
+    }
+
+    #[test]
+    fn relay_urls_are_parsed_at_load_and_passwords_come_from_a_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let pw = dir.path().join("pw");
+        std::fs::write(&pw, "s3cret\n").unwrap();
+        let c = load(
+            &format!(
+                "[relay]\nmode = \"smarthost\"\nsmarthosts = [\"smtps://fwd@a.example\", \"smtp+starttls://fwd@b.example:2587\"]\npassword_file = {:?}\ndns_servers = [\"127.0.0.1:5353\", \"::1\"]\n",
+                pw.display().to_string()
+            ),
+            &[],
+        )
+        .unwrap();
+        assert_eq!(c.relay.smarthosts[0].tls, TlsMode::Implicit);
+        assert_eq!(c.relay.smarthosts[1].port, 2587);
+        assert_eq!(
+            c.relay.smarthost_password().unwrap().unwrap().expose(),
+            "s3cret"
+        );
+        assert_eq!(
+            c.relay.dns_server_addrs().unwrap(),
+            vec![
+                "127.0.0.1:5353".parse::<SocketAddr>().unwrap(),
+                "[::1]:53".parse().unwrap()
+            ]
+        );
+        assert!(!format!("{:?}", c.relay).contains("s3cret"));
+        // The password may also come from the environment.
+        let c = load(
+            "[relay]\nmode = \"smarthost\"\nsmarthosts = [\"smtps://fwd@a.example\"]\n",
+            &[("TEMPALIAS_RELAY_PASSWORD", "from-env")],
+        )
+        .unwrap();
+        assert_eq!(
+            c.relay.smarthost_password().unwrap().unwrap().expose(),
+            "from-env"
+        );
+        let found = problems(
+            "[relay]\nmode = \"smarthost\"\nsmarthosts = [\"ftp://x:1\"]\n",
+            &[],
+        );
+        assert_eq!(found[0].0, Some(3), "{found:?}");
+        assert!(found[0].2.contains("ftp://x:1"), "{found:?}");
     }
 
     #[test]

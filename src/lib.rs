@@ -10,7 +10,7 @@
 //!   logic, the redb-backed log and state machine, and the [`raft::node::Node`]
 //!   handle every front end writes through.
 //! - [`smtp`]: the inbound SMTP listener and session state machine.
-//! - [`relay`]: outbound delivery (capture directory or smarthosts).
+//! - [`relay`]: outbound delivery (capture directory, smarthosts or MX).
 //! - [`maintenance`]: node and cluster-wide drain, shared by SMTP and HTTP.
 //! - [`http`]: the JSON API, health endpoints and `/metrics`.
 //! - [`metrics`]: the Prometheus registry shared by all of the above.

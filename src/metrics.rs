@@ -95,6 +95,42 @@ pub struct Metrics {
     pub http_connections_active: Gauge,
     /// HTTP connections refused because the listener was at its cap.
     pub http_connections_refused: Counter,
+    /// Outbound attempts per upstream and outcome.
+    pub relay_attempts: Family<AttemptLabels, Counter>,
+    /// Messages that skipped a smarthost because its breaker was open.
+    pub relay_skipped: Family<UpstreamLabels, Counter>,
+    /// Circuit breaker per smarthost: 0 closed, 1 open, 2 half-open.
+    pub relay_breaker_state: Family<UpstreamLabels, Gauge>,
+    /// Times a smarthost's breaker opened.
+    pub relay_breaker_opened: Family<UpstreamLabels, Counter>,
+}
+
+/// Outcome of one outbound attempt at one upstream.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[allow(non_camel_case_types)]
+pub enum AttemptResult {
+    /// The upstream took the message.
+    accepted,
+    /// It answered with a 4xx (alive, but not now).
+    refused_temporary,
+    /// It answered with a 5xx (passed on to the sender).
+    refused_permanent,
+    /// No usable answer: connect, TLS, AUTH, timeout or connection loss. These
+    /// count towards the upstream's circuit breaker.
+    failed,
+}
+
+/// An upstream: a smarthost's `scheme://host:port` (never its user), or `mx`
+/// for all direct MX deliveries together (their hosts are unbounded).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct UpstreamLabels {
+    pub upstream: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AttemptLabels {
+    pub upstream: String,
+    pub result: AttemptResult,
 }
 
 /// Labels of `tempalias_build_info`.
@@ -146,6 +182,10 @@ impl Metrics {
             maintenance: Gauge::default(),
             http_connections_active: Gauge::default(),
             http_connections_refused: Counter::default(),
+            relay_attempts: Family::default(),
+            relay_skipped: Family::default(),
+            relay_breaker_state: Family::default(),
+            relay_breaker_opened: Family::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -287,6 +327,26 @@ impl Metrics {
             "raft_refused_appends",
             "AppendEntries refused from a leader this node cannot reach (one-way partition)",
             m.raft_refused_appends.clone(),
+        );
+        registry.register(
+            "relay_attempts",
+            "Outbound delivery attempts per upstream and outcome",
+            m.relay_attempts.clone(),
+        );
+        registry.register(
+            "relay_skipped",
+            "Messages that skipped a smarthost because its circuit breaker was open",
+            m.relay_skipped.clone(),
+        );
+        registry.register(
+            "relay_breaker_state",
+            "Circuit breaker per smarthost: 0 closed, 1 open, 2 half-open",
+            m.relay_breaker_state.clone(),
+        );
+        registry.register(
+            "relay_breaker_opened",
+            "Times a smarthost's circuit breaker opened",
+            m.relay_breaker_opened.clone(),
         );
         m.build_info
             .get_or_create(&BuildLabels {

@@ -17,12 +17,11 @@ use crate::raft::Node;
 use crate::relay::{Relay, RelayError};
 use crate::smtp::SmtpContext;
 
-/// How long shutdown waits for SMTP sessions and HTTP requests to finish: at
-/// least one full relay attempt per smarthost (a message being forwarded is
-/// not cut off while the upstream may still accept it), and never under 30 s.
+/// How long shutdown waits for SMTP sessions and HTTP requests to finish: the
+/// relay's whole budget for one message (a message being forwarded is not
+/// cut off while the upstream may still accept it), and never under 30 s.
 fn drain_timeout(config: &Config) -> Duration {
-    let attempts = config.relay.smarthosts.len().max(1) as u64;
-    Duration::from_secs((config.relay.timeout_secs * attempts + 10).max(30))
+    Duration::from_secs((config.relay.longest_delivery_secs() + 10).max(30))
 }
 
 /// Why a node could not start.
@@ -113,7 +112,11 @@ pub async fn run(
     };
     let clock: Arc<dyn Clock> = Arc::new(SystemClock::from_env());
     let metrics = Arc::new(Metrics::new());
-    let relay = Arc::new(Relay::from_config(&config.relay, &config.smtp.hostname)?);
+    let relay = Arc::new(Relay::from_config(
+        &config.relay,
+        &config.smtp.hostname,
+        metrics.clone(),
+    )?);
     let peers = Peers::new(
         &secret,
         Duration::from_millis(config.cluster.rpc_timeout_ms),
@@ -398,7 +401,20 @@ pub fn banner(config: &Config, bound: &Bound) -> String {
         )),
         RelayMode::Smarthost => rows.push((
             "forwarded mail",
-            format!("goes to {}", config.relay.smarthosts.join(", ")),
+            format!(
+                "goes to {}",
+                config
+                    .relay
+                    .smarthosts
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        )),
+        RelayMode::Mx => rows.push((
+            "forwarded mail",
+            "goes straight to each target's MX hosts".to_string(),
         )),
     }
     let width = rows.iter().map(|(k, _)| k.len()).max().unwrap_or(0);

@@ -77,10 +77,15 @@ impl Schema {
                 _ => top.push(k),
             }
         }
-        if let Some(cluster) = sections.get_mut("cluster") {
-            for extra in ["secret", "secret_file"] {
-                if !cluster.iter().any(|k| k == extra) {
-                    cluster.push(extra.to_string());
+        for (section, extras) in [
+            ("cluster", &["secret", "secret_file"][..]),
+            ("relay", &["ca_file", "password", "password_file"][..]),
+        ] {
+            if let Some(keys) = sections.get_mut(section) {
+                for extra in extras {
+                    if !keys.iter().any(|k| k == extra) {
+                        keys.push(extra.to_string());
+                    }
                 }
             }
         }
@@ -361,6 +366,7 @@ mod tests {
         let s = Schema::new();
         assert!(s.top.contains(&"domains".to_string()));
         assert!(s.sections["cluster"].contains(&"secret_file".to_string()));
+        assert!(s.sections["relay"].contains(&"password_file".to_string()));
         assert!(s.sections["smtp"].contains(&"listen".to_string()));
         assert_eq!(env_var("http.listen"), "TEMPALIAS_HTTP_LISTEN");
     }

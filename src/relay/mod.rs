@@ -4,14 +4,26 @@
 //! [`Delivery::Accepted`] (the upstream has taken responsibility, or the capture
 //! file is on disk), `4xx` for anything that may clear, and the upstream's own
 //! `5xx` for a permanent refusal.
+//!
+//! This module reads the configuration; the configuration never needs it.
 
+mod breaker;
 mod capture;
+mod client;
+mod mx;
 mod smarthost;
 
 pub use capture::CaptureRelay;
-pub use smarthost::{SmarthostRelay, SmarthostUrl};
+pub use mx::MxRelay;
+pub use smarthost::SmarthostRelay;
+
+use std::sync::Arc;
+
+use lettre::address::Envelope as LettreEnvelope;
+use lettre::Address;
 
 use crate::config::{RelayConfig, RelayMode};
+use crate::metrics::Metrics;
 
 /// The envelope of one outbound transaction.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -44,34 +56,59 @@ pub enum RelayError {
     CaptureDir { path: String, error: std::io::Error },
     #[error("relay.smarthosts: {0}")]
     Smarthost(String),
+    #[error("relay.dns_servers: {0}")]
+    Resolver(String),
 }
 
 /// The configured outbound path.
 pub enum Relay {
     Capture(CaptureRelay),
     Smarthost(SmarthostRelay),
+    /// Boxed: the resolver makes it several times larger than the others.
+    Mx(Box<MxRelay>),
 }
 
 impl Relay {
     /// Builds the relay chosen by `relay.mode`.
     ///
     /// # Errors
-    /// [`RelayError`] when the capture directory cannot be created or a
-    /// smarthost URL cannot be used.
-    pub fn from_config(config: &RelayConfig, helo_name: &str) -> Result<Self, RelayError> {
+    /// [`RelayError`] when the capture directory cannot be created, TLS or
+    /// the password for a smarthost cannot be set up, or the resolver cannot
+    /// be configured.
+    pub fn from_config(
+        config: &RelayConfig,
+        helo_name: &str,
+        metrics: Arc<Metrics>,
+    ) -> Result<Self, RelayError> {
         match config.mode {
             RelayMode::Capture => Ok(Relay::Capture(CaptureRelay::new(&config.capture_dir)?)),
-            RelayMode::Smarthost => Ok(Relay::Smarthost(SmarthostRelay::new(config, helo_name)?)),
+            RelayMode::Smarthost => Ok(Relay::Smarthost(SmarthostRelay::new(
+                config, helo_name, metrics,
+            )?)),
+            RelayMode::Mx => Ok(Relay::Mx(Box::new(MxRelay::new(
+                config, helo_name, metrics,
+            )?))),
         }
     }
 
     /// Delivers one message. Never panics and never returns an error: every
     /// failure is classified into a [`Delivery`].
+    ///
     /// The message is shared, not copied: it can be tens of megabytes.
-    pub async fn deliver(&self, envelope: &Envelope, message: std::sync::Arc<Vec<u8>>) -> Delivery {
+    /// `deadline` is when the caller must have an answer (the session's
+    /// reservations run out then); the relay gives up at that point or after
+    /// its own `relay.delivery_timeout_secs`, whichever comes first, and
+    /// answers [`Delivery::TempFail`].
+    pub async fn deliver(
+        &self,
+        envelope: &Envelope,
+        message: Arc<Vec<u8>>,
+        deadline: tokio::time::Instant,
+    ) -> Delivery {
         match self {
             Relay::Capture(c) => c.deliver(envelope, message).await,
-            Relay::Smarthost(s) => s.deliver(envelope, &message).await,
+            Relay::Smarthost(s) => s.deliver(envelope, &message, deadline).await,
+            Relay::Mx(m) => m.deliver(envelope, &message, deadline).await,
         }
     }
 
@@ -80,6 +117,50 @@ impl Relay {
         match self {
             Relay::Capture(c) => format!("capture to {}", c.dir().display()),
             Relay::Smarthost(s) => format!("smarthosts {}", s.describe()),
+            Relay::Mx(m) => m.describe(),
         }
+    }
+}
+
+/// The envelope in lettre's terms.
+fn to_lettre(envelope: &Envelope) -> Result<LettreEnvelope, String> {
+    let from = if envelope.mail_from.is_empty() {
+        None
+    } else {
+        Some(
+            envelope
+                .mail_from
+                .parse::<Address>()
+                .map_err(|e| format!("sender address: {e}"))?,
+        )
+    };
+    let to = envelope
+        .rcpt_to
+        .iter()
+        .map(|r| {
+            r.parse::<Address>()
+                .map_err(|e| format!("recipient address: {e}"))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    LettreEnvelope::new(from, to).map_err(|e| e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn null_sender_maps_to_no_from() {
+        let e = to_lettre(&Envelope {
+            mail_from: String::new(),
+            rcpt_to: vec!["a@b.example".into()],
+        })
+        .unwrap();
+        assert!(e.from().is_none());
+        assert!(to_lettre(&Envelope {
+            mail_from: "bad address".into(),
+            rcpt_to: vec!["a@b.example".into()],
+        })
+        .is_err());
     }
 }

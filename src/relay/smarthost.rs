@@ -1,119 +1,145 @@
-//! Delivery through one or more smarthosts, tried in order.
+//! Delivery through one or more smarthosts: failover in order, a circuit
+//! breaker per smarthost, and capped exponential backoff with full jitter
+//! between rounds, all inside one time budget per message.
 //!
-//! A temporary failure at one smarthost moves on to the next; a permanent
-//! refusal stops there and is passed back, because another smarthost would
-//! refuse the same message for the same reason (and retrying elsewhere risks a
-//! duplicate when the first one did take it).
+//! A round tries the smarthosts in their configured order, skipping those
+//! whose breaker is open (at no cost). A temporary failure moves on to the
+//! next one at once; only when a whole round failed is there a backoff pause
+//! before the next round. A permanent refusal stops everything and is passed
+//! back, because another smarthost would refuse the same message for the same
+//! reason (and retrying elsewhere risks a duplicate when the first one did
+//! take it). The budget ends the loop early enough that the sender hears
+//! `451` before it gives up on us.
 
+use std::sync::Arc;
 use std::time::Duration;
 
-use lettre::address::Envelope as LettreEnvelope;
-use lettre::transport::smtp::client::{Tls, TlsParameters};
+use lettre::transport::smtp::authentication::Credentials;
 use lettre::transport::smtp::extension::ClientId;
-use lettre::{Address, AsyncSmtpTransport, AsyncTransport, Tokio1Executor};
+use tokio::time::Instant;
 
-use super::{Delivery, Envelope, RelayError};
-use crate::config::RelayConfig;
+use super::breaker::{full_jitter, Breaker};
+use super::client::{self, AttemptError, Target, TlsPolicy};
+use super::{to_lettre, Delivery, Envelope, RelayError};
+use crate::config::{RelayConfig, SmarthostUrl, TlsMode};
+use crate::metrics::{AttemptLabels, AttemptResult, Metrics, UpstreamLabels};
 
-/// A parsed `smtp://host:port` (STARTTLS when offered) or `smtps://host:port`
-/// (TLS from the first byte) URL.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct SmarthostUrl {
-    pub implicit_tls: bool,
-    pub host: String,
-    pub port: u16,
-}
-
-impl SmarthostUrl {
-    /// # Errors
-    /// A message saying what is wrong with the URL.
-    pub fn parse(url: &str) -> Result<Self, String> {
-        let (implicit_tls, rest, default_port) = if let Some(r) = url.strip_prefix("smtp://") {
-            (false, r, 25)
-        } else if let Some(r) = url.strip_prefix("smtps://") {
-            (true, r, 465)
-        } else {
-            return Err("must start with smtp:// or smtps://".into());
-        };
-        let rest = rest.trim_end_matches('/');
-        if rest.is_empty() || rest.contains('/') || rest.contains('@') {
-            return Err("must be smtp://host[:port] with nothing after the port".into());
-        }
-        let (host, port) = match rest.rsplit_once(':') {
-            Some((h, p)) if !h.contains(':') || h.starts_with('[') => {
-                (h, p.parse::<u16>().map_err(|_| format!("bad port {p:?}"))?)
-            }
-            _ => (rest, default_port),
-        };
-        let host = host.trim_start_matches('[').trim_end_matches(']');
-        if host.is_empty() || port == 0 {
-            return Err("host and port must not be empty or zero".into());
-        }
-        Ok(Self {
-            implicit_tls,
-            host: host.to_string(),
-            port,
-        })
-    }
-}
+/// An attempt is not started with less than this left of the budget: it
+/// could not finish, and the sender is better served by an early 451.
+const MIN_ATTEMPT: Duration = Duration::from_millis(500);
 
 struct Upstream {
-    url: String,
-    transport: AsyncSmtpTransport<Tokio1Executor>,
+    url: SmarthostUrl,
+    /// `scheme://host:port`: log name and metric label (never the user).
+    label: String,
+    tls: TlsPolicy,
+    credentials: Option<Credentials>,
+    breaker: Breaker,
 }
 
 /// Sends through the configured smarthosts.
 ///
-/// Each message uses a fresh connection: lettre's connection pool would put a
-/// connection back after our timeout cancelled a send half-way, and the next
-/// message would then read the previous one's late replies.
+/// Each message uses a fresh connection (docs/architecture.md explains why
+/// there is no pool).
 pub struct SmarthostRelay {
     upstreams: Vec<Upstream>,
-    /// Bound on one whole attempt. lettre's own timeout covers only parts of
-    /// the dialogue, so a stalled upstream is cut off here.
-    timeout: Duration,
+    helo: ClientId,
+    /// Bound on one attempt (connect to final reply).
+    attempt_timeout: Duration,
+    /// Bound on all attempts of one message together.
+    budget: Duration,
+    max_attempts: u32,
+    backoff_base: Duration,
+    backoff_max: Duration,
+    metrics: Arc<Metrics>,
 }
 
 impl SmarthostRelay {
     /// # Errors
-    /// [`RelayError::Smarthost`] when a URL is unusable or TLS cannot be set up.
-    pub fn new(config: &RelayConfig, helo_name: &str) -> Result<Self, RelayError> {
-        let timeout = Duration::from_secs(config.timeout_secs);
+    /// [`RelayError::Smarthost`] when TLS cannot be set up or the password
+    /// cannot be read.
+    pub fn new(
+        config: &RelayConfig,
+        helo_name: &str,
+        metrics: Arc<Metrics>,
+    ) -> Result<Self, RelayError> {
+        let extra_ca = match &config.ca_file {
+            Some(path) => std::fs::read(path).map_err(|e| {
+                RelayError::Smarthost(format!("relay.ca_file {}: {e}", path.display()))
+            })?,
+            None => Vec::new(),
+        };
+        let password = config
+            .smarthost_password()
+            .map_err(|e| RelayError::Smarthost(e.to_string()))?;
         let mut upstreams = Vec::new();
         for url in &config.smarthosts {
-            let parsed = SmarthostUrl::parse(url)
-                .map_err(|e| RelayError::Smarthost(format!("{url}: {e}")))?;
-            let tls_params = TlsParameters::new(parsed.host.clone())
-                .map_err(|e| RelayError::Smarthost(format!("{url}: {e}")))?;
-            let tls = if parsed.implicit_tls {
-                Tls::Wrapper(tls_params)
-            } else {
-                Tls::Opportunistic(tls_params)
+            let label = url.label();
+            let err = |e: String| RelayError::Smarthost(format!("{label}: {e}"));
+            let tls = match url.tls {
+                TlsMode::Opportunistic => {
+                    TlsPolicy::Opportunistic(client::unverified_tls(&url.host).map_err(err)?)
+                }
+                TlsMode::Required => {
+                    TlsPolicy::Required(client::verified_tls(&url.host, &extra_ca).map_err(err)?)
+                }
+                TlsMode::Implicit => {
+                    TlsPolicy::Implicit(client::verified_tls(&url.host, &extra_ca).map_err(err)?)
+                }
             };
-            let transport =
-                AsyncSmtpTransport::<Tokio1Executor>::builder_dangerous(parsed.host.as_str())
-                    .port(parsed.port)
-                    .tls(tls)
-                    .timeout(Some(timeout))
-                    .hello_name(ClientId::Domain(helo_name.to_string()))
-                    .build();
+            let credentials = match (&url.user, &password) {
+                (Some(user), Some(pw)) => {
+                    Some(Credentials::new(user.clone(), pw.expose().to_string()))
+                }
+                (Some(_), None) => return Err(err("names a user but no password is set".into())),
+                (None, _) => None,
+            };
+            metrics
+                .relay_breaker_state
+                .get_or_create(&UpstreamLabels {
+                    upstream: label.clone(),
+                })
+                .set(0);
             upstreams.push(Upstream {
                 url: url.clone(),
-                transport,
+                label,
+                tls,
+                credentials,
+                breaker: Breaker::new(
+                    config.breaker_failures,
+                    Duration::from_secs(config.breaker_cooldown_secs),
+                ),
             });
         }
-        Ok(Self { upstreams, timeout })
+        Ok(Self {
+            upstreams,
+            helo: ClientId::Domain(helo_name.to_string()),
+            attempt_timeout: Duration::from_secs(config.timeout_secs),
+            budget: Duration::from_secs(config.delivery_timeout_secs),
+            max_attempts: config.max_attempts.max(1),
+            backoff_base: Duration::from_millis(config.backoff_base_ms),
+            backoff_max: Duration::from_millis(config.backoff_max_ms),
+            metrics,
+        })
     }
 
     pub fn describe(&self) -> String {
         self.upstreams
             .iter()
-            .map(|u| u.url.as_str())
+            .map(|u| u.url.to_string())
             .collect::<Vec<_>>()
             .join(", ")
     }
 
-    pub async fn deliver(&self, envelope: &Envelope, message: &[u8]) -> Delivery {
+    /// Delivers one message, giving up at `deadline` or after the relay's own
+    /// budget, whichever comes first.
+    pub async fn deliver(
+        &self,
+        envelope: &Envelope,
+        message: &[u8],
+        deadline: Instant,
+    ) -> Delivery {
+        let deadline = deadline.min(Instant::now() + self.budget);
         let lettre_envelope = match to_lettre(envelope) {
             Ok(e) => e,
             Err(text) => {
@@ -124,149 +150,172 @@ impl SmarthostRelay {
                 }
             }
         };
-        let mut last = Delivery::TempFail("no smarthost configured".into());
-        for upstream in &self.upstreams {
-            let attempt = tokio::time::timeout(
-                self.timeout,
-                upstream.transport.send_raw(&lettre_envelope, message),
-            )
-            .await;
-            let Ok(result) = attempt else {
-                tracing::warn!(smarthost = %upstream.url, timeout = ?self.timeout, "upstream did not answer in time");
-                last = Delivery::TempFail(format!(
-                    "{} did not answer within {:?}",
-                    upstream.url, self.timeout
-                ));
-                continue;
-            };
-            match result {
-                Ok(_) => return Delivery::Accepted,
-                Err(e) => {
-                    let outcome = classify(&e);
-                    tracing::warn!(smarthost = %upstream.url, error = %e, "upstream did not accept");
-                    if matches!(outcome, Delivery::PermFail { .. }) {
-                        return outcome;
+        let mut last = String::from("every smarthost's circuit breaker is open");
+        let mut attempts = 0u32;
+        let mut round = 0u32;
+        'rounds: loop {
+            let mut tried = false;
+            for upstream in &self.upstreams {
+                if attempts >= self.max_attempts {
+                    break 'rounds;
+                }
+                let Some(permit) = upstream.breaker.try_acquire(Instant::now()) else {
+                    self.metrics
+                        .relay_skipped
+                        .get_or_create(&UpstreamLabels {
+                            upstream: upstream.label.clone(),
+                        })
+                        .inc();
+                    continue;
+                };
+                self.show_state(upstream);
+                if round > 0 && !tried {
+                    let pause = full_jitter(round - 1, self.backoff_base, self.backoff_max);
+                    if Instant::now() + pause + MIN_ATTEMPT > deadline {
+                        break 'rounds;
                     }
-                    last = outcome;
+                    tokio::time::sleep(pause).await;
+                }
+                let now = Instant::now();
+                if now + MIN_ATTEMPT > deadline {
+                    break 'rounds;
+                }
+                tried = true;
+                attempts += 1;
+                let limit = self.attempt_timeout.min(deadline - now);
+                let outcome =
+                    tokio::time::timeout(limit, self.attempt(upstream, &lettre_envelope, message))
+                        .await
+                        .unwrap_or_else(|_| {
+                            Err(AttemptError::Failed(format!(
+                                "{}: no answer within {limit:?}",
+                                upstream.label
+                            )))
+                        });
+                let result = match &outcome {
+                    Ok(()) => AttemptResult::accepted,
+                    Err(e) if e.is_failure() => AttemptResult::failed,
+                    Err(AttemptError::Reply { code, .. }) if *code >= 500 => {
+                        AttemptResult::refused_permanent
+                    }
+                    Err(_) => AttemptResult::refused_temporary,
+                };
+                self.metrics
+                    .relay_attempts
+                    .get_or_create(&AttemptLabels {
+                        upstream: upstream.label.clone(),
+                        result,
+                    })
+                    .inc();
+                let failed = outcome.as_ref().err().is_some_and(AttemptError::is_failure);
+                if upstream.breaker.record(permit, failed, Instant::now()) {
+                    tracing::warn!(smarthost = %upstream.label, "circuit breaker opened");
+                    self.metrics
+                        .relay_breaker_opened
+                        .get_or_create(&UpstreamLabels {
+                            upstream: upstream.label.clone(),
+                        })
+                        .inc();
+                }
+                self.show_state(upstream);
+                match outcome {
+                    Ok(()) => return Delivery::Accepted,
+                    Err(AttemptError::Reply {
+                        code,
+                        enhanced,
+                        text,
+                    }) if code >= 500 => {
+                        tracing::warn!(smarthost = %upstream.label, code, %enhanced, %text, "upstream refused the message");
+                        return Delivery::PermFail {
+                            code,
+                            enhanced,
+                            text,
+                        };
+                    }
+                    Err(e) => {
+                        tracing::warn!(smarthost = %upstream.label, error = %e, "upstream did not accept");
+                        last = format!("{}: {e}", upstream.label);
+                    }
                 }
             }
+            if !tried {
+                break;
+            }
+            round += 1;
         }
-        last
+        Delivery::TempFail(last)
     }
-}
 
-fn to_lettre(envelope: &Envelope) -> Result<LettreEnvelope, String> {
-    let from = if envelope.mail_from.is_empty() {
-        None
-    } else {
-        Some(
-            envelope
-                .mail_from
-                .parse::<Address>()
-                .map_err(|e| format!("sender address: {e}"))?,
-        )
-    };
-    let to = envelope
-        .rcpt_to
-        .iter()
-        .map(|r| {
-            r.parse::<Address>()
-                .map_err(|e| format!("recipient address: {e}"))
-        })
-        .collect::<Result<Vec<_>, _>>()?;
-    LettreEnvelope::new(from, to).map_err(|e| e.to_string())
-}
-
-/// Maps a lettre error to what our client should hear.
-fn classify(e: &lettre::transport::smtp::Error) -> Delivery {
-    let full = e.to_string();
-    if e.is_permanent() {
-        let code = e.status().map(u16::from).unwrap_or(550);
-        // lettre renders "permanent error (550): <upstream text>".
-        let text = full
-            .split_once("): ")
-            .map(|(_, t)| t.trim())
-            .unwrap_or("")
-            .to_string();
-        let (enhanced, text) = split_enhanced(&text, code);
-        return Delivery::PermFail {
-            code,
-            enhanced,
-            text,
+    async fn attempt(
+        &self,
+        upstream: &Upstream,
+        envelope: &lettre::address::Envelope,
+        message: &[u8],
+    ) -> Result<(), AttemptError> {
+        let addrs: Vec<_> =
+            tokio::net::lookup_host((upstream.url.host.as_str(), upstream.url.port))
+                .await
+                .map_err(|e| AttemptError::Failed(format!("{}: resolve: {e}", upstream.label)))?
+                .collect();
+        let target = Target {
+            name: &upstream.label,
+            addrs: &addrs,
+            tls: &upstream.tls,
+            credentials: upstream.credentials.as_ref(),
+            helo: &self.helo,
+            connect_timeout: self.attempt_timeout,
         };
+        client::send(&target, envelope, message).await
     }
-    Delivery::TempFail(full)
-}
 
-/// Splits a leading enhanced status code (`5.1.1 text`) off upstream text, or
-/// makes a generic one of the right class.
-fn split_enhanced(text: &str, code: u16) -> (String, String) {
-    if let Some((first, rest)) = text.split_once(' ') {
-        let parts: Vec<&str> = first.split('.').collect();
-        if parts.len() == 3
-            && parts
-                .iter()
-                .all(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()))
-        {
-            return (first.to_string(), rest.to_string());
-        }
+    fn show_state(&self, upstream: &Upstream) {
+        self.metrics
+            .relay_breaker_state
+            .get_or_create(&UpstreamLabels {
+                upstream: upstream.label.clone(),
+            })
+            .set(upstream.breaker.state() as i64);
     }
-    (format!("{}.0.0", code / 100), text.to_string())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    #[test]
-    fn parses_urls() {
-        assert_eq!(
-            SmarthostUrl::parse("smtp://127.0.0.1:2526").unwrap(),
-            SmarthostUrl {
-                implicit_tls: false,
-                host: "127.0.0.1".into(),
-                port: 2526
-            }
-        );
-        let u = SmarthostUrl::parse("smtps://relay.example").unwrap();
-        assert!(u.implicit_tls);
-        assert_eq!(u.port, 465);
-        assert_eq!(
-            SmarthostUrl::parse("smtp://relay.example/").unwrap().port,
-            25
-        );
-        assert_eq!(SmarthostUrl::parse("smtp://[::1]:26").unwrap().host, "::1");
-        assert!(SmarthostUrl::parse("http://x").is_err());
-        assert!(SmarthostUrl::parse("smtp://").is_err());
-        assert!(SmarthostUrl::parse("smtp://h:notaport").is_err());
-        assert!(SmarthostUrl::parse("smtp://h:0").is_err());
+    fn relay(urls: &[String], timeout_secs: u64) -> (SmarthostRelay, Arc<Metrics>) {
+        let metrics = Arc::new(Metrics::new());
+        let config = RelayConfig {
+            mode: crate::config::RelayMode::Smarthost,
+            smarthosts: urls
+                .iter()
+                .map(|u| SmarthostUrl::parse(u).unwrap())
+                .collect(),
+            timeout_secs,
+            breaker_failures: 2,
+            backoff_base_ms: 10,
+            backoff_max_ms: 20,
+            ..Default::default()
+        };
+        (
+            SmarthostRelay::new(&config, "mx.test.example", metrics.clone()).unwrap(),
+            metrics,
+        )
     }
 
-    #[test]
-    fn splits_enhanced_codes() {
-        assert_eq!(
-            split_enhanced("5.1.1 no such user", 550),
-            ("5.1.1".into(), "no such user".into())
-        );
-        assert_eq!(
-            split_enhanced("go away", 554),
-            ("5.0.0".into(), "go away".into())
-        );
+    fn env() -> Envelope {
+        Envelope {
+            mail_from: "a@b.example".into(),
+            rcpt_to: vec!["c@d.example".into()],
+        }
     }
 
-    #[test]
-    fn null_sender_maps_to_no_from() {
-        let e = to_lettre(&Envelope {
-            mail_from: String::new(),
-            rcpt_to: vec!["a@b.example".into()],
-        })
-        .unwrap();
-        assert!(e.from().is_none());
-        assert!(to_lettre(&Envelope {
-            mail_from: "bad address".into(),
-            rcpt_to: vec!["a@b.example".into()],
-        })
-        .is_err());
+    fn dead_port() -> u16 {
+        // Bind and drop a listener to get a port nothing listens on.
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port()
     }
 
     #[tokio::test]
@@ -275,28 +324,21 @@ mod tests {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();
         let hold = tokio::spawn(async move {
-            let (sock, _) = listener.accept().await.unwrap();
-            tokio::time::sleep(std::time::Duration::from_secs(30)).await;
-            drop(sock);
+            let mut held = Vec::new();
+            while let Ok((sock, _)) = listener.accept().await {
+                held.push(sock);
+            }
         });
-        let config = RelayConfig {
-            mode: crate::config::RelayMode::Smarthost,
-            smarthosts: vec![format!("smtp://127.0.0.1:{port}")],
-            timeout_secs: 1,
-            ..Default::default()
-        };
-        let relay = SmarthostRelay::new(&config, "mx.test.example").unwrap();
-        let env = Envelope {
-            mail_from: "a@b.example".into(),
-            rcpt_to: vec!["c@d.example".into()],
-        };
+        let (relay, _) = relay(&[format!("smtp://127.0.0.1:{port}")], 1);
         let started = std::time::Instant::now();
+        let deadline = Instant::now() + Duration::from_secs(3);
         assert!(matches!(
-            relay.deliver(&env, b"x\r\n").await,
+            relay.deliver(&env(), b"x\r\n", deadline).await,
             Delivery::TempFail(_)
         ));
+        // Within the caller's deadline, whatever the retries.
         assert!(
-            started.elapsed() < std::time::Duration::from_secs(10),
+            started.elapsed() < Duration::from_millis(3500),
             "{:?}",
             started.elapsed()
         );
@@ -304,27 +346,46 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn unreachable_smarthost_is_a_temporary_failure() {
-        // Bind and drop a listener to get a port nothing listens on.
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let config = RelayConfig {
-            mode: crate::config::RelayMode::Smarthost,
-            smarthosts: vec![format!("smtp://127.0.0.1:{port}")],
-            timeout_secs: 5,
-            ..Default::default()
-        };
-        let relay = SmarthostRelay::new(&config, "mx.test.example").unwrap();
-        let env = Envelope {
-            mail_from: "a@b.example".into(),
-            rcpt_to: vec!["c@d.example".into()],
-        };
+    async fn breaker_skips_a_dead_smarthost_after_consecutive_failures() {
+        let port = dead_port();
+        let (relay, metrics) = relay(&[format!("smtp://127.0.0.1:{port}")], 5);
+        let deadline = || Instant::now() + Duration::from_secs(30);
+        // max_attempts (4) attempts, the breaker opens at the second.
         assert!(matches!(
-            relay.deliver(&env, b"x\r\n").await,
+            relay.deliver(&env(), b"x\r\n", deadline()).await,
             Delivery::TempFail(_)
         ));
+        let text = metrics.encode();
+        let label = format!("smtp://127.0.0.1:{port}");
+        assert!(
+            text.contains(&format!(
+                "tempalias_relay_breaker_state{{upstream=\"{label}\"}} 1"
+            )),
+            "{text}"
+        );
+        assert!(
+            text.contains(&format!(
+                "tempalias_relay_attempts_total{{upstream=\"{label}\",result=\"failed\"}} 2"
+            )),
+            "{text}"
+        );
+        // The next message does not even try.
+        match relay.deliver(&env(), b"x\r\n", deadline()).await {
+            Delivery::TempFail(reason) => assert!(reason.contains("circuit breaker"), "{reason}"),
+            other => panic!("{other:?}"),
+        }
+        assert!(metrics.encode().contains(&format!(
+            "tempalias_relay_skipped_total{{upstream=\"{label}\"}} 2"
+        )));
+    }
+
+    #[tokio::test]
+    async fn past_deadline_means_no_attempt() {
+        let (relay, metrics) = relay(&[format!("smtp://127.0.0.1:{}", dead_port())], 5);
+        assert!(matches!(
+            relay.deliver(&env(), b"x\r\n", Instant::now()).await,
+            Delivery::TempFail(_)
+        ));
+        assert!(!metrics.encode().contains("relay_attempts_total{"));
     }
 }

@@ -632,7 +632,14 @@ where
             rcpt_to,
         };
         let started = Instant::now();
-        let delivery = self.ctx.relay.deliver(&envelope, message.clone()).await;
+        // The relay must answer before the first reservation's lease runs out.
+        let deadline = self.tx.rcpts.iter().map(|a| a.lease_ends).min();
+        let deadline = tokio::time::Instant::from_std(deadline.unwrap_or_else(Instant::now));
+        let delivery = self
+            .ctx
+            .relay
+            .deliver(&envelope, message.clone(), deadline)
+            .await;
         self.ctx
             .metrics
             .forward_duration
