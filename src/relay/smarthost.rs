@@ -234,7 +234,7 @@ impl SmarthostRelay {
                     }
                     Err(e) => {
                         tracing::warn!(smarthost = %upstream.label, error = %e, "upstream did not accept");
-                        last = format!("{}: {e}", upstream.label);
+                        last = e.to_string();
                     }
                 }
             }

@@ -72,7 +72,7 @@ CLONE_NEWNET = 0x40000000
 # is under test). The SMTP and relay timeouts are cut so that the reservation
 # lease can be short: a use held by a killed node comes back after 30 s
 # instead of 40 min, so Postfix's retries of a used-up alias settle within a
-# test. (The lease must exceed session_timeout + relay timeout.)
+# test. (The lease must exceed session_timeout + the relay's delivery budget.)
 NODE_CONFIG = {
     "smtp": {
         "failed_rcpt_delay_ms": 0,
@@ -82,7 +82,8 @@ NODE_CONFIG = {
         "transaction_timeout_secs": 15,
         "session_timeout_secs": 20,
     },
-    "relay": {"mode": "smarthost", "smarthosts": [f"smtp://{SINK_IP}:25"], "timeout_secs": 5, "reservation_lease_secs": 30},
+    "relay": {"mode": "smarthost", "smarthosts": [f"smtp://{SINK_IP}:25"], "timeout_secs": 5,
+              "delivery_timeout_secs": 8, "reservation_lease_secs": 30},
     # The load creates many aliases from one address.
     "ratelimit": {"enabled": False},
     "log": {"level": "info,openraft=warn"},

@@ -71,11 +71,11 @@ def node(node_factory) -> Node:
 
 @pytest.fixture
 def sink_factory(request, tmp_path):
-    """make(port=None, options=(), start=True) -> SmtpSink."""
+    """make(port=None, options=(), start=True, host="127.0.0.1") -> SmtpSink."""
     made: list[SmtpSink] = []
 
-    def make(port: int | None = None, options=(), start: bool = True) -> SmtpSink:
-        s = SmtpSink(tmp_path / "sinks", port=port, options=options)
+    def make(port: int | None = None, options=(), start: bool = True, host: str = "127.0.0.1") -> SmtpSink:
+        s = SmtpSink(tmp_path / "sinks", port=port, options=options, host=host)
         made.append(s)
         _track(request, s)
         if start:

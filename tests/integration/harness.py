@@ -225,8 +225,9 @@ class Node:
                 "capture_dir": str(self.capture_dir),
                 "smarthosts": list(smarthosts) or ["smtp://127.0.0.1:9"],
                 "timeout_secs": 5,
+                "delivery_timeout_secs": 20,
                 # Must exceed the longest transaction: the session timeout
-                # plus one relay attempt per smarthost.
+                # plus the relay's budget for one message.
                 "reservation_lease_secs": 120,
             },
             "cluster": {"listen": cluster_addr, "initial_members": {"1": cluster_addr}},
@@ -451,13 +452,15 @@ class SinkMessage:
 
 
 class SmtpSink:
-    """Postfix's smtp-sink on 127.0.0.1, dumping each transaction to a file.
+    """Postfix's smtp-sink on 127.0.0.1 (or `host`, another loopback address),
+    dumping each transaction to a file.
 
     `options` are extra smtp-sink flags, e.g. ["-f", ".", "-B", "554 5.7.1 no"]
     to refuse every message after its data with a hard error.
     """
 
-    def __init__(self, base: Path, port: int | None = None, options=()):
+    def __init__(self, base: Path, port: int | None = None, options=(), host: str = "127.0.0.1"):
+        self.host = host
         self.port = port or free_port()
         self.options = list(options)
         self.log_dir = Path(base)
@@ -467,24 +470,24 @@ class SmtpSink:
         self.dump_dir = Path(tempfile.mkdtemp(prefix="tempalias-sink-"))
         os.chmod(self.dump_dir, 0o777)
         self.proc: subprocess.Popen | None = None
-        self.stderr_path = self.log_dir / f"smtp-sink-{self.port}.log"
+        self.stderr_path = self.log_dir / f"smtp-sink-{host}-{self.port}.log"
 
     @property
     def url(self) -> str:
-        return f"smtp://127.0.0.1:{self.port}"
+        return f"smtp://{self.host}:{self.port}"
 
     def start(self) -> "SmtpSink":
         cmd = [smtp_sink_path()]
         if os.geteuid() == 0:
             cmd += ["-u", "nobody"]
-        cmd += ["-d", str(self.dump_dir) + "/msg."] + self.options + [f"127.0.0.1:{self.port}", "64"]
+        cmd += ["-d", str(self.dump_dir) + "/msg."] + self.options + [f"{self.host}:{self.port}", "64"]
         with open(self.stderr_path, "ab") as err:
             self.proc = subprocess.Popen(cmd, stdout=err, stderr=err, stdin=subprocess.DEVNULL)
 
         def greets():
             if self.proc.poll() is not None:
                 raise AssertionError(f"smtp-sink exited with {self.proc.returncode}: {self.stderr_path.read_text()}")
-            with socket.create_connection(("127.0.0.1", self.port), timeout=2) as s:
+            with socket.create_connection((self.host, self.port), timeout=2) as s:
                 return s.recv(100).startswith(b"220")
 
         def check():

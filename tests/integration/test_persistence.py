@@ -54,7 +54,7 @@ def test_sigterm_exits_zero(node):
 
 
 def test_reservation_of_a_killed_node_returns_after_the_lease(node_factory):
-    lease = 120  # > smtp.session_timeout_secs (60) + relay.timeout_secs (5)
+    lease = 120  # > smtp.session_timeout_secs (60) + relay.delivery_timeout_secs (20)
     node = node_factory(config={"relay": {"reservation_lease_secs": lease}})
     alias = node.create_alias(days=1, max_usage=2)
     use(node, alias, 1)

@@ -1,0 +1,390 @@
+"""Real outbound peers for the relay tests: a test CA (Python cryptography),
+Postfix as a TLS-requiring smarthost (its own config and queue directories),
+aiosmtpd with STARTTLS / implicit TLS and AUTH, and nsd serving test zones on
+a loopback port. Everything listens on 127.0.0.0/8; nothing leaves the machine.
+"""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+import os
+import shutil
+import socket
+import ssl
+import struct
+import subprocess
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from harness import free_port, wait_until
+
+# --------------------------------------------------------------------------- certificates
+
+
+def _crypto():
+    try:
+        from cryptography import x509
+        from cryptography.hazmat.primitives import hashes, serialization
+        from cryptography.hazmat.primitives.asymmetric import ec
+        from cryptography.x509.oid import NameOID
+    except ImportError as e:  # pragma: no cover - scripts/test installs it
+        raise AssertionError("Python package cryptography is missing; run scripts/test") from e
+    return x509, hashes, serialization, ec, NameOID
+
+
+@dataclass
+class Ca:
+    """A throw-away certificate authority."""
+
+    dir: Path
+    key: object
+    cert: object
+
+    @property
+    def pem_path(self) -> Path:
+        return self.dir / "ca.pem"
+
+    @classmethod
+    def create(cls, dir: Path, name: str = "tempalias test CA") -> "Ca":
+        x509, hashes, serialization, ec, NameOID = _crypto()
+        dir.mkdir(parents=True, exist_ok=True)
+        key = ec.generate_private_key(ec.SECP256R1())
+        subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+        now = datetime.datetime.now(datetime.timezone.utc)
+        cert = (
+            x509.CertificateBuilder()
+            .subject_name(subject)
+            .issuer_name(subject)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(days=1))
+            .not_valid_after(now + datetime.timedelta(days=30))
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .add_extension(
+                x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True, content_commitment=False,
+                              key_encipherment=False, data_encipherment=False, key_agreement=False,
+                              encipher_only=False, decipher_only=False),
+                critical=True,
+            )
+            .sign(key, hashes.SHA256())
+        )
+        ca = cls(dir, key, cert)
+        ca.pem_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+        return ca
+
+    def issue(self, name: str, hosts=("localhost", "127.0.0.1"), expired: bool = False) -> tuple[Path, Path]:
+        """A server certificate for `hosts`; (cert PEM path, key PEM path)."""
+        x509, hashes, serialization, ec, NameOID = _crypto()
+        key = ec.generate_private_key(ec.SECP256R1())
+        now = datetime.datetime.now(datetime.timezone.utc)
+        if expired:
+            start, end = now - datetime.timedelta(days=30), now - datetime.timedelta(days=1)
+        else:
+            start, end = now - datetime.timedelta(days=1), now + datetime.timedelta(days=30)
+        sans = []
+        for h in hosts:
+            try:
+                sans.append(x509.IPAddress(ipaddress.ip_address(h)))
+            except ValueError:
+                sans.append(x509.DNSName(h))
+        cert = (
+            x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hosts[0])]))
+            .issuer_name(self.cert.subject)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(start)
+            .not_valid_after(end)
+            .add_extension(x509.SubjectAlternativeName(sans), critical=False)
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+            .sign(self.key, hashes.SHA256())
+        )
+        cert_path, key_path = self.dir / f"{name}.pem", self.dir / f"{name}.key"
+        cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+        key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                               serialization.NoEncryption()))
+        os.chmod(key_path, 0o600)
+        return cert_path, key_path
+
+
+def self_signed(dir: Path, name: str) -> tuple[Path, Path]:
+    """A certificate signed by a CA nobody trusts."""
+    return Ca.create(dir / f"{name}-ca", f"untrusted {name}").issue(name)
+
+
+# --------------------------------------------------------------------------- aiosmtpd
+
+
+@dataclass
+class Received:
+    mail_from: str
+    rcpt_to: list[str]
+    data: bytes
+    tls: bool
+    auth_user: str | None
+
+
+@dataclass
+class AioSmtpd:
+    """aiosmtpd on 127.0.0.1 in a thread of the test process: a second real
+    SMTP implementation with STARTTLS, implicit TLS and AUTH PLAIN/LOGIN."""
+
+    cert: tuple[Path, Path] | None = None
+    implicit_tls: bool = False
+    auth: tuple[str, str] | None = None
+    port: int = field(default_factory=free_port)
+    messages: list[Received] = field(default_factory=list)
+    auth_attempts: list[tuple[str, bool]] = field(default_factory=list)
+
+    def start(self) -> "AioSmtpd":
+        try:
+            from aiosmtpd.controller import Controller
+            from aiosmtpd.smtp import AuthResult, LoginPassword
+        except ImportError as e:  # pragma: no cover - scripts/test installs it
+            raise AssertionError("Python package aiosmtpd is missing; run scripts/test") from e
+        outer = self
+        ctx = None
+        if self.cert:
+            ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+            ctx.load_cert_chain(str(self.cert[0]), str(self.cert[1]))
+
+        class Handler:
+            async def handle_DATA(self, server, session, envelope):
+                user = None
+                if session.auth_data is not None and isinstance(session.auth_data, LoginPassword):
+                    user = session.auth_data.login.decode()
+                outer.messages.append(Received(envelope.mail_from, list(envelope.rcpt_tos), envelope.content,
+                                               # implicit TLS: the listener speaks nothing else
+                                               session.ssl is not None or outer.implicit_tls, user))
+                return "250 2.0.0 OK: queued by aiosmtpd"
+
+        def authenticator(server, session, envelope, mechanism, auth_data):
+            ok = (isinstance(auth_data, LoginPassword) and outer.auth is not None
+                  and (auth_data.login.decode(), auth_data.password.decode()) == outer.auth)
+            outer.auth_attempts.append((mechanism, ok))
+            return AuthResult(success=ok, auth_data=auth_data if ok else None)
+
+        kwargs = dict(hostname="127.0.0.1", port=self.port, ready_timeout=15)
+        if self.implicit_tls:
+            kwargs["ssl_context"] = ctx
+        elif ctx is not None:
+            kwargs["tls_context"] = ctx
+            kwargs["require_starttls"] = False  # a plaintext fallback would be seen
+        if self.auth:
+            # aiosmtpd counts only STARTTLS as TLS for auth_require_tls; with
+            # implicit TLS the whole session is encrypted anyway.
+            kwargs.update(authenticator=authenticator, auth_required=True, auth_require_tls=not self.implicit_tls)
+        self.controller = Controller(Handler(), **kwargs)
+        self.controller.start()
+        return self
+
+    def stop(self):
+        c = getattr(self, "controller", None)
+        if c is not None:
+            c.stop()
+            self.controller = None
+
+
+# --------------------------------------------------------------------------- Postfix
+
+MASTER_CF = """\
+# service type  private unpriv  chroot  wakeup  maxproc command
+{port}    inet  n       -       n       -       -       smtpd
+pickup    unix  n       -       n       60      1       pickup
+cleanup   unix  n       -       n       -       0       cleanup
+qmgr      unix  n       -       n       300     1       qmgr
+rewrite   unix  -       -       n       -       -       trivial-rewrite
+bounce    unix  -       -       n       -       0       bounce
+defer     unix  -       -       n       -       0       bounce
+trace     unix  -       -       n       -       0       bounce
+verify    unix  -       -       n       -       1       verify
+flush     unix  n       -       n       1000?   0       flush
+proxymap  unix  -       -       n       -       -       proxymap
+smtp      unix  -       -       n       -       -       smtp
+relay     unix  -       -       n       -       -       smtp
+showq     unix  n       -       n       -       -       showq
+error     unix  -       -       n       -       -       error
+retry     unix  -       -       n       -       -       error
+discard   unix  -       -       n       -       -       discard
+anvil     unix  -       -       n       -       1       anvil
+scache    unix  -       -       n       -       1       scache
+tlsmgr    unix  -       -       n       1000?   1       tlsmgr
+postlog   unix-dgram n  -       n       -       1       postlogd
+"""
+
+
+def _tool(name: str) -> str:
+    found = shutil.which(name) or (f"/usr/sbin/{name}" if Path(f"/usr/sbin/{name}").exists() else None)
+    if not found:
+        raise AssertionError(f"{name} is not installed (Debian package postfix/nsd); run scripts/test")
+    return found
+
+
+class PostfixSmarthost:
+    """A Postfix instance of its own on 127.0.0.1:port that insists on
+    STARTTLS (smtpd_tls_security_level = encrypt) and relays what it accepts
+    from 127.0.0.0/8 to `relayhost` (an smtp-sink). Needs root (Postfix's
+    master runs as root and drops to the postfix user)."""
+
+    def __init__(self, cert: tuple[Path, Path], relayhost: str):
+        # Postfix's daemons run as the postfix user: the directory must be
+        # reachable by it (pytest's tmp dirs are 0700).
+        self.dir = Path(tempfile.mkdtemp(prefix="tempalias-postfix-"))
+        os.chmod(self.dir, 0o755)
+        self.port = free_port()
+        self.cert = cert
+        self.relayhost = relayhost
+        self.maillog = self.dir / "maillog"
+
+    def main_cf(self) -> str:
+        d = self.dir
+        shutil.copy(self.cert[0], d / "cert.pem")
+        shutil.copy(self.cert[1], d / "key.pem")
+        settings = {
+            "compatibility_level": "3.6",
+            "queue_directory": d / "queue",
+            "data_directory": d / "data",
+            "mail_owner": "postfix",
+            "setgid_group": "postdrop",
+            "myhostname": "smarthost.test",
+            "mydestination": "",
+            "local_transport": "error:no local delivery",
+            "alias_maps": "",
+            "alias_database": "",
+            "inet_interfaces": "127.0.0.1",
+            "inet_protocols": "ipv4",
+            "mynetworks": "127.0.0.0/8",
+            "smtpd_relay_restrictions": "permit_mynetworks, reject",
+            "relayhost": self.relayhost,
+            "smtpd_tls_security_level": "encrypt",
+            "smtpd_tls_cert_file": d / "cert.pem",
+            "smtpd_tls_key_file": d / "key.pem",
+            "smtpd_tls_received_header": "yes",
+            "smtputf8_enable": "no",
+            "queue_run_delay": "1s",
+            "minimal_backoff_time": "1s",
+            "maximal_backoff_time": "2s",
+            "maillog_file": self.maillog,
+            "maillog_file_prefixes": str(d.parent),
+            "biff": "no",
+        }
+        return "".join(f"{k} = {v}\n" for k, v in settings.items())
+
+    def postfix(self, *args):
+        r = subprocess.run([_tool("postfix"), "-c", str(self.dir), *args], capture_output=True, text=True, timeout=60)
+        if r.returncode != 0:
+            tail = self.maillog.read_text(errors="replace")[-2000:] if self.maillog.exists() else ""
+            raise AssertionError(f"postfix {' '.join(args)}: {r.returncode} {r.stderr}\nmaillog:\n{tail}")
+
+    def start(self) -> "PostfixSmarthost":
+        (self.dir / "main.cf").write_text(self.main_cf())
+        (self.dir / "master.cf").write_text(MASTER_CF.format(port=self.port))
+        (self.dir / "queue").mkdir(exist_ok=True)
+        self.postfix("check")
+        self.postfix("start")
+
+        def greets():
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=2) as s:
+                    return s.recv(100).startswith(b"220")
+            except OSError:
+                return False
+
+        wait_until(greets, 30, "Postfix to greet")
+        return self
+
+    def logs(self) -> str:
+        return self.maillog.read_text(errors="replace") if self.maillog.exists() else ""
+
+    def cleanup(self):
+        try:
+            self.postfix("stop")
+        except AssertionError:
+            pass
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------- nsd
+
+
+def dns_query(port: int, name: str, qtype: int) -> tuple[int, int]:
+    """One UDP query to 127.0.0.1:port: (RCODE, number of answers)."""
+    qid = int.from_bytes(os.urandom(2), "big")
+    q = struct.pack(">HHHHHH", qid, 0x0100, 1, 0, 0, 0)
+    q += b"".join(bytes([len(p)]) + p.encode() for p in name.rstrip(".").split(".")) + b"\0"
+    q += struct.pack(">HH", qtype, 1)
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.settimeout(1.0)
+        s.sendto(q, ("127.0.0.1", port))
+        data, _ = s.recvfrom(4096)
+    rid, flags, _, an, _, _ = struct.unpack(">HHHHHH", data[:12])
+    if rid != qid:
+        raise OSError("answer to another query")
+    return flags & 0xF, an
+
+
+class Nsd:
+    """nsd (Debian package nsd) serving the given zones on 127.0.0.1:port
+    (UDP and TCP), in the foreground, from a directory of its own."""
+
+    def __init__(self, base: Path, zones: dict[str, list[str]]):
+        self.dir = base / "nsd"
+        self.zones = zones
+        self.port = free_port()
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> "Nsd":
+        d = self.dir
+        d.mkdir(parents=True, exist_ok=True)
+        conf = [
+            "server:",
+            "    ip-address: 127.0.0.1",
+            f"    port: {self.port}",
+            "    do-ip6: no",
+            "    server-count: 1",
+            '    username: ""',
+            '    chroot: ""',
+            f'    zonesdir: "{d}"',
+            '    database: ""',
+            f'    pidfile: "{d}/nsd.pid"',
+            f'    xfrdfile: "{d}/xfrd.state"',
+            f'    xfrdir: "{d}"',
+            f'    zonelistfile: "{d}/zone.list"',
+            f'    logfile: "{d}/nsd.log"',
+            "remote-control:",
+            "    control-enable: no",
+        ]
+        for zone, records in self.zones.items():
+            head = [f"$ORIGIN {zone}.", "$TTL 60", f"@ IN SOA ns.{zone}. hostmaster.{zone}. (1 3600 600 86400 60)",
+                    f"@ IN NS ns.{zone}.", "ns IN A 127.0.0.1"]
+            (d / f"{zone}.zone").write_text("\n".join(head + records) + "\n")
+            conf += ["zone:", f"    name: {zone}", f'    zonefile: "{zone}.zone"']
+        (d / "nsd.conf").write_text("\n".join(conf) + "\n")
+        subprocess.run([_tool("nsd-checkconf"), str(d / "nsd.conf")], check=True, capture_output=True, timeout=30)
+        with open(d / "nsd.out", "ab") as log:
+            self.proc = subprocess.Popen([_tool("nsd"), "-d", "-c", str(d / "nsd.conf")], stdout=log, stderr=log,
+                                         stdin=subprocess.DEVNULL)
+        first = next(iter(self.zones))
+
+        def serving():
+            if self.proc.poll() is not None:
+                raise AssertionError(f"nsd exited with {self.proc.returncode}: {(d / 'nsd.out').read_text()}")
+            try:
+                return dns_query(self.port, first, 6) == (0, 1)  # its SOA
+            except OSError:
+                return False
+
+        wait_until(serving, 20, "nsd to serve the test zones")
+        return self
+
+    def stop(self):
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)

@@ -1,0 +1,144 @@
+"""Smarthost TLS and AUTH against real peers: Postfix requiring STARTTLS,
+aiosmtpd with bad certificates, implicit TLS and AUTH, smtp-sink without
+STARTTLS. A required-TLS smarthost that cannot be verified gets a 451 and
+never a plaintext copy of the message."""
+
+from __future__ import annotations
+
+import os
+import smtplib
+
+import pytest
+
+from harness import SENDER, TARGET, message
+from peers import AioSmtpd, Ca, PostfixSmarthost, self_signed
+
+
+@pytest.fixture
+def ca(tmp_path):
+    return Ca.create(tmp_path / "ca")
+
+
+@pytest.fixture
+def aiosmtpd_factory():
+    made = []
+
+    def make(**kwargs) -> AioSmtpd:
+        s = AioSmtpd(**kwargs).start()
+        made.append(s)
+        return s
+
+    yield make
+    for s in made:
+        s.stop()
+
+
+def data_error(node, alias, subject):
+    with node.smtp() as s:
+        with pytest.raises(smtplib.SMTPDataError) as e:
+            s.sendmail(SENDER, [alias["alias"]], message(subject, to=alias["alias"]))
+    return e.value.smtp_code, e.value.smtp_error
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="Postfix's master must start as root")
+def test_postfix_smarthost_requiring_tls_receives_forwarded_mail(node_factory, sink_factory, ca, request):
+    final = sink_factory()
+    postfix = PostfixSmarthost(ca.issue("smarthost"), relayhost=f"[127.0.0.1]:{final.port}")
+    request.addfinalizer(postfix.cleanup)
+    postfix.start()
+
+    # The peer really insists on TLS: plaintext MAIL is refused.
+    with smtplib.SMTP("127.0.0.1", postfix.port, timeout=10) as s:
+        s.ehlo("probe.test")
+        code, text = s.mail(SENDER)
+        assert code == 530 and b"STARTTLS" in text, (code, text)
+
+    node = node_factory(relay="smarthost", smarthosts=[f"smtp+starttls://localhost:{postfix.port}"],
+                        config={"relay": {"ca_file": str(ca.pem_path)}})
+    alias = node.create_alias(days=1, max_usage=2)
+    assert node.send([alias["alias"]], message("through postfix", to=alias["alias"])) == {}
+    (m,) = final.wait_for(1, timeout=30)
+    assert m.rcpt_to == [TARGET] and m.mail_from == SENDER
+    assert b"Subject: through postfix" in m.data
+    # Postfix's own Received: header records the TLS session we opened.
+    assert b"using TLS" in m.data, m.data[:800]
+    assert node.remaining(alias) == 1
+    assert 'tempalias_relay_attempts_total{upstream="smtp+starttls://localhost:%d",result="accepted"} 1' % postfix.port \
+        in node.metrics()
+
+
+@pytest.mark.parametrize("problem", ["expired", "wrong_name", "unknown_ca"])
+def test_unverifiable_certificate_with_required_starttls_gives_451_never_plaintext(
+        node_factory, aiosmtpd_factory, ca, tmp_path, problem):
+    if problem == "expired":
+        cert = ca.issue("expired", expired=True)
+    elif problem == "wrong_name":
+        cert = ca.issue("other", hosts=("other.example",))
+    else:
+        cert = self_signed(tmp_path, "stranger")
+    # This peer would also take the message in plaintext: a fallback would show.
+    peer = aiosmtpd_factory(cert=cert)
+    node = node_factory(relay="smarthost", smarthosts=[f"smtp+starttls://localhost:{peer.port}"],
+                        config={"relay": {"ca_file": str(ca.pem_path), "max_attempts": 2}})
+    alias = node.create_alias(days=1, max_usage=1)
+    code, text = data_error(node, alias, f"bad certificate {problem}")
+    assert code == 451 and text.startswith(b"4.4.1"), (code, text)
+    assert peer.messages == []
+    assert node.remaining(alias) == 1
+    assert "STARTTLS" in node.logs()
+
+
+def test_required_starttls_not_offered_gives_451(node_factory, sink_factory, ca):
+    sink = sink_factory()  # smtp-sink offers no STARTTLS
+    node = node_factory(relay="smarthost", smarthosts=[f"smtp+starttls://127.0.0.1:{sink.port}"],
+                        config={"relay": {"ca_file": str(ca.pem_path), "max_attempts": 1}})
+    alias = node.create_alias(days=1, max_usage=1)
+    code, _ = data_error(node, alias, "no starttls")
+    assert code == 451
+    assert sink.messages() == []
+    assert node.remaining(alias) == 1
+    assert "STARTTLS is required but not offered" in node.logs()
+
+
+def test_opportunistic_smtp_uses_starttls_without_verifying(node_factory, aiosmtpd_factory, tmp_path):
+    peer = aiosmtpd_factory(cert=self_signed(tmp_path, "opportunistic"))
+    node = node_factory(relay="smarthost", smarthosts=[f"smtp://127.0.0.1:{peer.port}"])
+    alias = node.create_alias(days=1, max_usage=1)
+    assert node.send([alias["alias"]], message("opportunistic", to=alias["alias"])) == {}
+    (m,) = peer.messages
+    assert m.tls and m.rcpt_to == [TARGET]
+
+
+@pytest.mark.parametrize("scheme", ["smtps", "smtp+starttls"])
+def test_auth_with_password_file(node_factory, aiosmtpd_factory, ca, tmp_path, scheme):
+    password = "correct horse battery staple"
+    peer = aiosmtpd_factory(cert=ca.issue(f"auth-{scheme}"), implicit_tls=scheme == "smtps",
+                            auth=("forwarder", password))
+    pw_file = tmp_path / "relay.password"
+    pw_file.write_text(password + "\n")
+    node = node_factory(relay="smarthost", smarthosts=[f"{scheme}://forwarder@localhost:{peer.port}"],
+                        config={"relay": {"ca_file": str(ca.pem_path), "password_file": str(pw_file)}})
+    alias = node.create_alias(days=1, max_usage=2)
+    assert node.send([alias["alias"]], message(f"auth over {scheme}", to=alias["alias"])) == {}
+    (m,) = peer.messages
+    assert m.tls and m.auth_user == "forwarder" and m.rcpt_to == [TARGET]
+    assert b"Subject: auth over " + scheme.encode() in m.data
+    assert peer.auth_attempts[-1][1] is True
+    assert node.remaining(alias) == 1
+    assert password not in node.logs()
+
+
+def test_wrong_password_gives_451_and_is_never_logged(node_factory, aiosmtpd_factory, ca, tmp_path):
+    peer = aiosmtpd_factory(cert=ca.issue("auth-wrong"), implicit_tls=True, auth=("forwarder", "right"))
+    node = node_factory(relay="smarthost", smarthosts=[f"smtps://forwarder@localhost:{peer.port}"],
+                        config={"relay": {"ca_file": str(ca.pem_path), "max_attempts": 1}}, start=False)
+    # The password from the environment this time.
+    base_env = node.env
+    node.env = lambda: {**base_env(), "TEMPALIAS_RELAY_PASSWORD": "wrong-password-xyz"}
+    node.start()
+    alias = node.create_alias(days=1, max_usage=1)
+    code, _ = data_error(node, alias, "wrong password")
+    assert code == 451
+    assert peer.messages == [] and peer.auth_attempts and not any(ok for _, ok in peer.auth_attempts)
+    assert node.remaining(alias) == 1
+    assert "wrong-password-xyz" not in node.logs()
