@@ -337,7 +337,7 @@ impl Default for RelayConfig {
                 port: 2526,
             }],
             timeout_secs: 60,
-            delivery_timeout_secs: 300,
+            delivery_timeout_secs: 120,
             max_attempts: 4,
             backoff_base_ms: 200,
             backoff_max_ms: 5000,
