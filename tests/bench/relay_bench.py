@@ -86,6 +86,8 @@ def main() -> int:
 
 
 def measure(node, count: int) -> tuple[float, float]:
+    import harness
+
     alias = node.create_alias(days=1, max_usage=count + 10)
     msg = harness.message("bench", body="x" * 1000 + "\r\n", to=alias["alias"])
     latencies = []
