@@ -82,6 +82,16 @@ impl Breaker {
         })
     }
 
+    /// Whether [`Breaker::try_acquire`] would give a permit now (without
+    /// taking it), so a round is not waited for when nothing could be tried.
+    pub fn would_allow(&self, now: Instant) -> bool {
+        match *self.lock() {
+            State::Closed { .. } => true,
+            State::Open { until } => now >= until,
+            State::HalfOpen { probing } => !probing,
+        }
+    }
+
     /// Records the outcome of an attempt. `failed` means the smarthost gave no
     /// usable answer (connect, TLS, AUTH, timeout, lost connection); a reply,
     /// even a refusal, shows it alive. Returns true when this opened the breaker.
@@ -168,7 +178,9 @@ mod tests {
         let p = b.try_acquire(t0).unwrap();
         assert!(b.record(p, true, t0), "third consecutive failure opens it");
         assert_eq!(b.state(), BreakerState::Open);
+        assert!(!b.would_allow(t0 + Duration::from_secs(9)));
         assert!(b.try_acquire(t0 + Duration::from_secs(9)).is_none());
+        assert!(b.would_allow(t0 + Duration::from_secs(10)));
 
         // After the cool-down exactly one probe goes through.
         let t1 = t0 + Duration::from_secs(10);
