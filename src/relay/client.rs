@@ -148,7 +148,9 @@ pub async fn send(
         }
         _ => AsyncSmtpConnection::connect_with_transport(Box::new(tcp), target.helo).await,
     }
-    .map_err(|e| classify(target.name, "greeting", &e))?;
+    // A refusal at the greeting or EHLO (`554 no service`, `421 busy`) says
+    // nothing about the message: the host is unusable, whatever the code.
+    .map_err(|e| failed("greeting or EHLO", &e))?;
     match target.tls {
         TlsPolicy::Required(params) => {
             if !conn.can_starttls() {

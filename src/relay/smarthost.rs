@@ -386,6 +386,27 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_refusing_greeting_is_a_failure_not_a_permanent_refusal() {
+        // "554 no SMTP service here" says nothing about the message: the
+        // sender must hear 4xx, and the breaker counts it.
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let server = tokio::spawn(async move {
+            use tokio::io::AsyncWriteExt;
+            while let Ok((mut sock, _)) = listener.accept().await {
+                let _ = sock.write_all(b"554 5.3.2 no SMTP service here\r\n").await;
+            }
+        });
+        let (relay, metrics) = relay(&[format!("smtp://127.0.0.1:{port}")], 5);
+        let outcome = relay
+            .deliver(&env(), b"x\r\n", Instant::now() + Duration::from_secs(10))
+            .await;
+        assert!(matches!(outcome, Delivery::TempFail(_)), "{outcome:?}");
+        assert!(metrics.encode().contains("result=\"failed\"} 2"));
+        server.abort();
+    }
+
+    #[tokio::test]
     async fn past_deadline_means_no_attempt() {
         let (relay, metrics) = relay(&[format!("smtp://127.0.0.1:{}", dead_port())], 5);
         assert!(matches!(
