@@ -50,6 +50,32 @@ pub enum ServeError {
     Cluster(#[from] crate::cluster::client::RpcError),
     #[error("cannot read the maintenance state: {0}")]
     Maintenance(std::io::Error),
+    #[error(transparent)]
+    Forwarding(#[from] crate::mail::ForwardingError),
+}
+
+/// Says once at start which alias domains are signed (and sealed), so an
+/// operator who forgot a key sees it before receivers do.
+fn log_forwarding(config: &Config, forwarding: &crate::mail::Forwarding) {
+    let signed = forwarding.signed_domains();
+    let unsigned: Vec<&String> = config
+        .domains
+        .iter()
+        .filter(|d| !signed.contains(d))
+        .collect();
+    if !signed.is_empty() {
+        tracing::info!(
+            domains = %signed.join(", "),
+            arc = forwarding.seals(),
+            "forwarded mail is DKIM-signed"
+        );
+    }
+    if !unsigned.is_empty() {
+        tracing::warn!(
+            domains = ?unsigned,
+            "no DKIM key (dkim.keys): forwarded mail of these domains is not signed; create one with `tempalias dkim keygen`"
+        );
+    }
 }
 
 fn in_use_hint(e: &std::io::Error) -> &'static str {
@@ -114,6 +140,8 @@ pub async fn run(
     let clock: Arc<dyn Clock> = Arc::new(SystemClock::from_env());
     let metrics = Arc::new(Metrics::new());
     let relay = Arc::new(Relay::from_config(&config.relay, &config.smtp.hostname)?);
+    let forwarding = Arc::new(crate::mail::Forwarding::from_config(&config)?);
+    log_forwarding(&config, &forwarding);
     let peers = Peers::new(
         &secret,
         Duration::from_millis(config.cluster.rpc_timeout_ms),
@@ -183,6 +211,7 @@ pub async fn run(
     ));
 
     let smtp_ctx = Arc::new(SmtpContext {
+        forwarding,
         config: config.smtp.clone(),
         domains: config.domains.clone(),
         node: node.clone(),
