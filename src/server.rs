@@ -70,6 +70,13 @@ fn log_forwarding(config: &Config, forwarding: &crate::mail::Forwarding) {
             "forwarded mail is DKIM-signed"
         );
     }
+    let unsealed = forwarding.unsealed_domains();
+    if config.arc.enabled && !unsealed.is_empty() {
+        tracing::warn!(
+            domains = ?unsealed,
+            "forwarded mail of these domains is not ARC-sealed: ARC (RFC 8617) needs an RSA key"
+        );
+    }
     if !unsigned.is_empty() {
         tracing::warn!(
             domains = ?unsigned,

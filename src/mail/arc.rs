@@ -11,7 +11,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
 use mail_auth::arc::ArcSealer;
-use mail_auth::common::crypto::{Ed25519Key, RsaKey, Sha256};
+use mail_auth::common::crypto::{RsaKey, Sha256};
 use mail_auth::common::headers::HeaderWriter;
 use mail_auth::dkim::{Canonicalization, Done};
 use mail_auth::dmarc::verify::DmarcParameters;
@@ -19,7 +19,7 @@ use mail_auth::hickory_resolver::config::{NameServerConfig, ResolverConfig, Reso
 use mail_auth::spf::verify::SpfParameters;
 use mail_auth::{AuthenticatedMessage, AuthenticationResults, MessageAuthenticator};
 
-use super::dkim::{ArcKey, DkimError, KeyMaterial, SIGNED_HEADERS};
+use super::dkim::{DkimError, KeyMaterial, SIGNED_HEADERS};
 
 /// Why the DNS resolver for the evaluation could not be set up.
 #[derive(Debug, thiserror::Error)]
@@ -76,41 +76,34 @@ pub struct Incoming<'a> {
     pub mail_from: &'a str,
 }
 
-enum Sealer {
-    Rsa(ArcSealer<RsaKey<Sha256>, Done>),
-    Ed25519(ArcSealer<Ed25519Key, Done>),
-}
-
-/// Seals messages for one alias domain.
+/// Seals messages for one alias domain. RSA only: RFC 8617 defines ARC
+/// with `rsa-sha256` alone, and verifiers (dkimpy among them) fail an
+/// Ed25519 seal.
 pub struct DomainSealer {
-    sealer: Sealer,
+    sealer: ArcSealer<RsaKey<Sha256>, Done>,
 }
 
 impl DomainSealer {
-    /// A sealer with the domain's DKIM key and selector.
+    /// A sealer with the domain's DKIM key and selector; `None` for an
+    /// Ed25519 key (see above).
     ///
     /// # Errors
     /// [`DkimError::BadKey`] when the key cannot be used.
-    pub fn new(domain: &str, selector: &str, material: &KeyMaterial) -> Result<Self, DkimError> {
-        let sealer = match super::dkim::arc_key(material)? {
-            ArcKey::Rsa(k) => Sealer::Rsa(
-                ArcSealer::from_key(k)
-                    .domain(domain)
-                    .selector(selector)
-                    .headers(SIGNED_HEADERS.iter().copied())
-                    .header_canonicalization(Canonicalization::Relaxed)
-                    .body_canonicalization(Canonicalization::Relaxed),
-            ),
-            ArcKey::Ed25519(k) => Sealer::Ed25519(
-                ArcSealer::from_key(k)
-                    .domain(domain)
-                    .selector(selector)
-                    .headers(SIGNED_HEADERS.iter().copied())
-                    .header_canonicalization(Canonicalization::Relaxed)
-                    .body_canonicalization(Canonicalization::Relaxed),
-            ),
+    pub fn new(
+        domain: &str,
+        selector: &str,
+        material: &KeyMaterial,
+    ) -> Result<Option<Self>, DkimError> {
+        let Some(key) = super::dkim::rsa_key(material)? else {
+            return Ok(None);
         };
-        Ok(Self { sealer })
+        let sealer = ArcSealer::from_key(key)
+            .domain(domain)
+            .selector(selector)
+            .headers(SIGNED_HEADERS.iter().copied())
+            .header_canonicalization(Canonicalization::Relaxed)
+            .body_canonicalization(Canonicalization::Relaxed);
+        Ok(Some(Self { sealer }))
     }
 }
 
@@ -178,12 +171,8 @@ pub async fn seal(
     if !arc.can_be_sealed() {
         return SealOutcome::ChainBroken;
     }
-    let set = match &sealer.sealer {
-        Sealer::Rsa(s) => s.seal(&msg, &results, &arc).map(|s| s.to_header()),
-        Sealer::Ed25519(s) => s.seal(&msg, &results, &arc).map(|s| s.to_header()),
-    };
-    match set {
-        Ok(h) => SealOutcome::Sealed(h),
+    match sealer.sealer.seal(&msg, &results, &arc) {
+        Ok(set) => SealOutcome::Sealed(set.to_header()),
         Err(e) => SealOutcome::Failed(e.to_string()),
     }
 }

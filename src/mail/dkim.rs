@@ -53,7 +53,7 @@ pub enum DkimError {
     Read { path: String, error: std::io::Error },
     #[error("{path}: not a PEM private key (PKCS#1 or PKCS#8)")]
     NotPem { path: String },
-    #[error("{path}: not a usable {algorithm:?} key: {reason}")]
+    #[error("{path}: not a usable {} key: {reason}", dns_name(*algorithm))]
     BadKey {
         path: String,
         algorithm: Algorithm,
@@ -195,18 +195,13 @@ impl DomainSigner {
     }
 }
 
-/// Makes a sealer for ARC with the same key (ARC signs like DKIM).
-pub(crate) fn arc_key(material: &KeyMaterial) -> Result<ArcKey, DkimError> {
+/// The RSA key for ARC sealing (ARC signs like DKIM, with the same key);
+/// `None` for an Ed25519 key.
+pub(crate) fn rsa_key(material: &KeyMaterial) -> Result<Option<RsaKey<Sha256>>, DkimError> {
     match material.key()? {
-        Key::Rsa(k) => Ok(ArcKey::Rsa(k)),
-        Key::Ed25519(k) => Ok(ArcKey::Ed25519(k)),
+        Key::Rsa(k) => Ok(Some(k)),
+        Key::Ed25519(_) => Ok(None),
     }
-}
-
-/// A key for ARC sealing.
-pub(crate) enum ArcKey {
-    Rsa(RsaKey<Sha256>),
-    Ed25519(Ed25519Key),
 }
 
 /// A generated key pair: the private key as PEM and the DNS record.

@@ -84,7 +84,7 @@ impl Forwarding {
             let material = dkim::KeyMaterial::load(&k.key_file, k.algorithm).map_err(err)?;
             let signer = dkim::DomainSigner::new(&k.domain, &k.selector, &material).map_err(err)?;
             let sealer = if config.arc.enabled {
-                Some(arc::DomainSealer::new(&k.domain, &k.selector, &material).map_err(err)?)
+                arc::DomainSealer::new(&k.domain, &k.selector, &material).map_err(err)?
             } else {
                 None
             };
@@ -125,9 +125,21 @@ impl Forwarding {
         d
     }
 
-    /// Whether forwarded mail is ARC-sealed.
+    /// Whether forwarded mail is ARC-sealed (for some domain).
     pub fn seals(&self) -> bool {
         self.auth.is_some()
+    }
+
+    /// Signed domains that are not sealed: ARC needs an RSA key.
+    pub fn unsealed_domains(&self) -> Vec<String> {
+        let mut d: Vec<String> = self
+            .keys
+            .iter()
+            .filter(|(_, k)| k.sealer.is_none())
+            .map(|(d, _)| d.clone())
+            .collect();
+        d.sort();
+        d
     }
 
     /// For a recipient `local@<alias domain>`: `None` when `local` is no SRS
@@ -236,7 +248,13 @@ mod tests {
     }
 
     fn config(dir: &std::path::Path, arc: bool) -> Config {
-        let key = dkim::generate(DkimAlgorithm::Ed25519).unwrap();
+        // ARC seals with RSA only (RFC 8617); DKIM alone is tested with Ed25519.
+        let algorithm = if arc {
+            DkimAlgorithm::Rsa
+        } else {
+            DkimAlgorithm::Ed25519
+        };
+        let key = dkim::generate(algorithm).unwrap();
         let path = dir.join("dkim.pem");
         dkim::write_key_file(&path, &key.private_pem).unwrap();
         let mut c = Config {
@@ -248,7 +266,7 @@ mod tests {
             domain: "tempalias.test".into(),
             selector: "s1".into(),
             key_file: path,
-            algorithm: DkimAlgorithm::Ed25519,
+            algorithm,
         }];
         c.arc.enabled = arc;
         // Nothing answers here: every lookup fails at once, nothing leaves.
@@ -343,6 +361,27 @@ mod tests {
         }
         assert!(head.contains("cv=none"), "{head}");
         assert!(msg.ends_with(MESSAGE));
+    }
+
+    #[tokio::test]
+    async fn ed25519_domains_are_signed_but_not_sealed() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut c = config(dir.path(), false);
+        c.arc.enabled = true;
+        let f = Forwarding::from_config(&c).unwrap();
+        assert_eq!(f.unsealed_domains(), vec!["tempalias.test".to_string()]);
+        assert!(!f.seals(), "no resolver without anything to seal");
+        let (_, msg) = f
+            .prepare(
+                incoming(),
+                "k7q2mz9xwd@tempalias.test",
+                envelope("alice@sender.example"),
+                MESSAGE.to_vec(),
+                NOW_MS,
+            )
+            .await;
+        assert!(msg.starts_with(b"DKIM-Signature:"));
+        assert!(!msg.windows(4).any(|w| w == b"ARC-"));
     }
 
     #[test]

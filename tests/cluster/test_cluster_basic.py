@@ -4,10 +4,12 @@ concurrency across nodes, and a peer with the wrong secret is refused."""
 from __future__ import annotations
 
 import json
+import re
 import threading
 import time
 
 from clusterkit import (
+    DOMAIN,
     TARGET,
     SENDER,
     captured_uids,
@@ -58,7 +60,9 @@ def test_any_node_answers_and_mail_is_forwarded_once(cluster):
     assert len(meta) == 1
     envelope = json.loads(meta[0].read_text())
     assert envelope["rcpt_to"] == [TARGET]
-    assert envelope["mail_from"] == SENDER
+    # The sender is SRS-rewritten into the alias domain (SRS0=HASH=TT=domain=local@).
+    local, _, dom = SENDER.rpartition("@")
+    assert re.fullmatch(rf"SRS0=[A-Za-z0-9+/]{{6}}=[A-Z2-7]{{2}}={re.escape(dom)}={re.escape(local)}@{DOMAIN}", envelope["mail_from"]), envelope
 
     # Every node now agrees the alias has one use left fewer (linearizable reads).
     for nd in cluster:
