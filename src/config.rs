@@ -1095,6 +1095,67 @@ mod tests {
     }
 
     #[test]
+    fn mail_sections_parse_and_are_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = dir.path().join("k.pem");
+        let generated = crate::mail::dkim::generate(DkimAlgorithm::Ed25519).unwrap();
+        crate::mail::dkim::write_key_file(&key, &generated.private_pem).unwrap();
+        let text = format!(
+            "domains = [\"a.example\"]\n[srs]\nsecret = \"0123456789abcdef\"\nmax_age_days = 7\n\
+             [[dkim.keys]]\ndomain = \"a.example\"\nselector = \"s1\"\nkey_file = {key:?}\nalgorithm = \"ed25519\"\n\
+             [arc]\ndns_servers = [\"127.0.0.1:5353\", \"::1\"]\n"
+        );
+        let c = load(&text, &[]).unwrap();
+        assert_eq!(c.srs.max_age_days, 7);
+        assert_eq!(c.dkim.keys[0].algorithm, DkimAlgorithm::Ed25519);
+        assert_eq!(c.srs_secrets().unwrap()[0].expose(), "0123456789abcdef");
+        assert!(c.arc.enabled);
+
+        let bad = format!(
+            "domains = [\"a.example\"]\n[srs]\nsecret = \"short\"\nmax_age_days = 0\n\
+             [[dkim.keys]]\ndomain = \"b.example\"\nselector = \"s 1\"\nkey_file = {key:?}\n\
+             [arc]\ndns_servers = [\"resolver\"]\n"
+        );
+        let found: Vec<(String, String)> = problems(&bad, &[])
+            .into_iter()
+            .map(|(_, k, m)| (k, m))
+            .collect();
+        let has = |key: &str, part: &str| found.iter().any(|(k, m)| k == key && m.contains(part));
+        assert!(has("srs.secret", "at least 16"), "{found:?}");
+        assert!(has("srs.max_age_days", "between 1 and 365"), "{found:?}");
+        assert!(
+            has("dkim.keys", "not one of the alias domains"),
+            "{found:?}"
+        );
+        assert!(has("dkim.keys", "not a DNS label"), "{found:?}");
+        // An Ed25519 key file named as RSA (the default algorithm).
+        assert!(has("dkim.keys", "not a usable rsa key"), "{found:?}");
+        assert!(has("arc.dns_servers", "not an IP address"), "{found:?}");
+        // Unknown fields of a key are errors too.
+        let typo = format!(
+            "domains = [\"a.example\"]\n[[dkim.keys]]\ndomain = \"a.example\"\nselectr = \"s1\"\nkey_file = {key:?}\n"
+        );
+        assert!(load(&typo, &[])
+            .unwrap_err()
+            .to_string()
+            .contains("selectr"));
+    }
+
+    #[test]
+    fn srs_falls_back_to_the_cluster_secret() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut c = Config {
+            data_dir: dir.path().to_path_buf(),
+            ..Config::default()
+        };
+        c.srs.previous_secrets = vec![Secret::new("an older secret value")];
+        let secrets = c.srs_secrets().unwrap();
+        assert_eq!(secrets[0], c.cluster_secret().unwrap());
+        assert_eq!(secrets[1].expose(), "an older secret value");
+        assert!(diagnose::Schema::new().sections["srs"].contains(&"secret_file".to_string()));
+    }
+
+    #[test]
     fn defaults_are_valid_and_match_the_contract() {
         let c = Config::load_with_env(None, Vec::new()).unwrap();
         assert_eq!(c.node_id, 1);
