@@ -496,7 +496,7 @@ where
         if self.tx.mail_from.is_none() {
             return self.reply(503, "5.5.1", "Need MAIL before RCPT");
         }
-        if self.tx.rcpts.len() >= self.ctx.config.max_recipients {
+        if self.tx.rcpts.len() + self.tx.bounces.len() >= self.ctx.config.max_recipients {
             return self.reply(452, "4.5.3", "Too many recipients");
         }
         if self.ctx.failures.is_blocked(self.peer.ip()) {
