@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import smtplib
 import threading
 import time
 
@@ -67,6 +68,24 @@ def test_any_node_answers_and_mail_is_forwarded_once(cluster):
     # Every node now agrees the alias has one use left fewer (linearizable reads).
     for nd in cluster:
         assert show_ok(nd, alias)["remaining"] == 4, nd.name
+
+    # A bounce to that SRS address reaching any other node (MX round robin) is
+    # reversed there: every node derives the SRS key from the cluster secret.
+    srs = envelope["mail_from"]
+    for nd in cluster:
+        if nd.id == other:
+            continue
+        before = {p.name for p in nd.capture_dir.glob("*.json")}
+        with smtplib.SMTP(nd.ip, nd.smtp_port, timeout=30) as s:
+            s.ehlo("mx.example.net")
+            assert s.mail("")[0] == 250
+            assert s.rcpt(srs)[0] == 250, f"node {nd.id} refused the SRS address"
+            assert s.data(b"Subject: bounce\r\n\r\nundeliverable\r\n")[0] == 250
+        (new,) = [p for p in nd.capture_dir.glob("*.json") if p.name not in before]
+        bounce = json.loads(new.read_text())
+        assert (bounce["mail_from"], bounce["rcpt_to"]) == ("", [SENDER]), bounce
+    for nd in cluster:
+        assert show_ok(nd, alias)["remaining"] == 4, "a bounce uses nothing"
 
     # The human-readable status names the leader and all three members.
     r = cluster.cli("status", via=other)
