@@ -57,6 +57,26 @@ pub struct Forwarding {
     arc_timeout: Duration,
 }
 
+/// Whether `address` may go into an upstream MAIL FROM or RCPT TO. Like
+/// lettre's check, but a local part may be longer than 64 characters: SRS
+/// addresses (ours, and other forwarders' we bounce to) often are, and MTAs
+/// accept them. The local part must be a dot-atom (what SRS produces from a
+/// sender that passed lettre's check), the domain one lettre accepts.
+pub fn is_valid_envelope_address(address: &str) -> bool {
+    if address.parse::<lettre::Address>().is_ok() {
+        return true;
+    }
+    let Some((local, domain)) = address.rsplit_once('@') else {
+        return false;
+    };
+    let atext = |b: u8| b.is_ascii_alphanumeric() || b"!#$%&'*+-/=?^_`{|}~".contains(&b);
+    local.len() <= 255
+        && local
+            .split('.')
+            .all(|w| !w.is_empty() && w.bytes().all(atext))
+        && lettre::Address::new("x", domain).is_ok()
+}
+
 /// The SRS key of a secret: an HMAC of it, so that the cluster secret (the
 /// default) is never used directly as a key for something else.
 fn srs_key(secret: &Secret) -> Vec<u8> {
@@ -162,7 +182,7 @@ impl Forwarding {
         let reversed = self.srs.reverse(local, now_ms / 1000);
         // The reversed address goes into an upstream RCPT: it must be one.
         Some(reversed.and_then(|a| {
-            if a.parse::<lettre::Address>().is_ok() {
+            if is_valid_envelope_address(&a) {
                 Ok(a)
             } else {
                 Err(SrsError::Malformed)
@@ -189,9 +209,16 @@ impl Forwarding {
             .rsplit_once('@')
             .map_or("", |(_, d)| d)
             .to_ascii_lowercase();
-        envelope.mail_from = self
+        let rewritten = self
             .srs
             .forward(&envelope.mail_from, &domain, now_ms / 1000);
+        if rewritten.is_empty() || is_valid_envelope_address(&rewritten) {
+            envelope.mail_from = rewritten;
+        } else {
+            // Only a sender with a quoted local part gets here: it keeps its
+            // own address (SPF at the target checks its domain then).
+            tracing::info!("sender cannot be SRS-rewritten; forwarded unchanged");
+        }
         let Some(keys) = self.keys.get(&domain) else {
             return (envelope, Arc::new(message));
         };
@@ -382,6 +409,31 @@ mod tests {
             .await;
         assert!(msg.starts_with(b"DKIM-Signature:"));
         assert!(!msg.windows(4).any(|w| w == b"ARC-"));
+    }
+
+    #[test]
+    fn long_srs_addresses_are_valid_envelope_addresses() {
+        let srs = Srs::new(vec![b"k".to_vec()], 21);
+        let long = format!("{}@lists.example.org", "newsletter-bounces+".repeat(3));
+        assert!(long.parse::<lettre::Address>().is_ok());
+        let fwd = srs.forward(&long, "tempalias.test", NOW_MS / 1000);
+        assert!(fwd.split('@').next().unwrap().len() > 64, "{fwd}");
+        assert!(
+            fwd.parse::<lettre::Address>().is_err(),
+            "lettre alone refuses it"
+        );
+        assert!(is_valid_envelope_address(&fwd));
+        for bad in [
+            "a b@example.org",
+            "a..b@example.org",
+            ".a@example.org",
+            "a@",
+            "a",
+            "a@exa mple.org",
+            "a\r\nRCPT@example.org",
+        ] {
+            assert!(!is_valid_envelope_address(bad), "{bad}");
+        }
     }
 
     #[test]

@@ -343,3 +343,17 @@ def test_check_config_reports_an_unusable_dkim_key(tmp_path):
     assert "not a usable rsa key" in r.stderr, r.stderr
     assert '"other.test" is not one of the alias domains' in r.stderr, r.stderr
     assert "srs.max_age_days" in r.stderr, r.stderr
+
+
+def test_long_srs_addresses_go_through_a_real_smtp_server(node_factory, sink_factory):
+    """SRS local parts are often over 64 characters; the relay must send them."""
+    sink = sink_factory()
+    node = node_factory(relay="smarthost", smarthosts=[sink.url])
+    alias = node.create_alias(days=3, max_usage=3)
+    sender = "newsletter-bounces+a1b2c3d4e5f6@lists.mailing.example.org"
+    assert node.send([alias["alias"]], b"Subject: long\r\n\r\nbody\r\n", sender=sender) == {}
+    (m,) = sink.wait_for(1)
+    assert srs_of(m.mail_from, sender) and len(m.mail_from.split("@")[0]) > 64, m.mail_from
+    assert node.send([m.mail_from], b"Subject: bounce\r\n\r\nx\r\n", sender="") == {}
+    bounce = sink.wait_for(2)[1]
+    assert (bounce.mail_from, bounce.rcpt_to) == ("", [sender]), bounce
