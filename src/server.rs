@@ -147,7 +147,8 @@ pub async fn run(
     let clock: Arc<dyn Clock> = Arc::new(SystemClock::from_env());
     let metrics = Arc::new(Metrics::new());
     let relay = Arc::new(Relay::from_config(&config.relay, &config.smtp.hostname)?);
-    let forwarding = Arc::new(crate::mail::Forwarding::from_config(&config)?);
+    let forwarding =
+        Arc::new(crate::mail::Forwarding::from_config(&config)?.with_metrics(&metrics));
     log_forwarding(&config, &forwarding);
     let peers = Peers::new(
         &secret,

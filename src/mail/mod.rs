@@ -23,6 +23,7 @@ pub use arc::Incoming;
 pub use srs::{Srs, SrsError};
 
 use crate::config::{Config, ConfigError, Secret};
+use crate::metrics::{AuthLabels, AuthResult};
 use crate::relay::Envelope;
 
 /// Why forwarding could not be set up from the configuration.
@@ -55,6 +56,11 @@ pub struct Forwarding {
     /// `authserv-id` of our `ARC-Authentication-Results` (the SMTP hostname).
     authserv_id: String,
     arc_timeout: Duration,
+    /// `tempalias_forward_auth_total` (shared with the registry).
+    counts: prometheus_client::metrics::family::Family<
+        AuthLabels,
+        prometheus_client::metrics::counter::Counter,
+    >,
 }
 
 /// Whether `address` may go into an upstream MAIL FROM or RCPT TO. Like
@@ -124,7 +130,18 @@ impl Forwarding {
             auth,
             authserv_id: config.smtp.hostname.clone(),
             arc_timeout: Duration::from_millis(config.arc.timeout_ms),
+            counts: Default::default(),
         })
+    }
+
+    /// Counts outcomes into `metrics` (`tempalias_forward_auth_total`).
+    pub fn with_metrics(mut self, metrics: &crate::metrics::Metrics) -> Self {
+        self.counts = metrics.forward_auth.clone();
+        self
+    }
+
+    fn count(&self, result: AuthResult) {
+        self.counts.get_or_create(&AuthLabels { result }).inc();
     }
 
     /// Forwarding with SRS only (tests, and tools that sign nothing).
@@ -135,6 +152,7 @@ impl Forwarding {
             auth: None,
             authserv_id: authserv_id.to_string(),
             arc_timeout: Duration::from_secs(5),
+            counts: Default::default(),
         }
     }
 
@@ -220,22 +238,29 @@ impl Forwarding {
             tracing::info!("sender cannot be SRS-rewritten; forwarded unchanged");
         }
         let Some(keys) = self.keys.get(&domain) else {
+            self.count(AuthResult::unsigned);
             return (envelope, Arc::new(message));
         };
         let arc_set = match (&keys.sealer, &self.auth) {
             (Some(sealer), Some(auth)) => {
                 let sealing = arc::seal(auth, &self.authserv_id, sealer, incoming, &message);
                 match tokio::time::timeout(self.arc_timeout, sealing).await {
-                    Ok(arc::SealOutcome::Sealed(h)) => h,
+                    Ok(arc::SealOutcome::Sealed(h)) => {
+                        self.count(AuthResult::sealed);
+                        h
+                    }
                     Ok(arc::SealOutcome::ChainBroken) => {
+                        self.count(AuthResult::chain_broken);
                         tracing::info!("not ARC-sealed: the message's ARC chain is broken");
                         String::new()
                     }
                     Ok(arc::SealOutcome::Failed(e)) => {
+                        self.count(AuthResult::seal_failed);
                         tracing::warn!(error = %e, "not ARC-sealed");
                         String::new()
                     }
                     Err(_) => {
+                        self.count(AuthResult::seal_timeout);
                         tracing::warn!("not ARC-sealed: the evaluation took too long");
                         String::new()
                     }
@@ -244,8 +269,12 @@ impl Forwarding {
             _ => String::new(),
         };
         let signature = match keys.signer.sign(&message) {
-            Ok(h) => h,
+            Ok(h) => {
+                self.count(AuthResult::signed);
+                h
+            }
             Err(e) => {
+                self.count(AuthResult::sign_failed);
                 tracing::warn!(error = %e, "not DKIM-signed");
                 String::new()
             }

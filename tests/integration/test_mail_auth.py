@@ -183,6 +183,9 @@ def test_forwarded_mail_is_signed_sealed_and_the_sender_signature_survives(world
     for result in (b"spf=pass", b"dkim=pass", b"dmarc=pass"):
         assert result in aar, aar
     assert b"i=1" in aar and b"mx1.tempalias.test" in aar
+    metrics = node.metrics()
+    assert 'tempalias_forward_auth_total{result="signed"} 1' in metrics, metrics
+    assert 'tempalias_forward_auth_total{result="sealed"} 1' in metrics, metrics
 
 
 def test_ed25519_domain_is_signed_but_not_sealed(world):
@@ -309,6 +312,8 @@ def test_zero_config_node_keeps_its_srs_key_across_restarts(node_factory):
     assert node.send([srs], b"Subject: bounce\r\n\r\nx\r\n", sender="") == {}
     assert node.captured()[1]["meta"]["rcpt_to"] == [SENDER]
     assert "forwarded mail of these domains is not signed" in node.logs()
+    # Counted since the restart: the bounce.
+    assert 'tempalias_forward_auth_total{result="unsigned"} 1' in node.metrics()
 
 
 def test_dkim_keygen_writes_a_private_key_and_never_overwrites(tmp_path):
