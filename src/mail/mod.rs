@@ -56,6 +56,9 @@ pub struct Forwarding {
     /// `authserv-id` of our `ARC-Authentication-Results` (the SMTP hostname).
     authserv_id: String,
     arc_timeout: Duration,
+    /// The alias domains (lower case): a sender that is already one of our
+    /// own valid SRS addresses is kept, not wrapped into SRS1.
+    domains: Vec<String>,
     /// `tempalias_forward_auth_total` (shared with the registry).
     counts: prometheus_client::metrics::family::Family<
         AuthLabels,
@@ -130,6 +133,11 @@ impl Forwarding {
             auth,
             authserv_id: config.smtp.hostname.clone(),
             arc_timeout: Duration::from_millis(config.arc.timeout_ms),
+            domains: config
+                .domains
+                .iter()
+                .map(|d| d.to_ascii_lowercase())
+                .collect(),
             counts: Default::default(),
         })
     }
@@ -152,6 +160,7 @@ impl Forwarding {
             auth: None,
             authserv_id: authserv_id.to_string(),
             arc_timeout: Duration::from_secs(5),
+            domains: Vec::new(),
             counts: Default::default(),
         }
     }
@@ -178,6 +187,14 @@ impl Forwarding {
             .collect();
         d.sort();
         d
+    }
+
+    /// True for a valid SRS address of one of our alias domains.
+    fn is_own_srs(&self, address: &str, now_ms: u64) -> bool {
+        address.rsplit_once('@').is_some_and(|(local, domain)| {
+            self.domains.contains(&domain.to_ascii_lowercase())
+                && self.srs.reverse(local, now_ms / 1000).is_ok()
+        })
     }
 
     /// For a recipient `local@<alias domain>`: `None` when `local` is no SRS
@@ -227,9 +244,14 @@ impl Forwarding {
             .rsplit_once('@')
             .map_or("", |(_, d)| d)
             .to_ascii_lowercase();
-        let rewritten = self
-            .srs
-            .forward(&envelope.mail_from, &domain, now_ms / 1000);
+        let rewritten = if self.is_own_srs(&envelope.mail_from, now_ms) {
+            // Forwarded again through another alias: its bounce can go
+            // straight back to the original sender.
+            envelope.mail_from.clone()
+        } else {
+            self.srs
+                .forward(&envelope.mail_from, &domain, now_ms / 1000)
+        };
         if rewritten.is_empty() || is_valid_envelope_address(&rewritten) {
             envelope.mail_from = rewritten;
         } else {
@@ -438,6 +460,41 @@ mod tests {
             .await;
         assert!(msg.starts_with(b"DKIM-Signature:"));
         assert!(!msg.windows(4).any(|w| w == b"ARC-"));
+    }
+
+    #[tokio::test]
+    async fn our_own_srs_sender_is_kept_when_forwarded_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = Forwarding::from_config(&config(dir.path(), false)).unwrap();
+        let first = f
+            .srs
+            .forward("alice@sender.example", "tempalias.test", NOW_MS / 1000);
+        let (env, _) = f
+            .prepare(
+                incoming(),
+                "other@tempalias.test",
+                envelope(&first),
+                MESSAGE.to_vec(),
+                NOW_MS,
+            )
+            .await;
+        assert_eq!(env.mail_from, first);
+        // Another forwarder's SRS0 (not ours) still becomes SRS1.
+        let theirs = Srs::new(vec![b"theirs".to_vec()], 21).forward(
+            "alice@sender.example",
+            "tempalias.test",
+            NOW_MS / 1000,
+        );
+        let (env, _) = f
+            .prepare(
+                incoming(),
+                "other@tempalias.test",
+                envelope(&theirs),
+                MESSAGE.to_vec(),
+                NOW_MS,
+            )
+            .await;
+        assert!(env.mail_from.starts_with("SRS1="), "{}", env.mail_from);
     }
 
     #[test]
