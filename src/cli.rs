@@ -109,6 +109,11 @@ enum Cmd {
         #[command(subcommand)]
         action: AliasCmd,
     },
+    /// DKIM keys for the alias domains.
+    Dkim {
+        #[command(subcommand)]
+        action: DkimCmd,
+    },
     /// Print a shell completion script.
     #[command(
         long_about = "Print a completion script for SHELL on standard output. For example:\n  \
@@ -158,6 +163,34 @@ enum ClusterCmd {
         /// The node's id.
         #[arg(value_name = "ID", value_parser = clap::value_parser!(u64).range(1..))]
         id: u64,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum DkimCmd {
+    /// Generate a signing key: writes the private key (mode 0600, never over
+    /// an existing file) and prints the DNS TXT record and the configuration.
+    #[command(
+        long_about = "Generate a DKIM signing key for an alias domain. The private key \
+            is written to --out (mode 0600; an existing file is never overwritten); \
+            the DNS TXT record to publish at SELECTOR._domainkey.DOMAIN and the \
+            [[dkim.keys]] entry for the configuration are printed. Copy the key \
+            file to every node: they all sign with the same key."
+    )]
+    Keygen {
+        /// The alias domain the key signs for (d=).
+        #[arg(long, value_name = "DOMAIN")]
+        domain: String,
+        /// The selector (s=), e.g. the month the key was made: 202611.
+        #[arg(long, value_name = "SELECTOR")]
+        selector: String,
+        /// rsa (2048 bits, checked everywhere) or ed25519.
+        #[arg(long, value_name = "ALG", default_value = "rsa", value_parser = ["rsa", "ed25519"])]
+        algorithm: String,
+        /// Where to write the private key. Default: SELECTOR.DOMAIN.key in
+        /// the current directory.
+        #[arg(long, value_name = "FILE")]
+        out: Option<PathBuf>,
     },
 }
 
@@ -236,6 +269,46 @@ struct TokenArgs {
     /// Takes precedence over --token and TEMPALIAS_TOKEN.
     #[arg(long, env = "TEMPALIAS_TOKEN_FILE", value_name = "FILE")]
     token_file: Option<PathBuf>,
+}
+
+fn dkim_keygen(
+    domain: &str,
+    selector: &str,
+    algorithm: &str,
+    out: Option<PathBuf>,
+) -> anyhow::Result<ExitCode> {
+    use crate::mail::dkim;
+    let domain = domain.to_ascii_lowercase();
+    anyhow::ensure!(
+        crate::alias::is_valid_domain(&domain),
+        "--domain {domain:?} is not a domain name"
+    );
+    anyhow::ensure!(
+        !selector.is_empty()
+            && selector
+                .split('.')
+                .all(|l| !l.is_empty() && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')),
+        "--selector {selector:?} is not a DNS label"
+    );
+    let alg = if algorithm == "ed25519" {
+        dkim::Algorithm::Ed25519
+    } else {
+        dkim::Algorithm::Rsa
+    };
+    let path = out.unwrap_or_else(|| PathBuf::from(format!("{selector}.{domain}.key")));
+    let key = dkim::generate(alg)?;
+    dkim::write_key_file(&path, &key.private_pem)?;
+    println!("; private key written to {}", path.display());
+    println!("; publish this record in the zone of {domain}:");
+    println!("{}", dkim::zone_line(&domain, selector, &key.txt));
+    println!();
+    println!("# and add this to every node's configuration (same key file on each):");
+    println!("[[dkim.keys]]");
+    println!("domain = \"{domain}\"");
+    println!("selector = \"{selector}\"");
+    println!("key_file = {:?}", path.display().to_string());
+    println!("algorithm = \"{algorithm}\"");
+    Ok(ExitCode::SUCCESS)
 }
 
 /// Entry point of the binary.
@@ -319,6 +392,15 @@ fn run(cli: Cli, local_offset: time::UtcOffset) -> anyhow::Result<ExitCode> {
             let runtime = tokio::runtime::Runtime::new().context("starting the runtime")?;
             runtime.block_on(alias_client::run(&api, json, action, local_offset))
         }
+        Cmd::Dkim {
+            action:
+                DkimCmd::Keygen {
+                    domain,
+                    selector,
+                    algorithm,
+                    out,
+                },
+        } => dkim_keygen(&domain, &selector, &algorithm, out),
         Cmd::Completions { shell } => {
             // Generated into memory: the generator panics on a write error
             // (such as a closed pipe), which we report instead.

@@ -103,6 +103,9 @@ pub struct Config {
     pub maintenance: MaintenanceConfig,
     pub ratelimit: RateLimitConfig,
     pub log: LogConfig,
+    pub srs: SrsConfig,
+    pub dkim: DkimConfig,
+    pub arc: ArcConfig,
 }
 
 impl Default for Config {
@@ -119,6 +122,9 @@ impl Default for Config {
             maintenance: MaintenanceConfig::default(),
             ratelimit: RateLimitConfig::default(),
             log: LogConfig::default(),
+            srs: SrsConfig::default(),
+            dkim: DkimConfig::default(),
+            arc: ArcConfig::default(),
         }
     }
 }
@@ -623,6 +629,95 @@ pub fn parse_nets(key: &str, entries: &[String]) -> Result<Vec<ipnet::IpNet>, Co
         .collect()
 }
 
+/// Sender Rewriting Scheme for forwarded mail (see docs/architecture.md).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SrsConfig {
+    /// The secret the SRS key is derived from; every node must have the same.
+    /// Unset: derived from the cluster secret, which every node shares already.
+    pub secret: Option<Secret>,
+    /// File holding the SRS secret (first line), instead of `secret`.
+    pub secret_file: Option<PathBuf>,
+    /// Earlier secrets (SRS or cluster secrets the key was derived from),
+    /// still accepted when reversing a bounce: keep one here for `max_age_days`
+    /// after a rotation.
+    pub previous_secrets: Vec<Secret>,
+    /// Days a rewritten sender can be bounced to (libsrs2's default: 21).
+    pub max_age_days: u32,
+}
+
+impl Default for SrsConfig {
+    fn default() -> Self {
+        Self {
+            secret: None,
+            secret_file: None,
+            previous_secrets: Vec::new(),
+            max_age_days: 21,
+        }
+    }
+}
+
+/// The signature algorithm of a DKIM key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum DkimAlgorithm {
+    /// RSA (2048 bits from `dkim keygen`) with SHA-256: checked by every receiver.
+    #[default]
+    Rsa,
+    /// Ed25519 with SHA-256 (RFC 8463): short keys, not checked everywhere yet.
+    Ed25519,
+}
+
+/// DKIM signing of forwarded mail.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DkimConfig {
+    /// One key per alias domain; a domain without one is not signed.
+    pub keys: Vec<DkimKey>,
+}
+
+/// The DKIM key of one alias domain.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DkimKey {
+    /// The alias domain (`d=`); one of `domains`.
+    pub domain: String,
+    /// The selector (`s=`): the key is published at `<selector>._domainkey.<domain>`.
+    pub selector: String,
+    /// PEM private key written by `tempalias dkim keygen` (the same on every node).
+    pub key_file: PathBuf,
+    /// `rsa` or `ed25519`; must match the key file.
+    #[serde(default)]
+    pub algorithm: DkimAlgorithm,
+}
+
+/// ARC sealing of forwarded mail (with the alias domain's DKIM key).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ArcConfig {
+    /// Seal forwarded mail of domains that have a DKIM key.
+    pub enabled: bool,
+    /// DNS servers (`IP` or `IP:port`) for evaluating SPF, DKIM and DMARC of
+    /// incoming mail; empty: the system's (`/etc/resolv.conf`).
+    pub dns_servers: Vec<String>,
+    /// Upper bound on one DNS query.
+    pub dns_timeout_ms: u64,
+    /// Upper bound on the whole evaluation of one message; past it the message
+    /// is forwarded signed but without an ARC set.
+    pub timeout_ms: u64,
+}
+
+impl Default for ArcConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            dns_servers: Vec::new(),
+            dns_timeout_ms: 2000,
+            timeout_ms: 5000,
+        }
+    }
+}
+
 /// Log output.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -921,6 +1016,7 @@ impl Config {
             "maintenance.retry_after_secs",
             self.maintenance.retry_after_secs,
         );
+        self.mail_problems(&mut out);
         if !matches!(self.log.format.as_str(), "text" | "json") {
             out.push("log.format", "must be \"text\" or \"json\"");
         }
@@ -994,6 +1090,89 @@ impl Config {
                 format!("no secret configured, and {e} (a node without a configured secret writes it there when it first starts); run this in the node's directory, or give --config FILE or --secret-file FILE"),
             )),
         }
+    }
+
+    fn mail_problems(&self, out: &mut Checks) {
+        if self.srs.secret.is_some() && self.srs.secret_file.is_some() {
+            out.push(
+                "srs.secret",
+                "set either srs.secret or srs.secret_file, not both",
+            );
+        }
+        if let Some(s) = &self.srs.secret {
+            if s.expose().len() < 16 {
+                out.push("srs.secret", "must be at least 16 characters");
+            }
+        }
+        if let Some(path) = &self.srs.secret_file {
+            match read_secret_file(path) {
+                Err(e) => out.push("srs.secret_file", e),
+                Ok(s) if s.expose().len() < 16 => out.push(
+                    "srs.secret_file",
+                    "the secret must be at least 16 characters",
+                ),
+                Ok(_) => {}
+            }
+        }
+        if self.srs.max_age_days == 0 || self.srs.max_age_days > 365 {
+            out.push("srs.max_age_days", "must be between 1 and 365");
+        }
+        let mut seen = Vec::new();
+        for k in &self.dkim.keys {
+            if !self.domains.contains(&k.domain) {
+                out.push(
+                    "dkim.keys",
+                    format!("{:?} is not one of the alias domains", k.domain),
+                );
+            }
+            if seen.contains(&&k.domain) {
+                out.push("dkim.keys", format!("{:?} has more than one key", k.domain));
+            }
+            seen.push(&k.domain);
+            if k.selector.is_empty()
+                || !k.selector.split('.').all(|l| {
+                    !l.is_empty() && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+                })
+            {
+                out.push(
+                    "dkim.keys",
+                    format!("selector {:?} is not a DNS label", k.selector),
+                );
+            }
+            if let Err(e) = crate::mail::dkim::KeyMaterial::load(&k.key_file, k.algorithm) {
+                out.push("dkim.keys", e.to_string());
+            }
+        }
+        out.positive("arc.dns_timeout_ms", self.arc.dns_timeout_ms);
+        out.positive("arc.timeout_ms", self.arc.timeout_ms);
+        for s in &self.arc.dns_servers {
+            if s.parse::<SocketAddr>().is_err() && s.parse::<std::net::IpAddr>().is_err() {
+                out.push(
+                    "arc.dns_servers",
+                    format!("{s:?} is not an IP address or IP:port"),
+                );
+            }
+        }
+    }
+
+    /// The secrets the SRS keys are derived from: the signing one first, then
+    /// `srs.previous_secrets`. Without `srs.secret`/`secret_file` the first is
+    /// the cluster secret, which every node of a cluster shares already.
+    ///
+    /// # Errors
+    /// [`ConfigError::Invalid`] when a secret file cannot be read (or, for
+    /// the cluster secret, written).
+    pub fn srs_secrets(&self) -> Result<Vec<Secret>, ConfigError> {
+        let current = if let Some(s) = &self.srs.secret {
+            s.clone()
+        } else if let Some(path) = &self.srs.secret_file {
+            read_secret_file(path).map_err(|e| invalid("srs.secret_file", e))?
+        } else {
+            self.cluster_secret()?
+        };
+        let mut out = vec![current];
+        out.extend(self.srs.previous_secrets.iter().cloned());
+        Ok(out)
     }
 
     /// The file holding this node's database.
@@ -1091,6 +1270,67 @@ mod tests {
             Some(&path),
             env.iter().map(|(k, v)| (k.to_string(), v.to_string())),
         )
+    }
+
+    #[test]
+    fn mail_sections_parse_and_are_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = dir.path().join("k.pem");
+        let generated = crate::mail::dkim::generate(DkimAlgorithm::Ed25519).unwrap();
+        crate::mail::dkim::write_key_file(&key, &generated.private_pem).unwrap();
+        let text = format!(
+            "domains = [\"a.example\"]\n[srs]\nsecret = \"0123456789abcdef\"\nmax_age_days = 7\n\
+             [[dkim.keys]]\ndomain = \"a.example\"\nselector = \"s1\"\nkey_file = {key:?}\nalgorithm = \"ed25519\"\n\
+             [arc]\ndns_servers = [\"127.0.0.1:5353\", \"::1\"]\n"
+        );
+        let c = load(&text, &[]).unwrap();
+        assert_eq!(c.srs.max_age_days, 7);
+        assert_eq!(c.dkim.keys[0].algorithm, DkimAlgorithm::Ed25519);
+        assert_eq!(c.srs_secrets().unwrap()[0].expose(), "0123456789abcdef");
+        assert!(c.arc.enabled);
+
+        let bad = format!(
+            "domains = [\"a.example\"]\n[srs]\nsecret = \"short\"\nmax_age_days = 0\n\
+             [[dkim.keys]]\ndomain = \"b.example\"\nselector = \"s 1\"\nkey_file = {key:?}\n\
+             [arc]\ndns_servers = [\"resolver\"]\n"
+        );
+        let found: Vec<(String, String)> = problems(&bad, &[])
+            .into_iter()
+            .map(|(_, k, m)| (k, m))
+            .collect();
+        let has = |key: &str, part: &str| found.iter().any(|(k, m)| k == key && m.contains(part));
+        assert!(has("srs.secret", "at least 16"), "{found:?}");
+        assert!(has("srs.max_age_days", "between 1 and 365"), "{found:?}");
+        assert!(
+            has("dkim.keys", "not one of the alias domains"),
+            "{found:?}"
+        );
+        assert!(has("dkim.keys", "not a DNS label"), "{found:?}");
+        // An Ed25519 key file named as RSA (the default algorithm).
+        assert!(has("dkim.keys", "not a usable rsa key"), "{found:?}");
+        assert!(has("arc.dns_servers", "not an IP address"), "{found:?}");
+        // Unknown fields of a key are errors too.
+        let typo = format!(
+            "domains = [\"a.example\"]\n[[dkim.keys]]\ndomain = \"a.example\"\nselectr = \"s1\"\nkey_file = {key:?}\n"
+        );
+        assert!(load(&typo, &[])
+            .unwrap_err()
+            .to_string()
+            .contains("selectr"));
+    }
+
+    #[test]
+    fn srs_falls_back_to_the_cluster_secret() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut c = Config {
+            data_dir: dir.path().to_path_buf(),
+            ..Config::default()
+        };
+        c.srs.previous_secrets = vec![Secret::new("an older secret value")];
+        let secrets = c.srs_secrets().unwrap();
+        assert_eq!(secrets[0], c.cluster_secret().unwrap());
+        assert_eq!(secrets[1].expose(), "an older secret value");
+        assert!(diagnose::Schema::new().sections["srs"].contains(&"secret_file".to_string()));
     }
 
     #[test]

@@ -11,6 +11,7 @@
 //!   handle every front end writes through.
 //! - [`smtp`]: the inbound SMTP listener and session state machine.
 //! - [`relay`]: outbound delivery (capture directory, smarthosts or MX).
+//! - [`mail`]: what forwarded mail gets on its way out: SRS, DKIM, ARC.
 //! - [`maintenance`]: node and cluster-wide drain, shared by SMTP and HTTP.
 //! - [`http`]: the JSON API, health endpoints and `/metrics`.
 //! - [`metrics`]: the Prometheus registry shared by all of the above.
@@ -24,6 +25,7 @@ pub mod cluster;
 pub mod config;
 pub mod data_dir;
 pub mod http;
+pub mod mail;
 pub mod maintenance;
 pub mod metrics;
 pub mod raft;

@@ -38,6 +38,31 @@ pub enum RcptResult {
     invalid,
 }
 
+/// What DKIM signing and ARC sealing did to one forwarded message.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[allow(non_camel_case_types)]
+pub enum AuthResult {
+    /// DKIM-signed with the alias domain's key.
+    signed,
+    /// The alias domain has no key (`dkim.keys`).
+    unsigned,
+    /// Signing failed (no header to sign).
+    sign_failed,
+    /// ARC-sealed.
+    sealed,
+    /// Not sealed: the evaluation took longer than `arc.timeout_ms`.
+    seal_timeout,
+    /// Not sealed: the message's ARC chain was already broken.
+    chain_broken,
+    /// Not sealed: the message could not be parsed or sealed.
+    seal_failed,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AuthLabels {
+    pub result: AuthResult,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct MessageLabels {
     pub result: MessageResult,
@@ -67,6 +92,7 @@ pub struct Metrics {
     pub smtp_messages: Family<MessageLabels, Counter>,
     pub smtp_rcpt: Family<RcptLabels, Counter>,
     pub forward_duration: Histogram,
+    pub forward_auth: Family<AuthLabels, Counter>,
     pub aliases_created: Counter,
     pub aliases_active: Gauge,
     pub http_requests: Family<HttpLabels, Counter>,
@@ -156,6 +182,7 @@ impl Metrics {
             forward_duration: Histogram::new([
                 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
             ]),
+            forward_auth: Family::default(),
             aliases_created: Counter::default(),
             aliases_active: Gauge::default(),
             http_requests: Family::default(),
@@ -209,6 +236,11 @@ impl Metrics {
             "Time to hand one message to the upstream",
             prometheus_client::registry::Unit::Seconds,
             m.forward_duration.clone(),
+        );
+        registry.register(
+            "forward_auth",
+            "Forwarded messages by what DKIM signing and ARC sealing did (one signing and at most one sealing result each)",
+            m.forward_auth.clone(),
         );
         registry.register(
             "aliases_created",

@@ -49,6 +49,39 @@ pub enum ServeError {
     Cluster(#[from] crate::cluster::client::RpcError),
     #[error("cannot read the maintenance state: {0}")]
     Maintenance(std::io::Error),
+    #[error(transparent)]
+    Forwarding(#[from] crate::mail::ForwardingError),
+}
+
+/// Says once at start which alias domains are signed (and sealed), so an
+/// operator who forgot a key sees it before receivers do.
+fn log_forwarding(config: &Config, forwarding: &crate::mail::Forwarding) {
+    let signed = forwarding.signed_domains();
+    let unsigned: Vec<&String> = config
+        .domains
+        .iter()
+        .filter(|d| !signed.contains(d))
+        .collect();
+    if !signed.is_empty() {
+        tracing::info!(
+            domains = %signed.join(", "),
+            arc = forwarding.seals(),
+            "forwarded mail is DKIM-signed"
+        );
+    }
+    let unsealed = forwarding.unsealed_domains();
+    if config.arc.enabled && !unsealed.is_empty() {
+        tracing::warn!(
+            domains = ?unsealed,
+            "forwarded mail of these domains is not ARC-sealed: ARC (RFC 8617) needs an RSA key"
+        );
+    }
+    if !unsigned.is_empty() {
+        tracing::warn!(
+            domains = ?unsigned,
+            "no DKIM key (dkim.keys): forwarded mail of these domains is not signed; create one with `tempalias dkim keygen`"
+        );
+    }
 }
 
 fn in_use_hint(e: &std::io::Error) -> &'static str {
@@ -117,6 +150,9 @@ pub async fn run(
         &config.smtp.hostname,
         metrics.clone(),
     )?);
+    let forwarding =
+        Arc::new(crate::mail::Forwarding::from_config(&config)?.with_metrics(&metrics));
+    log_forwarding(&config, &forwarding);
     let peers = Peers::new(
         &secret,
         Duration::from_millis(config.cluster.rpc_timeout_ms),
@@ -186,6 +222,7 @@ pub async fn run(
     ));
 
     let smtp_ctx = Arc::new(SmtpContext {
+        forwarding,
         config: config.smtp.clone(),
         domains: config.domains.clone(),
         node: node.clone(),

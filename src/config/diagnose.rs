@@ -89,6 +89,13 @@ impl Schema {
                 }
             }
         }
+        if let Some(srs) = sections.get_mut("srs") {
+            for extra in ["secret", "secret_file"] {
+                if !srs.iter().any(|k| k == extra) {
+                    srs.push(extra.to_string());
+                }
+            }
+        }
         Self { top, sections }
     }
 

@@ -122,25 +122,29 @@ impl Relay {
     }
 }
 
+/// An envelope address for lettre. SRS addresses may have local parts over
+/// the 64 characters lettre checks for, so those that pass
+/// [`crate::mail::is_valid_envelope_address`] are taken as they are.
+fn envelope_address(a: &str) -> Result<Address, String> {
+    a.parse::<Address>().or_else(|e| match a.rsplit_once('@') {
+        Some((user, domain)) if crate::mail::is_valid_envelope_address(a) => {
+            Ok(Address::new_dangerous(user, domain))
+        }
+        _ => Err(e.to_string()),
+    })
+}
+
 /// The envelope in lettre's terms.
 fn to_lettre(envelope: &Envelope) -> Result<LettreEnvelope, String> {
     let from = if envelope.mail_from.is_empty() {
         None
     } else {
-        Some(
-            envelope
-                .mail_from
-                .parse::<Address>()
-                .map_err(|e| format!("sender address: {e}"))?,
-        )
+        Some(envelope_address(&envelope.mail_from).map_err(|e| format!("sender address: {e}"))?)
     };
     let to = envelope
         .rcpt_to
         .iter()
-        .map(|r| {
-            r.parse::<Address>()
-                .map_err(|e| format!("recipient address: {e}"))
-        })
+        .map(|r| envelope_address(r).map_err(|e| format!("recipient address: {e}")))
         .collect::<Result<Vec<_>, _>>()?;
     LettreEnvelope::new(from, to).map_err(|e| e.to_string())
 }

@@ -33,6 +33,8 @@ pub struct SmtpContext {
     pub settlements: super::settle::Settlements,
     /// While draining, new connections are turned away with `421 4.3.2`.
     pub maintenance: Arc<crate::maintenance::Maintenance>,
+    /// SRS, DKIM and ARC for what goes out, and SRS reversal of bounces.
+    pub forwarding: Arc<crate::mail::Forwarding>,
 }
 
 /// Accepts connections until `shutdown` fires, then closes the listening

@@ -62,6 +62,9 @@ struct Transaction {
     /// `None` before MAIL; `Some("")` for the null sender.
     mail_from: Option<String>,
     rcpts: Vec<Accepted>,
+    /// Bounces to SRS addresses: (the SRS address, the original sender it
+    /// reverses to). They hold no alias use.
+    bounces: Vec<(String, String)>,
     /// When the first recipient was accepted (its reservation taken).
     started: Option<Instant>,
 }
@@ -493,7 +496,7 @@ where
         if self.tx.mail_from.is_none() {
             return self.reply(503, "5.5.1", "Need MAIL before RCPT");
         }
-        if self.tx.rcpts.len() >= self.ctx.config.max_recipients {
+        if self.tx.rcpts.len() + self.tx.bounces.len() >= self.ctx.config.max_recipients {
             return self.reply(452, "4.5.3", "Too many recipients");
         }
         if self.ctx.failures.is_blocked(self.peer.ip()) {
@@ -514,6 +517,23 @@ where
             self.count_rcpt(RcptResult::relay_denied);
             self.rcpt_failed(true).await;
             return self.reply(550, "5.7.1", "Relaying denied");
+        }
+        // SRS: a bounce to a rewritten sender goes back to the original one.
+        let from = self.tx.mail_from.as_deref().unwrap_or_default();
+        match (self.ctx.forwarding).reverse_recipient(local, from, self.ctx.node.now_ms()) {
+            None => {}
+            Some(Ok(original)) => {
+                self.count_rcpt(RcptResult::accepted);
+                self.tx.started.get_or_insert_with(Instant::now);
+                self.tx.bounces.push((address.to_string(), original));
+                return self.reply(250, "2.1.5", "Recipient OK");
+            }
+            Some(Err(e)) => {
+                tracing::info!(error = %e, "SRS recipient refused");
+                self.count_rcpt(RcptResult::relay_denied);
+                self.rcpt_failed(true).await;
+                return self.reply(550, "5.7.1", "Invalid or expired SRS address");
+            }
         }
         let Some((bare, tag)) = split_subaddress(local, &self.ctx.config.recipient_delimiter)
         else {
@@ -584,7 +604,7 @@ where
             self.reply(503, "5.5.1", "Need MAIL before DATA");
             return Ok(());
         }
-        if self.tx.rcpts.is_empty() {
+        if self.tx.rcpts.is_empty() && self.tx.bounces.is_empty() {
             self.reply(554, "5.5.1", "No valid recipients");
             return Ok(());
         }
@@ -620,17 +640,34 @@ where
             self.reply(554, "5.4.6", "Too many hops: mail loop detected");
             return Ok(());
         }
-        let message = std::sync::Arc::new(message);
         let mut rcpt_to: Vec<String> = Vec::new();
-        for a in &self.tx.rcpts {
-            if !rcpt_to.contains(&a.target) {
-                rcpt_to.push(a.target.clone());
+        let targets = self.tx.rcpts.iter().map(|a| &a.target);
+        for t in targets.chain(self.tx.bounces.iter().map(|b| &b.1)) {
+            if !rcpt_to.contains(t) {
+                rcpt_to.push(t.clone());
             }
         }
         let envelope = Envelope {
             mail_from: self.tx.mail_from.clone().unwrap_or_default(),
             rcpt_to,
         };
+        // SRS sender, DKIM signature and ARC set of the (first) alias domain.
+        let first = self.tx.rcpts.first().map(|a| a.address.as_str());
+        let alias_address = first.or(self.tx.bounces.first().map(|b| b.0.as_str()));
+        let incoming = crate::mail::Incoming {
+            client_ip: self.peer.ip(),
+            helo: self.helo.as_deref().unwrap_or_default(),
+            mail_from: self.tx.mail_from.as_deref().unwrap_or_default(),
+        };
+        let (envelope, message) = (self.ctx.forwarding)
+            .prepare(
+                incoming,
+                alias_address.unwrap_or_default(),
+                envelope,
+                message,
+                self.ctx.node.now_ms(),
+            )
+            .await;
         let started = Instant::now();
         // The relay must answer before the first reservation's lease runs out.
         let deadline = self.tx.rcpts.iter().map(|a| a.lease_ends).min();

@@ -4,10 +4,13 @@ concurrency across nodes, and a peer with the wrong secret is refused."""
 from __future__ import annotations
 
 import json
+import re
+import smtplib
 import threading
 import time
 
 from clusterkit import (
+    DOMAIN,
     TARGET,
     SENDER,
     captured_uids,
@@ -58,11 +61,31 @@ def test_any_node_answers_and_mail_is_forwarded_once(cluster):
     assert len(meta) == 1
     envelope = json.loads(meta[0].read_text())
     assert envelope["rcpt_to"] == [TARGET]
-    assert envelope["mail_from"] == SENDER
+    # The sender is SRS-rewritten into the alias domain (SRS0=HASH=TT=domain=local@).
+    local, _, dom = SENDER.rpartition("@")
+    assert re.fullmatch(rf"SRS0=[A-Za-z0-9+/]{{6}}=[A-Z2-7]{{2}}={re.escape(dom)}={re.escape(local)}@{DOMAIN}", envelope["mail_from"]), envelope
 
     # Every node now agrees the alias has one use left fewer (linearizable reads).
     for nd in cluster:
         assert show_ok(nd, alias)["remaining"] == 4, nd.name
+
+    # A bounce to that SRS address reaching any other node (MX round robin) is
+    # reversed there: every node derives the SRS key from the cluster secret.
+    srs = envelope["mail_from"]
+    for nd in cluster:
+        if nd.id == other:
+            continue
+        before = {p.name for p in nd.capture_dir.glob("*.json")}
+        with smtplib.SMTP(nd.ip, nd.smtp_port, timeout=30) as s:
+            s.ehlo("mx.example.net")
+            assert s.mail("")[0] == 250
+            assert s.rcpt(srs)[0] == 250, f"node {nd.id} refused the SRS address"
+            assert s.data(b"Subject: bounce\r\n\r\nundeliverable\r\n")[0] == 250
+        (new,) = [p for p in nd.capture_dir.glob("*.json") if p.name not in before]
+        bounce = json.loads(new.read_text())
+        assert (bounce["mail_from"], bounce["rcpt_to"]) == ("", [SENDER]), bounce
+    for nd in cluster:
+        assert show_ok(nd, alias)["remaining"] == 4, "a bounce uses nothing"
 
     # The human-readable status names the leader and all three members.
     r = cluster.cli("status", via=other)

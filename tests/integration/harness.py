@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import smtplib
@@ -57,6 +58,14 @@ def wait_until(pred, timeout: float, what: str, interval: float = 0.05):
         if time.monotonic() >= deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what} (last error: {last_exc!r})")
         time.sleep(interval)
+
+
+def srs_of(addr: str, sender: str, domain: str = DOMAIN) -> bool:
+    """True when `addr` is the SRS0 rewriting of `sender` into `domain`
+    (SRS0=HASH=TT=sender-domain=sender-local@domain)."""
+    local, _, dom = sender.rpartition("@")
+    pattern = rf"SRS0=[A-Za-z0-9+/]{{6}}=[A-Z2-7]{{2}}={re.escape(dom)}={re.escape(local)}@{re.escape(domain)}"
+    return re.fullmatch(pattern, addr) is not None
 
 
 def clean_env(extra: dict | None = None) -> dict:

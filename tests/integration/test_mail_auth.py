@@ -1,0 +1,364 @@
+"""SRS, DKIM and ARC of forwarded mail, checked by independent tools.
+
+nsd (on an ephemeral loopback port) serves the alias domains' DKIM keys, made
+by `tempalias dkim keygen`, and a sender domain with SPF, DKIM and DMARC; the
+node evaluates incoming mail against it for ARC. dkimpy verifies the captured
+messages (DKIM signatures and the ARC chain), querying the same nsd. Nothing
+leaves the machine.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import smtplib
+import stat
+import subprocess
+import time
+from email.utils import formatdate
+
+import pytest
+
+from harness import BIN, DOMAIN, SENDER, TARGET, free_port, srs_of, wait_until
+
+dkim = pytest.importorskip("dkim", reason="dkimpy is not installed; run scripts/test")
+import dns.resolver  # noqa: E402  (dnspython comes with dkimpy)
+
+ED_DOMAIN = "ed.test"
+SENDER_DOMAIN = "sender.test"
+SIGNED_SENDER = f"alice@{SENDER_DOMAIN}"
+
+
+def keygen(tmp, domain: str, selector: str, algorithm: str):
+    """Runs `tempalias dkim keygen`; returns (key file, TXT value, stdout)."""
+    out = tmp / f"{selector}.{domain}.key"
+    r = subprocess.run(
+        [str(BIN), "dkim", "keygen", "--domain", domain, "--selector", selector, "--algorithm", algorithm, "--out", str(out)],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert r.returncode == 0, r.stderr
+    m = re.search(r'IN TXT \( (.*) \)', r.stdout)
+    assert m, r.stdout
+    txt = "".join(re.findall(r'"([^"]*)"', m.group(1)))
+    return out, txt, r.stdout
+
+
+class Nsd:
+    """nsd in the foreground on 127.0.0.1:<port>, one zone file per domain."""
+
+    def __init__(self, base, zones: dict[str, list[str]]):
+        self.dir = base / "nsd"
+        self.dir.mkdir()
+        self.port = free_port()
+        nsd = shutil.which("nsd") or "/usr/sbin/nsd"
+        if not os.path.exists(nsd):
+            pytest.fail("nsd is not installed; run scripts/test")
+        conf = [
+            "server:",
+            f"    ip-address: 127.0.0.1@{self.port}",
+            "    do-ip6: no",
+            "    server-count: 1",
+            '    username: ""',
+            '    chroot: ""',
+            f'    zonesdir: "{self.dir}"',
+            '    database: ""',
+            f'    pidfile: "{self.dir}/nsd.pid"',
+            f'    xfrdfile: "{self.dir}/xfrd.state"',
+            f'    xfrdir: "{self.dir}"',
+            f'    zonelistfile: "{self.dir}/zone.list"',
+            f'    logfile: "{self.dir}/nsd.log"',
+            "remote-control:",
+            "    control-enable: no",
+        ]
+        for name, records in zones.items():
+            zone = [f"$ORIGIN {name}.", "$TTL 60", f"@ IN SOA ns.{name}. hostmaster.{name}. (1 3600 600 86400 60)",
+                    f"@ IN NS ns.{name}.", "ns IN A 127.0.0.1", *records]
+            (self.dir / f"{name}.zone").write_text("\n".join(zone) + "\n")
+            conf += ["zone:", f"    name: {name}", f'    zonefile: "{name}.zone"']
+        (self.dir / "nsd.conf").write_text("\n".join(conf) + "\n")
+        self.log = open(self.dir / "nsd.out", "ab")
+        self.proc = subprocess.Popen([nsd, "-d", "-c", str(self.dir / "nsd.conf")], stdout=self.log, stderr=self.log)
+        self.resolver = dns.resolver.Resolver(configure=False)
+        self.resolver.nameservers = ["127.0.0.1"]
+        self.resolver.port = self.port
+        self.resolver.lifetime = 2
+        first = next(iter(zones))
+        wait_until(lambda: self.proc.poll() is None and self.resolver.resolve(first, "SOA"), 20, "nsd to serve")
+
+    def txt(self, name, timeout=5):
+        """dkimpy's DNS hook: the TXT record of `name` from this server."""
+        if isinstance(name, bytes):
+            name = name.decode()
+        try:
+            answer = self.resolver.resolve(name, "TXT")
+        except (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer):
+            return None
+        return b"".join(answer[0].strings)
+
+    def stop(self):
+        self.proc.terminate()
+        self.proc.wait(10)
+        self.log.close()
+
+
+def txt_record(name: str, value: str) -> str:
+    parts = " ".join(f'"{value[i:i + 255]}"' for i in range(0, len(value), 255))
+    return f"{name} IN TXT ( {parts} )"
+
+
+@pytest.fixture
+def world(tmp_path, node_factory):
+    """An RSA key for tempalias.test, an Ed25519 key for ed.test, a signing
+    sender domain, nsd serving all of it, and a node that signs and seals."""
+    rsa_key, rsa_txt, _ = keygen(tmp_path, DOMAIN, "s1", "rsa")
+    ed_key, ed_txt, _ = keygen(tmp_path, ED_DOMAIN, "e1", "ed25519")
+    sender_key, sender_txt, _ = keygen(tmp_path, SENDER_DOMAIN, "mail", "rsa")
+    spf = 'IN TXT "v=spf1 ip4:127.0.0.1 -all"'
+    nsd = Nsd(tmp_path, {
+        DOMAIN: [txt_record("s1._domainkey", rsa_txt), f"@ {spf}", '_dmarc IN TXT "v=DMARC1; p=reject"'],
+        ED_DOMAIN: [txt_record("e1._domainkey", ed_txt), f"@ {spf}"],
+        SENDER_DOMAIN: [txt_record("mail._domainkey", sender_txt), f"@ {spf}", '_dmarc IN TXT "v=DMARC1; p=reject"'],
+        # DMARC's tree walk (RFC 9989) asks _dmarc.test too: answer it (NXDOMAIN).
+        "test": [],
+    })
+    node = node_factory(config={
+        "domains": [DOMAIN, ED_DOMAIN],
+        "dkim": {"keys": [
+            {"domain": DOMAIN, "selector": "s1", "key_file": str(rsa_key), "algorithm": "rsa"},
+            {"domain": ED_DOMAIN, "selector": "e1", "key_file": str(ed_key), "algorithm": "ed25519"},
+        ]},
+        "arc": {"dns_servers": [f"127.0.0.1:{nsd.port}"]},
+    })
+    yield node, nsd, sender_key
+    nsd.stop()
+
+
+def signed_message(sender_key, subject: str, to: str) -> bytes:
+    """A message signed by the sender domain, as its own MTA would."""
+    msg = (
+        f"From: Alice <{SIGNED_SENDER}>\r\nTo: <{to}>\r\nSubject: {subject}\r\n"
+        f"Date: {formatdate()}\r\nMessage-ID: <{time.time_ns()}@{SENDER_DOMAIN}>\r\n"
+        "MIME-Version: 1.0\r\nContent-Type: text/plain; charset=utf-8\r\n\r\n"
+        "Hello,\r\n\r\nthis body must arrive exactly as it was signed.\r\n.leading dot\r\n"
+    ).encode()
+    sig = dkim.sign(msg, b"mail", SENDER_DOMAIN.encode(), sender_key.read_bytes(),
+                    include_headers=[b"from", b"to", b"subject", b"date", b"message-id"])
+    return sig + msg
+
+
+def signatures(eml: bytes) -> list[bytes]:
+    """The d= of each DKIM-Signature, top first."""
+    return re.findall(rb"^DKIM-Signature:.*?\bd=([^;\s]+)", eml, re.M | re.S)
+
+
+def verify_all(eml: bytes, nsd: Nsd) -> list[bool]:
+    d = dkim.DKIM(eml)
+    return [d.verify(idx=i, dnsfunc=nsd.txt) for i in range(len(signatures(eml)))]
+
+
+def test_forwarded_mail_is_signed_sealed_and_the_sender_signature_survives(world):
+    node, nsd, sender_key = world
+    alias = node.create_alias(days=3, max_usage=5)
+    msg = signed_message(sender_key, "signed by the sender", alias["alias"])
+    assert dkim.verify(msg, dnsfunc=nsd.txt), "the test's own pre-signed message must verify"
+    assert node.send([alias["alias"]], msg, sender=SIGNED_SENDER) == {}
+    (cap,) = node.captured()
+    eml = cap["eml"]
+    assert srs_of(cap["meta"]["mail_from"], SIGNED_SENDER), cap["meta"]
+    # Only headers were added in front: the original follows byte for byte.
+    assert eml.endswith(msg)
+    # Ours first (alias domain), then the sender's; both verify.
+    assert signatures(eml) == [DOMAIN.encode(), SENDER_DOMAIN.encode()]
+    assert verify_all(eml, nsd) == [True, True]
+    ours = re.search(rb"^DKIM-Signature:(.*?)\r\n(?! )(?!\t)", eml, re.M | re.S).group(1)
+    assert b"c=relaxed/relaxed" in ours and b"a=rsa-sha256" in ours, ours
+    h = re.sub(rb"\s", b"", re.search(rb"\bh=([^;]+)", ours).group(1)).lower().split(b":")
+    for field in (b"from", b"to", b"subject", b"date", b"message-id", b"dkim-signature"):
+        assert field in h, (field, h)
+    # The ARC set carries our evaluation of the incoming message.
+    cv, results, comment = dkim.arc_verify(eml, dnsfunc=nsd.txt)
+    assert cv == dkim.CV_Pass, (cv, results, comment)
+    aar = re.search(rb"^ARC-Authentication-Results:(.*?)\r\n(?=\S)", eml, re.M | re.S).group(1)
+    for result in (b"spf=pass", b"dkim=pass", b"dmarc=pass"):
+        assert result in aar, aar
+    assert b"i=1" in aar and b"mx1.tempalias.test" in aar
+    metrics = node.metrics()
+    assert 'tempalias_forward_auth_total{result="signed"} 1' in metrics, metrics
+    assert 'tempalias_forward_auth_total{result="sealed"} 1' in metrics, metrics
+
+
+def test_ed25519_domain_is_signed_but_not_sealed(world):
+    """ARC is defined for rsa-sha256 only (RFC 8617): an Ed25519 domain signs."""
+    node, nsd, sender_key = world
+    alias = node.create_alias(days=3, max_usage=5)
+    to = f"{alias['id']}@{ED_DOMAIN}"
+    msg = signed_message(sender_key, "ed25519", to)
+    assert node.send([to], msg, sender=SIGNED_SENDER) == {}
+    (cap,) = node.captured()
+    eml = cap["eml"]
+    assert srs_of(cap["meta"]["mail_from"], SIGNED_SENDER, domain=ED_DOMAIN), cap["meta"]
+    assert b"a=ed25519-sha256" in eml and b"ARC-Seal" not in eml
+    assert eml.endswith(msg)
+    assert signatures(eml) == [ED_DOMAIN.encode(), SENDER_DOMAIN.encode()]
+    assert verify_all(eml, nsd) == [True, True]
+    assert "not ARC-sealed: ARC (RFC 8617) needs an RSA key" in node.logs()
+
+
+def test_a_second_forwarding_extends_the_arc_chain(world):
+    node, nsd, sender_key = world
+    first = node.create_alias(days=3, max_usage=5)
+    msg = signed_message(sender_key, "two hops", first["alias"])
+    assert node.send([first["alias"]], msg, sender=SIGNED_SENDER) == {}
+    cap = node.captured()[0]
+    # Forwarded again, as a second forwarder would, from the SRS sender.
+    second = node.create_alias(days=3, max_usage=5)
+    assert node.send([second["alias"]], cap["eml"], sender=cap["meta"]["mail_from"]) == {}
+    eml = node.captured()[1]["eml"]
+    assert eml.endswith(cap["eml"])
+    assert b"ARC-Seal: i=2" in eml and b"cv=pass" in eml
+    cv, results, comment = dkim.arc_verify(eml, dnsfunc=nsd.txt)
+    assert cv == dkim.CV_Pass, (cv, results, comment)
+    assert [r["instance"] for r in results] == [2, 1], results
+    assert verify_all(eml, nsd) == [True, True, True]
+    # Our own SRS sender is kept: a bounce goes straight to the original sender.
+    assert node.captured()[1]["meta"]["mail_from"] == cap["meta"]["mail_from"]
+
+
+def test_srs_bounce_is_reversed_to_the_original_sender_and_costs_no_use(node_factory):
+    node = node_factory()
+    alias = node.create_alias(days=3, max_usage=3)
+    assert node.send([alias["alias"]], b"Subject: first\r\n\r\nbody\r\n") == {}
+    (cap,) = node.captured()
+    srs = cap["meta"]["mail_from"]
+    assert srs_of(srs, SENDER), srs
+    assert node.remaining(alias) == 2
+
+    bounce = b"From: MAILER-DAEMON@example.net\r\nSubject: Undelivered Mail\r\n\r\nbounced\r\n"
+    # Any case, as some MTAs lower-case addresses.
+    for rcpt in (srs, srs.lower()):
+        assert node.send([rcpt], bounce, sender="") == {}
+    caps = node.captured()[1:]
+    assert len(caps) == 2
+    for c in caps:
+        assert c["meta"]["mail_from"] == "", "a bounce stays a bounce"
+        assert c["meta"]["rcpt_to"] in ([SENDER], [SENDER.lower()])
+        assert c["eml"].endswith(bounce)
+    assert node.remaining(alias) == 2, "a reversed bounce uses nothing"
+
+
+def rcpt(node, address: str, sender: str = "") -> tuple[int, bytes]:
+    with node.smtp() as s:
+        s.ehlo()
+        assert s.mail(sender)[0] == 250
+        return s.rcpt(address)
+
+
+def test_srs_is_no_open_relay(node_factory):
+    """Without the key, no SRS address can make the node send anywhere."""
+    node = node_factory()
+    alias = node.create_alias(days=3, max_usage=3)
+    assert node.send([alias["alias"]], b"Subject: x\r\n\r\nbody\r\n") == {}
+    srs = node.captured()[0]["meta"]["mail_from"]
+    local = srs.split("@")[0]
+    _, hash_, stamp, dom, user = local.split("=", 4)
+    crafted = [
+        f"SRS0=AAAAAA={stamp}=victim.example=bob@{DOMAIN}",               # made-up hash
+        f"SRS0={hash_}={stamp}=victim.example={user}@{DOMAIN}",            # other domain, same hash
+        f"SRS0={hash_}={stamp}={dom}=bob@{DOMAIN}",                        # other user, same hash
+        f"SRS1=AAAAAA=victim.example==AAAA=AA=victim.example=bob@{DOMAIN}",  # SRS1 to any forwarder
+        f"SRS0={hash_}@{DOMAIN}",                                          # truncated
+    ]
+    for address in crafted:
+        code, text = rcpt(node, address)
+        assert (code, text[:5]) == (550, b"5.7.1"), (address, code, text)
+    # A valid one, but not from a bounce: SRS addresses are return paths only.
+    code, text = rcpt(node, srs, sender="mallory@example.org")
+    assert (code, text[:5]) == (550, b"5.7.1"), (code, text)
+    # The failed RCPTs count against the session (and close it at the limit).
+    with node.smtp() as s:
+        s.ehlo()
+        s.mail("")
+        codes = []
+        for _ in range(40):
+            try:
+                codes.append(s.rcpt(f"SRS0=AAAAAA={stamp}=victim.example=bob@{DOMAIN}")[0])
+            except smtplib.SMTPServerDisconnected:
+                break
+        assert codes and set(codes[:-1]) == {550} and codes[-1] in (421, 550), codes
+        assert len(codes) < 40, "the session must end after too many failed recipients"
+    assert len(node.captured()) == 1, "nothing was relayed"
+    assert 'tempalias_smtp_rcpt_total{result="relay_denied"}' in node.metrics()
+
+
+def test_srs_addresses_expire(node_factory):
+    node = node_factory(config={"srs": {"max_age_days": 2}})
+    alias = node.create_alias(days=30, max_usage=3)
+    assert node.send([alias["alias"]], b"Subject: x\r\n\r\nbody\r\n") == {}
+    srs = node.captured()[0]["meta"]["mail_from"]
+    node.set_clock(2 * 86400)
+    assert rcpt(node, srs)[0] == 250
+    node.set_clock(3 * 86400)
+    code, text = rcpt(node, srs)
+    assert (code, text[:5]) == (550, b"5.7.1"), (code, text)
+
+
+def test_zero_config_node_keeps_its_srs_key_across_restarts(node_factory):
+    node = node_factory()
+    alias = node.create_alias(days=3, max_usage=3)
+    assert node.send([alias["alias"]], b"Subject: x\r\n\r\nbody\r\n") == {}
+    srs = node.captured()[0]["meta"]["mail_from"]
+    node.restart()
+    assert node.send([srs], b"Subject: bounce\r\n\r\nx\r\n", sender="") == {}
+    assert node.captured()[1]["meta"]["rcpt_to"] == [SENDER]
+    assert "forwarded mail of these domains is not signed" in node.logs()
+    # Counted since the restart: the bounce.
+    assert 'tempalias_forward_auth_total{result="unsigned"} 1' in node.metrics()
+
+
+def test_dkim_keygen_writes_a_private_key_and_never_overwrites(tmp_path):
+    out, txt, stdout = keygen(tmp_path, "tempalias.example", "s2026", "rsa")
+    assert stat.S_IMODE(out.stat().st_mode) == 0o600
+    assert out.read_text().startswith("-----BEGIN RSA PRIVATE KEY-----")
+    assert re.fullmatch(r"v=DKIM1; k=rsa; p=[A-Za-z0-9+/=]{300,}", txt), txt
+    assert "s2026._domainkey.tempalias.example. IN TXT" in stdout
+    assert '[[dkim.keys]]' in stdout and 'domain = "tempalias.example"' in stdout
+    before = out.read_bytes()
+    r = subprocess.run([str(BIN), "dkim", "keygen", "--domain", "tempalias.example", "--selector", "s2026", "--out", str(out)],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode != 0 and "File exists" in r.stderr, r.stderr
+    assert out.read_bytes() == before
+    # The key signs, and dkimpy verifies it against the printed record.
+    msg = b"From: a@tempalias.example\r\nSubject: k\r\n\r\nbody\r\n"
+    sig = dkim.sign(msg, b"s2026", b"tempalias.example", out.read_bytes())
+    assert dkim.verify(sig + msg, dnsfunc=lambda name, timeout=5: txt.encode())
+
+
+def test_check_config_reports_an_unusable_dkim_key(tmp_path):
+    key, _, _ = keygen(tmp_path, DOMAIN, "e1", "ed25519")
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(
+        f'domains = ["{DOMAIN}"]\n[[dkim.keys]]\ndomain = "{DOMAIN}"\nselector = "e1"\n'
+        f'key_file = "{key}"\nalgorithm = "rsa"\n'
+        '[[dkim.keys]]\ndomain = "other.test"\nselector = "x"\nkey_file = "/nonexistent"\n'
+        '[srs]\nmax_age_days = 0\n'
+    )
+    r = subprocess.run([str(BIN), "check-config", str(cfg)], capture_output=True, text=True, timeout=30)
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert "not a usable rsa key" in r.stderr, r.stderr
+    assert '"other.test" is not one of the alias domains' in r.stderr, r.stderr
+    assert "srs.max_age_days" in r.stderr, r.stderr
+
+
+def test_long_srs_addresses_go_through_a_real_smtp_server(node_factory, sink_factory):
+    """SRS local parts are often over 64 characters; the relay must send them."""
+    sink = sink_factory()
+    node = node_factory(relay="smarthost", smarthosts=[sink.url])
+    alias = node.create_alias(days=3, max_usage=3)
+    sender = "newsletter-bounces+a1b2c3d4e5f6@lists.mailing.example.org"
+    assert node.send([alias["alias"]], b"Subject: long\r\n\r\nbody\r\n", sender=sender) == {}
+    (m,) = sink.wait_for(1)
+    assert srs_of(m.mail_from, sender) and len(m.mail_from.split("@")[0]) > 64, m.mail_from
+    assert node.send([m.mail_from], b"Subject: bounce\r\n\r\nx\r\n", sender="") == {}
+    bounce = sink.wait_for(2)[1]
+    assert (bounce.mail_from, bounce.rcpt_to) == ("", [sender]), bounce
