@@ -195,9 +195,10 @@ pub async fn run(
     ));
 
     let tls = crate::smtp::tls::Tls::from_config(&config.smtp, &config.data_dir)?;
-    let tls_reload = tls
-        .clone()
-        .map(|tls| tokio::spawn(tls.reload_on_hangup(shutdown.clone())));
+    let tls_reload = tokio::spawn(crate::smtp::tls::reload_on_hangup(
+        tls.clone(),
+        shutdown.clone(),
+    ));
     let smtp_ctx = Arc::new(SmtpContext::new(
         &config,
         node.clone(),
@@ -253,9 +254,7 @@ pub async fn run(
     // Uses held by sessions that did not finish go back now, while Raft runs,
     // rather than when their leases lapse.
     smtp_ctx.drain_settlements(Duration::from_secs(10)).await;
-    if let Some(t) = tls_reload {
-        let _ = t.await;
-    }
+    let _ = tls_reload.await;
     let _ = watcher.await;
     let _ = maintenance_watch.await;
     let _ = purger.await;
@@ -401,6 +400,20 @@ pub fn banner(config: &Config, bound: &Bound) -> String {
     if let Some(addr) = bound.smtp_tls {
         rows.push(("SMTP (TLS)", addr.to_string()));
     }
+    let smtp = &config.smtp;
+    rows.push((
+        "SMTP TLS",
+        if !smtp.tls_cert_file.is_empty() {
+            format!("STARTTLS with {}", smtp.tls_cert_file)
+        } else if smtp.tls_self_signed {
+            format!(
+                "STARTTLS with a self-signed certificate in {}",
+                config.data_dir.join("tls").display()
+            )
+        } else {
+            "off".to_string()
+        },
+    ));
     rows.extend([
         ("cluster", bound.cluster.to_string()),
         ("alias domains", config.domains.join(", ")),

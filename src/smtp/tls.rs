@@ -197,35 +197,44 @@ impl Tls {
             .unwrap_or_else(|e| e.into_inner()) = Arc::new(key);
         Ok(())
     }
+}
 
-    /// Reloads the certificate on every SIGHUP until `shutdown`.
-    pub async fn reload_on_hangup(self: Arc<Self>, shutdown: CancellationToken) {
-        #[cfg(unix)]
-        {
-            use tokio::signal::unix::{signal, SignalKind};
-            let mut hangups = match signal(SignalKind::hangup()) {
-                Ok(s) => s,
-                Err(e) => {
-                    tracing::warn!(error = %e, "cannot listen for SIGHUP; certificate reload is off");
-                    return;
-                }
+/// Reloads the certificate on every SIGHUP until `shutdown`. Without TLS a
+/// SIGHUP is logged and otherwise ignored: it must never end the node (the
+/// default action of SIGHUP), since `systemctl reload` sends it.
+pub async fn reload_on_hangup(tls: Option<Arc<Tls>>, shutdown: CancellationToken) {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut hangups = match signal(SignalKind::hangup()) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot listen for SIGHUP; certificate reload is off");
+                return;
+            }
+        };
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                s = hangups.recv() => if s.is_none() { return },
+            }
+            let Some(tls) = &tls else {
+                tracing::info!("SIGHUP: no TLS certificate to reload");
+                continue;
             };
-            loop {
-                tokio::select! {
-                    _ = shutdown.cancelled() => return,
-                    s = hangups.recv() => if s.is_none() { return },
+            match tls.reload() {
+                Ok(()) => {
+                    tracing::info!(cert = %tls.source.cert.display(), "TLS certificate reloaded")
                 }
-                match self.reload() {
-                    Ok(()) => {
-                        tracing::info!(cert = %self.source.cert.display(), "TLS certificate reloaded")
-                    }
-                    Err(e) => {
-                        tracing::error!(error = %e, "TLS certificate reload failed; keeping the current one")
-                    }
+                Err(e) => {
+                    tracing::error!(error = %e, "TLS certificate reload failed; keeping the current one")
                 }
             }
         }
-        #[cfg(not(unix))]
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tls;
         shutdown.cancelled().await;
     }
 }
