@@ -307,6 +307,10 @@ fn run(cli: Cli, local_offset: time::UtcOffset) -> anyhow::Result<ExitCode> {
     match cli.command {
         Cmd::CheckConfig { file } => {
             let config = Config::load(Some(&file))?;
+            // Certificate files are read at start-up: a file that would keep
+            // the node from starting is a configuration error too.
+            crate::smtp::tls::check_files(&config.smtp)
+                .with_context(|| format!("{}: smtp.tls_cert_file", file.display()))?;
             println!(
                 "{}: ok (node {}, domains {})",
                 file.display(),

@@ -239,6 +239,23 @@ pub async fn reload_on_hangup(tls: Option<Arc<Tls>>, shutdown: CancellationToken
     }
 }
 
+/// Checks that the configured certificate files load and fit together,
+/// without setting anything up or writing anything (for `check-config`).
+/// Nothing to check when no files are configured.
+///
+/// # Errors
+/// [`TlsError`] as [`Tls::from_config`] would report it.
+pub fn check_files(config: &SmtpConfig) -> Result<(), TlsError> {
+    if config.tls_cert_file.is_empty() {
+        return Ok(());
+    }
+    let source = Source {
+        cert: PathBuf::from(&config.tls_cert_file),
+        key: PathBuf::from(&config.tls_key_file),
+    };
+    load(&source, &provider(&config.tls_cipher_suites)?).map(|_| ())
+}
+
 /// The ring provider, with only the named cipher suites when any are named.
 fn provider(names: &[String]) -> Result<CryptoProvider, TlsError> {
     let mut provider = rustls::crypto::ring::default_provider();

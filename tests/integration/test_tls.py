@@ -10,7 +10,7 @@ import socket
 import ssl
 import subprocess
 
-from harness import BIN, DOMAIN, HOSTNAME, SENDER, TARGET, free_port, message, wait_until
+from harness import BIN, DOMAIN, HOSTNAME, SENDER, TARGET, clean_env, free_port, message, wait_until
 
 
 def swaks(port: int, to: str, *flags: str) -> subprocess.CompletedProcess:
@@ -222,3 +222,23 @@ def test_postmaster_is_accepted_and_forwarded_to_the_configured_address(node_fac
     assert [m["meta"]["rcpt_to"] for m in msgs] == [["hostmaster@example.net"]] * 2
     # Postmaster elsewhere is still relaying.
     assert node.rcpt_reply("postmaster@example.com")[0] == 550
+
+
+def test_check_config_reads_the_certificate_files(tmp_path):
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    other = tmp_path / "other-key.pem"
+    for c, k in ((cert, key), (tmp_path / "other-cert.pem", other)):
+        subprocess.run([str(BIN), "tls", "selfsigned", HOSTNAME, "--cert", str(c), "--key", str(k)],
+                       check=True, capture_output=True, timeout=30)
+    conf = tmp_path / "tempalias.toml"
+
+    def check(key_file) -> subprocess.CompletedProcess:
+        conf.write_text(f'[smtp]\ntls_cert_file = "{cert}"\ntls_key_file = "{key_file}"\n')
+        return subprocess.run([str(BIN), "check-config", str(conf)], capture_output=True, text=True, timeout=30,
+                              env=clean_env())
+
+    assert check(key).returncode == 0
+    r = check(other)
+    assert r.returncode != 0 and "smtp.tls_cert_file" in r.stderr and "do not fit" in r.stderr, r.stderr
+    r = check(tmp_path / "missing.pem")
+    assert r.returncode != 0 and "missing.pem" in r.stderr, r.stderr

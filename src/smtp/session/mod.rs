@@ -204,7 +204,9 @@ where
             Ok(End::Quit) | Ok(End::Closed) => {}
             Err(e) => tracing::debug!(error = %e, "session ended"),
         }
-        let _ = self.input.get_mut().shutdown().await;
+        // Bounded: over TLS this writes a close_notify, which a client that
+        // reads nothing more could hold up forever.
+        let _ = tokio::time::timeout(SHUTDOWN_GRACE, self.input.get_mut().shutdown()).await;
     }
 
     fn reply(&mut self, code: u16, enhanced: &str, text: &str) {
