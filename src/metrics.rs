@@ -48,6 +48,21 @@ pub struct RcptLabels {
     pub result: RcptResult,
 }
 
+/// Outcome of one TLS handshake on an SMTP listener.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[allow(non_camel_case_types)]
+pub enum TlsResult {
+    tls12,
+    tls13,
+    failed,
+    timeout,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TlsLabels {
+    pub result: TlsResult,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct HttpLabels {
     pub route: String,
@@ -95,6 +110,8 @@ pub struct Metrics {
     pub http_connections_active: Gauge,
     /// HTTP connections refused because the listener was at its cap.
     pub http_connections_refused: Counter,
+    /// TLS handshakes on the SMTP listeners, by version or failure.
+    pub smtp_tls_handshakes: Family<TlsLabels, Counter>,
 }
 
 /// Labels of `tempalias_build_info`.
@@ -146,6 +163,7 @@ impl Metrics {
             maintenance: Gauge::default(),
             http_connections_active: Gauge::default(),
             http_connections_refused: Counter::default(),
+            smtp_tls_handshakes: Family::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -184,6 +202,11 @@ impl Metrics {
             "http_requests",
             "HTTP requests by matched route and status",
             m.http_requests.clone(),
+        );
+        registry.register(
+            "smtp_tls_handshakes",
+            "TLS handshakes on the SMTP listeners (STARTTLS and implicit TLS), by negotiated version or failure",
+            m.smtp_tls_handshakes.clone(),
         );
         registry.register(
             "smtp_drained",

@@ -94,6 +94,9 @@ def test_openssl_s_client_negotiates_tls_1_3_and_tls_1_2(node):
     # Nothing older is offered.
     r = s_client(node.smtp_port, "-tls1_1")
     assert "Protocol version" not in r.stderr and r.returncode != 0, r.stdout + r.stderr
+    metrics = node.metrics()
+    for result in ("tls13", "tls12", "failed"):
+        assert f'tempalias_smtp_tls_handshakes_total{{result="{result}"}} 1' in metrics, metrics
 
 
 def test_tls_min_version_and_cipher_suites(node_factory):

@@ -13,6 +13,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 
 use super::stream::Stream;
 use super::{Session, State};
+use crate::metrics::{TlsLabels, TlsResult};
 use crate::smtp::backends::{AliasStore, Upstream};
 use crate::smtp::input::InputError;
 use crate::smtp::tls::Negotiated;
@@ -83,19 +84,33 @@ where
             return false;
         };
         let limit = Duration::from_secs(self.shared.config.tls_handshake_timeout_secs);
+        let count = |result| {
+            self.shared
+                .metrics
+                .smtp_tls_handshakes
+                .get_or_create(&TlsLabels { result })
+                .inc();
+        };
         match tokio::time::timeout(limit, tls.acceptor().accept(plain)).await {
             Ok(Ok(stream)) => {
                 let negotiated = Negotiated::of(stream.get_ref().1);
+                count(if negotiated.version == "TLSv1.2" {
+                    TlsResult::tls12
+                } else {
+                    TlsResult::tls13
+                });
                 tracing::debug!(version = %negotiated.version, cipher = %negotiated.cipher, "TLS started");
                 self.tls = Some(negotiated);
                 *self.input.get_mut() = Stream::Tls(Box::new(stream));
                 true
             }
             Ok(Err(e)) => {
+                count(TlsResult::failed);
                 tracing::info!(error = %e, "TLS handshake failed");
                 false
             }
             Err(_) => {
+                count(TlsResult::timeout);
                 tracing::info!(limit = ?limit, "TLS handshake timed out");
                 false
             }
