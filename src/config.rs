@@ -258,7 +258,7 @@ pub struct SmtpConfig {
     pub require_tls: bool,
     /// Lowest TLS version offered: `"1.2"` or `"1.3"`.
     pub tls_min_version: String,
-    /// Cipher suites offered, by IANA name; empty for the rustls defaults.
+    /// Cipher suites offered, by their rustls names; empty for the rustls defaults.
     pub tls_cipher_suites: Vec<String>,
     /// Longest time a TLS handshake may take.
     pub tls_handshake_timeout_secs: u64,

@@ -95,7 +95,7 @@ impl fmt::Debug for Tls {
 pub struct Negotiated {
     /// `TLSv1.2` or `TLSv1.3`.
     pub version: String,
-    /// The IANA name of the cipher suite, such as `TLS13_AES_256_GCM_SHA384`.
+    /// The cipher suite as rustls names it, such as `TLS13_AES_256_GCM_SHA384`.
     pub cipher: String,
 }
 
@@ -350,19 +350,14 @@ pub fn write_self_signed(host: &str, days: u32, cert: &Path, key: &Path) -> Resu
 mod tests {
     use super::*;
 
-    fn config(dir: &Path) -> SmtpConfig {
-        let _ = dir;
-        SmtpConfig::default()
-    }
-
     #[test]
     fn zero_config_makes_and_reuses_a_self_signed_certificate() {
         let dir = tempfile::tempdir().unwrap();
-        let tls = Tls::from_config(&config(dir.path()), dir.path())
+        let tls = Tls::from_config(&SmtpConfig::default(), dir.path())
             .unwrap()
             .expect("self-signed by default");
         let first = std::fs::read(&tls.source.cert).unwrap();
-        let again = Tls::from_config(&config(dir.path()), dir.path())
+        let again = Tls::from_config(&SmtpConfig::default(), dir.path())
             .unwrap()
             .unwrap();
         assert_eq!(std::fs::read(&again.source.cert).unwrap(), first);
@@ -372,8 +367,10 @@ mod tests {
     #[test]
     fn no_certificate_means_no_tls() {
         let dir = tempfile::tempdir().unwrap();
-        let mut c = config(dir.path());
-        c.tls_self_signed = false;
+        let c = SmtpConfig {
+            tls_self_signed: false,
+            ..SmtpConfig::default()
+        };
         assert!(Tls::from_config(&c, dir.path()).unwrap().is_none());
     }
 
@@ -382,9 +379,11 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (cert, key) = (dir.path().join("c.pem"), dir.path().join("k.pem"));
         write_self_signed("mx.example", 30, &cert, &key).unwrap();
-        let mut c = config(dir.path());
-        c.tls_cert_file = cert.display().to_string();
-        c.tls_key_file = key.display().to_string();
+        let c = SmtpConfig {
+            tls_cert_file: cert.display().to_string(),
+            tls_key_file: key.display().to_string(),
+            ..SmtpConfig::default()
+        };
         let tls = Tls::from_config(&c, dir.path()).unwrap().unwrap();
         let before = tls.resolver.current.read().unwrap().clone();
         // A key that belongs to another certificate is refused.

@@ -66,10 +66,11 @@ where
             self.reply(554, "5.4.6", "Too many hops: mail loop detected");
             return Ok(());
         }
-        let State::Transaction(tx) = std::mem::replace(&mut self.state, State::Ready) else {
-            unreachable!("checked above");
-        };
-        self.forward(tx, message).await;
+        // The transaction leaves the session state here: whatever the
+        // upstream says, the next message starts with MAIL.
+        if let State::Transaction(tx) = std::mem::replace(&mut self.state, State::Ready) {
+            self.forward(tx, message).await;
+        }
         Ok(())
     }
 
