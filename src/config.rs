@@ -1178,6 +1178,32 @@ mod tests {
                 "relay.smarthosts",
             ),
             ("[limits]\nmax_days = 0\n", "limits.max_days"),
+            ("[smtp]\ntls_cert_file = \"c.pem\"\n", "smtp.tls_key_file"),
+            (
+                "[smtp]\ntls_min_version = \"1.1\"\n",
+                "smtp.tls_min_version",
+            ),
+            (
+                "[smtp]\ntls_cipher_suites = [\"TLS_RSA_WITH_RC4_128_MD5\"]\n",
+                "smtp.tls_cipher_suites",
+            ),
+            (
+                "[smtp]\ntls_self_signed = false\ntls_listen = \"127.0.0.1:0\"\n",
+                "smtp.tls_listen",
+            ),
+            (
+                "[smtp]\ntls_self_signed = false\nrequire_tls = true\n",
+                "smtp.require_tls",
+            ),
+            (
+                "[smtp]\ntls_handshake_timeout_secs = 0\n",
+                "smtp.tls_handshake_timeout_secs",
+            ),
+            ("[smtp]\npostmaster = \"nobody\"\n", "smtp.postmaster"),
+            (
+                "[smtp]\npostmaster = \"postmaster@tempalias.test\"\n",
+                "smtp.postmaster",
+            ),
             ("node_id = 2\n", "cluster.initial_members"),
             ("[log]\nformat = \"xml\"\n", "log.format"),
             (
