@@ -114,6 +114,9 @@ pub async fn run(
     let _data_dir_lock = crate::data_dir::lock(&config.data_dir)?;
     let secret = config.cluster_secret()?;
     let token_key = crate::http::TokenKey::from_secret(&secret);
+    // Before Raft starts: a certificate that does not load stops the node
+    // with nothing running.
+    let tls = crate::smtp::tls::Tls::from_config(&config.smtp, &config.data_dir)?;
     let bound = Bound {
         http: local_addr("http.listen", &http_listener)?,
         smtp: local_addr("smtp.listen", &smtp_listener)?,
@@ -194,7 +197,6 @@ pub async fn run(
         shutdown.clone(),
     ));
 
-    let tls = crate::smtp::tls::Tls::from_config(&config.smtp, &config.data_dir)?;
     let tls_reload = tokio::spawn(crate::smtp::tls::reload_on_hangup(
         tls.clone(),
         shutdown.clone(),
@@ -398,20 +400,17 @@ pub fn banner(config: &Config, bound: &Bound) -> String {
         ("SMTP", bound.smtp.to_string()),
     ];
     if let Some(addr) = bound.smtp_tls {
-        rows.push(("SMTP (TLS)", addr.to_string()));
+        rows.push(("SMTP over TLS", addr.to_string()));
     }
     let smtp = &config.smtp;
     rows.push((
-        "SMTP TLS",
+        "TLS certificate",
         if !smtp.tls_cert_file.is_empty() {
-            format!("STARTTLS with {}", smtp.tls_cert_file)
+            smtp.tls_cert_file.clone()
         } else if smtp.tls_self_signed {
-            format!(
-                "STARTTLS with a self-signed certificate in {}",
-                config.data_dir.join("tls").display()
-            )
+            format!("self-signed, in {}", config.data_dir.join("tls").display())
         } else {
-            "off".to_string()
+            "none (STARTTLS off)".to_string()
         },
     ));
     rows.extend([
