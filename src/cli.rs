@@ -133,6 +133,39 @@ enum Cmd {
             with `tempalias man > /usr/local/share/man/man1/tempalias.1`."
     )]
     Man,
+    /// Make TLS certificates for the SMTP listeners.
+    Tls {
+        #[command(subcommand)]
+        action: TlsCmd,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum TlsCmd {
+    /// Write a self-signed certificate and its key for a host name.
+    #[command(
+        long_about = "Write a self-signed certificate for HOST and its private key \
+            (ECDSA P-256, PEM; the key readable by its owner only), to use as \
+            [smtp] tls_cert_file and tls_key_file. Sending MTAs do not check an \
+            MX's certificate, so a self-signed one already keeps mail from being \
+            read on the wire; replace it with one from a CA (ACME) when you want \
+            senders that do check (MTA-STS, DANE) to trust it. A running node \
+            picks up new files on SIGHUP."
+    )]
+    Selfsigned {
+        /// The host name the certificate is for (the MX name, smtp.hostname).
+        #[arg(value_name = "HOST")]
+        host: String,
+        /// Where to write the certificate.
+        #[arg(long, value_name = "FILE", default_value = "tls-cert.pem")]
+        cert: PathBuf,
+        /// Where to write the private key.
+        #[arg(long, value_name = "FILE", default_value = "tls-key.pem")]
+        key: PathBuf,
+        /// Days the certificate is valid.
+        #[arg(long, value_name = "N", default_value_t = 825, value_parser = clap::value_parser!(u32).range(1..=36500))]
+        days: u32,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -347,6 +380,10 @@ fn run(cli: Cli, local_offset: time::UtcOffset) -> anyhow::Result<ExitCode> {
     match cli.command {
         Cmd::CheckConfig { file } => {
             let config = Config::load(Some(&file))?;
+            // Certificate files are read at start-up: a file that would keep
+            // the node from starting is a configuration error too.
+            crate::smtp::tls::check_files(&config.smtp)
+                .with_context(|| format!("{}: smtp.tls_cert_file", file.display()))?;
             println!(
                 "{}: ok (node {}, domains {})",
                 file.display(),
@@ -407,6 +444,23 @@ fn run(cli: Cli, local_offset: time::UtcOffset) -> anyhow::Result<ExitCode> {
             let mut script = Vec::new();
             clap_complete::generate(shell, &mut Cli::command(), "tempalias", &mut script);
             write_stdout(&script).context("writing the completion script")?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Tls {
+            action:
+                TlsCmd::Selfsigned {
+                    host,
+                    cert,
+                    key,
+                    days,
+                },
+        } => {
+            crate::smtp::tls::write_self_signed(&host, days, &cert, &key)?;
+            println!(
+                "wrote {} and {} for {host}, valid {days} days",
+                cert.display(),
+                key.display()
+            );
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Man => {

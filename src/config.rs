@@ -246,6 +246,30 @@ pub struct SmtpConfig {
     /// is the alias `id`, so users can tag what they hand out and filter on
     /// it. Each character is a delimiter; empty turns it off.
     pub recipient_delimiter: String,
+    /// Where mail to `postmaster` and `postmaster@<alias domain>` goes
+    /// (RFC 5321 4.5.1 requires accepting it); must not be an alias address.
+    pub postmaster: String,
+    /// PEM certificate chain for STARTTLS and `tls_listen`; empty for none.
+    pub tls_cert_file: String,
+    /// PEM private key of `tls_cert_file`.
+    pub tls_key_file: String,
+    /// Without `tls_cert_file`, make a self-signed certificate for
+    /// `hostname` in the data directory (MX-to-MX TLS is opportunistic and
+    /// senders do not check it, so even that keeps mail from being read on
+    /// the wire). `false` and no file: STARTTLS is not offered.
+    pub tls_self_signed: bool,
+    /// Optional second listener that speaks TLS from the first byte
+    /// (implicit TLS, as on port 465); empty for none.
+    pub tls_listen: String,
+    /// Refuse MAIL until the client has started TLS. Off by default: a
+    /// public MX must accept plaintext from senders without TLS.
+    pub require_tls: bool,
+    /// Lowest TLS version offered: `"1.2"` or `"1.3"`.
+    pub tls_min_version: String,
+    /// Cipher suites offered, by their rustls names; empty for the rustls defaults.
+    pub tls_cipher_suites: Vec<String>,
+    /// Longest time a TLS handshake may take.
+    pub tls_handshake_timeout_secs: u64,
 }
 
 impl Default for SmtpConfig {
@@ -266,6 +290,15 @@ impl Default for SmtpConfig {
             max_recipients: 50,
             max_hops: 50,
             recipient_delimiter: "+".to_string(),
+            postmaster: "postmaster@localhost".to_string(),
+            tls_cert_file: String::new(),
+            tls_key_file: String::new(),
+            tls_self_signed: true,
+            tls_listen: String::new(),
+            require_tls: false,
+            tls_min_version: "1.2".to_string(),
+            tls_cipher_suites: Vec::new(),
+            tls_handshake_timeout_secs: 30,
         }
     }
 }
@@ -838,6 +871,67 @@ impl Config {
         ConfigError::from_problems(problems)
     }
 
+    /// The `[smtp]` TLS keys and `postmaster`.
+    fn tls_problems(&self, out: &mut Checks) {
+        let smtp = &self.smtp;
+        if !smtp.tls_listen.is_empty() {
+            out.listen("smtp.tls_listen", &smtp.tls_listen);
+            if smtp.tls_cert_file.is_empty() && !smtp.tls_self_signed {
+                out.push(
+                    "smtp.tls_listen",
+                    "needs a certificate: set smtp.tls_cert_file or smtp.tls_self_signed",
+                );
+            }
+        }
+        if smtp.tls_cert_file.is_empty() != smtp.tls_key_file.is_empty() {
+            out.push(
+                "smtp.tls_key_file",
+                "smtp.tls_cert_file and smtp.tls_key_file go together",
+            );
+        }
+        if smtp.require_tls && smtp.tls_cert_file.is_empty() && !smtp.tls_self_signed {
+            out.push(
+                "smtp.require_tls",
+                "needs a certificate: set smtp.tls_cert_file or smtp.tls_self_signed",
+            );
+        }
+        if !["1.2", "1.3"].contains(&smtp.tls_min_version.as_str()) {
+            out.push(
+                "smtp.tls_min_version",
+                format!("{:?}: must be \"1.2\" or \"1.3\"", smtp.tls_min_version),
+            );
+        }
+        let known = crate::smtp::tls::known_cipher_suites();
+        for name in &smtp.tls_cipher_suites {
+            if !known.iter().any(|k| k.eq_ignore_ascii_case(name)) {
+                out.push(
+                    "smtp.tls_cipher_suites",
+                    format!("unknown suite {name:?}; known: {}", known.join(", ")),
+                );
+            }
+        }
+        out.positive(
+            "smtp.tls_handshake_timeout_secs",
+            smtp.tls_handshake_timeout_secs,
+        );
+        match smtp.postmaster.rsplit_once('@') {
+            Some((local, domain))
+                if !local.is_empty() && smtp.postmaster.parse::<lettre::Address>().is_ok() =>
+            {
+                if self.domains.iter().any(|d| d.eq_ignore_ascii_case(domain)) {
+                    out.push(
+                        "smtp.postmaster",
+                        "must not be in an alias domain (mail to it would loop)",
+                    );
+                }
+            }
+            _ => out.push(
+                "smtp.postmaster",
+                format!("{:?} is not a mail address", smtp.postmaster),
+            ),
+        }
+    }
+
     /// Every value that parses but cannot work, as `(dotted key, reason)`
     /// pairs: all of them, so one `check-config` run shows everything to fix.
     pub fn problems(&self) -> Vec<(String, String)> {
@@ -912,6 +1006,7 @@ impl Config {
         out.positive("smtp.max_recipients", self.smtp.max_recipients as u64);
         out.positive("smtp.max_hops", self.smtp.max_hops as u64);
         self.relay.problems(&mut out);
+        self.tls_problems(&mut out);
         // A reservation lives from RCPT to the upstream's reply: at most the
         // whole session plus the relay's budget for one message.
         let longest = self
@@ -1501,6 +1596,32 @@ mod tests {
                 "relay.smarthosts",
             ),
             ("[limits]\nmax_days = 0\n", "limits.max_days"),
+            ("[smtp]\ntls_cert_file = \"c.pem\"\n", "smtp.tls_key_file"),
+            (
+                "[smtp]\ntls_min_version = \"1.1\"\n",
+                "smtp.tls_min_version",
+            ),
+            (
+                "[smtp]\ntls_cipher_suites = [\"TLS_RSA_WITH_RC4_128_MD5\"]\n",
+                "smtp.tls_cipher_suites",
+            ),
+            (
+                "[smtp]\ntls_self_signed = false\ntls_listen = \"127.0.0.1:0\"\n",
+                "smtp.tls_listen",
+            ),
+            (
+                "[smtp]\ntls_self_signed = false\nrequire_tls = true\n",
+                "smtp.require_tls",
+            ),
+            (
+                "[smtp]\ntls_handshake_timeout_secs = 0\n",
+                "smtp.tls_handshake_timeout_secs",
+            ),
+            ("[smtp]\npostmaster = \"nobody\"\n", "smtp.postmaster"),
+            (
+                "[smtp]\npostmaster = \"postmaster@tempalias.test\"\n",
+                "smtp.postmaster",
+            ),
             ("node_id = 2\n", "cluster.initial_members"),
             ("[log]\nformat = \"xml\"\n", "log.format"),
             (

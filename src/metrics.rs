@@ -73,6 +73,21 @@ pub struct RcptLabels {
     pub result: RcptResult,
 }
 
+/// Outcome of one TLS handshake on an SMTP listener.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[allow(non_camel_case_types)]
+pub enum TlsResult {
+    tls12,
+    tls13,
+    failed,
+    timeout,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TlsLabels {
+    pub result: TlsResult,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct HttpLabels {
     pub route: String,
@@ -129,6 +144,8 @@ pub struct Metrics {
     pub relay_breaker_state: Family<UpstreamLabels, Gauge>,
     /// Times a smarthost's breaker opened.
     pub relay_breaker_opened: Family<UpstreamLabels, Counter>,
+    /// TLS handshakes on the SMTP listeners, by version or failure.
+    pub smtp_tls_handshakes: Family<TlsLabels, Counter>,
 }
 
 /// Outcome of one outbound attempt at one upstream.
@@ -213,6 +230,7 @@ impl Metrics {
             relay_skipped: Family::default(),
             relay_breaker_state: Family::default(),
             relay_breaker_opened: Family::default(),
+            smtp_tls_handshakes: Family::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -256,6 +274,11 @@ impl Metrics {
             "http_requests",
             "HTTP requests by matched route and status",
             m.http_requests.clone(),
+        );
+        registry.register(
+            "smtp_tls_handshakes",
+            "TLS handshakes on the SMTP listeners (STARTTLS and implicit TLS), by negotiated version or failure",
+            m.smtp_tls_handshakes.clone(),
         );
         registry.register(
             "smtp_drained",

@@ -47,6 +47,8 @@ pub enum ServeError {
     Config(#[from] crate::config::ConfigError),
     #[error("cluster client: {0}")]
     Cluster(#[from] crate::cluster::client::RpcError),
+    #[error("SMTP TLS: {0}")]
+    Tls(#[from] crate::smtp::tls::TlsError),
     #[error("cannot read the maintenance state: {0}")]
     Maintenance(std::io::Error),
     #[error(transparent)]
@@ -97,6 +99,8 @@ fn in_use_hint(e: &std::io::Error) -> &'static str {
 pub struct Bound {
     pub http: SocketAddr,
     pub smtp: SocketAddr,
+    /// The implicit-TLS SMTP listener, when `[smtp] tls_listen` is set.
+    pub smtp_tls: Option<SocketAddr>,
     pub cluster: SocketAddr,
 }
 
@@ -135,12 +139,23 @@ pub async fn run(
     let http_listener = bind("http.listen", &config.http.listen).await?;
     let smtp_listener = bind("smtp.listen", &config.smtp.listen).await?;
     let cluster_listener = bind("cluster.listen", &config.cluster.listen).await?;
+    let smtp_tls_listener = match config.smtp.tls_listen.as_str() {
+        "" => None,
+        addr => Some(bind("smtp.tls_listen", addr).await?),
+    };
     let _data_dir_lock = crate::data_dir::lock(&config.data_dir)?;
     let secret = config.cluster_secret()?;
     let token_key = crate::http::TokenKey::from_secret(&secret);
+    // Before Raft starts: a certificate that does not load stops the node
+    // with nothing running.
+    let tls = crate::smtp::tls::Tls::from_config(&config.smtp, &config.data_dir)?;
     let bound = Bound {
         http: local_addr("http.listen", &http_listener)?,
         smtp: local_addr("smtp.listen", &smtp_listener)?,
+        smtp_tls: match &smtp_tls_listener {
+            Some(l) => Some(local_addr("smtp.tls_listen", l)?),
+            None => None,
+        },
         cluster: local_addr("cluster.listen", &cluster_listener)?,
     };
     let clock: Arc<dyn Clock> = Arc::new(SystemClock::from_env());
@@ -221,25 +236,23 @@ pub async fn run(
         shutdown.clone(),
     ));
 
-    let smtp_ctx = Arc::new(SmtpContext {
+    let tls_reload = tokio::spawn(crate::smtp::tls::reload_on_hangup(
+        tls.clone(),
+        shutdown.clone(),
+    ));
+    let smtp_ctx = Arc::new(SmtpContext::new(
+        &config,
+        node.clone(),
         forwarding,
-        config: config.smtp.clone(),
-        domains: config.domains.clone(),
-        node: node.clone(),
         relay,
-        metrics: metrics.clone(),
-        lease_ms: config.relay.reservation_lease_secs * 1000,
-        maintenance: maintenance.clone(),
-        connections: crate::smtp::limits::ConnectionCounts::new(config.smtp.max_connections_per_ip),
-        settlements: crate::smtp::settle::Settlements::new(),
-        failures: crate::smtp::limits::FailedRcpts::new(
-            config.smtp.max_failed_rcpts_per_ip,
-            Duration::from_secs(config.smtp.failed_rcpt_window_secs),
-        ),
-    });
+        metrics.clone(),
+        maintenance.clone(),
+        tls,
+    ));
     let smtp_abort = CancellationToken::new();
     let mut smtp = tokio::spawn(crate::smtp::serve(
         smtp_listener,
+        smtp_tls_listener,
         smtp_ctx.clone(),
         shutdown.clone(),
         smtp_abort.clone(),
@@ -282,10 +295,8 @@ pub async fn run(
     }
     // Uses held by sessions that did not finish go back now, while Raft runs,
     // rather than when their leases lapse.
-    smtp_ctx
-        .settlements
-        .drain(&node, smtp_ctx.lease_ms, Duration::from_secs(10))
-        .await;
+    smtp_ctx.drain_settlements(Duration::from_secs(10)).await;
+    let _ = tls_reload.await;
     let _ = watcher.await;
     let _ = maintenance_watch.await;
     let _ = purger.await;
@@ -427,10 +438,26 @@ pub fn banner(config: &Config, bound: &Bound) -> String {
     let mut rows = vec![
         ("HTTP API", format!("http://{}/", bound.http)),
         ("SMTP", bound.smtp.to_string()),
+    ];
+    if let Some(addr) = bound.smtp_tls {
+        rows.push(("SMTP over TLS", addr.to_string()));
+    }
+    let smtp = &config.smtp;
+    rows.push((
+        "TLS certificate",
+        if !smtp.tls_cert_file.is_empty() {
+            smtp.tls_cert_file.clone()
+        } else if smtp.tls_self_signed {
+            format!("self-signed, in {}", config.data_dir.join("tls").display())
+        } else {
+            "none (STARTTLS off)".to_string()
+        },
+    ));
+    rows.extend([
         ("cluster", bound.cluster.to_string()),
         ("alias domains", config.domains.join(", ")),
         ("data", config.data_dir.display().to_string()),
-    ];
+    ]);
     match config.relay.mode {
         RelayMode::Capture => rows.push((
             "forwarded mail",

@@ -63,6 +63,21 @@ impl<R: AsyncRead + Unpin> Input<R> {
         self.deadline = Some(deadline);
     }
 
+    /// The underlying stream, for writing replies and for STARTTLS.
+    pub fn get_mut(&mut self) -> &mut R {
+        &mut self.inner
+    }
+
+    /// Drops every byte read but not yet consumed, and returns how many
+    /// there were. After STARTTLS, anything the client sent behind the
+    /// command in plaintext must never be taken as a command.
+    pub fn discard_buffered(&mut self) -> usize {
+        let n = self.buf.len() - self.pos;
+        self.buf.clear();
+        self.pos = 0;
+        n
+    }
+
     /// True when a whole line is already buffered: the session may then answer
     /// it before flushing (PIPELINING).
     pub fn has_line(&self) -> bool {
