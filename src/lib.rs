@@ -11,6 +11,7 @@
 //!   handle every front end writes through.
 //! - [`smtp`]: the inbound SMTP listener and session state machine.
 //! - [`relay`]: outbound delivery (capture directory or smarthosts).
+//! - [`confirm`]: target confirmation (the mail with the link, the RCPT answer).
 //! - [`maintenance`]: node and cluster-wide drain, shared by SMTP and HTTP.
 //! - [`http`]: the JSON API, health endpoints and `/metrics`.
 //! - [`metrics`]: the Prometheus registry shared by all of the above.
@@ -22,6 +23,7 @@ pub mod cli;
 pub mod clock;
 pub mod cluster;
 pub mod config;
+pub mod confirm;
 pub mod data_dir;
 pub mod http;
 pub mod maintenance;

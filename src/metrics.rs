@@ -36,6 +36,25 @@ pub enum RcptResult {
     throttled,
     tempfail,
     invalid,
+    /// The alias waits for its target's confirmation (550 5.7.1).
+    unconfirmed,
+}
+
+/// What happened in target confirmation (`tempalias_confirmations_total`).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[allow(non_camel_case_types)]
+pub enum ConfirmEvent {
+    /// A confirmation mail was accepted by the relay.
+    mail_sent,
+    /// A confirmation mail could not be sent (the request was withdrawn).
+    mail_failed,
+    /// A target followed its link.
+    confirmed,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ConfirmLabels {
+    pub event: ConfirmEvent,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -95,6 +114,8 @@ pub struct Metrics {
     pub http_connections_active: Gauge,
     /// HTTP connections refused because the listener was at its cap.
     pub http_connections_refused: Counter,
+    /// Target confirmation: mails sent or failed, confirmations accepted.
+    pub confirmations: Family<ConfirmLabels, Counter>,
 }
 
 /// Labels of `tempalias_build_info`.
@@ -146,6 +167,7 @@ impl Metrics {
             maintenance: Gauge::default(),
             http_connections_active: Gauge::default(),
             http_connections_refused: Counter::default(),
+            confirmations: Family::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -184,6 +206,11 @@ impl Metrics {
             "http_requests",
             "HTTP requests by matched route and status",
             m.http_requests.clone(),
+        );
+        registry.register(
+            "confirmations",
+            "Target confirmation: mails sent and failed, confirmations accepted, through this node",
+            m.confirmations.clone(),
         );
         registry.register(
             "smtp_drained",

@@ -205,12 +205,23 @@ pub async fn run(
         smtp_abort.clone(),
     ));
 
+    let confirmer = config.limits.confirm_targets.then(|| {
+        Arc::new(crate::confirm::Confirmer::new(
+            smtp_ctx.relay.clone(),
+            node.clone(),
+            metrics.clone(),
+            &public_url(&config, bound.http),
+            &config.domains[0],
+            shutdown.clone(),
+        ))
+    });
     let state = crate::http::AppState::new(
         node.clone(),
         config.clone(),
         metrics.clone(),
         maintenance.clone(),
         token_key,
+        confirmer,
     );
     let app = crate::http::router(state);
     let mut http = tokio::spawn(crate::http::listener::serve(
@@ -258,6 +269,16 @@ pub async fn run(
     node.shutdown().await;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// `[http] public_url`, or `http://` and the bound HTTP address when it is
+/// empty (right for a node on the user's own machine only).
+fn public_url(config: &Config, http: SocketAddr) -> String {
+    if config.http.public_url.is_empty() {
+        format!("http://{http}")
+    } else {
+        config.http.public_url.clone()
+    }
 }
 
 /// How often each node compares its clock with its peers'.

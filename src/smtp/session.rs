@@ -452,6 +452,13 @@ where
                     "Alias busy with messages in transit, try again later",
                 );
             }
+            Refusal::Unconfirmed => {
+                // Waits for its target to confirm (see `crate::confirm`).
+                self.count_rcpt(RcptResult::unconfirmed);
+                self.rcpt_failed(false).await;
+                let (code, enhanced, text) = crate::confirm::RCPT_REFUSAL;
+                return self.reply(code, enhanced, text);
+            }
         };
         self.count_rcpt(result);
         self.rcpt_failed(reason == Refusal::Unknown).await;
@@ -477,6 +484,7 @@ where
             Ok(None) => Some(Refusal::Unknown),
             Ok(Some(rec)) if rec.revoked => Some(Refusal::Revoked),
             Ok(Some(rec)) if rec.used >= rec.max_usage => Some(Refusal::UsedUp),
+            Ok(Some(rec)) if rec.awaiting_confirmation => Some(Refusal::Unconfirmed),
             _ => None,
         };
         if local(self.ctx.node.reader()).is_none() {

@@ -1,0 +1,142 @@
+//! `GET` and `POST /v1/confirm/{token}`: a target confirms that it wants mail
+//! forwarded from this service (`[limits] confirm_targets`).
+//!
+//! `GET` only shows a page with a button; the button `POST`s. Mail scanners
+//! and link previews fetch links in mails before (or without) the person
+//! reading them, so a confirmation on `GET` would confirm for everyone.
+//! A wrong token is a `404`, which the rate limiter counts as a failed
+//! lookup, so tokens cannot be guessed at the status rate.
+
+use axum::extract::{Path, State};
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::Response;
+
+use super::{dynamic_html, escape, render, Site, STYLE};
+use crate::http::AppState;
+use crate::metrics::{ConfirmEvent, ConfirmLabels};
+use crate::raft::targets::{token_hash, LinkState};
+use crate::raft::{Command, Response as SmResponse};
+
+const CONFIRM_HTML: &str = include_str!("confirm.html");
+
+/// The page: a title, a sentence and (for a pending link) the button.
+fn page(site: &Site, status: StatusCode, title: &str, message: &str, form: String) -> Response {
+    let body = render(
+        CONFIRM_HTML,
+        &[
+            ("style", STYLE.into()),
+            ("title", escape(title)),
+            ("message", escape(message)),
+            ("form", form),
+        ],
+    );
+    dynamic_html(status, body, &site.csp)
+}
+
+fn invalid(site: &Site) -> Response {
+    page(
+        site,
+        StatusCode::NOT_FOUND,
+        "Link not valid",
+        "This confirmation link is not valid: it is incomplete, it has expired (links work for two days), or a newer one was sent. Creating a new alias for your address sends a new link.",
+        String::new(),
+    )
+}
+
+fn confirmed(site: &Site) -> Response {
+    page(
+        site,
+        StatusCode::OK,
+        "Address confirmed",
+        "Thank you. Mail to the aliases that forward to your address is forwarded from now on.",
+        String::new(),
+    )
+}
+
+fn unavailable(site: &Site) -> Response {
+    let mut resp = page(
+        site,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "Try again",
+        "The service cannot answer right now. Try again in a few seconds.",
+        String::new(),
+    );
+    resp.headers_mut()
+        .insert(header::RETRY_AFTER, HeaderValue::from_static("2"));
+    resp
+}
+
+pub(super) async fn show(
+    site: std::sync::Arc<Site>,
+    State(state): State<AppState>,
+    Path(token): Path<String>,
+) -> Response {
+    if !crate::confirm::is_token(&token) {
+        return invalid(&site);
+    }
+    // Catch up with the leader first: the link is mailed right after the
+    // create commits, and this node may not have applied it yet.
+    if state.barriers.wait(&state.node).await.is_err() {
+        return unavailable(&site);
+    }
+    let link = state
+        .node
+        .reader()
+        .confirmation_link(&token_hash(&token), state.node.now_ms());
+    match link {
+        Ok(LinkState::Pending) => {
+            let form = format!(
+                "<form method=\"post\" action=\"/v1/confirm/{}\"><button type=\"submit\" id=\"confirm\">Yes, forward mail to me</button></form>",
+                escape(&token)
+            );
+            page(
+                &site,
+                StatusCode::OK,
+                "Confirm your address",
+                "Someone created a temporary alias that forwards to your address. Mail is forwarded to you only once you confirm. If you did not ask for it, close this page: nothing will be forwarded.",
+                form,
+            )
+        }
+        Ok(LinkState::Confirmed) => confirmed(&site),
+        Ok(LinkState::Invalid) => invalid(&site),
+        Err(e) => {
+            tracing::error!(error = %e, "reading the store");
+            unavailable(&site)
+        }
+    }
+}
+
+pub(super) async fn confirm(
+    site: std::sync::Arc<Site>,
+    State(state): State<AppState>,
+    Path(token): Path<String>,
+) -> Response {
+    if !crate::confirm::is_token(&token) {
+        return invalid(&site);
+    }
+    let cmd = Command::ConfirmTarget {
+        token_hash: token_hash(&token),
+    };
+    match state.node.write(cmd).await {
+        Ok(SmResponse::TargetConfirmed) => {
+            state
+                .metrics
+                .confirmations
+                .get_or_create(&ConfirmLabels {
+                    event: ConfirmEvent::confirmed,
+                })
+                .inc();
+            tracing::info!("target confirmed");
+            confirmed(&site)
+        }
+        Ok(SmResponse::NotFound) => invalid(&site),
+        Ok(other) => {
+            tracing::error!(response = ?other, "unexpected answer to a confirmation");
+            unavailable(&site)
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "confirmation not committed");
+            unavailable(&site)
+        }
+    }
+}
