@@ -167,10 +167,17 @@ impl Confirmer {
             s.parse::<lettre::message::Mailbox>()
                 .map_err(|_| lettre::error::Error::MissingFrom)
         };
+        // lettre picks the encoding: quoted-printable, as the link line is
+        // longer than 76 characters (every mail reader decodes it).
         let msg = lettre::Message::builder()
             .from(parse(&from)?)
             .to(parse(target)?)
             .subject(format!("Confirm forwarding from {}", self.domain))
+            .message_id(Some(format!(
+                "<confirm.{}@{}>",
+                crate::alias::new_id(),
+                self.domain
+            )))
             .header(AutoSubmitted)
             .header(lettre::message::header::ContentType::TEXT_PLAIN)
             .body(body)?;

@@ -48,7 +48,7 @@ pub enum ConfirmEvent {
     mail_sent,
     /// A confirmation mail could not be sent (the request was withdrawn).
     mail_failed,
-    /// A target followed its link.
+    /// A confirmation was accepted (a second press of the button counts again).
     confirmed,
 }
 
