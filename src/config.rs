@@ -684,6 +684,20 @@ impl Config {
         if let Err(e) = check_public_url(&self.http.public_url) {
             out.push("http.public_url", e);
         }
+        // Links derived from a listener on every address (or a public one)
+        // would point nowhere useful: only a loopback node may go without.
+        let loopback = self
+            .http
+            .listen
+            .parse::<SocketAddr>()
+            .map(|a| a.ip().is_loopback())
+            .unwrap_or_else(|_| self.http.listen.starts_with("localhost:"));
+        if self.limits.confirm_targets && self.http.public_url.is_empty() && !loopback {
+            out.push(
+                "http.public_url",
+                "must be set when limits.confirm_targets is on and http.listen is not a loopback address: the confirmation links mailed to targets are made from it",
+            );
+        }
         if self.cluster.initial_members.is_empty() {
             out.push("cluster.initial_members", "must list at least this node");
         }
@@ -979,6 +993,8 @@ mod tests {
         assert_eq!(c.limits.confirm_valid_days, 30);
         assert_eq!(c.limits.max_aliases_per_target, 0);
         assert_eq!(c.http.public_url, "");
+        // A loopback node may confirm targets without a public URL.
+        load("[limits]\nconfirm_targets = true\n", &[]).unwrap();
         load(
             "[http]\npublic_url = \"https://tempalias.example/base\"\n",
             &[],
@@ -1156,6 +1172,10 @@ mod tests {
             ),
             (
                 "[http]\npublic_url = \"tempalias.example\"\n",
+                "http.public_url",
+            ),
+            (
+                "[http]\nlisten = \"0.0.0.0:8080\"\n[limits]\nconfirm_targets = true\n",
                 "http.public_url",
             ),
             (
