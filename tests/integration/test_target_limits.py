@@ -176,3 +176,24 @@ def test_the_cap_on_live_aliases_per_target(node_factory):
     )
     assert form.status == 409, form
     assert b"live aliases" in form.body
+
+
+def metric(node, name: str) -> float:
+    m = re.search(rf"^{re.escape(name)} (\S+)$", node.metrics(), re.M)
+    return float(m.group(1)) if m else 0.0
+
+
+def test_a_confirmation_mail_the_upstream_refuses_is_withdrawn(node_factory, sink_factory):
+    # The smarthost refuses every recipient for good: the request is
+    # withdrawn at once, so the next create asks again (instead of the target
+    # waiting for the link to lapse).
+    sink = sink_factory(options=["-f", "RCPT", "-B", "550 5.1.1 no such user"])
+    node = node_factory(relay="smarthost", smarthosts=[sink.url], config={"limits": {"confirm_targets": True}})
+    failed = 'tempalias_confirmations_total{event="mail_failed"}'
+    a = node.create_alias(days=1, max_usage=1)
+    assert a["state"] == "awaiting_confirmation"
+    wait_until(lambda: metric(node, failed) == 1, 15, "the first mail to fail")
+    node.create_alias(days=1, max_usage=1)
+    wait_until(lambda: metric(node, failed) == 2, 15, "the second create to ask again")
+    assert metric(node, 'tempalias_confirmations_total{event="mail_sent"}') == 0
+    assert "confirmation mail refused code=550" in node.logs()
