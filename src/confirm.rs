@@ -14,6 +14,7 @@ use std::time::Duration;
 
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use crate::metrics::{ConfirmEvent, ConfirmLabels, Metrics};
 use crate::raft::{Command, Node};
@@ -49,6 +50,9 @@ pub struct Confirmer {
     domain: String,
     permits: Arc<Semaphore>,
     shutdown: CancellationToken,
+    /// The sends in flight, so shutdown can wait for them (a mail cut off
+    /// mid-send would leave its target's request pending until it lapses).
+    tasks: TaskTracker,
 }
 
 impl Confirmer {
@@ -68,6 +72,7 @@ impl Confirmer {
             domain: domain.to_string(),
             permits: Arc::new(Semaphore::new(MAX_SENDING)),
             shutdown,
+            tasks: TaskTracker::new(),
         }
     }
 
@@ -81,13 +86,26 @@ impl Confirmer {
         let this = self.clone();
         let Ok(permit) = self.permits.clone().try_acquire_owned() else {
             tracing::warn!("too many confirmation mails in flight; withdrawing this request");
-            tokio::spawn(async move { this.withdraw(&token).await });
+            self.tasks.spawn(async move { this.withdraw(&token).await });
             return;
         };
-        tokio::spawn(async move {
+        self.tasks.spawn(async move {
             let _permit = permit;
             this.send(&target, &token).await;
         });
+    }
+
+    /// Waits (at most `limit`) for the mails in flight: called at shutdown
+    /// while Raft still runs, so a mail that fails can still be withdrawn.
+    /// After the shutdown token is cancelled, failed sends are not retried.
+    pub async fn drain(&self, limit: Duration) {
+        self.tasks.close();
+        if tokio::time::timeout(limit, self.tasks.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!("confirmation mails still in flight at shutdown");
+        }
     }
 
     async fn send(&self, target: &str, token: &str) {

@@ -48,7 +48,7 @@ pub enum ConfirmEvent {
     mail_sent,
     /// A confirmation mail could not be sent (the request was withdrawn).
     mail_failed,
-    /// A confirmation was accepted (a second press of the button counts again).
+    /// A target confirmed (pressed the button of a pending link).
     confirmed,
 }
 

@@ -221,7 +221,7 @@ pub async fn run(
         metrics.clone(),
         maintenance.clone(),
         token_key,
-        confirmer,
+        confirmer.clone(),
     );
     let app = crate::http::router(state);
     let mut http = tokio::spawn(crate::http::listener::serve(
@@ -250,6 +250,12 @@ pub async fn run(
         smtp_abort.cancel();
         let _ = tokio::time::timeout(Duration::from_secs(5), &mut smtp).await;
         http.abort();
+    }
+    // Confirmation mails in flight finish (or are withdrawn) while Raft runs.
+    if let Some(c) = &confirmer {
+        // One relay attempt (every smarthost once) for a mail being handed over.
+        let attempt = config.relay.timeout_secs * config.relay.smarthosts.len().max(1) as u64;
+        c.drain(Duration::from_secs(attempt + 5)).await;
     }
     // Uses held by sessions that did not finish go back now, while Raft runs,
     // rather than when their leases lapse.

@@ -74,16 +74,7 @@ pub(super) async fn show(
     if !crate::confirm::is_token(&token) {
         return invalid(&site);
     }
-    // Catch up with the leader first: the link is mailed right after the
-    // create commits, and this node may not have applied it yet.
-    if state.barriers.wait(&state.node).await.is_err() {
-        return unavailable(&site);
-    }
-    let link = state
-        .node
-        .reader()
-        .confirmation_link(&token_hash(&token), state.node.now_ms());
-    match link {
+    match link_state(&state, &token_hash(&token)).await {
         Ok(LinkState::Pending) => {
             let form = format!(
                 "<form method=\"post\" action=\"/v1/confirm/{}\"><button type=\"submit\" id=\"confirm\">Yes, forward mail to me</button></form>",
@@ -99,11 +90,20 @@ pub(super) async fn show(
         }
         Ok(LinkState::Confirmed) => confirmed(&site),
         Ok(LinkState::Invalid) => invalid(&site),
-        Err(e) => {
-            tracing::error!(error = %e, "reading the store");
-            unavailable(&site)
-        }
+        Err(()) => unavailable(&site),
     }
+}
+
+/// Where a link stands, read from this replica once it has caught up with
+/// the leader (the link is mailed right after the create commits, and this
+/// node may not have applied it yet). `Err` when it cannot catch up.
+async fn link_state(state: &AppState, token_hash: &str) -> Result<LinkState, ()> {
+    state.barriers.wait(&state.node).await.map_err(|_| ())?;
+    state
+        .node
+        .reader()
+        .confirmation_link(token_hash, state.node.now_ms())
+        .map_err(|e| tracing::error!(error = %e, "reading the store"))
 }
 
 pub(super) async fn confirm(
@@ -114,9 +114,17 @@ pub(super) async fn confirm(
     if !crate::confirm::is_token(&token) {
         return invalid(&site);
     }
-    let cmd = Command::ConfirmTarget {
-        token_hash: token_hash(&token),
-    };
+    let token_hash = token_hash(&token);
+    // Only a pending link costs a Raft write: a guessed or used one is
+    // answered from the replica (after catching up with the leader, so a
+    // link mailed a moment ago is not refused by a lagging node).
+    match link_state(&state, &token_hash).await {
+        Ok(LinkState::Pending) => {}
+        Ok(LinkState::Confirmed) => return confirmed(&site),
+        Ok(LinkState::Invalid) => return invalid(&site),
+        Err(()) => return unavailable(&site),
+    }
+    let cmd = Command::ConfirmTarget { token_hash };
     match state.node.write(cmd).await {
         Ok(SmResponse::TargetConfirmed) => {
             state
