@@ -370,16 +370,24 @@ impl<'t> Tables<'t> {
         Ok(())
     }
 
-    /// Live aliases of a target at `now_ms`: its index rows whose alias has
-    /// not expired.
-    fn live(&self, target: &str, now_ms: u64) -> Result<u32, DbError> {
+    /// Live aliases of a target at `now_ms` (its index rows whose alias has
+    /// not expired), counted up to `max` only: the rules need no more, so a
+    /// create reads at most `max` live rows (plus rows expired since the last
+    /// purge). `max == 0` (no cap) reads nothing.
+    fn live(&self, target: &str, now_ms: u64, max: u32) -> Result<u32, DbError> {
+        if max == 0 {
+            return Ok(0);
+        }
         let key = target_key(target);
         let (from, to) = (format!("{key}\0"), format!("{key}\u{1}"));
         let mut n = 0u32;
         for item in self.index.range::<&str>(from.as_str()..to.as_str())? {
             let (_, until) = item?;
             if until.value() > now_ms {
-                n = n.saturating_add(1);
+                n += 1;
+                if n >= max {
+                    break;
+                }
             }
         }
         Ok(n)
@@ -502,7 +510,7 @@ impl<'t> Tables<'t> {
             });
         };
         let target = self.target(&rec.target)?;
-        let live = self.live(&rec.target, now_ms)?;
+        let live = self.live(&rec.target, now_ms, policy.max_per_target)?;
         let (awaiting, changed) = match admit(target.as_ref(), live, policy, now_ms) {
             Admission::Refused(r) => return Ok(r),
             Admission::Admitted { awaiting, target } => (awaiting, target),
