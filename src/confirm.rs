@@ -78,7 +78,7 @@ impl Confirmer {
 
     /// The link the target follows.
     pub fn link(&self, token: &str) -> String {
-        format!("{}/v1/confirm/{token}", self.base_url)
+        link(&self.base_url, token)
     }
 
     /// Mails the confirmation link of `token` to `target` in the background.
@@ -109,7 +109,7 @@ impl Confirmer {
     }
 
     async fn send(&self, target: &str, token: &str) {
-        let message = match self.message(target, token) {
+        let message = match message(&self.domain, &self.link(token), target) {
             Ok(m) => Arc::new(m),
             Err(e) => {
                 tracing::error!(error = %e, "cannot build the confirmation mail");
@@ -166,41 +166,43 @@ impl Confirmer {
             .get_or_create(&ConfirmLabels { event })
             .inc();
     }
+}
 
-    /// The mail: plain text, with the link and what it is for.
-    fn message(&self, target: &str, token: &str) -> Result<Vec<u8>, lettre::error::Error> {
-        let from = format!("tempalias <no-reply@{}>", self.domain);
-        let link = self.link(token);
-        let hours = crate::raft::targets::CONFIRM_REQUEST_TTL_MS / 3_600_000;
-        let body = format!(
-            "Someone asked {domain} for a temporary e-mail alias that forwards to\r\n\
+/// The link of `token` under `base_url` (no trailing `/`).
+fn link(base_url: &str, token: &str) -> String {
+    format!("{base_url}/v1/confirm/{token}")
+}
+
+/// The mail: plain text, with the link and what it is for.
+fn message(domain: &str, link: &str, target: &str) -> Result<Vec<u8>, lettre::error::Error> {
+    let from = format!("tempalias <no-reply@{domain}>");
+    let hours = crate::raft::targets::CONFIRM_REQUEST_TTL_MS / 3_600_000;
+    let body = format!(
+        "Someone asked {domain} for a temporary e-mail alias that forwards to\r\n\
              this address. Before any mail is forwarded to you, please confirm that\r\n\
              you want it:\r\n\r\n    {link}\r\n\r\n\
              The link works for {hours} hours. If you did not ask for an alias, ignore\r\n\
              this mail: nothing will be forwarded to you, and this service will not\r\n\
              write to you again for a while.\r\n",
-            domain = self.domain,
-        );
-        let parse = |s: &str| {
-            s.parse::<lettre::message::Mailbox>()
-                .map_err(|_| lettre::error::Error::MissingFrom)
-        };
-        // lettre picks the encoding: quoted-printable, as the link line is
-        // longer than 76 characters (every mail reader decodes it).
-        let msg = lettre::Message::builder()
-            .from(parse(&from)?)
-            .to(parse(target)?)
-            .subject(format!("Confirm forwarding from {}", self.domain))
-            .message_id(Some(format!(
-                "<confirm.{}@{}>",
-                crate::alias::new_id(),
-                self.domain
-            )))
-            .header(AutoSubmitted)
-            .header(lettre::message::header::ContentType::TEXT_PLAIN)
-            .body(body)?;
-        Ok(msg.formatted())
-    }
+    );
+    let parse = |s: &str| {
+        s.parse::<lettre::message::Mailbox>()
+            .map_err(|_| lettre::error::Error::MissingFrom)
+    };
+    // lettre picks the encoding: quoted-printable, as the link line is
+    // longer than 76 characters (every mail reader decodes it).
+    let msg = lettre::Message::builder()
+        .from(parse(&from)?)
+        .to(parse(target)?)
+        .subject(format!("Confirm forwarding from {domain}"))
+        .message_id(Some(format!(
+            "<confirm.{}@{domain}>",
+            crate::alias::new_id()
+        )))
+        .header(AutoSubmitted)
+        .header(lettre::message::header::ContentType::TEXT_PLAIN)
+        .body(body)?;
+    Ok(msg.formatted())
 }
 
 /// `Auto-Submitted: auto-generated` (RFC 3834): no auto-replies, please.
@@ -232,4 +234,37 @@ pub fn is_token(s: &str) -> bool {
     s.len() == 64
         && s.bytes()
             .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_mail_carries_the_link_and_asks_for_no_replies() {
+        let token = new_token();
+        assert!(is_token(&token));
+        assert!(!is_token(&token.to_uppercase()) && !is_token("abc"));
+        let url = link("https://aliases.example", &token);
+        let raw = message("t.example", &url, "Me@example.net").unwrap();
+        let text = String::from_utf8(raw).unwrap();
+        let (head, body) = text.split_once("\r\n\r\n").unwrap();
+        assert!(
+            head.contains("From: tempalias <no-reply@t.example>"),
+            "{head}"
+        );
+        assert!(head.contains("To: Me@example.net"), "{head}");
+        assert!(head.contains("Auto-Submitted: auto-generated"), "{head}");
+        assert!(head.contains("Message-ID: <confirm."), "{head}");
+        assert!(
+            head.contains("Subject: Confirm forwarding from t.example"),
+            "{head}"
+        );
+        // Quoted-printable soft breaks joined again, the link is whole.
+        let joined = body.replace("=\r\n", "");
+        assert!(joined.contains(&url), "{body}");
+        // Nothing in the RCPT refusal names anybody.
+        assert!(!RCPT_REFUSAL.2.contains('@'));
+        assert_eq!((RCPT_REFUSAL.0, RCPT_REFUSAL.1), (550, "5.7.1"));
+    }
 }
