@@ -148,6 +148,11 @@ pub struct HttpConfig {
     /// `X-Forwarded-For` headers name the client; from anyone else those
     /// headers are ignored, since any client can send them.
     pub trusted_proxies: Vec<String>,
+    /// The address users reach the API at (`https://tempalias.example`), for
+    /// links this node mails (target confirmation). Empty: `http://` and the
+    /// address this node's HTTP listener is bound to, which only suits a
+    /// node on the user's own machine.
+    pub public_url: String,
 }
 
 impl HttpConfig {
@@ -203,6 +208,7 @@ impl Default for HttpConfig {
             header_read_timeout_secs: 10,
             keepalive_idle_secs: 60,
             trusted_proxies: Vec::new(),
+            public_url: String::new(),
         }
     }
 }
@@ -538,6 +544,16 @@ pub struct LimitsConfig {
     pub max_usage: u32,
     /// Days an expired alias is kept (and shown as expired) before it is deleted.
     pub keep_expired_days: u32,
+    /// Aliases to a target that has not confirmed within `confirm_valid_days`
+    /// refuse mail until the target follows a link mailed to it once, so the
+    /// service cannot be used to send mail to people who never asked for it.
+    /// Off by default (a zero-config node has no public URL to link to).
+    pub confirm_targets: bool,
+    /// How long a target's confirmation lets new aliases to it forward at once.
+    pub confirm_valid_days: u32,
+    /// Most live aliases (not expired, revoked or used up) one target address
+    /// may have; 0 = no cap.
+    pub max_aliases_per_target: u32,
 }
 
 impl Default for LimitsConfig {
@@ -546,6 +562,9 @@ impl Default for LimitsConfig {
             max_days: 60,
             max_usage: 100,
             keep_expired_days: 7,
+            confirm_targets: false,
+            confirm_valid_days: 30,
+            max_aliases_per_target: 0,
         }
     }
 }
@@ -1023,6 +1042,30 @@ impl Config {
         }
         out.positive("limits.max_days", self.limits.max_days as u64);
         out.positive("limits.max_usage", self.limits.max_usage as u64);
+        let max_valid = crate::raft::targets::MAX_CONFIRM_VALID_DAYS;
+        if !(1..=max_valid).contains(&self.limits.confirm_valid_days) {
+            out.push(
+                "limits.confirm_valid_days",
+                format!("must be from 1 to {max_valid}"),
+            );
+        }
+        if let Err(e) = check_public_url(&self.http.public_url) {
+            out.push("http.public_url", e);
+        }
+        // Links derived from a listener on every address (or a public one)
+        // would point nowhere useful: only a loopback node may go without.
+        let loopback = self
+            .http
+            .listen
+            .parse::<SocketAddr>()
+            .map(|a| a.ip().is_loopback())
+            .unwrap_or_else(|_| self.http.listen.starts_with("localhost:"));
+        if self.limits.confirm_targets && self.http.public_url.is_empty() && !loopback {
+            out.push(
+                "http.public_url",
+                "must be set when limits.confirm_targets is on and http.listen is not a loopback address: the confirmation links mailed to targets are made from it",
+            );
+        }
         if self.cluster.initial_members.is_empty() {
             out.push("cluster.initial_members", "must list at least this node");
         }
@@ -1323,6 +1366,27 @@ impl Checks {
     }
 }
 
+/// Accepts an empty value (derived from the listener) or an `http(s)://`
+/// URL with a host and nothing after its path.
+fn check_public_url(s: &str) -> Result<(), String> {
+    if s.is_empty() {
+        return Ok(());
+    }
+    let url = reqwest::Url::parse(s)
+        .map_err(|e| format!("{s:?} is not a URL such as https://tempalias.example: {e}"))?;
+    if !matches!(url.scheme(), "http" | "https") || url.host_str().is_none() {
+        return Err(format!(
+            "{s:?} must be an http:// or https:// URL with a host"
+        ));
+    }
+    if url.query().is_some() || url.fragment().is_some() || !url.username().is_empty() {
+        return Err(format!(
+            "{s:?} must have no user, query or fragment: links are made by adding a path"
+        ));
+    }
+    Ok(())
+}
+
 /// Accepts `IP:port`, `[IPv6]:port` and `host:port`. Host names are resolved
 /// when the node binds (all of the name's addresses are tried in order), so
 /// `localhost:8080` works; the check here is only that it is a name at all.
@@ -1438,6 +1502,17 @@ mod tests {
         assert_eq!(c.relay.mode, RelayMode::Capture);
         assert_eq!(c.limits.max_days, 60);
         assert_eq!(c.limits.max_usage, 100);
+        assert!(!c.limits.confirm_targets);
+        assert_eq!(c.limits.confirm_valid_days, 30);
+        assert_eq!(c.limits.max_aliases_per_target, 0);
+        assert_eq!(c.http.public_url, "");
+        // A loopback node may confirm targets without a public URL.
+        load("[limits]\nconfirm_targets = true\n", &[]).unwrap();
+        load(
+            "[http]\npublic_url = \"https://tempalias.example/base\"\n",
+            &[],
+        )
+        .unwrap();
         assert_eq!(
             c.members(),
             BTreeMap::from([(1, "127.0.0.1:7001".to_string())])
@@ -1621,6 +1696,30 @@ mod tests {
             (
                 "[smtp]\npostmaster = \"postmaster@tempalias.test\"\n",
                 "smtp.postmaster",
+            ),
+            (
+                "[limits]\nconfirm_valid_days = 0\n",
+                "limits.confirm_valid_days",
+            ),
+            (
+                "[limits]\nconfirm_valid_days = 400\n",
+                "limits.confirm_valid_days",
+            ),
+            (
+                "[http]\npublic_url = \"ftp://x.example\"\n",
+                "http.public_url",
+            ),
+            (
+                "[http]\npublic_url = \"tempalias.example\"\n",
+                "http.public_url",
+            ),
+            (
+                "[http]\nlisten = \"0.0.0.0:8080\"\n[limits]\nconfirm_targets = true\n",
+                "http.public_url",
+            ),
+            (
+                "[http]\npublic_url = \"https://x.example/?a=b\"\n",
+                "http.public_url",
             ),
             ("node_id = 2\n", "cluster.initial_members"),
             ("[log]\nformat = \"xml\"\n", "log.format"),

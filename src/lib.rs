@@ -12,6 +12,7 @@
 //! - [`smtp`]: the inbound SMTP listener and session state machine.
 //! - [`relay`]: outbound delivery (capture directory, smarthosts or MX).
 //! - [`mail`]: what forwarded mail gets on its way out: SRS, DKIM, ARC.
+//! - [`confirm`]: target confirmation (the mail with the link, the RCPT answer).
 //! - [`maintenance`]: node and cluster-wide drain, shared by SMTP and HTTP.
 //! - [`http`]: the JSON API, health endpoints and `/metrics`.
 //! - [`metrics`]: the Prometheus registry shared by all of the above.
@@ -23,6 +24,7 @@ pub mod cli;
 pub mod clock;
 pub mod cluster;
 pub mod config;
+pub mod confirm;
 pub mod data_dir;
 pub mod http;
 pub mod mail;

@@ -36,6 +36,25 @@ pub enum RcptResult {
     throttled,
     tempfail,
     invalid,
+    /// The alias waits for its target's confirmation (550 5.7.1).
+    unconfirmed,
+}
+
+/// What happened in target confirmation (`tempalias_confirmations_total`).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[allow(non_camel_case_types)]
+pub enum ConfirmEvent {
+    /// A confirmation mail was accepted by the relay.
+    mail_sent,
+    /// A confirmation mail could not be sent (the request was withdrawn).
+    mail_failed,
+    /// A target confirmed (pressed the button of a pending link).
+    confirmed,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ConfirmLabels {
+    pub event: ConfirmEvent,
 }
 
 /// What DKIM signing and ARC sealing did to one forwarded message.
@@ -146,6 +165,8 @@ pub struct Metrics {
     pub relay_breaker_opened: Family<UpstreamLabels, Counter>,
     /// TLS handshakes on the SMTP listeners, by version or failure.
     pub smtp_tls_handshakes: Family<TlsLabels, Counter>,
+    /// Target confirmation: mails sent or failed, confirmations accepted.
+    pub confirmations: Family<ConfirmLabels, Counter>,
 }
 
 /// Outcome of one outbound attempt at one upstream.
@@ -231,6 +252,7 @@ impl Metrics {
             relay_breaker_state: Family::default(),
             relay_breaker_opened: Family::default(),
             smtp_tls_handshakes: Family::default(),
+            confirmations: Family::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -279,6 +301,11 @@ impl Metrics {
             "smtp_tls_handshakes",
             "TLS handshakes on the SMTP listeners (STARTTLS and implicit TLS), by negotiated version or failure",
             m.smtp_tls_handshakes.clone(),
+        );
+        registry.register(
+            "confirmations",
+            "Target confirmation: mails sent and failed, confirmations accepted, through this node",
+            m.confirmations.clone(),
         );
         registry.register(
             "smtp_drained",

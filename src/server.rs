@@ -243,8 +243,8 @@ pub async fn run(
     let smtp_ctx = Arc::new(SmtpContext::new(
         &config,
         node.clone(),
-        forwarding,
-        relay,
+        forwarding.clone(),
+        relay.clone(),
         metrics.clone(),
         maintenance.clone(),
         tls,
@@ -258,12 +258,24 @@ pub async fn run(
         smtp_abort.clone(),
     ));
 
+    let confirmer = config.limits.confirm_targets.then(|| {
+        Arc::new(crate::confirm::Confirmer::new(
+            relay.clone(),
+            forwarding.clone(),
+            node.clone(),
+            metrics.clone(),
+            &public_url(&config, bound.http),
+            &config.domains[0],
+            shutdown.clone(),
+        ))
+    });
     let state = crate::http::AppState::new(
         node.clone(),
         config.clone(),
         metrics.clone(),
         maintenance.clone(),
         token_key,
+        confirmer.clone(),
     );
     let app = crate::http::router(state);
     let mut http = tokio::spawn(crate::http::listener::serve(
@@ -293,6 +305,12 @@ pub async fn run(
         let _ = tokio::time::timeout(Duration::from_secs(5), &mut smtp).await;
         http.abort();
     }
+    // Confirmation mails in flight finish (or are withdrawn) while Raft runs.
+    if let Some(c) = &confirmer {
+        // One relay attempt (every smarthost once) for a mail being handed over.
+        let attempt = config.relay.timeout_secs * config.relay.smarthosts.len().max(1) as u64;
+        c.drain(Duration::from_secs(attempt + 5)).await;
+    }
     // Uses held by sessions that did not finish go back now, while Raft runs,
     // rather than when their leases lapse.
     smtp_ctx.drain_settlements(Duration::from_secs(10)).await;
@@ -309,6 +327,16 @@ pub async fn run(
     node.shutdown().await;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// `[http] public_url`, or `http://` and the bound HTTP address when it is
+/// empty (right for a node on the user's own machine only).
+fn public_url(config: &Config, http: SocketAddr) -> String {
+    if config.http.public_url.is_empty() {
+        format!("http://{http}")
+    } else {
+        config.http.public_url.clone()
+    }
 }
 
 /// How often each node compares its clock with its peers'.

@@ -10,7 +10,7 @@ use super::{idempotency, ApiError, AppState, MAX_BODY};
 use crate::alias;
 use crate::clock::rfc3339;
 use crate::raft::node::WriteError;
-use crate::raft::{AliasRecord, Command, Response as SmResponse};
+use crate::raft::{AliasRecord, Command, Response as SmResponse, TargetPolicy};
 
 const DAY_MS: u64 = 86_400_000;
 /// Attempts at a fresh id when a random one is already taken.
@@ -102,7 +102,7 @@ struct AliasView {
     valid_until: String,
     max_usage: u32,
     remaining: u32,
-    /// `active`, `expired`, `used_up` or `revoked`.
+    /// `active`, `awaiting_confirmation`, `expired`, `used_up` or `revoked`.
     state: &'static str,
     #[serde(skip_serializing_if = "Option::is_none")]
     token: Option<String>,
@@ -116,6 +116,8 @@ impl AliasView {
             "expired"
         } else if rec.used >= rec.max_usage {
             "used_up"
+        } else if rec.awaiting_confirmation {
+            "awaiting_confirmation"
         } else {
             "active"
         };
@@ -221,6 +223,23 @@ pub(super) async fn create(
         (key_hash, fingerprint)
     });
     let random_token = alias::new_token();
+    // Per-target rules, decided by the state machine (`raft/targets.rs`).
+    // The confirmation token is made here, as only this node may mail it.
+    let confirm_token = state
+        .confirmer
+        .as_ref()
+        .map(|_| crate::confirm::new_token());
+    let policy = TargetPolicy {
+        max_per_target: limits.max_aliases_per_target,
+        confirm_within_ms: match &state.confirmer {
+            Some(_) => u64::from(limits.confirm_valid_days) * DAY_MS,
+            None => 0,
+        },
+        confirm_token_hash: confirm_token
+            .as_deref()
+            .map(crate::raft::targets::token_hash),
+    };
+    let limited = policy.max_per_target > 0 || policy.confirm_within_ms > 0;
     for _ in 0..ID_ATTEMPTS {
         let id = alias::new_id();
         let token = match &keyed {
@@ -243,7 +262,29 @@ pub(super) async fn create(
             },
             None => create,
         };
+        let cmd = if limited {
+            Command::CreateLimited {
+                policy: policy.clone(),
+                create: Box::new(cmd),
+            }
+        } else {
+            cmd
+        };
         match state.node.write(cmd).await.map_err(unavailable)? {
+            SmResponse::CreatedUnconfirmed {
+                alias: rec,
+                send_confirmation,
+            } => {
+                state.metrics.aliases_created.inc();
+                tracing::info!(id = %rec.id, days, max_usage, keyed = keyed.is_some(), send_confirmation, "alias created, awaiting its target's confirmation");
+                if let (true, Some(confirmer), Some(t)) =
+                    (send_confirmation, &state.confirmer, &confirm_token)
+                {
+                    confirmer.request(rec.target.clone(), t.clone());
+                }
+                return Ok(created(&rec, token, false));
+            }
+            SmResponse::TargetFull { max } => return Err(ApiError::TargetFull(max)),
             SmResponse::Created(rec) => {
                 state.metrics.aliases_created.inc();
                 tracing::info!(id = %rec.id, days, max_usage, keyed = keyed.is_some(), "alias created");

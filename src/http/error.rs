@@ -43,6 +43,10 @@ pub enum ApiError {
     /// cluster secret changed since it was created).
     #[error("the alias created with this Idempotency-Key cannot be shown again")]
     IdempotencyConflict,
+    /// The target already has this many live aliases (`[limits]
+    /// max_aliases_per_target`).
+    #[error("the target address already has {0} live aliases, the most this service allows; revoke one or wait until one expires")]
+    TargetFull(u32),
     /// Refused by a rate limit; retry after this many seconds.
     #[error("too many requests; retry after {0} s")]
     RateLimited(u64),
@@ -60,7 +64,7 @@ impl ApiError {
             | ApiError::LimitExceeded(_)
             | ApiError::InvalidIdempotencyKey(_) => StatusCode::BAD_REQUEST,
             ApiError::IdempotencyKeyReused => StatusCode::UNPROCESSABLE_ENTITY,
-            ApiError::IdempotencyConflict => StatusCode::CONFLICT,
+            ApiError::IdempotencyConflict | ApiError::TargetFull(_) => StatusCode::CONFLICT,
             ApiError::RateLimited(_) => StatusCode::TOO_MANY_REQUESTS,
             ApiError::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ApiError::BodyTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
@@ -91,6 +95,7 @@ impl ApiError {
             ApiError::InvalidIdempotencyKey(_) => "invalid_idempotency_key",
             ApiError::IdempotencyKeyReused => "idempotency_key_reused",
             ApiError::IdempotencyConflict => "idempotency_conflict",
+            ApiError::TargetFull(_) => "target_limit_reached",
             ApiError::RateLimited(_) => "rate_limited",
             ApiError::Internal => "internal",
         }

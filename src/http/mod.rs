@@ -70,6 +70,8 @@ pub struct Shared {
     ratelimits: Option<Arc<ratelimit::RateLimits>>,
     /// Read barriers shared by concurrent status reads.
     barriers: Arc<barrier::Barriers>,
+    /// Mails confirmation links; `None` unless `[limits] confirm_targets`.
+    confirmer: Option<Arc<crate::confirm::Confirmer>>,
 }
 
 impl AppState {
@@ -79,6 +81,7 @@ impl AppState {
         metrics: Arc<Metrics>,
         maintenance: Arc<Maintenance>,
         token_key: TokenKey,
+        confirmer: Option<Arc<crate::confirm::Confirmer>>,
     ) -> Self {
         let permits = Arc::new(Semaphore::new(config.http.max_concurrent_requests));
         // Validated with the rest of the configuration.
@@ -97,6 +100,7 @@ impl AppState {
             trusted_proxies,
             ratelimits,
             barriers: Arc::default(),
+            confirmer,
         }))
     }
 }

@@ -11,6 +11,7 @@
 //! content. Pages that do not depend on the request are rendered once, when the
 //! router is built, and served with an `ETag` (answered `304` on a match).
 
+mod confirm;
 mod form;
 
 use std::sync::Arc;
@@ -46,7 +47,15 @@ pub(super) fn routes(config: &Config) -> Router<AppState> {
     let index = site.clone();
     let manage = site.clone();
     let openapi = site.clone();
+    let (confirm_get, confirm_post) = (site.clone(), site.clone());
     Router::new()
+        .route(
+            "/v1/confirm/{token}",
+            get(move |state: State<AppState>, token| confirm::show(confirm_get.clone(), state, token))
+                .post(move |state: State<AppState>, token| {
+                    confirm::confirm(confirm_post.clone(), state, token)
+                }),
+        )
         .route(
             "/",
             get(move |headers: HeaderMap| async move { index.index.serve(&headers, &index.csp) }),

@@ -4,7 +4,8 @@
 //! (IPv4 /32, IPv6 /64: one home or host, not one of its many addresses):
 //!
 //! - `create`: `POST /aliases` and `POST /v1/aliases`;
-//! - `status`: `GET` and `DELETE /v1/aliases/{id}`;
+//! - `status`: `GET` and `DELETE /v1/aliases/{id}`, and `GET`/`POST
+//!   /v1/confirm/{token}` (target confirmation);
 //! - `failed`: lookups that end in `404` (unknown id or wrong token). A client
 //!   whose `failed` bucket is empty is refused before the lookup, so ids and
 //!   tokens cannot be guessed at the status rate.
@@ -258,8 +259,12 @@ pub(super) async fn limit(State(state): State<AppState>, req: Request, next: Nex
         .map(|p| p.as_str().to_string());
     let is_create = matches!(route.as_deref(), Some("/aliases" | "/v1/aliases"))
         && req.method() == Method::POST;
-    let is_status = route.as_deref() == Some("/v1/aliases/{id}")
-        && matches!(*req.method(), Method::GET | Method::HEAD | Method::DELETE);
+    // Confirmation links are lookups by a secret too: a wrong token is a
+    // failed lookup like a wrong alias token.
+    let is_status = (route.as_deref() == Some("/v1/aliases/{id}")
+        && matches!(*req.method(), Method::GET | Method::HEAD | Method::DELETE))
+        || (route.as_deref() == Some("/v1/confirm/{token}")
+            && matches!(*req.method(), Method::GET | Method::HEAD | Method::POST));
     if !is_create && !is_status {
         return next.run(req).await;
     }

@@ -307,6 +307,31 @@ impl Forwarding {
         out.extend_from_slice(&message);
         (envelope, Arc::new(out))
     }
+
+    /// Signs a message the node writes itself (the target-confirmation mail)
+    /// with `domain`'s DKIM key, when it has one. No SRS (such mail goes out
+    /// from the null sender) and no ARC (there is no incoming message whose
+    /// authentication results could be passed on).
+    pub fn sign_own(&self, domain: &str, message: Vec<u8>) -> Vec<u8> {
+        let Some(keys) = self.keys.get(&domain.to_ascii_lowercase()) else {
+            self.count(AuthResult::unsigned);
+            return message;
+        };
+        match keys.signer.sign(&message) {
+            Ok(signature) => {
+                self.count(AuthResult::signed);
+                let mut out = Vec::with_capacity(signature.len() + message.len());
+                out.extend_from_slice(signature.as_bytes());
+                out.extend_from_slice(&message);
+                out
+            }
+            Err(e) => {
+                self.count(AuthResult::sign_failed);
+                tracing::warn!(error = %e, "not DKIM-signed");
+                message
+            }
+        }
+    }
 }
 
 #[cfg(test)]

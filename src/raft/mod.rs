@@ -6,6 +6,8 @@
 //!   kept free of storage so it can be tested exhaustively.
 //! - [`idempotency`]: keyed creates (an `Idempotency-Key` claimed together
 //!   with the alias it creates), also pure.
+//! - [`targets`]: per-target rules (cap on live aliases, confirmation by
+//!   the target) and their tables.
 //! - [`store`]: the redb database holding the Raft log, vote, state machine and
 //!   snapshots of one node.
 //! - [`network`]: how this node reaches its peers.
@@ -19,9 +21,10 @@ pub mod network;
 pub mod node;
 pub mod state;
 pub mod store;
+pub mod targets;
 pub mod types;
 pub mod watchdog;
 
 pub use node::Node;
 
-pub use types::{AliasRecord, Command, Refusal, Request, Response, TypeConfig};
+pub use types::{AliasRecord, Command, Refusal, Request, Response, TargetPolicy, TypeConfig};

@@ -69,7 +69,16 @@ fn is_idempotent(cmd: &Command) -> bool {
         // A second application finds its key claimed by the same request and
         // answers with that alias (`Replayed`), which the front end serves as
         // the first answer.
-        | Command::CreateAliasKeyed { .. } => true,
+        | Command::CreateAliasKeyed { .. }
+        // Its inner create is (above); the per-target rules only run when
+        // the alias is new, and a retry of a create that asked its target
+        // for confirmation finds its own token pending and says so again.
+        | Command::CreateLimited { .. }
+        // A second application finds the target confirmed with the same
+        // token and answers `TargetConfirmed` without changing anything.
+        | Command::ConfirmTarget { .. }
+        // Forgetting a request that is already forgotten changes nothing.
+        | Command::WithdrawConfirmation { .. } => true,
     }
 }
 

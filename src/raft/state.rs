@@ -51,6 +51,8 @@ pub fn apply(current: Option<&AliasRecord>, cmd: &Command, now_ms: u64) -> (Chan
                 committed: Default::default(),
                 released: Default::default(),
                 revoked: false,
+                // Decided by the per-target rules (`targets.rs`) afterwards.
+                awaiting_confirmation: false,
             };
             (Change::Put(rec.clone()), Response::Created(rec))
         }
@@ -104,6 +106,8 @@ pub fn apply(current: Option<&AliasRecord>, cmd: &Command, now_ms: u64) -> (Chan
                 Some(Refusal::Expired)
             } else if rec.used >= rec.max_usage {
                 Some(Refusal::UsedUp)
+            } else if rec.awaiting_confirmation {
+                Some(Refusal::Unconfirmed)
             } else if rec.available(now_ms) == 0 {
                 Some(Refusal::Held)
             } else {
@@ -180,10 +184,13 @@ pub fn apply(current: Option<&AliasRecord>, cmd: &Command, now_ms: u64) -> (Chan
             (Change::Put(rec), Response::Revoked)
         }
         // Applied by the store against their own tables (maintenance flag,
-        // idempotency keys); see `store.rs` and `idempotency.rs`.
-        Command::SetMaintenance { .. } | Command::CreateAliasKeyed { .. } => {
-            (Change::Keep, Response::None)
-        }
+        // idempotency keys, targets); see `store.rs`, `idempotency.rs` and
+        // `targets.rs`.
+        Command::SetMaintenance { .. }
+        | Command::CreateAliasKeyed { .. }
+        | Command::CreateLimited { .. }
+        | Command::ConfirmTarget { .. }
+        | Command::WithdrawConfirmation { .. } => (Change::Keep, Response::None),
         Command::Purge { keep_ms } => match current {
             Some(rec) if rec.purgeable(now_ms, *keep_ms) => {
                 (Change::Delete, Response::Purged { count: 1 })
@@ -193,7 +200,8 @@ pub fn apply(current: Option<&AliasRecord>, cmd: &Command, now_ms: u64) -> (Chan
     }
 }
 
-/// The alias id a command addresses; `None` for commands over all aliases.
+/// The alias id a command addresses; `None` for commands over all aliases
+/// and for those that address no alias by id (targets, maintenance).
 pub fn command_id(cmd: &Command) -> Option<&str> {
     match cmd {
         Command::CreateAlias { id, .. }
@@ -201,8 +209,13 @@ pub fn command_id(cmd: &Command) -> Option<&str> {
         | Command::Commit { id, .. }
         | Command::Release { id, .. }
         | Command::Revoke { id } => Some(id),
-        Command::CreateAliasKeyed { create, .. } => command_id(create),
-        Command::Purge { .. } | Command::SetMaintenance { .. } => None,
+        Command::CreateAliasKeyed { create, .. } | Command::CreateLimited { create, .. } => {
+            command_id(create)
+        }
+        Command::Purge { .. }
+        | Command::SetMaintenance { .. }
+        | Command::ConfirmTarget { .. }
+        | Command::WithdrawConfirmation { .. } => None,
     }
 }
 
@@ -551,6 +564,32 @@ mod tests {
             apply(Some(&held), &purge, 17 * DAY),
             (Change::Keep, Response::Purged { count: 0 })
         );
+    }
+
+    #[test]
+    fn an_alias_awaiting_confirmation_holds_nothing() {
+        let mut rec = create(2, DAY);
+        rec.awaiting_confirmation = true;
+        let (change, resp) = reserve(&rec, 10, 1, 60_000);
+        assert_eq!(
+            resp,
+            Response::Refused {
+                reason: Refusal::Unconfirmed
+            }
+        );
+        assert_eq!(change, Change::Keep);
+        // Permanent refusals come first: they do not clear by confirming.
+        assert_eq!(
+            reserve(&rec, DAY, 2, 60_000).1,
+            Response::Refused {
+                reason: Refusal::Expired
+            }
+        );
+        rec.awaiting_confirmation = false;
+        assert!(matches!(
+            reserve(&rec, 10, 3, 60_000).1,
+            Response::Reserved { .. }
+        ));
     }
 
     #[test]

@@ -42,9 +42,9 @@ const LOG: TableDefinition<u64, &[u8]> = TableDefinition::new("raft_log");
 /// Raft metadata: `vote`, `committed`, `last_purged`.
 const RAFT_META: TableDefinition<&str, &[u8]> = TableDefinition::new("raft_meta");
 /// State machine: alias id -> JSON record.
-const ALIASES: TableDefinition<&str, &[u8]> = TableDefinition::new("aliases");
+pub(super) const ALIASES: TableDefinition<&str, &[u8]> = TableDefinition::new("aliases");
 /// State-machine metadata: `last_applied`, `last_membership`, `last_now`.
-const SM_META: TableDefinition<&str, &[u8]> = TableDefinition::new("sm_meta");
+pub(super) const SM_META: TableDefinition<&str, &[u8]> = TableDefinition::new("sm_meta");
 /// Replicated settings: `maintenance` (cluster-wide maintenance).
 const SETTINGS: TableDefinition<&str, &[u8]> = TableDefinition::new("settings");
 /// Claimed idempotency keys: SHA-256 of the key -> JSON claim.
@@ -108,7 +108,7 @@ where
     }
 }
 
-fn get_json<T: for<'de> Deserialize<'de>>(
+pub(super) fn get_json<T: for<'de> Deserialize<'de>>(
     table: &impl ReadableTable<&'static str, &'static [u8]>,
     key: &str,
 ) -> Result<Option<T>, DbError> {
@@ -142,6 +142,7 @@ pub fn open(path: &Path) -> Result<(LogStore, StateMachine), DbError> {
         txn.open_table(SETTINGS)?;
         txn.open_table(IDEMPOTENCY)?;
     }
+    super::targets::create_tables(&txn)?;
     txn.commit()?;
     let db = Arc::new(db);
     Ok((LogStore { db: db.clone() }, StateMachine { db }))
@@ -332,6 +333,9 @@ struct SnapshotData {
     maintenance: ClusterMaintenance,
     #[serde(default)]
     idempotency: Vec<(String, IdempotencyRecord)>,
+    /// Per-target state (`targets.rs`); rebuilt from `aliases` when absent.
+    #[serde(default)]
+    targets: Option<super::targets::TargetsSnapshot>,
 }
 
 /// The state machine: alias records and what has been applied.
@@ -382,6 +386,18 @@ impl StateReader {
     pub fn cluster_maintenance(&self) -> Result<ClusterMaintenance, DbError> {
         let txn = self.db.begin_read()?;
         Ok(get_json(&txn.open_table(SETTINGS)?, "maintenance")?.unwrap_or_default())
+    }
+
+    /// Where a confirmation link stands (see `targets.rs`).
+    ///
+    /// # Errors
+    /// [`DbError`] when the database cannot be read.
+    pub fn confirmation_link(
+        &self,
+        token_hash: &str,
+        now_ms: u64,
+    ) -> Result<super::targets::LinkState, DbError> {
+        super::targets::link_state(&self.db.begin_read()?, token_hash, now_ms)
     }
 
     /// Aliases that can still forward at `now_ms`, and all stored aliases.
@@ -441,6 +457,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                 let mut aliases = txn.open_table(ALIASES)?;
                 let mut settings = txn.open_table(SETTINGS)?;
                 let mut keys = txn.open_table(IDEMPOTENCY)?;
+                let mut targets = super::targets::Tables::open(&txn)?;
                 let mut last_now: u64 = get_json(&meta, "last_now")?.unwrap_or(0);
                 let mut membership: Option<StoredMembership<NodeId, openraft::BasicNode>> = None;
                 let mut last_applied = None;
@@ -456,7 +473,14 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                             // Replicated time never runs backwards, even across a
                             // change of leader whose clock lags.
                             last_now = last_now.max(req.now_ms);
+                            if let Some(response) =
+                                targets.apply(&mut aliases, &mut keys, &req.cmd, last_now)?
+                            {
+                                responses.push(response);
+                                continue;
+                            }
                             if let Some(response) = apply_own_tables(
+                                &mut targets,
                                 &mut aliases,
                                 &mut settings,
                                 &mut keys,
@@ -473,10 +497,12 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                                         state::apply(current.as_ref(), &req.cmd, last_now);
                                     match change {
                                         Change::Put(rec) => {
+                                            targets.sync(current.as_ref(), Some(&rec))?;
                                             aliases
                                                 .insert(id, serde_json::to_vec(&rec)?.as_slice())?;
                                         }
                                         Change::Delete => {
+                                            targets.sync(current.as_ref(), None)?;
                                             aliases.remove(id)?;
                                         }
                                         Change::Keep => {}
@@ -576,6 +602,8 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                 for (key, claim) in &parsed.idempotency {
                     keys.insert(key.as_str(), serde_json::to_vec(claim)?.as_slice())?;
                 }
+                drop(aliases);
+                super::targets::install(&txn, parsed.targets.as_ref())?;
                 let mut sm = txn.open_table(SM_META)?;
                 sm.insert("last_applied", applied_bytes.as_slice())?;
                 sm.insert("last_membership", membership_bytes.as_slice())?;
@@ -643,6 +671,7 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
                 let (k, v) = item?;
                 idempotency.push((k.value().to_string(), serde_json::from_slice(v.value())?));
             }
+            let targets = Some(super::targets::snapshot(&read)?);
             drop(read);
             let data = serde_json::to_vec(&SnapshotData {
                 last_now,
@@ -650,6 +679,7 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
                 purged,
                 maintenance,
                 idempotency,
+                targets,
             })?;
             let snapshot_id = match last_applied {
                 Some(l) => format!("{}-{}-{}", l.leader_id, l.index, now_nanos()),
@@ -690,6 +720,7 @@ type Table<'t> = redb::Table<'t, &'static str, &'static [u8]>;
 /// command is an alias command for the caller (a purge still is, after its
 /// expired keys are gone).
 fn apply_own_tables(
+    targets: &mut super::targets::Tables<'_>,
     aliases: &mut Table<'_>,
     settings: &mut Table<'_>,
     keys: &mut Table<'_>,
@@ -734,6 +765,7 @@ fn apply_own_tables(
                 now_ms,
             );
             if let Change::Put(rec) = &outcome.change {
+                targets.sync(current.as_ref(), Some(rec))?;
                 aliases.insert(rec.id.as_str(), serde_json::to_vec(rec)?.as_slice())?;
             }
             if let Some(c) = &outcome.claim {

@@ -90,6 +90,39 @@ pub enum Command {
         fingerprint: String,
         create: Box<Command>,
     },
+    /// A create ([`Command::CreateAlias`] or [`Command::CreateAliasKeyed`])
+    /// under the per-target rules the taking node's `[limits]` ask for (cap
+    /// on live aliases, confirmation by the target), carried in the entry so
+    /// every replica decides alike. A wrapper, so that the create commands
+    /// keep their shape.
+    CreateLimited {
+        policy: TargetPolicy,
+        create: Box<Command>,
+    },
+    /// The target followed its confirmation link: every alias to it that
+    /// waits for confirmation forwards from now on. `token_hash` is the
+    /// SHA-256 of the link's token (see [`super::targets`]).
+    ConfirmTarget { token_hash: String },
+    /// The confirmation mail of this token could not be sent: forget the
+    /// request, so that the next create to the target sends a new one
+    /// instead of waiting for the request to lapse.
+    WithdrawConfirmation { token_hash: String },
+}
+
+/// Per-target limits of one create, from the taking node's `[limits]`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TargetPolicy {
+    /// Most live aliases one target may have; 0 = no cap.
+    #[serde(default)]
+    pub max_per_target: u32,
+    /// When not 0, the target must have confirmed within this many ms before
+    /// the entry's time, or the new alias waits for its confirmation.
+    #[serde(default)]
+    pub confirm_within_ms: u64,
+    /// SHA-256 of a fresh confirmation token made by the taking node: stored
+    /// when this create asks the target for confirmation.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub confirm_token_hash: Option<String>,
 }
 
 /// Why a reservation was refused.
@@ -104,6 +137,9 @@ pub enum Refusal {
     /// The uses left are all held by messages in flight: this may clear (the
     /// holder fails, or its lease lapses), so SMTP answers with a 4xx.
     Held,
+    /// The alias waits until its target confirms that it wants mail from this
+    /// service (`[limits] confirm_targets`).
+    Unconfirmed,
 }
 
 /// What the state machine answers for one applied entry.
@@ -136,6 +172,22 @@ pub enum Response {
     Replayed(AliasRecord),
     /// A keyed create whose key was claimed by a different request body.
     KeyReused,
+    /// A create that made (or, retried, found) an alias that waits for its
+    /// target's confirmation. `send_confirmation` is true when the create's
+    /// own token is the target's pending one: the taking node, which alone
+    /// knows the token, mails the link.
+    CreatedUnconfirmed {
+        alias: AliasRecord,
+        send_confirmation: bool,
+    },
+    /// The target already has `max` live aliases: nothing was created.
+    TargetFull {
+        max: u32,
+    },
+    /// A confirmation token was accepted (also when applied again).
+    TargetConfirmed,
+    /// A confirmation request was forgotten (or was not pending any more).
+    Withdrawn,
 }
 
 /// Cluster-wide maintenance as replicated.
@@ -184,6 +236,10 @@ pub struct AliasRecord {
     #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
     pub released: std::collections::BTreeMap<u64, u64>,
     pub revoked: bool,
+    /// The alias was created for a target that had not confirmed: it refuses
+    /// mail until the target follows its confirmation link.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub awaiting_confirmation: bool,
 }
 
 impl AliasRecord {

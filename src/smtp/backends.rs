@@ -114,6 +114,7 @@ impl AliasStore for RaftAliases {
             Ok(None) => Some(Refusal::Unknown),
             Ok(Some(rec)) if rec.revoked => Some(Refusal::Revoked),
             Ok(Some(rec)) if rec.used >= rec.max_usage => Some(Refusal::UsedUp),
+            Ok(Some(rec)) if rec.awaiting_confirmation => Some(Refusal::Unconfirmed),
             _ => None,
         };
         if local(self.node.reader()).is_none() {

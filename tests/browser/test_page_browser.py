@@ -194,3 +194,54 @@ def test_phone_viewport_in_dark_mode(node, browser, artifacts):
     assert page.evaluate("document.documentElement.scrollWidth <= window.innerWidth")
     page.screenshot(path=artifacts / "11-phone-dark-status.png", full_page=True)
     no_console_errors(page)
+
+
+def test_target_confirmation_in_the_browser(tmp_path, browser, artifacts):
+    """With `[limits] confirm_targets`: the new alias says it waits, the status
+    page shows it waiting, the mailed link's page confirms with its button
+    (keyboard only), and the status page then shows it active."""
+    import email
+    import email.policy
+
+    from harness import Node
+
+    node = Node(tmp_path, "confirming", config={"limits": {"confirm_targets": True}})
+    try:
+        node.start()
+        page = browser(viewport={"width": 1000, "height": 900}, color_scheme="light")
+        page.goto(node.api + "/")
+        create_with_keyboard(page, TARGET, "2", "3")
+        page.wait_for_selector("#result:not([hidden])")
+        assert page.is_visible("#r-notice"), "the result must say the alias waits for confirmation"
+        link = page.input_value("#manage-link")
+        page.goto(link)
+        page.wait_for_selector("#s-details:not([hidden])")
+        assert page.get_attribute("#s-state", "data-state") == "awaiting_confirmation"
+        assert "confirms" in page.text_content("#s-state")
+        page.screenshot(path=artifacts / "08-awaiting.png", full_page=True)
+
+        mails = wait_until(lambda: [m for m in node.captured() if m["meta"]["mail_from"] == ""], 10, "the confirmation mail")
+        body = email.message_from_bytes(mails[0]["eml"], policy=email.policy.default).get_body().get_content()
+        url = re.search(r"http://\S+/v1/confirm/[0-9a-f]{64}", body).group(0)
+        confirm_page = browser(viewport={"width": 1000, "height": 700}, color_scheme="dark")
+        response = confirm_page.goto(url)
+        assert response.status == 200 and response.headers["cache-control"] == "no-store"
+        confirm_page.screenshot(path=artifacts / "09-confirm-link.png", full_page=True)
+        # Opening the link confirmed nothing (mail scanners open links too).
+        page.click("#refresh")
+        page.wait_for_function("() => document.getElementById('s-message').textContent.startsWith('Updated')")
+        assert page.get_attribute("#s-state", "data-state") == "awaiting_confirmation"
+
+        confirm_page.keyboard.press("Tab")
+        assert confirm_page.evaluate("document.activeElement.id") == "confirm"
+        with confirm_page.expect_navigation():
+            confirm_page.keyboard.press("Enter")
+        assert confirm_page.text_content("#confirmation-title") == "Address confirmed"
+        confirm_page.screenshot(path=artifacts / "10-confirmed.png", full_page=True)
+        no_console_errors(confirm_page)
+
+        page.click("#refresh")
+        page.wait_for_function("() => document.getElementById('s-state').dataset.state === 'active'")
+        no_console_errors(page)
+    finally:
+        node.cleanup()

@@ -11,6 +11,7 @@ and 204 answers of GET and DELETE /v1/aliases/{id}.
 from __future__ import annotations
 
 import os
+import quopri
 import re
 import shutil
 import subprocess
@@ -44,7 +45,9 @@ def schemathesis_command() -> list[str]:
 @pytest.fixture
 def node(tmp_path):
     assert BIN.exists(), f"{BIN} missing: run cargo build"
-    n = Node(tmp_path, "node")
+    # Per-target rules on, so their answers (409, awaiting_confirmation, the
+    # confirmation pages) are checked against the document too.
+    n = Node(tmp_path, "node", config={"limits": {"confirm_targets": True, "max_aliases_per_target": 2}})
     try:
         n.start()
         yield n
@@ -79,12 +82,18 @@ def run_schemathesis(node: Node, tmp_path: Path, config: str, name: str) -> str:
 def test_api_matches_its_openapi_document(node, tmp_path):
     run_schemathesis(node, tmp_path, "", "anonymous")
 
-    alias = node.create_alias(days=2, max_usage=3)
+    # A target of its own: the anonymous run used the examples' up to the cap.
+    alias = node.create_alias(target="contract@example.net", days=2, max_usage=3)
     config = (
         f'headers = {{ Authorization = "Bearer {alias["token"]}" }}\n'
         f'[parameters]\n"path.id" = "{alias["id"]}"\n'
     )
     run_schemathesis(node, tmp_path, config, "authenticated")
+    # The confirmation routes with a real pending token (the first create's).
+    mails = [m for m in node.captured() if m["meta"]["mail_from"] == ""]
+    assert mails, "no confirmation mail was captured"
+    token = re.search(rb"/v1/confirm/([0-9a-f]{64})", quopri.decodestring(mails[0]["eml"])).group(1).decode()
+    run_schemathesis(node, tmp_path, f'[parameters]\n"path.token" = "{token}"\n', "confirmation")
     # The authenticated run really used the alias: at least its DELETE went through.
     r = http_request(f"{node.api}/v1/aliases/{alias['id']}", headers={"Authorization": f"Bearer {alias['token']}"})
     assert r.status == 200 and r.json()["state"] == "revoked", r.body

@@ -52,6 +52,8 @@
     if (code === "invalid_target") {
       var detail = message.replace(/^target:\s*/, "");
       setError("target", "This address cannot receive forwarded mail: " + detail + ".");
+    } else if (code === "target_limit_reached") {
+      setError("target", "This address already has as many live aliases as this service allows. Revoke one, or wait until one expires.");
     } else if (code === "invalid_limit" || code === "limit_exceeded") {
       if (/^days\b/.test(message)) {
         setError("days", "Choose from 1 to " + maxDays + " days.");
@@ -89,6 +91,7 @@
     t.dateTime = a.valid_until;
     t.textContent = localTime(a.valid_until);
     document.getElementById("r-remaining").textContent = a.remaining + " of " + a.max_usage;
+    document.getElementById("r-notice").hidden = a.state !== "awaiting_confirmation";
     document.getElementById("manage-link").value = link;
     document.getElementById("manage").href = link;
     document.getElementById("copy-status").textContent = "";

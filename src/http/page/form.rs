@@ -39,6 +39,9 @@ pub(super) struct Created {
     max_usage: u32,
     remaining: u32,
     token: String,
+    /// `awaiting_confirmation` when the target must confirm first.
+    #[serde(default)]
+    state: String,
 }
 
 #[cfg(test)]
@@ -52,6 +55,7 @@ impl Created {
             max_usage: 2,
             remaining: 2,
             token: "12b7bfe3f32f491737cbf6981d49f0472a60cecbead0d9cecfe826fbe43c2fd5".into(),
+            state: "awaiting_confirmation".into(),
         }
     }
 }
@@ -225,6 +229,9 @@ fn explain(
             let detail = err.message.trim_start_matches("target:").trim();
             e.target = format!("This address cannot receive forwarded mail: {detail}.");
         }
+        "target_limit_reached" => {
+            e.target = "This address already has as many live aliases as this service allows. Revoke one, or wait until one expires.".into();
+        }
         "invalid_limit" | "limit_exceeded" if err.message.starts_with("days") => {
             e.days = format!("Choose from 1 to {} days.", site.max_days);
         }
@@ -266,6 +273,14 @@ pub(super) fn render_created(a: &Created) -> String {
             ("max_usage", a.max_usage.to_string()),
             ("manage_path", escape(&manage)),
             ("token", escape(&a.token)),
+            (
+                "notice",
+                if a.state == "awaiting_confirmation" {
+                    "<p id=\"r-notice\" class=\"warning\">Mail to this alias is refused until the target address confirms: we sent it a link (once; a later alias for the same address uses the same confirmation).</p>".into()
+                } else {
+                    String::new()
+                },
+            ),
         ],
     )
 }

@@ -17,6 +17,7 @@
   var no = document.getElementById("confirm-no");
   var STATES = {
     active: "Active: forwards mail",
+    awaiting_confirmation: "Waiting: mail is refused until the target address confirms through the link we sent it",
     used_up: "Used up: no uses left, mail is refused",
     expired: "Expired: mail is refused",
     revoked: "Revoked: mail is refused"

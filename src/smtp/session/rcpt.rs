@@ -177,6 +177,13 @@ where
                     "Alias busy with messages in transit, try again later",
                 );
             }
+            Refusal::Unconfirmed => {
+                // Waits for its target to confirm (see `crate::confirm`).
+                self.count_rcpt(RcptResult::unconfirmed);
+                self.rcpt_failed(false).await;
+                let (code, enhanced, text) = crate::confirm::RCPT_REFUSAL;
+                return self.reply(code, enhanced, text);
+            }
         };
         self.count_rcpt(result);
         self.rcpt_failed(reason == Refusal::Unknown).await;
