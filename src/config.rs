@@ -238,6 +238,21 @@ pub struct SmtpConfig {
     /// is the alias `id`, so users can tag what they hand out and filter on
     /// it. Each character is a delimiter; empty turns it off.
     pub recipient_delimiter: String,
+    /// Client networks (CIDR or single addresses) exempt from the per-address
+    /// caps (`max_connections_per_ip`, `max_failed_rcpts_per_ip`): an own
+    /// relay or a load generator that legitimately opens many sessions from
+    /// one address. Empty by default: every client is capped.
+    pub trusted_networks: Vec<String>,
+}
+
+impl SmtpConfig {
+    /// The parsed `trusted_networks`.
+    ///
+    /// # Errors
+    /// [`ConfigError::Invalid`] naming the first entry that is not a network.
+    pub fn trusted_nets(&self) -> Result<Vec<ipnet::IpNet>, ConfigError> {
+        parse_nets("smtp.trusted_networks", &self.trusted_networks)
+    }
 }
 
 impl Default for SmtpConfig {
@@ -258,6 +273,7 @@ impl Default for SmtpConfig {
             max_recipients: 50,
             max_hops: 50,
             recipient_delimiter: "+".to_string(),
+            trusted_networks: Vec::new(),
         }
     }
 }
@@ -726,6 +742,7 @@ impl Config {
         for nets in [
             self.maintenance.allow_nets(),
             self.http.trusted_proxy_nets(),
+            self.smtp.trusted_nets(),
         ] {
             if let Err(ConfigError::Invalid { key, message }) = nets {
                 out.push(&key, message);
@@ -1074,6 +1091,10 @@ mod tests {
             ("domains = [\"Upper.Example\"]\n", "domains"),
             ("[http]\nlisten = \"nonsense\"\n", "http.listen"),
             ("[smtp]\nmax_message_size = 0\n", "smtp.max_message_size"),
+            (
+                "[smtp]\ntrusted_networks = [\"10.0.0.0/33\"]\n",
+                "smtp.trusted_networks",
+            ),
             (
                 "[relay]\nmode = \"smarthost\"\nsmarthosts = []\n",
                 "relay.smarthosts",

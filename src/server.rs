@@ -182,6 +182,9 @@ pub async fn run(
         shutdown.clone(),
     ));
 
+    // Validated with the rest of the config at load time.
+    let trusted_smtp =
+        crate::smtp::limits::TrustedNets::new(config.smtp.trusted_nets().unwrap_or_default());
     let smtp_ctx = Arc::new(SmtpContext {
         config: config.smtp.clone(),
         domains: config.domains.clone(),
@@ -190,11 +193,15 @@ pub async fn run(
         metrics: metrics.clone(),
         lease_ms: config.relay.reservation_lease_secs * 1000,
         maintenance: maintenance.clone(),
-        connections: crate::smtp::limits::ConnectionCounts::new(config.smtp.max_connections_per_ip),
+        connections: crate::smtp::limits::ConnectionCounts::new(
+            config.smtp.max_connections_per_ip,
+            trusted_smtp.clone(),
+        ),
         settlements: crate::smtp::settle::Settlements::new(),
         failures: crate::smtp::limits::FailedRcpts::new(
             config.smtp.max_failed_rcpts_per_ip,
             Duration::from_secs(config.smtp.failed_rcpt_window_secs),
+            trusted_smtp,
         ),
     });
     let smtp_abort = CancellationToken::new();
