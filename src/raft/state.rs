@@ -181,9 +181,10 @@ pub fn apply(current: Option<&AliasRecord>, cmd: &Command, now_ms: u64) -> (Chan
         }
         // Applied by the store against their own tables (maintenance flag,
         // idempotency keys); see `store.rs` and `idempotency.rs`.
-        Command::SetMaintenance { .. } | Command::CreateAliasKeyed { .. } => {
-            (Change::Keep, Response::None)
-        }
+        // The store applies a batch's commands one by one (`store.rs`).
+        Command::SetMaintenance { .. }
+        | Command::CreateAliasKeyed { .. }
+        | Command::Batch { .. } => (Change::Keep, Response::None),
         Command::Purge { keep_ms } => match current {
             Some(rec) if rec.purgeable(now_ms, *keep_ms) => {
                 (Change::Delete, Response::Purged { count: 1 })
@@ -202,7 +203,8 @@ pub fn command_id(cmd: &Command) -> Option<&str> {
         | Command::Release { id, .. }
         | Command::Revoke { id } => Some(id),
         Command::CreateAliasKeyed { create, .. } => command_id(create),
-        Command::Purge { .. } | Command::SetMaintenance { .. } => None,
+        // A batch addresses several aliases; the store splits it first.
+        Command::Purge { .. } | Command::SetMaintenance { .. } | Command::Batch { .. } => None,
     }
 }
 

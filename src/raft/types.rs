@@ -90,6 +90,14 @@ pub enum Command {
         fingerprint: String,
         create: Box<Command>,
     },
+    /// Several commands proposed together as one entry (group proposal, see
+    /// `src/raft/batch.rs`): applied in order, in one state-machine
+    /// transaction, all at the entry's replicated time; each gets its own
+    /// answer in [`Response::Batch`], exactly as if it had been an entry of
+    /// its own. A node that predates this variant cannot decode such an
+    /// entry, so a leader proposes batches only when every member has said
+    /// it can apply them.
+    Batch { cmds: Vec<Command> },
 }
 
 /// Why a reservation was refused.
@@ -136,6 +144,10 @@ pub enum Response {
     Replayed(AliasRecord),
     /// A keyed create whose key was claimed by a different request body.
     KeyReused,
+    /// The answers to a [`Command::Batch`], in the order of its commands.
+    Batch {
+        responses: Vec<Response>,
+    },
 }
 
 /// Cluster-wide maintenance as replicated.
