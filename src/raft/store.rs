@@ -2,8 +2,11 @@
 //!
 //! One file, several tables. Every write is a redb transaction; log appends and
 //! votes commit with `Durability::Immediate` (one `fdatasync`), so an acknowledged
-//! vote or entry survives a crash. Appends arrive in batches from openraft, so
-//! concurrent client writes share one fsync (group commit).
+//! vote or entry survives a crash. One append is one transaction and one
+//! fsync, whatever its number of entries: a follower gets what accumulated
+//! during a replication round trip in one append, and on the leader
+//! concurrent writes share an entry (`batch.rs`), since openraft 0.9 flushes
+//! each proposed entry before it takes the next proposal.
 //!
 //! State-machine transactions commit with `Durability::None`: redb persists
 //! commits in order, so they become durable with the next log append at the

@@ -27,9 +27,10 @@ Each target gets the same smtp-source load: 5 KB messages (`-l 5120`), 20
 sessions (on the three-node cluster spread 7/7/6 over the nodes, as senders
 spread over round-robin MX records), first with a new connection per message,
 then with connection reuse (`-d`). Each session is a single-session
-smtp-source process sending 100 messages to one alias, then the next 100 to
-a fresh alias (aliases of 100 uses, the default `limits.max_usage`, created
-before the clock starts; an alias is meant for a handful of messages, and one
+smtp-source process sending up to 100 messages to one alias, then the next
+ones to a fresh alias (aliases of 100 uses, the default `limits.max_usage`,
+created before the clock starts; smaller chunks when a run is short, so that
+every session is busy until the end; an alias is meant for a handful of messages, and one
 alias taking thousands would measure the growth of its record instead);
 Postfix and the bare hop get the same processes with one fixed recipient.
 Runs of the targets are interleaved; each figure is the median of `--runs`
@@ -414,9 +415,12 @@ def run_load(target: Target, sessions: int, messages: int, reuse: bool, probe: b
     """`sessions` single-session smtp-source processes at a time, session i
     on endpoint i mod k; each sends chunks of at most PER_ALIAS messages, one
     fresh alias per chunk (created before the clock starts), until
-    `messages` are sent. Wall time from the first start to the last exit."""
+    `messages` are sent (chunks are smaller when `messages` is not enough
+    for two full chunks per session). Wall time from the first start to the last exit."""
     k = len(target.endpoints)
-    chunks = [PER_ALIAS] * (messages // PER_ALIAS) + ([messages % PER_ALIAS] if messages % PER_ALIAS else [])
+    # Chunks small enough that every session has work from start to end.
+    size = max(1, min(PER_ALIAS, messages // (2 * sessions)))
+    chunks = [size] * (messages // size) + ([messages % size] if messages % size else [])
     rcpts = target.fresh(len(chunks)) if target.fresh else [target.rcpt] * len(chunks)
     work = list(zip(chunks, rcpts))
     lock = threading.Lock()
@@ -553,7 +557,7 @@ def main(argv=None) -> int:
         estimate = {}
         for load in loads:
             for t in targets:
-                r = run_load(t, args.sessions, 400, load == "reuse", probe=False)
+                r = run_load(t, args.sessions, 800, load == "reuse", probe=False)
                 estimate[(t.name, load)] = r["rate"]
                 print(f"warm-up {t.name:8} {load:5}: {r['rate']:8.0f} msgs/s  errors {r['errors']} {r['err_text']}", flush=True)
 
@@ -561,7 +565,7 @@ def main(argv=None) -> int:
         for run in range(args.runs):
             for load in loads:
                 for t in targets:
-                    n = int(min(100_000, max(500, estimate[(t.name, load)] * args.duration)))
+                    n = int(min(100_000, max(1000, estimate[(t.name, load)] * args.duration)))
                     r = run_load(t, args.sessions, n, load == "reuse")
                     estimate[(t.name, load)] = r["rate"]
                     results[(t.name, load)].append(r)
