@@ -454,6 +454,34 @@ mod tests {
         }
     }
 
+    #[test]
+    fn batches_only_when_every_other_member_said_it_applies_them() {
+        let l = Liveness::new(1, TIMING);
+        // Alone: nobody to ask.
+        assert!(l.all_apply_batches([1]));
+        // A member not probed yet does not count as able.
+        assert!(!l.all_apply_batches([1, 2, 3]));
+        l.record_probe(2, Some(&report(true, 10)));
+        assert!(!l.all_apply_batches([1, 2, 3]));
+        // A node of an older version leaves the field out: false.
+        let older = StatusReport {
+            applies_batches: false,
+            ..report(true, 10)
+        };
+        l.record_probe(3, Some(&older));
+        assert!(!l.all_apply_batches([1, 2, 3]));
+        l.record_probe(3, Some(&report(true, 10)));
+        assert!(l.all_apply_batches([1, 2, 3]));
+        // A failed probe keeps what the peer last said about itself.
+        l.record_probe(3, None);
+        assert!(l.all_apply_batches([1, 2, 3]));
+        // What an older node sends decodes with the field false.
+        let mut json = serde_json::to_value(report(true, 1)).unwrap();
+        json.as_object_mut().unwrap().remove("applies_batches");
+        let decoded: StatusReport = serde_json::from_value(json).unwrap();
+        assert!(!decoded.applies_batches);
+    }
+
     #[tokio::test(start_paused = true)]
     async fn a_follower_that_hears_its_leader_keeps_elections_off() {
         let l = Liveness::new(2, TIMING);
