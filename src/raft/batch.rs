@@ -30,9 +30,12 @@ use crate::cluster::messages::ForwardResponse;
 /// next entry's fsync overlap the previous one's replication.
 const IN_FLIGHT: usize = 2;
 
-/// Commands in one entry at most (bounds the entry's size: a Reserve is
-/// about 100 bytes of JSON).
-const MAX_BATCH: usize = 512;
+/// Commands in one entry at most. Bounds an entry's size (a create is at
+/// most about 400 bytes of JSON), so that an `AppendEntries` of openraft's
+/// 300 entries at most stays well inside the cluster RPC's 64 MiB message
+/// limit (about 8 MB) for a follower catching up; under load a batch holds
+/// about as many commands as there are writes in flight, far fewer.
+const MAX_BATCH: usize = 64;
 
 /// Writes waiting for a proposal slot at most; a caller beyond that waits
 /// to enqueue (each caller holds one write, and callers are bounded by the
