@@ -276,6 +276,21 @@ pub struct SmtpConfig {
     pub tls_cipher_suites: Vec<String>,
     /// Longest time a TLS handshake may take.
     pub tls_handshake_timeout_secs: u64,
+    /// Client networks (CIDR or single addresses) exempt from the per-address
+    /// caps (`max_connections_per_ip`, `max_failed_rcpts_per_ip`): an own
+    /// relay or a load generator that legitimately opens many sessions from
+    /// one address. Empty by default: every client is capped.
+    pub trusted_networks: Vec<String>,
+}
+
+impl SmtpConfig {
+    /// The parsed `trusted_networks`.
+    ///
+    /// # Errors
+    /// [`ConfigError::Invalid`] naming the first entry that is not a network.
+    pub fn trusted_nets(&self) -> Result<Vec<ipnet::IpNet>, ConfigError> {
+        parse_nets("smtp.trusted_networks", &self.trusted_networks)
+    }
 }
 
 impl Default for SmtpConfig {
@@ -305,6 +320,7 @@ impl Default for SmtpConfig {
             tls_min_version: "1.2".to_string(),
             tls_cipher_suites: Vec::new(),
             tls_handshake_timeout_secs: 30,
+            trusted_networks: Vec::new(),
         }
     }
 }
@@ -1137,6 +1153,7 @@ impl Config {
         for nets in [
             self.maintenance.allow_nets(),
             self.http.trusted_proxy_nets(),
+            self.smtp.trusted_nets(),
         ] {
             if let Err(ConfigError::Invalid { key, message }) = nets {
                 out.push(&key, message);
@@ -1662,6 +1679,10 @@ mod tests {
             ("domains = [\"Upper.Example\"]\n", "domains"),
             ("[http]\nlisten = \"nonsense\"\n", "http.listen"),
             ("[smtp]\nmax_message_size = 0\n", "smtp.max_message_size"),
+            (
+                "[smtp]\ntrusted_networks = [\"10.0.0.0/33\"]\n",
+                "smtp.trusted_networks",
+            ),
             (
                 "[relay]\nmode = \"smarthost\"\nsmarthosts = []\n",
                 "relay.smarthosts",

@@ -224,6 +224,7 @@ mod tests {
             now_ms: 0,
             leader_alive: ack.is_some_and(|ms| ms < 500),
             last_log_term: Some(2),
+            applies_batches: true,
         }
     }
 

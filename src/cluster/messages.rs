@@ -73,6 +73,12 @@ pub struct StatusReport {
     /// peer is most up to date, so that one campaigns first.
     #[serde(default)]
     pub last_log_term: Option<u64>,
+    /// This node can apply entries that carry several commands
+    /// (`Command::Batch`): a leader batches only when every member says so,
+    /// so a node of an older version, which would fail to decode them,
+    /// never receives one (absent from such a node: false).
+    #[serde(default)]
+    pub applies_batches: bool,
 }
 
 /// A membership change asked of the cluster.

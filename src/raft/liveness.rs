@@ -61,6 +61,8 @@ struct Report {
     at: Instant,
     leader_alive: bool,
     last_log: (u64, u64),
+    /// The peer applies entries of several commands (`Command::Batch`).
+    applies_batches: bool,
 }
 
 #[derive(Debug, Default)]
@@ -153,6 +155,7 @@ impl Liveness {
                     at: now,
                     leader_alive: r.leader_alive,
                     last_log: (r.last_log_term.unwrap_or(0), r.last_log_index.unwrap_or(0)),
+                    applies_batches: r.applies_batches,
                 });
             }
             None => {
@@ -160,6 +163,19 @@ impl Liveness {
                 seen.failing_since.get_or_insert(now);
             }
         }
+    }
+
+    /// True when every member but this node has answered a probe saying it
+    /// applies batched entries (a node not probed yet does not count as
+    /// able): only then may this node, as leader, propose them.
+    pub fn all_apply_batches(&self, members: impl IntoIterator<Item = NodeId>) -> bool {
+        let st = self.lock();
+        members.into_iter().filter(|id| *id != self.id).all(|id| {
+            st.peers
+                .get(&id)
+                .and_then(|p| p.report)
+                .is_some_and(|r| r.applies_batches)
+        })
     }
 
     /// Forgets peers that left the membership.
@@ -428,6 +444,7 @@ mod tests {
             now_ms: 0,
             leader_alive: alive,
             last_log_term: Some(1),
+            applies_batches: true,
         }
     }
 
@@ -435,6 +452,34 @@ mod tests {
         for _ in 0..FAILED_PROBES {
             l.record_probe(peer, None);
         }
+    }
+
+    #[test]
+    fn batches_only_when_every_other_member_said_it_applies_them() {
+        let l = Liveness::new(1, TIMING);
+        // Alone: nobody to ask.
+        assert!(l.all_apply_batches([1]));
+        // A member not probed yet does not count as able.
+        assert!(!l.all_apply_batches([1, 2, 3]));
+        l.record_probe(2, Some(&report(true, 10)));
+        assert!(!l.all_apply_batches([1, 2, 3]));
+        // A node of an older version leaves the field out: false.
+        let older = StatusReport {
+            applies_batches: false,
+            ..report(true, 10)
+        };
+        l.record_probe(3, Some(&older));
+        assert!(!l.all_apply_batches([1, 2, 3]));
+        l.record_probe(3, Some(&report(true, 10)));
+        assert!(l.all_apply_batches([1, 2, 3]));
+        // A failed probe keeps what the peer last said about itself.
+        l.record_probe(3, None);
+        assert!(l.all_apply_batches([1, 2, 3]));
+        // What an older node sends decodes with the field false.
+        let mut json = serde_json::to_value(report(true, 1)).unwrap();
+        json.as_object_mut().unwrap().remove("applies_batches");
+        let decoded: StatusReport = serde_json::from_value(json).unwrap();
+        assert!(!decoded.applies_batches);
     }
 
     #[tokio::test(start_paused = true)]

@@ -11,10 +11,12 @@
 //! - [`store`]: the redb database holding the Raft log, vote, state machine and
 //!   snapshots of one node.
 //! - [`network`]: how this node reaches its peers.
+//! - [`batch`]: group proposal (concurrent writes share one entry).
 //! - [`node`]: the handle the SMTP and HTTP front ends write and read through.
 //! - [`liveness`] and [`watchdog`]: failure detection around openraft (fast
 //!   failover, one-way partitions, no disruptive campaigns).
 
+pub mod batch;
 pub mod idempotency;
 pub mod liveness;
 pub mod network;

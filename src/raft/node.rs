@@ -9,15 +9,15 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
 
-use openraft::error::{ClientWriteError, RaftError};
 use openraft::{BasicNode, ChangeMembers, Raft, RaftMetrics, ServerState, SnapshotPolicy};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use super::batch::Proposer;
 use super::liveness::{Liveness, Timing};
 use super::network::Network;
 use super::store::{self, DbError, StateReader};
-use super::types::{Command, NodeId, Request, Response, TypeConfig};
+use super::types::{Command, NodeId, Response, TypeConfig};
 use crate::clock::Clock;
 use crate::cluster::client::{Peers, RpcError};
 use crate::cluster::messages::{
@@ -79,6 +79,8 @@ fn is_idempotent(cmd: &Command) -> bool {
         | Command::ConfirmTarget { .. }
         // Forgetting a request that is already forgotten changes nothing.
         | Command::WithdrawConfirmation { .. } => true,
+        // Made of the commands above.
+        Command::Batch { cmds } => cmds.iter().all(is_idempotent),
     }
 }
 
@@ -105,6 +107,8 @@ pub struct Node {
     /// Proposals this node is making as leader right now: a hand-over waits
     /// until none is left, so the chosen follower can have every entry.
     proposing: Arc<std::sync::atomic::AtomicUsize>,
+    /// Where writes are proposed as leader: concurrent ones share an entry.
+    proposer: Proposer,
 }
 
 /// Counts one proposal in [`Node::proposing`] for as long as it lives (also
@@ -181,8 +185,10 @@ impl Node {
         )
         .await
         .map_err(|e| StartError::Raft(e.to_string()))?;
+        let proposer = Proposer::start(raft.clone(), clock.clone(), liveness.clone());
         Ok(Node {
             id: config.node_id,
+            proposer,
             raft,
             reader,
             clock,
@@ -290,10 +296,6 @@ impl Node {
                 message: "the leader has lost its quorum".into(),
             };
         }
-        let req = Request {
-            now_ms: self.clock.now_ms(),
-            cmd,
-        };
         // A write pending when this leader loses its quorum (a partition that
         // began after it was proposed) cannot commit here: answer as soon as
         // the metrics show it, not when `limit` runs out.
@@ -312,29 +314,17 @@ impl Node {
             }
         };
         let written = tokio::select! {
-            w = tokio::time::timeout(limit, self.raft.client_write(req)) => w,
+            // Stamped with this node's clock when proposed.
+            w = tokio::time::timeout(limit, self.proposer.propose(cmd)) => w,
             _ = quorum_lost => {
                 return ForwardResponse::Failed {
                     message: "the leader lost its quorum while the write was pending".into(),
                 };
             }
         };
-        match written {
-            Err(_) => ForwardResponse::Failed {
-                message: format!("not committed within {limit:?}"),
-            },
-            Ok(Ok(resp)) => ForwardResponse::Applied {
-                response: resp.data,
-            },
-            Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f)))) => {
-                ForwardResponse::NotLeader {
-                    leader: f.leader_id,
-                }
-            }
-            Ok(Err(e)) => ForwardResponse::Failed {
-                message: e.to_string(),
-            },
-        }
+        written.unwrap_or_else(|_| ForwardResponse::Failed {
+            message: format!("not committed within {limit:?}"),
+        })
     }
 
     /// Commits `cmd` through Raft, on the leader wherever it is, and returns
@@ -580,6 +570,7 @@ impl Node {
             now_ms: self.clock.now_ms(),
             leader_alive: self.liveness.leader_alive(&m),
             last_log_term: super::liveness::last_log_term(&m),
+            applies_batches: true,
         };
         report
     }

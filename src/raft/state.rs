@@ -185,12 +185,13 @@ pub fn apply(current: Option<&AliasRecord>, cmd: &Command, now_ms: u64) -> (Chan
         }
         // Applied by the store against their own tables (maintenance flag,
         // idempotency keys, targets); see `store.rs`, `idempotency.rs` and
-        // `targets.rs`.
+        // `targets.rs`. The store applies a batch's commands one by one.
         Command::SetMaintenance { .. }
         | Command::CreateAliasKeyed { .. }
         | Command::CreateLimited { .. }
         | Command::ConfirmTarget { .. }
-        | Command::WithdrawConfirmation { .. } => (Change::Keep, Response::None),
+        | Command::WithdrawConfirmation { .. }
+        | Command::Batch { .. } => (Change::Keep, Response::None),
         Command::Purge { keep_ms } => match current {
             Some(rec) if rec.purgeable(now_ms, *keep_ms) => {
                 (Change::Delete, Response::Purged { count: 1 })
@@ -212,10 +213,12 @@ pub fn command_id(cmd: &Command) -> Option<&str> {
         Command::CreateAliasKeyed { create, .. } | Command::CreateLimited { create, .. } => {
             command_id(create)
         }
+        // A batch addresses several aliases; the store splits it first.
         Command::Purge { .. }
         | Command::SetMaintenance { .. }
         | Command::ConfirmTarget { .. }
-        | Command::WithdrawConfirmation { .. } => None,
+        | Command::WithdrawConfirmation { .. }
+        | Command::Batch { .. } => None,
     }
 }
 

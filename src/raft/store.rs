@@ -2,8 +2,11 @@
 //!
 //! One file, several tables. Every write is a redb transaction; log appends and
 //! votes commit with `Durability::Immediate` (one `fdatasync`), so an acknowledged
-//! vote or entry survives a crash. Appends arrive in batches from openraft, so
-//! concurrent client writes share one fsync (group commit).
+//! vote or entry survives a crash. One append is one transaction and one
+//! fsync, whatever its number of entries: a follower gets what accumulated
+//! during a replication round trip in one append, and on the leader
+//! concurrent writes share an entry (`batch.rs`), since openraft 0.9 flushes
+//! each proposed entry before it takes the next proposal.
 //!
 //! State-machine transactions commit with `Durability::None`: redb persists
 //! commits in order, so they become durable with the next log append at the
@@ -473,67 +476,14 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                             // Replicated time never runs backwards, even across a
                             // change of leader whose clock lags.
                             last_now = last_now.max(req.now_ms);
-                            if let Some(response) =
-                                targets.apply(&mut aliases, &mut keys, &req.cmd, last_now)?
-                            {
-                                responses.push(response);
-                                continue;
-                            }
-                            if let Some(response) = apply_own_tables(
-                                &mut targets,
-                                &mut aliases,
-                                &mut settings,
-                                &mut keys,
-                                &req.cmd,
-                                last_now,
-                            )? {
-                                responses.push(response);
-                                continue;
-                            }
-                            let response = match state::command_id(&req.cmd) {
-                                Some(id) => {
-                                    let current: Option<AliasRecord> = get_json(&aliases, id)?;
-                                    let (change, response) =
-                                        state::apply(current.as_ref(), &req.cmd, last_now);
-                                    match change {
-                                        Change::Put(rec) => {
-                                            targets.sync(current.as_ref(), Some(&rec))?;
-                                            aliases
-                                                .insert(id, serde_json::to_vec(&rec)?.as_slice())?;
-                                        }
-                                        Change::Delete => {
-                                            targets.sync(current.as_ref(), None)?;
-                                            aliases.remove(id)?;
-                                        }
-                                        Change::Keep => {}
-                                    }
-                                    response
-                                }
-                                None => {
-                                    // A command over all aliases (purge).
-                                    let mut doomed = Vec::new();
-                                    for item in aliases.iter()? {
-                                        let (k, v) = item?;
-                                        let rec: AliasRecord = serde_json::from_slice(v.value())?;
-                                        let (change, _) =
-                                            state::apply(Some(&rec), &req.cmd, last_now);
-                                        if change == Change::Delete {
-                                            doomed.push(k.value().to_string());
-                                        }
-                                    }
-                                    let mut purged = txn.open_table(PURGED)?;
-                                    for id in &doomed {
-                                        aliases.remove(id.as_str())?;
-                                        purged.insert(id.as_str(), last_now)?;
-                                    }
-                                    let horizon = last_now.saturating_sub(TOMBSTONE_KEEP_MS);
-                                    purged.retain(|_, at| at > horizon)?;
-                                    Response::Purged {
-                                        count: doomed.len() as u64,
-                                    }
-                                }
+                            let mut tables = Tables {
+                                txn: &txn,
+                                aliases: &mut aliases,
+                                settings: &mut settings,
+                                keys: &mut keys,
+                                targets: &mut targets,
                             };
-                            responses.push(response);
+                            responses.push(apply_command(&mut tables, &req.cmd, last_now)?);
                         }
                     }
                 }
@@ -714,6 +664,77 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
 }
 
 type Table<'t> = redb::Table<'t, &'static str, &'static [u8]>;
+
+/// The state-machine tables one apply transaction writes.
+struct Tables<'a, 't> {
+    txn: &'a redb::WriteTransaction,
+    aliases: &'a mut Table<'t>,
+    settings: &'a mut Table<'t>,
+    keys: &'a mut Table<'t>,
+    /// The per-target index, confirmations and tokens (`targets.rs`).
+    targets: &'a mut super::targets::Tables<'t>,
+}
+
+/// Applies one command at replicated time `now_ms` and returns its answer.
+/// A batch's commands are applied in order, each as if it were an entry of
+/// its own at the same time.
+fn apply_command(t: &mut Tables<'_, '_>, cmd: &Command, now_ms: u64) -> Result<Response, DbError> {
+    if let Command::Batch { cmds } = cmd {
+        let mut responses = Vec::with_capacity(cmds.len());
+        for cmd in cmds {
+            responses.push(apply_command(t, cmd, now_ms)?);
+        }
+        return Ok(Response::Batch { responses });
+    }
+    if let Some(response) = t.targets.apply(t.aliases, t.keys, cmd, now_ms)? {
+        return Ok(response);
+    }
+    if let Some(response) = apply_own_tables(t.targets, t.aliases, t.settings, t.keys, cmd, now_ms)?
+    {
+        return Ok(response);
+    }
+    let aliases = &mut *t.aliases;
+    Ok(match state::command_id(cmd) {
+        Some(id) => {
+            let current: Option<AliasRecord> = get_json(aliases, id)?;
+            let (change, response) = state::apply(current.as_ref(), cmd, now_ms);
+            match change {
+                Change::Put(rec) => {
+                    t.targets.sync(current.as_ref(), Some(&rec))?;
+                    aliases.insert(id, serde_json::to_vec(&rec)?.as_slice())?;
+                }
+                Change::Delete => {
+                    t.targets.sync(current.as_ref(), None)?;
+                    aliases.remove(id)?;
+                }
+                Change::Keep => {}
+            }
+            response
+        }
+        None => {
+            // A command over all aliases (purge).
+            let mut doomed = Vec::new();
+            for item in aliases.iter()? {
+                let (k, v) = item?;
+                let rec: AliasRecord = serde_json::from_slice(v.value())?;
+                let (change, _) = state::apply(Some(&rec), cmd, now_ms);
+                if change == Change::Delete {
+                    doomed.push(k.value().to_string());
+                }
+            }
+            let mut purged = t.txn.open_table(PURGED)?;
+            for id in &doomed {
+                aliases.remove(id.as_str())?;
+                purged.insert(id.as_str(), now_ms)?;
+            }
+            let horizon = now_ms.saturating_sub(TOMBSTONE_KEEP_MS);
+            purged.retain(|_, at| at > horizon)?;
+            Response::Purged {
+                count: doomed.len() as u64,
+            }
+        }
+    })
+}
 
 /// Applies the commands that live in tables other than the alias table
 /// (maintenance, keyed creates) and the key half of a purge. `None` means the

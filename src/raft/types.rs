@@ -107,6 +107,14 @@ pub enum Command {
     /// request, so that the next create to the target sends a new one
     /// instead of waiting for the request to lapse.
     WithdrawConfirmation { token_hash: String },
+    /// Several commands proposed together as one entry (group proposal, see
+    /// `src/raft/batch.rs`): applied in order, in one state-machine
+    /// transaction, all at the entry's replicated time; each gets its own
+    /// answer in [`Response::Batch`], exactly as if it had been an entry of
+    /// its own. A node that predates this variant cannot decode such an
+    /// entry, so a leader proposes batches only when every member has said
+    /// it can apply them.
+    Batch { cmds: Vec<Command> },
 }
 
 /// Per-target limits of one create, from the taking node's `[limits]`.
@@ -188,6 +196,10 @@ pub enum Response {
     TargetConfirmed,
     /// A confirmation request was forgotten (or was not pending any more).
     Withdrawn,
+    /// The answers to a [`Command::Batch`], in the order of its commands.
+    Batch {
+        responses: Vec<Response>,
+    },
 }
 
 /// Cluster-wide maintenance as replicated.

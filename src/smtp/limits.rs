@@ -3,11 +3,37 @@
 //! The per-session cap alone lets a client guess alias ids over many
 //! connections; counting by address across sessions (and nodes' worth of
 //! tarpit time) makes enumeration slow enough to be pointless.
+//!
+//! Clients in `[smtp] trusted_networks` (an own relay, a load generator) are
+//! exempt from both per-address caps; the per-session limits still apply.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+
+/// Networks exempt from the per-address caps (`[smtp] trusted_networks`).
+#[derive(Debug, Clone, Default)]
+pub struct TrustedNets(Arc<Vec<ipnet::IpNet>>);
+
+impl TrustedNets {
+    pub fn new(nets: Vec<ipnet::IpNet>) -> Self {
+        Self(Arc::new(nets))
+    }
+
+    /// True when `ip` (an IPv4-mapped IPv6 address counts as IPv4) lies in
+    /// one of the networks.
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        if self.0.is_empty() {
+            return false;
+        }
+        let ip = match ip {
+            IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+            v4 => v4,
+        };
+        self.0.iter().any(|n| n.contains(&ip))
+    }
+}
 
 /// The unit a client is counted by: its IPv4 address, or its IPv6 /64 (one
 /// host can have a whole /64 to rotate through).
@@ -27,25 +53,35 @@ pub fn client_key(ip: IpAddr) -> IpAddr {
 /// Open connections per client, so one client cannot take every slot.
 pub struct ConnectionCounts {
     max: usize,
+    /// Clients that are not counted at all.
+    trusted: TrustedNets,
     counts: Mutex<HashMap<IpAddr, usize>>,
 }
 
-/// Holds one connection slot of a client; gives it back when dropped.
+/// Holds one connection slot of a client; gives it back when dropped. A
+/// trusted client's slot counts nothing.
 pub struct ConnectionSlot<'a> {
     owner: &'a ConnectionCounts,
-    key: IpAddr,
+    key: Option<IpAddr>,
 }
 
 impl ConnectionCounts {
-    pub fn new(max: usize) -> Self {
+    pub fn new(max: usize, trusted: TrustedNets) -> Self {
         Self {
             max,
+            trusted,
             counts: Mutex::new(HashMap::new()),
         }
     }
 
     /// A slot for `ip`, or `None` when it already has `max` connections.
     pub fn acquire(&self, ip: IpAddr) -> Option<ConnectionSlot<'_>> {
+        if self.trusted.contains(ip) {
+            return Some(ConnectionSlot {
+                owner: self,
+                key: None,
+            });
+        }
         let key = client_key(ip);
         let mut counts = self.counts.lock().unwrap_or_else(|e| e.into_inner());
         let n = counts.entry(key).or_insert(0);
@@ -53,17 +89,21 @@ impl ConnectionCounts {
             return None;
         }
         *n += 1;
-        Some(ConnectionSlot { owner: self, key })
+        Some(ConnectionSlot {
+            owner: self,
+            key: Some(key),
+        })
     }
 }
 
 impl Drop for ConnectionSlot<'_> {
     fn drop(&mut self) {
+        let Some(key) = self.key else { return };
         let mut counts = self.owner.counts.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(n) = counts.get_mut(&self.key) {
+        if let Some(n) = counts.get_mut(&key) {
             *n -= 1;
             if *n == 0 {
-                counts.remove(&self.key);
+                counts.remove(&key);
             }
         }
     }
@@ -77,22 +117,28 @@ const MAX_TRACKED: usize = 65_536;
 pub struct FailedRcpts {
     max: u32,
     window: Duration,
+    /// Clients never blocked (nor counted).
+    trusted: TrustedNets,
     /// Address -> (window start, failures in window). A std mutex: it is never
     /// held across an await.
     counts: Mutex<HashMap<IpAddr, (Instant, u32)>>,
 }
 
 impl FailedRcpts {
-    pub fn new(max: u32, window: Duration) -> Self {
+    pub fn new(max: u32, window: Duration, trusted: TrustedNets) -> Self {
         Self {
             max,
             window,
+            trusted,
             counts: Mutex::new(HashMap::new()),
         }
     }
 
     /// True when `ip` has used up its failures for the current window.
     pub fn is_blocked(&self, ip: IpAddr) -> bool {
+        if self.trusted.contains(ip) {
+            return false;
+        }
         let ip = client_key(ip);
         let counts = self.counts.lock().unwrap_or_else(|e| e.into_inner());
         counts
@@ -102,6 +148,9 @@ impl FailedRcpts {
 
     /// Counts one failed recipient for `ip`.
     pub fn record(&self, ip: IpAddr) {
+        if self.trusted.contains(ip) {
+            return;
+        }
         let ip = client_key(ip);
         let mut counts = self.counts.lock().unwrap_or_else(|e| e.into_inner());
         if counts.len() >= MAX_TRACKED && !counts.contains_key(&ip) {
@@ -125,7 +174,7 @@ mod tests {
 
     #[test]
     fn blocks_after_max_within_window() {
-        let f = FailedRcpts::new(3, Duration::from_secs(60));
+        let f = FailedRcpts::new(3, Duration::from_secs(60), TrustedNets::default());
         let ip: IpAddr = "192.0.2.1".parse().unwrap();
         let other: IpAddr = "192.0.2.2".parse().unwrap();
         for _ in 0..2 {
@@ -150,7 +199,7 @@ mod tests {
 
     #[test]
     fn connection_slots_are_capped_and_returned() {
-        let c = ConnectionCounts::new(2);
+        let c = ConnectionCounts::new(2, TrustedNets::default());
         let ip: IpAddr = "192.0.2.1".parse().unwrap();
         let s1 = c.acquire(ip).unwrap();
         let _s2 = c.acquire(ip).unwrap();
@@ -162,7 +211,7 @@ mod tests {
 
     #[test]
     fn window_expires() {
-        let f = FailedRcpts::new(1, Duration::from_millis(1));
+        let f = FailedRcpts::new(1, Duration::from_millis(1), TrustedNets::default());
         let ip: IpAddr = "192.0.2.1".parse().unwrap();
         f.record(ip);
         std::thread::sleep(Duration::from_millis(5));
@@ -170,5 +219,38 @@ mod tests {
         f.record(ip);
         // The stale window was restarted: one failure, not two.
         assert_eq!(f.counts.lock().unwrap()[&ip].1, 1);
+    }
+
+    fn trusted(cidrs: &[&str]) -> TrustedNets {
+        TrustedNets::new(cidrs.iter().map(|c| c.parse().unwrap()).collect())
+    }
+
+    #[test]
+    fn trusted_networks_are_not_capped() {
+        let c = ConnectionCounts::new(1, trusted(&["127.0.0.0/8", "2001:db8::/32"]));
+        let local: IpAddr = "127.0.0.5".parse().unwrap();
+        let slots: Vec<_> = (0..50).map(|_| c.acquire(local).unwrap()).collect();
+        let mapped: IpAddr = "::ffff:127.0.0.9".parse().unwrap();
+        assert!(c.acquire(mapped).is_some());
+        assert!(c.acquire("2001:db8::1".parse().unwrap()).is_some());
+        assert!(c.counts.lock().unwrap().is_empty());
+        drop(slots);
+        // Others are still capped.
+        let other: IpAddr = "192.0.2.1".parse().unwrap();
+        let _held = c.acquire(other).unwrap();
+        assert!(c.acquire(other).is_none());
+    }
+
+    #[test]
+    fn trusted_networks_are_never_blocked_for_failures() {
+        let f = FailedRcpts::new(1, Duration::from_secs(60), trusted(&["10.0.0.0/8"]));
+        let inside: IpAddr = "10.1.2.3".parse().unwrap();
+        let outside: IpAddr = "192.0.2.1".parse().unwrap();
+        for _ in 0..5 {
+            f.record(inside);
+            f.record(outside);
+        }
+        assert!(!f.is_blocked(inside));
+        assert!(f.is_blocked(outside));
     }
 }

@@ -11,7 +11,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::backends::RaftAliases;
-use super::limits::{ConnectionCounts, FailedRcpts};
+use super::limits::{ConnectionCounts, FailedRcpts, TrustedNets};
 use super::session::{Session, Shared};
 use super::settle::Settlements;
 use super::tls::Tls;
@@ -44,6 +44,8 @@ impl SmtpContext {
         tls: Option<Arc<Tls>>,
     ) -> Self {
         let smtp = &config.smtp;
+        // Validated with the rest of the config at load time.
+        let trusted = TrustedNets::new(smtp.trusted_nets().unwrap_or_default());
         Self {
             session: Arc::new(Shared {
                 config: smtp.clone(),
@@ -52,6 +54,7 @@ impl SmtpContext {
                 failures: FailedRcpts::new(
                     smtp.max_failed_rcpts_per_ip,
                     Duration::from_secs(smtp.failed_rcpt_window_secs),
+                    trusted.clone(),
                 ),
                 tls,
                 forwarding,
@@ -62,7 +65,7 @@ impl SmtpContext {
                 },
                 upstream: relay,
             }),
-            connections: ConnectionCounts::new(smtp.max_connections_per_ip),
+            connections: ConnectionCounts::new(smtp.max_connections_per_ip, trusted),
             maintenance,
         }
     }

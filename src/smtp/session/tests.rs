@@ -107,7 +107,7 @@ fn setup(tls: bool, answer: Delivery, tweak: impl FnOnce(&mut SmtpConfig)) -> (S
     let aliases = FakeAliases::default();
     aliases.uses.lock().unwrap().insert(id.clone(), 5);
     let shared = Arc::new(Shared {
-        failures: FailedRcpts::new(100, Duration::from_secs(60)),
+        failures: FailedRcpts::new(100, Duration::from_secs(60), Default::default()),
         domains: vec!["tempalias.test".to_string()],
         metrics: Arc::new(Metrics::new()),
         tls: tls.clone(),
