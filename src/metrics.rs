@@ -95,6 +95,15 @@ pub struct Metrics {
     pub http_connections_active: Gauge,
     /// HTTP connections refused because the listener was at its cap.
     pub http_connections_refused: Counter,
+    /// Read barriers the leader confirmed with a quorum round.
+    pub raft_read_quorum_rounds: Counter,
+    /// Read barriers the leader served from its read lease.
+    pub raft_lease_reads: Counter,
+    /// Read barriers run for HTTP status reads (each serves every read
+    /// that queued for it).
+    pub http_read_barriers: Counter,
+    /// Readiness checks run for `/readyz` (the others used the cached verdict).
+    pub readiness_checks: Counter,
 }
 
 /// Labels of `tempalias_build_info`.
@@ -146,6 +155,10 @@ impl Metrics {
             maintenance: Gauge::default(),
             http_connections_active: Gauge::default(),
             http_connections_refused: Counter::default(),
+            raft_read_quorum_rounds: Counter::default(),
+            raft_lease_reads: Counter::default(),
+            http_read_barriers: Counter::default(),
+            readiness_checks: Counter::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -287,6 +300,26 @@ impl Metrics {
             "raft_refused_appends",
             "AppendEntries refused from a leader this node cannot reach (one-way partition)",
             m.raft_refused_appends.clone(),
+        );
+        registry.register(
+            "raft_read_quorum_rounds",
+            "Read barriers this node confirmed as leader with a quorum round (each renews the read lease)",
+            m.raft_read_quorum_rounds.clone(),
+        );
+        registry.register(
+            "raft_lease_reads",
+            "Read barriers this node served as leader from its read lease, without a quorum round",
+            m.raft_lease_reads.clone(),
+        );
+        registry.register(
+            "http_read_barriers",
+            "Read barriers run for HTTP status reads; concurrent reads share one",
+            m.http_read_barriers.clone(),
+        );
+        registry.register(
+            "readiness_checks",
+            "Readiness checks run for /readyz; probes within the cache age reuse the last verdict",
+            m.readiness_checks.clone(),
         );
         m.build_info
             .get_or_create(&BuildLabels {

@@ -306,7 +306,7 @@ async fn authorize(
     }
     state
         .barriers
-        .wait(&state.node)
+        .wait(&state.node, &state.metrics)
         .await
         .map_err(ApiError::Unavailable)?;
     let rec = state.node.reader().alias(id).map_err(|e| {

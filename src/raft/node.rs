@@ -16,6 +16,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::liveness::{Liveness, Timing};
 use super::network::Network;
+use super::read_lease::ReadLease;
 use super::store::{self, DbError, StateReader};
 use super::types::{Command, NodeId, Request, Response, TypeConfig};
 use crate::clock::Clock;
@@ -50,6 +51,17 @@ pub enum WriteError {
     Fatal(String),
 }
 
+/// Why the leader could not give a read index.
+#[derive(Debug, thiserror::Error)]
+pub enum LeaderReadError {
+    #[error("not the leader")]
+    NotLeader,
+    #[error("no quorum confirmed the leader in time")]
+    Timeout,
+    #[error("raft: {0}")]
+    Raft(String),
+}
+
 /// Commands whose second application changes nothing, so a write whose
 /// outcome is unknown (the leader died or a forward timed out after sending)
 /// may be proposed again. Every command is today: a repeated Reserve finds
@@ -76,7 +88,7 @@ fn is_idempotent(cmd: &Command) -> bool {
 /// Upper bound on one forward to the leader: a leader that holds a write
 /// longer is more likely gone than slow, and the write (idempotent) is tried
 /// again, possibly on a new leader, within the caller's deadline.
-const FORWARD_ATTEMPT: Duration = Duration::from_secs(1);
+pub(crate) const FORWARD_ATTEMPT: Duration = Duration::from_secs(1);
 
 /// One node's Raft instance, its local replica, clock and peers.
 #[derive(Clone)]
@@ -96,6 +108,9 @@ pub struct Node {
     /// Proposals this node is making as leader right now: a hand-over waits
     /// until none is left, so the chosen follower can have every entry.
     proposing: Arc<std::sync::atomic::AtomicUsize>,
+    /// Lets the leader serve read barriers without a quorum round for a
+    /// while after one (see `read_lease.rs`).
+    read_lease: Arc<ReadLease>,
 }
 
 /// Counts one proposal in [`Node::proposing`] for as long as it lives (also
@@ -184,6 +199,7 @@ impl Node {
             liveness,
             stepping_down: Arc::new(std::sync::atomic::AtomicBool::new(false)),
             proposing: Arc::new(std::sync::atomic::AtomicUsize::new(0)),
+            read_lease: Arc::new(ReadLease::new(Duration::from_millis(election))),
         })
     }
 
@@ -494,13 +510,14 @@ impl Node {
             }
             let leader = m.current_leader;
             let index = match leader {
-                Some(l) if l == self.id => {
-                    match tokio::time::timeout(remaining, self.raft.ensure_linearizable()).await {
-                        Ok(Ok(_)) => return Ok(()),
-                        Ok(Err(_)) => None,
-                        Err(_) => return Err(WriteError::Timeout(limit)),
-                    }
-                }
+                // Every write this leader acknowledged was applied here
+                // before the acknowledgement, and earlier terms' entries
+                // before its lease or round: nothing to wait for.
+                Some(l) if l == self.id => match self.leader_read_index(remaining).await {
+                    Ok(_) => return Ok(()),
+                    Err(LeaderReadError::Timeout) => return Err(WriteError::Timeout(limit)),
+                    Err(_) => None,
+                },
                 Some(l) => match self.addr_of(l) {
                     Some(addr) => match self
                         .peers
@@ -538,6 +555,68 @@ impl Node {
                 }
             }
         }
+    }
+
+    /// On the leader: an index that every write acknowledged to a client
+    /// before this call is at or below, once applied here (`None` before the
+    /// first entry). From the read lease when it runs (no network), else from
+    /// a quorum round, which renews the lease. Serves this node's own read
+    /// barriers and the `ReadIndex` RPCs of the others.
+    ///
+    /// # Errors
+    /// [`LeaderReadError`] when this node is not the leader (or steps down),
+    /// or no quorum confirmed it within `limit`.
+    pub async fn leader_read_index(&self, limit: Duration) -> Result<Option<u64>, LeaderReadError> {
+        if self.is_stepping_down() {
+            return Err(LeaderReadError::NotLeader);
+        }
+        if let Some(held) = self.read_lease.valid_at(Instant::now()) {
+            // Checked in the core, not in metrics that may lag: a vote this
+            // node granted to a higher term must end the lease at once.
+            let checked = self
+                .raft
+                .with_raft_state(move |st| {
+                    let same = st.server_state == ServerState::Leader
+                        && st.vote_ref() == &held.vote
+                        && st.membership_state.effective().log_id() == &held.membership;
+                    same.then(|| st.committed.map(|c| c.index))
+                })
+                .await;
+            match checked {
+                Ok(Some(index)) => {
+                    self.metrics.raft_lease_reads.inc();
+                    return Ok(index);
+                }
+                Ok(None) => self.read_lease.drop_lease(),
+                Err(e) => return Err(LeaderReadError::Raft(e.to_string())),
+            }
+        }
+        let before = self.metrics_now();
+        let t0 = Instant::now();
+        self.metrics.raft_read_quorum_rounds.inc();
+        let log_id = match tokio::time::timeout(limit, self.raft.ensure_linearizable()).await {
+            Ok(Ok(log_id)) => log_id,
+            Ok(Err(e)) => return Err(LeaderReadError::Raft(e.to_string())),
+            Err(_) => return Err(LeaderReadError::Timeout),
+        };
+        let after = self.metrics_now();
+        // The lease is granted only when the round surely ran as this leader
+        // in one vote and one membership from start to end.
+        let steady = before.state == ServerState::Leader
+            && before.current_leader == Some(self.id)
+            && before.vote.is_committed()
+            && after.vote == before.vote
+            && after.membership_config.log_id() == before.membership_config.log_id();
+        if steady && !self.is_stepping_down() {
+            self.read_lease
+                .confirmed(before.vote, *before.membership_config.log_id(), t0);
+        }
+        Ok(log_id.map(|l| l.index))
+    }
+
+    /// The read lease (the cluster service refuses votes while it says so).
+    pub fn read_lease(&self) -> &ReadLease {
+        &self.read_lease
     }
 
     /// This node's view of itself and the cluster.
