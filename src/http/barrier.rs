@@ -89,6 +89,11 @@ where
     Fut: Future<Output = Result<(), String>>,
 {
     loop {
+        // Let the connections that are ready to run first: requests they
+        // parse now join this barrier instead of waiting for the next one.
+        // Under load that makes batches larger (fewer `ReadIndex` round
+        // trips for the same reads) at the cost of one pass of the run queue.
+        tokio::task::yield_now().await;
         let batch = {
             let mut s = barriers.state.lock().unwrap_or_else(|p| p.into_inner());
             if s.next.is_empty() {
