@@ -81,6 +81,10 @@ impl Cluster for ClusterService {
             ));
         }
         let rpc = decode(req)?;
+        // Granting a vote may end this node's leadership: its read lease
+        // ends before openraft sees the request, and no lease round that
+        // overlaps it grants one (raft/read_lease.rs).
+        let _no_lease = self.node.read_lease().suspend();
         encode(&self.node.raft().vote(rpc).await)
     }
 

@@ -63,7 +63,29 @@ pub struct ReadLease {
     quarantine: Duration,
     /// When this process started serving (the vote quarantine starts here).
     started: Instant,
-    held: Mutex<Option<Held>>,
+    inner: Mutex<Inner>,
+}
+
+#[derive(Debug, Default)]
+struct Inner {
+    held: Option<Held>,
+    /// Moves whenever something that may end the leadership starts or ends
+    /// (a vote request handled, a membership change): a round that saw it
+    /// move grants no lease.
+    generation: u64,
+    /// Vote requests and membership changes in progress: no lease meanwhile.
+    suspended: usize,
+}
+
+/// Keeps the lease suspended while it lives (see [`ReadLease::suspend`]).
+pub struct Suspension<'a>(&'a ReadLease);
+
+impl Drop for Suspension<'_> {
+    fn drop(&mut self) {
+        let mut inner = self.0.lock();
+        inner.suspended -= 1;
+        inner.generation += 1;
+    }
 }
 
 impl ReadLease {
@@ -76,36 +98,67 @@ impl ReadLease {
             // the liveness module's own view of the lease.
             quarantine: election_timeout * 2 + election_timeout / 4,
             started: Instant::now(),
-            held: Mutex::new(None),
+            inner: Mutex::new(Inner::default()),
         }
     }
 
     /// The lease if it runs at `now`.
     pub fn valid_at(&self, now: Instant) -> Option<Held> {
-        self.lock().clone().filter(|h| now < h.until)
+        self.lock().held.clone().filter(|h| now < h.until)
     }
 
-    /// Records a quorum round that started at `t0` in `vote` and `membership`.
-    pub fn confirmed(&self, vote: Vote<NodeId>, membership: Option<LogId<NodeId>>, t0: Instant) {
+    /// Call before a quorum round starts; pass the token to
+    /// [`ReadLease::confirmed`].
+    pub fn round_starts(&self) -> u64 {
+        self.lock().generation
+    }
+
+    /// Records a quorum round that started at `t0` (when [`round_starts`]
+    /// gave `token`) in `vote` and `membership`. Grants nothing when a vote
+    /// request or membership change overlapped the round.
+    ///
+    /// [`round_starts`]: ReadLease::round_starts
+    pub fn confirmed(
+        &self,
+        token: u64,
+        vote: Vote<NodeId>,
+        membership: Option<LogId<NodeId>>,
+        t0: Instant,
+    ) {
         let until = t0 + self.valid_for;
-        let mut held = self.lock();
+        let mut inner = self.lock();
+        if inner.generation != token || inner.suspended > 0 {
+            return;
+        }
         // A later round never shortens the lease of an earlier one.
-        if held
+        if inner
+            .held
             .as_ref()
             .is_some_and(|h| h.vote == vote && h.membership == membership && h.until >= until)
         {
             return;
         }
-        *held = Some(Held {
+        inner.held = Some(Held {
             vote,
             membership,
             until,
         });
     }
 
+    /// Ends the lease now and grants none until the returned guard is
+    /// dropped. Taken around every vote request this node handles (granting
+    /// one may end its leadership) and every membership change it makes.
+    pub fn suspend(&self) -> Suspension<'_> {
+        let mut inner = self.lock();
+        inner.held = None;
+        inner.suspended += 1;
+        inner.generation += 1;
+        Suspension(self)
+    }
+
     /// Forgets the lease (the vote or membership moved on).
     pub fn drop_lease(&self) {
-        *self.lock() = None;
+        self.lock().held = None;
     }
 
     /// How long after start this node refuses to vote.
@@ -119,8 +172,8 @@ impl ReadLease {
         self.started.elapsed() < self.quarantine
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Option<Held>> {
-        self.held.lock().unwrap_or_else(|p| p.into_inner())
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
 
@@ -144,19 +197,41 @@ mod tests {
         let l = ReadLease::new(Duration::from_millis(250));
         let t0 = Instant::now();
         assert!(l.valid_at(t0).is_none());
-        l.confirmed(vote(2), log(1), t0);
+        let token = l.round_starts();
+        l.confirmed(token, vote(2), log(1), t0);
         assert!(l.valid_at(t0 + Duration::from_millis(249)).is_some());
         assert!(l.valid_at(t0 + Duration::from_millis(250)).is_none());
         // An older round does not shorten a newer one's lease.
-        l.confirmed(vote(2), log(1), t0 + Duration::from_millis(100));
-        l.confirmed(vote(2), log(1), t0);
+        l.confirmed(token, vote(2), log(1), t0 + Duration::from_millis(100));
+        l.confirmed(token, vote(2), log(1), t0);
         let h = l.valid_at(t0 + Duration::from_millis(300)).unwrap();
         assert_eq!(h.vote, vote(2));
         // A new term replaces it whatever its end.
-        l.confirmed(vote(3), log(1), t0);
+        l.confirmed(token, vote(3), log(1), t0);
         assert!(l.valid_at(t0 + Duration::from_millis(300)).is_none());
         l.drop_lease();
         assert!(l.valid_at(t0).is_none());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_vote_request_or_membership_change_ends_the_lease_and_voids_rounds_it_overlapped() {
+        let l = ReadLease::new(Duration::from_millis(250));
+        let t0 = Instant::now();
+        l.confirmed(l.round_starts(), vote(2), log(1), t0);
+        assert!(l.valid_at(t0).is_some());
+        // A vote request arrives: the lease ends at once.
+        let token = l.round_starts();
+        let vote_in_progress = l.suspend();
+        assert!(l.valid_at(t0).is_none());
+        // A round that ran meanwhile grants nothing, even after the vote.
+        l.confirmed(token, vote(2), log(1), t0);
+        assert!(l.valid_at(t0).is_none());
+        drop(vote_in_progress);
+        l.confirmed(token, vote(2), log(1), t0);
+        assert!(l.valid_at(t0).is_none());
+        // A round that started after it ended does.
+        l.confirmed(l.round_starts(), vote(2), log(1), t0);
+        assert!(l.valid_at(t0).is_some());
     }
 
     #[tokio::test(start_paused = true)]

@@ -116,7 +116,7 @@ def test_readyz_probes_share_cached_verdicts(cluster):
     leader, followers = leader_and_followers(cluster)
     follower = followers[0]
     checks0 = counter(follower, "readiness_checks")
-    leader_reads0 = counter(leader, "raft_read_quorum_rounds") + counter(leader, "raft_lease_reads")
+    rounds0 = counter(leader, "raft_read_quorum_rounds")
     probes = 0
     statuses: dict[int, int] = {}
     lock = threading.Lock()
@@ -144,10 +144,10 @@ def test_readyz_probes_share_cached_verdicts(cluster):
         t.join(timeout=30)
     elapsed = time.monotonic() - t0
     checks = counter(follower, "readiness_checks") - checks0
-    leader_reads = counter(leader, "raft_read_quorum_rounds") + counter(leader, "raft_lease_reads") - leader_reads0
+    rounds = counter(leader, "raft_read_quorum_rounds") - rounds0
     assert statuses.get(200, 0) == probes, statuses
     bound = elapsed / READYZ_MAX_AGE_S + 2
     assert probes >= 5 * bound, f"only {probes} probes in {elapsed:.1f} s: the test proves nothing"
     assert 1 <= checks <= bound, f"{checks:.0f} readiness checks for {probes} probes in {elapsed:.1f} s"
-    # Each check of the follower costs the leader one ReadIndex, no more.
-    assert leader_reads <= checks, f"leader confirmed {leader_reads:.0f} read indexes for {checks:.0f} checks"
+    # And the leader answers those ReadIndex calls mostly from its lease.
+    assert rounds <= elapsed / ELECTION_TIMEOUT_S + 2, f"{rounds:.0f} quorum rounds on the leader"
