@@ -120,8 +120,21 @@ def _quiet(f):
 # --------------------------------------------------------------------------- wrk
 
 
-def wrk(urls: list[str], duration: float, directory: Path, method="GET", body=None, headers=None) -> dict:
-    """Runs one wrk per URL at once (64 connections split over them); sums."""
+def cpu_ticks(pids: list[int]) -> int:
+    """User + system clock ticks used so far by the processes `pids` (all threads)."""
+    total = 0
+    for pid in pids:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        total += int(fields[11]) + int(fields[12])
+    return total
+
+
+def wrk(urls: list[str], duration: float, directory: Path, method="GET", body=None, headers=None,
+        pids: list[int] = ()) -> dict:
+    """Runs one wrk per URL at once (64 connections split over them); sums.
+    `cpu_us` is the CPU time the server processes `pids` spent per answered
+    request, in microseconds: unlike the rate it barely depends on how much
+    of the machine others take."""
     script = None
     if method != "GET" or body:
         script = directory / "req.lua"
@@ -129,6 +142,7 @@ def wrk(urls: list[str], duration: float, directory: Path, method="GET", body=No
         script.write_text(f'wrk.method = "{method}"\nwrk.body = {lua_body}\n'
                           'wrk.headers["Content-Type"] = "application/json"\n')
     procs = []
+    ticks0 = cpu_ticks(pids)
     per = CONNECTIONS // len(urls)
     for i, url in enumerate(urls):
         conns = per + (1 if i < CONNECTIONS % len(urls) else 0)
@@ -153,7 +167,9 @@ def wrk(urls: list[str], duration: float, directory: Path, method="GET", body=No
             errors += sum(int(x) for x in re.findall(r"\d+", m.group(0)))
         p50s.append(_ms(re.search(r"\s50%\s+([\d.]+\w+)", out).group(1)))
         p99s.append(_ms(re.search(r"\s99%\s+([\d.]+\w+)", out).group(1)))
-    return {"rate": rate, "errors": errors, "p50": max(p50s), "p99": max(p99s)}
+    ticks = cpu_ticks(pids) - ticks0
+    cpu_us = ticks / os.sysconf("SC_CLK_TCK") * 1e6 / max(1.0, rate * duration)
+    return {"rate": rate, "errors": errors, "p50": max(p50s), "p99": max(p99s), "cpu_us": cpu_us}
 
 
 def _ms(text: str) -> float:
@@ -330,20 +346,27 @@ def main(argv=None) -> int:
                 "read": ([f"http://{nd.ip}:{nd.http_port}/v1/aliases/{alias['id']}" for nd in nodes],
                          {"Authorization": f"Bearer {alias['token']}"}),
                 "create": [f"http://{nd.ip}:{nd.http_port}/v1/aliases" for nd in nodes],
+                "pids": [nd.pid for nd in nodes],
             }
+        master = int((tmp / "nginx" / "nginx.pid").read_text())
+        nginx_pids = [master] + [int(x) for x in subprocess.run(
+            ["pgrep", "-P", str(master)], capture_output=True, text=True).stdout.split()]
         figures: dict[str, list[dict]] = {}
         for run in range(0 if args.only_held else args.runs):
-            jobs = [("nginx static 200", lambda: wrk([f"http://127.0.0.1:{nginx_port}/"], args.duration, tmp))]
+            jobs = [("nginx static 200", lambda: wrk([f"http://127.0.0.1:{nginx_port}/"], args.duration, tmp,
+                                                     pids=nginx_pids))]
             for name in ("1-node", "3-node"):
                 urls, hdrs = targets[name]["read"]
-                jobs.append((f"{name} GET status", lambda u=urls, h=hdrs: wrk(u, args.duration, tmp, headers=h)))
-                jobs.append((f"{name} POST create", lambda n=name: wrk(
-                    targets[n]["create"], args.duration, tmp, method="POST", body=CREATE)))
+                pids = targets[name]["pids"]
+                jobs.append((f"{name} GET status", lambda u=urls, h=hdrs, p=pids: wrk(
+                    u, args.duration, tmp, headers=h, pids=p)))
+                jobs.append((f"{name} POST create", lambda n=name, p=pids: wrk(
+                    targets[n]["create"], args.duration, tmp, method="POST", body=CREATE, pids=p)))
             for label, job in jobs:
                 r = job()
                 figures.setdefault(label, []).append(r)
                 print(f"run {run + 1}/{args.runs} {label:<18} {r['rate']:9.0f} req/s  p50 {r['p50']:6.2f} ms  "
-                      f"p99 {r['p99']:6.2f} ms  errors {r['errors']}", flush=True)
+                      f"p99 {r['p99']:6.2f} ms  cpu {r['cpu_us']:7.1f} us/req  errors {r['errors']}", flush=True)
 
         # Creates while idle and slowloris connections are held open: one
         # every 0.12 s for 12 s, longer than the header-read timeout (10 s),
@@ -399,6 +422,14 @@ def main(argv=None) -> int:
             ratios = [r["rate"] / n["rate"] for r, n in zip(v, figures["nginx static 200"])]
             print(f"    {k:<18} " + " ".join(f"{x:.2f}" for x in ratios) + f"   (median {statistics.median(ratios):.2f})")
         print()
+        print("Server CPU time per request (all server processes, user + system), median of runs:")
+        cpu_nginx = statistics.median(r["cpu_us"] for r in figures["nginx static 200"])
+        for k, v in figures.items():
+            c = statistics.median(r["cpu_us"] for r in v)
+            print(f"    {k:<18} {c:8.1f} us   {c / cpu_nginx:6.2f} x nginx's cost  "
+                  f"(rate at equal CPU: {cpu_nginx / c:.2f} x nginx)")
+        print()
+
     def line(label, xs):
         p99 = sorted(xs)[max(0, int(len(xs) * 0.99) - 1)]
         print(f"    {label:<38} {len(xs):3d} creates: median {statistics.median(xs):6.2f} ms  p99 {p99:6.2f} ms  "
