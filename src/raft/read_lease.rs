@@ -16,10 +16,10 @@
 //! in this membership: a candidate needs a quorum, and every quorum shares a
 //! voter with the one that confirmed us. The one voter that does not keep the
 //! promise is this leader itself (openraft lets a leader grant a vote to a
-//! higher term), and it cannot do so unseen: granting changes its vote. So a
-//! lease read checks, inside the Raft core (not through metrics, which may
-//! lag), that the vote and the effective membership are still the ones the
-//! quorum confirmed. A voter that restarts forgets when it last heard its
+//! higher term). Every vote request reaches openraft through this node's
+//! `Vote` RPC handler, which ends the lease first ([`ReadLease::suspend`]),
+//! and a round that overlapped a vote request grants nothing; membership
+//! changes do the same. A voter that restarts forgets when it last heard its
 //! leader and would vote at once; `cluster::service` therefore refuses votes
 //! for [`ReadLease::vote_quarantine`] after the process starts.
 //!
