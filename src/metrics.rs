@@ -167,6 +167,15 @@ pub struct Metrics {
     pub smtp_tls_handshakes: Family<TlsLabels, Counter>,
     /// Target confirmation: mails sent or failed, confirmations accepted.
     pub confirmations: Family<ConfirmLabels, Counter>,
+    /// Read barriers the leader confirmed with a quorum round.
+    pub raft_read_quorum_rounds: Counter,
+    /// Read barriers the leader served from its read lease.
+    pub raft_lease_reads: Counter,
+    /// Read barriers run for HTTP status reads (each serves every read
+    /// that queued for it).
+    pub http_read_barriers: Counter,
+    /// Readiness checks run for `/readyz` (the others used the cached verdict).
+    pub readiness_checks: Counter,
 }
 
 /// Outcome of one outbound attempt at one upstream.
@@ -253,6 +262,10 @@ impl Metrics {
             relay_breaker_opened: Family::default(),
             smtp_tls_handshakes: Family::default(),
             confirmations: Family::default(),
+            raft_read_quorum_rounds: Counter::default(),
+            raft_lease_reads: Counter::default(),
+            http_read_barriers: Counter::default(),
+            readiness_checks: Counter::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -429,6 +442,26 @@ impl Metrics {
             "relay_breaker_opened",
             "Times a smarthost's circuit breaker opened",
             m.relay_breaker_opened.clone(),
+        );
+        registry.register(
+            "raft_read_quorum_rounds",
+            "Read barriers this node confirmed as leader with a quorum round (each renews the read lease)",
+            m.raft_read_quorum_rounds.clone(),
+        );
+        registry.register(
+            "raft_lease_reads",
+            "Read barriers this node served as leader from its read lease, without a quorum round",
+            m.raft_lease_reads.clone(),
+        );
+        registry.register(
+            "http_read_barriers",
+            "Read barriers run for HTTP status reads; concurrent reads share one",
+            m.http_read_barriers.clone(),
+        );
+        registry.register(
+            "readiness_checks",
+            "Readiness checks run for /readyz; probes within the cache age reuse the last verdict",
+            m.readiness_checks.clone(),
         );
         m.build_info
             .get_or_create(&BuildLabels {

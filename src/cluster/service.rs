@@ -71,7 +71,20 @@ impl Cluster for ClusterService {
     }
 
     async fn vote(&self, req: Request<Payload>) -> Result<Response<Payload>, Status> {
+        if self.node.read_lease().refuses_votes() {
+            // Before this process started, this node may have accepted a
+            // leader's heartbeat that the leader counts on for its read
+            // lease (raft/read_lease.rs); openraft forgot that on restart,
+            // so this node waits out such a lease before it votes.
+            return Err(Status::unavailable(
+                "this node has just started and does not vote yet",
+            ));
+        }
         let rpc = decode(req)?;
+        // Granting a vote may end this node's leadership: its read lease
+        // ends before openraft sees the request, and no lease round that
+        // overlaps it grants one (raft/read_lease.rs).
+        let _no_lease = self.node.read_lease().suspend();
         encode(&self.node.raft().vote(rpc).await)
     }
 
@@ -92,11 +105,10 @@ impl Cluster for ClusterService {
                 error: Some("stepping down".into()),
             });
         }
-        let answer = match self.node.raft().ensure_linearizable().await {
-            Ok(log_id) => ReadIndexResponse {
-                index: log_id.map(|l| l.index),
-                error: None,
-            },
+        // The asking follower gives up after one forward attempt.
+        let limit = crate::raft::node::FORWARD_ATTEMPT;
+        let answer = match self.node.leader_read_index(limit).await {
+            Ok(index) => ReadIndexResponse { index, error: None },
             Err(e) => ReadIndexResponse {
                 index: None,
                 error: Some(e.to_string()),

@@ -347,7 +347,7 @@ async fn authorize(
     }
     state
         .barriers
-        .wait(&state.node)
+        .wait(&state.node, &state.metrics)
         .await
         .map_err(ApiError::Unavailable)?;
     let rec = state.node.reader().alias(id).map_err(|e| {
@@ -368,10 +368,9 @@ pub(super) async fn show(
     let rec = authorize(&state, &headers, &id).await?;
     let view = AliasView::new(&rec, state.node.now_ms(), None);
     let body = serde_json::to_vec(&view).map_err(|_| ApiError::Internal)?;
-    let etag = format!(
-        "\"{}\"",
-        &alias::token_hash(&String::from_utf8_lossy(&body))[..16]
-    );
+    // The first 8 bytes of the body's SHA-256, in hex (16 characters).
+    let digest = <sha2::Sha256 as sha2::Digest>::digest(&body);
+    let etag = format!("\"{}\"", hex::encode(&digest[..8]));
     let not_modified = headers
         .get(header::IF_NONE_MATCH)
         .and_then(|v| v.to_str().ok())

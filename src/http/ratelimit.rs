@@ -184,27 +184,35 @@ impl Limiter {
 /// (`"create";q=10;w=300`, `"create";r=9;t=30`), and the widely deployed
 /// `RateLimit-Limit`, `RateLimit-Remaining` and `RateLimit-Reset`.
 pub fn add_headers(headers: &mut HeaderMap, policy: &Policy, d: &Decision) {
-    let mut put = |name: &'static str, value: String| {
-        if let Ok(v) = HeaderValue::from_str(&value) {
+    // Every status read carries these five headers: numbers go in without a
+    // `String` each, and the map grows once.
+    headers.reserve(5);
+    let mut put = |name: &'static str, value: Option<HeaderValue>| {
+        if let Some(v) = value {
             headers.insert(HeaderName::from_static(name), v);
         }
     };
     put(
         "ratelimit-policy",
-        format!(
+        HeaderValue::from_str(&format!(
             "\"{}\";q={};w={}",
             policy.name,
             policy.quota,
             policy.window.as_secs()
-        ),
+        ))
+        .ok(),
     );
     put(
         "ratelimit",
-        format!("\"{}\";r={};t={}", policy.name, d.remaining, d.reset_secs),
+        HeaderValue::from_str(&format!(
+            "\"{}\";r={};t={}",
+            policy.name, d.remaining, d.reset_secs
+        ))
+        .ok(),
     );
-    put("ratelimit-limit", policy.quota.to_string());
-    put("ratelimit-remaining", d.remaining.to_string());
-    put("ratelimit-reset", d.reset_secs.to_string());
+    put("ratelimit-limit", Some(HeaderValue::from(policy.quota)));
+    put("ratelimit-remaining", Some(HeaderValue::from(d.remaining)));
+    put("ratelimit-reset", Some(HeaderValue::from(d.reset_secs)));
 }
 
 /// The three policies of a node.
@@ -253,17 +261,14 @@ pub(super) async fn limit(State(state): State<AppState>, req: Request, next: Nex
     let Some(limits) = state.ratelimits.clone() else {
         return next.run(req).await;
     };
-    let route = req
-        .extensions()
-        .get::<MatchedPath>()
-        .map(|p| p.as_str().to_string());
-    let is_create = matches!(route.as_deref(), Some("/aliases" | "/v1/aliases"))
-        && req.method() == Method::POST;
+    let route = req.extensions().get::<MatchedPath>().map(|p| p.as_str());
+    let is_create =
+        matches!(route, Some("/aliases" | "/v1/aliases")) && req.method() == Method::POST;
     // Confirmation links are lookups by a secret too: a wrong token is a
     // failed lookup like a wrong alias token.
-    let is_status = (route.as_deref() == Some("/v1/aliases/{id}")
+    let is_status = (route == Some("/v1/aliases/{id}")
         && matches!(*req.method(), Method::GET | Method::HEAD | Method::DELETE))
-        || (route.as_deref() == Some("/v1/confirm/{token}")
+        || (route == Some("/v1/confirm/{token}")
             && matches!(*req.method(), Method::GET | Method::HEAD | Method::POST));
     if !is_create && !is_status {
         return next.run(req).await;

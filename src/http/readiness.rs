@@ -19,6 +19,7 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 
 use super::AppState;
+use crate::metrics::Metrics;
 use crate::raft::Node;
 
 /// Ready when the store reads, a quorum-confirmed leader is known and the
@@ -26,7 +27,10 @@ use crate::raft::Node;
 /// verdict; maintenance is read every time.
 pub(super) async fn readyz(State(state): State<AppState>) -> Response {
     let limit = Duration::from_millis(state.config.cluster.election_timeout_ms);
-    let v = state.readiness.get(&state.node, limit).await;
+    let v = state
+        .readiness
+        .get(&state.node, &state.metrics, limit)
+        .await;
     let maintenance = state.maintenance.draining();
     let ready = v.store && v.leader && !maintenance;
     let body = serde_json::json!({
@@ -87,7 +91,7 @@ impl Readiness {
     /// The current verdict: cached if younger than [`MAX_AGE`], else checked
     /// now (by this request or by the one already checking). `limit` bounds
     /// the read barrier.
-    pub async fn get(&self, node: &Node, limit: Duration) -> Verdict {
+    pub async fn get(&self, node: &Node, metrics: &Metrics, limit: Duration) -> Verdict {
         if let Some(v) = self.fresh() {
             return v;
         }
@@ -105,6 +109,7 @@ impl Readiness {
             }
         }
         let _flag = Refreshing(&self.refreshing);
+        metrics.readiness_checks.inc();
         let store = node.reader().alias("readyz-probe").is_ok();
         let leader = node.is_ready(limit).await;
         let v = Verdict {

@@ -21,6 +21,7 @@ pub mod idempotency;
 pub mod liveness;
 pub mod network;
 pub mod node;
+pub mod read_lease;
 pub mod state;
 pub mod store;
 pub mod targets;

@@ -16,6 +16,7 @@ use tokio_util::sync::CancellationToken;
 use super::batch::Proposer;
 use super::liveness::{Liveness, Timing};
 use super::network::Network;
+use super::read_lease::ReadLease;
 use super::store::{self, DbError, StateReader};
 use super::types::{Command, NodeId, Response, TypeConfig};
 use crate::clock::Clock;
@@ -48,6 +49,17 @@ pub enum WriteError {
     Timeout(Duration),
     #[error("raft stopped: {0}")]
     Fatal(String),
+}
+
+/// Why the leader could not give a read index.
+#[derive(Debug, thiserror::Error)]
+pub enum LeaderReadError {
+    #[error("not the leader")]
+    NotLeader,
+    #[error("no quorum confirmed the leader in time")]
+    Timeout,
+    #[error("raft: {0}")]
+    Raft(String),
 }
 
 /// Commands whose second application changes nothing, so a write whose
@@ -87,7 +99,7 @@ fn is_idempotent(cmd: &Command) -> bool {
 /// Upper bound on one forward to the leader: a leader that holds a write
 /// longer is more likely gone than slow, and the write (idempotent) is tried
 /// again, possibly on a new leader, within the caller's deadline.
-const FORWARD_ATTEMPT: Duration = Duration::from_secs(1);
+pub(crate) const FORWARD_ATTEMPT: Duration = Duration::from_secs(1);
 
 /// One node's Raft instance, its local replica, clock and peers.
 #[derive(Clone)]
@@ -109,6 +121,9 @@ pub struct Node {
     proposing: Arc<std::sync::atomic::AtomicUsize>,
     /// Where writes are proposed as leader: concurrent ones share an entry.
     proposer: Proposer,
+    /// Lets the leader serve read barriers without a quorum round for a
+    /// while after one (see `read_lease.rs`).
+    read_lease: Arc<ReadLease>,
 }
 
 /// Counts one proposal in [`Node::proposing`] for as long as it lives (also
@@ -199,6 +214,7 @@ impl Node {
             liveness,
             stepping_down: Arc::new(std::sync::atomic::AtomicBool::new(false)),
             proposing: Arc::new(std::sync::atomic::AtomicUsize::new(0)),
+            read_lease: Arc::new(ReadLease::new(Duration::from_millis(election))),
         })
     }
 
@@ -476,6 +492,9 @@ impl Node {
     /// # Errors
     /// See [`Node::read_barrier`].
     pub async fn read_barrier_within(&self, limit: Duration) -> Result<(), WriteError> {
+        if self.lease_read() {
+            return Ok(());
+        }
         let deadline = Instant::now() + limit;
         let mut backoff = Duration::from_millis(10);
         loop {
@@ -493,13 +512,14 @@ impl Node {
             }
             let leader = m.current_leader;
             let index = match leader {
-                Some(l) if l == self.id => {
-                    match tokio::time::timeout(remaining, self.raft.ensure_linearizable()).await {
-                        Ok(Ok(_)) => return Ok(()),
-                        Ok(Err(_)) => None,
-                        Err(_) => return Err(WriteError::Timeout(limit)),
-                    }
-                }
+                // Every write this leader acknowledged was applied here
+                // before the acknowledgement, and earlier terms' entries
+                // before its lease or round: nothing to wait for.
+                Some(l) if l == self.id => match self.leader_read_index(remaining).await {
+                    Ok(_) => return Ok(()),
+                    Err(LeaderReadError::Timeout) => return Err(WriteError::Timeout(limit)),
+                    Err(_) => None,
+                },
                 Some(l) => match self.addr_of(l) {
                     Some(addr) => match self
                         .peers
@@ -537,6 +557,84 @@ impl Node {
                 }
             }
         }
+    }
+
+    /// On the leader: an index that every write acknowledged to a client
+    /// before this call is at or below, once applied here (`None` before the
+    /// first entry). From the read lease when it runs (no network), else from
+    /// a quorum round, which renews the lease. Serves this node's own read
+    /// barriers and the `ReadIndex` RPCs of the others.
+    ///
+    /// # Errors
+    /// [`LeaderReadError`] when this node is not the leader (or steps down),
+    /// or no quorum confirmed it within `limit`.
+    pub async fn leader_read_index(&self, limit: Duration) -> Result<Option<u64>, LeaderReadError> {
+        if self.is_stepping_down() {
+            return Err(LeaderReadError::NotLeader);
+        }
+        if let Some(held) = self.read_lease.valid_at(Instant::now()) {
+            // Checked in the core, not in metrics that may lag: a vote this
+            // node granted to a higher term must end the lease at once.
+            let checked = self
+                .raft
+                .with_raft_state(move |st| {
+                    let same = st.server_state == ServerState::Leader
+                        && st.vote_ref() == &held.vote
+                        && st.membership_state.effective().log_id() == &held.membership;
+                    same.then(|| st.committed.map(|c| c.index))
+                })
+                .await;
+            match checked {
+                Ok(Some(index)) => {
+                    self.metrics.raft_lease_reads.inc();
+                    return Ok(index);
+                }
+                Ok(None) => self.read_lease.drop_lease(),
+                Err(e) => return Err(LeaderReadError::Raft(e.to_string())),
+            }
+        }
+        let token = self.read_lease.round_starts();
+        let before = self.metrics_now();
+        let t0 = Instant::now();
+        self.metrics.raft_read_quorum_rounds.inc();
+        let log_id = match tokio::time::timeout(limit, self.raft.ensure_linearizable()).await {
+            Ok(Ok(log_id)) => log_id,
+            Ok(Err(e)) => return Err(LeaderReadError::Raft(e.to_string())),
+            Err(_) => return Err(LeaderReadError::Timeout),
+        };
+        let after = self.metrics_now();
+        // The lease is granted only when the round surely ran as this leader
+        // in one vote and one membership from start to end.
+        let steady = before.state == ServerState::Leader
+            && before.current_leader == Some(self.id)
+            && before.vote.is_committed()
+            && after.vote == before.vote
+            && after.membership_config.log_id() == before.membership_config.log_id();
+        if steady && !self.is_stepping_down() {
+            self.read_lease
+                .confirmed(token, before.vote, *before.membership_config.log_id(), t0);
+        }
+        Ok(log_id.map(|l| l.index))
+    }
+
+    /// True when this node leads and its read lease runs: a read of the
+    /// local replica now is linearizable without any barrier (no task
+    /// switch, no network). Checked on every status read, SMTP confirmation
+    /// and readiness check before anything else.
+    pub fn lease_read(&self) -> bool {
+        if self.is_stepping_down() || self.raft.metrics().borrow().state != ServerState::Leader {
+            return false;
+        }
+        let ok = self.read_lease.valid_at(Instant::now()).is_some();
+        if ok {
+            self.metrics.raft_lease_reads.inc();
+        }
+        ok
+    }
+
+    /// The read lease (the cluster service refuses votes while it says so).
+    pub fn read_lease(&self) -> &ReadLease {
+        &self.read_lease
     }
 
     /// This node's view of itself and the cluster.
@@ -603,6 +701,9 @@ impl Node {
                 },
             };
         }
+        // A new membership may need a quorum the last lease round did not
+        // ask: no lease reads until the change is done and a round confirms.
+        let _no_lease = self.read_lease.suspend();
         let result = match &change {
             MembershipChange::AddLearner { id, addr } => {
                 // Blocking: returns once the learner has caught up (by log or snapshot).

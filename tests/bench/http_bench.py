@@ -19,11 +19,14 @@ and drives each with wrk (Debian package `wrk`), 64 connections, 2 threads:
   * `POST /v1/aliases` (a Raft write; spread over the nodes the same way);
   * nginx's static `200` with the same wrk settings.
 
-Runs of the targets are interleaved; each figure is the median run. It also
-times a create on a fresh connection while 2,000 idle connections and 500
-slowloris clients (an incomplete request head, one more header line each) are
-held open against the single node, against the same create with nothing
-held. Prints tables; asserts nothing about time.
+Runs of the targets are interleaved; each figure is the median run. It then
+times creates on fresh connections to the single node (one every 0.12 s for
+`--held-seconds`), first with nothing else connected, then while 2,000 idle
+connections and 500 slowloris clients (an incomplete request head, one more
+header line every second) are held open by a process of its own, which
+reopens any the node closes. Prints tables; asserts nothing about time.
+
+    python3 tests/bench/http_bench.py --only-held    # just that part
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from __future__ import annotations
 import argparse
 import http.client
 import json
+import multiprocessing
 import os
 import platform
 import re
@@ -116,8 +120,21 @@ def _quiet(f):
 # --------------------------------------------------------------------------- wrk
 
 
-def wrk(urls: list[str], duration: float, directory: Path, method="GET", body=None, headers=None) -> dict:
-    """Runs one wrk per URL at once (64 connections split over them); sums."""
+def cpu_ticks(pids: list[int]) -> int:
+    """User + system clock ticks used so far by the processes `pids` (all threads)."""
+    total = 0
+    for pid in pids:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        total += int(fields[11]) + int(fields[12])
+    return total
+
+
+def wrk(urls: list[str], duration: float, directory: Path, method="GET", body=None, headers=None,
+        pids: list[int] = ()) -> dict:
+    """Runs one wrk per URL at once (64 connections split over them); sums.
+    `cpu_us` is the CPU time the server processes `pids` spent per answered
+    request, in microseconds: unlike the rate it barely depends on how much
+    of the machine others take."""
     script = None
     if method != "GET" or body:
         script = directory / "req.lua"
@@ -125,6 +142,7 @@ def wrk(urls: list[str], duration: float, directory: Path, method="GET", body=No
         script.write_text(f'wrk.method = "{method}"\nwrk.body = {lua_body}\n'
                           'wrk.headers["Content-Type"] = "application/json"\n')
     procs = []
+    ticks0 = cpu_ticks(pids)
     per = CONNECTIONS // len(urls)
     for i, url in enumerate(urls):
         conns = per + (1 if i < CONNECTIONS % len(urls) else 0)
@@ -149,7 +167,9 @@ def wrk(urls: list[str], duration: float, directory: Path, method="GET", body=No
             errors += sum(int(x) for x in re.findall(r"\d+", m.group(0)))
         p50s.append(_ms(re.search(r"\s50%\s+([\d.]+\w+)", out).group(1)))
         p99s.append(_ms(re.search(r"\s99%\s+([\d.]+\w+)", out).group(1)))
-    return {"rate": rate, "errors": errors, "p50": max(p50s), "p99": max(p99s)}
+    ticks = cpu_ticks(pids) - ticks0
+    cpu_us = ticks / os.sysconf("SC_CLK_TCK") * 1e6 / max(1.0, rate * duration)
+    return {"rate": rate, "errors": errors, "p50": max(p50s), "p99": max(p99s), "cpu_us": cpu_us}
 
 
 def _ms(text: str) -> float:
@@ -180,18 +200,99 @@ def timed_create(ip: str, port: int) -> float:
     return (time.perf_counter() - t0) * 1000
 
 
-def held_connections(port: int, idle: int, slow: int) -> list[socket.socket]:
-    out = []
-    for _ in range(idle):
-        out.append(socket.create_connection(("127.0.0.1", port), timeout=10))
-    slowloris = []
-    for _ in range(slow):
-        s = socket.create_connection(("127.0.0.1", port), timeout=10)
-        s.sendall(b"POST /v1/aliases HTTP/1.1\r\nHost: t\r\n")
-        slowloris.append(s)
-    for s in slowloris:
-        s.sendall(b"X-Trickle: 1\r\n")
-    return out + slowloris
+class Holder:
+    """Holds `idle` connections that never send a byte and `slow` slowloris
+    clients (an incomplete request head, one more header line every second)
+    against `port`, from a process of its own (so that its work does not
+    slow the measuring client down). The node closes both kinds after a
+    while (`http.header_read_timeout_secs` once a byte came,
+    `http.keepalive_idle_secs` otherwise); a closed one is opened again
+    within a second, as a real attacker would, so the count stays up for as
+    long as the holder runs."""
+
+    HEAD = b"POST /v1/aliases HTTP/1.1\r\nHost: t\r\n"
+
+    def __init__(self, port: int, idle: int, slow: int):
+        ctx = multiprocessing.get_context("fork")
+        self._reopened = ctx.Value("i", 0)
+        self._ready = ctx.Event()
+        self._stop = ctx.Event()
+        self._proc = ctx.Process(target=self._run, args=(port, idle, slow), daemon=True)
+        self._proc.start()
+        if not self._ready.wait(120):
+            self.close()
+            raise RuntimeError("the connection holder did not get its connections open")
+
+    @property
+    def reopened(self) -> int:
+        return self._reopened.value
+
+    def _run(self, port: int, idle: int, slow: int):
+        def open_one(slowloris: bool) -> socket.socket:
+            s = socket.create_connection(("127.0.0.1", port), timeout=10)
+            s.setblocking(False)
+            if slowloris:
+                s.send(self.HEAD)
+            return s
+
+        def closed(s: socket.socket) -> bool:
+            try:
+                return s.recv(4096, socket.MSG_PEEK) == b""
+            except BlockingIOError:
+                return False
+            except OSError:
+                return True
+
+        groups = ([open_one(False) for _ in range(idle)], [open_one(True) for _ in range(slow)])
+        self._ready.set()
+        while not self._stop.wait(1.0):
+            for group, slowloris in zip(groups, (False, True)):
+                for i, s in enumerate(group):
+                    try:
+                        if closed(s):
+                            raise ConnectionError
+                        if slowloris:
+                            s.send(b"X-Trickle: 1\r\n")
+                    except OSError:
+                        s.close()
+                        try:
+                            group[i] = open_one(slowloris)
+                            with self._reopened.get_lock():
+                                self._reopened.value += 1
+                        except OSError:
+                            pass
+        for group in groups:
+            for s in group:
+                s.close()
+
+    def close(self):
+        self._stop.set()
+        self._proc.join(timeout=30)
+        if self._proc.is_alive():
+            self._proc.kill()
+            self._proc.join(timeout=10)
+
+
+def paced_creates(node, seconds: float, every: float = 0.12) -> list[float]:
+    """Creates on fresh connections, one every `every` seconds; their times (ms)."""
+    times = []
+    until = time.monotonic() + seconds
+    while time.monotonic() < until:
+        t = time.monotonic()
+        times.append(timed_create(node.ip, node.http_port))
+        time.sleep(max(0.0, every - (time.monotonic() - t)))
+    return times
+
+
+def connections_active(ip: str, port: int) -> float:
+    conn = http.client.HTTPConnection(ip, port, timeout=10)
+    try:
+        conn.request("GET", "/metrics")
+        text = conn.getresponse().read().decode()
+    finally:
+        conn.close()
+    m = re.search(r"^tempalias_http_connections_active (\S+)$", text, re.M)
+    return float(m.group(1)) if m else float("nan")
 
 
 def main(argv=None) -> int:
@@ -200,6 +301,11 @@ def main(argv=None) -> int:
     p.add_argument("--runs", type=int, default=3, help="runs per figure (default: %(default)s)")
     p.add_argument("--duration", type=float, default=5.0, help="seconds per run (default: %(default)s)")
     p.add_argument("--keep", action="store_true", help="keep the working directory")
+    p.add_argument("--idle", type=int, default=2000, help="idle connections held (default: %(default)s)")
+    p.add_argument("--slowloris", type=int, default=500, help="slowloris clients held (default: %(default)s)")
+    p.add_argument("--held-seconds", type=float, default=12.0,
+                   help="seconds of creates while they are held (default: %(default)s)")
+    p.add_argument("--only-held", action="store_true", help="skip the wrk rounds (only the held-connection part)")
     args = p.parse_args(argv)
     if not shutil.which("wrk"):
         print("wrk is missing: apt-get install wrk", file=sys.stderr)
@@ -240,30 +346,42 @@ def main(argv=None) -> int:
                 "read": ([f"http://{nd.ip}:{nd.http_port}/v1/aliases/{alias['id']}" for nd in nodes],
                          {"Authorization": f"Bearer {alias['token']}"}),
                 "create": [f"http://{nd.ip}:{nd.http_port}/v1/aliases" for nd in nodes],
+                "pids": [nd.pid for nd in nodes],
             }
+        master = int((tmp / "nginx" / "nginx.pid").read_text())
+        nginx_pids = [master] + [int(x) for x in subprocess.run(
+            ["pgrep", "-P", str(master)], capture_output=True, text=True).stdout.split()]
         figures: dict[str, list[dict]] = {}
-        for run in range(args.runs):
-            jobs = [("nginx static 200", lambda: wrk([f"http://127.0.0.1:{nginx_port}/"], args.duration, tmp))]
+        for run in range(0 if args.only_held else args.runs):
+            jobs = [("nginx static 200", lambda: wrk([f"http://127.0.0.1:{nginx_port}/"], args.duration, tmp,
+                                                     pids=nginx_pids))]
             for name in ("1-node", "3-node"):
                 urls, hdrs = targets[name]["read"]
-                jobs.append((f"{name} GET status", lambda u=urls, h=hdrs: wrk(u, args.duration, tmp, headers=h)))
-                jobs.append((f"{name} POST create", lambda n=name: wrk(
-                    targets[n]["create"], args.duration, tmp, method="POST", body=CREATE)))
+                pids = targets[name]["pids"]
+                jobs.append((f"{name} GET status", lambda u=urls, h=hdrs, p=pids: wrk(
+                    u, args.duration, tmp, headers=h, pids=p)))
+                jobs.append((f"{name} POST create", lambda n=name, p=pids: wrk(
+                    targets[n]["create"], args.duration, tmp, method="POST", body=CREATE, pids=p)))
             for label, job in jobs:
                 r = job()
                 figures.setdefault(label, []).append(r)
                 print(f"run {run + 1}/{args.runs} {label:<18} {r['rate']:9.0f} req/s  p50 {r['p50']:6.2f} ms  "
-                      f"p99 {r['p99']:6.2f} ms  errors {r['errors']}", flush=True)
+                      f"p99 {r['p99']:6.2f} ms  cpu {r['cpu_us']:7.1f} us/req  errors {r['errors']}", flush=True)
 
-        # A create while idle and slowloris connections are held open.
+        # Creates while idle and slowloris connections are held open: one
+        # every 0.12 s for 12 s, longer than the header-read timeout (10 s),
+        # so the node also closes and the holder reopens them meanwhile.
+        # The same paced creates with nothing held are the peer.
         node = next(iter(one))
-        quiet = [timed_create(node.ip, node.http_port) for _ in range(20)]
-        held = held_connections(node.http_port, 2000, 500)
+        quiet = paced_creates(node, args.held_seconds)
+        holder = Holder(node.http_port, args.idle, args.slowloris)
         try:
-            loaded = [timed_create(node.ip, node.http_port) for _ in range(20)]
+            held_active = connections_active(node.ip, node.http_port)
+            loaded = paced_creates(node, args.held_seconds)
+            held_active_end = connections_active(node.ip, node.http_port)
+            reopened = holder.reopened
         finally:
-            for s in held:
-                s.close()
+            holder.close()
         one.stop()
         three.stop()
     finally:
@@ -276,37 +394,53 @@ def main(argv=None) -> int:
         if not args.keep:
             shutil.rmtree(tmp, ignore_errors=True)
 
-    med = {k: {f: statistics.median(r[f] for r in v) for f in ("rate", "p50", "p99")} for k, v in figures.items()}
-    errs = {k: sum(r["errors"] for r in v) for k, v in figures.items()}
-    ceiling = med["nginx static 200"]["rate"]
-    print()
-    print(f"tempalias HTTP benchmark: {binary}")
-    print(f"machine: {machine()}")
-    print(f"wrk, {CONNECTIONS} connections, {THREADS} threads per wrk; {args.runs} runs x {args.duration:g} s "
-          f"(medians); total {time.monotonic() - started:.0f} s")
-    print()
-    print(f"| {'target':<18} | {'req/s':>9} | {'x nginx':>7} | {'p50':>8} | {'p99':>8} | {'errors':>6} |")
-    print(f"|{'-' * 20}|{'-' * 11}|{'-' * 9}|{'-' * 10}|{'-' * 10}|{'-' * 8}|")
-    for k, v in med.items():
-        print(f"| {k:<18} | {v['rate']:9.0f} | {v['rate'] / ceiling:7.2f} | {v['p50']:5.2f} ms | {v['p99']:5.2f} ms | {errs[k]:6d} |")
-    print()
-    print("Per run (req/s):")
-    for k, v in figures.items():
-        print(f"    {k:<18} " + " ".join(f"{r['rate']:.0f}" for r in v))
-    # The machine may be shared: a ratio to the nginx run of the same round is
-    # steadier than a ratio of medians.
-    print()
-    print("Per run, x nginx of the same round (median):")
-    for k, v in figures.items():
-        if k == "nginx static 200":
-            continue
-        ratios = [r["rate"] / n["rate"] for r, n in zip(v, figures["nginx static 200"])]
-        print(f"    {k:<18} " + " ".join(f"{x:.2f}" for x in ratios) + f"   (median {statistics.median(ratios):.2f})")
-    print()
-    print("create on a fresh connection, 20 each (1-node):")
-    print(f"    nothing held:                         median {statistics.median(quiet):6.2f} ms  max {max(quiet):6.2f} ms")
-    print(f"    2,000 idle + 500 slowloris held open: median {statistics.median(loaded):6.2f} ms  max {max(loaded):6.2f} ms"
-          f"  (ratio {statistics.median(loaded) / statistics.median(quiet):.2f})")
+    if figures:
+        med = {k: {f: statistics.median(r[f] for r in v) for f in ("rate", "p50", "p99")} for k, v in figures.items()}
+        errs = {k: sum(r["errors"] for r in v) for k, v in figures.items()}
+        ceiling = med["nginx static 200"]["rate"]
+        print()
+        print(f"tempalias HTTP benchmark: {binary}")
+        print(f"machine: {machine()}")
+        print(f"wrk, {CONNECTIONS} connections, {THREADS} threads per wrk; {args.runs} runs x {args.duration:g} s "
+              f"(medians); total {time.monotonic() - started:.0f} s")
+        print()
+        print(f"| {'target':<18} | {'req/s':>9} | {'x nginx':>7} | {'p50':>8} | {'p99':>8} | {'errors':>6} |")
+        print(f"|{'-' * 20}|{'-' * 11}|{'-' * 9}|{'-' * 10}|{'-' * 10}|{'-' * 8}|")
+        for k, v in med.items():
+            print(f"| {k:<18} | {v['rate']:9.0f} | {v['rate'] / ceiling:7.2f} | {v['p50']:5.2f} ms | {v['p99']:5.2f} ms | {errs[k]:6d} |")
+        print()
+        print("Per run (req/s):")
+        for k, v in figures.items():
+            print(f"    {k:<18} " + " ".join(f"{r['rate']:.0f}" for r in v))
+        # The machine may be shared: a ratio to the nginx run of the same round is
+        # steadier than a ratio of medians.
+        print()
+        print("Per run, x nginx of the same round (median):")
+        for k, v in figures.items():
+            if k == "nginx static 200":
+                continue
+            ratios = [r["rate"] / n["rate"] for r, n in zip(v, figures["nginx static 200"])]
+            print(f"    {k:<18} " + " ".join(f"{x:.2f}" for x in ratios) + f"   (median {statistics.median(ratios):.2f})")
+        print()
+        print("Server CPU time per request (all server processes, user + system), median of runs:")
+        cpu_nginx = statistics.median(r["cpu_us"] for r in figures["nginx static 200"])
+        for k, v in figures.items():
+            c = statistics.median(r["cpu_us"] for r in v)
+            print(f"    {k:<18} {c:8.1f} us   {c / cpu_nginx:6.2f} x nginx's cost  "
+                  f"(rate at equal CPU: {cpu_nginx / c:.2f} x nginx)")
+        print()
+
+    def line(label, xs):
+        p99 = sorted(xs)[max(0, int(len(xs) * 0.99) - 1)]
+        print(f"    {label:<38} {len(xs):3d} creates: median {statistics.median(xs):6.2f} ms  p99 {p99:6.2f} ms  "
+              f"max {max(xs):7.2f} ms  over 1 s: {sum(1 for x in xs if x > 1000)}")
+
+    print(f"create on a fresh connection, one every 0.12 s for {args.held_seconds:g} s (1-node):")
+    line("nothing held", quiet)
+    line(f"{args.idle:,} idle + {args.slowloris} slowloris held", loaded)
+    print(f"    ratio of medians {statistics.median(loaded) / statistics.median(quiet):.2f}")
+    print(f"    connections the node held: {held_active:.0f} at the start, {held_active_end:.0f} at the end; "
+          f"{reopened} reopened by the holder after the node closed them")
     return 0
 
 

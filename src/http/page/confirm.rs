@@ -98,7 +98,11 @@ pub(super) async fn show(
 /// the leader (the link is mailed right after the create commits, and this
 /// node may not have applied it yet). `Err` when it cannot catch up.
 async fn link_state(state: &AppState, token_hash: &str) -> Result<LinkState, ()> {
-    state.barriers.wait(&state.node).await.map_err(|_| ())?;
+    state
+        .barriers
+        .wait(&state.node, &state.metrics)
+        .await
+        .map_err(|_| ())?;
     state
         .node
         .reader()
