@@ -8,6 +8,7 @@
 //!   with the alias it creates), also pure.
 //! - [`store`]: the redb database holding the Raft log, vote, state machine and
 //!   snapshots of one node.
+//! - [`snapshot`]: the streamed snapshot file format.
 //! - [`network`]: how this node reaches its peers.
 //! - [`node`]: the handle the SMTP and HTTP front ends write and read through.
 //! - [`liveness`] and [`watchdog`]: failure detection around openraft (fast
@@ -17,6 +18,7 @@ pub mod idempotency;
 pub mod liveness;
 pub mod network;
 pub mod node;
+pub mod snapshot;
 pub mod state;
 pub mod store;
 pub mod types;
