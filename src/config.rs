@@ -377,7 +377,7 @@ impl Default for ClusterConfig {
         Self {
             listen: "127.0.0.1:7001".to_string(),
             initial_members: BTreeMap::from([("1".to_string(), "127.0.0.1:7001".to_string())]),
-            snapshot_after_entries: 5000,
+            snapshot_after_entries: 100_000,
             store_cache_mb: 64,
             write_timeout_ms: 5000,
             secret: None,

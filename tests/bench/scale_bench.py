@@ -299,7 +299,7 @@ def main(argv=None) -> int:
     p.add_argument("--runs", type=int, default=3, help="runs per rate figure (default: %(default)s)")
     p.add_argument("--duration", type=int, default=8, help="seconds per creation-rate run (default: %(default)s)")
     p.add_argument("--mails", type=int, default=300, help="messages per forwarding run (default: %(default)s)")
-    p.add_argument("--snapshot-after", type=int, default=5000, help="cluster.snapshot_after_entries (default: %(default)s)")
+    p.add_argument("--snapshot-after", type=int, default=100_000, help="cluster.snapshot_after_entries (default: %(default)s)")
     p.add_argument("--cache-mb", type=int, default=64, help="cluster.store_cache_mb; 0 leaves it out, for builds without the key (default: %(default)s)")
     p.add_argument("--cluster", action="store_true", help="also fill a three-node cluster and time a wiped follower's catch-up")
     p.add_argument("--add-node", action="store_true", help="with --cluster: also add a fourth node as a learner and time its catch-up")
