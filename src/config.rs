@@ -594,6 +594,10 @@ pub struct ClusterConfig {
     pub initial_members: BTreeMap<String, String>,
     /// Build a snapshot (and compact the log) after this many applied entries.
     pub snapshot_after_entries: u64,
+    /// redb's page cache in MiB. redb defaults to 1 GiB, which a node with
+    /// many aliases fills; beyond the cache, pages come from the OS page cache,
+    /// which the process's memory does not count.
+    pub store_cache_mb: u64,
     /// Upper bound on one Raft write as seen by a client (reserve, create, ...).
     pub write_timeout_ms: u64,
     /// Shared secret every cluster RPC must carry. Required when the cluster has
@@ -639,7 +643,8 @@ impl Default for ClusterConfig {
         Self {
             listen: "127.0.0.1:7001".to_string(),
             initial_members: BTreeMap::from([("1".to_string(), "127.0.0.1:7001".to_string())]),
-            snapshot_after_entries: 5000,
+            snapshot_after_entries: 100_000,
+            store_cache_mb: 64,
             write_timeout_ms: 5000,
             secret: None,
             secret_file: None,
@@ -1111,6 +1116,7 @@ impl Config {
             "cluster.snapshot_after_entries",
             self.cluster.snapshot_after_entries,
         );
+        out.positive("cluster.store_cache_mb", self.cluster.store_cache_mb);
         out.positive("cluster.write_timeout_ms", self.cluster.write_timeout_ms);
         out.positive("cluster.rpc_timeout_ms", self.cluster.rpc_timeout_ms);
         out.positive("cluster.heartbeat_ms", self.cluster.heartbeat_ms);

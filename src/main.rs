@@ -3,8 +3,10 @@
 
 /// mimalloc instead of glibc's malloc: a status read allocates a few dozen
 /// small blocks on two runtime threads, and glibc's arenas (locking,
-/// consolidation) were about a tenth of the CPU a read cost
-/// (docs/benchmarks.md).
+/// consolidation) were about a tenth of the CPU a read cost; and the store's
+/// page cache is filled and evicted from many threads, where glibc's
+/// per-thread arenas grew a node with a 64 MiB cache to several hundred MiB
+/// of fragmented heap (docs/benchmarks.md).
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 

@@ -10,6 +10,7 @@
 //!   the target) and their tables.
 //! - [`store`]: the redb database holding the Raft log, vote, state machine and
 //!   snapshots of one node.
+//! - [`snapshot`]: the streamed snapshot file format.
 //! - [`network`]: how this node reaches its peers.
 //! - [`batch`]: group proposal (concurrent writes share one entry).
 //! - [`node`]: the handle the SMTP and HTTP front ends write and read through.
@@ -22,6 +23,7 @@ pub mod liveness;
 pub mod network;
 pub mod node;
 pub mod read_lease;
+pub mod snapshot;
 pub mod state;
 pub mod store;
 pub mod targets;

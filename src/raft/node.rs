@@ -157,9 +157,14 @@ impl Node {
         metrics: Arc<Metrics>,
     ) -> Result<Self, StartError> {
         let path = config.db_path();
-        let (log_store, state_machine) = tokio::task::spawn_blocking(move || store::open(&path))
-            .await
-            .map_err(|e| StartError::Raft(e.to_string()))??;
+        let options = store::StoreOptions {
+            cache_bytes: usize::try_from(config.cluster.store_cache_mb.saturating_mul(1024 * 1024))
+                .unwrap_or(usize::MAX),
+        };
+        let (log_store, state_machine) =
+            tokio::task::spawn_blocking(move || store::open_with(&path, &options))
+                .await
+                .map_err(|e| StartError::Raft(e.to_string()))??;
         let reader = state_machine.reader();
         let election = config.cluster.election_timeout_ms;
         let liveness = Arc::new(Liveness::new(

@@ -15,11 +15,17 @@
 //! purges only ever follow a snapshot, which is itself written durably first.
 //!
 //! redb calls block (they may fsync), so each runs on tokio's blocking pool.
+//!
+//! Snapshots are files next to the database (`<db>.snapshots/`, format in
+//! [`super::snapshot`]), built by streaming the tables out of one read
+//! transaction and installed by streaming records into one write transaction;
+//! the database only records which file is current. Memory stays bounded by
+//! redb's cache ([`StoreOptions::cache_bytes`]) whatever the number of aliases.
 
 use std::fmt::Debug;
-use std::io::Cursor;
+use std::io::{BufReader, BufWriter, Seek, SeekFrom, Write};
 use std::ops::{Bound, RangeBounds};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use openraft::storage::{LogFlushed, RaftLogStorage, RaftStateMachine};
@@ -32,6 +38,7 @@ use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinitio
 use serde::{Deserialize, Serialize};
 
 use super::idempotency;
+use super::snapshot::{self as format, Kind, SnapshotError};
 use super::state::{self, Change};
 use super::types::{
     AliasRecord, ClusterMaintenance, Command, IdempotencyRecord, NodeId, Response, TypeConfig,
@@ -52,7 +59,9 @@ pub(super) const SM_META: TableDefinition<&str, &[u8]> = TableDefinition::new("s
 const SETTINGS: TableDefinition<&str, &[u8]> = TableDefinition::new("settings");
 /// Claimed idempotency keys: SHA-256 of the key -> JSON claim.
 const IDEMPOTENCY: TableDefinition<&str, &[u8]> = TableDefinition::new("idempotency_keys");
-/// The current snapshot: `meta`, `data`.
+/// The current snapshot: `meta` (JSON [`SnapshotMeta`]) and `file` (its file
+/// name in the snapshot directory). Releases before the streamed format kept
+/// the whole snapshot as JSON under `data`; [`open`] converts that once.
 const SNAPSHOT: TableDefinition<&str, &[u8]> = TableDefinition::new("snapshot");
 /// Ids of purged aliases -> replicated time of the purge. Mail to a purged
 /// alias is then refused as expired, not counted as a guess against the
@@ -72,6 +81,16 @@ pub enum DbError {
     Decode(#[from] serde_json::Error),
     #[error("cannot create {path}: {error}")]
     Dir { path: String, error: std::io::Error },
+    #[error("snapshot file {path}: {error}")]
+    SnapshotFile { path: String, error: std::io::Error },
+    #[error("snapshot {path}: {error}")]
+    Snapshot {
+        path: String,
+        #[source]
+        error: SnapshotError,
+    },
+    #[error("the database names snapshot file {0}, which is missing")]
+    SnapshotMissing(String),
 }
 
 macro_rules! from_redb {
@@ -121,19 +140,61 @@ pub(super) fn get_json<T: for<'de> Deserialize<'de>>(
     }
 }
 
+/// How a node's database is opened.
+#[derive(Debug, Clone)]
+pub struct StoreOptions {
+    /// redb's page cache (read cache and write buffer together). redb's own
+    /// default is 1 GiB, which a busy node fills: the store's pages beyond
+    /// this are read from the OS page cache instead, which does not count
+    /// against the process.
+    pub cache_bytes: usize,
+}
+
+/// The default for [`StoreOptions::cache_bytes`] (`cluster.store_cache_mb`).
+pub const DEFAULT_CACHE_MB: usize = 64;
+
+impl Default for StoreOptions {
+    fn default() -> Self {
+        StoreOptions {
+            cache_bytes: DEFAULT_CACHE_MB * 1024 * 1024,
+        }
+    }
+}
+
+/// Opens (creating if needed) the database of one node with default options.
+///
+/// # Errors
+/// As [`open_with`].
+pub fn open(path: &Path) -> Result<(LogStore, StateMachine), DbError> {
+    open_with(path, &StoreOptions::default())
+}
+
+/// The directory holding the snapshot files of the database at `db_path`.
+pub fn snapshot_dir(db_path: &Path) -> PathBuf {
+    db_path.with_extension("snapshots")
+}
+
 /// Opens (creating if needed) the database of one node.
 ///
 /// # Errors
 /// [`DbError`] when the directory or file cannot be created or opened (for
-/// example because another process holds it).
-pub fn open(path: &Path) -> Result<(LogStore, StateMachine), DbError> {
+/// example because another process holds it), or a snapshot left by an older
+/// release cannot be converted.
+pub fn open_with(path: &Path, options: &StoreOptions) -> Result<(LogStore, StateMachine), DbError> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).map_err(|error| DbError::Dir {
             path: dir.display().to_string(),
             error,
         })?;
     }
-    let db = Database::create(path)?;
+    let snapshots = snapshot_dir(path);
+    std::fs::create_dir_all(&snapshots).map_err(|error| DbError::Dir {
+        path: snapshots.display().to_string(),
+        error,
+    })?;
+    let db = redb::Builder::new()
+        .set_cache_size(options.cache_bytes)
+        .create(path)?;
     let txn = db.begin_write()?;
     {
         txn.open_table(LOG)?;
@@ -148,7 +209,17 @@ pub fn open(path: &Path) -> Result<(LogStore, StateMachine), DbError> {
     super::targets::create_tables(&txn)?;
     txn.commit()?;
     let db = Arc::new(db);
-    Ok((LogStore { db: db.clone() }, StateMachine { db }))
+    let files = SnapshotFiles { dir: snapshots };
+    files.convert_legacy(&db)?;
+    files.rebuild_if_missing(&db)?;
+    files.remove_leftovers(&db)?;
+    Ok((
+        LogStore { db: db.clone() },
+        StateMachine {
+            db,
+            files: Arc::new(files),
+        },
+    ))
 }
 
 /// The Raft log and vote. Cloning shares the database (it is the log reader too).
@@ -322,11 +393,10 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 }
 
-/// What a snapshot holds: the whole alias table plus the replicated clock,
-/// the maintenance flag and the claimed idempotency keys (absent in snapshots
-/// written before they existed).
+/// A snapshot as releases before the streamed format stored it (one JSON
+/// value under `data` in the snapshot table); only read, to convert it once.
 #[derive(Serialize, Deserialize)]
-struct SnapshotData {
+struct LegacySnapshot {
     last_now: u64,
     aliases: Vec<AliasRecord>,
     /// Purged ids and when they were purged.
@@ -336,14 +406,12 @@ struct SnapshotData {
     maintenance: ClusterMaintenance,
     #[serde(default)]
     idempotency: Vec<(String, IdempotencyRecord)>,
-    /// Per-target state (`targets.rs`); rebuilt from `aliases` when absent.
-    #[serde(default)]
-    targets: Option<super::targets::TargetsSnapshot>,
 }
 
 /// The state machine: alias records and what has been applied.
 pub struct StateMachine {
     db: Arc<Database>,
+    files: Arc<SnapshotFiles>,
 }
 
 impl StateMachine {
@@ -504,163 +572,584 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
     async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
         SnapshotBuilder {
             db: self.db.clone(),
+            files: self.files.clone(),
         }
     }
 
-    async fn begin_receiving_snapshot(&mut self) -> StoreResult<Box<Cursor<Vec<u8>>>> {
-        Ok(Box::new(Cursor::new(Vec::new())))
+    /// An unnamed temporary file in the snapshot directory: openraft writes
+    /// the received chunks into it and hands it back to
+    /// [`RaftStateMachine::install_snapshot`]. It is unlinked at once, so an
+    /// abandoned or crashed transfer leaves nothing behind.
+    async fn begin_receiving_snapshot(&mut self) -> StoreResult<Box<tokio::fs::File>> {
+        let files = self.files.clone();
+        let file = blocking(ErrorSubject::Snapshot(None), ErrorVerb::Write, move || {
+            let path = files.dir.join(format!("receiving-{}.tmp", now_nanos()));
+            let file = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create_new(true)
+                .open(&path)
+                .map_err(|error| file_err(&path, error))?;
+            std::fs::remove_file(&path).map_err(|error| file_err(&path, error))?;
+            Ok(file)
+        })
+        .await?;
+        Ok(Box::new(tokio::fs::File::from_std(file)))
     }
 
+    /// Reads the received file record by record into one write transaction
+    /// (the state machine is replaced whole or not at all: nothing is
+    /// committed unless the checksum at the end matches), copying it into
+    /// this node's own snapshot file on the way.
     async fn install_snapshot(
         &mut self,
         meta: &SnapshotMeta<NodeId, openraft::BasicNode>,
-        snapshot: Box<Cursor<Vec<u8>>>,
+        snapshot: Box<tokio::fs::File>,
     ) -> StoreResult<()> {
         let subject = ErrorSubject::Snapshot(Some(meta.signature()));
-        let data = snapshot.into_inner();
-        let parsed: SnapshotData = serde_json::from_slice(&data)
-            .map_err(|e| io_err(subject.clone(), ErrorVerb::Read, e))?;
-        let meta_bytes =
-            serde_json::to_vec(meta).map_err(|e| io_err(subject.clone(), ErrorVerb::Write, e))?;
-        let applied_bytes = serde_json::to_vec(&meta.last_log_id)
-            .map_err(|e| io_err(subject.clone(), ErrorVerb::Write, e))?;
-        let membership_bytes = serde_json::to_vec(&meta.last_membership)
-            .map_err(|e| io_err(subject.clone(), ErrorVerb::Write, e))?;
+        let received = snapshot.into_std().await;
+        let meta = meta.clone();
         let db = self.db.clone();
+        let files = self.files.clone();
         blocking(subject, ErrorVerb::Write, move || {
-            // One transaction: the state machine is replaced whole or not at all.
-            let txn = db.begin_write()?;
-            {
-                let mut aliases = txn.open_table(ALIASES)?;
-                aliases.retain(|_, _| false)?;
-                for rec in &parsed.aliases {
-                    aliases.insert(rec.id.as_str(), serde_json::to_vec(rec)?.as_slice())?;
-                }
-                let mut purged = txn.open_table(PURGED)?;
-                purged.retain(|_, _| false)?;
-                for (id, at) in &parsed.purged {
-                    purged.insert(id.as_str(), *at)?;
-                }
-                let mut settings = txn.open_table(SETTINGS)?;
-                settings.retain(|_, _| false)?;
-                settings.insert(
-                    "maintenance",
-                    serde_json::to_vec(&parsed.maintenance)?.as_slice(),
-                )?;
-                let mut keys = txn.open_table(IDEMPOTENCY)?;
-                keys.retain(|_, _| false)?;
-                for (key, claim) in &parsed.idempotency {
-                    keys.insert(key.as_str(), serde_json::to_vec(claim)?.as_slice())?;
-                }
-                drop(aliases);
-                super::targets::install(&txn, parsed.targets.as_ref())?;
-                let mut sm = txn.open_table(SM_META)?;
-                sm.insert("last_applied", applied_bytes.as_slice())?;
-                sm.insert("last_membership", membership_bytes.as_slice())?;
-                sm.insert("last_now", serde_json::to_vec(&parsed.last_now)?.as_slice())?;
-                let mut snap = txn.open_table(SNAPSHOT)?;
-                snap.insert("meta", meta_bytes.as_slice())?;
-                snap.insert("data", data.as_slice())?;
-            }
-            txn.commit()?;
-            Ok(())
+            files.install(&db, &meta, received)
         })
         .await
     }
 
     async fn get_current_snapshot(&mut self) -> StoreResult<Option<Snapshot<TypeConfig>>> {
         let db = self.db.clone();
-        blocking(ErrorSubject::Snapshot(None), ErrorVerb::Read, move || {
-            let txn = db.begin_read()?;
-            let table = txn.open_table(SNAPSHOT)?;
-            let meta: Option<SnapshotMeta<NodeId, openraft::BasicNode>> = get_json(&table, "meta")?;
-            let Some(meta) = meta else { return Ok(None) };
-            let data = table
-                .get("data")?
-                .map(|v| v.value().to_vec())
-                .unwrap_or_default();
-            Ok(Some(Snapshot {
-                meta,
-                snapshot: Box::new(Cursor::new(data)),
-            }))
+        let files = self.files.clone();
+        let current = blocking(ErrorSubject::Snapshot(None), ErrorVerb::Read, move || {
+            files.open_current(&db)
         })
-        .await
+        .await?;
+        Ok(current.map(|(meta, file)| Snapshot {
+            meta,
+            snapshot: Box::new(tokio::fs::File::from_std(file)),
+        }))
     }
 }
 
 /// Builds snapshots from a consistent read of the state machine.
 pub struct SnapshotBuilder {
     db: Arc<Database>,
+    files: Arc<SnapshotFiles>,
 }
 
 impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
     async fn build_snapshot(&mut self) -> StoreResult<Snapshot<TypeConfig>> {
         let db = self.db.clone();
-        blocking(ErrorSubject::Snapshot(None), ErrorVerb::Write, move || {
-            // A read transaction is a consistent view even while applies go on.
-            let read = db.begin_read()?;
-            let meta_table = read.open_table(SM_META)?;
-            let last_applied: Option<LogId<NodeId>> = get_json(&meta_table, "last_applied")?;
-            let last_membership: StoredMembership<NodeId, openraft::BasicNode> =
-                get_json(&meta_table, "last_membership")?.unwrap_or_default();
-            let last_now: u64 = get_json(&meta_table, "last_now")?.unwrap_or(0);
-            let mut aliases = Vec::new();
-            for item in read.open_table(ALIASES)?.iter()? {
-                let (_, v) = item?;
-                aliases.push(serde_json::from_slice::<AliasRecord>(v.value())?);
-            }
-            let mut purged = Vec::new();
-            for item in read.open_table(PURGED)?.iter()? {
-                let (k, v) = item?;
-                purged.push((k.value().to_string(), v.value()));
-            }
-            let maintenance: ClusterMaintenance =
-                get_json(&read.open_table(SETTINGS)?, "maintenance")?.unwrap_or_default();
-            let mut idempotency = Vec::new();
-            for item in read.open_table(IDEMPOTENCY)?.iter()? {
-                let (k, v) = item?;
-                idempotency.push((k.value().to_string(), serde_json::from_slice(v.value())?));
-            }
-            let targets = Some(super::targets::snapshot(&read)?);
-            drop(read);
-            let data = serde_json::to_vec(&SnapshotData {
-                last_now,
-                aliases,
-                purged,
-                maintenance,
-                idempotency,
-                targets,
-            })?;
-            let snapshot_id = match last_applied {
-                Some(l) => format!("{}-{}-{}", l.leader_id, l.index, now_nanos()),
-                None => format!("none-{}", now_nanos()),
-            };
-            let meta = SnapshotMeta {
-                last_log_id: last_applied,
-                last_membership,
-                snapshot_id,
-            };
-            let txn = db.begin_write()?;
-            {
-                let mut table = txn.open_table(SNAPSHOT)?;
-                // A snapshot installed from the leader while this one was being
-                // built may be newer: never replace it with an older one.
-                let stored: Option<SnapshotMeta<NodeId, openraft::BasicNode>> =
-                    get_json(&table, "meta")?;
-                let newer_stored = stored.is_some_and(|m| m.last_log_id >= meta.last_log_id);
-                if !newer_stored {
-                    table.insert("meta", serde_json::to_vec(&meta)?.as_slice())?;
-                    table.insert("data", data.as_slice())?;
-                }
-            }
-            txn.commit()?;
-            Ok(Snapshot {
-                meta,
-                snapshot: Box::new(Cursor::new(data)),
-            })
+        let files = self.files.clone();
+        let (meta, file) = blocking(ErrorSubject::Snapshot(None), ErrorVerb::Write, move || {
+            files.build(&db)
         })
-        .await
+        .await?;
+        Ok(Snapshot {
+            meta,
+            snapshot: Box::new(tokio::fs::File::from_std(file)),
+        })
     }
+}
+
+type Meta = SnapshotMeta<NodeId, openraft::BasicNode>;
+
+fn file_err(path: &Path, error: std::io::Error) -> DbError {
+    DbError::SnapshotFile {
+        path: path.display().to_string(),
+        error,
+    }
+}
+
+fn format_err(path: &Path, error: SnapshotError) -> DbError {
+    DbError::Snapshot {
+        path: path.display().to_string(),
+        error,
+    }
+}
+
+/// Buffer for reading and writing snapshot files: large enough that a file
+/// is moved in few system calls, small enough not to matter for memory.
+const FILE_BUFFER: usize = 256 * 1024;
+
+/// The snapshot files of one database. Which one is current is recorded in
+/// the [`SNAPSHOT`] table; a file is written under a temporary name, synced
+/// and renamed before the table names it, and the file it replaces is deleted
+/// after that commit (a sender still reading it keeps its open handle).
+struct SnapshotFiles {
+    dir: PathBuf,
+}
+
+impl SnapshotFiles {
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.join(name)
+    }
+
+    /// A fresh file name for a snapshot up to `last`.
+    fn new_name(last: Option<LogId<NodeId>>) -> String {
+        let index = last.map_or_else(|| "none".to_string(), |l| l.index.to_string());
+        format!("snapshot-{index}-{}.snap", now_nanos())
+    }
+
+    /// Writes a complete snapshot file through `fill` under a temporary
+    /// name, syncs it and renames it to `name`.
+    fn write_file(
+        &self,
+        name: &str,
+        fill: impl FnOnce(&mut format::Writer<BufWriter<std::fs::File>>) -> Result<(), DbError>,
+    ) -> Result<(), DbError> {
+        let tmp = self.path(&format!("{name}.tmp"));
+        let result = (|| {
+            let file = std::fs::File::create(&tmp).map_err(|e| file_err(&tmp, e))?;
+            let mut w = format::Writer::new(BufWriter::with_capacity(FILE_BUFFER, file))
+                .map_err(|e| format_err(&tmp, e))?;
+            fill(&mut w)?;
+            let buffered = w.finish().map_err(|e| format_err(&tmp, e))?;
+            let file = buffered
+                .into_inner()
+                .map_err(|e| file_err(&tmp, e.into_error()))?;
+            file.sync_all().map_err(|e| file_err(&tmp, e))?;
+            self.commit_file(&tmp, name)
+        })();
+        if result.is_err() {
+            let _ = std::fs::remove_file(&tmp);
+        }
+        result
+    }
+
+    /// Renames a synced temporary file to its final name, durably.
+    fn commit_file(&self, tmp: &Path, name: &str) -> Result<(), DbError> {
+        let path = self.path(name);
+        std::fs::rename(tmp, &path).map_err(|e| file_err(&path, e))?;
+        std::fs::File::open(&self.dir)
+            .and_then(|d| d.sync_all())
+            .map_err(|e| file_err(&self.dir, e))
+    }
+
+    fn open_file(&self, name: &str) -> Result<std::fs::File, DbError> {
+        let path = self.path(name);
+        std::fs::File::open(&path).map_err(|e| file_err(&path, e))
+    }
+
+    /// Makes `name` the current snapshot unless a newer one is already
+    /// current (a snapshot installed while this one was built). Returns
+    /// whether it became current; the file it replaced is deleted.
+    fn make_current(&self, db: &Database, meta: &Meta, name: &str) -> Result<bool, DbError> {
+        let txn = db.begin_write()?;
+        let replaced = {
+            let mut table = txn.open_table(SNAPSHOT)?;
+            let stored: Option<Meta> = get_json(&table, "meta")?;
+            if stored.is_some_and(|m| m.last_log_id > meta.last_log_id) {
+                None
+            } else {
+                let old = table.get("file")?.map(|v| v.value().to_vec());
+                table.insert("meta", serde_json::to_vec(meta)?.as_slice())?;
+                table.insert("file", name.as_bytes())?;
+                Some(old)
+            }
+        };
+        txn.commit()?;
+        match replaced {
+            None => Ok(false),
+            Some(old) => {
+                if let Some(old) = old.and_then(|o| String::from_utf8(o).ok()) {
+                    if old != name {
+                        let _ = std::fs::remove_file(self.path(&old));
+                    }
+                }
+                Ok(true)
+            }
+        }
+    }
+
+    /// Streams the state machine as of one read transaction into a new
+    /// snapshot file and makes it current.
+    fn build(&self, db: &Database) -> Result<(Meta, std::fs::File), DbError> {
+        let started = std::time::Instant::now();
+        // A read transaction is a consistent view even while applies go on.
+        let read = db.begin_read()?;
+        let meta_table = read.open_table(SM_META)?;
+        let last_applied: Option<LogId<NodeId>> = get_json(&meta_table, "last_applied")?;
+        let last_membership: StoredMembership<NodeId, openraft::BasicNode> =
+            get_json(&meta_table, "last_membership")?.unwrap_or_default();
+        let snapshot_id = match last_applied {
+            Some(l) => format!("{}-{}-{}", l.leader_id, l.index, now_nanos()),
+            None => format!("none-{}", now_nanos()),
+        };
+        let meta = Meta {
+            last_log_id: last_applied,
+            last_membership,
+            snapshot_id,
+        };
+        let name = Self::new_name(last_applied);
+        let tmp = self.path(&format!("{name}.tmp"));
+        self.write_file(&name, |w| {
+            dump(&read, w).map_err(|e| match e {
+                DumpError::Db(e) => e,
+                DumpError::Format(e) => format_err(&tmp, e),
+            })
+        })?;
+        drop(read);
+        // Opened before it may be replaced: the handle stays readable.
+        let file = self.open_file(&name)?;
+        let bytes = file.metadata().map(|m| m.len()).unwrap_or(0);
+        let current = self.make_current(db, &meta, &name)?;
+        if !current {
+            let _ = std::fs::remove_file(self.path(&name));
+        }
+        tracing::info!(
+            index = meta.last_log_id.map(|l| l.index),
+            bytes,
+            ms = started.elapsed().as_millis() as u64,
+            current,
+            "snapshot built"
+        );
+        Ok((meta, file))
+    }
+
+    /// Installs a received snapshot file (see
+    /// [`RaftStateMachine::install_snapshot`]).
+    fn install(
+        &self,
+        db: &Database,
+        meta: &Meta,
+        mut received: std::fs::File,
+    ) -> Result<(), DbError> {
+        let started = std::time::Instant::now();
+        let source = PathBuf::from(format!("received snapshot {}", meta.snapshot_id));
+        received
+            .seek(SeekFrom::Start(0))
+            .map_err(|e| file_err(&source, e))?;
+        let name = Self::new_name(meta.last_log_id);
+        let tmp = self.path(&format!("{name}.tmp"));
+        let result = (|| {
+            let copy = std::fs::File::create(&tmp).map_err(|e| file_err(&tmp, e))?;
+            let mut reader = format::Reader::new(format::Tee {
+                reader: BufReader::with_capacity(FILE_BUFFER, received),
+                writer: BufWriter::with_capacity(FILE_BUFFER, copy),
+            })
+            .map_err(|e| format_err(&source, e))?;
+            // One transaction: the state machine is replaced whole or not at all.
+            let txn = db.begin_write()?;
+            for table in [
+                ALIASES,
+                SETTINGS,
+                IDEMPOTENCY,
+                SM_META,
+                super::targets::TARGETS,
+                super::targets::CONFIRM_TOKENS,
+            ] {
+                txn.delete_table(table)?;
+            }
+            txn.delete_table(PURGED)?;
+            txn.delete_table(super::targets::TARGET_ALIASES)?;
+            {
+                let mut aliases = txn.open_table(ALIASES)?;
+                let mut purged = txn.open_table(PURGED)?;
+                let mut keys = txn.open_table(IDEMPOTENCY)?;
+                let mut settings = txn.open_table(SETTINGS)?;
+                let mut sm = txn.open_table(SM_META)?;
+                let mut targets = txn.open_table(super::targets::TARGETS)?;
+                let mut tokens = txn.open_table(super::targets::CONFIRM_TOKENS)?;
+                let mut index = txn.open_table(super::targets::TARGET_ALIASES)?;
+                while let Some(rec) = reader.next_record().map_err(|e| format_err(&source, e))? {
+                    let key = std::str::from_utf8(&rec.key).map_err(|_| {
+                        format_err(
+                            &source,
+                            SnapshotError::Io(std::io::Error::new(
+                                std::io::ErrorKind::InvalidData,
+                                "a record key is not UTF-8",
+                            )),
+                        )
+                    })?;
+                    match rec.kind {
+                        Kind::Alias => {
+                            aliases.insert(key, rec.value.as_slice())?;
+                        }
+                        Kind::Purged | Kind::TargetAlias => {
+                            let at: [u8; 8] = rec.value.as_slice().try_into().map_err(|_| {
+                                format_err(
+                                    &source,
+                                    SnapshotError::Io(std::io::Error::new(
+                                        std::io::ErrorKind::InvalidData,
+                                        "a record's time is not 8 bytes",
+                                    )),
+                                )
+                            })?;
+                            if rec.kind == Kind::Purged {
+                                purged.insert(key, u64::from_le_bytes(at))?;
+                            } else {
+                                index.insert(key, u64::from_le_bytes(at))?;
+                            }
+                        }
+                        Kind::Target => {
+                            targets.insert(key, rec.value.as_slice())?;
+                        }
+                        Kind::ConfirmToken => {
+                            tokens.insert(key, rec.value.as_slice())?;
+                        }
+                        Kind::IdempotencyKey => {
+                            keys.insert(key, rec.value.as_slice())?;
+                        }
+                        Kind::Setting => {
+                            settings.insert(key, rec.value.as_slice())?;
+                        }
+                        Kind::StateMeta => {
+                            sm.insert(key, rec.value.as_slice())?;
+                        }
+                    }
+                }
+                sm.insert(
+                    "last_applied",
+                    serde_json::to_vec(&meta.last_log_id)?.as_slice(),
+                )?;
+                sm.insert(
+                    "last_membership",
+                    serde_json::to_vec(&meta.last_membership)?.as_slice(),
+                )?;
+            }
+            // The per-target index comes with the snapshot; one converted from
+            // the JSON format has none, and it is then built from the aliases.
+            super::targets::index_installed(&txn)?;
+            // The checksum matched (next_record returned None): keep the copy.
+            let tee = reader.into_inner();
+            let copy = tee
+                .writer
+                .into_inner()
+                .map_err(|e| file_err(&tmp, e.into_error()))?;
+            copy.sync_all().map_err(|e| file_err(&tmp, e))?;
+            self.commit_file(&tmp, &name)?;
+            let replaced = {
+                let mut table = txn.open_table(SNAPSHOT)?;
+                let old = table.get("file")?.map(|v| v.value().to_vec());
+                table.insert("meta", serde_json::to_vec(meta)?.as_slice())?;
+                table.insert("file", name.as_bytes())?;
+                table.remove("data")?;
+                old
+            };
+            // Durability::Immediate (the default): the new state and the
+            // record of its snapshot survive a crash together.
+            txn.commit()?;
+            if let Some(old) = replaced.and_then(|o| String::from_utf8(o).ok()) {
+                let _ = std::fs::remove_file(self.path(&old));
+            }
+            tracing::info!(
+                index = meta.last_log_id.map(|l| l.index),
+                ms = started.elapsed().as_millis() as u64,
+                "snapshot installed"
+            );
+            Ok(())
+        })();
+        if result.is_err() {
+            let _ = std::fs::remove_file(&tmp);
+            let _ = std::fs::remove_file(self.path(&name));
+        }
+        result
+    }
+
+    /// The current snapshot's meta and an open handle on its file.
+    fn open_current(&self, db: &Database) -> Result<Option<(Meta, std::fs::File)>, DbError> {
+        // A build or install may replace (and delete) the file between
+        // reading its name and opening it: then the new name is read again.
+        let mut attempts = 0;
+        loop {
+            attempts += 1;
+            let txn = db.begin_read()?;
+            let table = txn.open_table(SNAPSHOT)?;
+            let Some(meta) = get_json::<Meta>(&table, "meta")? else {
+                return Ok(None);
+            };
+            let Some(name) = table.get("file")?.map(|v| v.value().to_vec()) else {
+                return Err(DbError::SnapshotMissing(
+                    "(none recorded for the current snapshot)".into(),
+                ));
+            };
+            let name = String::from_utf8_lossy(&name).into_owned();
+            drop(table);
+            drop(txn);
+            match std::fs::File::open(self.path(&name)) {
+                Ok(f) => return Ok(Some((meta, f))),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound && attempts < 5 => continue,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    return Err(DbError::SnapshotMissing(
+                        self.path(&name).display().to_string(),
+                    ))
+                }
+                Err(e) => return Err(file_err(&self.path(&name), e)),
+            }
+        }
+    }
+
+    /// Converts a snapshot stored by a release before the streamed format
+    /// (one JSON value in the database) into a snapshot file, keeping its
+    /// meta. Runs once, at open; holds that old snapshot in memory as the old
+    /// release did.
+    fn convert_legacy(&self, db: &Database) -> Result<(), DbError> {
+        let (meta, data) = {
+            let txn = db.begin_read()?;
+            let table = txn.open_table(SNAPSHOT)?;
+            let Some(data) = table.get("data")?.map(|v| v.value().to_vec()) else {
+                return Ok(());
+            };
+            let meta: Option<Meta> = get_json(&table, "meta")?;
+            (meta, data)
+        };
+        let Some(meta) = meta else {
+            return Ok(());
+        };
+        let old: LegacySnapshot = serde_json::from_slice(&data)?;
+        drop(data);
+        let name = Self::new_name(meta.last_log_id);
+        let tmp = self.path(&format!("{name}.tmp"));
+        self.write_file(&name, |w| {
+            let f = |e| format_err(&tmp, e);
+            for rec in &old.aliases {
+                w.record(Kind::Alias, rec.id.as_bytes(), &serde_json::to_vec(rec)?)
+                    .map_err(f)?;
+            }
+            for (id, at) in &old.purged {
+                w.record(Kind::Purged, id.as_bytes(), &at.to_le_bytes())
+                    .map_err(f)?;
+            }
+            for (key, claim) in &old.idempotency {
+                w.record(
+                    Kind::IdempotencyKey,
+                    key.as_bytes(),
+                    &serde_json::to_vec(claim)?,
+                )
+                .map_err(f)?;
+            }
+            w.record(
+                Kind::Setting,
+                b"maintenance",
+                &serde_json::to_vec(&old.maintenance)?,
+            )
+            .map_err(f)?;
+            w.record(
+                Kind::StateMeta,
+                b"last_now",
+                &serde_json::to_vec(&old.last_now)?,
+            )
+            .map_err(f)?;
+            Ok(())
+        })?;
+        let txn = db.begin_write()?;
+        {
+            let mut table = txn.open_table(SNAPSHOT)?;
+            table.insert("file", name.as_bytes())?;
+            table.remove("data")?;
+        }
+        txn.commit()?;
+        Ok(())
+    }
+
+    /// Builds a new snapshot when the database names a file that is gone (a
+    /// data directory restored from a copy of `tempalias.redb` alone). The
+    /// state machine is at or past the lost snapshot (both were committed
+    /// together or the snapshot came from it), so a snapshot of it replaces
+    /// the lost one without losing anything openraft relies on.
+    fn rebuild_if_missing(&self, db: &Database) -> Result<(), DbError> {
+        let name = {
+            let txn = db.begin_read()?;
+            let table = txn.open_table(SNAPSHOT)?;
+            table
+                .get("file")?
+                .map(|v| String::from_utf8_lossy(v.value()).into_owned())
+        };
+        match name {
+            Some(name) if !self.path(&name).exists() => {
+                tracing::warn!(file = %self.path(&name).display(), "snapshot file missing: building a new one");
+                self.build(db).map(|_| ())
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Deletes every file in the snapshot directory but the current one:
+    /// temporary files of a build or install cut short by a crash, and a
+    /// replaced snapshot whose deletion did not happen. Only at open, when
+    /// nothing else uses the directory.
+    fn remove_leftovers(&self, db: &Database) -> Result<(), DbError> {
+        let current = {
+            let txn = db.begin_read()?;
+            let table = txn.open_table(SNAPSHOT)?;
+            table
+                .get("file")?
+                .map(|v| String::from_utf8_lossy(v.value()).into_owned())
+        };
+        let entries = std::fs::read_dir(&self.dir).map_err(|e| file_err(&self.dir, e))?;
+        for entry in entries {
+            let entry = entry.map_err(|e| file_err(&self.dir, e))?;
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if Some(&name) != current.as_ref() {
+                let _ = std::fs::remove_file(entry.path());
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A failure while streaming the tables out: the database or the file.
+enum DumpError {
+    Db(DbError),
+    Format(SnapshotError),
+}
+
+impl<E: Into<DbError>> From<E> for DumpError {
+    fn from(e: E) -> Self {
+        DumpError::Db(e.into())
+    }
+}
+
+/// Writes every table a snapshot carries, as stored, from one read
+/// transaction. A new replicated table must be added here, in
+/// [`SnapshotFiles::install`] and as a [`Kind`].
+fn dump(read: &redb::ReadTransaction, w: &mut format::Writer<impl Write>) -> Result<(), DumpError> {
+    let fmt = DumpError::Format;
+    for item in read.open_table(ALIASES)?.iter()? {
+        let (k, v) = item?;
+        w.record(Kind::Alias, k.value().as_bytes(), v.value())
+            .map_err(fmt)?;
+    }
+    for item in read.open_table(PURGED)?.iter()? {
+        let (k, v) = item?;
+        w.record(Kind::Purged, k.value().as_bytes(), &v.value().to_le_bytes())
+            .map_err(fmt)?;
+    }
+    for item in read.open_table(IDEMPOTENCY)?.iter()? {
+        let (k, v) = item?;
+        w.record(Kind::IdempotencyKey, k.value().as_bytes(), v.value())
+            .map_err(fmt)?;
+    }
+    for item in read.open_table(SETTINGS)?.iter()? {
+        let (k, v) = item?;
+        w.record(Kind::Setting, k.value().as_bytes(), v.value())
+            .map_err(fmt)?;
+    }
+    if let Some(v) = read.open_table(SM_META)?.get("last_now")? {
+        w.record(Kind::StateMeta, b"last_now", v.value())
+            .map_err(fmt)?;
+    }
+    for item in read.open_table(super::targets::TARGETS)?.iter()? {
+        let (k, v) = item?;
+        w.record(Kind::Target, k.value().as_bytes(), v.value())
+            .map_err(fmt)?;
+    }
+    for item in read.open_table(super::targets::CONFIRM_TOKENS)?.iter()? {
+        let (k, v) = item?;
+        w.record(Kind::ConfirmToken, k.value().as_bytes(), v.value())
+            .map_err(fmt)?;
+    }
+    for item in read.open_table(super::targets::TARGET_ALIASES)?.iter()? {
+        let (k, v) = item?;
+        w.record(
+            Kind::TargetAlias,
+            k.value().as_bytes(),
+            &v.value().to_le_bytes(),
+        )
+        .map_err(fmt)?;
+    }
+    Ok(())
 }
 
 type Table<'t> = redb::Table<'t, &'static str, &'static [u8]>;

@@ -223,14 +223,6 @@ pub fn purgeable(t: &TargetRecord, now_ms: u64) -> bool {
         && !confirmed_within(Some(t), CONFIRMATION_KEEP_MS, now_ms)
 }
 
-/// The per-target part of a snapshot.
-#[derive(Debug, Default, Serialize, Deserialize)]
-pub struct TargetsSnapshot {
-    pub targets: Vec<(String, TargetRecord)>,
-    pub tokens: Vec<(String, TokenRow)>,
-    pub index: Vec<(String, u64)>,
-}
-
 type JsonTable<'t> = redb::Table<'t, &'static str, &'static [u8]>;
 
 fn index_key(target: &str, id: &str) -> String {
@@ -269,59 +261,19 @@ fn rebuild_index(
     Ok(())
 }
 
-/// The per-target part of a snapshot, read in the snapshot's transaction.
+/// After a snapshot was installed in `txn`: an index that came with it is
+/// marked as built; a snapshot without one (converted from the JSON format
+/// of releases before these tables) gets it built from the aliases now.
 ///
 /// # Errors
-/// [`DbError`] when the database cannot be read.
-pub(super) fn snapshot(read: &redb::ReadTransaction) -> Result<TargetsSnapshot, DbError> {
-    let mut out = TargetsSnapshot::default();
-    for item in read.open_table(TARGETS)?.iter()? {
-        let (k, v) = item?;
-        out.targets
-            .push((k.value().to_string(), serde_json::from_slice(v.value())?));
-    }
-    for item in read.open_table(CONFIRM_TOKENS)?.iter()? {
-        let (k, v) = item?;
-        out.tokens
-            .push((k.value().to_string(), serde_json::from_slice(v.value())?));
-    }
-    for item in read.open_table(TARGET_ALIASES)?.iter()? {
-        let (k, v) = item?;
-        out.index.push((k.value().to_string(), v.value()));
-    }
-    Ok(out)
-}
-
-/// Replaces the tables with a snapshot's part, in the installing
-/// transaction (after the alias table was replaced). A snapshot from before
-/// these tables has none: the index is then built from the aliases.
-///
-/// # Errors
-/// [`DbError`] when the database cannot be written.
-pub(super) fn install(
-    txn: &WriteTransaction,
-    part: Option<&TargetsSnapshot>,
-) -> Result<(), DbError> {
-    let mut targets = txn.open_table(TARGETS)?;
-    let mut tokens = txn.open_table(CONFIRM_TOKENS)?;
+/// [`DbError`] when the database cannot be read or written.
+pub(super) fn index_installed(txn: &WriteTransaction) -> Result<(), DbError> {
     let mut index = txn.open_table(TARGET_ALIASES)?;
-    targets.retain(|_, _| false)?;
-    tokens.retain(|_, _| false)?;
-    index.retain(|_, _| false)?;
-    match part {
-        Some(part) => {
-            for (k, t) in &part.targets {
-                targets.insert(k.as_str(), serde_json::to_vec(t)?.as_slice())?;
-            }
-            for (k, t) in &part.tokens {
-                tokens.insert(k.as_str(), serde_json::to_vec(t)?.as_slice())?;
-            }
-            for (k, until) in &part.index {
-                index.insert(k.as_str(), *until)?;
-            }
-        }
-        None => rebuild_index(&txn.open_table(ALIASES)?, &mut index)?,
+    if redb::ReadableTableMetadata::is_empty(&index)? {
+        rebuild_index(&txn.open_table(ALIASES)?, &mut index)?;
     }
+    let mut meta = txn.open_table(super::store::SM_META)?;
+    meta.insert(INDEX_BUILT, b"true".as_slice())?;
     Ok(())
 }
 

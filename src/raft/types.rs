@@ -1,7 +1,5 @@
 //! Types carried by the Raft log and returned by the state machine.
 
-use std::io::Cursor;
-
 use serde::{Deserialize, Serialize};
 
 openraft::declare_raft_types!(
@@ -12,7 +10,8 @@ openraft::declare_raft_types!(
         NodeId = u64,
         Node = openraft::BasicNode,
         Entry = openraft::Entry<TypeConfig>,
-        SnapshotData = Cursor<Vec<u8>>,
+        // Snapshots are files, streamed in and out (see `raft::snapshot`).
+        SnapshotData = tokio::fs::File,
         AsyncRuntime = openraft::TokioRuntime,
 );
 

@@ -59,6 +59,7 @@ def main() -> int:
                 "smtp": {"max_connections": args.sessions + 100, "max_connections_per_ip": args.sessions + 100, "idle_timeout_secs": 600},
                 "limits": {"max_usage": 100},
                 "log": {"level": "warn"},
+                "ratelimit": {"enabled": False},
             },
         )
         try:
