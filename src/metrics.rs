@@ -38,6 +38,9 @@ pub enum RcptResult {
     invalid,
     /// The alias waits for its target's confirmation (550 5.7.1).
     unconfirmed,
+    /// MX delivery: the recipient's destination is in another domain than
+    /// an earlier recipient's; sent again in its own transaction (452 4.5.3).
+    other_domain,
 }
 
 /// What happened in target confirmation (`tempalias_confirmations_total`).

@@ -127,6 +127,13 @@ impl Cluster for ClusterService {
     }
 
     async fn trigger_election(&self, _req: Request<Empty>) -> Result<Response<Empty>, Status> {
+        if self.node.read_lease().refuses_votes() {
+            // A campaign is a vote for this node itself: refused for as long
+            // as a vote for anyone else is (see `vote`).
+            return Err(Status::unavailable(
+                "this node has just started and does not campaign yet",
+            ));
+        }
         self.node
             .raft()
             .trigger()

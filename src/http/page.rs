@@ -67,8 +67,12 @@ pub(super) fn routes(config: &Config) -> Router<AppState> {
         .route(
             "/create",
             post(
-                move |state: State<AppState>, headers: HeaderMap, body: axum::body::Body| {
-                    form::create(site.clone(), state, headers, body)
+                move |state: State<AppState>,
+                      refused: Option<axum::Extension<crate::http::ratelimit::CreateRefused>>,
+                      headers: HeaderMap,
+                      body: axum::body::Body| {
+                    let refused = refused.map(|r| r.0 .0);
+                    form::create(site.clone(), state, refused, headers, body)
                 },
             ),
         )

@@ -3,7 +3,8 @@
 //! Three policies, each its own table of buckets keyed by client network
 //! (IPv4 /32, IPv6 /64: one home or host, not one of its many addresses):
 //!
-//! - `create`: `POST /aliases` and `POST /v1/aliases`;
+//! - `create`: `POST /aliases`, `POST /v1/aliases` and `POST /create` (the
+//!   page's form);
 //! - `status`: `GET` and `DELETE /v1/aliases/{id}`, and `GET`/`POST
 //!   /v1/confirm/{token}` (target confirmation);
 //! - `failed`: lookups that end in `404` (unknown id or wrong token). A client
@@ -256,14 +257,24 @@ fn refuse(policy: &Policy, d: &Decision) -> Response {
     resp
 }
 
+/// Set on a `POST /create` whose client is out of creates (the seconds
+/// until it may try again): the form answers with its own HTML page saying
+/// so, instead of the API's JSON refusal, and creates nothing.
+#[derive(Debug, Clone, Copy)]
+pub struct CreateRefused(pub u64);
+
 /// Applies the policy of the route, if it has one.
-pub(super) async fn limit(State(state): State<AppState>, req: Request, next: Next) -> Response {
+pub(super) async fn limit(State(state): State<AppState>, mut req: Request, next: Next) -> Response {
     let Some(limits) = state.ratelimits.clone() else {
         return next.run(req).await;
     };
     let route = req.extensions().get::<MatchedPath>().map(|p| p.as_str());
-    let is_create =
-        matches!(route, Some("/aliases" | "/v1/aliases")) && req.method() == Method::POST;
+    // `POST /create` (the page's form for browsers without JavaScript)
+    // creates through the same handler: the same bucket, or the form would
+    // be a way around it.
+    let is_create = matches!(route, Some("/aliases" | "/v1/aliases" | "/create"))
+        && req.method() == Method::POST;
+    let is_form = route == Some("/create");
     // Confirmation links are lookups by a secret too: a wrong token is a
     // failed lookup like a wrong alias token.
     let is_status = (route == Some("/v1/aliases/{id}")
@@ -279,8 +290,12 @@ pub(super) async fn limit(State(state): State<AppState>, req: Request, next: Nex
     let now = Instant::now();
     if is_create {
         let d = limits.create.check(ip, true, now);
-        if !d.allowed {
+        if !d.allowed && !is_form {
             return refuse(limits.create.policy(), &d);
+        }
+        if !d.allowed {
+            req.extensions_mut()
+                .insert(CreateRefused(d.retry_after_secs));
         }
         let mut resp = next.run(req).await;
         add_headers(resp.headers_mut(), limits.create.policy(), &d);

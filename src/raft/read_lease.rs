@@ -20,8 +20,11 @@
 //! `Vote` RPC handler, which ends the lease first ([`ReadLease::suspend`]),
 //! and a round that overlapped a vote request grants nothing; membership
 //! changes do the same. A voter that restarts forgets when it last heard its
-//! leader and would vote at once; `cluster::service` therefore refuses votes
-//! for [`ReadLease::vote_quarantine`] after the process starts.
+//! leader (openraft 0.9.25 counts its lease from the start instead, an
+//! internal detail); `cluster::service` therefore refuses votes for
+//! [`ReadLease::vote_quarantine`] after the process starts, and the watchdog
+//! and the `TriggerElection` handler start no campaign (a vote for itself)
+//! meanwhile.
 //!
 //! The lease runs for `election_timeout_ms` only, half of what the voters
 //! promise: the rest is margin for clocks that tick at slightly different

@@ -62,8 +62,13 @@ pub async fn run(node: Node, metrics: Arc<Metrics>, shutdown: CancellationToken)
 
         node.liveness().note_leadership(&m);
         let verdict = node.liveness().evaluate(&m);
-        // A node handing over its leadership must not campaign again.
-        let want = verdict.elections_allowed && !node.is_stepping_down();
+        // A node handing over its leadership must not campaign again. A node
+        // that has just started must not either: a campaign is a vote for
+        // itself, and before the restart it may have acknowledged a leader
+        // that still counts on it for its read lease (raft/read_lease.rs).
+        let voters = m.membership_config.membership().voter_ids().count();
+        let quarantined = voters > 1 && node.read_lease().refuses_votes();
+        let want = verdict.elections_allowed && !node.is_stepping_down() && !quarantined;
         if allowed != Some(want) {
             tracing::debug!(elections_allowed = want, "election timer");
             node.raft().runtime_config().elect(want);

@@ -74,6 +74,15 @@ pub trait Upstream: Send + Sync + 'static {
         message: Arc<Vec<u8>>,
         deadline: Option<Instant>,
     ) -> impl Future<Output = Delivery> + Send;
+
+    /// True when every recipient of one message must be in one domain. MX
+    /// delivery sends each domain a transaction of its own, and a refusal
+    /// by a later domain cannot undo an earlier domain's acceptance: the
+    /// message would be answered as refused (and its uses released) although
+    /// some targets got it.
+    fn one_domain_per_message(&self) -> bool {
+        false
+    }
 }
 
 /// With no lease to bound it, the relay's own `delivery_timeout_secs` applies
@@ -89,6 +98,10 @@ impl Upstream for Arc<Relay> {
     ) -> Delivery {
         let deadline = deadline.unwrap_or_else(|| Instant::now() + NO_LEASE);
         Relay::deliver(self, envelope, message, deadline.into()).await
+    }
+
+    fn one_domain_per_message(&self) -> bool {
+        matches!(**self, Relay::Mx(_))
     }
 }
 

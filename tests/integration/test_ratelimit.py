@@ -53,6 +53,33 @@ def test_create_limit_with_headers(node_factory):
     assert status == 201
 
 
+def test_the_page_form_draws_on_the_create_bucket_and_says_so_in_html(node_factory):
+    node = limited(node_factory, create_quota=1, create_window_secs=600)
+    form = {"Content-Type": "application/x-www-form-urlencoded"}
+    body = f"target={TARGET.replace('@', '%40')}&days=1&uses="
+
+    def post():
+        conn = http.client.HTTPConnection("127.0.0.1", node.http_port, timeout=10)
+        try:
+            conn.request("POST", "/create", body, form)
+            r = conn.getresponse()
+            return r.status, {k.lower(): v for k, v in r.getheaders()}, r.read().decode()
+        finally:
+            conn.close()
+
+    status, h, page = post()
+    assert status == 201, page
+    assert h["ratelimit-policy"] == '"create";q=1;w=600'
+    # The bucket is empty: neither the form nor the API creates any more.
+    status, h, page = post()
+    assert status == 429
+    assert h["content-type"].startswith("text/html")
+    assert "Too many new aliases from your address" in page
+    assert int(h["retry-after"]) >= 1 and h["ratelimit-remaining"] == "0"
+    status, _, answer = req(node, "POST", "/v1/aliases", BODY)
+    assert status == 429 and answer["error"] == "rate_limited"
+
+
 def test_failed_lookups_stop_guessing(node_factory):
     node = limited(node_factory, failed_quota=3, failed_window_secs=60)
     status, _, alias = req(node, "POST", "/v1/aliases", BODY)

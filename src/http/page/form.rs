@@ -69,9 +69,13 @@ struct ApiErrorBody {
     message: String,
 }
 
+/// `POST /create`: the API's create for a form, answered with a page.
+/// `refused`: the client is out of creates (`ratelimit::CreateRefused`, the
+/// seconds until it may try again); it is told so on the page.
 pub(super) async fn create(
     site: Arc<Site>,
     State(state): State<AppState>,
+    refused: Option<u64>,
     headers: HeaderMap,
     body: Body,
 ) -> Response {
@@ -129,9 +133,12 @@ pub(super) async fn create(
     );
     api_headers.remove(header::CONTENT_LENGTH);
     let api_body = Body::from(serde_json::Value::Object(json).to_string());
-    let answer = match aliases::create(State(state), api_headers, api_body).await {
-        Ok(r) => r,
-        Err(e) => e.into_response(),
+    let answer = match refused {
+        Some(secs) => crate::http::error::ApiError::RateLimited(secs).into_response(),
+        None => match aliases::create(State(state), api_headers, api_body).await {
+            Ok(r) => r,
+            Err(e) => e.into_response(),
+        },
     };
     let status = answer.status();
     let passed_on = passed_on_headers(answer.headers());

@@ -107,18 +107,24 @@ where
     fn envelope(&self, tx: &Transaction) -> Envelope {
         let mut rcpt_to: Vec<String> = Vec::new();
         for a in &tx.rcpts {
-            let target = match &a.kind {
-                AcceptedKind::Alias { reserved, .. } => &reserved.target,
-                AcceptedKind::Postmaster => &self.shared.config.postmaster,
-                AcceptedKind::Bounce { original } => original,
-            };
-            if !rcpt_to.contains(target) {
-                rcpt_to.push(target.clone());
+            let target = self.destination(a);
+            if !rcpt_to.iter().any(|t| t == target) {
+                rcpt_to.push(target.to_string());
             }
         }
         Envelope {
             mail_from: tx.mail_from.clone(),
             rcpt_to,
+        }
+    }
+
+    /// Where the upstream sends `a`: the alias's target, the postmaster
+    /// address, or the original sender of a reversed bounce.
+    pub(super) fn destination<'a>(&'a self, a: &'a Accepted) -> &'a str {
+        match &a.kind {
+            AcceptedKind::Alias { reserved, .. } => &reserved.target,
+            AcceptedKind::Postmaster => &self.shared.config.postmaster,
+            AcceptedKind::Bounce { original } => original,
         }
     }
 

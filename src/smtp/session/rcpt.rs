@@ -35,6 +35,7 @@ where
         }
         if let Some(verdict) = self.srs_bounce(address) {
             return match verdict {
+                Ok(original) if self.other_domain(&original) => self.one_domain_only(),
                 Ok(original) => {
                     if let State::Transaction(tx) = &mut self.state {
                         tx.started.get_or_insert_with(Instant::now);
@@ -56,6 +57,11 @@ where
         match classify(address, &self.shared.domains, &config.recipient_delimiter) {
             Ok(Recipient::Alias { id, tag, domain }) => {
                 self.rcpt_alias(id, format!("{tag}@{domain}")).await
+            }
+            Ok(Recipient::Postmaster { .. })
+                if self.other_domain(&self.shared.config.postmaster) =>
+            {
+                self.one_domain_only()
             }
             Ok(Recipient::Postmaster { address }) => self.accept(Accepted {
                 address,
@@ -109,6 +115,10 @@ where
             Err(_) => return self.tempfail(),
         }
         match self.shared.aliases.reserve(&id).await {
+            Ok(Ok(reserved)) if self.other_domain(&reserved.target) => {
+                self.shared.aliases.release(&id, &reserved).await;
+                self.one_domain_only();
+            }
             Ok(Ok(reserved)) => {
                 if let State::Transaction(tx) = &mut self.state {
                     tx.started.get_or_insert_with(Instant::now);
@@ -121,6 +131,29 @@ where
             Ok(Err(reason)) => self.refuse(reason).await,
             Err(_) => self.tempfail(),
         }
+    }
+
+    /// True when the upstream takes one domain per message and
+    /// `destination` is in another domain than a recipient accepted before.
+    fn other_domain(&self, destination: &str) -> bool {
+        if !self.shared.upstream.one_domain_per_message() {
+            return false;
+        }
+        let domain = |a: &str| a.rsplit_once('@').map(|(_, d)| d.to_ascii_lowercase());
+        let new = domain(destination);
+        self.transaction()
+            .is_some_and(|tx| tx.rcpts.iter().any(|a| domain(self.destination(a)) != new))
+    }
+
+    /// RFC 5321 4.5.3.1.10: the client sends this recipient in a later
+    /// transaction. Not counted as a failure; the text names no address.
+    fn one_domain_only(&mut self) {
+        self.count_rcpt(RcptResult::other_domain);
+        self.reply(
+            452,
+            "4.5.3",
+            "Too many recipients for this message, send this one separately",
+        );
     }
 
     fn accept(&mut self, accepted: Accepted) {

@@ -69,6 +69,8 @@ impl AliasStore for FakeAliases {
 struct FakeUpstream {
     answer: Delivery,
     sent: Mutex<Vec<(Envelope, Vec<u8>)>>,
+    /// Takes one destination domain per message (as MX delivery does).
+    one_domain: bool,
 }
 
 impl Upstream for FakeUpstream {
@@ -83,6 +85,10 @@ impl Upstream for FakeUpstream {
             .unwrap()
             .push((envelope.clone(), message.to_vec()));
         self.answer.clone()
+    }
+
+    fn one_domain_per_message(&self) -> bool {
+        self.one_domain
     }
 }
 
@@ -119,6 +125,7 @@ fn setup(tls: bool, answer: Delivery, tweak: impl FnOnce(&mut SmtpConfig)) -> (S
         upstream: FakeUpstream {
             answer,
             sent: Mutex::new(Vec::new()),
+            one_domain: false,
         },
         config,
     });
@@ -379,4 +386,45 @@ async fn implicit_tls_greets_only_after_the_handshake() {
     assert!(c.reply().await.starts_with("220 "));
     let ehlo = c.cmd("EHLO client.example").await;
     assert!(!ehlo.contains("STARTTLS"), "{ehlo}");
+}
+
+#[tokio::test]
+async fn an_upstream_of_one_domain_per_message_gets_no_second_domain() {
+    let (mut setup, id) = setup(false, Delivery::Accepted, |_| {});
+    Arc::get_mut(&mut setup.shared).unwrap().upstream.one_domain = true;
+    let (mut c, _task) = start(&setup);
+    c.reply().await;
+    c.cmd("EHLO client.example").await;
+    c.cmd("MAIL FROM:<a@example.org>").await;
+    // The postmaster (example.net) first: the alias (example.org) must wait
+    // for a transaction of its own, and its reserved use is given back.
+    assert!(c.cmd("RCPT TO:<postmaster>").await.starts_with("250 "));
+    let reply = c.cmd(&format!("RCPT TO:<{id}@tempalias.test>")).await;
+    assert_eq!(
+        reply,
+        "452 4.5.3 Too many recipients for this message, send this one separately\r\n"
+    );
+    assert_eq!(
+        setup.shared.aliases.log(),
+        [format!("reserve {id}"), format!("release {id}")]
+    );
+    c.cmd("DATA").await;
+    assert!(c
+        .cmd("Subject: hi\r\n\r\nHello.\r\n.")
+        .await
+        .starts_with("250 "));
+    // The next transaction takes the alias.
+    c.cmd("MAIL FROM:<a@example.org>").await;
+    assert!(c
+        .cmd(&format!("RCPT TO:<{id}+x@tempalias.test>"))
+        .await
+        .starts_with("250 "));
+    c.cmd("DATA").await;
+    assert!(c
+        .cmd("Subject: hi\r\n\r\nHello.\r\n.")
+        .await
+        .starts_with("250 "));
+    let sent = setup.shared.upstream.sent.lock().unwrap();
+    assert_eq!(sent[0].0.rcpt_to, ["hostmaster@example.net".to_string()]);
+    assert_eq!(sent[1].0.rcpt_to, [format!("target-of-{id}@example.org")]);
 }
