@@ -717,6 +717,10 @@ pub struct SrsConfig {
     pub previous_secrets: Vec<Secret>,
     /// Days a rewritten sender can be bounced to (libsrs2's default: 21).
     pub max_age_days: u32,
+    /// Bounces reversed per SRS address and node within a day; 0 = no cap.
+    /// A real bounce comes once per failed delivery, so a few suffice; the
+    /// cap keeps an SRS address from being a way to mail its sender at will.
+    pub max_bounces_per_address: u32,
 }
 
 impl Default for SrsConfig {
@@ -726,6 +730,7 @@ impl Default for SrsConfig {
             secret_file: None,
             previous_secrets: Vec::new(),
             max_age_days: 21,
+            max_bounces_per_address: 3,
         }
     }
 }

@@ -8,6 +8,7 @@
 //! the server nor Raft, only the traits in [`backends`].
 
 pub mod backends;
+pub mod bounces;
 pub mod input;
 pub mod limits;
 pub mod server;

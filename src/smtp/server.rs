@@ -11,6 +11,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::backends::RaftAliases;
+use super::bounces::BounceCounts;
 use super::limits::{ConnectionCounts, FailedRcpts, TrustedNets};
 use super::session::{Session, Shared};
 use super::settle::Settlements;
@@ -55,6 +56,10 @@ impl SmtpContext {
                     smtp.max_failed_rcpts_per_ip,
                     Duration::from_secs(smtp.failed_rcpt_window_secs),
                     trusted.clone(),
+                ),
+                bounces: BounceCounts::new(
+                    config.srs.max_bounces_per_address,
+                    super::bounces::WINDOW,
                 ),
                 tls,
                 forwarding,

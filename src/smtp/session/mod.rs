@@ -63,6 +63,8 @@ pub struct Shared<A, U> {
     pub metrics: Arc<Metrics>,
     /// Failed recipients per client address, across sessions.
     pub failures: FailedRcpts,
+    /// Bounces reversed per SRS address, across sessions.
+    pub bounces: super::bounces::BounceCounts,
     /// `None`: STARTTLS is not offered.
     pub tls: Option<Arc<Tls>>,
     /// SRS, DKIM and ARC for what goes out, and SRS reversal of bounces.

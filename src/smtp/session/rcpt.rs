@@ -36,6 +36,12 @@ where
         if let Some(verdict) = self.srs_bounce(address) {
             return match verdict {
                 Ok(original) if self.other_domain(&original) => self.one_domain_only(),
+                Ok(_) if !self.shared.bounces.allow(address) => {
+                    tracing::info!("SRS bounce refused: this address had its share");
+                    self.count_rcpt(RcptResult::relay_denied);
+                    self.rcpt_failed(false).await;
+                    self.reply(550, "5.7.1", "Too many bounces to this address")
+                }
                 Ok(original) => {
                     if let State::Transaction(tx) = &mut self.state {
                         tx.started.get_or_insert_with(Instant::now);

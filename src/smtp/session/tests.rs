@@ -114,6 +114,7 @@ fn setup(tls: bool, answer: Delivery, tweak: impl FnOnce(&mut SmtpConfig)) -> (S
     aliases.uses.lock().unwrap().insert(id.clone(), 5);
     let shared = Arc::new(Shared {
         failures: FailedRcpts::new(100, Duration::from_secs(60), Default::default()),
+        bounces: crate::smtp::bounces::BounceCounts::new(2, crate::smtp::bounces::WINDOW),
         domains: vec!["tempalias.test".to_string()],
         metrics: Arc::new(Metrics::new()),
         tls: tls.clone(),
@@ -427,4 +428,39 @@ async fn an_upstream_of_one_domain_per_message_gets_no_second_domain() {
     let sent = setup.shared.upstream.sent.lock().unwrap();
     assert_eq!(sent[0].0.rcpt_to, ["hostmaster@example.net".to_string()]);
     assert_eq!(sent[1].0.rcpt_to, [format!("target-of-{id}@example.org")]);
+}
+
+#[tokio::test]
+async fn an_srs_address_takes_only_its_share_of_bounces() {
+    let (setup, _) = setup(false, Delivery::Accepted, |_| {});
+    // What this node wrote for a message from alice, at the fakes' time.
+    let srs = crate::mail::Srs::new(vec![b"session test key".to_vec()], 21).forward(
+        "alice@sender.example",
+        "tempalias.test",
+        1_700_000_000,
+    );
+    let (mut c, _task) = start(&setup);
+    c.reply().await;
+    c.cmd("EHLO mta.example").await;
+    // Not from the null sender: an SRS address is a return path only.
+    c.cmd("MAIL FROM:<someone@sender.example>").await;
+    let reply = c.cmd(&format!("RCPT TO:<{srs}>")).await;
+    assert!(reply.starts_with("550 5.7.1"), "{reply}");
+    c.cmd("RSET").await;
+    c.cmd("MAIL FROM:<>").await;
+    for _ in 0..2 {
+        let reply = c.cmd(&format!("RCPT TO:<{srs}>")).await;
+        assert!(reply.starts_with("250 2.1.5"), "{reply}");
+    }
+    // The cap of this setup is 2 per address; the case does not matter.
+    let reply = c.cmd(&format!("RCPT TO:<{}>", srs.to_uppercase())).await;
+    assert!(reply.starts_with("550 5.7.1 Too many bounces"), "{reply}");
+    c.cmd("DATA").await;
+    assert!(c
+        .cmd("Subject: bounce\r\n\r\nundeliverable\r\n.")
+        .await
+        .starts_with("250 "));
+    let sent = setup.shared.upstream.sent.lock().unwrap();
+    assert_eq!(sent[0].0.rcpt_to, ["alice@sender.example".to_string()]);
+    assert_eq!(sent[0].0.mail_from, "");
 }
