@@ -1,7 +1,7 @@
 """What DKIM signing and ARC sealing cost a forwarded message. Not part of
 the test run:
 
-    python3 tests/bench/mail_auth_bench.py [--messages 200] [--clients 4] [--size 5000] [--runs 5]
+    python3 tests/bench/mail_auth_bench.py [--messages 200] [--clients 4] [--size 5000] [--runs 5] [--tls]
 
 Starts three single nodes (capture relay) that differ only in what they add:
 `plain` (SRS only, no key), `dkim` (an RSA-2048 key, ARC off) and `dkim+arc`
@@ -10,12 +10,23 @@ domain's SPF and DMARC records: every message costs its SPF, DMARC and DKIM
 lookups, uncached, at loopback latency). Each run sends the same messages through each node in turn
 (clients keep their connection, one transaction per message) and prints
 messages per second; the summary gives medians over the runs and the ratios
-to `plain`, measured in the same run. Uses TEMPALIAS_BIN or target/debug.
+to `plain`, measured in the same run. Uses TEMPALIAS_BIN (or --bin) or
+target/debug.
+
+With --tls it measures what STARTTLS inbound and DKIM signing cost instead:
+two nodes (`plain`: no key; `dkim`: the RSA-2048 key, ARC off) and four
+variants, `plain`, `tls` (the client says STARTTLS to the plain node's
+zero-config self-signed certificate, not verified), `dkim` and `tls+dkim`,
+each with a new connection per message and with the connection kept, the
+order rotated from run to run.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import smtplib
+import ssl
 import statistics
 import subprocess
 import sys
@@ -27,8 +38,17 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "tests" / "integration"))
 
+if "--bin" in sys.argv[:-1]:
+    os.environ["TEMPALIAS_BIN"] = os.path.abspath(sys.argv[sys.argv.index("--bin") + 1])
+
 from harness import BIN, Node  # noqa: E402
 from test_mail_auth import Nsd  # noqa: E402
+
+# The node's self-signed certificate: encrypted, not verified (as most MTAs
+# do for opportunistic STARTTLS).
+TLS_CONTEXT = ssl.create_default_context()
+TLS_CONTEXT.check_hostname = False
+TLS_CONTEXT.verify_mode = ssl.CERT_NONE
 
 
 def message(i: int, size: int) -> bytes:
@@ -40,14 +60,28 @@ def message(i: int, size: int) -> bytes:
     ).encode() + body
 
 
-def send_all(node: Node, alias: str, n: int, clients: int, size: int) -> float:
-    """Messages per second for n messages over `clients` connections."""
+def connect(node: Node, tls: bool) -> smtplib.SMTP:
+    s = node.smtp(timeout=60)
+    if tls:
+        s.starttls(context=TLS_CONTEXT)
+    return s
+
+
+def send_all(node: Node, alias: str, n: int, clients: int, size: int, tls: bool = False,
+             reuse: bool = True) -> float:
+    """Messages per second for n messages from `clients` threads, each over
+    one connection (`reuse`) or a new connection per message."""
     msgs = [message(i, size) for i in range(n)]
 
     def worker(k: int) -> None:
-        with node.smtp(timeout=60) as s:
+        if reuse:
+            with connect(node, tls) as s:
+                for m in msgs[k::clients]:
+                    s.sendmail("alice@sender.example", [alias], m)
+        else:
             for m in msgs[k::clients]:
-                s.sendmail("alice@sender.example", [alias], m)
+                with connect(node, tls) as s:
+                    s.sendmail("alice@sender.example", [alias], m)
 
     t0 = time.monotonic()
     with ThreadPoolExecutor(clients) as ex:
@@ -61,7 +95,11 @@ def main() -> int:
     ap.add_argument("--clients", type=int, default=4)
     ap.add_argument("--size", type=int, default=5000)
     ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--tls", action="store_true", help="plain / tls / dkim / tls+dkim instead")
+    ap.add_argument("--bin", help="the tempalias binary (instead of TEMPALIAS_BIN)")
     args = ap.parse_args()
+    if args.tls:
+        return tls_bench(args)
     with tempfile.TemporaryDirectory(prefix="tempalias-mailauth-bench-") as tmp:
         base = Path(tmp)
         key = base / "dkim.key"
@@ -104,6 +142,59 @@ def main() -> int:
             for n, _ in nodes.values():
                 n.stop()
             nsd.stop()
+    return 0
+
+
+def tls_bench(args) -> int:
+    """STARTTLS and DKIM, alone and together, against plaintext unsigned."""
+    with tempfile.TemporaryDirectory(prefix="tempalias-tls-bench-") as tmp:
+        base = Path(tmp)
+        key = base / "dkim.key"
+        subprocess.run([str(BIN), "dkim", "keygen", "--domain", "tempalias.test", "--selector", "b1", "--out", str(key)],
+                       check=True, capture_output=True, timeout=60)
+        common = {"limits": {"max_usage": 1_000_000}, "log": {"level": "warn"}}
+        configs = {
+            "plain": {},
+            "dkim": {"dkim": {"keys": [{"domain": "tempalias.test", "selector": "b1", "key_file": str(key)}]},
+                     "arc": {"enabled": False}},
+        }
+        variants = {"plain": ("plain", False), "tls": ("plain", True), "dkim": ("dkim", False),
+                    "tls+dkim": ("dkim", True)}
+        modes = {"new connection per message": False, "connection reused": True}
+        nodes = {}
+        try:
+            for name, extra in configs.items():
+                n = Node(base, name, config={**common, **extra})
+                n.start()
+                alias = n.create_alias(days=1, max_usage=1_000_000)["alias"]
+                send_all(n, alias, min(20, args.messages), args.clients, args.size, tls=True)  # warm-up
+                nodes[name] = (n, alias)
+            print(f"{args.messages} messages of ~{args.size} bytes, {args.clients} clients, binary {BIN}")
+            names = list(variants)
+            rates = {(m, v): [] for m in modes for v in variants}
+            ratios = {(m, v): [] for m in modes for v in variants}
+            for run in range(args.runs):
+                order = names[run % len(names):] + names[:run % len(names)]
+                for mode, reuse in modes.items():
+                    row = {}
+                    for v in order:
+                        node_name, tls = variants[v]
+                        n, alias = nodes[node_name]
+                        row[v] = send_all(n, alias, args.messages, args.clients, args.size, tls=tls, reuse=reuse)
+                    for v in names:
+                        rates[(mode, v)].append(row[v])
+                        ratios[(mode, v)].append(row[v] / row["plain"])
+                    print(f"run {run + 1}, {mode}: " + ", ".join(f"{v} {row[v]:.1f} msg/s" for v in names), flush=True)
+            print("\nmedians (msg/s, and the median of the per-run ratios to plain):")
+            print("| Connections | " + " | ".join(names) + " |")
+            print("|---|" + "---|" * len(names))
+            for mode in modes:
+                cells = [f"{statistics.median(rates[(mode, v)]):.1f} (x{statistics.median(ratios[(mode, v)]):.2f})"
+                         for v in names]
+                print(f"| {mode} | " + " | ".join(cells) + " |")
+        finally:
+            for n, _ in nodes.values():
+                n.stop()
     return 0
 
 
