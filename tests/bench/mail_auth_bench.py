@@ -160,7 +160,7 @@ def tls_bench(args) -> int:
         }
         variants = {"plain": ("plain", False), "tls": ("plain", True), "dkim": ("dkim", False),
                     "tls+dkim": ("dkim", True)}
-        modes = {"new connection per message": False, "connection reused": True}
+        modes = {"new connection per message": False, "connection kept": True}
         nodes = {}
         try:
             for name, extra in configs.items():
@@ -170,6 +170,8 @@ def tls_bench(args) -> int:
                 send_all(n, alias, min(20, args.messages), args.clients, args.size, tls=True)  # warm-up
                 nodes[name] = (n, alias)
             print(f"{args.messages} messages of ~{args.size} bytes, {args.clients} clients, binary {BIN}")
+            with connect(nodes["plain"][0], True) as s:
+                print(f"STARTTLS: {s.sock.version()}, {s.sock.cipher()[0]}")
             names = list(variants)
             rates = {(m, v): [] for m in modes for v in variants}
             ratios = {(m, v): [] for m in modes for v in variants}
