@@ -22,39 +22,10 @@ from pathlib import Path
 import pytest
 
 from harness import DOMAIN, TARGET, free_port, srs_of, toml_dumps, wait_until
+from peers import MASTER_CF
+from peers import _tool as tool
 
 ORIGINAL_SENDER = "alice@sender.test"
-
-MASTER_CF = """\
-smtp      inet  n       -       n       -       -       smtpd
-pickup    unix  n       -       n       60      1       pickup
-cleanup   unix  n       -       n       -       0       cleanup
-qmgr      unix  n       -       n       300     1       qmgr
-rewrite   unix  -       -       n       -       -       trivial-rewrite
-bounce    unix  -       -       n       -       0       bounce
-defer     unix  -       -       n       -       0       bounce
-trace     unix  -       -       n       -       0       bounce
-verify    unix  -       -       n       -       1       verify
-flush     unix  n       -       n       1000?   0       flush
-proxymap  unix  -       -       n       -       -       proxymap
-smtp      unix  -       -       n       -       -       smtp
-relay     unix  -       -       n       -       -       smtp
-showq     unix  n       -       n       -       -       showq
-error     unix  -       -       n       -       -       error
-retry     unix  -       -       n       -       -       error
-discard   unix  -       -       n       -       -       discard
-anvil     unix  -       -       n       -       1       anvil
-scache    unix  -       -       n       -       1       scache
-postlog   unix-dgram n  -       n       -       1       postlogd
-"""
-
-
-def tool(name: str) -> str:
-    found = shutil.which(name) or next((p for p in (f"/usr/sbin/{name}",) if os.access(p, os.X_OK)), None)
-    if not found:
-        pytest.fail(f"{name} is not installed (Debian package postfix); run scripts/test")
-    return found
-
 
 class Postfix:
     """Postfix from its own directories, listening on 127.0.0.1:<port>."""
@@ -94,7 +65,7 @@ class Postfix:
             "biff": "no",
         }
         (self.dir / "main.cf").write_text("".join(f"{k} = {v}\n" for k, v in settings.items()))
-        (self.dir / "master.cf").write_text(MASTER_CF.replace("smtp      inet", f"127.0.0.1:{self.port} inet", 1))
+        (self.dir / "master.cf").write_text(MASTER_CF.format(port=self.port))
         (self.dir / "queue").mkdir()
 
     def postfix(self, *args):
