@@ -127,8 +127,7 @@ impl Confirmer {
             rcpt_to: vec![target.to_string()],
         };
         for attempt in 1..=ATTEMPTS {
-            // No use is held for this mail: the relay's own budget bounds it.
-            let deadline = tokio::time::Instant::now() + Duration::from_secs(24 * 3600);
+            let deadline = crate::relay::no_lease_deadline();
             match self
                 .relay
                 .deliver(&envelope, message.clone(), deadline)

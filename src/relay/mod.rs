@@ -60,6 +60,14 @@ pub enum RelayError {
     Resolver(String),
 }
 
+/// The deadline for a message that holds no alias use (a bounce, mail to
+/// the postmaster, a confirmation mail): nothing runs out for it, so the
+/// relay's own `relay.delivery_timeout_secs` decides (it takes the earlier
+/// of the two).
+pub fn no_lease_deadline() -> tokio::time::Instant {
+    tokio::time::Instant::now() + std::time::Duration::from_secs(24 * 3600)
+}
+
 /// The configured outbound path.
 pub enum Relay {
     Capture(CaptureRelay),

@@ -85,10 +85,6 @@ pub trait Upstream: Send + Sync + 'static {
     }
 }
 
-/// With no lease to bound it, the relay's own `delivery_timeout_secs` applies
-/// (it takes the earlier of the two): this is only "later than that".
-const NO_LEASE: Duration = Duration::from_secs(24 * 3600);
-
 impl Upstream for Arc<Relay> {
     async fn deliver(
         &self,
@@ -96,8 +92,8 @@ impl Upstream for Arc<Relay> {
         message: Arc<Vec<u8>>,
         deadline: Option<Instant>,
     ) -> Delivery {
-        let deadline = deadline.unwrap_or_else(|| Instant::now() + NO_LEASE);
-        Relay::deliver(self, envelope, message, deadline.into()).await
+        let deadline = deadline.map_or_else(crate::relay::no_lease_deadline, Into::into);
+        Relay::deliver(self, envelope, message, deadline).await
     }
 
     fn one_domain_per_message(&self) -> bool {
