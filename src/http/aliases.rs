@@ -360,23 +360,25 @@ async fn authorize(
     }
 }
 
+/// `GET /v1/aliases/{id}`. Takes the request rather than a `HeaderMap`
+/// extractor, which would clone every header of every status read.
 pub(super) async fn show(
     State(state): State<AppState>,
     Path(id): Path<String>,
-    headers: HeaderMap,
+    req: axum::extract::Request,
 ) -> Result<Response, ApiError> {
-    let rec = authorize(&state, &headers, &id).await?;
+    let headers = req.headers();
+    let rec = authorize(&state, headers, &id).await?;
     let view = AliasView::new(&rec, state.node.now_ms(), None);
     let body = serde_json::to_vec(&view).map_err(|_| ApiError::Internal)?;
-    // The first 8 bytes of the body's SHA-256, in hex (16 characters).
-    let digest = <sha2::Sha256 as sha2::Digest>::digest(&body);
-    let etag = format!("\"{}\"", hex::encode(&digest[..8]));
+    let etag = etag_of(&body);
+    let etag = std::str::from_utf8(&etag).map_err(|_| ApiError::Internal)?;
     let not_modified = headers
         .get(header::IF_NONE_MATCH)
         .and_then(|v| v.to_str().ok())
         .map(|v| v.split(',').any(|t| t.trim() == etag || t.trim() == "*"))
         .unwrap_or(false);
-    let etag_value = HeaderValue::from_str(&etag).map_err(|_| ApiError::Internal)?;
+    let etag_value = HeaderValue::from_str(etag).map_err(|_| ApiError::Internal)?;
     if not_modified {
         return Ok((StatusCode::NOT_MODIFIED, [(header::ETAG, etag_value)]).into_response());
     }
@@ -393,6 +395,19 @@ pub(super) async fn show(
         body,
     )
         .into_response())
+}
+
+/// A strong ETag for a status body: the first 8 bytes of its SHA-256 in
+/// hex, quoted (18 bytes, no allocation).
+fn etag_of(body: &[u8]) -> [u8; 18] {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let digest = <sha2::Sha256 as sha2::Digest>::digest(body);
+    let mut tag = [b'"'; 18];
+    for (i, b) in digest[..8].iter().enumerate() {
+        tag[1 + 2 * i] = HEX[usize::from(b >> 4)];
+        tag[2 + 2 * i] = HEX[usize::from(b & 0x0f)];
+    }
+    tag
 }
 
 pub(super) async fn revoke(
@@ -425,6 +440,13 @@ mod tests {
 
     fn parse(body: &str) -> Result<CreateRequest, ApiError> {
         CreateRequest::from_json(serde_json::from_str(body).unwrap())
+    }
+
+    #[test]
+    fn etag_is_the_quoted_hex_of_the_first_eight_digest_bytes() {
+        let digest = <sha2::Sha256 as sha2::Digest>::digest(b"{}");
+        let want = format!("\"{}\"", hex::encode(&digest[..8]));
+        assert_eq!(std::str::from_utf8(&etag_of(b"{}")).unwrap(), want);
     }
 
     #[test]

@@ -3,32 +3,29 @@
 //! `Retry-After`. Probes and scrapes pass: `/healthz` stays `200`, `/readyz`
 //! says `503` itself, and `/metrics` keeps the node observable.
 
-use axum::extract::{MatchedPath, Request, State};
+use axum::extract::Request;
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
-use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 
 use super::AppState;
 
-/// Routes a drained node still serves to everyone.
-const EXEMPT: &[&str] = &["/healthz", "/readyz", "/metrics"];
-
-/// Answers `503` while the node drains, unless the route is a probe or the
+/// The `503` a draining node answers instead of serving the request, or
+/// `None` when the request is served: the node is not draining, the route is
+/// a probe or scrape (`exempt`: `/healthz`, `/readyz`, `/metrics`), or the
 /// client is in an allowed network.
-pub(super) async fn drain(State(state): State<AppState>, req: Request, next: Next) -> Response {
-    if !state.maintenance.draining() {
-        return next.run(req).await;
+pub(super) fn refusal(state: &AppState, req: &Request, exempt: bool) -> Option<Response> {
+    if !state.maintenance.draining() || exempt {
+        return None;
     }
-    let exempt = req
-        .extensions()
-        .get::<MatchedPath>()
-        .is_some_and(|p| EXEMPT.contains(&p.as_str()));
-    let allowed = super::client_ip::client_ip(&state, &req)
+    let allowed = super::client_ip::client_ip(state, req)
         .is_some_and(|ip| state.maintenance_allow.iter().any(|net| net.contains(&ip)));
-    if exempt || allowed {
-        return next.run(req).await;
+    if allowed {
+        return None;
     }
-    page(req.headers(), state.config.maintenance.retry_after_secs)
+    Some(page(
+        req.headers(),
+        state.config.maintenance.retry_after_secs,
+    ))
 }
 
 /// True when the client prefers HTML (a browser) to JSON.

@@ -31,7 +31,7 @@ use std::net::IpAddr;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use axum::extract::{MatchedPath, Request, State};
+use axum::extract::{MatchedPath, Request};
 use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
@@ -264,7 +264,7 @@ fn refuse(policy: &Policy, d: &Decision) -> Response {
 pub struct CreateRefused(pub u64);
 
 /// Applies the policy of the route, if it has one.
-pub(super) async fn limit(State(state): State<AppState>, mut req: Request, next: Next) -> Response {
+pub(super) async fn limit(state: &AppState, mut req: Request, next: Next) -> Response {
     let Some(limits) = state.ratelimits.clone() else {
         return next.run(req).await;
     };
@@ -284,7 +284,7 @@ pub(super) async fn limit(State(state): State<AppState>, mut req: Request, next:
     if !is_create && !is_status {
         return next.run(req).await;
     }
-    let Some(ip) = super::client_ip::client_ip(&state, &req) else {
+    let Some(ip) = super::client_ip::client_ip(state, &req) else {
         return next.run(req).await;
     };
     let now = Instant::now();
