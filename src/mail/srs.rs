@@ -13,8 +13,9 @@
 //! SRS1=HHHHHH=first-forwarder==HHHH=TT=orig-domain=orig-local@alias-domain
 //! ```
 //!
-//! `HHHHHH` is the start of the base64 HMAC-SHA1 of the lower-cased fields
-//! (`TT`, domain, local part for SRS0; forwarder and the rest for SRS1), `TT`
+//! `HHHHHH` is the start of the base64 HMAC-SHA1 of the lower-cased fields,
+//! each after its length (`TT`, domain, local part for SRS0; forwarder and
+//! the rest for SRS1), `TT`
 //! the day number modulo 1024 in base32. Hashes compare case-insensitively
 //! and the fields are hashed lower-cased, because MTAs on the way may change
 //! the case of a local part (libsrs2 does the same). A sender that is already
@@ -108,10 +109,18 @@ impl Srs {
         }
     }
 
+    /// Each field is hashed after its length (8 bytes, big-endian), so the
+    /// input names where one field ends: fields hashed back to back would
+    /// make `=example.com=alice` and `=example.co=malice` the same input,
+    /// and one valid address would vouch for the other. (libsrs2 hashes them
+    /// back to back; no other forwarder needs to verify our hashes, each
+    /// reverses only its own addresses.)
     fn hash_with(key: &[u8], fields: &[&str]) -> String {
         let mut mac = <Hmac<Sha1> as Mac>::new_from_slice(key).expect("HMAC takes any key length");
         for f in fields {
-            mac.update(f.to_ascii_lowercase().as_bytes());
+            let f = f.to_ascii_lowercase();
+            mac.update(&(f.len() as u64).to_be_bytes());
+            mac.update(f.as_bytes());
         }
         let digest = mac.finalize().into_bytes();
         let mut s = base64::engine::general_purpose::STANDARD.encode(digest);
@@ -338,6 +347,28 @@ mod tests {
             );
         }
         assert_eq!(s.reverse("k7q2mz9xwd", NOW), Err(SrsError::NotSrs));
+    }
+
+    #[test]
+    fn fields_cannot_be_shifted_across_a_separator() {
+        // The fields are hashed one after the other: without their lengths,
+        // "example.com" + "alice" and "example.co" + "malice" would be the
+        // same input, and a valid address would vouch for another one.
+        let s = srs();
+        let fwd = s.forward("alice@example.com", "tempalias.test", NOW);
+        let l = local(&fwd);
+        assert_eq!(s.reverse(l, NOW).unwrap(), "alice@example.com");
+        let shifted = l.replace("=example.com=alice", "=example.co=malice");
+        assert_ne!(shifted, l);
+        assert_eq!(s.reverse(&shifted, NOW), Err(SrsError::BadHash));
+        // SRS1: the first forwarder and the rest.
+        let theirs = Srs::new(vec![b"the other forwarder".to_vec()], 21);
+        let first = theirs.forward("alice@sender.example", "fwd.example", NOW);
+        let second = s.forward(&first, "tempalias.test", NOW);
+        let l1 = local(&second);
+        let shifted1 = l1.replace("=fwd.example==", "=fwd.exampl=e=");
+        assert_ne!(shifted1, l1);
+        assert_eq!(s.reverse(&shifted1, NOW), Err(SrsError::BadHash));
     }
 
     #[test]

@@ -16,7 +16,10 @@ How the pieces sit inside the namespace:
     127.0.0.10    Postfix: smtpd :25 for submission, outbound SMTP bound here
     127.0.0.20    smtp-sink :25: the nodes' smarthost, and the MX of the
                   senders' domain (so bounces land here too and can be counted)
+    127.0.0.30    smtp-sink :25 refusing every message after DATA (550):
+                  the MX of target.test, only with Lab(bouncing_target=True)
     127.0.0.53    nsd :53: tempalias.test (3 equal MX) and sender.test
+                  (and target.test with bouncing_target)
 
 The test process itself enters the namespace (setns on its main thread before
 it starts any thread), so every process and thread it starts afterwards (the
@@ -64,6 +67,7 @@ TARGET_DOMAIN = "target.test"
 NODE_IPS = {1: "127.0.0.1", 2: "127.0.0.2", 3: "127.0.0.3"}
 POSTFIX_IP = "127.0.0.10"
 SINK_IP = "127.0.0.20"
+TARGET_MX_IP = "127.0.0.30"
 DNS_IP = "127.0.0.53"
 CHAIN = "TEMPALIAS-CHAOS"
 CLONE_NEWNET = 0x40000000
@@ -323,11 +327,13 @@ def dns_query(server: str, name: str, qtype: int, port: int = 53, timeout: float
 
 class Nsd:
     """nsd serving tempalias.test (three equal MX, A records of the nodes) and
-    sender.test (MX to the sink), from its own directory, in the foreground."""
+    sender.test (MX to the sink), and target.test (MX to `target_mx`) when
+    given, from its own directory, in the foreground."""
 
-    def __init__(self, base: Path, node_ips: dict[int, str]):
+    def __init__(self, base: Path, node_ips: dict[int, str], target_mx: str | None = None):
         self.dir = base / "nsd"
         self.node_ips = node_ips
+        self.target_mx = target_mx
         self.proc: subprocess.Popen | None = None
 
     def zone(self) -> str:
@@ -352,11 +358,23 @@ class Nsd:
             f"mta IN A {POSTFIX_IP}\n"
         )
 
+    def target_zone(self) -> str:
+        return (
+            f"$ORIGIN {TARGET_DOMAIN}.\n$TTL 60\n"
+            f"@ IN SOA ns.{TARGET_DOMAIN}. hostmaster.{TARGET_DOMAIN}. (1 3600 600 86400 60)\n"
+            f"@ IN NS ns.{TARGET_DOMAIN}.\nns IN A {DNS_IP}\n"
+            f"@ IN MX 10 mx.{TARGET_DOMAIN}.\nmx IN A {self.target_mx}\n"
+        )
+
     def start(self) -> "Nsd":
         d = self.dir
         d.mkdir(parents=True, exist_ok=True)
         (d / f"{DOMAIN}.zone").write_text(self.zone())
         (d / f"{SENDER_DOMAIN}.zone").write_text(self.sender_zone())
+        zones = [DOMAIN, SENDER_DOMAIN]
+        if self.target_mx:
+            (d / f"{TARGET_DOMAIN}.zone").write_text(self.target_zone())
+            zones.append(TARGET_DOMAIN)
         conf = f"""server:
     ip-address: {DNS_IP}
     port: 53
@@ -374,13 +392,8 @@ class Nsd:
     verbosity: 1
 remote-control:
     control-enable: no
-zone:
-    name: {DOMAIN}
-    zonefile: "{DOMAIN}.zone"
-zone:
-    name: {SENDER_DOMAIN}
-    zonefile: "{SENDER_DOMAIN}.zone"
 """
+        conf += "".join(f'zone:\n    name: {z}\n    zonefile: "{z}.zone"\n' for z in zones)
         (d / "nsd.conf").write_text(conf)
         run([tool("nsd-checkconf"), d / "nsd.conf"])
         log = open(d / "nsd.out", "ab")
@@ -393,7 +406,9 @@ zone:
         def serving():
             if self.proc.poll() is not None:
                 raise LabError(f"nsd exited with {self.proc.returncode}: {(d / 'nsd.out').read_text()}{self.log()}")
-            return dns_query(DNS_IP, DOMAIN, 15) == (0, len(self.node_ips))
+            return dns_query(DNS_IP, DOMAIN, 15) == (0, len(self.node_ips)) and (
+                not self.target_mx or dns_query(DNS_IP, TARGET_DOMAIN, 15) == (0, 1)
+            )
 
         try:
             wait_until(serving, 20, "nsd to serve the MX records")
@@ -432,10 +447,14 @@ class SinkCounts:
 
 
 class Sink:
-    """Postfix's smtp-sink on SINK_IP:25, one file per transaction."""
+    """Postfix's smtp-sink on `ip`:25 (SINK_IP), one file per transaction;
+    `options` go before the address (e.g. `-f . -B "550 ..."` to refuse every
+    message after DATA)."""
 
-    def __init__(self, base: Path):
-        self.dir = base / "sink"
+    def __init__(self, base: Path, ip: str = SINK_IP, name: str = "sink", options: tuple[str, ...] = ()):
+        self.ip = ip
+        self.options = list(options)
+        self.dir = base / name
         self.dump = self.dir / "dump"
         self.proc: subprocess.Popen | None = None
 
@@ -446,7 +465,7 @@ class Sink:
         err = open(self.dir / "smtp-sink.log", "ab")
         try:
             self.proc = subprocess.Popen(
-                [tool("smtp-sink"), "-u", "nobody", "-d", f"{self.dump}/msg.", f"{SINK_IP}:25", "256"],
+                [tool("smtp-sink"), "-u", "nobody", "-d", f"{self.dump}/msg.", *self.options, f"{self.ip}:25", "256"],
                 stdout=err,
                 stderr=err,
                 stdin=subprocess.DEVNULL,
@@ -457,7 +476,7 @@ class Sink:
         def greets():
             if self.proc.poll() is not None:
                 raise LabError(f"smtp-sink exited with {self.proc.returncode}: {(self.dir / 'smtp-sink.log').read_text()}")
-            with socket.create_connection((SINK_IP, 25), timeout=2) as s:
+            with socket.create_connection((self.ip, 25), timeout=2) as s:
                 return s.recv(100).startswith(b"220")
 
         wait_until(greets, 15, "smtp-sink to greet")
@@ -480,6 +499,19 @@ class Sink:
                 out.delivered[m.group(1).decode()] += 1
         return out
 
+    def messages(self) -> list[SinkMessage]:
+        """Every completely written dump, oldest first."""
+        out = []
+        for p in sorted(self.dump.glob("msg.*"), key=lambda p: p.stat().st_mtime_ns):
+            raw = p.read_bytes()
+            if not raw.endswith(b"\n\n"):
+                continue  # still being written
+            mail = re.search(rb"^X-Mail-Args: (\S*)", raw, re.MULTILINE)
+            rcpts = re.findall(rb"^X-Rcpt-Args: (\S*)", raw, re.MULTILINE)
+            mail_from = mail.group(1).decode().strip("<>") if mail else None
+            out.append(SinkMessage(mail_from, [r.decode().strip("<>") for r in rcpts], raw))
+        return out
+
     def stop(self):
         if self.proc is not None and self.proc.poll() is None:
             self.proc.terminate()
@@ -488,6 +520,15 @@ class Sink:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(10)
+
+
+@dataclass
+class SinkMessage:
+    """One transaction smtp-sink dumped: envelope and the whole dump."""
+
+    mail_from: str | None  # "" for the null sender
+    rcpt_to: list[str]
+    raw: bytes
 
 
 # --------------------------------------------------------------------------- Postfix
@@ -941,19 +982,24 @@ class Lab:
 
     `mail=False` leaves out nsd, smtp-sink and Postfix (the benchmark needs
     only the nodes and the firewall); `node_config` replaces NODE_CONFIG as
-    the nodes' settings (launch.py's defaults, capture relay, when {})."""
+    the nodes' settings (launch.py's defaults, capture relay, when {});
+    `bouncing_target=True` adds target.test to DNS with an MX (TARGET_MX_IP)
+    that refuses every message after DATA (`self.target`)."""
 
-    def __init__(self, binary, node_config: dict | None = None, mail: bool = True, keep: bool = False):
+    def __init__(self, binary, node_config: dict | None = None, mail: bool = True, keep: bool = False,
+                 bouncing_target: bool = False, name: str | None = None):
         self.binary = binary
         self.node_config = NODE_CONFIG if node_config is None else node_config
         self.mail = mail
         self.keep = keep
+        self.bouncing_target = bouncing_target
         self.base = Path(tempfile.mkdtemp(prefix="tempalias-chaos-"))
         # Postfix's daemons (user postfix) must reach their queue below this.
         os.chmod(self.base, 0o755)
-        self.netns = Netns()
+        self.netns = Netns(name)
         self.nsd: Nsd | None = None
         self.sink: Sink | None = None
+        self.target: Sink | None = None
         self.postfix: Postfix | None = None
         self.cluster: ChaosCluster | None = None
         self.fw: Firewall | None = None
@@ -965,8 +1011,11 @@ class Lab:
             if self.mail:
                 self.netns.add_address(POSTFIX_IP)
                 self.netns.write_resolv_conf(DNS_IP)
-                self.nsd = Nsd(self.base, NODE_IPS).start()
+                self.nsd = Nsd(self.base, NODE_IPS, TARGET_MX_IP if self.bouncing_target else None).start()
                 self.sink = Sink(self.base).start()
+                if self.bouncing_target:
+                    refuse = ("-f", ".", "-B", "550 5.2.2 mailbox full")
+                    self.target = Sink(self.base, TARGET_MX_IP, "target", refuse).start()
             self.cluster = ChaosCluster(self.base / "cluster", self.binary, self.node_config)
             self.cluster.start(wait=True, timeout=90)
             self.fw = Firewall(self.netns, self.cluster.ports["cluster"])
@@ -1016,6 +1065,7 @@ class Lab:
             lambda: self.postfix and self.postfix.stop(),
             lambda: self.cluster and self.cluster.cleanup(),
             lambda: self.sink and self.sink.stop(),
+            lambda: self.target and self.target.stop(),
             lambda: self.nsd and self.nsd.stop(),
             lambda: self.fw and self.fw.close(),
         ]

@@ -5,8 +5,9 @@ The node relays through a Postfix instance of its own; the target's server
 envelope sender. The bounce reaches the node, which reverses the address and
 relays the bounce, again through Postfix, to the original sender's server
 (another smtp-sink). Postfix routes the three domains with a transport table
-to loopback ports (no MX lookup: the lab's nsd on port 53 needs a network
-namespace; tests/chaos has that).
+to loopback ports (no MX lookup: nsd on port 53 needs a network namespace;
+tests/chaos/test_srs_mx.py makes the same round trip with every hop found by
+MX lookup).
 """
 
 from __future__ import annotations

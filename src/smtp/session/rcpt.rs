@@ -43,6 +43,8 @@ where
                     self.reply(550, "5.7.1", "Too many bounces to this address")
                 }
                 Ok(original) => {
+                    // No address in the log: the original sender is personal data.
+                    tracing::info!("SRS bounce accepted, returned to the original sender");
                     if let State::Transaction(tx) = &mut self.state {
                         tx.started.get_or_insert_with(Instant::now);
                     }
