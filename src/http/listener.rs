@@ -16,8 +16,8 @@
 //!   IPv4 address or IPv6 /64, `[http] trusted_proxies` exempt): without it
 //!   one address holding thousands of idle connections takes every slot of
 //!   the global cap from everyone else. A connection past it gets a fixed
-//!   `503` `too_many_connections` the same way (through the same bounded
-//!   refusal path) and is counted with `limit="max_connections_per_ip"`;
+//!   `503` `too_many_connections` the same way (through a refusal path
+//!   bounded the same way, but on its own) and is counted with `limit="max_connections_per_ip"`;
 //!   probes are not excepted here, since the node is not overloaded and a
 //!   monitor from another address is served as usual.
 //! - a **header-read timeout** (`http.header_read_timeout_secs`): a client that
@@ -53,8 +53,10 @@ use tokio_util::task::TaskTracker;
 use crate::metrics::{Metrics, RefusedLabels, RefusedLimit};
 use crate::peer_limits::ConnectionCounts;
 
-/// Connections past the cap that may be in the refusal path at once (reading
-/// the request line, writing the `503`).
+/// Connections past a cap that may be in the refusal path at once (reading
+/// the request line, writing the `503`). Each cap has its own bound, so a
+/// greedy address being refused cannot crowd out the probes served past the
+/// global cap.
 pub const MAX_REFUSING: usize = 64;
 
 /// How long a refused connection may take to show its request line.
@@ -111,6 +113,7 @@ pub async fn serve(
     let builder = Arc::new(builder);
     let permits = Arc::new(Semaphore::new(limits.max_connections));
     let refusing = Arc::new(Semaphore::new(MAX_REFUSING));
+    let refusing_per_ip = Arc::new(Semaphore::new(MAX_REFUSING));
     let tracker = TaskTracker::new();
     let mut backoff = Duration::from_millis(10);
     loop {
@@ -161,8 +164,12 @@ pub async fn serve(
                         limit: limit.clone(),
                     })
                     .inc();
+                let bound = match limit {
+                    RefusedLimit::max_connections => &refusing,
+                    RefusedLimit::max_connections_per_ip => &refusing_per_ip,
+                };
                 // Past the refusal bound the connection is simply closed.
-                if let Ok(refusing) = refusing.clone().try_acquire_owned() {
+                if let Ok(refusing) = bound.clone().try_acquire_owned() {
                     let (builder, shutdown) = (builder.clone(), shutdown.clone());
                     tracker.spawn(async move {
                         let _held = refusing;
