@@ -140,6 +140,10 @@ pub struct HttpConfig {
     pub max_concurrent_requests: usize,
     /// Open connections; beyond that a new connection gets a fast `503`.
     pub max_connections: usize,
+    /// Open connections from one client address (IPv6: one /64), so one
+    /// client cannot hold every slot of `max_connections`; `trusted_proxies`
+    /// are exempt (a proxy carries many clients). 0 turns the cap off.
+    pub max_connections_per_ip: usize,
     /// A client must send a complete request head within this time.
     pub header_read_timeout_secs: u64,
     /// A connection that moves no byte for this long is closed.
@@ -205,6 +209,7 @@ impl Default for HttpConfig {
             request_timeout_secs: 10,
             max_concurrent_requests: 512,
             max_connections: 4096,
+            max_connections_per_ip: 128,
             header_read_timeout_secs: 10,
             keepalive_idle_secs: 60,
             trusted_proxies: Vec::new(),

@@ -16,6 +16,7 @@
 //! - [`maintenance`]: node and cluster-wide drain, shared by SMTP and HTTP.
 //! - [`http`]: the JSON API, health endpoints and `/metrics`.
 //! - [`metrics`]: the Prometheus registry shared by all of the above.
+//! - [`peer_limits`]: open connections per client address (SMTP and HTTP).
 //! - [`server`]: wires one node together and runs it until shutdown.
 //! - [`cli`]: the `tempalias` command line (the binary is a thin wrapper).
 
@@ -30,6 +31,7 @@ pub mod http;
 pub mod mail;
 pub mod maintenance;
 pub mod metrics;
+pub mod peer_limits;
 pub mod raft;
 pub mod relay;
 pub mod server;

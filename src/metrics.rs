@@ -110,6 +110,22 @@ pub struct TlsLabels {
     pub result: TlsResult,
 }
 
+/// Which cap of the HTTP listener refused a connection, named after its
+/// config key.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[allow(non_camel_case_types)]
+pub enum RefusedLimit {
+    /// `http.max_connections`: the node as a whole is full.
+    max_connections,
+    /// `http.max_connections_per_ip`: the client's address (or /64) is.
+    max_connections_per_ip,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RefusedLabels {
+    pub limit: RefusedLimit,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct HttpLabels {
     pub route: String,
@@ -156,8 +172,8 @@ pub struct Metrics {
     pub maintenance: Gauge,
     /// HTTP connections open on the public listener.
     pub http_connections_active: Gauge,
-    /// HTTP connections refused because the listener was at its cap.
-    pub http_connections_refused: Counter,
+    /// HTTP connections refused at the listener, by the cap that refused.
+    pub http_connections_refused: Family<RefusedLabels, Counter>,
     /// Outbound attempts per upstream and outcome.
     pub relay_attempts: Family<AttemptLabels, Counter>,
     /// Messages that skipped a smarthost because its breaker was open.
@@ -258,7 +274,7 @@ impl Metrics {
             smtp_drained: Counter::default(),
             maintenance: Gauge::default(),
             http_connections_active: Gauge::default(),
-            http_connections_refused: Counter::default(),
+            http_connections_refused: Family::default(),
             relay_attempts: Family::default(),
             relay_skipped: Family::default(),
             relay_breaker_state: Family::default(),
@@ -340,7 +356,7 @@ impl Metrics {
         );
         registry.register(
             "http_connections_refused",
-            "HTTP connections refused at the listener's connection cap",
+            "HTTP connections refused at the listener, by the cap that refused them (max_connections: the node is full; max_connections_per_ip: the client's address is)",
             m.http_connections_refused.clone(),
         );
         registry.register("raft_term", "Current Raft term", m.raft_term.clone());
@@ -471,6 +487,24 @@ impl Metrics {
                 version: env!("CARGO_PKG_VERSION").to_string(),
             })
             .set(1);
+        // Series of known label values exist from the start at 0, so a
+        // dashboard or alert sees "none yet" rather than "no data", and the
+        // first event shows as an increase.
+        for limit in [
+            RefusedLimit::max_connections,
+            RefusedLimit::max_connections_per_ip,
+        ] {
+            let _ = m
+                .http_connections_refused
+                .get_or_create(&RefusedLabels { limit });
+        }
+        for event in [
+            ConfirmEvent::mail_sent,
+            ConfirmEvent::mail_failed,
+            ConfirmEvent::confirmed,
+        ] {
+            let _ = m.confirmations.get_or_create(&ConfirmLabels { event });
+        }
         Self { registry, ..m }
     }
 
@@ -551,5 +585,20 @@ mod tests {
         assert!(!text.contains("# EOF"));
         assert!(!text.contains("# UNIT"));
         assert!(m.encode().ends_with("# EOF\n"));
+    }
+
+    #[test]
+    fn labelled_refusals_and_confirmations_start_at_zero() {
+        let m = Metrics::new();
+        let text = m.encode_classic();
+        for series in [
+            r#"tempalias_http_connections_refused_total{limit="max_connections"} 0"#,
+            r#"tempalias_http_connections_refused_total{limit="max_connections_per_ip"} 0"#,
+            r#"tempalias_confirmations_total{event="mail_sent"} 0"#,
+            r#"tempalias_confirmations_total{event="mail_failed"} 0"#,
+            r#"tempalias_confirmations_total{event="confirmed"} 0"#,
+        ] {
+            assert!(text.contains(&format!("{series}\n")), "{series} in {text}");
+        }
     }
 }

@@ -286,6 +286,14 @@ pub async fn run(
             header_read_timeout: Duration::from_secs(config.http.header_read_timeout_secs),
             keepalive_idle: Duration::from_secs(config.http.keepalive_idle_secs),
         },
+        Arc::new(crate::peer_limits::ConnectionCounts::new(
+            config.http.max_connections_per_ip,
+            // A reverse proxy carries many clients on one address. Validated
+            // with the rest of the config at load time.
+            crate::peer_limits::TrustedNets::new(
+                config.http.trusted_proxy_nets().unwrap_or_default(),
+            ),
+        )),
         metrics.clone(),
         shutdown.clone(),
     ));

@@ -8,10 +8,18 @@
 //! - a **connection cap** (`http.max_connections`): a permit is taken for
 //!   every accepted connection. A connection beyond the cap is not served:
 //!   it gets a fixed `503` with `Retry-After` and is closed (counted in
-//!   `tempalias_http_connections_refused_total`), except that a probe or scrape
+//!   `tempalias_http_connections_refused_total{limit="max_connections"}`), except that a probe or scrape
 //!   (`GET /healthz`, `/readyz`, `/metrics`) is still answered, so an
 //!   overloaded node still says how it is. That refusal work is itself
 //!   bounded ([`MAX_REFUSING`]); past it, excess connections are just closed.
+//! - a **connection cap per client address** (`http.max_connections_per_ip`,
+//!   IPv4 address or IPv6 /64, `[http] trusted_proxies` exempt): without it
+//!   one address holding thousands of idle connections takes every slot of
+//!   the global cap from everyone else. A connection past it gets a fixed
+//!   `503` `too_many_connections` the same way (through a refusal path
+//!   bounded the same way, but on its own) and is counted with `limit="max_connections_per_ip"`;
+//!   probes are not excepted here, since the node is not overloaded and a
+//!   monitor from another address is served as usual.
 //! - a **header-read timeout** (`http.header_read_timeout_secs`): a client that
 //!   has not sent a complete request head by then is disconnected (slowloris);
 //! - a **keep-alive idle timeout** (`http.keepalive_idle_secs`): a connection
@@ -42,10 +50,13 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, RefusedLabels, RefusedLimit};
+use crate::peer_limits::ConnectionCounts;
 
-/// Connections past the cap that may be in the refusal path at once (reading
-/// the request line, writing the `503`).
+/// Connections past a cap that may be in the refusal path at once (reading
+/// the request line, writing the `503`). Each cap has its own bound, so a
+/// greedy address being refused cannot crowd out the probes served past the
+/// global cap.
 pub const MAX_REFUSING: usize = 64;
 
 /// How long a refused connection may take to show its request line.
@@ -59,7 +70,7 @@ pub struct Limits {
     pub keepalive_idle: Duration,
 }
 
-/// What every refused connection is told (besides probes).
+/// What every connection refused at the global cap is told (besides probes).
 const REFUSAL: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\n\
 content-type: application/json\r\n\
 retry-after: 2\r\n\
@@ -68,11 +79,27 @@ content-length: 57\r\n\
 \r\n\
 {\"error\":\"overloaded\",\"message\":\"the node is overloaded\"}";
 
+/// What a connection past its address's cap is told: the same fixed `503`,
+/// with a code that says the limit is the client's own, not the node's.
+const REFUSAL_PER_IP: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\n\
+content-type: application/json\r\n\
+retry-after: 2\r\n\
+connection: close\r\n\
+content-length: 88\r\n\
+\r\n\
+{\"error\":\"too_many_connections\",\"message\":\"too many open connections from this address\"}";
+
 /// Serves `app` on `listener` until `shutdown`, then drains connections.
+///
+/// `per_ip` holds the open connections of each client address: a slot is
+/// taken after the global permit, so the table never has more entries than
+/// `limits.max_connections`, and each slot is given back when its
+/// connection's task ends, however it ends.
 pub async fn serve(
     listener: TcpListener,
     app: Router,
     limits: Limits,
+    per_ip: Arc<ConnectionCounts>,
     metrics: Arc<Metrics>,
     shutdown: CancellationToken,
 ) {
@@ -86,6 +113,7 @@ pub async fn serve(
     let builder = Arc::new(builder);
     let permits = Arc::new(Semaphore::new(limits.max_connections));
     let refusing = Arc::new(Semaphore::new(MAX_REFUSING));
+    let refusing_per_ip = Arc::new(Semaphore::new(MAX_REFUSING));
     let tracker = TaskTracker::new();
     let mut backoff = Duration::from_millis(10);
     loop {
@@ -110,25 +138,49 @@ pub async fn serve(
         };
         let _ = stream.set_nodelay(true);
         let app = app.clone();
-        match permits.clone().try_acquire_owned() {
-            Ok(permit) => {
+        let admitted = match permits.clone().try_acquire_owned() {
+            Ok(permit) => match per_ip.acquire_owned(peer.ip()) {
+                Some(slot) => Ok((permit, slot)),
+                None => Err(RefusedLimit::max_connections_per_ip),
+            },
+            Err(_) => Err(RefusedLimit::max_connections),
+        };
+        match admitted {
+            Ok((permit, slot)) => {
                 let (builder, metrics, shutdown) =
                     (builder.clone(), metrics.clone(), shutdown.clone());
                 tracker.spawn(async move {
+                    // Dropped with the task, even if it is aborted.
+                    let _held = (permit, slot);
                     metrics.http_connections_active.inc();
                     serve_connection(&builder, stream, peer, app, limits, shutdown).await;
                     metrics.http_connections_active.dec();
-                    drop(permit);
                 });
             }
-            Err(_) => {
-                metrics.http_connections_refused.inc();
+            Err(limit) => {
+                metrics
+                    .http_connections_refused
+                    .get_or_create(&RefusedLabels {
+                        limit: limit.clone(),
+                    })
+                    .inc();
+                let bound = match limit {
+                    RefusedLimit::max_connections => &refusing,
+                    RefusedLimit::max_connections_per_ip => &refusing_per_ip,
+                };
                 // Past the refusal bound the connection is simply closed.
-                if let Ok(slot) = refusing.clone().try_acquire_owned() {
+                if let Ok(refusing) = bound.clone().try_acquire_owned() {
                     let (builder, shutdown) = (builder.clone(), shutdown.clone());
                     tracker.spawn(async move {
-                        refuse(&builder, stream, peer, app, limits, shutdown).await;
-                        drop(slot);
+                        let _held = refusing;
+                        match limit {
+                            RefusedLimit::max_connections => {
+                                refuse(&builder, stream, peer, app, limits, shutdown).await
+                            }
+                            RefusedLimit::max_connections_per_ip => {
+                                write_refusal(stream, REFUSAL_PER_IP).await
+                            }
+                        }
                     });
                 }
             }
@@ -194,7 +246,7 @@ async fn serve_connection(
 /// fixed `503`.
 async fn refuse(
     builder: &auto::Builder<TokioExecutor>,
-    mut stream: TcpStream,
+    stream: TcpStream,
     peer: SocketAddr,
     app: Router,
     limits: Limits,
@@ -222,8 +274,13 @@ async fn refuse(
         serve_connection(builder, stream, peer, app, limits, shutdown).await;
         return;
     }
+    write_refusal(stream, REFUSAL).await;
+}
+
+/// Writes a fixed refusal and closes, within a second.
+async fn write_refusal(mut stream: TcpStream, refusal: &[u8]) {
     let _ = tokio::time::timeout(Duration::from_secs(1), async {
-        stream.write_all(REFUSAL).await?;
+        stream.write_all(refusal).await?;
         stream.shutdown().await?;
         // Read what the client sent, so closing does not reset the
         // connection before it has read the answer.
@@ -338,11 +395,16 @@ mod tests {
     }
 
     #[test]
-    fn refusal_is_a_complete_response() {
-        let text = std::str::from_utf8(REFUSAL).unwrap();
-        let (head, body) = text.split_once("\r\n\r\n").unwrap();
-        assert!(head.contains(&format!("content-length: {}", body.len())));
-        let v: serde_json::Value = serde_json::from_str(body).unwrap();
-        assert_eq!(v["error"], "overloaded");
+    fn refusals_are_complete_responses() {
+        for (refusal, code) in [
+            (REFUSAL, "overloaded"),
+            (REFUSAL_PER_IP, "too_many_connections"),
+        ] {
+            let text = std::str::from_utf8(refusal).unwrap();
+            let (head, body) = text.split_once("\r\n\r\n").unwrap();
+            assert!(head.contains(&format!("content-length: {}", body.len())));
+            let v: serde_json::Value = serde_json::from_str(body).unwrap();
+            assert_eq!(v["error"], code);
+        }
     }
 }

@@ -56,7 +56,8 @@ def deferring_sink(workdir):
 @pytest.fixture(scope="module")
 def cluster(workdir, binary, deferring_sink):
     """Nodes 1 and 2 capture forwarded mail; node 3 forwards to the deferring
-    smarthost, so the test chooses when forwarding fails by where it sends."""
+    smarthost, so the test chooses when forwarding fails by where it sends.
+    Node 2 alone has a rate limit on failed lookups."""
     ips = [f"127.0.0.{i}" for i in (1, 2, 3)]
     http, smtp, cl = free_ports(ips, 3)
     c = LocalCluster(
@@ -68,6 +69,10 @@ def cluster(workdir, binary, deferring_sink):
         die_with_parent=True,
     )
     c.node(3).extra_config = {"relay": {"mode": "smarthost", "smarthosts": [deferring_sink.url], "timeout_secs": 10}}
+    # Node 2 limits failed lookups (only those), so the test can make a 429
+    # for the dashboard's rate-limit panel.
+    c.node(2).extra_config = {"ratelimit": {"enabled": True, "failed_quota": 2, "create_quota": 1_000_000,
+                                            "status_quota": 1_000_000}}
     try:
         c.start(wait=True, timeout=60)
         yield c

@@ -15,7 +15,7 @@ import json
 import os
 import subprocess
 
-from clusterkit import create_ok, rcpt_reply, send
+from clusterkit import create_ok, rcpt_reply, request, send
 from launch import child_env
 from promkit import DASHBOARD, alert_rules, dashboard_queries, metric_names, wait_until
 
@@ -28,7 +28,8 @@ AFTER_FAILURE = {"tempalias_cluster_rpc_errors_total"}
 
 def make_traffic(cluster):
     """Aliases created through every node, mail forwarded through nodes 1 and 2
-    (capture relay), a refused RCPT, an unauthenticated GET."""
+    (capture relay), a refused RCPT, lookups with a wrong token on node 2
+    until its failed-lookup limit answers 429."""
     aliases = [create_ok(nd, max_usage=100) for nd in cluster]
     for nd in (cluster.node(1), cluster.node(2)):
         for _ in range(3):
@@ -36,6 +37,10 @@ def make_traffic(cluster):
             assert r.ok, str(r)
     code, _ = rcpt_reply(cluster.node(1), "nosuchalias0@tempalias.test")
     assert code == 550
+    wrong = {"Authorization": "Bearer wrong-token"}
+    statuses = [request(cluster.node(2), "GET", f"/v1/aliases/{aliases[0]['id']}", headers=wrong).status
+                for _ in range(3)]
+    assert statuses[-1] == 429 and set(statuses) <= {404, 429}, statuses
     return aliases
 
 
