@@ -231,16 +231,8 @@ impl Serialize for Smarthost {
     }
 }
 
-/// The table form of an entry, as written.
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct EntryTable {
-    url: String,
-    user: Option<String>,
-    password_file: Option<PathBuf>,
-    /// Accepted only to be refused with a useful message.
-    password: Option<de::IgnoredAny>,
-}
+/// The keys of an entry's table form.
+const ENTRY_KEYS: [&str; 3] = ["url", "user", "password_file"];
 
 struct SmarthostVisitor;
 
@@ -257,14 +249,44 @@ impl<'de> Visitor<'de> for SmarthostVisitor {
             .map_err(|e| E::custom(format!("{v:?}: {e}")))
     }
 
-    fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Smarthost, A::Error> {
-        let t = EntryTable::deserialize(de::value::MapAccessDeserializer::new(map))?;
-        if t.password.is_some() {
-            return Err(de::Error::custom(
-                "a smarthost's password goes in a file named by its password_file, not in the configuration",
-            ));
+    /// Read by hand rather than derived, so that a mistake names the
+    /// entry's URL (the error's line is that of the whole list) and a
+    /// misspelt key gets a suggestion.
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Smarthost, A::Error> {
+        let (mut url, mut user, mut password_file) = (None::<String>, None, None);
+        let mut problems = Vec::new();
+        while let Some(key) = map.next_key::<String>()? {
+            match key.as_str() {
+                "url" => url = Some(map.next_value()?),
+                "user" => user = Some(map.next_value::<String>()?),
+                "password_file" => password_file = Some(map.next_value::<PathBuf>()?),
+                "password" => {
+                    map.next_value::<de::IgnoredAny>()?;
+                    problems.push(
+                        "a smarthost's password goes in a file named by its password_file, not in the configuration"
+                            .to_string(),
+                    );
+                }
+                other => {
+                    map.next_value::<de::IgnoredAny>()?;
+                    let hint = super::diagnose::suggest(other, ENTRY_KEYS)
+                        .map(|k| format!("; did you mean {k}?"))
+                        .unwrap_or_default();
+                    problems.push(format!(
+                        "unknown key {other:?} (an entry has url, user and password_file){hint}"
+                    ));
+                }
+            }
         }
-        Smarthost::from_parts(&t.url, t.user, t.password_file).map_err(de::Error::custom)
+        let Some(url) = url else {
+            return Err(de::Error::custom(
+                "a smarthost table needs url = \"smtp://...\"",
+            ));
+        };
+        if let Some(first) = problems.first() {
+            return Err(de::Error::custom(format!("{url}: {first}")));
+        }
+        Smarthost::from_parts(&url, user, password_file).map_err(de::Error::custom)
     }
 }
 
@@ -379,7 +401,7 @@ password_file = "/run/b.pw"
                 "smarthosts = [{ url = \"smtps://h\", pasword_file = \"/x\" }]",
                 "pasword_file",
             ),
-            ("smarthosts = [{ user = \"v\" }]", "url"),
+            ("smarthosts = [{ user = \"v\" }]", "needs url"),
             ("smarthosts = [{ url = \"ftp://h\" }]", "ftp://h"),
             (
                 "smarthosts = [{ url = \"smtps://h\", user = \"\" }]",
