@@ -31,7 +31,7 @@ use rand::seq::SliceRandom;
 use tokio::time::Instant;
 
 use super::client::{self, AttemptError, Target, TlsPolicy};
-use super::{to_lettre, Delivery, Envelope, RelayError};
+use super::{attempt_result, to_lettre, Delivery, Envelope, RelayError};
 use crate::config::RelayConfig;
 use crate::metrics::{AttemptLabels, Metrics};
 
@@ -206,7 +206,7 @@ impl MxRelay {
                 .relay_attempts
                 .get_or_create(&AttemptLabels {
                     upstream: MX_LABEL.into(),
-                    result: super::smarthost::attempt_result(&outcome),
+                    result: attempt_result(&outcome),
                 })
                 .inc();
             match outcome {

@@ -28,9 +28,9 @@ use tokio::time::Instant;
 
 use super::breaker::{full_jitter, Breaker};
 use super::client::{self, AttemptError, Target, TlsPolicy};
-use super::{to_lettre, Delivery, Envelope, RelayError};
+use super::{attempt_result, to_lettre, Delivery, Envelope, RelayError};
 use crate::config::{RelayConfig, SmarthostUrl, TlsMode};
-use crate::metrics::{AttemptLabels, AttemptResult, Metrics, UpstreamLabels};
+use crate::metrics::{AttemptLabels, Metrics, UpstreamLabels};
 
 /// An attempt is not started with less than this left of the budget: it
 /// could not finish, and the sender is better served by an early 451.
@@ -60,17 +60,6 @@ pub struct SmarthostRelay {
     backoff_base: Duration,
     backoff_max: Duration,
     metrics: Arc<Metrics>,
-}
-
-/// The metric label of an attempt's outcome.
-pub(super) fn attempt_result(outcome: &Result<(), AttemptError>) -> AttemptResult {
-    match outcome {
-        Ok(()) => AttemptResult::accepted,
-        Err(e) if e.is_failure() => AttemptResult::failed,
-        Err(AttemptError::Unsupported { .. }) => AttemptResult::unsupported,
-        Err(AttemptError::Reply { code, .. }) if *code >= 500 => AttemptResult::refused_permanent,
-        Err(_) => AttemptResult::refused_temporary,
-    }
 }
 
 impl SmarthostRelay {
