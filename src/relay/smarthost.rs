@@ -255,6 +255,10 @@ impl SmarthostRelay {
                         text,
                     }) => {
                         tracing::warn!(smarthost = %upstream.label, %enhanced, %text, "smarthost cannot take this message, trying the next");
+                        // Not one of max_attempts: those are for retrying
+                        // failures, and this host is asked once per message
+                        // at most, so the loop stays bounded.
+                        attempts -= 1;
                         last = text.clone();
                         unsupported[i] = Some(Delivery::PermFail {
                             code,
@@ -521,6 +525,43 @@ mod tests {
             );
         }
         assert!(!text.contains("result=\"failed\""), "{text}");
+        task_a.abort();
+        task_b.abort();
+    }
+
+    #[tokio::test]
+    async fn a_smarthost_lacking_8bitmime_is_not_one_of_max_attempts() {
+        let (a, task_a) = seven_bit_server().await;
+        let (b, task_b) = seven_bit_server().await;
+        let metrics = Arc::new(Metrics::new());
+        let config = RelayConfig {
+            mode: crate::config::RelayMode::Smarthost,
+            smarthosts: [a, b]
+                .iter()
+                .map(|p| {
+                    Smarthost::new(SmarthostUrl::parse(&format!("smtp://127.0.0.1:{p}")).unwrap())
+                })
+                .collect(),
+            max_attempts: 1,
+            ..Default::default()
+        };
+        let relay = SmarthostRelay::new(&config, "mx.test.example", metrics.clone()).unwrap();
+        // With one attempt allowed, the second smarthost is still asked:
+        // only then is it known that none can take the message.
+        let outcome = relay
+            .deliver(
+                &env(),
+                "x: \u{fc}\r\n\r\n".as_bytes(),
+                Instant::now() + Duration::from_secs(10),
+            )
+            .await;
+        assert!(
+            matches!(&outcome, Delivery::PermFail { code: 554, enhanced, .. } if enhanced == "5.6.3"),
+            "{outcome:?}"
+        );
+        assert!(metrics.encode().contains(&format!(
+            "upstream=\"smtp://127.0.0.1:{b}\",result=\"unsupported\"}} 1"
+        )));
         task_a.abort();
         task_b.abort();
     }
