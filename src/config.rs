@@ -19,7 +19,7 @@ mod diagnose;
 mod smarthost;
 
 pub use diagnose::{env_var, Origin, Problem};
-pub use smarthost::{SmarthostUrl, TlsMode};
+pub use smarthost::{Smarthost, SmarthostUrl, TlsMode};
 
 /// Why a configuration could not be used.
 #[derive(Debug, thiserror::Error)]
@@ -348,9 +348,10 @@ pub enum RelayMode {
 pub struct RelayConfig {
     pub mode: RelayMode,
     pub capture_dir: PathBuf,
-    /// Smarthost URLs, tried in order (see [`SmarthostUrl`]); parsed here so a
+    /// Smarthosts, tried in order: URL strings or tables with a URL and the
+    /// smarthost's own AUTH settings (see [`Smarthost`]); parsed here so a
     /// bad one is reported with its file line.
-    pub smarthosts: Vec<SmarthostUrl>,
+    pub smarthosts: Vec<Smarthost>,
     /// Upper bound on one upstream attempt (connect to final reply).
     pub timeout_secs: u64,
     /// Upper bound on all attempts for one message together, failover and
@@ -374,10 +375,12 @@ pub struct RelayConfig {
     /// PEM file of extra CA certificates trusted for smarthost certificates
     /// (a private CA); the public web roots stay trusted too.
     pub ca_file: Option<PathBuf>,
-    /// AUTH password for smarthost URLs that name a user; prefer
-    /// `password_file` (or `TEMPALIAS_RELAY_PASSWORD`) to keep it out of files.
+    /// AUTH password for smarthosts that name a user and no `password_file`
+    /// of their own; prefer `password_file` (or `TEMPALIAS_RELAY_PASSWORD`)
+    /// to keep it out of files.
     pub password: Option<Secret>,
-    /// File holding the AUTH password (first line, surrounding blanks trimmed).
+    /// File holding that default AUTH password (first line, surrounding
+    /// blanks trimmed).
     pub password_file: Option<PathBuf>,
     /// DNS servers (`IP` or `IP:port`) for `mode = "mx"`; empty uses the
     /// system's resolv.conf. Set it to a local validating resolver, or to a
@@ -396,12 +399,12 @@ impl Default for RelayConfig {
         Self {
             mode: RelayMode::Capture,
             capture_dir: PathBuf::from("./tempalias-data/outbox"),
-            smarthosts: vec![SmarthostUrl {
+            smarthosts: vec![Smarthost::new(SmarthostUrl {
                 tls: TlsMode::Opportunistic,
                 user: None,
                 host: "127.0.0.1".to_string(),
                 port: 2526,
-            }],
+            })],
             timeout_secs: 60,
             delivery_timeout_secs: 120,
             max_attempts: 4,
@@ -420,7 +423,8 @@ impl Default for RelayConfig {
 }
 
 impl RelayConfig {
-    /// The AUTH password, if one is configured.
+    /// The default AUTH password (for smarthosts without a `password_file` of
+    /// their own), if one is configured.
     ///
     /// # Errors
     /// [`ConfigError::Invalid`] when `password_file` cannot be read.
@@ -433,6 +437,23 @@ impl RelayConfig {
                 .map(Some)
                 .map_err(|e| invalid("relay.password_file", e)),
             None => Ok(None),
+        }
+    }
+
+    /// The AUTH password of `host`: from its own `password_file`, else the
+    /// default ([`RelayConfig::smarthost_password`]).
+    ///
+    /// # Errors
+    /// [`ConfigError::Invalid`] naming the file that cannot be read.
+    pub fn password_for(&self, host: &Smarthost) -> Result<Option<Secret>, ConfigError> {
+        match &host.password_file {
+            Some(path) => read_secret_file(path).map(Some).map_err(|e| {
+                invalid(
+                    "relay.smarthosts",
+                    format!("{}: password_file: {e}", host.url),
+                )
+            }),
+            None => self.smarthost_password(),
         }
     }
 
@@ -515,19 +536,32 @@ impl RelayConfig {
                 "set either relay.password or relay.password_file, not both",
             );
         }
-        let has_password = match self.smarthost_password() {
+        let has_default = match self.smarthost_password() {
             Ok(p) => p.is_some(),
             Err(e) => {
                 out.push("relay.password_file", e.to_string());
                 true
             }
         };
-        let mut any_user = false;
-        for url in &self.smarthosts {
+        let mut uses_default = false;
+        for host in &self.smarthosts {
+            let url = &host.url;
+            if let Some(path) = &host.password_file {
+                if url.user.is_none() {
+                    out.push(
+                        "relay.smarthosts",
+                        format!(
+                            "{url}: password_file is set but no user is named (add user = \"...\" or write smtps://user@host)"
+                        ),
+                    );
+                }
+                if let Err(e) = read_secret_file(path) {
+                    out.push("relay.smarthosts", format!("{url}: password_file: {e}"));
+                }
+            }
             if url.user.is_none() {
                 continue;
             }
-            any_user = true;
             if url.tls == TlsMode::Opportunistic {
                 out.push(
                     "relay.smarthosts",
@@ -536,17 +570,20 @@ impl RelayConfig {
                     ),
                 );
             }
-            if !has_password {
-                out.push(
-                    "relay.smarthosts",
-                    format!("{url} names a user, but neither relay.password_file nor relay.password is set"),
-                );
+            if host.password_file.is_none() {
+                uses_default = true;
+                if !has_default {
+                    out.push(
+                        "relay.smarthosts",
+                        format!("{url} names a user, but has no password_file of its own and neither relay.password_file nor relay.password is set"),
+                    );
+                }
             }
         }
-        if has_password && !any_user && self.mode == RelayMode::Smarthost {
+        if has_default && !uses_default && self.mode == RelayMode::Smarthost {
             out.push(
                 "relay.password",
-                "a password is set but no smarthost URL names a user (smtps://user@host)",
+                "a default password is set but no smarthost uses it (none names a user without a password_file of its own)",
             );
         }
     }
@@ -1800,8 +1837,8 @@ mod tests {
             &[],
         )
         .unwrap();
-        assert_eq!(c.relay.smarthosts[0].tls, TlsMode::Implicit);
-        assert_eq!(c.relay.smarthosts[1].port, 2587);
+        assert_eq!(c.relay.smarthosts[0].url.tls, TlsMode::Implicit);
+        assert_eq!(c.relay.smarthosts[1].url.port, 2587);
         assert_eq!(
             c.relay.smarthost_password().unwrap().unwrap().expose(),
             "s3cret"
@@ -1830,6 +1867,103 @@ mod tests {
         );
         assert_eq!(found[0].0, Some(3), "{found:?}");
         assert!(found[0].2.contains("ftp://x:1"), "{found:?}");
+    }
+
+    #[test]
+    fn each_smarthost_may_have_its_own_password_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b) = (dir.path().join("a.pw"), dir.path().join("b.pw"));
+        std::fs::write(&a, "alpha\n").unwrap();
+        std::fs::write(&b, "  beta  \n").unwrap();
+        let text = format!(
+            "[relay]\nmode = \"smarthost\"\npassword_file = {a:?}\n\n[[relay.smarthosts]]\nurl = \"smtps://fwd@a.example\"\n\n[[relay.smarthosts]]\nurl = \"smtp+starttls://b.example\"\nuser = \"me@b.example\"\npassword_file = {b:?}\n"
+        );
+        let c = load(&text, &[]).unwrap();
+        let pw = |i: usize| {
+            c.relay
+                .password_for(&c.relay.smarthosts[i])
+                .unwrap()
+                .unwrap()
+                .expose()
+                .to_string()
+        };
+        // The first has none of its own: the default. The second its own.
+        assert_eq!((pw(0), pw(1)), ("alpha".to_string(), "beta".to_string()));
+        assert_eq!(
+            c.relay.smarthosts[1].url.user.as_deref(),
+            Some("me@b.example")
+        );
+        assert!(!format!("{:?}", c.relay).contains("beta"));
+        // The whole list from the environment, inline tables and all.
+        let c = load(
+            "",
+            &[
+                ("TEMPALIAS_RELAY_MODE", "smarthost"),
+                (
+                    "TEMPALIAS_RELAY_SMARTHOSTS",
+                    &format!("[{{ url = \"smtps://x@b.example\", password_file = {b:?} }}]"),
+                ),
+            ],
+        )
+        .unwrap();
+        assert_eq!(
+            c.relay
+                .password_for(&c.relay.smarthosts[0])
+                .unwrap()
+                .unwrap()
+                .expose(),
+            "beta"
+        );
+
+        // A missing file is named with its smarthost; a default nobody
+        // uses is pointed out; a file without a user too.
+        let missing = dir.path().join("missing.pw");
+        let found = problems(
+            &format!(
+                "[relay]\nmode = \"smarthost\"\npassword_file = {a:?}\nsmarthosts = [{{ url = \"smtps://fwd@a.example\", password_file = {missing:?} }}, {{ url = \"smtps://b.example\", password_file = {b:?} }}]\n"
+            ),
+            &[],
+        );
+        let text_of = |key: &str| {
+            found
+                .iter()
+                .filter(|(_, k, _)| k == key)
+                .map(|(_, _, m)| m.clone())
+                .collect::<Vec<_>>()
+        };
+        let hosts = text_of("relay.smarthosts");
+        assert!(
+            hosts.iter().any(|m| m
+                .contains("smtps://fwd@a.example:465: password_file: cannot read")
+                && m.contains("missing.pw")),
+            "{found:?}"
+        );
+        assert!(
+            hosts
+                .iter()
+                .any(|m| m.contains("smtps://b.example:465: password_file is set but no user")),
+            "{found:?}"
+        );
+        assert!(
+            text_of("relay.password")
+                .iter()
+                .any(|m| m.contains("no smarthost uses it")),
+            "{found:?}"
+        );
+        // An empty file is as wrong as a missing one.
+        std::fs::write(&b, "\n").unwrap();
+        let found = problems(
+            &format!(
+                "[relay]\nmode = \"smarthost\"\nsmarthosts = [{{ url = \"smtps://fwd@a.example\", password_file = {b:?} }}]\n"
+            ),
+            &[],
+        );
+        assert!(
+            found.iter().any(|(line, k, m)| k == "relay.smarthosts"
+                && *line == Some(3)
+                && m.contains("is empty")),
+            "{found:?}"
+        );
     }
 
     #[test]

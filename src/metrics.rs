@@ -210,6 +210,9 @@ pub enum AttemptResult {
     /// No usable answer: connect, TLS, AUTH, timeout or connection loss. These
     /// count towards the upstream's circuit breaker.
     failed,
+    /// It works but lacks an extension the message needs (8BITMIME,
+    /// SMTPUTF8): nothing sent, the next upstream tried, the breaker not told.
+    unsupported,
 }
 
 /// An upstream: a smarthost's `scheme://host:port` (never its user), or `mx`

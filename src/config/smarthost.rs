@@ -1,10 +1,14 @@
-//! Smarthost URLs, parsed when the configuration is loaded.
+//! Smarthost entries and their URLs, parsed when the configuration is loaded.
 //!
 //! They live with the configuration (not in the relay) so that a bad URL is a
 //! configuration error with its file line, and so that the configuration does
 //! not depend on the relay: the relay reads the configuration, never the other
 //! way round.
 
+use std::path::PathBuf;
+
+use serde::de::{self, MapAccess, Visitor};
+use serde::ser::SerializeMap;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 /// How the connection to a smarthost is protected.
@@ -29,7 +33,8 @@ pub enum TlsMode {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SmarthostUrl {
     pub tls: TlsMode,
-    /// The AUTH user; the password comes from `relay.password_file` or
+    /// The AUTH user (from the URL or the entry's `user` key); the password
+    /// comes from the entry's `password_file`, else `relay.password_file` or
     /// `relay.password`, never from the URL (URLs end up in logs).
     pub user: Option<String>,
     pub host: String,
@@ -54,7 +59,7 @@ impl SmarthostUrl {
             Some((u, r)) => {
                 if u.contains(':') {
                     return Err(
-                        "a password does not belong in the URL: put it in relay.password_file (or TEMPALIAS_RELAY_PASSWORD)"
+                        "a password does not belong in the URL: put it in the entry's password_file, or relay.password_file (or TEMPALIAS_RELAY_PASSWORD)"
                             .into(),
                     );
                 }
@@ -142,6 +147,155 @@ impl<'de> Deserialize<'de> for SmarthostUrl {
     }
 }
 
+/// One `relay.smarthosts` entry: a URL string, or a table with the URL and
+/// the AUTH settings of that smarthost alone.
+///
+/// Two providers rarely share a password, so each entry may name its own
+/// `password_file` (and its `user`, which may contain `@` as many providers'
+/// user names do); an entry that names none uses the relay-wide
+/// `relay.password_file` / `relay.password`, so a list of plain URL strings
+/// keeps working as before. A password itself is never accepted here: the
+/// entries are printed at start-up and by `check-config`, files are not.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Smarthost {
+    /// The URL, with the entry's `user` (if any) filled in.
+    pub url: SmarthostUrl,
+    /// This smarthost's own AUTH password file; `None` uses the relay-wide one.
+    pub password_file: Option<PathBuf>,
+}
+
+impl Smarthost {
+    /// An entry with no settings of its own.
+    pub fn new(url: SmarthostUrl) -> Self {
+        Self {
+            url,
+            password_file: None,
+        }
+    }
+
+    /// # Errors
+    /// A message saying what is wrong with the URL or the user.
+    fn from_parts(
+        url: &str,
+        user: Option<String>,
+        password_file: Option<PathBuf>,
+    ) -> Result<Self, String> {
+        let mut parsed = SmarthostUrl::parse(url).map_err(|e| format!("url {url:?}: {e}"))?;
+        if let Some(user) = user {
+            if parsed.user.is_some() {
+                return Err(format!(
+                    "url {url:?} names a user and so does user: name it once"
+                ));
+            }
+            if user.is_empty() || user.chars().any(char::is_control) {
+                return Err("user must be non-empty, without control characters".into());
+            }
+            parsed.user = Some(user);
+        }
+        if password_file
+            .as_ref()
+            .is_some_and(|p| p.as_os_str().is_empty())
+        {
+            return Err("password_file must not be empty".into());
+        }
+        Ok(Self {
+            url: parsed,
+            password_file,
+        })
+    }
+}
+
+impl std::fmt::Display for Smarthost {
+    /// The URL (with the user, never a password): what start-up prints.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.url.fmt(f)
+    }
+}
+
+impl Serialize for Smarthost {
+    /// A plain URL string when the entry has nothing else, else a table with
+    /// the user apart (a user with `@` or `:` would not read back from a URL).
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        if self.url.user.is_none() && self.password_file.is_none() {
+            return s.collect_str(&self.url);
+        }
+        let mut map = s.serialize_map(None)?;
+        map.serialize_entry("url", &self.url.label())?;
+        if let Some(user) = &self.url.user {
+            map.serialize_entry("user", user)?;
+        }
+        if let Some(path) = &self.password_file {
+            map.serialize_entry("password_file", path)?;
+        }
+        map.end()
+    }
+}
+
+/// The keys of an entry's table form.
+const ENTRY_KEYS: [&str; 3] = ["url", "user", "password_file"];
+
+struct SmarthostVisitor;
+
+impl<'de> Visitor<'de> for SmarthostVisitor {
+    type Value = Smarthost;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("a smarthost URL, or a table with url and optionally user and password_file")
+    }
+
+    fn visit_str<E: de::Error>(self, v: &str) -> Result<Smarthost, E> {
+        SmarthostUrl::parse(v)
+            .map(Smarthost::new)
+            .map_err(|e| E::custom(format!("{v:?}: {e}")))
+    }
+
+    /// Read by hand rather than derived, so that a mistake names the
+    /// entry's URL (the error's line is that of the whole list) and a
+    /// misspelt key gets a suggestion.
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Smarthost, A::Error> {
+        let (mut url, mut user, mut password_file) = (None::<String>, None, None);
+        let mut problems = Vec::new();
+        while let Some(key) = map.next_key::<String>()? {
+            match key.as_str() {
+                "url" => url = Some(map.next_value()?),
+                "user" => user = Some(map.next_value::<String>()?),
+                "password_file" => password_file = Some(map.next_value::<PathBuf>()?),
+                "password" => {
+                    map.next_value::<de::IgnoredAny>()?;
+                    problems.push(
+                        "a smarthost's password goes in a file named by its password_file, not in the configuration"
+                            .to_string(),
+                    );
+                }
+                other => {
+                    map.next_value::<de::IgnoredAny>()?;
+                    let hint = super::diagnose::suggest(other, ENTRY_KEYS)
+                        .map(|k| format!("; did you mean {k}?"))
+                        .unwrap_or_default();
+                    problems.push(format!(
+                        "unknown key {other:?} (an entry has url, user and password_file){hint}"
+                    ));
+                }
+            }
+        }
+        let Some(url) = url else {
+            return Err(de::Error::custom(
+                "a smarthost table needs url = \"smtp://...\"",
+            ));
+        };
+        if let Some(first) = problems.first() {
+            return Err(de::Error::custom(format!("{url}: {first}")));
+        }
+        Smarthost::from_parts(&url, user, password_file).map_err(de::Error::custom)
+    }
+}
+
+impl<'de> Deserialize<'de> for Smarthost {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_any(SmarthostVisitor)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -194,5 +348,73 @@ mod tests {
         );
         let e = toml::from_str::<W>("u = \"ftp://x\"").err().unwrap();
         assert!(e.message().contains("ftp://x"), "{}", e.message());
+    }
+
+    #[test]
+    fn entries_are_urls_or_tables() {
+        #[derive(Serialize, Deserialize)]
+        struct W {
+            smarthosts: Vec<Smarthost>,
+        }
+        let w: W = toml::from_str(
+            r#"
+smarthosts = [
+  "smtps://fwd@a.example",
+  { url = "smtp+starttls://b.example:2587", user = "postmaster@mg.b.example", password_file = "/run/b.pw" },
+]
+"#,
+        )
+        .unwrap();
+        assert_eq!(w.smarthosts[0].url.user.as_deref(), Some("fwd"));
+        assert_eq!(w.smarthosts[0].password_file, None);
+        let b = &w.smarthosts[1];
+        assert_eq!(b.url.user.as_deref(), Some("postmaster@mg.b.example"));
+        assert_eq!(b.url.port, 2587);
+        assert_eq!(b.password_file, Some(PathBuf::from("/run/b.pw")));
+        assert_eq!(
+            b.to_string(),
+            "smtp+starttls://postmaster@mg.b.example@b.example:2587"
+        );
+        // The array-of-tables form reads the same.
+        let tables: W = toml::from_str(
+            r#"
+[[smarthosts]]
+url = "smtps://fwd@a.example"
+
+[[smarthosts]]
+url = "smtp+starttls://b.example:2587"
+user = "postmaster@mg.b.example"
+password_file = "/run/b.pw"
+"#,
+        )
+        .unwrap();
+        assert_eq!(tables.smarthosts, w.smarthosts);
+        // And what is written reads back.
+        let again: W = toml::from_str(&toml::to_string(&w).unwrap()).unwrap();
+        assert_eq!(again.smarthosts, w.smarthosts);
+        for (bad, why) in [
+            (
+                "smarthosts = [{ url = \"smtps://u@h\", user = \"v\" }]",
+                "name it once",
+            ),
+            (
+                "smarthosts = [{ url = \"smtps://h\", pasword_file = \"/x\" }]",
+                "pasword_file",
+            ),
+            ("smarthosts = [{ user = \"v\" }]", "needs url"),
+            ("smarthosts = [{ url = \"ftp://h\" }]", "ftp://h"),
+            (
+                "smarthosts = [{ url = \"smtps://h\", user = \"\" }]",
+                "user",
+            ),
+            (
+                "smarthosts = [{ url = \"smtps://h\", password = \"pw\" }]",
+                "password_file",
+            ),
+            ("smarthosts = [1]", "smarthost URL"),
+        ] {
+            let e = toml::from_str::<W>(bad).err().unwrap();
+            assert!(e.message().contains(why), "{bad}: {}", e.message());
+        }
     }
 }

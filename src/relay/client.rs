@@ -20,7 +20,7 @@ use lettre::transport::smtp::authentication::{Credentials, Mechanism};
 #[allow(deprecated)]
 use lettre::transport::smtp::client::AsyncNetworkStream;
 use lettre::transport::smtp::client::{AsyncSmtpConnection, AsyncTokioStream, TlsParameters};
-use lettre::transport::smtp::extension::ClientId;
+use lettre::transport::smtp::extension::{ClientId, Extension, ServerInfo};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio_util::compat::{Compat, FuturesAsyncReadCompatExt};
@@ -49,6 +49,17 @@ pub enum AttemptError {
     /// No usable answer: connect, TLS, AUTH or the connection broke.
     #[error("{0}")]
     Failed(String),
+    /// The upstream works but lacks an SMTP extension this message needs
+    /// (8BITMIME for 8-bit content, SMTPUTF8 for non-ASCII addresses), so
+    /// nothing was sent. Another upstream may have it: the caller tries the
+    /// next one, and refuses the message (with these codes) only when none
+    /// can take it. Never a sign of the host being down.
+    #[error("{code} {enhanced} {text}")]
+    Unsupported {
+        code: u16,
+        enhanced: String,
+        text: String,
+    },
 }
 
 impl AttemptError {
@@ -58,6 +69,7 @@ impl AttemptError {
         match self {
             AttemptError::Failed(_) => true,
             AttemptError::Reply { code, .. } => *code == 421,
+            AttemptError::Unsupported { .. } => false,
         }
     }
 }
@@ -170,6 +182,10 @@ pub async fn send(
         }
         _ => {}
     }
+    // Checked on the EHLO reply that counts (the one after STARTTLS), and
+    // before AUTH: a host that cannot take the message need not see our
+    // password for it.
+    missing_extension(target.name, conn.server_info(), envelope, message)?;
     if let Some(credentials) = target.credentials {
         // Any AUTH refusal is ours to fix (wrong password, mechanism), never
         // the sender's: a failure, so the sender hears 4xx and we fail over.
@@ -199,6 +215,45 @@ pub async fn send(
     Ok(())
 }
 
+/// The extension this message needs and the server did not announce.
+///
+/// 8-bit content is never converted to 7 bits here (RFC 6152 section 3
+/// would allow it): re-encoding the body breaks every DKIM signature over it,
+/// the original sender's and our own, so the target would see a forged-looking
+/// message. Content that needs conversion is refused with `5.6.3`
+/// (RFC 3463: conversion required but not supported), non-ASCII addresses
+/// without SMTPUTF8 with `5.6.7` (RFC 6531 section 3.2, RFC 6533).
+///
+/// # Errors
+/// [`AttemptError::Unsupported`] naming what is missing.
+fn missing_extension(
+    name: &str,
+    server: &ServerInfo,
+    envelope: &LettreEnvelope,
+    message: &[u8],
+) -> Result<(), AttemptError> {
+    let non_ascii = envelope
+        .from()
+        .into_iter()
+        .chain(envelope.to())
+        .any(|a| !AsRef::<str>::as_ref(a).is_ascii());
+    if non_ascii && !server.supports_feature(Extension::SmtpUtfEight) {
+        return Err(AttemptError::Unsupported {
+            code: 553,
+            enhanced: "5.6.7".into(),
+            text: format!("{name} does not offer SMTPUTF8, and an envelope address is not ASCII"),
+        });
+    }
+    if !message.is_ascii() && !server.supports_feature(Extension::EightBitMime) {
+        return Err(AttemptError::Unsupported {
+            code: 554,
+            enhanced: "5.6.3".into(),
+            text: format!("{name} does not offer 8BITMIME, and the message has 8-bit content"),
+        });
+    }
+    Ok(())
+}
+
 async fn connect(addrs: &[SocketAddr], each: Duration) -> Result<TcpStream, AttemptError> {
     let mut last = String::from("no address to connect to");
     for addr in addrs {
@@ -219,12 +274,13 @@ async fn connect(addrs: &[SocketAddr], each: Duration) -> Result<TcpStream, Atte
 fn classify(name: &str, stage: &str, e: &lettre::transport::smtp::Error) -> AttemptError {
     let Some(code) = e.status().map(u16::from) else {
         if e.is_client() {
-            // lettre refused to send (e.g. 8-bit data to a server without
-            // 8BITMIME): this upstream can never take it.
-            return AttemptError::Reply {
+            // lettre refused to send (8-bit data to a server without
+            // 8BITMIME, which [`missing_extension`] catches first): this
+            // upstream cannot take it, another may.
+            return AttemptError::Unsupported {
                 code: 554,
                 enhanced: "5.6.3".into(),
-                text: e.to_string(),
+                text: format!("{name}: {e}"),
             };
         }
         return AttemptError::Failed(format!("{name}: {stage}: {e}"));

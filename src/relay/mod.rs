@@ -23,7 +23,7 @@ use lettre::address::Envelope as LettreEnvelope;
 use lettre::Address;
 
 use crate::config::{RelayConfig, RelayMode};
-use crate::metrics::Metrics;
+use crate::metrics::{AttemptResult, Metrics};
 
 /// The envelope of one outbound transaction.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -140,6 +140,19 @@ fn envelope_address(a: &str) -> Result<Address, String> {
         }
         _ => Err(e.to_string()),
     })
+}
+
+/// The metric label of an attempt's outcome.
+fn attempt_result(outcome: &Result<(), client::AttemptError>) -> AttemptResult {
+    match outcome {
+        Ok(()) => AttemptResult::accepted,
+        Err(e) if e.is_failure() => AttemptResult::failed,
+        Err(client::AttemptError::Unsupported { .. }) => AttemptResult::unsupported,
+        Err(client::AttemptError::Reply { code, .. }) if *code >= 500 => {
+            AttemptResult::refused_permanent
+        }
+        Err(_) => AttemptResult::refused_temporary,
+    }
 }
 
 /// The envelope in lettre's terms.

@@ -9,7 +9,9 @@
 //!
 //! A temporary failure at one host moves on to the next; when every host
 //! failed temporarily the sender hears 451. A 5xx from any host is final and
-//! passed on (as a real MTA would bounce).
+//! passed on (as a real MTA would bounce). A host that lacks an extension the
+//! message needs (8BITMIME, SMTPUTF8) is passed over like a failed one; only
+//! when every host lacks it is the message refused (`554 5.6.3`, `553 5.6.7`).
 //!
 //! No circuit breaker here: MX hosts are unbounded and per-destination, and a
 //! dead one costs one connect timeout per message at most.
@@ -29,9 +31,9 @@ use rand::seq::SliceRandom;
 use tokio::time::Instant;
 
 use super::client::{self, AttemptError, Target, TlsPolicy};
-use super::{to_lettre, Delivery, Envelope, RelayError};
+use super::{attempt_result, to_lettre, Delivery, Envelope, RelayError};
 use crate::config::RelayConfig;
-use crate::metrics::{AttemptLabels, AttemptResult, Metrics};
+use crate::metrics::{AttemptLabels, Metrics};
 
 /// The metric label of all MX deliveries together.
 const MX_LABEL: &str = "mx";
@@ -166,9 +168,14 @@ impl MxRelay {
             Ok(Route::Unknown(e)) => return Delivery::TempFail(format!("{domain}: {e}")),
         };
         let mut last = format!("{domain}: no MX host answered");
+        // The refusal to give if every host lacks what the message needs.
+        let mut unsupported: Option<Delivery> = None;
+        let mut every_host_unsupported = true;
         for host in hosts {
             let now = Instant::now();
             if now >= deadline {
+                // Hosts left untried may take it later.
+                every_host_unsupported = false;
                 break;
             }
             let limit = self.host_timeout.min(deadline - now);
@@ -195,19 +202,11 @@ impl MxRelay {
                         "{host}: no answer within {limit:?}"
                     )))
                 });
-            let result = match &outcome {
-                Ok(()) => AttemptResult::accepted,
-                Err(e) if e.is_failure() => AttemptResult::failed,
-                Err(AttemptError::Reply { code, .. }) if *code >= 500 => {
-                    AttemptResult::refused_permanent
-                }
-                Err(_) => AttemptResult::refused_temporary,
-            };
             self.metrics
                 .relay_attempts
                 .get_or_create(&AttemptLabels {
                     upstream: MX_LABEL.into(),
-                    result,
+                    result: attempt_result(&outcome),
                 })
                 .inc();
             match outcome {
@@ -224,13 +223,31 @@ impl MxRelay {
                         text,
                     };
                 }
+                Err(AttemptError::Unsupported {
+                    code,
+                    enhanced,
+                    text,
+                }) => {
+                    tracing::warn!(%domain, mx = %host, %enhanced, %text, "MX cannot take this message, trying the next");
+                    last = text.clone();
+                    unsupported = Some(Delivery::PermFail {
+                        code,
+                        enhanced,
+                        text,
+                    });
+                }
                 Err(e) => {
                     tracing::warn!(%domain, mx = %host, error = %e, "MX did not accept");
+                    every_host_unsupported = false;
                     last = e.to_string();
                 }
             }
         }
-        Delivery::TempFail(last)
+        match unsupported {
+            // Every host was reached and none can take it: that will not clear.
+            Some(refusal) if every_host_unsupported => refusal,
+            _ => Delivery::TempFail(last),
+        }
     }
 
     /// The hosts to try for `domain`, best first.

@@ -10,6 +10,14 @@
 //! reason (and retrying elsewhere risks a duplicate when the first one did
 //! take it). The budget ends the loop early enough that the sender hears
 //! `451` before it gives up on us.
+//!
+//! A smarthost that lacks an extension the message needs (8BITMIME for 8-bit
+//! content, SMTPUTF8 for non-ASCII addresses) is different: nothing was sent,
+//! and the next smarthost may well have it. So it is passed over for this
+//! message (and for the rest of its rounds) without touching its breaker: it
+//! answered, it is not down. Only when every smarthost lacks it is the
+//! message refused (`554 5.6.3`, `553 5.6.7`); while some other smarthost
+//! merely failed, the sender hears `451`, as that may clear.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -20,9 +28,9 @@ use tokio::time::Instant;
 
 use super::breaker::{full_jitter, Breaker};
 use super::client::{self, AttemptError, Target, TlsPolicy};
-use super::{to_lettre, Delivery, Envelope, RelayError};
+use super::{attempt_result, to_lettre, Delivery, Envelope, RelayError};
 use crate::config::{RelayConfig, SmarthostUrl, TlsMode};
-use crate::metrics::{AttemptLabels, AttemptResult, Metrics, UpstreamLabels};
+use crate::metrics::{AttemptLabels, Metrics, UpstreamLabels};
 
 /// An attempt is not started with less than this left of the budget: it
 /// could not finish, and the sender is better served by an early 451.
@@ -69,11 +77,9 @@ impl SmarthostRelay {
             })?,
             None => Vec::new(),
         };
-        let password = config
-            .smarthost_password()
-            .map_err(|e| RelayError::Smarthost(e.to_string()))?;
         let mut upstreams = Vec::new();
-        for url in &config.smarthosts {
+        for host in &config.smarthosts {
+            let url = &host.url;
             let label = url.label();
             let err = |e: String| RelayError::Smarthost(format!("{label}: {e}"));
             let tls = match url.tls {
@@ -87,12 +93,15 @@ impl SmarthostRelay {
                     TlsPolicy::Implicit(client::verified_tls(&url.host, &extra_ca).map_err(err)?)
                 }
             };
-            let credentials = match (&url.user, &password) {
-                (Some(user), Some(pw)) => {
-                    Some(Credentials::new(user.clone(), pw.expose().to_string()))
-                }
-                (Some(_), None) => return Err(err("names a user but no password is set".into())),
-                (None, _) => None,
+            // Each smarthost's own password file, else the default: two
+            // providers do not share a password.
+            let credentials = match &url.user {
+                Some(user) => match config.password_for(host) {
+                    Ok(Some(pw)) => Some(Credentials::new(user.clone(), pw.expose().to_string())),
+                    Ok(None) => return Err(err("names a user but no password is set".into())),
+                    Err(e) => return Err(RelayError::Smarthost(e.to_string())),
+                },
+                None => None,
             };
             metrics
                 .relay_breaker_state
@@ -151,13 +160,21 @@ impl SmarthostRelay {
             }
         };
         let mut last = String::from("every smarthost's circuit breaker is open");
+        // Per smarthost: the refusal to use if it lacks an extension this
+        // message needs. Such a host is not tried again for this message.
+        let mut unsupported: Vec<Option<Delivery>> = vec![None; self.upstreams.len()];
         let mut attempts = 0u32;
         let mut round = 0u32;
         'rounds: loop {
             if round > 0 {
                 // Pause between rounds, unless nothing could be tried anyway.
                 let now = Instant::now();
-                if !self.upstreams.iter().any(|u| u.breaker.would_allow(now)) {
+                if !self
+                    .upstreams
+                    .iter()
+                    .zip(&unsupported)
+                    .any(|(u, no)| no.is_none() && u.breaker.would_allow(now))
+                {
                     break;
                 }
                 let pause = full_jitter(round - 1, self.backoff_base, self.backoff_max);
@@ -167,7 +184,10 @@ impl SmarthostRelay {
                 tokio::time::sleep(pause).await;
             }
             let mut tried = false;
-            for upstream in &self.upstreams {
+            for (i, upstream) in self.upstreams.iter().enumerate() {
+                if unsupported[i].is_some() {
+                    continue;
+                }
                 if attempts >= self.max_attempts {
                     break 'rounds;
                 }
@@ -197,19 +217,11 @@ impl SmarthostRelay {
                                 upstream.label
                             )))
                         });
-                let result = match &outcome {
-                    Ok(()) => AttemptResult::accepted,
-                    Err(e) if e.is_failure() => AttemptResult::failed,
-                    Err(AttemptError::Reply { code, .. }) if *code >= 500 => {
-                        AttemptResult::refused_permanent
-                    }
-                    Err(_) => AttemptResult::refused_temporary,
-                };
                 self.metrics
                     .relay_attempts
                     .get_or_create(&AttemptLabels {
                         upstream: upstream.label.clone(),
-                        result,
+                        result: attempt_result(&outcome),
                     })
                     .inc();
                 let failed = outcome.as_ref().err().is_some_and(AttemptError::is_failure);
@@ -237,6 +249,26 @@ impl SmarthostRelay {
                             text,
                         };
                     }
+                    Err(AttemptError::Unsupported {
+                        code,
+                        enhanced,
+                        text,
+                    }) => {
+                        tracing::warn!(smarthost = %upstream.label, %enhanced, %text, "smarthost cannot take this message, trying the next");
+                        // Not one of max_attempts: those are for retrying
+                        // failures, and this host is asked once per message
+                        // at most, so the loop stays bounded.
+                        attempts -= 1;
+                        last = text.clone();
+                        unsupported[i] = Some(Delivery::PermFail {
+                            code,
+                            enhanced,
+                            text,
+                        });
+                        if unsupported.iter().all(Option::is_some) {
+                            break 'rounds;
+                        }
+                    }
                     Err(e) => {
                         tracing::warn!(smarthost = %upstream.label, error = %e, "upstream did not accept");
                         last = e.to_string();
@@ -247,6 +279,13 @@ impl SmarthostRelay {
                 break;
             }
             round += 1;
+        }
+        if unsupported.iter().all(Option::is_some) {
+            // Every smarthost lacks what the message needs: that will not
+            // clear by waiting. The last one's reason stands for all.
+            if let Some(Some(refusal)) = unsupported.pop() {
+                return refusal;
+            }
         }
         Delivery::TempFail(last)
     }
@@ -286,6 +325,7 @@ impl SmarthostRelay {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::Smarthost;
 
     fn relay(urls: &[String], timeout_secs: u64) -> (SmarthostRelay, Arc<Metrics>) {
         let metrics = Arc::new(Metrics::new());
@@ -293,7 +333,7 @@ mod tests {
             mode: crate::config::RelayMode::Smarthost,
             smarthosts: urls
                 .iter()
-                .map(|u| SmarthostUrl::parse(u).unwrap())
+                .map(|u| Smarthost::new(SmarthostUrl::parse(u).unwrap()))
                 .collect(),
             timeout_secs,
             breaker_failures: 2,
@@ -414,5 +454,154 @@ mod tests {
             Delivery::TempFail(_)
         ));
         assert!(!metrics.encode().contains("relay_attempts_total{"));
+    }
+
+    /// A server that greets and answers EHLO without 8BITMIME, and refuses
+    /// every other command (so a MAIL sent in spite of it shows as a 500).
+    async fn seven_bit_server() -> (u16, tokio::task::JoinHandle<()>) {
+        use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let task = tokio::spawn(async move {
+            while let Ok((sock, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    let (r, mut w) = sock.into_split();
+                    let mut lines = BufReader::new(r).lines();
+                    let _ = w.write_all(b"220 seven.example ESMTP\r\n").await;
+                    while let Ok(Some(line)) = lines.next_line().await {
+                        let verb = line.get(..4).unwrap_or("").to_ascii_uppercase();
+                        let reply: &[u8] = match verb.as_str() {
+                            "EHLO" => b"250-seven.example\r\n250 PIPELINING\r\n",
+                            "QUIT" => b"221 bye\r\n",
+                            _ => b"500 5.5.1 not expected\r\n",
+                        };
+                        if w.write_all(reply).await.is_err() || verb == "QUIT" {
+                            break;
+                        }
+                    }
+                });
+            }
+        });
+        (port, task)
+    }
+
+    #[tokio::test]
+    async fn no_smarthost_with_8bitmime_refuses_with_5_6_3_and_leaves_the_breakers_alone() {
+        let (a, task_a) = seven_bit_server().await;
+        let (b, task_b) = seven_bit_server().await;
+        let urls = [
+            format!("smtp://127.0.0.1:{a}"),
+            format!("smtp://127.0.0.1:{b}"),
+        ];
+        let (relay, metrics) = relay(&urls, 5);
+        let eight_bit = "Subject: caf\u{e9}\r\n\r\nna\u{ef}ve\r\n".as_bytes();
+        // More messages than breaker_failures (2): a breaker that counted
+        // these would open.
+        for _ in 0..3 {
+            let outcome = relay
+                .deliver(&env(), eight_bit, Instant::now() + Duration::from_secs(10))
+                .await;
+            match outcome {
+                Delivery::PermFail { code, enhanced, .. } => {
+                    assert_eq!((code, enhanced.as_str()), (554, "5.6.3"))
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+        let text = metrics.encode();
+        for url in &urls {
+            // One attempt per message and smarthost, no second round.
+            assert!(
+                text.contains(&format!(
+                    "tempalias_relay_attempts_total{{upstream=\"{url}\",result=\"unsupported\"}} 3"
+                )),
+                "{text}"
+            );
+            assert!(
+                text.contains(&format!(
+                    "tempalias_relay_breaker_state{{upstream=\"{url}\"}} 0"
+                )),
+                "{text}"
+            );
+        }
+        assert!(!text.contains("result=\"failed\""), "{text}");
+        task_a.abort();
+        task_b.abort();
+    }
+
+    #[tokio::test]
+    async fn a_smarthost_lacking_8bitmime_is_not_one_of_max_attempts() {
+        let (a, task_a) = seven_bit_server().await;
+        let (b, task_b) = seven_bit_server().await;
+        let metrics = Arc::new(Metrics::new());
+        let config = RelayConfig {
+            mode: crate::config::RelayMode::Smarthost,
+            smarthosts: [a, b]
+                .iter()
+                .map(|p| {
+                    Smarthost::new(SmarthostUrl::parse(&format!("smtp://127.0.0.1:{p}")).unwrap())
+                })
+                .collect(),
+            max_attempts: 1,
+            ..Default::default()
+        };
+        let relay = SmarthostRelay::new(&config, "mx.test.example", metrics.clone()).unwrap();
+        // With one attempt allowed, the second smarthost is still asked:
+        // only then is it known that none can take the message.
+        let outcome = relay
+            .deliver(
+                &env(),
+                "x: \u{fc}\r\n\r\n".as_bytes(),
+                Instant::now() + Duration::from_secs(10),
+            )
+            .await;
+        assert!(
+            matches!(&outcome, Delivery::PermFail { code: 554, enhanced, .. } if enhanced == "5.6.3"),
+            "{outcome:?}"
+        );
+        assert!(metrics.encode().contains(&format!(
+            "upstream=\"smtp://127.0.0.1:{b}\",result=\"unsupported\"}} 1"
+        )));
+        task_a.abort();
+        task_b.abort();
+    }
+
+    #[tokio::test]
+    async fn lacking_8bitmime_here_while_another_smarthost_is_down_is_temporary() {
+        let (a, task) = seven_bit_server().await;
+        let (relay, metrics) = relay(
+            &[
+                format!("smtp://127.0.0.1:{a}"),
+                format!("smtp://127.0.0.1:{}", dead_port()),
+            ],
+            5,
+        );
+        let outcome = relay
+            .deliver(
+                &env(),
+                "x: \u{fc}\r\n\r\n".as_bytes(),
+                Instant::now() + Duration::from_secs(10),
+            )
+            .await;
+        // The dead one may take it once it is back: 4xx, not 5xx.
+        assert!(matches!(outcome, Delivery::TempFail(_)), "{outcome:?}");
+        // The 7-bit one was asked once, not in every round.
+        assert!(metrics.encode().contains(&format!(
+            "upstream=\"smtp://127.0.0.1:{a}\",result=\"unsupported\"}} 1"
+        )));
+        // ASCII mail is not affected: the same host is asked (and its 500
+        // to MAIL shows it was).
+        let outcome = relay
+            .deliver(
+                &env(),
+                b"x: y\r\n\r\n",
+                Instant::now() + Duration::from_secs(10),
+            )
+            .await;
+        assert!(
+            matches!(outcome, Delivery::PermFail { code: 500, .. }),
+            "{outcome:?}"
+        );
+        task.abort();
     }
 }

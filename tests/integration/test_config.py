@@ -158,3 +158,37 @@ def test_a_bad_flag_value_names_the_flag(tmp_path):
     assert r.returncode != 0
     assert "--log-format" in r.stderr, r.stderr
     assert not (tmp_path / "tempalias-data").exists()
+
+
+def test_per_smarthost_password_files_are_checked_each_by_name(tmp_path):
+    (tmp_path / "default.pw").write_text("default-secret\n")
+    (tmp_path / "second.pw").write_text("second-secret\n")
+    (tmp_path / "empty.pw").write_text("\n")
+    smarthosts = """
+[[relay.smarthosts]]
+url = "smtps://fwd@a.example"
+
+[[relay.smarthosts]]
+url = "smtp+starttls://b.example"
+user = "me@b.example"
+password_file = "second.pw"
+"""
+    text = VALID.replace('smarthosts = ["smtp://127.0.0.1:2526"]', 'password_file = "default.pw"') \
+        .replace('mode = "capture"', 'mode = "smarthost"').replace("[limits]", smarthosts + "\n[limits]")
+    r = check(tmp_path, text)
+    assert r.returncode == 0, r.stderr
+    # Each missing or empty file is named with its smarthost; no secret is shown.
+    r = check(tmp_path, text.replace('"default.pw"', '"nowhere.pw"').replace('"second.pw"', '"empty.pw"'))
+    assert r.returncode != 0
+    assert "relay.password_file: cannot read nowhere.pw" in r.stderr, r.stderr
+    assert "relay.smarthosts: smtp+starttls://me@b.example@b.example:587: password_file: empty.pw is empty" in r.stderr, \
+        r.stderr
+    r = check(tmp_path, text.replace('"second.pw"', '"missing.pw"'))
+    assert r.returncode != 0
+    assert "smtp+starttls://me@b.example@b.example:587: password_file: cannot read missing.pw" in r.stderr, r.stderr
+    # A misspelt key in an entry is named with a suggestion.
+    r = check(tmp_path, text.replace('password_file = "second.pw"', 'pasword_file = "second.pw"'))
+    assert r.returncode != 0
+    assert 'unknown key "pasword_file"' in r.stderr and "did you mean password_file?" in r.stderr, r.stderr
+    for out in (r.stdout, r.stderr):
+        assert "default-secret" not in out and "second-secret" not in out

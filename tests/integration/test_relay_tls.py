@@ -142,3 +142,74 @@ def test_wrong_password_gives_451_and_is_never_logged(node_factory, aiosmtpd_fac
     assert peer.messages == [] and peer.auth_attempts and not any(ok for _, ok in peer.auth_attempts)
     assert node.remaining(alias) == 1
     assert "wrong-password-xyz" not in node.logs()
+
+
+def test_each_smarthost_authenticates_with_its_own_password(node_factory, aiosmtpd_factory, ca, tmp_path):
+    """Two providers, two accounts: the first smarthost uses the relay-wide
+    password_file, the second a password_file of its own (and a user name
+    with @, as many providers' are). Failing over to the second logs in there
+    with the second's credentials."""
+    first_pw, second_pw = "first-provider-secret", "second-provider-secret"
+    first = aiosmtpd_factory(cert=ca.issue("first"), implicit_tls=True, auth=("forwarder", first_pw))
+    second = aiosmtpd_factory(cert=ca.issue("second"), auth=("fwd@relay2.example", second_pw))
+    default_file, second_file = tmp_path / "default.password", tmp_path / "second.password"
+    default_file.write_text(first_pw + "\n")
+    second_file.write_text(second_pw + "\n")
+    second_url = f"smtp+starttls://localhost:{second.port}"
+    node = node_factory(relay="smarthost",
+                        smarthosts=[f"smtps://forwarder@localhost:{first.port}",
+                                    {"url": second_url, "user": "fwd@relay2.example",
+                                     "password_file": str(second_file)}],
+                        config={"relay": {"ca_file": str(ca.pem_path), "password_file": str(default_file)}})
+    alias = node.create_alias(days=1, max_usage=3)
+
+    assert node.send([alias["alias"]], message("to the first", to=alias["alias"])) == {}
+    (m,) = first.messages
+    assert m.auth_user == "forwarder" and m.tls and m.rcpt_to == [TARGET]
+    assert second.messages == [] and second.auth_attempts == []
+
+    # The first provider goes away: the next message fails over and logs in
+    # at the second with the second's user and password.
+    first.stop()
+    assert node.send([alias["alias"]], message("to the second", to=alias["alias"])) == {}
+    (m,) = second.messages
+    assert m.auth_user == "fwd@relay2.example" and m.tls and m.rcpt_to == [TARGET]
+    assert b"Subject: to the second" in m.data
+    assert second.auth_attempts and all(ok for _, ok in second.auth_attempts), second.auth_attempts
+    assert all(ok for _, ok in first.auth_attempts), first.auth_attempts
+    assert node.remaining(alias) == 1
+    metrics = node.metrics()
+    assert f'tempalias_relay_attempts_total{{upstream="smtps://localhost:{first.port}",result="failed"}} 1' in metrics
+    assert f'tempalias_relay_attempts_total{{upstream="{second_url}",result="accepted"}} 1' in metrics
+    logs = node.logs()
+    assert first_pw not in logs and second_pw not in logs
+    # The start-up summary names each smarthost with its user, never a password.
+    assert "fwd@relay2.example@localhost" in logs
+
+
+def test_a_smarthost_with_the_wrong_password_of_its_own_fails_over_to_the_next(
+        node_factory, aiosmtpd_factory, ca, tmp_path):
+    """Per-smarthost passwords really are per smarthost: the first entry's own
+    file holds a wrong password (the default, used by a third entry for the
+    same account, holds the right one and must not be used instead), so its
+    AUTH fails and the second one delivers."""
+    first = aiosmtpd_factory(cert=ca.issue("first-wrong"), implicit_tls=True, auth=("forwarder", "right-one"))
+    second = aiosmtpd_factory(cert=ca.issue("second-right"), implicit_tls=True, auth=("other", "second-one"))
+    (tmp_path / "default.pw").write_text("right-one\n")
+    (tmp_path / "first.pw").write_text("stale-first-password\n")
+    (tmp_path / "second.pw").write_text("second-one\n")
+    node = node_factory(relay="smarthost",
+                        smarthosts=[{"url": f"smtps://forwarder@localhost:{first.port}",
+                                     "password_file": str(tmp_path / "first.pw")},
+                                    {"url": f"smtps://other@localhost:{second.port}",
+                                     "password_file": str(tmp_path / "second.pw")},
+                                    f"smtps://forwarder@localhost:{first.port}"],
+                        config={"relay": {"ca_file": str(ca.pem_path), "max_attempts": 2,
+                                          "password_file": str(tmp_path / "default.pw")}})
+    alias = node.create_alias(days=1, max_usage=2)
+    assert node.send([alias["alias"]], message("wrong first password", to=alias["alias"])) == {}
+    assert first.messages == [] and first.auth_attempts and not any(ok for _, ok in first.auth_attempts)
+    (m,) = second.messages
+    assert m.auth_user == "other"
+    assert node.remaining(alias) == 1
+    assert "stale-first-password" not in node.logs()

@@ -96,7 +96,7 @@ where
                 self.settle(tx.rcpts, false).await;
                 self.count_message(MessageResult::permfail);
                 let (code, enhanced) = permanent_codes(code, &enhanced);
-                self.reply(code, &enhanced, "Upstream refused the message");
+                self.reply(code, &enhanced, refusal_text(&enhanced));
             }
         }
     }
@@ -172,6 +172,16 @@ fn permanent_codes(code: u16, enhanced: &str) -> (u16, String) {
         "5.0.0".to_string()
     };
     (code, enhanced)
+}
+
+/// The fixed text of a permanent refusal: what the codes mean, never the
+/// upstream's own words (they may name the target).
+fn refusal_text(enhanced: &str) -> &'static str {
+    match enhanced {
+        "5.6.3" => "Conversion required but not supported: no upstream takes 8-bit content",
+        "5.6.7" => "No upstream takes non-ASCII addresses (SMTPUTF8)",
+        _ => "Upstream refused the message",
+    }
 }
 
 #[cfg(test)]
