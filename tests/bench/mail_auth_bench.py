@@ -17,8 +17,14 @@ With --tls it measures what STARTTLS inbound and DKIM signing cost instead:
 two nodes (`plain`: no key; `dkim`: the RSA-2048 key, ARC off) and four
 variants, `plain`, `tls` (the client says STARTTLS to the plain node's
 zero-config self-signed certificate, not verified), `dkim` and `tls+dkim`,
-each with a new connection per message and with the connection kept, the
-order rotated from run to run.
+each in three connection modes: a new connection per message with a full
+TLS handshake each time, a new connection per message resuming the TLS
+session of the client's previous connection (as a sending MTA with a TLS
+session cache does), and the connection kept. The order of the variants is
+rotated from run to run. Besides msg/s, it reads the node's own CPU time
+(user + system, /proc/PID/stat) before and after each variant: CPU per
+message does not count the client's side of the handshake, which here runs
+in Python on the same cores.
 """
 
 from __future__ import annotations
@@ -60,33 +66,67 @@ def message(i: int, size: int) -> bytes:
     ).encode() + body
 
 
-def connect(node: Node, tls: bool) -> smtplib.SMTP:
-    s = node.smtp(timeout=60)
+class SMTP(smtplib.SMTP):
+    """smtplib's client, whose STARTTLS can offer an earlier TLS session."""
+
+    def starttls_resuming(self, session: ssl.SSLSession | None) -> None:
+        self.ehlo_or_helo_if_needed()
+        code, reply = self.docmd("STARTTLS")
+        if code != 220:
+            raise smtplib.SMTPResponseException(code, reply)
+        self.sock = TLS_CONTEXT.wrap_socket(self.sock, server_hostname=self._host, session=session)
+        # As smtplib's own starttls(): everything learnt in plaintext is forgotten.
+        self.file = None
+        self.helo_resp = self.ehlo_resp = None
+        self.esmtp_features = {}
+        self.does_esmtp = False
+
+
+def connect(node: Node, tls: bool, session: ssl.SSLSession | None = None) -> SMTP:
+    s = SMTP("127.0.0.1", node.smtp_port, local_hostname="client.example.org", timeout=60)
     if tls:
-        s.starttls(context=TLS_CONTEXT)
+        s.starttls_resuming(session)
     return s
 
 
 def send_all(node: Node, alias: str, n: int, clients: int, size: int, tls: bool = False,
-             reuse: bool = True) -> float:
+             reuse: bool = True, resume: bool = False) -> tuple[float, int]:
     """Messages per second for n messages from `clients` threads, each over
-    one connection (`reuse`) or a new connection per message."""
+    one connection (`reuse`) or a new connection per message, and how many
+    TLS handshakes resumed a session. With `resume`, each thread offers the
+    newest session it has (taken after the message, when the TLS 1.3 ticket
+    has arrived), as a sender's session cache would."""
     msgs = [message(i, size) for i in range(n)]
 
-    def worker(k: int) -> None:
+    def worker(k: int) -> int:
+        resumed = 0
         if reuse:
             with connect(node, tls) as s:
                 for m in msgs[k::clients]:
                     s.sendmail("alice@sender.example", [alias], m)
-        else:
-            for m in msgs[k::clients]:
-                with connect(node, tls) as s:
-                    s.sendmail("alice@sender.example", [alias], m)
+            return resumed
+        session = None
+        for m in msgs[k::clients]:
+            with connect(node, tls, session) as s:
+                s.sendmail("alice@sender.example", [alias], m)
+                if tls:
+                    resumed += s.sock.session_reused
+                    if resume:
+                        session = s.sock.session
+        return resumed
 
     t0 = time.monotonic()
     with ThreadPoolExecutor(clients) as ex:
-        list(ex.map(worker, range(clients)))
-    return n / (time.monotonic() - t0)
+        resumed = sum(ex.map(worker, range(clients)))
+    return n / (time.monotonic() - t0), resumed
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time a process has used so far (all its threads)."""
+    with open(f"/proc/{pid}/stat") as f:
+        # The command name may hold spaces: the fields after it start past ")".
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def main() -> int:
@@ -131,7 +171,7 @@ def main() -> int:
             for run in range(args.runs):
                 row = {}
                 for name, (n, alias) in nodes.items():
-                    row[name] = send_all(n, alias, args.messages, args.clients, args.size)
+                    row[name] = send_all(n, alias, args.messages, args.clients, args.size)[0]
                     results[name].append(row[name])
                 for name in variants:
                     ratios[name].append(row[name] / row["plain"])
@@ -146,7 +186,8 @@ def main() -> int:
 
 
 def tls_bench(args) -> int:
-    """STARTTLS and DKIM, alone and together, against plaintext unsigned."""
+    """STARTTLS and DKIM, alone and together, against plaintext unsigned:
+    throughput and the node's CPU per message."""
     with tempfile.TemporaryDirectory(prefix="tempalias-tls-bench-") as tmp:
         base = Path(tmp)
         key = base / "dkim.key"
@@ -160,7 +201,10 @@ def tls_bench(args) -> int:
         }
         variants = {"plain": ("plain", False), "tls": ("plain", True), "dkim": ("dkim", False),
                     "tls+dkim": ("dkim", True)}
-        modes = {"new connection per message": False, "connection kept": True}
+        # Mode: (connection kept, TLS session resumed).
+        modes = {"new connection, full handshake": (False, False),
+                 "new connection, resumed session": (False, True),
+                 "connection kept": (True, False)}
         nodes = {}
         try:
             for name, extra in configs.items():
@@ -175,29 +219,51 @@ def tls_bench(args) -> int:
             names = list(variants)
             rates = {(m, v): [] for m in modes for v in variants}
             ratios = {(m, v): [] for m in modes for v in variants}
+            cpu = {(m, v): [] for m in modes for v in variants}  # node CPU ms per message
+            cpu_ratios = {(m, v): [] for m in modes for v in variants}  # plain's CPU / the variant's
             for run in range(args.runs):
                 order = names[run % len(names):] + names[:run % len(names)]
-                for mode, reuse in modes.items():
-                    row = {}
+                for mode, (reuse, resume) in modes.items():
+                    row, used, resumed = {}, {}, {}
                     for v in order:
                         node_name, tls = variants[v]
                         n, alias = nodes[node_name]
-                        row[v] = send_all(n, alias, args.messages, args.clients, args.size, tls=tls, reuse=reuse)
+                        before = cpu_seconds(n.pid)
+                        row[v], resumed[v] = send_all(n, alias, args.messages, args.clients, args.size,
+                                                      tls=tls, reuse=reuse, resume=resume)
+                        used[v] = (cpu_seconds(n.pid) - before) * 1000 / args.messages
                     for v in names:
                         rates[(mode, v)].append(row[v])
                         ratios[(mode, v)].append(row[v] / row["plain"])
-                    print(f"run {run + 1}, {mode}: " + ", ".join(f"{v} {row[v]:.1f} msg/s" for v in names), flush=True)
-            print("\nmedians (msg/s, and the median of the per-run ratios to plain):")
-            print("| Connections | " + " | ".join(names) + " |")
-            print("|---|" + "---|" * len(names))
-            for mode in modes:
-                cells = [f"{statistics.median(rates[(mode, v)]):.1f} (x{statistics.median(ratios[(mode, v)]):.2f})"
-                         for v in names]
-                print(f"| {mode} | " + " | ".join(cells) + " |")
+                        cpu[(mode, v)].append(used[v])
+                        cpu_ratios[(mode, v)].append(used["plain"] / used[v] if used[v] else float("nan"))
+                    tls_note = f" (TLS handshakes resumed: tls {resumed['tls']}, tls+dkim {resumed['tls+dkim']})" \
+                        if not reuse else ""
+                    print(f"run {run + 1}, {mode}: "
+                          + ", ".join(f"{v} {row[v]:.1f} msg/s {used[v]:.2f} ms CPU/msg" for v in names)
+                          + tls_note, flush=True)
+                    print("    ratios to plain: " + ", ".join(
+                        f"{v} x{ratios[(mode, v)][-1]:.2f} (CPU x{cpu_ratios[(mode, v)][-1]:.2f})"
+                        for v in names[1:]), flush=True)
+            print("\nthroughput: medians (msg/s, and the median of the per-run ratios to plain):")
+            table(modes, names, rates, ratios, "{:.1f}")
+            print("\nnode CPU per message: medians (ms, and the median of the per-run ratios"
+                  " plain CPU / variant CPU, comparable with the throughput ratios):")
+            table(modes, names, cpu, cpu_ratios, "{:.2f} ms")
         finally:
             for n, _ in nodes.values():
                 n.stop()
     return 0
+
+
+def table(modes, names, values, ratios, fmt: str) -> None:
+    print("| Connections | " + " | ".join(names) + " |")
+    print("|---|" + "---|" * len(names))
+    for mode in modes:
+        cells = [fmt.format(statistics.median(values[(mode, names[0])]))]
+        cells += [f"{fmt.format(statistics.median(values[(mode, v)]))} (x{statistics.median(ratios[(mode, v)]):.2f})"
+                  for v in names[1:]]
+        print(f"| {mode} | " + " | ".join(cells) + " |")
 
 
 if __name__ == "__main__":
