@@ -23,8 +23,9 @@ zero-config self-signed certificate, not verified), `dkim` and `tls+dkim`,
 each in three connection modes: a new connection per message with a full
 TLS handshake each time, a new connection per message resuming the TLS
 session of the client's previous connection (as a sending MTA with a TLS
-session cache does), and the connection kept. The order of the variants is
-rotated from run to run. Besides msg/s, it reads the node's own CPU time
+session cache does), and the connection kept (for 100 messages). Within a
+run and mode the variants take turns in chunks of 100 messages, in an order
+rotated from run to run, so that they meet the same load. Besides msg/s, it reads the node's own CPU time
 (user + system, /proc/PID/stat) before and after each variant: CPU per
 message does not count the client's side of the handshake, which here runs
 in Python on the same cores. --rsa-cert gives both nodes an RSA-2048
@@ -108,15 +109,18 @@ def fresh_aliases(node: Node, n: int) -> list[str]:
 
 
 def send_all(node: Node, n: int, clients: int, size: int, tls: bool = False,
-             reuse: bool = True, resume: bool = False, aliases: list[str] | None = None) -> tuple[float, int]:
+             reuse: bool = True, resume: bool = False, aliases: list[str] | None = None,
+             sessions: dict | None = None) -> tuple[float, int]:
     """Messages per second for n messages (message i to alias i // PER_ALIAS
     of `aliases`, fresh ones when not given) from `clients` threads, each over
     one connection (`reuse`) or a new connection per message, and how many
     TLS handshakes resumed a session. With `resume`, each thread offers the
     newest session it has (taken after the message, when the TLS 1.3 ticket
-    has arrived), as a sender's session cache would."""
+    has arrived), as a sender's session cache would; `sessions` keeps them
+    from one call to the next."""
     aliases = aliases or fresh_aliases(node, n)
     msgs = [(aliases[i // PER_ALIAS], message(i, size)) for i in range(n)]
+    sessions = {} if sessions is None else sessions
 
     def worker(k: int) -> int:
         resumed = 0
@@ -125,14 +129,13 @@ def send_all(node: Node, n: int, clients: int, size: int, tls: bool = False,
                 for alias, m in msgs[k::clients]:
                     s.sendmail("alice@sender.example", [alias], m)
             return resumed
-        session = None
         for alias, m in msgs[k::clients]:
-            with connect(node, tls, session) as s:
+            with connect(node, tls, sessions.get(k)) as s:
                 s.sendmail("alice@sender.example", [alias], m)
                 if tls:
                     resumed += s.sock.session_reused
                     if resume:
-                        session = s.sock.session
+                        sessions[k] = s.sock.session
         return resumed
 
     t0 = time.monotonic()
@@ -252,15 +255,25 @@ def tls_bench(args) -> int:
             for run in range(args.runs):
                 order = names[run % len(names):] + names[:run % len(names)]
                 for mode, (reuse, resume) in modes.items():
-                    row, used, resumed = {}, {}, {}
-                    for v in order:
-                        node_name, tls = variants[v]
-                        n = nodes[node_name]
-                        aliases = fresh_aliases(n, args.messages)
-                        before = cpu_seconds(n.pid)
-                        row[v], resumed[v] = send_all(n, args.messages, args.clients, args.size,
-                                                      tls=tls, reuse=reuse, resume=resume, aliases=aliases)
-                        used[v] = (cpu_seconds(n.pid) - before) * 1000 / args.messages
+                    # The variants take turns in chunks of PER_ALIAS messages,
+                    # so that each meets the same load on the shared machine.
+                    elapsed, used_s, resumed = ({v: 0.0 for v in names} for _ in range(3))
+                    sessions = {v: {} for v in names}
+                    for start in range(0, args.messages, PER_ALIAS):
+                        chunk = min(PER_ALIAS, args.messages - start)
+                        for v in order:
+                            node_name, tls = variants[v]
+                            n = nodes[node_name]
+                            aliases = fresh_aliases(n, chunk)
+                            before = cpu_seconds(n.pid)
+                            rate, r = send_all(n, chunk, args.clients, args.size, tls=tls, reuse=reuse,
+                                               resume=resume, aliases=aliases, sessions=sessions[v])
+                            used_s[v] += cpu_seconds(n.pid) - before
+                            elapsed[v] += chunk / rate
+                            resumed[v] += r
+                    row = {v: args.messages / elapsed[v] for v in names}
+                    used = {v: used_s[v] * 1000 / args.messages for v in names}
+                    resumed = {v: int(resumed[v]) for v in names}
                     for v in names:
                         rates[(mode, v)].append(row[v])
                         ratios[(mode, v)].append(row[v] / row["plain"])
