@@ -1,7 +1,7 @@
 """What DKIM signing and ARC sealing cost a forwarded message. Not part of
 the test run:
 
-    python3 tests/bench/mail_auth_bench.py [--messages 200] [--clients 4] [--size 5000] [--runs 5] [--tls]
+    python3 tests/bench/mail_auth_bench.py [--messages 200] [--clients 4] [--size 5000] [--runs 5] [--tls [--rsa-cert]] [--bin PATH]
 
 Starts three single nodes (capture relay, HTTP rate limits off so the
 script can make its aliases, each of 100 uses: one alias taking thousands of
