@@ -281,6 +281,12 @@ pub struct SmtpConfig {
     pub tls_cipher_suites: Vec<String>,
     /// Longest time a TLS handshake may take.
     pub tls_handshake_timeout_secs: u64,
+    /// Resume TLS sessions from stateless tickets (keys in memory, rotated
+    /// by rustls every 6 hours), so a sender that comes back skips the key
+    /// exchange and certificate signature. Off: resumption only from a
+    /// small in-memory session cache, for operators who want no ticket key
+    /// that could decrypt past sessions if the process memory leaked.
+    pub tls_session_tickets: bool,
     /// Client networks (CIDR or single addresses) exempt from the per-address
     /// caps (`max_connections_per_ip`, `max_failed_rcpts_per_ip`): an own
     /// relay or a load generator that legitimately opens many sessions from
@@ -325,6 +331,7 @@ impl Default for SmtpConfig {
             tls_min_version: "1.2".to_string(),
             tls_cipher_suites: Vec::new(),
             tls_handshake_timeout_secs: 30,
+            tls_session_tickets: true,
             trusted_networks: Vec::new(),
         }
     }

@@ -184,6 +184,10 @@ pub struct Metrics {
     pub relay_breaker_opened: Family<UpstreamLabels, Counter>,
     /// TLS handshakes on the SMTP listeners, by version or failure.
     pub smtp_tls_handshakes: Family<TlsLabels, Counter>,
+    /// Of the successful ones, those that resumed an earlier session (a
+    /// ticket or the session cache): the share tells whether senders'
+    /// session caches spare the node its handshake signatures.
+    pub smtp_tls_resumed: Counter,
     /// Target confirmation: mails sent or failed, confirmations accepted.
     pub confirmations: Family<ConfirmLabels, Counter>,
     /// Read barriers the leader confirmed with a quorum round.
@@ -283,6 +287,7 @@ impl Metrics {
             relay_breaker_state: Family::default(),
             relay_breaker_opened: Family::default(),
             smtp_tls_handshakes: Family::default(),
+            smtp_tls_resumed: Counter::default(),
             confirmations: Family::default(),
             raft_read_quorum_rounds: Counter::default(),
             raft_lease_reads: Counter::default(),
@@ -336,6 +341,11 @@ impl Metrics {
             "smtp_tls_handshakes",
             "TLS handshakes on the SMTP listeners (STARTTLS and implicit TLS), by negotiated version or failure",
             m.smtp_tls_handshakes.clone(),
+        );
+        registry.register(
+            "smtp_tls_resumed",
+            "TLS handshakes on the SMTP listeners that resumed an earlier session",
+            m.smtp_tls_resumed.clone(),
         );
         registry.register(
             "confirmations",

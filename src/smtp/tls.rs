@@ -8,6 +8,15 @@
 //!
 //! Only rustls with the `ring` provider is used (the one lettre already
 //! pulls), TLS 1.2 and 1.3 only.
+//!
+//! Sessions resume: sending MTAs keep a TLS session cache (Postfix's
+//! `smtp_tls_session_cache_database`, Exim, ...), and a resumed handshake
+//! skips the key exchange's certificate signature, the largest part of
+//! what a new connection costs the node. With `smtp.tls_session_tickets`
+//! (the default) the session travels in a ticket sealed with keys that
+//! rustls makes at random and rotates every 6 hours (tickets live 12), so
+//! the node keeps nothing per client; without it, a bounded in-memory cache
+//! of 256 sessions (rustls' default) serves the clients that come back soon.
 
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -166,11 +175,19 @@ impl Tls {
         let resolver = Arc::new(Resolver {
             current: RwLock::new(Arc::new(key)),
         });
-        let server = rustls::ServerConfig::builder_with_provider(provider.clone())
+        let mut server = rustls::ServerConfig::builder_with_provider(provider.clone())
             .with_protocol_versions(versions)
             .map_err(|e| TlsError::Settings(e.to_string()))?
             .with_no_client_auth()
             .with_cert_resolver(resolver.clone());
+        // The builder's defaults stay otherwise: the 256-session cache (for
+        // TLS 1.2 clients that ask for no ticket, or for everyone when
+        // tickets are off) and 2 TLS 1.3 tickets per handshake, so a client
+        // has a spare when one is used up.
+        if config.tls_session_tickets {
+            server.ticketer = rustls::crypto::ring::Ticketer::new()
+                .map_err(|e| TlsError::Settings(format!("session ticket keys: {e}")))?;
+        }
         Ok(Some(Arc::new(Tls {
             acceptor: tokio_rustls::TlsAcceptor::from(Arc::new(server)),
             resolver,
@@ -362,6 +379,26 @@ mod tests {
             .unwrap();
         assert_eq!(std::fs::read(&again.source.cert).unwrap(), first);
         tls.reload().unwrap();
+    }
+
+    #[test]
+    fn session_tickets_are_on_by_default_and_can_be_turned_off() {
+        let dir = tempfile::tempdir().unwrap();
+        let tls = Tls::from_config(&SmtpConfig::default(), dir.path())
+            .unwrap()
+            .unwrap();
+        let server = tls.acceptor().config();
+        assert!(server.ticketer.enabled());
+        assert!(server.session_storage.can_cache());
+        let c = SmtpConfig {
+            tls_session_tickets: false,
+            ..SmtpConfig::default()
+        };
+        let tls = Tls::from_config(&c, dir.path()).unwrap().unwrap();
+        let server = tls.acceptor().config();
+        assert!(!server.ticketer.enabled());
+        // Resumption still works from the cache.
+        assert!(server.session_storage.can_cache());
     }
 
     #[test]

@@ -1,9 +1,12 @@
 """What DKIM signing and ARC sealing cost a forwarded message. Not part of
 the test run:
 
-    python3 tests/bench/mail_auth_bench.py [--messages 200] [--clients 4] [--size 5000] [--runs 5] [--tls]
+    python3 tests/bench/mail_auth_bench.py [--messages 200] [--clients 4] [--size 5000] [--runs 5] [--tls [--rsa-cert]] [--bin PATH]
 
-Starts three single nodes (capture relay) that differ only in what they add:
+Starts three single nodes (capture relay, HTTP rate limits off so the
+script can make its aliases, each of 100 uses: one alias taking thousands of
+messages would measure the growth of its record) that differ only in what
+they add:
 `plain` (SRS only, no key), `dkim` (an RSA-2048 key, ARC off) and `dkim+arc`
 (the same key, ARC on, its resolver an nsd on loopback that serves the sender
 domain's SPF and DMARC records: every message costs its SPF, DMARC and DKIM
@@ -17,8 +20,17 @@ With --tls it measures what STARTTLS inbound and DKIM signing cost instead:
 two nodes (`plain`: no key; `dkim`: the RSA-2048 key, ARC off) and four
 variants, `plain`, `tls` (the client says STARTTLS to the plain node's
 zero-config self-signed certificate, not verified), `dkim` and `tls+dkim`,
-each with a new connection per message and with the connection kept, the
-order rotated from run to run.
+each in three connection modes: a new connection per message with a full
+TLS handshake each time, a new connection per message resuming the TLS
+session of the client's previous connection (as a sending MTA with a TLS
+session cache does), and the connection kept (for 100 messages). Within a
+run and mode the variants take turns in chunks of 100 messages, in an order
+rotated from run to run, so that they meet the same load. Besides msg/s, it reads the node's own CPU time
+(user + system, /proc/PID/stat) before and after each variant: CPU per
+message does not count the client's side of the handshake, which here runs
+in Python on the same cores. --rsa-cert gives both nodes an RSA-2048
+certificate (made with openssl) instead of the zero-config ECDSA P-256 one:
+a full handshake then costs the node an RSA signature.
 """
 
 from __future__ import annotations
@@ -60,33 +72,84 @@ def message(i: int, size: int) -> bytes:
     ).encode() + body
 
 
-def connect(node: Node, tls: bool) -> smtplib.SMTP:
-    s = node.smtp(timeout=60)
+class SMTP(smtplib.SMTP):
+    """smtplib's client, whose STARTTLS can offer an earlier TLS session."""
+
+    def starttls_resuming(self, session: ssl.SSLSession | None) -> None:
+        self.ehlo_or_helo_if_needed()
+        code, reply = self.docmd("STARTTLS")
+        if code != 220:
+            raise smtplib.SMTPResponseException(code, reply)
+        self.sock = TLS_CONTEXT.wrap_socket(self.sock, server_hostname=self._host, session=session)
+        # As smtplib's own starttls(): everything learnt in plaintext is forgotten.
+        self.file = None
+        self.helo_resp = self.ehlo_resp = None
+        self.esmtp_features = {}
+        self.does_esmtp = False
+
+
+def connect(node: Node, tls: bool, session: ssl.SSLSession | None = None) -> SMTP:
+    s = SMTP("127.0.0.1", node.smtp_port, local_hostname="client.example.org", timeout=60)
     if tls:
-        s.starttls(context=TLS_CONTEXT)
+        s.starttls_resuming(session)
     return s
 
 
-def send_all(node: Node, alias: str, n: int, clients: int, size: int, tls: bool = False,
-             reuse: bool = True) -> float:
-    """Messages per second for n messages from `clients` threads, each over
-    one connection (`reuse`) or a new connection per message."""
-    msgs = [message(i, size) for i in range(n)]
+# Messages per alias. An alias keeps the ids of its committed uses (so a
+# repeated Commit is recognised), which makes each write on it cost O(uses so
+# far): one alias taking thousands of messages would measure the growth of its
+# record, not the forwarding. Aliases are meant for a handful of uses.
+PER_ALIAS = 100
 
-    def worker(k: int) -> None:
+
+def fresh_aliases(node: Node, n: int) -> list[str]:
+    """Enough new aliases of PER_ALIAS uses for n messages (made before the
+    clock starts)."""
+    return [node.create_alias(days=1, max_usage=PER_ALIAS)["alias"] for _ in range(-(-n // PER_ALIAS))]
+
+
+def send_all(node: Node, n: int, clients: int, size: int, tls: bool = False,
+             reuse: bool = True, resume: bool = False, aliases: list[str] | None = None,
+             sessions: dict | None = None) -> tuple[float, int]:
+    """Messages per second for n messages (message i to alias i // PER_ALIAS
+    of `aliases`, fresh ones when not given) from `clients` threads, each over
+    one connection (`reuse`) or a new connection per message, and how many
+    TLS handshakes resumed a session. With `resume`, each thread offers the
+    newest session it has (taken after the message, when the TLS 1.3 ticket
+    has arrived), as a sender's session cache would; `sessions` keeps them
+    from one call to the next."""
+    aliases = aliases or fresh_aliases(node, n)
+    msgs = [(aliases[i // PER_ALIAS], message(i, size)) for i in range(n)]
+    sessions = {} if sessions is None else sessions
+
+    def worker(k: int) -> int:
+        resumed = 0
         if reuse:
             with connect(node, tls) as s:
-                for m in msgs[k::clients]:
+                for alias, m in msgs[k::clients]:
                     s.sendmail("alice@sender.example", [alias], m)
-        else:
-            for m in msgs[k::clients]:
-                with connect(node, tls) as s:
-                    s.sendmail("alice@sender.example", [alias], m)
+            return resumed
+        for alias, m in msgs[k::clients]:
+            with connect(node, tls, sessions.get(k)) as s:
+                s.sendmail("alice@sender.example", [alias], m)
+                if tls:
+                    resumed += s.sock.session_reused
+                    if resume:
+                        sessions[k] = s.sock.session
+        return resumed
 
     t0 = time.monotonic()
     with ThreadPoolExecutor(clients) as ex:
-        list(ex.map(worker, range(clients)))
-    return n / (time.monotonic() - t0)
+        resumed = sum(ex.map(worker, range(clients)))
+    return n / (time.monotonic() - t0), resumed
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time a process has used so far (all its threads)."""
+    with open(f"/proc/{pid}/stat") as f:
+        # The command name may hold spaces: the fields after it start past ")".
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def main() -> int:
@@ -96,6 +159,8 @@ def main() -> int:
     ap.add_argument("--size", type=int, default=5000)
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--tls", action="store_true", help="plain / tls / dkim / tls+dkim instead")
+    ap.add_argument("--rsa-cert", action="store_true",
+                    help="with --tls: an RSA-2048 certificate (made with openssl) instead of the ECDSA P-256 self-signed one")
     ap.add_argument("--bin", help="the tempalias binary (instead of TEMPALIAS_BIN)")
     args = ap.parse_args()
     if args.tls:
@@ -106,7 +171,7 @@ def main() -> int:
         subprocess.run([str(BIN), "dkim", "keygen", "--domain", "tempalias.test", "--selector", "b1", "--out", str(key)],
                        check=True, capture_output=True, timeout=60)
         dkim = {"keys": [{"domain": "tempalias.test", "selector": "b1", "key_file": str(key)}]}
-        common = {"limits": {"max_usage": 1_000_000}, "log": {"level": "warn"}}
+        common = {"log": {"level": "warn"}, "ratelimit": {"enabled": False}}
         variants = {
             "plain": {},
             "dkim": {"dkim": dkim, "arc": {"enabled": False}},
@@ -122,16 +187,16 @@ def main() -> int:
             for name, extra in variants.items():
                 n = Node(base, name.replace("+", "_"), config={**common, **extra})
                 n.start()
-                alias = n.create_alias(days=1, max_usage=1_000_000)["alias"]
-                send_all(n, alias, min(20, args.messages), args.clients, args.size)  # warm-up
-                nodes[name] = (n, alias)
+                send_all(n, min(20, args.messages), args.clients, args.size)  # warm-up
+                nodes[name] = n
             results: dict[str, list[float]] = {name: [] for name in variants}
             ratios: dict[str, list[float]] = {name: [] for name in variants}
             print(f"{args.messages} messages of ~{args.size} bytes, {args.clients} clients, binary {BIN}")
             for run in range(args.runs):
                 row = {}
-                for name, (n, alias) in nodes.items():
-                    row[name] = send_all(n, alias, args.messages, args.clients, args.size)
+                for name, n in nodes.items():
+                    aliases = fresh_aliases(n, args.messages)
+                    row[name] = send_all(n, args.messages, args.clients, args.size, aliases=aliases)[0]
                     results[name].append(row[name])
                 for name in variants:
                     ratios[name].append(row[name] / row["plain"])
@@ -139,20 +204,27 @@ def main() -> int:
             print("median: " + ", ".join(
                 f"{k} {statistics.median(v):.1f} msg/s (x{statistics.median(ratios[k]):.2f} of plain)" for k, v in results.items()))
         finally:
-            for n, _ in nodes.values():
+            for n in nodes.values():
                 n.stop()
             nsd.stop()
     return 0
 
 
 def tls_bench(args) -> int:
-    """STARTTLS and DKIM, alone and together, against plaintext unsigned."""
+    """STARTTLS and DKIM, alone and together, against plaintext unsigned:
+    throughput and the node's CPU per message."""
     with tempfile.TemporaryDirectory(prefix="tempalias-tls-bench-") as tmp:
         base = Path(tmp)
         key = base / "dkim.key"
         subprocess.run([str(BIN), "dkim", "keygen", "--domain", "tempalias.test", "--selector", "b1", "--out", str(key)],
                        check=True, capture_output=True, timeout=60)
-        common = {"limits": {"max_usage": 1_000_000}, "log": {"level": "warn"}}
+        common = {"log": {"level": "warn"}, "ratelimit": {"enabled": False}}
+        if args.rsa_cert:
+            cert_file, key_file = base / "rsa-cert.pem", base / "rsa-key.pem"
+            subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+                            "-subj", "/CN=mx1.tempalias.test", "-keyout", str(key_file), "-out", str(cert_file)],
+                           check=True, capture_output=True, timeout=60)
+            common["smtp"] = {"tls_cert_file": str(cert_file), "tls_key_file": str(key_file)}
         configs = {
             "plain": {},
             "dkim": {"dkim": {"keys": [{"domain": "tempalias.test", "selector": "b1", "key_file": str(key)}]},
@@ -160,44 +232,80 @@ def tls_bench(args) -> int:
         }
         variants = {"plain": ("plain", False), "tls": ("plain", True), "dkim": ("dkim", False),
                     "tls+dkim": ("dkim", True)}
-        modes = {"new connection per message": False, "connection kept": True}
+        # Mode: (connection kept, TLS session resumed).
+        modes = {"new connection, full handshake": (False, False),
+                 "new connection, resumed session": (False, True),
+                 "connection kept": (True, False)}
         nodes = {}
         try:
             for name, extra in configs.items():
                 n = Node(base, name, config={**common, **extra})
                 n.start()
-                alias = n.create_alias(days=1, max_usage=1_000_000)["alias"]
-                send_all(n, alias, min(20, args.messages), args.clients, args.size, tls=True)  # warm-up
-                nodes[name] = (n, alias)
+                send_all(n, min(20, args.messages), args.clients, args.size, tls=True)  # warm-up
+                nodes[name] = n
             print(f"{args.messages} messages of ~{args.size} bytes, {args.clients} clients, binary {BIN}")
-            with connect(nodes["plain"][0], True) as s:
-                print(f"STARTTLS: {s.sock.version()}, {s.sock.cipher()[0]}")
+            with connect(nodes["plain"], True) as s:
+                print(f"STARTTLS: {s.sock.version()}, {s.sock.cipher()[0]}, "
+                      f"{'RSA-2048' if args.rsa_cert else 'ECDSA P-256'} certificate")
             names = list(variants)
             rates = {(m, v): [] for m in modes for v in variants}
             ratios = {(m, v): [] for m in modes for v in variants}
+            cpu = {(m, v): [] for m in modes for v in variants}  # node CPU ms per message
+            cpu_ratios = {(m, v): [] for m in modes for v in variants}  # plain's CPU / the variant's
             for run in range(args.runs):
                 order = names[run % len(names):] + names[:run % len(names)]
-                for mode, reuse in modes.items():
-                    row = {}
-                    for v in order:
-                        node_name, tls = variants[v]
-                        n, alias = nodes[node_name]
-                        row[v] = send_all(n, alias, args.messages, args.clients, args.size, tls=tls, reuse=reuse)
+                for mode, (reuse, resume) in modes.items():
+                    # The variants take turns in chunks of PER_ALIAS messages,
+                    # so that each meets the same load on the shared machine.
+                    elapsed, used_s, resumed = ({v: 0.0 for v in names} for _ in range(3))
+                    sessions = {v: {} for v in names}
+                    for start in range(0, args.messages, PER_ALIAS):
+                        chunk = min(PER_ALIAS, args.messages - start)
+                        for v in order:
+                            node_name, tls = variants[v]
+                            n = nodes[node_name]
+                            aliases = fresh_aliases(n, chunk)
+                            before = cpu_seconds(n.pid)
+                            rate, r = send_all(n, chunk, args.clients, args.size, tls=tls, reuse=reuse,
+                                               resume=resume, aliases=aliases, sessions=sessions[v])
+                            used_s[v] += cpu_seconds(n.pid) - before
+                            elapsed[v] += chunk / rate
+                            resumed[v] += r
+                    row = {v: args.messages / elapsed[v] for v in names}
+                    used = {v: used_s[v] * 1000 / args.messages for v in names}
+                    resumed = {v: int(resumed[v]) for v in names}
                     for v in names:
                         rates[(mode, v)].append(row[v])
                         ratios[(mode, v)].append(row[v] / row["plain"])
-                    print(f"run {run + 1}, {mode}: " + ", ".join(f"{v} {row[v]:.1f} msg/s" for v in names), flush=True)
-            print("\nmedians (msg/s, and the median of the per-run ratios to plain):")
-            print("| Connections | " + " | ".join(names) + " |")
-            print("|---|" + "---|" * len(names))
-            for mode in modes:
-                cells = [f"{statistics.median(rates[(mode, v)]):.1f} (x{statistics.median(ratios[(mode, v)]):.2f})"
-                         for v in names]
-                print(f"| {mode} | " + " | ".join(cells) + " |")
+                        cpu[(mode, v)].append(used[v])
+                        cpu_ratios[(mode, v)].append(used["plain"] / used[v] if used[v] else float("nan"))
+                    tls_note = f" (TLS handshakes resumed: tls {resumed['tls']}, tls+dkim {resumed['tls+dkim']})" \
+                        if not reuse else ""
+                    print(f"run {run + 1}, {mode}: "
+                          + ", ".join(f"{v} {row[v]:.1f} msg/s {used[v]:.2f} ms CPU/msg" for v in names)
+                          + tls_note, flush=True)
+                    print("    ratios to plain: " + ", ".join(
+                        f"{v} x{ratios[(mode, v)][-1]:.2f} (CPU x{cpu_ratios[(mode, v)][-1]:.2f})"
+                        for v in names[1:]), flush=True)
+            print("\nthroughput: medians (msg/s, and the median of the per-run ratios to plain):")
+            table(modes, names, rates, ratios, "{:.1f}")
+            print("\nnode CPU per message: medians (ms, and the median of the per-run ratios"
+                  " plain CPU / variant CPU, comparable with the throughput ratios):")
+            table(modes, names, cpu, cpu_ratios, "{:.2f} ms")
         finally:
-            for n, _ in nodes.values():
+            for n in nodes.values():
                 n.stop()
     return 0
+
+
+def table(modes, names, values, ratios, fmt: str) -> None:
+    print("| Connections | " + " | ".join(names) + " |")
+    print("|---|" + "---|" * len(names))
+    for mode in modes:
+        cells = [fmt.format(statistics.median(values[(mode, names[0])]))]
+        cells += [f"{fmt.format(statistics.median(values[(mode, v)]))} (x{statistics.median(ratios[(mode, v)]):.2f})"
+                  for v in names[1:]]
+        print(f"| {mode} | " + " | ".join(cells) + " |")
 
 
 if __name__ == "__main__":

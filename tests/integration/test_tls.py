@@ -60,14 +60,16 @@ class Lines:
         return self.reply()
 
 
-def starttls(port: int) -> tuple[ssl.SSLSocket, Lines]:
+def starttls(port: int, ctx: ssl.SSLContext | None = None,
+             session: ssl.SSLSession | None = None) -> tuple[ssl.SSLSocket, Lines]:
+    """EHLO and STARTTLS; with `session`, the client offers to resume it."""
     plain = socket.create_connection(("127.0.0.1", port), timeout=20)
     c = Lines(plain)
     assert c.reply()[0] == 220
     code, text = c.cmd("EHLO client.example.org")
     assert code == 250 and "STARTTLS" in text.split("\n"), text
     assert c.cmd("STARTTLS")[0] == 220
-    tls = no_verify().wrap_socket(plain, server_hostname=HOSTNAME)
+    tls = (ctx or no_verify()).wrap_socket(plain, server_hostname=HOSTNAME, session=session)
     return tls, Lines(tls)
 
 
@@ -97,6 +99,73 @@ def test_openssl_s_client_negotiates_tls_1_3_and_tls_1_2(node):
     metrics = node.metrics()
     for result in ("tls13", "tls12", "failed"):
         assert f'tempalias_smtp_tls_handshakes_total{{result="{result}"}} 1' in metrics, metrics
+
+
+def tls_session(port: int, ctx: ssl.SSLContext, session=None) -> tuple[bool, ssl.SSLSession]:
+    """One STARTTLS connection (EHLO, QUIT): whether it resumed `session`,
+    and the session to offer next time (as a sender's session cache keeps
+    the newest one). A TLS 1.3 ticket arrives after the handshake, so the
+    session is taken after the EHLO reply."""
+    tls, c = starttls(port, ctx, session)
+    assert c.cmd("EHLO client.example.org")[0] == 250
+    assert c.cmd("QUIT")[0] == 221
+    reused, newest = tls.session_reused, tls.session
+    tls.close()
+    return reused, newest
+
+
+def test_sessions_resume_from_tickets_and_a_resumed_session_delivers_as_esmtps(node):
+    ctx = no_verify()
+    reused, session = tls_session(node.smtp_port, ctx)
+    assert not reused and session.has_ticket
+    tls, c = starttls(node.smtp_port, ctx, session)
+    assert tls.session_reused, "the second handshake did not resume the first session"
+    assert tls.version() == "TLSv1.3"
+    alias = node.create_alias(days=1, max_usage=2)
+    assert c.cmd("EHLO client.example.org")[0] == 250
+    assert c.cmd(f"MAIL FROM:<{SENDER}>")[0] == 250
+    assert c.cmd(f"RCPT TO:<{alias['alias']}>")[0] == 250
+    assert c.cmd("DATA")[0] == 354
+    tls.sendall(message("over a resumed session", to=alias["alias"]) + b".\r\n")
+    assert c.reply()[0] == 250
+    assert c.cmd("QUIT")[0] == 221
+    tls.close()
+    (m,) = wait_until(lambda: node.captured() or None, 10, "the captured message")
+    head = m["eml"].split(b"\r\n\r\n", 1)[0].decode()
+    assert f"by {HOSTNAME} (tempalias) with ESMTPS id" in head, head
+    assert "(using TLSv1.3 with cipher TLS13_" in head, head
+    # Stateless tickets: the same ticket resumes again (a cached TLS 1.3
+    # session would be used up by its first resumption).
+    assert tls_session(node.smtp_port, ctx, session)[0]
+    # TLS 1.2 resumes from a ticket too.
+    ctx12 = no_verify()
+    ctx12.maximum_version = ssl.TLSVersion.TLSv1_2
+    reused, session12 = tls_session(node.smtp_port, ctx12)
+    assert not reused and session12.has_ticket
+    assert tls_session(node.smtp_port, ctx12, session12)[0]
+    metrics = node.metrics()
+    assert 'tempalias_smtp_tls_handshakes_total{result="tls13"} 3' in metrics, metrics
+    assert 'tempalias_smtp_tls_handshakes_total{result="tls12"} 2' in metrics, metrics
+    assert "tempalias_smtp_tls_resumed_total 3" in metrics, metrics
+
+
+def test_without_session_tickets_sessions_resume_from_the_cache(node_factory):
+    node = node_factory(config={"smtp": {"tls_session_tickets": False}})
+    ctx = no_verify()
+    ctx.maximum_version = ssl.TLSVersion.TLSv1_2
+    # TLS 1.2: a session id into the node's cache, no ticket.
+    reused, session = tls_session(node.smtp_port, ctx)
+    assert not reused and not session.has_ticket
+    assert tls_session(node.smtp_port, ctx, session)[0]
+    # TLS 1.3: a cached session resumes once (rustls takes it out of the
+    # cache), then the client needs the newer one.
+    ctx13 = no_verify()
+    _, first = tls_session(node.smtp_port, ctx13)
+    reused, newer = tls_session(node.smtp_port, ctx13, first)
+    assert reused
+    assert not tls_session(node.smtp_port, ctx13, first)[0]
+    assert tls_session(node.smtp_port, ctx13, newer)[0]
+    assert "tempalias_smtp_tls_resumed_total 3" in node.metrics()
 
 
 def test_tls_min_version_and_cipher_suites(node_factory):

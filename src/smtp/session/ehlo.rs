@@ -93,13 +93,18 @@ where
         };
         match tokio::time::timeout(limit, tls.acceptor().accept(plain)).await {
             Ok(Ok(stream)) => {
-                let negotiated = Negotiated::of(stream.get_ref().1);
+                let conn = stream.get_ref().1;
+                let negotiated = Negotiated::of(conn);
                 count(if negotiated.version == "TLSv1.2" {
                     TlsResult::tls12
                 } else {
                     TlsResult::tls13
                 });
-                tracing::debug!(version = %negotiated.version, cipher = %negotiated.cipher, "TLS started");
+                let resumed = conn.handshake_kind() == Some(rustls::HandshakeKind::Resumed);
+                if resumed {
+                    self.shared.metrics.smtp_tls_resumed.inc();
+                }
+                tracing::debug!(version = %negotiated.version, cipher = %negotiated.cipher, resumed, "TLS started");
                 self.tls = Some(negotiated);
                 *self.input.get_mut() = Stream::Tls(Box::new(stream));
                 true
