@@ -41,6 +41,9 @@ pub enum RcptResult {
     /// MX delivery: the recipient's destination is in another domain than
     /// an earlier recipient's; sent again in its own transaction (452 4.5.3).
     other_domain,
+    /// A bounce to an SRS address mixed with other recipients in one
+    /// transaction; the later one is sent again on its own (452 4.5.3).
+    bounce_alone,
 }
 
 /// What happened in target confirmation (`tempalias_confirmations_total`).

@@ -140,7 +140,13 @@ impl KeyMaterial {
 
 /// Signs messages for one alias domain.
 pub struct DomainSigner {
+    /// Over [`SIGNED_HEADERS`], for a message that has DKIM signatures.
     signer: Signer,
+    /// The same without `DKIM-Signature`, for a message that has none (our
+    /// own mail, unsigned forwarded mail). RFC 6376 5.4 allows the name in
+    /// `h=` only to sign preexisting signatures; without one, verifiers
+    /// (dkimpy among them) take the new signature itself for it and fail.
+    unsigned_signer: Signer,
     pub domain: String,
     pub selector: String,
 }
@@ -150,18 +156,19 @@ enum Signer {
     Ed25519(DkimSigner<Ed25519Key, Done>),
 }
 
-impl DomainSigner {
-    /// A signer with relaxed/relaxed canonicalization over [`SIGNED_HEADERS`].
-    ///
-    /// # Errors
-    /// [`DkimError::BadKey`] when the key cannot be used.
-    pub fn new(domain: &str, selector: &str, material: &KeyMaterial) -> Result<Self, DkimError> {
-        let signer = match material.key()? {
+impl Signer {
+    fn new(
+        material: &KeyMaterial,
+        domain: &str,
+        selector: &str,
+        headers: &[&str],
+    ) -> Result<Self, DkimError> {
+        Ok(match material.key()? {
             Key::Rsa(k) => Signer::Rsa(
                 DkimSigner::from_key(k)
                     .domain(domain)
                     .selector(selector)
-                    .headers(SIGNED_HEADERS.iter().copied())
+                    .headers(headers.iter().copied())
                     .header_canonicalization(Canonicalization::Relaxed)
                     .body_canonicalization(Canonicalization::Relaxed),
             ),
@@ -169,13 +176,42 @@ impl DomainSigner {
                 DkimSigner::from_key(k)
                     .domain(domain)
                     .selector(selector)
-                    .headers(SIGNED_HEADERS.iter().copied())
+                    .headers(headers.iter().copied())
                     .header_canonicalization(Canonicalization::Relaxed)
                     .body_canonicalization(Canonicalization::Relaxed),
             ),
-        };
+        })
+    }
+}
+
+/// True when the header section of `message` has a `DKIM-Signature` field.
+fn has_signature(message: &[u8]) -> bool {
+    for line in message.split(|&b| b == b'\n') {
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        if line.is_empty() {
+            break;
+        }
+        if line.len() >= 15 && line[..15].eq_ignore_ascii_case(b"dkim-signature:") {
+            return true;
+        }
+    }
+    false
+}
+
+impl DomainSigner {
+    /// A signer with relaxed/relaxed canonicalization over [`SIGNED_HEADERS`].
+    ///
+    /// # Errors
+    /// [`DkimError::BadKey`] when the key cannot be used.
+    pub fn new(domain: &str, selector: &str, material: &KeyMaterial) -> Result<Self, DkimError> {
+        let without: Vec<&str> = SIGNED_HEADERS
+            .iter()
+            .copied()
+            .filter(|h| !h.eq_ignore_ascii_case("DKIM-Signature"))
+            .collect();
         Ok(Self {
-            signer,
+            signer: Signer::new(material, domain, selector, SIGNED_HEADERS)?,
+            unsigned_signer: Signer::new(material, domain, selector, &without)?,
             domain: domain.to_string(),
             selector: selector.to_string(),
         })
@@ -186,7 +222,12 @@ impl DomainSigner {
     /// # Errors
     /// [`DkimError::Sign`] when the message has none of the headers to sign.
     pub fn sign(&self, message: &[u8]) -> Result<String, DkimError> {
-        let sig = match &self.signer {
+        let signer = if has_signature(message) {
+            &self.signer
+        } else {
+            &self.unsigned_signer
+        };
+        let sig = match signer {
             Signer::Rsa(s) => s.sign(message),
             Signer::Ed25519(s) => s.sign(message),
         }
@@ -323,6 +364,22 @@ mod tests {
         assert!(h.contains("s=s1"), "{h}");
         assert!(h.contains("c=relaxed/relaxed"), "{h}");
         assert!(h.ends_with("\r\n"), "{h:?}");
+    }
+
+    #[test]
+    fn dkim_signature_is_signed_only_when_the_message_has_one() {
+        let (_d, m) = material(Algorithm::Ed25519);
+        let s = DomainSigner::new("tempalias.test", "s1", &m).unwrap();
+        let h_tag = |h: &str| {
+            let unfolded: String = h.split_whitespace().collect();
+            unfolded.to_ascii_lowercase()
+        };
+        assert!(!h_tag(&s.sign(MESSAGE).unwrap()).contains(":dkim-signature"));
+        let signed = [&b"DKIM-Signature: v=1; d=sender.example\r\n"[..], MESSAGE].concat();
+        assert!(h_tag(&s.sign(&signed).unwrap()).contains(":dkim-signature"));
+        // A field in the body is no signature.
+        let body = [MESSAGE, b"DKIM-Signature: x\r\n"].concat();
+        assert!(!has_signature(&body));
     }
 
     #[test]

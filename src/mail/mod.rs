@@ -10,6 +10,7 @@
 
 pub mod arc;
 pub mod dkim;
+pub mod dsn;
 pub mod srs;
 
 use std::collections::HashMap;

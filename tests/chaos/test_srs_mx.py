@@ -9,7 +9,8 @@ transport table: it delivers everything by MX lookup through nsd.
     client -> Postfix -> (MX tempalias.test) node: alias, SRS sender
     node -> Postfix (smarthost) -> (MX target.test) refused after DATA
     Postfix bounce, from <>, to the SRS address -> (MX tempalias.test) node
-    node reverses it -> Postfix -> (MX sender.test) the sender's mailbox
+    node reverses it, writes its own report (no target named in it)
+        -> Postfix -> (MX sender.test) the sender's mailbox
 
 Then bounces to forged SRS addresses, one of them the real address with a
 character moved from the domain to the local part (the same bytes when the
@@ -160,7 +161,7 @@ def test_bounce_from_the_target_returns_by_mx_to_the_original_sender(lab, round_
     to_sender = deliveries(lab, SENDER)
     assert [(r, s) for r, s, _ in to_sender] == [(f"sink.{SENDER_DOMAIN}[{SINK_IP}]:25", "sent")], to_sender
 
-    # The sender's mailbox got exactly the bounce: from the null sender, to
+    # The sender's mailbox got exactly one report: from the null sender, to
     # the original sender (not the SRS address), about the refused message.
     msgs = lab.sink.messages()
     assert len(msgs) == 1, [(m.mail_from, m.rcpt_to) for m in msgs]
@@ -168,8 +169,13 @@ def test_bounce_from_the_target_returns_by_mx_to_the_original_sender(lab, round_
     assert bounce.mail_from == "", f"a bounce comes from the null sender, not {bounce.mail_from!r}"
     assert bounce.rcpt_to == [SENDER], bounce.rcpt_to
     assert f"<{rt.uid}@chaos.test>".encode() in bounce.raw, "the bounce names the refused message"
-    assert b"mailbox full" in bounce.raw
     assert re.search(rb"^Content-Type: multipart/report;", bounce.raw, re.MULTILINE | re.IGNORECASE), "a DSN"
+    # It is the node's own report, not the target's bounce: the status, but
+    # neither the target address nor the target server's words.
+    assert f"MAILER-DAEMON@{DOMAIN}".encode() in bounce.raw
+    assert re.search(rb"^Status: 5\.2\.2\r?$", bounce.raw, re.MULTILINE), bounce.raw
+    assert f"t@{TARGET_DOMAIN}".lower().encode() not in bounce.raw.lower(), bounce.raw
+    assert b"mailbox full" not in bounce.raw
 
     # The bounce passed a node, which reversed the SRS address: it says so
     # in its log, and it used nothing of the alias.

@@ -225,16 +225,76 @@ def test_a_second_forwarding_extends_the_arc_chain(world):
     assert node.captured()[1]["meta"]["mail_from"] == cap["meta"]["mail_from"]
 
 
+def test_the_report_on_a_bounce_is_signed_by_the_alias_domain(world):
+    node, nsd, sender_key = world
+    alias = node.create_alias(days=3, max_usage=5)
+    msg = signed_message(sender_key, "will bounce", alias["alias"])
+    assert node.send([alias["alias"]], msg, sender=SIGNED_SENDER) == {}
+    cap = node.captured()[0]
+    srs = cap["meta"]["mail_from"]
+    # The returned copy carries our ARC set and signature: none of it goes back.
+    assert node.send([srs], target_bounce(cap["eml"], srs), sender="") == {}
+    back = node.captured()[1]
+    assert back["meta"]["rcpt_to"] == [SIGNED_SENDER] and back["meta"]["mail_from"] == ""
+    eml = back["eml"]
+    assert_our_report(eml, "5.2.2", subject="will bounce")
+    assert b"ARC-" not in eml
+    assert signatures(eml) == [DOMAIN.encode()]
+    assert verify_all(eml, nsd) == [True]
+
+
+def target_bounce(returned: bytes, srs: str, target: str = TARGET) -> bytes:
+    """A bounce as Postfix at the target writes it: it names the target in
+    its report, its text and the trace headers of the returned copy."""
+    return (
+        f"From: MAILER-DAEMON@mx.example.net (Mail Delivery System)\r\nTo: {srs}\r\n"
+        "Subject: Undelivered Mail Returned to Sender\r\nMIME-Version: 1.0\r\n"
+        "Content-Type: multipart/report; report-type=delivery-status; boundary=\"B1\"\r\n\r\n"
+        f"--B1\r\nContent-Type: text/plain\r\n\r\n<{target}>: mailbox full\r\n\r\n"
+        "--B1\r\nContent-Type: message/delivery-status\r\n\r\nReporting-MTA: dns; mx.example.net\r\n\r\n"
+        f"Final-Recipient: rfc822; {target}\r\nOriginal-Recipient: rfc822;{target}\r\nAction: failed\r\n"
+        f"Status: 5.2.2\r\nDiagnostic-Code: smtp; 552 5.2.2 <{target}>: mailbox full\r\n\r\n"
+        "--B1\r\nContent-Type: message/rfc822\r\n\r\n"
+        f"Received: from mx1.tempalias.test by mx.example.net for <{target}>; {formatdate()}\r\n"
+        f"Delivered-To: {target}\r\n"
+    ).encode() + returned + b"\r\n--B1--\r\n"
+
+
+def assert_our_report(eml: bytes, status: str, *, target: str = TARGET, subject: str | None = None):
+    """The node's own DSN, not the target's bounce: it names no target."""
+    import email
+    import email.policy
+
+    assert target.lower().encode() not in eml.lower(), eml.decode(errors="replace")
+    msg = email.message_from_bytes(eml, policy=email.policy.default)
+    assert msg.get_content_type() == "multipart/report", msg["Content-Type"]
+    assert msg.get_param("report-type") == "delivery-status"
+    assert msg["From"] == f"Mail Delivery System <MAILER-DAEMON@{DOMAIN}>"
+    text, report, headers = msg.get_payload()
+    assert text.get_content_type() == "text/plain"
+    assert f"receiving server: {status}" in text.get_content(), text.get_content()
+    assert report.get_content_type() == "message/delivery-status"
+    fields = report.get_payload()[1]
+    assert fields["Final-Recipient"] == f"rfc822; postmaster@{DOMAIN}", str(fields)
+    assert fields["Status"] == (status if status != "unknown" else "5.0.0")
+    assert "Diagnostic-Code" not in fields
+    assert headers.get_content_type() == "text/rfc822-headers"
+    returned = headers.get_payload()
+    assert b"Received:" not in returned.encode() and b"DKIM" not in returned.encode(), returned
+    if subject is not None:
+        assert f"Subject: {subject}" in returned, returned
+
+
 def test_srs_bounce_is_reversed_to_the_original_sender_and_costs_no_use(node_factory):
     node = node_factory()
     alias = node.create_alias(days=3, max_usage=3)
-    assert node.send([alias["alias"]], b"Subject: first\r\n\r\nbody\r\n") == {}
+    assert node.send([alias["alias"]], b"Subject: first\r\nMessage-ID: <m1@example.org>\r\n\r\nbody\r\n") == {}
     (cap,) = node.captured()
     srs = cap["meta"]["mail_from"]
     assert srs_of(srs, SENDER), srs
     assert node.remaining(alias) == 2
 
-    bounce = b"From: MAILER-DAEMON@example.net\r\nSubject: Undelivered Mail\r\n\r\nbounced\r\n"
+    bounce = target_bounce(cap["eml"], srs)
     # Any case, as some MTAs lower-case addresses.
     for rcpt in (srs, srs.lower()):
         assert node.send([rcpt], bounce, sender="") == {}
@@ -243,8 +303,20 @@ def test_srs_bounce_is_reversed_to_the_original_sender_and_costs_no_use(node_fac
     for c in caps:
         assert c["meta"]["mail_from"] == "", "a bounce stays a bounce"
         assert c["meta"]["rcpt_to"] in ([SENDER], [SENDER.lower()])
-        assert c["eml"].endswith(bounce)
+        # Not the target's bounce: the node's own report, without the target.
+        assert_our_report(c["eml"], "5.2.2", subject="first")
+        assert b"Message-ID: <m1@example.org>" in c["eml"]
     assert node.remaining(alias) == 2, "a reversed bounce uses nothing"
+
+
+def test_a_bounce_that_is_no_report_gets_a_report_with_an_unknown_status(node_factory):
+    node = node_factory()
+    alias = node.create_alias(days=3, max_usage=3)
+    assert node.send([alias["alias"]], b"Subject: first\r\n\r\nbody\r\n") == {}
+    srs = node.captured()[0]["meta"]["mail_from"]
+    bounce = f"From: MAILER-DAEMON@example.net\r\nSubject: failed\r\n\r\n<{TARGET}> bounced\r\n".encode()
+    assert node.send([srs], bounce, sender="") == {}
+    assert_our_report(node.captured()[1]["eml"], "unknown")
 
 
 def rcpt(node, address: str, sender: str = "") -> tuple[int, bytes]:

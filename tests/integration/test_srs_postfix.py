@@ -3,7 +3,8 @@
 The node relays through a Postfix instance of its own; the target's server
 (smtp-sink) refuses the message after DATA, so Postfix bounces it to the SRS
 envelope sender. The bounce reaches the node, which reverses the address and
-relays the bounce, again through Postfix, to the original sender's server
+sends a report of its own (it never passes the bounce on: that names the
+target), again through Postfix, to the original sender's server
 (another smtp-sink). Postfix routes the three domains with a transport table
 to loopback ports (no MX lookup: nsd on port 53 needs a network namespace;
 tests/chaos/test_srs_mx.py makes the same round trip with every hop found by
@@ -115,8 +116,15 @@ def test_bounce_from_the_target_returns_to_the_original_sender(node_factory, sin
         (bounce,) = sender_mx.wait_for(1, timeout=60)
         assert bounce.rcpt_to == [ORIGINAL_SENDER], bounce
         assert bounce.mail_from == "", "a bounce has the null sender"
-        assert b"srs-round-trip@sender.test" in bounce.data, "the bounce carries the original headers"
-        assert b"mailbox full" in bounce.data
+        # The node's own report, not Postfix's bounce: the original headers
+        # and the status, but never the target address.
+        assert b"srs-round-trip@sender.test" in bounce.data, "the report carries the original headers"
+        assert TARGET.lower().encode() not in bounce.data.lower(), bounce.data
+        assert b"mailbox full" not in bounce.data, "the receiving server's text is not passed on"
+        assert re.search(rb"^Content-Type: multipart/report;", bounce.data, re.M | re.I), "a DSN"
+        assert re.search(rb"^Status: 5\.2\.2\r?$", bounce.data, re.M), bounce.data
+        assert re.search(rb"^Action: failed\r?$", bounce.data, re.M), bounce.data
+        assert f"MAILER-DAEMON@{DOMAIN}".encode() in bounce.data
         log = postfix.log()
         srs = [a for a in re.findall(r"from=<([^>]*)>", log) if a.startswith("SRS0=")]
         assert srs and srs_of(srs[0], ORIGINAL_SENDER), log[-3000:]

@@ -25,6 +25,9 @@ where
     /// [`Session::envelope`] and the `Upstream::deliver` call below, and a
     /// failure there is answered like an upstream temporary failure.
     pub(super) async fn forward(&mut self, tx: Transaction, message: Vec<u8>) {
+        if let Some((envelope, report)) = self.return_bounce(&tx, &message) {
+            return self.send(tx, envelope, report, None).await;
+        }
         let envelope = self.envelope(&tx);
         // SRS sender, DKIM signature and ARC set of the (first) alias domain.
         let alias_address = tx
@@ -59,6 +62,61 @@ where
                 _ => None,
             })
             .min();
+        self.send(tx, envelope, message, deadline).await;
+    }
+
+    /// A bounce to one of our SRS addresses (it travels alone, see
+    /// `Session::rcpt`): the envelope and report for the original sender,
+    /// `None` for any other transaction.
+    ///
+    /// The bounce itself is never passed on: it names the alias's target
+    /// (its report fields, its text, the returned copy with our trace and
+    /// ARC headers). The node writes a report of its own from the alias
+    /// domain (`crate::mail::dsn`), DKIM-signed like the node's other own
+    /// mail, from the null sender.
+    fn return_bounce(
+        &self,
+        tx: &Transaction,
+        message: &[u8],
+    ) -> Option<(Envelope, std::sync::Arc<Vec<u8>>)> {
+        let (srs_address, original) = tx.rcpts.iter().find_map(|a| match &a.kind {
+            AcceptedKind::Bounce { original } => Some((a.address.as_str(), original)),
+            _ => None,
+        })?;
+        let domain = srs_address
+            .rsplit_once('@')
+            .map_or("", |(_, d)| d)
+            .to_ascii_lowercase();
+        let bounce = crate::mail::dsn::read(message, &domain);
+        tracing::info!(
+            action = bounce.action.as_deref().unwrap_or("unknown"),
+            status = bounce.status.as_deref().unwrap_or("unknown"),
+            "bounce read; a report of our own goes to the original sender"
+        );
+        let report = crate::mail::dsn::Report {
+            alias_domain: &domain,
+            hostname: &self.shared.config.hostname,
+            to: original,
+            now_ms: self.shared.aliases.now_ms(),
+        }
+        .build(&bounce);
+        let report = self.shared.forwarding.sign_own(&domain, report);
+        let envelope = Envelope {
+            mail_from: String::new(),
+            rcpt_to: vec![original.clone()],
+        };
+        Some((envelope, std::sync::Arc::new(report)))
+    }
+
+    /// Sends `message` upstream, settles the uses of `tx` by the outcome
+    /// and answers the client.
+    async fn send(
+        &mut self,
+        tx: Transaction,
+        envelope: Envelope,
+        message: std::sync::Arc<Vec<u8>>,
+        deadline: Option<Instant>,
+    ) {
         let started = Instant::now();
         let delivery = self
             .shared

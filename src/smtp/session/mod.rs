@@ -99,8 +99,8 @@ enum AcceptedKind {
     Alias { id: String, reserved: Reserved },
     /// The postmaster: forwarded to `[smtp] postmaster`, no use counted.
     Postmaster,
-    /// A bounce to one of our SRS addresses: relayed to the `original`
-    /// sender it reverses to, no use counted.
+    /// A bounce to one of our SRS addresses: the `original` sender it
+    /// reverses to gets a report of ours in its place, no use counted.
     Bounce { original: String },
 }
 

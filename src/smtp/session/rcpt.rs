@@ -35,6 +35,9 @@ where
         }
         if let Some(verdict) = self.srs_bounce(address) {
             return match verdict {
+                // Each bounce gets a report of its own (see
+                // `Session::return_bounce`): it travels alone.
+                Ok(_) if count > 0 => self.separately(),
                 Ok(original) if self.other_domain(&original) => self.one_domain_only(),
                 Ok(_) if !self.shared.bounces.allow(address) => {
                     tracing::info!("SRS bounce refused: this address had its share");
@@ -60,6 +63,14 @@ where
                     self.reply(550, "5.7.1", "Invalid or expired SRS address")
                 }
             };
+        }
+        let holds_bounce = self.transaction().is_some_and(|tx| {
+            tx.rcpts
+                .iter()
+                .any(|a| matches!(a.kind, AcceptedKind::Bounce { .. }))
+        });
+        if holds_bounce {
+            return self.separately();
         }
         let config = &self.shared.config;
         match classify(address, &self.shared.domains, &config.recipient_delimiter) {
@@ -157,6 +168,19 @@ where
     /// transaction. Not counted as a failure; the text names no address.
     fn one_domain_only(&mut self) {
         self.count_rcpt(RcptResult::other_domain);
+        self.reply(
+            452,
+            "4.5.3",
+            "Too many recipients for this message, send this one separately",
+        );
+    }
+
+    /// A bounce to an SRS address and any other recipient go in separate
+    /// transactions: the bounce is answered with a report of its own, the
+    /// others get the message. `452 4.5.3` asks the client to send this
+    /// recipient again later (RFC 5321 4.5.3.1.10).
+    fn separately(&mut self) {
+        self.count_rcpt(RcptResult::bounce_alone);
         self.reply(
             452,
             "4.5.3",

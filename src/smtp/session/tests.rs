@@ -432,7 +432,7 @@ async fn an_upstream_of_one_domain_per_message_gets_no_second_domain() {
 
 #[tokio::test]
 async fn an_srs_address_takes_only_its_share_of_bounces() {
-    let (setup, _) = setup(false, Delivery::Accepted, |_| {});
+    let (setup, id) = setup(false, Delivery::Accepted, |_| {});
     // What this node wrote for a message from alice, at the fakes' time.
     let srs = crate::mail::Srs::new(vec![b"session test key".to_vec()], 21).forward(
         "alice@sender.example",
@@ -447,20 +447,42 @@ async fn an_srs_address_takes_only_its_share_of_bounces() {
     let reply = c.cmd(&format!("RCPT TO:<{srs}>")).await;
     assert!(reply.starts_with("550 5.7.1"), "{reply}");
     c.cmd("RSET").await;
+    // A bounce travels alone: each is answered with a report of its own.
     c.cmd("MAIL FROM:<>").await;
-    for _ in 0..2 {
-        let reply = c.cmd(&format!("RCPT TO:<{srs}>")).await;
-        assert!(reply.starts_with("250 2.1.5"), "{reply}");
-    }
-    // The cap of this setup is 2 per address; the case does not matter.
-    let reply = c.cmd(&format!("RCPT TO:<{}>", srs.to_uppercase())).await;
-    assert!(reply.starts_with("550 5.7.1 Too many bounces"), "{reply}");
-    c.cmd("DATA").await;
     assert!(c
-        .cmd("Subject: bounce\r\n\r\nundeliverable\r\n.")
+        .cmd(&format!("RCPT TO:<{id}@tempalias.test>"))
         .await
         .starts_with("250 "));
+    let reply = c.cmd(&format!("RCPT TO:<{srs}>")).await;
+    assert!(reply.starts_with("452 4.5.3"), "{reply}");
+    c.cmd("RSET").await;
+    for _ in 0..2 {
+        c.cmd("MAIL FROM:<>").await;
+        let reply = c.cmd(&format!("RCPT TO:<{srs}>")).await;
+        assert!(reply.starts_with("250 2.1.5"), "{reply}");
+        let reply = c.cmd(&format!("RCPT TO:<{id}@tempalias.test>")).await;
+        assert!(reply.starts_with("452 4.5.3"), "{reply}");
+        c.cmd("DATA").await;
+        let bounce = "Subject: Undelivered\r\nContent-Type: multipart/report; \
+             report-type=delivery-status; boundary=b\r\n\r\n--b\r\n\
+             Content-Type: message/delivery-status\r\n\r\nReporting-MTA: dns; mx\r\n\r\n\
+             Final-Recipient: rfc822; target@example.org\r\nAction: failed\r\n\
+             Status: 5.1.1\r\n\r\n--b--\r\n.";
+        assert!(c.cmd(bounce).await.starts_with("250 "));
+    }
+    // The cap of this setup is 2 per address; the case does not matter.
+    c.cmd("MAIL FROM:<>").await;
+    let reply = c.cmd(&format!("RCPT TO:<{}>", srs.to_uppercase())).await;
+    assert!(reply.starts_with("550 5.7.1 Too many bounces"), "{reply}");
     let sent = setup.shared.upstream.sent.lock().unwrap();
-    assert_eq!(sent[0].0.rcpt_to, ["alice@sender.example".to_string()]);
-    assert_eq!(sent[0].0.mail_from, "");
+    assert_eq!(sent.len(), 2);
+    for (envelope, message) in sent.iter() {
+        assert_eq!(envelope.rcpt_to, ["alice@sender.example".to_string()]);
+        assert_eq!(envelope.mail_from, "");
+        // Our report, not the bounce: it does not name the target.
+        let text = String::from_utf8_lossy(message);
+        assert!(text.contains("MAILER-DAEMON@tempalias.test"), "{text}");
+        assert!(text.contains("Status: 5.1.1\r\n"), "{text}");
+        assert!(!text.contains("target@example.org"), "{text}");
+    }
 }
