@@ -225,7 +225,12 @@ impl SmarthostRelay {
                     })
                     .inc();
                 let failed = outcome.as_ref().err().is_some_and(AttemptError::is_failure);
-                if upstream.breaker.record(permit, failed, Instant::now()) {
+                if matches!(outcome, Err(AttemptError::Unsupported { .. })) {
+                    // Neither a sign of life nor of death: the host answered
+                    // EHLO but AUTH was never tried, so recording a success
+                    // would reset the failures of a host with a wrong password.
+                    drop(permit);
+                } else if upstream.breaker.record(permit, failed, Instant::now()) {
                     tracing::warn!(smarthost = %upstream.label, "circuit breaker opened");
                     self.metrics
                         .relay_breaker_opened
@@ -459,6 +464,12 @@ mod tests {
     /// A server that greets and answers EHLO without 8BITMIME, and refuses
     /// every other command (so a MAIL sent in spite of it shows as a 500).
     async fn seven_bit_server() -> (u16, tokio::task::JoinHandle<()>) {
+        seven_bit_server_that(false).await
+    }
+
+    /// [`seven_bit_server`]; with `drop_at_mail`, it hangs up at `MAIL`
+    /// instead of refusing it (a failed attempt, as a wrong password is).
+    async fn seven_bit_server_that(drop_at_mail: bool) -> (u16, tokio::task::JoinHandle<()>) {
         use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();
@@ -470,6 +481,9 @@ mod tests {
                     let _ = w.write_all(b"220 seven.example ESMTP\r\n").await;
                     while let Ok(Some(line)) = lines.next_line().await {
                         let verb = line.get(..4).unwrap_or("").to_ascii_uppercase();
+                        if drop_at_mail && verb == "MAIL" {
+                            break;
+                        }
                         let reply: &[u8] = match verb.as_str() {
                             "EHLO" => b"250-seven.example\r\n250 PIPELINING\r\n",
                             "QUIT" => b"221 bye\r\n",
@@ -527,6 +541,49 @@ mod tests {
         assert!(!text.contains("result=\"failed\""), "{text}");
         task_a.abort();
         task_b.abort();
+    }
+
+    #[tokio::test]
+    async fn skipping_a_smarthost_for_8bit_mail_does_not_reset_its_failures() {
+        // Hangs up at MAIL: ASCII mail fails there (the breaker counts it),
+        // 8-bit mail is skipped before MAIL (the breaker must not hear of it).
+        let (port, task) = seven_bit_server_that(true).await;
+        let url = format!("smtp://127.0.0.1:{port}");
+        let metrics = Arc::new(Metrics::new());
+        let config = RelayConfig {
+            mode: crate::config::RelayMode::Smarthost,
+            smarthosts: vec![Smarthost::new(SmarthostUrl::parse(&url).unwrap())],
+            timeout_secs: 5,
+            breaker_failures: 2,
+            max_attempts: 1,
+            backoff_base_ms: 10,
+            backoff_max_ms: 20,
+            ..Default::default()
+        };
+        let relay = SmarthostRelay::new(&config, "mx.test.example", metrics.clone()).unwrap();
+        let deadline = || Instant::now() + Duration::from_secs(10);
+        let eight_bit = "Subject: caf\u{e9}\r\n\r\nna\u{ef}ve\r\n".as_bytes();
+        let state = || {
+            let text = metrics.encode();
+            let needle = format!("tempalias_relay_breaker_state{{upstream=\"{url}\"}} ");
+            let at = text.find(&needle).expect("breaker state exported") + needle.len();
+            text[at..at + 1].to_string()
+        };
+        // Failure one of two.
+        let first = relay.deliver(&env(), b"x\r\n", deadline()).await;
+        assert!(matches!(first, Delivery::TempFail(_)), "{first:?}");
+        assert_eq!(state(), "0");
+        // Skipped for 8-bit content: 554 5.6.3, and the count stays at one.
+        let skipped = relay.deliver(&env(), eight_bit, deadline()).await;
+        assert!(
+            matches!(skipped, Delivery::PermFail { code: 554, .. }),
+            "{skipped:?}"
+        );
+        // Failure two of two: the breaker opens.
+        let second = relay.deliver(&env(), b"x\r\n", deadline()).await;
+        assert!(matches!(second, Delivery::TempFail(_)), "{second:?}");
+        assert_eq!(state(), "1", "{}", metrics.encode());
+        task.abort();
     }
 
     #[tokio::test]

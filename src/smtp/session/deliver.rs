@@ -236,8 +236,10 @@ fn permanent_codes(code: u16, enhanced: &str) -> (u16, String) {
 /// upstream's own words (they may name the target).
 fn refusal_text(enhanced: &str) -> &'static str {
     match enhanced {
-        "5.6.3" => "Conversion required but not supported: no upstream takes 8-bit content",
-        "5.6.7" => "No upstream takes non-ASCII addresses (SMTPUTF8)",
+        // Worded so that they are true whether no upstream of ours offered
+        // the extension or the upstream itself refused with these codes.
+        "5.6.3" => "Conversion required but not supported: 8-bit content not accepted upstream",
+        "5.6.7" => "Non-ASCII addresses (SMTPUTF8) not accepted upstream",
         _ => "Upstream refused the message",
     }
 }
