@@ -174,7 +174,7 @@ def main() -> int:
         subprocess.run([str(BIN), "dkim", "keygen", "--domain", "tempalias.test", "--selector", "b1",
                         "--algorithm", args.dkim_algorithm, "--out", str(key)],
                        check=True, capture_output=True, timeout=60)
-        dkim = {"keys": [{"domain": "tempalias.test", "selector": "b1", "key_file": str(key)}]}
+        dkim = {"keys": [{"domain": "tempalias.test", "selector": "b1", "key_file": str(key), "algorithm": args.dkim_algorithm}]}
         common = {"log": {"level": "warn"}, "ratelimit": {"enabled": False}}
         variants = {
             "plain": {},
@@ -232,7 +232,7 @@ def tls_bench(args) -> int:
             common["smtp"] = {"tls_cert_file": str(cert_file), "tls_key_file": str(key_file)}
         configs = {
             "plain": {},
-            "dkim": {"dkim": {"keys": [{"domain": "tempalias.test", "selector": "b1", "key_file": str(key)}]},
+            "dkim": {"dkim": {"keys": [{"domain": "tempalias.test", "selector": "b1", "key_file": str(key), "algorithm": args.dkim_algorithm}]},
                      "arc": {"enabled": False}},
         }
         variants = {"plain": ("plain", False), "tls": ("plain", True), "dkim": ("dkim", False),
