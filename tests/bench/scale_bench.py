@@ -275,13 +275,16 @@ def single(args, tmp: Path) -> None:
         c.start(wait=True, timeout=60)
         nd = c.node(1)
         print(f"binary: {c.binary}")
-        fwd = [create_ok(nd, days=30, max_usage=100)["alias"] for _ in range(100)]
+        # Each alias takes 100 messages (limits.max_usage): enough aliases for
+        # every forwarding run on this node (empty, full and paired).
+        runs = args.runs * (3 if args.paired else 2)
+        fwd = [create_ok(nd, days=30, max_usage=100)["alias"] for _ in range(max(100, -(-args.mails * runs // 90)))]
         rss0 = settle(nd.pid)
         db0, snap0 = disk_bytes(nd)
         print(f"empty: RSS {rss0 / 1024:.1f} MiB, database {db0 / 1024:.0f} KiB, snapshots {snap0 / 1024:.0f} KiB", flush=True)
         empty = rates(nd, work=tmp, args=args, fwd=fwd, label="empty store")
         rate = fill(nd, tmp, args.aliases, args.step)
-        live = args.aliases + 100
+        live = args.aliases + len(fwd)
         rss1 = settle(nd.pid)
         db1, snap1 = disk_bytes(nd)
         print(f"filled {args.aliases} aliases at {rate:.0f}/s", flush=True)
