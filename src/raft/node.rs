@@ -184,7 +184,12 @@ impl Node {
             max_in_snapshot_log_to_keep: (config.cluster.snapshot_after_entries / 10).max(10),
             // Chunks travel as JSON inside one gRPC message each.
             snapshot_max_chunk_size: 1024 * 1024,
-            install_snapshot_timeout: 10_000,
+            // openraft bounds every chunk by this; `network` keeps the
+            // chunks before the last at `SNAPSHOT_CHUNK_TIMEOUT`.
+            install_snapshot_timeout: u64::try_from(
+                super::network::SNAPSHOT_INSTALL_TIMEOUT.as_millis(),
+            )
+            .unwrap_or(u64::MAX),
             ..Default::default()
         };
         let raft_config = Arc::new(

@@ -17,11 +17,16 @@ Everything goes through the real interfaces on loopback ports:
     database file plus the snapshot directory, per alias;
   * snapshot build and install times from the node's own log lines
     ("snapshot built" / "snapshot installed", with their `ms` field);
+  * with --paired: after the fill, each run on the full node follows the
+    same run on a node started empty for it (one creation and one
+    forwarding run each), and the ratios of these back-to-back pairs are
+    printed: on a shared machine the load changes between the empty
+    figures taken before the fill and the full ones after it;
   * restart-to-ready: SIGTERM, start again, time until /readyz answers 200;
   * with --cluster: three nodes filled the same way through the leader, then
-    a follower is stopped while 2 x snapshot_after_entries + 1000 more aliases
-    are created (the leader compacts its log past the follower's last entry)
-    and started again: the time until its applied index
+    a follower is stopped while more aliases are created (two connections,
+    so about one log entry each) until the leader's purged index passes the
+    follower's last entry, and started again: the time until its applied index
     (tempalias_raft_commit_index) reaches the leader's, which takes a
     snapshot; with --add-node also a new (empty) node added as a learner.
 
@@ -82,11 +87,12 @@ def disk_bytes(nd: LocalNode) -> tuple[int, int]:
     return db_size, snap_size
 
 
-def wrk_create(nd: LocalNode, work: Path, duration: int, quota: int = 0) -> tuple[int, int, float]:
+def wrk_create(nd: LocalNode, work: Path, duration: int, quota: int = 0,
+               connections: int = CONNECTIONS, threads: int = WRK_THREADS) -> tuple[int, int, float]:
     """Creates aliases with wrk for `duration` seconds (whole seconds: wrk
     takes no fractions); with `quota`, each wrk thread stops sending after
     its share. Returns (created, failed, seconds)."""
-    per_thread = (quota + WRK_THREADS - 1) // WRK_THREADS if quota else 0
+    per_thread = (quota + threads - 1) // threads if quota else 0
     script = work / "create.lua"
     script.write_text(
         'wrk.method = "POST"\n'
@@ -107,7 +113,7 @@ def wrk_create(nd: LocalNode, work: Path, duration: int, quota: int = 0) -> tupl
         "end\n"
     )
     duration = max(1, int(duration))
-    cmd = ["wrk", f"-t{WRK_THREADS}", f"-c{CONNECTIONS}", f"-d{duration}s", "--timeout", "10s", "-s", str(script), nd.api + "/v1/aliases"]
+    cmd = ["wrk", f"-t{threads}", f"-c{connections}", f"-d{duration}s", "--timeout", "10s", "-s", str(script), nd.api + "/v1/aliases"]
     t0 = time.monotonic()
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=duration + 120).stdout
     took = time.monotonic() - t0
@@ -117,17 +123,23 @@ def wrk_create(nd: LocalNode, work: Path, duration: int, quota: int = 0) -> tupl
     return int(m.group(1)), int(m.group(2)), took
 
 
-def fill(nd: LocalNode, work: Path, total: int, step_secs: int) -> float:
+def fill(nd: LocalNode, work: Path, total: int, step_secs: int, tolerate: bool = False) -> float:
     """Creates `total` aliases in wrk runs of at most `step_secs` (printing
     progress; the last run is sized from the rate so far and stops on its
-    quota). Returns the overall rate."""
+    quota). A failed create stops the fill unless `tolerate` (then it is
+    printed with its time and the fill goes on: a cluster's fill outlasts
+    the leader's ten-minute purge, see docs/benchmarks.md). Returns the
+    overall rate."""
     done, t0, rate = 0, time.monotonic(), 500.0
     while done < total:
         left = total - done
         secs = min(step_secs, int(left / rate * 1.15) + 1)
         created, failed, took = wrk_create(nd, work, secs, quota=left)
-        if failed:
+        if failed and not tolerate:
             raise RuntimeError(f"{failed} creates failed during the fill")
+        if failed:
+            print(f"  fill: {failed} creates failed in the run that ended at {time.strftime('%H:%M:%S')} "
+                  f"(after {time.monotonic() - t0:.0f} s of fill)", flush=True)
         done += created
         rate = max(created / took, 50.0)
         print(f"  fill: {done} aliases, {created / took:.0f}/s in the last run, RSS {rss_kib(nd.pid) / 1024:.0f} MiB", flush=True)
@@ -217,6 +229,45 @@ def rates(nd: LocalNode, work: Path, args, fwd: list[str], label: str) -> dict:
     return {k: median(v) for k, v in out.items()}
 
 
+def fresh_peer_run(args, tmp: Path, run: int) -> tuple[float, float]:
+    """One creation run and one forwarding run on a node started empty for
+    this run alone (and removed after it), so the peer stays empty however
+    many aliases a run creates. Returns (creations/s, messages/s)."""
+    http, smtp, cl = free_ports(["127.0.0.1"], 3)
+    work = tmp / f"peer{run}"
+    c = LocalCluster(work / "node", n=1, binary=args.binary, ports={"http": http, "smtp": smtp, "cluster": cl}, extra_config=config(args))
+    try:
+        c.start(wait=True, timeout=60)
+        nd = c.node(1)
+        fwd = [create_ok(nd, days=30, max_usage=100)["alias"] for _ in range(100)]
+        created, failed, took = wrk_create(nd, work, args.duration)
+        if failed:
+            raise RuntimeError(f"{failed} creates failed (empty peer)")
+        return created / took, smtp_load(nd, fwd, args.mails)
+    finally:
+        c.cleanup()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def paired(nd: LocalNode, args, tmp: Path, fwd: list[str]) -> None:
+    """Creation and forwarding rates of the full node, each run right after
+    the same run on a fresh empty peer: on a shared machine whose load
+    changes by the minute, ratios of back-to-back runs mean more than a
+    comparison with figures taken before a long fill."""
+    ratios = {"create": [], "forward": []}
+    for run in range(args.runs):
+        peer_create, peer_forward = fresh_peer_run(args, tmp, run)
+        created, failed, took = wrk_create(nd, tmp, args.duration)
+        if failed:
+            raise RuntimeError(f"{failed} creates failed (full store, paired run)")
+        full_create, full_forward = created / took, smtp_load(nd, fwd, args.mails)
+        ratios["create"].append(full_create / peer_create)
+        ratios["forward"].append(full_forward / peer_forward)
+        print(f"  paired run {run + 1}: create empty peer {peer_create:.0f}/s, full {full_create:.0f}/s ({full_create / peer_create:.2f}); "
+              f"forward empty peer {peer_forward:.1f}, full {full_forward:.1f} msg/s ({full_forward / peer_forward:.2f})", flush=True)
+    print(f"paired full/empty (median of {args.runs}): create {median(ratios['create']):.2f}, forward {median(ratios['forward']):.2f}", flush=True)
+
+
 def single(args, tmp: Path) -> None:
     http, smtp, cl = free_ports(["127.0.0.1"], 3)
     c = LocalCluster(tmp / "one", n=1, binary=args.binary, ports={"http": http, "smtp": smtp, "cluster": cl}, extra_config=config(args))
@@ -224,13 +275,16 @@ def single(args, tmp: Path) -> None:
         c.start(wait=True, timeout=60)
         nd = c.node(1)
         print(f"binary: {c.binary}")
-        fwd = [create_ok(nd, days=30, max_usage=100)["alias"] for _ in range(100)]
+        # Each alias takes 100 messages (limits.max_usage): enough aliases for
+        # every forwarding run on this node (empty, full and paired).
+        runs = args.runs * (3 if args.paired else 2)
+        fwd = [create_ok(nd, days=30, max_usage=100)["alias"] for _ in range(max(100, -(-args.mails * runs // 90)))]
         rss0 = settle(nd.pid)
         db0, snap0 = disk_bytes(nd)
         print(f"empty: RSS {rss0 / 1024:.1f} MiB, database {db0 / 1024:.0f} KiB, snapshots {snap0 / 1024:.0f} KiB", flush=True)
         empty = rates(nd, work=tmp, args=args, fwd=fwd, label="empty store")
         rate = fill(nd, tmp, args.aliases, args.step)
-        live = args.aliases + 100
+        live = args.aliases + len(fwd)
         rss1 = settle(nd.pid)
         db1, snap1 = disk_bytes(nd)
         print(f"filled {args.aliases} aliases at {rate:.0f}/s", flush=True)
@@ -241,6 +295,8 @@ def single(args, tmp: Path) -> None:
         print(f"snapshot builds: {len(built)}, last three {built[-3:]} ms (median {median(built[-3:])} ms)", flush=True)
         full = rates(nd, work=tmp, args=args, fwd=fwd, label="full store")
         print(f"full/empty: create {full['create'] / empty['create']:.2f}, forward {full['forward'] / empty['forward']:.2f}")
+        if args.paired:
+            paired(nd, args, tmp, fwd)
         peak = max(rss_kib(nd.pid), rss1)
         ready = [restart_ready(c, 1) for _ in range(args.runs)]
         rss2 = settle(c.node(1).pid)
@@ -251,24 +307,70 @@ def single(args, tmp: Path) -> None:
             c.cleanup()
 
 
+def raft_status(c: LocalCluster, node_id: int) -> dict:
+    """`cluster status` as node `node_id` reports itself."""
+    return next(m["status"] for m in c.status(via=node_id) if m["id"] == node_id)
+
+
+def compact_past(c: LocalCluster, leader: LocalNode, tmp: Path, index: int, step: int) -> int:
+    """Creates aliases until the leader's log is purged past `index` (so a
+    follower whose log ends there can only catch up by snapshot). Several
+    concurrent creates share one log entry (group commit), so creating
+    2 x snapshot_after_entries aliases is not enough: this writes with two
+    connections, about one entry per alias, and asks the leader for its
+    purged index after each run. Returns the aliases created."""
+    created_all, t0 = 0, time.monotonic()
+    for _ in range(200):
+        st = raft_status(c, leader.id)
+        purged = st.get("purged_index") or 0
+        if purged > index:
+            print(f"  leader purged its log up to {purged} (snapshot at {st.get('snapshot_index')}, log at "
+                  f"{st.get('last_log_index')}) after {created_all} more aliases in {time.monotonic() - t0:.0f} s", flush=True)
+            return created_all
+        created, failed, took = wrk_create(leader, tmp, step, connections=2, threads=1)
+        if failed:
+            print(f"  away: {failed} creates failed in the run that ended at {time.strftime('%H:%M:%S')}", flush=True)
+        created_all += created
+        print(f"  away: {created_all} more aliases ({created / took:.0f}/s), leader log at {st.get('last_log_index')}, "
+              f"purged up to {purged}, the follower's log ends at {index}", flush=True)
+    raise RuntimeError("the leader did not purge its log past the stopped follower")
+
+
 def cluster(args, tmp: Path) -> None:
-    ips = ["127.0.0.1", "127.0.0.2", "127.0.0.3"]
-    http, smtp, cl = free_ports(ips, 3)
-    c = LocalCluster(tmp / "three", n=3, binary=args.binary, ports={"http": http, "smtp": smtp, "cluster": cl}, extra_config=config(args))
+    if args.reuse:
+        # A cluster kept (--keep) by an earlier run: its data as it was left.
+        c = LocalCluster.load(Path(args.reuse) / "three", binary=args.binary, die_with_parent=True)
+        c.extra_config = config(args)
+    else:
+        ips = ["127.0.0.1", "127.0.0.2", "127.0.0.3"]
+        http, smtp, cl = free_ports(ips, 3)
+        c = LocalCluster(tmp / "three", n=3, binary=args.binary, ports={"http": http, "smtp": smtp, "cluster": cl}, extra_config=config(args))
     try:
-        c.start(wait=True, timeout=60)
+        t0 = time.monotonic()
+        c.start(wait=True, timeout=300)
         leader = c.node(c.wait_leader())
-        rate = fill(leader, tmp, args.aliases, args.step)
-        print(f"cluster: filled {args.aliases} aliases through the leader at {rate:.0f}/s", flush=True)
+        live = 0
+        if args.reuse:
+            # The gauge is set by a count a moment after the start.
+            wait_until(lambda: (leader.metric("tempalias_aliases_active", default=0.0) or 0) > 0, 120, "alias count")
+            live = int(leader.metric("tempalias_aliases_active", default=0.0) or 0)
+            print(f"cluster: reused {args.reuse}, {len(c.nodes)} nodes ready in {time.monotonic() - t0:.1f} s, "
+                  f"{live} live aliases", flush=True)
+        if args.aliases > live:
+            rate = fill(leader, tmp, args.aliases - live, args.step, tolerate=True)
+            print(f"cluster: filled {args.aliases - live} aliases through the leader at {rate:.0f}/s "
+                  f"in {time.monotonic() - t0:.0f} s", flush=True)
         for nd in c:
+            if not nd.running():
+                continue
             db, snap = disk_bytes(nd)
             print(f"  node {nd.id}: RSS {settle(nd.pid, 2.0) / 1024:.1f} MiB, database {db / 2**20:.0f} MiB, snapshots {snap / 2**20:.0f} MiB")
         # A follower that was away while the leader compacted its log past
         # the follower's last entry can only catch up by snapshot.
-        follower = c.node(next(nd.id for nd in c if nd.id != leader.id))
+        follower = c.node(next(nd.id for nd in c if nd.id != leader.id and nd.id in c.members))
         c.stop_node(follower.id)
-        away = 2 * args.snapshot_after + 1000
-        fill(leader, tmp, away, args.step)
+        away_from = raft_status(c, leader.id).get("last_log_index") or 0
+        away = compact_past(c, leader, tmp, away_from, max(5, args.step // 2))
         target = leader.metric("tempalias_raft_commit_index")
         installed_before = len(log_ms(follower, "snapshot installed"))
         t0 = time.monotonic()
@@ -279,7 +381,7 @@ def cluster(args, tmp: Path) -> None:
         took = time.monotonic() - t0
         installed = log_ms(follower, "snapshot installed")[installed_before:]
         how = f"by snapshot, install took {installed} ms" if installed else "by log (no snapshot was needed)"
-        print(f"follower away for {away} entries caught up to index {target:.0f} in {took:.1f} s from its start "
+        print(f"follower away for {away} aliases caught up to index {target:.0f} in {took:.1f} s from its start "
               f"({how}; RSS {settle(follower.pid, 2.0) / 1024:.1f} MiB)", flush=True)
         if args.add_node:
             t0 = time.monotonic()
@@ -304,6 +406,10 @@ def main(argv=None) -> int:
     p.add_argument("--cluster", action="store_true", help="also fill a three-node cluster and time a wiped follower's catch-up")
     p.add_argument("--add-node", action="store_true", help="with --cluster: also add a fourth node as a learner and time its catch-up")
     p.add_argument("--no-single", action="store_true", help="skip the single-node figures")
+    p.add_argument("--paired", action="store_true",
+                   help="single node: also measure the full node run by run against a fresh empty peer node (ratios of back-to-back runs)")
+    p.add_argument("--reuse", metavar="DIR",
+                   help="with --cluster: start the cluster kept in DIR by an earlier --keep run instead of filling a new one")
     p.add_argument("--keep", action="store_true", help="keep the working directory")
     args = p.parse_args(argv)
     if not shutil.which("wrk"):
