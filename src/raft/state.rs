@@ -247,6 +247,31 @@ mod tests {
         }
     }
 
+    #[test]
+    fn the_liveness_view_of_a_stored_record_decides_as_the_record_does() {
+        use crate::raft::types::AliasLiveness;
+        let fresh = create(3, 10 * DAY);
+        let mut used_up = fresh.clone();
+        used_up.used = 3;
+        used_up.committed = (1..=3).collect();
+        let mut revoked = fresh.clone();
+        revoked.revoked = true;
+        let mut held = fresh.clone();
+        held.reservations.insert(7, 20 * DAY);
+        for rec in [fresh, used_up, revoked, held] {
+            let view: AliasLiveness =
+                serde_json::from_slice(&serde_json::to_vec(&rec).unwrap()).unwrap();
+            for now in [0, 10 * DAY - 1, 10 * DAY, 17 * DAY, 20 * DAY, 30 * DAY] {
+                assert_eq!(view.is_dead(now), rec.is_dead(now), "{rec:?} at {now}");
+                assert_eq!(
+                    view.purgeable(now, 7 * DAY),
+                    rec.purgeable(now, 7 * DAY),
+                    "{rec:?} at {now}"
+                );
+            }
+        }
+    }
+
     /// Reserves with reservation id `index`.
     fn reserve(rec: &AliasRecord, now: u64, index: u64, lease: u64) -> (Change, Response) {
         apply(

@@ -41,7 +41,8 @@ use super::idempotency;
 use super::snapshot::{self as format, Kind, SnapshotError};
 use super::state::{self, Change};
 use super::types::{
-    AliasRecord, ClusterMaintenance, Command, IdempotencyRecord, NodeId, Response, TypeConfig,
+    AliasLiveness, AliasRecord, ClusterMaintenance, Command, IdempotencyRecord, NodeId, Response,
+    TypeConfig,
 };
 
 type Entry = openraft::Entry<TypeConfig>;
@@ -481,7 +482,7 @@ impl StateReader {
         let (mut live, mut all) = (0, 0);
         for item in table.iter()? {
             let (_, v) = item?;
-            let rec: AliasRecord = serde_json::from_slice(v.value())?;
+            let rec: AliasLiveness = serde_json::from_slice(v.value())?;
             all += 1;
             if !rec.is_dead(now_ms) {
                 live += 1;
@@ -1201,13 +1202,17 @@ fn apply_command(t: &mut Tables<'_, '_>, cmd: &Command, now_ms: u64) -> Result<R
             response
         }
         None => {
-            // A command over all aliases (purge).
+            // A command over all aliases (purge): the same decision as
+            // `state::apply` makes for one record (`AliasRecord::purgeable`),
+            // from the few fields it needs.
+            let Command::Purge { keep_ms } = cmd else {
+                return Ok(Response::None);
+            };
             let mut doomed = Vec::new();
             for item in aliases.iter()? {
                 let (k, v) = item?;
-                let rec: AliasRecord = serde_json::from_slice(v.value())?;
-                let (change, _) = state::apply(Some(&rec), cmd, now_ms);
-                if change == Change::Delete {
+                let rec: AliasLiveness = serde_json::from_slice(v.value())?;
+                if rec.purgeable(now_ms, *keep_ms) {
                     doomed.push(k.value().to_string());
                 }
             }
