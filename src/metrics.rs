@@ -162,6 +162,7 @@ pub struct Metrics {
     pub build_info: Family<BuildLabels, Gauge>,
     pub raft_elections: Counter,
     pub raft_forwarded_writes: Counter,
+    pub raft_forward_calls: Counter,
     pub raft_replication_lag: Family<PeerLabels, Gauge>,
     pub cluster_rpc_errors: Family<PeerLabels, Counter>,
     pub cluster_auth_failures: Counter,
@@ -274,6 +275,7 @@ impl Metrics {
             build_info: Family::default(),
             raft_elections: Counter::default(),
             raft_forwarded_writes: Counter::default(),
+            raft_forward_calls: Counter::default(),
             raft_replication_lag: Family::default(),
             cluster_rpc_errors: Family::default(),
             cluster_auth_failures: Counter::default(),
@@ -421,6 +423,11 @@ impl Metrics {
             "raft_forwarded_writes",
             "Writes this node forwarded to the leader",
             m.raft_forwarded_writes.clone(),
+        );
+        registry.register(
+            "raft_forward_calls",
+            "Forward calls to the leader (concurrent forwarded writes share one)",
+            m.raft_forward_calls.clone(),
         );
         registry.register(
             "raft_replication_lag",

@@ -30,11 +30,14 @@ use crate::cluster::messages::ForwardResponse;
 /// next entry's fsync overlap the previous one's replication.
 const IN_FLIGHT: usize = 2;
 
-/// Commands in one entry at most. Bounds an entry's size (a create is at
-/// most about 400 bytes of JSON), so that an `AppendEntries` of openraft's
-/// 300 entries at most stays well inside the cluster RPC's 64 MiB message
-/// limit (about 8 MB) for a follower catching up; under load a batch holds
-/// about as many commands as there are writes in flight, far fewer.
+/// Commands in one entry, nearly at most: writes are added while fewer are
+/// in it, and a follower's forwarded batch (`forward.rs`, itself at most
+/// this long) counts with all its commands, so an entry holds fewer than
+/// twice this. Bounds an entry's size (a create is at most about 400 bytes
+/// of JSON), so that an `AppendEntries` of openraft's 300 entries at most
+/// stays well inside the cluster RPC's 64 MiB message limit (about 16 MB)
+/// for a follower catching up; under load a batch holds about as many
+/// commands as there are writes in flight, far fewer.
 const MAX_BATCH: usize = 64;
 
 /// Writes waiting for a proposal slot at most; a caller beyond that waits
@@ -109,9 +112,15 @@ async fn run(
             liveness.all_apply_batches(members)
         };
         if may_batch {
-            while batch.len() < MAX_BATCH {
+            // Counted in commands, not writes: a follower forwards batches of
+            // its own (`forward.rs`), and an entry's size is what is bounded.
+            let mut weight = weight_of(&batch[0].cmd);
+            while weight < MAX_BATCH {
                 match rx.try_recv() {
-                    Ok(p) => batch.push(p),
+                    Ok(p) => {
+                        weight += weight_of(&p.cmd);
+                        batch.push(p);
+                    }
                     Err(_) => break,
                 }
             }
@@ -122,6 +131,14 @@ async fn run(
             propose(&raft, now_ms, batch).await;
             drop(slot);
         });
+    }
+}
+
+/// How many commands `cmd` holds (a forwarded batch holds several).
+fn weight_of(cmd: &Command) -> usize {
+    match cmd {
+        Command::Batch { cmds } => cmds.len().max(1),
+        _ => 1,
     }
 }
 

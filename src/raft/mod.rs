@@ -18,6 +18,7 @@
 //!   failover, one-way partitions, no disruptive campaigns).
 
 pub mod batch;
+pub mod forward;
 pub mod idempotency;
 pub mod liveness;
 pub mod network;

@@ -14,6 +14,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::batch::Proposer;
+use super::forward::Forwarder;
 use super::liveness::{Liveness, Timing};
 use super::network::Network;
 use super::read_lease::ReadLease;
@@ -121,6 +122,8 @@ pub struct Node {
     proposing: Arc<std::sync::atomic::AtomicUsize>,
     /// Where writes are proposed as leader: concurrent ones share an entry.
     proposer: Proposer,
+    /// Batches this node's forwards to the leader (`forward.rs`).
+    forwarder: Arc<Forwarder>,
     /// Lets the leader serve read barriers without a quorum round for a
     /// while after one (see `read_lease.rs`).
     read_lease: Arc<ReadLease>,
@@ -211,9 +214,22 @@ impl Node {
         .await
         .map_err(|e| StartError::Raft(e.to_string()))?;
         let proposer = Proposer::start(raft.clone(), clock.clone(), liveness.clone());
+        let forwarder = {
+            let (peers, metrics) = (peers.clone(), metrics.clone());
+            Forwarder::new(Arc::new(move |addr: String, cmd: Command| {
+                let peers = peers.clone();
+                metrics.raft_forward_calls.inc();
+                Box::pin(async move {
+                    peers
+                        .forward(&addr, &ForwardRequest { cmd }, FORWARD_ATTEMPT)
+                        .await
+                })
+            }))
+        };
         Ok(Node {
             id: config.node_id,
             proposer,
+            forwarder,
             raft,
             reader,
             clock,
@@ -409,10 +425,23 @@ impl Node {
                     None => ForwardResponse::NotLeader { leader: None },
                     Some(addr) => {
                         self.metrics.raft_forwarded_writes.inc();
-                        let request = ForwardRequest { cmd: cmd.clone() };
-                        let forward =
-                            self.peers
-                                .forward(&addr, &request, remaining.min(FORWARD_ATTEMPT));
+                        // Shares one call with the other writes forwarded
+                        // meanwhile when every member applies batches.
+                        let batch = is_idempotent(&cmd) && self.members_apply_batches(&m);
+                        let attempt = remaining.min(FORWARD_ATTEMPT);
+                        let forward = async {
+                            tokio::time::timeout(
+                                attempt,
+                                self.forwarder.forward(&addr, cmd.clone(), batch),
+                            )
+                            .await
+                            .unwrap_or_else(|_| {
+                                Err(RpcError::Failed {
+                                    addr: addr.clone(),
+                                    message: format!("no answer within {attempt:?}"),
+                                })
+                            })
+                        };
                         // A new leader elected while the forward hangs (the
                         // old one was cut off) takes the write at once; the
                         // abandoned forward's outcome is unknown, and every
@@ -468,6 +497,18 @@ impl Node {
                 }
             }
         }
+    }
+
+    /// True when every member of the membership in `m` applies
+    /// [`Command::Batch`] entries (see `batch.rs`).
+    fn members_apply_batches(&self, m: &RaftMetrics<NodeId, openraft::BasicNode>) -> bool {
+        let members: Vec<NodeId> = m
+            .membership_config
+            .membership()
+            .nodes()
+            .map(|(id, _)| *id)
+            .collect();
+        self.liveness.all_apply_batches(members)
     }
 
     /// Resolves when openraft's metrics name a leader other than `from`

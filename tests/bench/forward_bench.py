@@ -51,7 +51,9 @@ Measured per run:
   * for tempalias, the mean time of one Raft write (a Reserve or Commit, as
     the nodes' `tempalias_raft_write_duration_seconds` histogram says) and of
     one upstream delivery (`tempalias_forward_duration_seconds`): where a
-    message's time goes;
+    message's time goes; and how many forwarded writes one forward call to
+    the leader carried (`tempalias_raft_forwarded_writes_total` over
+    `tempalias_raft_forward_calls_total`, summed over the nodes);
   * errors: smtp-source error lines and probe failures.
 
 Prints the figures and the ratios to Postfix and to the bare hop of the same
@@ -293,13 +295,19 @@ class Target:
 
 
 HISTOGRAMS = ("tempalias_raft_write_duration_seconds", "tempalias_forward_duration_seconds")
+# Writes forwarded by followers, and the calls that carried them (one call
+# carries every write forwarded meanwhile).
+COUNTERS = ("tempalias_raft_forwarded_writes_total", "tempalias_raft_forward_calls_total")
 
 
 def histogram_sums(cluster: LocalCluster) -> dict:
     """Sum and count of the write and upstream histograms over every node."""
-    out = {h: [0.0, 0.0] for h in HISTOGRAMS}
+    out = {h: [0.0, 0.0] for h in HISTOGRAMS + COUNTERS}
     for nd in cluster:
         for line in nd.metrics().splitlines():
+            for c in COUNTERS:
+                if line.startswith(c + " "):
+                    out[c][0] += float(line.split()[-1])
             for h in HISTOGRAMS:
                 if line.startswith(h + "_sum"):
                     out[h][0] += float(line.split()[-1])
@@ -468,9 +476,12 @@ def run_load(target: Target, sessions: int, messages: int, reuse: bool, probe: b
         for h in HISTOGRAMS:
             n = sums1[h][1] - sums0[h][1]
             means[h] = 1000 * (sums1[h][0] - sums0[h][0]) / n if n else float("nan")
+        writes, calls = (sums1[c][0] - sums0[c][0] for c in COUNTERS)
+        means["per_call"] = writes / calls if calls else float("nan")
     return {
         "write_ms": means.get(HISTOGRAMS[0], float("nan")),
         "upstream_ms": means.get(HISTOGRAMS[1], float("nan")),
+        "writes_per_forward": means.get("per_call", float("nan")),
         "rate": messages / elapsed,
         "elapsed": elapsed,
         "p50_ms": 1000 * pct(pr.lat, 0.5) if pr else float("nan"),
@@ -572,7 +583,7 @@ def main(argv=None) -> int:
                     print(
                         f"run {run + 1}/{args.runs} {t.name:8} {load:5}: {r['rate']:8.0f} msgs/s ({n} in {r['elapsed']:.1f} s)  "
                         f"p50 {r['p50_ms']:6.1f} ms  p99 {r['p99_ms']:6.1f} ms (probe n={r['probe_n']})  "
-                        f"CPU {r['cpu_per_1000']:6.2f} s/1000  mean Raft write {r['write_ms']:.1f} ms, upstream {r['upstream_ms']:.1f} ms  "
+                        f"CPU {r['cpu_per_1000']:6.2f} s/1000  mean Raft write {r['write_ms']:.1f} ms, upstream {r['upstream_ms']:.1f} ms, forwarded writes per call {r['writes_per_forward']:.2f}  "
                         f"errors {r['errors']} {r['err_text']}",
                         flush=True,
                     )
