@@ -100,17 +100,9 @@ async fn run(
         };
         let Some(first) = rx.recv().await else { return };
         let mut batch = vec![first];
-        let may_batch = {
-            let members: Vec<_> = raft
-                .metrics()
-                .borrow()
-                .membership_config
-                .membership()
-                .nodes()
-                .map(|(id, _)| *id)
-                .collect();
-            liveness.all_apply_batches(members)
-        };
+        // A copy: the metrics are not borrowed while the liveness lock is taken.
+        let metrics = raft.metrics().borrow().clone();
+        let may_batch = liveness.members_apply_batches(&metrics);
         if may_batch {
             // Counted in commands, not writes: a follower forwards batches of
             // its own (`forward.rs`), and an entry's size is what is bounded.

@@ -178,6 +178,12 @@ impl Liveness {
         })
     }
 
+    /// [`Liveness::all_apply_batches`] for the members of the membership in
+    /// `m` (what the leader's group proposal and a follower's forwards ask).
+    pub fn members_apply_batches(&self, m: &RaftMetrics<NodeId, BasicNode>) -> bool {
+        self.all_apply_batches(m.membership_config.membership().nodes().map(|(id, _)| *id))
+    }
+
     /// Forgets peers that left the membership.
     pub fn retain_peers(&self, members: &[NodeId]) {
         self.lock().peers.retain(|id, _| members.contains(id));

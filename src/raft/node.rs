@@ -427,7 +427,7 @@ impl Node {
                         self.metrics.raft_forwarded_writes.inc();
                         // Shares one call with the other writes forwarded
                         // meanwhile when every member applies batches.
-                        let batch = is_idempotent(&cmd) && self.members_apply_batches(&m);
+                        let batch = is_idempotent(&cmd) && self.liveness.members_apply_batches(&m);
                         let attempt = remaining.min(FORWARD_ATTEMPT);
                         let forward = async {
                             tokio::time::timeout(
@@ -497,18 +497,6 @@ impl Node {
                 }
             }
         }
-    }
-
-    /// True when every member of the membership in `m` applies
-    /// [`Command::Batch`] entries (see `batch.rs`).
-    fn members_apply_batches(&self, m: &RaftMetrics<NodeId, openraft::BasicNode>) -> bool {
-        let members: Vec<NodeId> = m
-            .membership_config
-            .membership()
-            .nodes()
-            .map(|(id, _)| *id)
-            .collect();
-        self.liveness.all_apply_batches(members)
     }
 
     /// Resolves when openraft's metrics name a leader other than `from`
