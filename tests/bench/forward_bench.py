@@ -69,7 +69,6 @@ import os
 import platform
 import shutil
 import smtplib
-import socket
 import statistics
 import subprocess
 import sys
@@ -82,6 +81,10 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "cluster"))
 
 from launch import LocalCluster, find_binary, free_ports, wait_until  # noqa: E402
+
+# The Postfix instance and smtp-sink as the tests start them.
+sys.path.insert(0, str(REPO / "tests" / "integration"))
+from postfixkit import PostfixInstance, start_smtp_sink, stop_process  # noqa: E402
 
 HZ = os.sysconf("SC_CLK_TCK")
 SENDER = "bench@sender.test"
@@ -159,124 +162,34 @@ class Sink:
     def __init__(self, base: Path):
         self.port = free_ports(["127.0.0.1"], 1)[0]
         self.log = base / "smtp-sink.log"
-        args = [tool("smtp-sink")]
-        if os.geteuid() == 0:
-            args += ["-u", "nobody"]
-        args += [f"127.0.0.1:{self.port}", "1024"]
-        with open(self.log, "ab") as log:
-            self.proc = subprocess.Popen(args, stdout=log, stderr=log, stdin=subprocess.DEVNULL)
-
-        def greets():
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"smtp-sink exited: {self.log.read_text()}")
-            with socket.create_connection(("127.0.0.1", self.port), timeout=2) as s:
-                return s.recv(100).startswith(b"220")
-
-        wait_until(greets, 15, "smtp-sink to greet")
+        self.proc = start_smtp_sink("127.0.0.1", self.port, self.log, backlog=1024)
 
     def stop(self):
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            self.proc.wait(10)
+        stop_process(self.proc)
 
 
-MASTER_CF = """\
-{listen} inet  n       -       n       -       -       smtpd
-pickup    unix  n       -       n       60      1       pickup
-cleanup   unix  n       -       n       -       0       cleanup
-qmgr      unix  n       -       n       300     1       qmgr
-rewrite   unix  -       -       n       -       -       trivial-rewrite
-bounce    unix  -       -       n       -       0       bounce
-defer     unix  -       -       n       -       0       bounce
-trace     unix  -       -       n       -       0       bounce
-verify    unix  -       -       n       -       1       verify
-flush     unix  n       -       n       1000?   0       flush
-proxymap  unix  -       -       n       -       -       proxymap
-smtp      unix  -       -       n       -       -       smtp
-relay     unix  -       -       n       -       -       smtp
-showq     unix  n       -       n       -       -       showq
-error     unix  -       -       n       -       -       error
-retry     unix  -       -       n       -       -       error
-discard   unix  -       -       n       -       -       discard
-anvil     unix  -       -       n       -       1       anvil
-scache    unix  -       -       n       -       1       scache
-postlog   unix-dgram n  -       n       -       1       postlogd
-"""
-
-
-class Postfix:
+class Postfix(PostfixInstance):
     """A Postfix instance of its own as a virtual-alias relay to the sink.
     Default settings otherwise (fsync'd queue, in_flow_delay, process limits)."""
 
     def __init__(self, base: Path, sink_port: int):
         if os.geteuid() != 0:
             sys.exit("the Postfix peer needs root (postfix -c DIR start); run as root")
-        self.dir = base / "postfix"
-        self.dir.mkdir(parents=True)
-        self.port = free_ports(["127.0.0.1"], 1)[0]
+        port = free_ports(["127.0.0.1"], 1)[0]
         settings = {
-            "compatibility_level": "3.6",
-            "queue_directory": self.dir / "queue",
-            "data_directory": self.dir / "data",
-            "mail_owner": "postfix",
-            "setgid_group": "postdrop",
             "myhostname": "relay.bench.test",
             "mydomain": "bench.test",
-            "mydestination": "",
-            "local_transport": "error:no local delivery",
-            "alias_maps": "",
-            "alias_database": "",
-            "inet_interfaces": "127.0.0.1",
-            "inet_protocols": "ipv4",
-            "mynetworks": "127.0.0.0/8",
             "virtual_alias_domains": "tempalias.test",
             "virtual_alias_maps": f"inline:{{ {POSTFIX_RCPT}={TARGET} }}",
             "relayhost": f"[127.0.0.1]:{sink_port}",
-            "smtputf8_enable": "no",
-            "maillog_file": self.dir / "maillog",
-            "maillog_file_prefixes": str(base),
-            "biff": "no",
         }
-        (self.dir / "main.cf").write_text("".join(f"{k} = {v}\n" for k, v in settings.items()))
-        (self.dir / "master.cf").write_text(MASTER_CF.format(listen=f"127.0.0.1:{self.port}"))
-        (self.dir / "queue").mkdir()
-        self.postfix("check")
-        self.postfix("start")
-
-        def greets():
-            with socket.create_connection(("127.0.0.1", self.port), timeout=2) as s:
-                return s.recv(100).startswith(b"220")
-
-        wait_until(greets, 30, "Postfix to greet")
-
-    def postfix(self, *args):
-        r = subprocess.run([tool("postfix"), "-c", str(self.dir), *args], capture_output=True, text=True, timeout=60)
-        if r.returncode != 0:
-            log = (self.dir / "maillog").read_text(errors="replace")[-2000:] if (self.dir / "maillog").exists() else ""
-            raise RuntimeError(f"postfix {' '.join(args)} failed: {r.stderr}\n{log}")
-
-    def master_pid(self) -> int:
-        return int((self.dir / "queue" / "pid" / "master.pid").read_text().split()[0])
-
-    def queue_files(self) -> int:
-        n = 0
-        for sub in ("maildrop", "incoming", "active", "deferred", "hold"):
-            p = self.dir / "queue" / sub
-            if p.exists():
-                n += sum(len(files) for _, _, files in os.walk(p))
-        return n
+        super().__init__(base / "postfix", settings, port=port, service=f"127.0.0.1:{port}")
 
     def cpu(self) -> float:
         return tree_cpu(self.master_pid())
 
     def settle(self):
         wait_until(lambda: self.queue_files() == 0, 300, "Postfix's queue to drain", interval=0.05)
-
-    def stop(self):
-        try:
-            self.postfix("stop")
-        except RuntimeError:
-            self.postfix("abort")
 
 
 # --------------------------------------------------------------------------- targets
@@ -549,7 +462,7 @@ def main(argv=None) -> int:
         if "bare" in only:
             targets.append(Target("bare", [("127.0.0.1", sink.port)], "x@tempalias.test"))
         if "postfix" in only:
-            postfix = Postfix(tmp, sink.port)
+            postfix = Postfix(tmp, sink.port).start()
             targets.append(Target("postfix", [("127.0.0.1", postfix.port)], POSTFIX_RCPT, cpu=postfix.cpu, settle=postfix.settle))
         ips = ["127.0.0.1", "127.0.0.2", "127.0.0.3"]
         if "1-node" in only:

@@ -5,9 +5,11 @@ lookup, and Postfix's smtp-sink as the nodes' upstream smarthost. Faults are
 injected with iptables inside the namespace and with signals.
 
 Shared by the chaos suite (tests/chaos) and the failover benchmark
-(tests/bench/failover_bench.py). Python 3.9+ standard library only; needs
-root (namespaces, iptables, Postfix, port 25) and the Debian packages
-iproute2, iptables, nsd and postfix (scripts/test installs them).
+(tests/bench/failover_bench.py). Postfix and smtp-sink are started and
+stopped by tests/integration/postfixkit.py, as in the integration tests and
+the forwarding benchmark. Python 3.9+ standard library only; needs root
+(namespaces, iptables, Postfix, port 25) and the Debian packages iproute2,
+iptables, nsd and postfix (scripts/test installs them).
 
 How the pieces sit inside the namespace:
 
@@ -59,6 +61,10 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "cluster"))
 
 from launch import LocalCluster, LocalNode, free_ports, http_get, wait_until  # noqa: E402
+
+# Postfix and smtp-sink as the integration tests start them (postfixkit.py).
+sys.path.insert(0, str(REPO / "tests" / "integration"))
+from postfixkit import PostfixInstance, start_smtp_sink, stop_process  # noqa: E402
 
 DOMAIN = "tempalias.test"
 SENDER_DOMAIN = "sender.test"
@@ -421,13 +427,7 @@ remote-control:
         return p.read_text(errors="replace") if p.exists() else ""
 
     def stop(self):
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
+        stop_process(self.proc)
 
 
 # --------------------------------------------------------------------------- smtp-sink
@@ -462,24 +462,8 @@ class Sink:
         self.dump.mkdir(parents=True, exist_ok=True)
         # smtp-sink drops to `nobody` after binding port 25; it writes here.
         os.chmod(self.dump, 0o777)
-        err = open(self.dir / "smtp-sink.log", "ab")
-        try:
-            self.proc = subprocess.Popen(
-                [tool("smtp-sink"), "-u", "nobody", "-d", f"{self.dump}/msg.", *self.options, f"{self.ip}:25", "256"],
-                stdout=err,
-                stderr=err,
-                stdin=subprocess.DEVNULL,
-            )
-        finally:
-            err.close()
-
-        def greets():
-            if self.proc.poll() is not None:
-                raise LabError(f"smtp-sink exited with {self.proc.returncode}: {(self.dir / 'smtp-sink.log').read_text()}")
-            with socket.create_connection((self.ip, 25), timeout=2) as s:
-                return s.recv(100).startswith(b"220")
-
-        wait_until(greets, 15, "smtp-sink to greet")
+        self.proc = start_smtp_sink(self.ip, 25, self.dir / "smtp-sink.log", options=self.options,
+                                    dump_prefix=f"{self.dump}/msg.", backlog=256, error=LabError)
         return self
 
     def counts(self) -> SinkCounts:
@@ -513,13 +497,7 @@ class Sink:
         return out
 
     def stop(self):
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
+        stop_process(self.proc)
 
 
 @dataclass
@@ -534,64 +512,24 @@ class SinkMessage:
 # --------------------------------------------------------------------------- Postfix
 
 
-MASTER_CF = """\
-# service type  private unpriv  chroot  wakeup  maxproc command
-smtp      inet  n       -       n       -       -       smtpd
-pickup    unix  n       -       n       60      1       pickup
-cleanup   unix  n       -       n       -       0       cleanup
-qmgr      unix  n       -       n       300     1       qmgr
-rewrite   unix  -       -       n       -       -       trivial-rewrite
-bounce    unix  -       -       n       -       0       bounce
-defer     unix  -       -       n       -       0       bounce
-trace     unix  -       -       n       -       0       bounce
-verify    unix  -       -       n       -       1       verify
-flush     unix  n       -       n       1000?   0       flush
-proxymap  unix  -       -       n       -       -       proxymap
-smtp      unix  -       -       n       -       -       smtp
-relay     unix  -       -       n       -       -       smtp
-showq     unix  n       -       n       -       -       showq
-error     unix  -       -       n       -       -       error
-retry     unix  -       -       n       -       -       error
-discard   unix  -       -       n       -       -       discard
-anvil     unix  -       -       n       -       1       anvil
-scache    unix  -       -       n       -       1       scache
-postlog   unix-dgram n  -       n       -       1       postlogd
-"""
-
-
-class Postfix:
+class Postfix(PostfixInstance):
     """A Postfix instance of its own (config, queue and data directories) as
     the sending MTA: accepts mail on POSTFIX_IP:25 from 127.0.0.0/8 and
-    delivers it by MX lookup (DNS, through nsd) with retry timers of seconds."""
+    delivers it by MX lookup (DNS, through nsd) with retry timers of seconds.
+    `postfix` runs inside the namespace (`ip netns exec`, which also gives it
+    the namespace's resolv.conf) and is stopped with `postfix abort`: the
+    lab deletes the namespace and whatever still runs in it next."""
 
     def __init__(self, base: Path, netns: Netns):
-        self.dir = base / "postfix"
-        self.netns = netns
-        self.maillog = self.dir / "maillog"
-
-    def main_cf(self) -> str:
-        d = self.dir
         settings = {
-            "compatibility_level": "3.6",
-            "queue_directory": d / "queue",
-            "data_directory": d / "data",
-            "mail_owner": "postfix",
-            "setgid_group": "postdrop",
             "myhostname": f"mta.{SENDER_DOMAIN}",
             "mydomain": SENDER_DOMAIN,
             "myorigin": "$myhostname",
-            "mydestination": "",
             "local_transport": "error:no local delivery in the lab",
-            "alias_maps": "",
-            "alias_database": "",
-            "inet_interfaces": POSTFIX_IP,
-            "inet_protocols": "ipv4",
-            "mynetworks": "127.0.0.0/8",
             "smtpd_relay_restrictions": "permit_mynetworks, reject_unauth_destination",
             "smtp_bind_address": POSTFIX_IP,
             "smtp_host_lookup": "dns",
             "smtp_dns_support_level": "enabled",
-            "smtputf8_enable": "no",
             # Retry timers cut to seconds so the queue drains within a test.
             "minimal_backoff_time": "1s",
             "maximal_backoff_time": "2s",
@@ -611,51 +549,15 @@ class Postfix:
             "delay_warning_time": "0h",
             "maximal_queue_lifetime": "1h",
             "bounce_queue_lifetime": "1h",
-            "maillog_file": self.maillog,
-            "maillog_file_prefixes": str(d.parent),
-            "biff": "no",
         }
-        return "".join(f"{k} = {v}\n" for k, v in settings.items())
-
-    def postfix(self, *args, check: bool = True, timeout: float = 60.0):
-        """`postfix -c DIR ARGS` in the namespace. Postfix writes its errors to
-        the maillog (stderr only on a terminal), so a failure shows its tail."""
-        try:
-            return run(self.netns.exec_cmd(tool("postfix"), "-c", self.dir, *args), check=check, timeout=timeout)
-        except LabError as e:
-            tail = self.maillog.read_text(errors="replace")[-2000:] if self.maillog.exists() else ""
-            raise LabError(f"{e}\nmaillog:\n{tail}") from None
-
-    def start(self) -> "Postfix":
-        self.dir.mkdir(parents=True, exist_ok=True)
-        (self.dir / "main.cf").write_text(self.main_cf())
-        (self.dir / "master.cf").write_text(MASTER_CF)
-        # The queue directory must exist; `postfix check` creates what is
-        # inside it with the right owners.
-        (self.dir / "queue").mkdir(exist_ok=True)
-        self.postfix("check")
-        self.postfix("start")
-
-        def listening():
-            with socket.create_connection((POSTFIX_IP, 25), timeout=2) as s:
-                return s.recv(100).startswith(b"220")
-
-        wait_until(listening, 30, "Postfix to greet")
-        return self
+        super().__init__(base / "postfix", settings, host=POSTFIX_IP, port=25, service="smtp",
+                         command_prefix=netns.exec_cmd(), graceful_stop=False, error=LabError)
+        self.netns = netns
 
     def queue(self) -> list[dict]:
         """`postqueue -j`: one dict per queued message (active, deferred, ...)."""
         r = run([tool("postqueue"), "-c", self.dir, "-j"], timeout=30)
         return [json.loads(line) for line in r.stdout.splitlines() if line.strip()]
-
-    def queue_files(self) -> int:
-        """Queue files in incoming/active/deferred/maildrop/hold (cheap)."""
-        n = 0
-        for sub in ("maildrop", "incoming", "active", "deferred", "hold"):
-            p = self.dir / "queue" / sub
-            if p.exists():
-                n += sum(len(files) for _, _, files in os.walk(p))
-        return n
 
     def wait_empty(self, timeout: float) -> float:
         """Seconds until the queue is empty (no queue file and postqueue shows
@@ -686,9 +588,6 @@ class Postfix:
         text = self.maillog.read_text(errors="replace")
         qids = {q for q, u in re.findall(r" ([0-9A-F]{6,}): message-id=<([0-9a-f]{32})@chaos\.test>", text) if u in uids}
         return [ln for ln in text.splitlines() if "status=bounced" in ln and any(f" {q}:" in ln for q in qids)]
-
-    def stop(self):
-        self.postfix("abort", check=False, timeout=30)
 
 
 # --------------------------------------------------------------------------- cluster

@@ -23,6 +23,9 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
+# Beside this file: whoever imports harness has this directory on sys.path.
+from postfixkit import start_smtp_sink, stop_process, tool
+
 REPO = Path(__file__).resolve().parents[2]
 TARGET_DIR = Path(os.environ.get("CARGO_TARGET_DIR") or REPO / "target")
 if not TARGET_DIR.is_absolute():
@@ -445,10 +448,7 @@ class Node:
 
 
 def smtp_sink_path() -> str:
-    found = shutil.which("smtp-sink") or ("/usr/sbin/smtp-sink" if Path("/usr/sbin/smtp-sink").exists() else None)
-    if not found:
-        raise AssertionError("smtp-sink (Debian package postfix) is not installed; run scripts/test")
-    return found
+    return tool("smtp-sink", AssertionError)
 
 
 @dataclass
@@ -486,36 +486,12 @@ class SmtpSink:
         return f"smtp://{self.host}:{self.port}"
 
     def start(self) -> "SmtpSink":
-        cmd = [smtp_sink_path()]
-        if os.geteuid() == 0:
-            cmd += ["-u", "nobody"]
-        cmd += ["-d", str(self.dump_dir) + "/msg."] + self.options + [f"{self.host}:{self.port}", "64"]
-        with open(self.stderr_path, "ab") as err:
-            self.proc = subprocess.Popen(cmd, stdout=err, stderr=err, stdin=subprocess.DEVNULL)
-
-        def greets():
-            if self.proc.poll() is not None:
-                raise AssertionError(f"smtp-sink exited with {self.proc.returncode}: {self.stderr_path.read_text()}")
-            with socket.create_connection((self.host, self.port), timeout=2) as s:
-                return s.recv(100).startswith(b"220")
-
-        def check():
-            try:
-                return greets()
-            except OSError:
-                return False
-
-        wait_until(check, 15, f"smtp-sink on port {self.port}")
+        self.proc = start_smtp_sink(self.host, self.port, self.stderr_path, options=self.options,
+                                    dump_prefix=f"{self.dump_dir}/msg.", backlog=64, error=AssertionError)
         return self
 
     def stop(self):
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=10)
+        stop_process(self.proc)
 
     def cleanup(self):
         self.stop()

@@ -1,5 +1,6 @@
 """Real outbound peers for the relay tests: a test CA (Python cryptography),
-Postfix as a TLS-requiring smarthost (its own config and queue directories),
+Postfix as a TLS-requiring smarthost (its own config and queue directories;
+postfixkit.py starts and stops it),
 aiosmtpd with STARTTLS / implicit TLS and AUTH, and nsd serving test zones on
 a loopback port. Everything listens on 127.0.0.0/8; nothing leaves the machine.
 """
@@ -14,11 +15,11 @@ import socket
 import ssl
 import struct
 import subprocess
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from harness import free_port, wait_until
+from postfixkit import PostfixInstance, reachable_temp_dir, stop_process, tool
 
 # --------------------------------------------------------------------------- certificates
 
@@ -190,121 +191,42 @@ class AioSmtpd:
 
 # --------------------------------------------------------------------------- Postfix
 
-MASTER_CF = """\
-# service type  private unpriv  chroot  wakeup  maxproc command
-{port}    inet  n       -       n       -       -       smtpd
-pickup    unix  n       -       n       60      1       pickup
-cleanup   unix  n       -       n       -       0       cleanup
-qmgr      unix  n       -       n       300     1       qmgr
-rewrite   unix  -       -       n       -       -       trivial-rewrite
-bounce    unix  -       -       n       -       0       bounce
-defer     unix  -       -       n       -       0       bounce
-trace     unix  -       -       n       -       0       bounce
-verify    unix  -       -       n       -       1       verify
-flush     unix  n       -       n       1000?   0       flush
-proxymap  unix  -       -       n       -       -       proxymap
-smtp      unix  -       -       n       -       -       smtp
-relay     unix  -       -       n       -       -       smtp
-showq     unix  n       -       n       -       -       showq
-error     unix  -       -       n       -       -       error
-retry     unix  -       -       n       -       -       error
-discard   unix  -       -       n       -       -       discard
-anvil     unix  -       -       n       -       1       anvil
-scache    unix  -       -       n       -       1       scache
-tlsmgr    unix  -       -       n       1000?   1       tlsmgr
-postlog   unix-dgram n  -       n       -       1       postlogd
-"""
-
 
 def _tool(name: str) -> str:
-    found = shutil.which(name) or (f"/usr/sbin/{name}" if Path(f"/usr/sbin/{name}").exists() else None)
-    if not found:
-        raise AssertionError(f"{name} is not installed (Debian package postfix/nsd); run scripts/test")
-    return found
+    return tool(name, AssertionError)
 
 
-class PostfixSmarthost:
+class PostfixSmarthost(PostfixInstance):
     """A Postfix instance of its own on 127.0.0.1:port that insists on
     STARTTLS (smtpd_tls_security_level = encrypt) and relays what it accepts
     from 127.0.0.0/8 to `relayhost` (an smtp-sink). Needs root (Postfix's
     master runs as root and drops to the postfix user)."""
 
     def __init__(self, cert: tuple[Path, Path], relayhost: str):
-        # Postfix's daemons run as the postfix user: the directory must be
-        # reachable by it (pytest's tmp dirs are 0700).
-        self.dir = Path(tempfile.mkdtemp(prefix="tempalias-postfix-"))
-        os.chmod(self.dir, 0o755)
-        self.port = free_port()
-        self.cert = cert
-        self.relayhost = relayhost
-        self.maillog = self.dir / "maillog"
-
-    def main_cf(self) -> str:
-        d = self.dir
-        shutil.copy(self.cert[0], d / "cert.pem")
-        shutil.copy(self.cert[1], d / "key.pem")
+        d = reachable_temp_dir()
         settings = {
-            "compatibility_level": "3.6",
-            "queue_directory": d / "queue",
-            "data_directory": d / "data",
-            "mail_owner": "postfix",
-            "setgid_group": "postdrop",
             "myhostname": "smarthost.test",
-            "mydestination": "",
-            "local_transport": "error:no local delivery",
-            "alias_maps": "",
-            "alias_database": "",
-            "inet_interfaces": "127.0.0.1",
-            "inet_protocols": "ipv4",
-            "mynetworks": "127.0.0.0/8",
             "smtpd_relay_restrictions": "permit_mynetworks, reject",
-            "relayhost": self.relayhost,
+            "relayhost": relayhost,
             "smtpd_tls_security_level": "encrypt",
             "smtpd_tls_cert_file": d / "cert.pem",
             "smtpd_tls_key_file": d / "key.pem",
             "smtpd_tls_received_header": "yes",
-            "smtputf8_enable": "no",
             "queue_run_delay": "1s",
             "minimal_backoff_time": "1s",
             "maximal_backoff_time": "2s",
-            "maillog_file": self.maillog,
-            "maillog_file_prefixes": str(d.parent),
-            "biff": "no",
         }
-        return "".join(f"{k} = {v}\n" for k, v in settings.items())
-
-    def postfix(self, *args):
-        r = subprocess.run([_tool("postfix"), "-c", str(self.dir), *args], capture_output=True, text=True, timeout=60)
-        if r.returncode != 0:
-            tail = self.maillog.read_text(errors="replace")[-2000:] if self.maillog.exists() else ""
-            raise AssertionError(f"postfix {' '.join(args)}: {r.returncode} {r.stderr}\nmaillog:\n{tail}")
+        super().__init__(d, settings, port=free_port(), tlsmgr=True, error=AssertionError)
+        self.cert = cert
+        self.relayhost = relayhost
 
     def start(self) -> "PostfixSmarthost":
-        (self.dir / "main.cf").write_text(self.main_cf())
-        (self.dir / "master.cf").write_text(MASTER_CF.format(port=self.port))
-        (self.dir / "queue").mkdir(exist_ok=True)
-        self.postfix("check")
-        self.postfix("start")
-
-        def greets():
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=2) as s:
-                    return s.recv(100).startswith(b"220")
-            except OSError:
-                return False
-
-        wait_until(greets, 30, "Postfix to greet")
-        return self
+        shutil.copy(self.cert[0], self.dir / "cert.pem")
+        shutil.copy(self.cert[1], self.dir / "key.pem")
+        return super().start()
 
     def logs(self) -> str:
-        return self.maillog.read_text(errors="replace") if self.maillog.exists() else ""
-
-    def cleanup(self):
-        try:
-            self.postfix("stop")
-        except AssertionError:
-            pass
-        shutil.rmtree(self.dir, ignore_errors=True)
+        return self.log()
 
 
 # --------------------------------------------------------------------------- nsd
@@ -381,10 +303,4 @@ class Nsd:
         return self
 
     def stop(self):
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
+        stop_process(self.proc)

@@ -15,82 +15,30 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
-import socket
-import subprocess
-import tempfile
-from pathlib import Path
 
 import pytest
 
-from harness import DOMAIN, TARGET, free_port, srs_of, toml_dumps, wait_until
-from peers import MASTER_CF
-from peers import _tool as tool
+from harness import DOMAIN, TARGET, free_port, srs_of, toml_dumps
+from postfixkit import PostfixInstance, reachable_temp_dir
 
 ORIGINAL_SENDER = "alice@sender.test"
 
-class Postfix:
-    """Postfix from its own directories, listening on 127.0.0.1:<port>."""
 
-    def __init__(self, transports: dict[str, int]):
-        # Postfix's daemons run as the postfix user: the directory must be
-        # reachable for it (pytest's tmp_path is private to root).
-        self.dir = Path(tempfile.mkdtemp(prefix="tempalias-postfix-"))
-        os.chmod(self.dir, 0o755)
-        self.port = free_port()
-        self.maillog = self.dir / "maillog"
-        transport = ", ".join(f"{d}=smtp:[127.0.0.1]:{p}" for d, p in transports.items())
-        settings = {
-            "compatibility_level": "3.6",
-            "queue_directory": self.dir / "queue",
-            "data_directory": self.dir / "data",
-            "mail_owner": "postfix",
-            "setgid_group": "postdrop",
-            "myhostname": "relay.tempalias.test",
-            "mydestination": "",
-            "local_transport": "error:no local delivery",
-            "alias_maps": "",
-            "alias_database": "",
-            "inet_interfaces": "127.0.0.1",
-            "inet_protocols": "ipv4",
-            "mynetworks": "127.0.0.0/8",
-            "smtpd_relay_restrictions": "permit_mynetworks, reject",
-            "transport_maps": f"inline:{{ {transport} }}",
-            "smtp_dns_support_level": "disabled",
-            "smtputf8_enable": "no",
-            "minimal_backoff_time": "1s",
-            "maximal_backoff_time": "2s",
-            "queue_run_delay": "1s",
-            "delay_warning_time": "0h",
-            "maillog_file": self.maillog,
-            "maillog_file_prefixes": str(self.dir.parent),
-            "biff": "no",
-        }
-        (self.dir / "main.cf").write_text("".join(f"{k} = {v}\n" for k, v in settings.items()))
-        (self.dir / "master.cf").write_text(MASTER_CF.format(port=self.port))
-        (self.dir / "queue").mkdir()
-
-    def postfix(self, *args):
-        r = subprocess.run([tool("postfix"), "-c", str(self.dir), *args], capture_output=True, text=True, timeout=60)
-        assert r.returncode == 0, f"postfix {args}: {r.stdout}{r.stderr}\n{self.log()[-2000:]}"
-
-    def start(self) -> "Postfix":
-        self.postfix("check")
-        self.postfix("start")
-
-        def greets():
-            with socket.create_connection(("127.0.0.1", self.port), timeout=2) as s:
-                return s.recv(100).startswith(b"220")
-
-        wait_until(greets, 30, "Postfix to greet")
-        return self
-
-    def log(self) -> str:
-        return self.maillog.read_text(errors="replace") if self.maillog.exists() else ""
-
-    def stop(self):
-        subprocess.run([tool("postfix"), "-c", str(self.dir), "stop"], capture_output=True, timeout=60)
-        shutil.rmtree(self.dir, ignore_errors=True)
+def relay_postfix(transports: dict[str, int]) -> PostfixInstance:
+    """Postfix from its own directories, listening on 127.0.0.1:<port>,
+    relaying each domain of `transports` to that port on 127.0.0.1."""
+    transport = ", ".join(f"{d}=smtp:[127.0.0.1]:{p}" for d, p in transports.items())
+    settings = {
+        "myhostname": "relay.tempalias.test",
+        "smtpd_relay_restrictions": "permit_mynetworks, reject",
+        "transport_maps": f"inline:{{ {transport} }}",
+        "smtp_dns_support_level": "disabled",
+        "minimal_backoff_time": "1s",
+        "maximal_backoff_time": "2s",
+        "queue_run_delay": "1s",
+        "delay_warning_time": "0h",
+    }
+    return PostfixInstance(reachable_temp_dir(), settings, port=free_port(), tlsmgr=True, error=AssertionError)
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="starting Postfix needs root")
@@ -99,7 +47,7 @@ def test_bounce_from_the_target_returns_to_the_original_sender(node_factory, sin
     sender_mx = sink_factory()
     # The node's ports are chosen before Postfix's transport table names it.
     node = node_factory(start=False, relay="smarthost", smarthosts=["smtp://127.0.0.1:9"])
-    postfix = Postfix({"example.net": target_mx.port, "sender.test": sender_mx.port, DOMAIN: node.smtp_port})
+    postfix = relay_postfix({"example.net": target_mx.port, "sender.test": sender_mx.port, DOMAIN: node.smtp_port})
     try:
         postfix.start()
         node._smarthosts = [f"smtp://127.0.0.1:{postfix.port}"]
@@ -131,4 +79,4 @@ def test_bounce_from_the_target_returns_to_the_original_sender(node_factory, sin
         assert f"to=<{TARGET}>" in log and "status=bounced" in log
         assert node.remaining(alias) == 2, "the bounce used nothing"
     finally:
-        postfix.stop()
+        postfix.cleanup()
