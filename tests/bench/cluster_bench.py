@@ -45,6 +45,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "cluster"))
 
+from benchkit import cpu_model  # noqa: E402
 from launch import LocalCluster, find_binary, free_ports, wait_until  # noqa: E402
 
 BODY = json.dumps({"target": "me@example.net", "days": 1, "max-usage": 3}).encode()
@@ -257,14 +258,7 @@ def machine() -> str:
                 mem = f"{int(line.split()[1]) / 1024 / 1024:.1f} GiB RAM"
     except OSError:
         pass
-    cpu = ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_model()
     return f"{os.cpu_count()} CPUs (nproc {len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else '?'}), {mem}, {cpu}, {platform.system()} {platform.release()}"
 
 

@@ -80,11 +80,12 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "cluster"))
 
+from benchkit import cpu_model  # noqa: E402
 from launch import LocalCluster, find_binary, free_ports, wait_until  # noqa: E402
 
 # The Postfix instance and smtp-sink as the tests start them.
 sys.path.insert(0, str(REPO / "tests" / "integration"))
-from postfixkit import PostfixInstance, start_smtp_sink, stop_process  # noqa: E402
+from peerkit import PostfixInstance, start_smtp_sink, stop_process  # noqa: E402
 
 HZ = os.sysconf("SC_CLK_TCK")
 SENDER = "bench@sender.test"
@@ -410,14 +411,7 @@ def run_load(target: Target, sessions: int, messages: int, reuse: bool, probe: b
 
 
 def machine() -> str:
-    cpu = ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_model()
     return f"{os.cpu_count()} CPUs, {cpu}, {platform.system()} {platform.release()}, load avg {os.getloadavg()[0]:.1f}"
 
 

@@ -52,6 +52,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "cluster"))
 
+from benchkit import cpu_model  # noqa: E402
 from launch import LocalCluster, find_binary, free_ports, wait_until  # noqa: E402
 
 CREATE = json.dumps({"target": "me@example.net", "days": 1, "max-usage": 3})
@@ -60,14 +61,7 @@ THREADS = 2
 
 
 def machine() -> str:
-    cpu = ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_model()
     return f"{os.cpu_count()} CPUs ({cpu}), Linux {platform.release()}"
 
 

@@ -24,7 +24,6 @@ import os
 import shutil
 import smtplib
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -32,6 +31,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "tests" / "integration"))
+
+from peerkit import start_smtp_sink, stop_process  # noqa: E402
 
 
 def main() -> int:
@@ -47,9 +48,7 @@ def main() -> int:
 
     base = Path(tempfile.mkdtemp(prefix="tempalias-relay-bench-"))
     sink_port = harness.free_port()
-    sink_cmd = [harness.smtp_sink_path()] + (["-u", "nobody"] if os.geteuid() == 0 else []) + [
-        f"127.0.0.1:{sink_port}", "256"]
-    sink = subprocess.Popen(sink_cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    sink = start_smtp_sink("127.0.0.1", sink_port, base / "smtp-sink.log", backlog=256)
     nodes = {}
     try:
         common = {"limits": {"max_usage": 1_000_000}, "log": {"level": "warn"}}
@@ -79,8 +78,7 @@ def main() -> int:
     finally:
         for node in nodes.values():
             node.cleanup()
-        sink.terminate()
-        sink.wait(10)
+        stop_process(sink)
         shutil.rmtree(base, ignore_errors=True)
     return 0
 

@@ -53,29 +53,13 @@ sys.path.insert(0, str(REPO / "cluster"))
 sys.path.insert(0, str(REPO / "tests" / "cluster"))
 
 from clusterkit import SENDER, create_ok, message, new_uid  # noqa: E402
+from benchkit import rss_kib, settle  # noqa: E402
 from launch import LocalCluster, LocalNode, free_ports, wait_until  # noqa: E402
 
 CONNECTIONS = 32
 WRK_THREADS = 2
 SMTP_CLIENTS = 8
 CREATE_BODY = '{"target":"me@example.net","days":30,"max-usage":100}'
-
-
-def rss_kib(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    raise RuntimeError("no VmRSS")
-
-
-def settle(pid: int, seconds: float = 3.0) -> int:
-    """RSS in KiB after a quiet moment (the median of a few readings)."""
-    readings = []
-    end = time.monotonic() + seconds
-    while time.monotonic() < end:
-        readings.append(rss_kib(pid))
-        time.sleep(0.2)
-    return sorted(readings)[len(readings) // 2]
 
 
 def disk_bytes(nd: LocalNode) -> tuple[int, int]:

@@ -24,24 +24,8 @@ sys.path.insert(0, str(REPO / "cluster"))
 sys.path.insert(0, str(REPO / "tests" / "cluster"))
 
 from clusterkit import create  # noqa: E402
+from benchkit import settle  # noqa: E402
 from launch import LocalCluster, free_ports  # noqa: E402
-
-
-def rss_kib(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    raise RuntimeError("no VmRSS")
-
-
-def settle(pid: int, seconds: float = 3.0) -> int:
-    """The node's RSS after a quiet moment (the median of a few readings)."""
-    readings = []
-    end = time.monotonic() + seconds
-    while time.monotonic() < end:
-        readings.append(rss_kib(pid))
-        time.sleep(0.25)
-    return sorted(readings)[len(readings) // 2]
 
 
 def main() -> int:
@@ -67,20 +51,20 @@ def main() -> int:
             nd = c.node(1)
             pid = nd.pid
             db = nd.data_dir / "tempalias.redb"
-            rss0, disk0 = settle(pid), db.stat().st_size
+            rss0, disk0 = settle(pid, interval=0.25), db.stat().st_size
             started = time.monotonic()
             with ThreadPoolExecutor(8) as pool:
                 codes = list(pool.map(lambda _: create(nd, days=30, max_usage=10).status, range(args.aliases)))
             took = time.monotonic() - started
             bad = [s for s in codes if s != 201]
             assert not bad, f"{len(bad)} creates failed: {bad[:5]}"
-            rss1, disk1 = settle(pid), db.stat().st_size
+            rss1, disk1 = settle(pid, interval=0.25), db.stat().st_size
             sessions = []
             for _ in range(args.sessions):
                 s = smtplib.SMTP(nd.ip, nd.smtp_port, local_hostname="client.example.org", timeout=30)
                 s.ehlo()
                 sessions.append(s)
-            rss2 = settle(pid)
+            rss2 = settle(pid, interval=0.25)
             for s in sessions:
                 s.close()
             print(f"binary: {c.binary}")

@@ -5,9 +5,9 @@ lookup, and Postfix's smtp-sink as the nodes' upstream smarthost. Faults are
 injected with iptables inside the namespace and with signals.
 
 Shared by the chaos suite (tests/chaos) and the failover benchmark
-(tests/bench/failover_bench.py). Postfix and smtp-sink are started and
-stopped by tests/integration/postfixkit.py, as in the integration tests and
-the forwarding benchmark. Python 3.9+ standard library only; needs root
+(tests/bench/failover_bench.py). Postfix, smtp-sink and nsd are started
+and stopped by tests/integration/peerkit.py, as in the integration tests
+and the forwarding benchmark. Python 3.9+ standard library only; needs root
 (namespaces, iptables, Postfix, port 25) and the Debian packages iproute2,
 iptables, nsd and postfix (scripts/test installs them).
 
@@ -62,9 +62,9 @@ sys.path.insert(0, str(REPO / "cluster"))
 
 from launch import LocalCluster, LocalNode, free_ports, http_get, wait_until  # noqa: E402
 
-# Postfix and smtp-sink as the integration tests start them (postfixkit.py).
+# Postfix, smtp-sink and nsd as the integration tests start them (peerkit.py).
 sys.path.insert(0, str(REPO / "tests" / "integration"))
-from postfixkit import PostfixInstance, start_smtp_sink, stop_process  # noqa: E402
+from peerkit import NsdServer, PostfixInstance, dns_query, start_smtp_sink, stop_process, zone_text  # noqa: E402
 
 DOMAIN = "tempalias.test"
 SENDER_DOMAIN = "sender.test"
@@ -315,119 +315,39 @@ def outbound_sources(port: int) -> set[tuple[str, str]]:
 # --------------------------------------------------------------------------- DNS
 
 
-def dns_query(server: str, name: str, qtype: int, port: int = 53, timeout: float = 1.0) -> tuple[int, int]:
-    """One UDP query: (RCODE, number of answers). Enough to see nsd serve a zone."""
-    qid = int.from_bytes(os.urandom(2), "big")
-    q = struct.pack(">HHHHHH", qid, 0x0000, 1, 0, 0, 0)
-    q += b"".join(bytes([len(p)]) + p.encode() for p in name.rstrip(".").split(".")) + b"\0"
-    q += struct.pack(">HH", qtype, 1)
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        s.settimeout(timeout)
-        s.sendto(q, (server, port))
-        data, _ = s.recvfrom(4096)
-    rid, flags, _qd, an, _ns, _ar = struct.unpack(">HHHHHH", data[:12])
-    if rid != qid:
-        raise OSError("answer to another query")
-    return flags & 0xF, an
-
-
-class Nsd:
+class Nsd(NsdServer):
     """nsd serving tempalias.test (three equal MX, A records of the nodes) and
     sender.test (MX to the sink), and target.test (MX to `target_mx`) when
-    given, from its own directory, in the foreground."""
+    given, on DNS_IP:53, from its own directory, in the foreground."""
 
     def __init__(self, base: Path, node_ips: dict[int, str], target_mx: str | None = None):
-        self.dir = base / "nsd"
+        super().__init__(base / "nsd", DNS_IP, 53, {}, verbosity=1, error=LabError)
         self.node_ips = node_ips
         self.target_mx = target_mx
-        self.proc: subprocess.Popen | None = None
 
     def zone(self) -> str:
-        serial = int(time.time())
-        lines = [
-            f"$ORIGIN {DOMAIN}.",
-            "$TTL 60",
-            f"@ IN SOA ns.{DOMAIN}. hostmaster.{DOMAIN}. ({serial} 3600 600 86400 60)",
-            f"@ IN NS ns.{DOMAIN}.",
-            f"ns IN A {DNS_IP}",
-        ]
-        lines += [f"@ IN MX 10 mx{i}.{DOMAIN}." for i in sorted(self.node_ips)]
-        lines += [f"mx{i} IN A {ip}" for i, ip in sorted(self.node_ips.items())]
-        return "\n".join(lines) + "\n"
+        records = [f"@ IN MX 10 mx{i}.{DOMAIN}." for i in sorted(self.node_ips)]
+        records += [f"mx{i} IN A {ip}" for i, ip in sorted(self.node_ips.items())]
+        return zone_text(DOMAIN, records, DNS_IP, serial=int(time.time()))
 
     def sender_zone(self) -> str:
-        return (
-            f"$ORIGIN {SENDER_DOMAIN}.\n$TTL 60\n"
-            f"@ IN SOA ns.{SENDER_DOMAIN}. hostmaster.{SENDER_DOMAIN}. (1 3600 600 86400 60)\n"
-            f"@ IN NS ns.{SENDER_DOMAIN}.\nns IN A {DNS_IP}\n"
-            f"@ IN MX 10 sink.{SENDER_DOMAIN}.\nsink IN A {SINK_IP}\n"
-            f"mta IN A {POSTFIX_IP}\n"
-        )
+        return zone_text(SENDER_DOMAIN, [f"@ IN MX 10 sink.{SENDER_DOMAIN}.", f"sink IN A {SINK_IP}",
+                                         f"mta IN A {POSTFIX_IP}"], DNS_IP)
 
     def target_zone(self) -> str:
-        return (
-            f"$ORIGIN {TARGET_DOMAIN}.\n$TTL 60\n"
-            f"@ IN SOA ns.{TARGET_DOMAIN}. hostmaster.{TARGET_DOMAIN}. (1 3600 600 86400 60)\n"
-            f"@ IN NS ns.{TARGET_DOMAIN}.\nns IN A {DNS_IP}\n"
-            f"@ IN MX 10 mx.{TARGET_DOMAIN}.\nmx IN A {self.target_mx}\n"
-        )
+        return zone_text(TARGET_DOMAIN, [f"@ IN MX 10 mx.{TARGET_DOMAIN}.", f"mx IN A {self.target_mx}"], DNS_IP)
 
     def start(self) -> "Nsd":
-        d = self.dir
-        d.mkdir(parents=True, exist_ok=True)
-        (d / f"{DOMAIN}.zone").write_text(self.zone())
-        (d / f"{SENDER_DOMAIN}.zone").write_text(self.sender_zone())
-        zones = [DOMAIN, SENDER_DOMAIN]
+        self.zones = {DOMAIN: self.zone(), SENDER_DOMAIN: self.sender_zone()}
         if self.target_mx:
-            (d / f"{TARGET_DOMAIN}.zone").write_text(self.target_zone())
-            zones.append(TARGET_DOMAIN)
-        conf = f"""server:
-    ip-address: {DNS_IP}
-    port: 53
-    do-ip6: no
-    server-count: 1
-    username: ""
-    chroot: ""
-    zonesdir: "{d}"
-    database: ""
-    pidfile: "{d}/nsd.pid"
-    xfrdfile: "{d}/xfrd.state"
-    xfrdir: "{d}"
-    zonelistfile: "{d}/zone.list"
-    logfile: "{d}/nsd.log"
-    verbosity: 1
-remote-control:
-    control-enable: no
-"""
-        conf += "".join(f'zone:\n    name: {z}\n    zonefile: "{z}.zone"\n' for z in zones)
-        (d / "nsd.conf").write_text(conf)
-        run([tool("nsd-checkconf"), d / "nsd.conf"])
-        log = open(d / "nsd.out", "ab")
-        try:
-            # -d: stay in the foreground, so the lab owns the process.
-            self.proc = subprocess.Popen([tool("nsd"), "-d", "-c", str(d / "nsd.conf")], stdout=log, stderr=log, stdin=subprocess.DEVNULL)
-        finally:
-            log.close()
+            self.zones[TARGET_DOMAIN] = self.target_zone()
 
         def serving():
-            if self.proc.poll() is not None:
-                raise LabError(f"nsd exited with {self.proc.returncode}: {(d / 'nsd.out').read_text()}{self.log()}")
             return dns_query(DNS_IP, DOMAIN, 15) == (0, len(self.node_ips)) and (
                 not self.target_mx or dns_query(DNS_IP, TARGET_DOMAIN, 15) == (0, 1)
             )
 
-        try:
-            wait_until(serving, 20, "nsd to serve the MX records")
-        except TimeoutError as e:
-            raise LabError(f"{e}\n{self.log()}") from None
-        return self
-
-    def log(self) -> str:
-        p = self.dir / "nsd.log"
-        return p.read_text(errors="replace") if p.exists() else ""
-
-    def stop(self):
-        stop_process(self.proc)
+        return super().start(serving, "nsd to serve the MX records")
 
 
 # --------------------------------------------------------------------------- smtp-sink

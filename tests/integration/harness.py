@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 # Beside this file: whoever imports harness has this directory on sys.path.
-from postfixkit import start_smtp_sink, stop_process, tool
+from peerkit import start_smtp_sink, stop_process, tool
 
 REPO = Path(__file__).resolve().parents[2]
 TARGET_DIR = Path(os.environ.get("CARGO_TARGET_DIR") or REPO / "target")

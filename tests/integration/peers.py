@@ -1,8 +1,8 @@
 """Real outbound peers for the relay tests: a test CA (Python cryptography),
-Postfix as a TLS-requiring smarthost (its own config and queue directories;
-postfixkit.py starts and stops it),
+Postfix as a TLS-requiring smarthost (its own config and queue directories),
 aiosmtpd with STARTTLS / implicit TLS and AUTH, and nsd serving test zones on
-a loopback port. Everything listens on 127.0.0.0/8; nothing leaves the machine.
+a loopback port (the processes started and stopped by peerkit.py). Everything
+listens on 127.0.0.0/8; nothing leaves the machine.
 """
 
 from __future__ import annotations
@@ -11,15 +11,13 @@ import datetime
 import ipaddress
 import os
 import shutil
-import socket
 import ssl
-import struct
-import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from harness import free_port, wait_until
-from postfixkit import PostfixInstance, reachable_temp_dir, stop_process, tool
+import peerkit
+from harness import free_port
+from peerkit import NsdServer, PostfixInstance, reachable_temp_dir, zone_text
 
 # --------------------------------------------------------------------------- certificates
 
@@ -192,10 +190,6 @@ class AioSmtpd:
 # --------------------------------------------------------------------------- Postfix
 
 
-def _tool(name: str) -> str:
-    return tool(name, AssertionError)
-
-
 class PostfixSmarthost(PostfixInstance):
     """A Postfix instance of its own on 127.0.0.1:port that insists on
     STARTTLS (smtpd_tls_security_level = encrypt) and relays what it accepts
@@ -234,73 +228,18 @@ class PostfixSmarthost(PostfixInstance):
 
 def dns_query(port: int, name: str, qtype: int) -> tuple[int, int]:
     """One UDP query to 127.0.0.1:port: (RCODE, number of answers)."""
-    qid = int.from_bytes(os.urandom(2), "big")
-    q = struct.pack(">HHHHHH", qid, 0x0100, 1, 0, 0, 0)
-    q += b"".join(bytes([len(p)]) + p.encode() for p in name.rstrip(".").split(".")) + b"\0"
-    q += struct.pack(">HH", qtype, 1)
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        s.settimeout(1.0)
-        s.sendto(q, ("127.0.0.1", port))
-        data, _ = s.recvfrom(4096)
-    rid, flags, _, an, _, _ = struct.unpack(">HHHHHH", data[:12])
-    if rid != qid:
-        raise OSError("answer to another query")
-    return flags & 0xF, an
+    return peerkit.dns_query("127.0.0.1", name, qtype, port=port, recursion_desired=True)
 
 
-class Nsd:
-    """nsd (Debian package nsd) serving the given zones on 127.0.0.1:port
-    (UDP and TCP), in the foreground, from a directory of its own."""
+class Nsd(NsdServer):
+    """nsd (Debian package nsd) serving the given zones (name -> records
+    below the SOA and NS) on 127.0.0.1:port (UDP and TCP), in the
+    foreground, from a directory of its own."""
 
     def __init__(self, base: Path, zones: dict[str, list[str]]):
-        self.dir = base / "nsd"
-        self.zones = zones
-        self.port = free_port()
-        self.proc: subprocess.Popen | None = None
+        super().__init__(base / "nsd", "127.0.0.1", free_port(),
+                         {zone: zone_text(zone, records) for zone, records in zones.items()}, error=AssertionError)
 
     def start(self) -> "Nsd":
-        d = self.dir
-        d.mkdir(parents=True, exist_ok=True)
-        conf = [
-            "server:",
-            "    ip-address: 127.0.0.1",
-            f"    port: {self.port}",
-            "    do-ip6: no",
-            "    server-count: 1",
-            '    username: ""',
-            '    chroot: ""',
-            f'    zonesdir: "{d}"',
-            '    database: ""',
-            f'    pidfile: "{d}/nsd.pid"',
-            f'    xfrdfile: "{d}/xfrd.state"',
-            f'    xfrdir: "{d}"',
-            f'    zonelistfile: "{d}/zone.list"',
-            f'    logfile: "{d}/nsd.log"',
-            "remote-control:",
-            "    control-enable: no",
-        ]
-        for zone, records in self.zones.items():
-            head = [f"$ORIGIN {zone}.", "$TTL 60", f"@ IN SOA ns.{zone}. hostmaster.{zone}. (1 3600 600 86400 60)",
-                    f"@ IN NS ns.{zone}.", "ns IN A 127.0.0.1"]
-            (d / f"{zone}.zone").write_text("\n".join(head + records) + "\n")
-            conf += ["zone:", f"    name: {zone}", f'    zonefile: "{zone}.zone"']
-        (d / "nsd.conf").write_text("\n".join(conf) + "\n")
-        subprocess.run([_tool("nsd-checkconf"), str(d / "nsd.conf")], check=True, capture_output=True, timeout=30)
-        with open(d / "nsd.out", "ab") as log:
-            self.proc = subprocess.Popen([_tool("nsd"), "-d", "-c", str(d / "nsd.conf")], stdout=log, stderr=log,
-                                         stdin=subprocess.DEVNULL)
         first = next(iter(self.zones))
-
-        def serving():
-            if self.proc.poll() is not None:
-                raise AssertionError(f"nsd exited with {self.proc.returncode}: {(d / 'nsd.out').read_text()}")
-            try:
-                return dns_query(self.port, first, 6) == (0, 1)  # its SOA
-            except OSError:
-                return False
-
-        wait_until(serving, 20, "nsd to serve the test zones")
-        return self
-
-    def stop(self):
-        stop_process(self.proc)
+        return super().start(lambda: dns_query(self.port, first, 6) == (0, 1))  # its SOA

@@ -9,9 +9,7 @@ leaves the machine.
 
 from __future__ import annotations
 
-import os
 import re
-import shutil
 import smtplib
 import stat
 import subprocess
@@ -20,7 +18,8 @@ from email.utils import formatdate
 
 import pytest
 
-from harness import BIN, DOMAIN, SENDER, TARGET, free_port, srs_of, wait_until
+import peers
+from harness import BIN, DOMAIN, SENDER, TARGET, srs_of
 
 dkim = pytest.importorskip("dkim", reason="dkimpy is not installed; run scripts/test")
 import dns.resolver  # noqa: E402  (dnspython comes with dkimpy)
@@ -44,47 +43,17 @@ def keygen(tmp, domain: str, selector: str, algorithm: str):
     return out, txt, r.stdout
 
 
-class Nsd:
-    """nsd in the foreground on 127.0.0.1:<port>, one zone file per domain."""
+class Nsd(peers.Nsd):
+    """peers.py's nsd on 127.0.0.1:<port>, one zone file per domain, started
+    at once, with a resolver for dkimpy's lookups."""
 
     def __init__(self, base, zones: dict[str, list[str]]):
-        self.dir = base / "nsd"
-        self.dir.mkdir()
-        self.port = free_port()
-        nsd = shutil.which("nsd") or "/usr/sbin/nsd"
-        if not os.path.exists(nsd):
-            pytest.fail("nsd is not installed; run scripts/test")
-        conf = [
-            "server:",
-            f"    ip-address: 127.0.0.1@{self.port}",
-            "    do-ip6: no",
-            "    server-count: 1",
-            '    username: ""',
-            '    chroot: ""',
-            f'    zonesdir: "{self.dir}"',
-            '    database: ""',
-            f'    pidfile: "{self.dir}/nsd.pid"',
-            f'    xfrdfile: "{self.dir}/xfrd.state"',
-            f'    xfrdir: "{self.dir}"',
-            f'    zonelistfile: "{self.dir}/zone.list"',
-            f'    logfile: "{self.dir}/nsd.log"',
-            "remote-control:",
-            "    control-enable: no",
-        ]
-        for name, records in zones.items():
-            zone = [f"$ORIGIN {name}.", "$TTL 60", f"@ IN SOA ns.{name}. hostmaster.{name}. (1 3600 600 86400 60)",
-                    f"@ IN NS ns.{name}.", "ns IN A 127.0.0.1", *records]
-            (self.dir / f"{name}.zone").write_text("\n".join(zone) + "\n")
-            conf += ["zone:", f"    name: {name}", f'    zonefile: "{name}.zone"']
-        (self.dir / "nsd.conf").write_text("\n".join(conf) + "\n")
-        self.log = open(self.dir / "nsd.out", "ab")
-        self.proc = subprocess.Popen([nsd, "-d", "-c", str(self.dir / "nsd.conf")], stdout=self.log, stderr=self.log)
+        super().__init__(base, zones)
         self.resolver = dns.resolver.Resolver(configure=False)
         self.resolver.nameservers = ["127.0.0.1"]
         self.resolver.port = self.port
         self.resolver.lifetime = 2
-        first = next(iter(zones))
-        wait_until(lambda: self.proc.poll() is None and self.resolver.resolve(first, "SOA"), 20, "nsd to serve")
+        self.start()
 
     def txt(self, name, timeout=5):
         """dkimpy's DNS hook: the TXT record of `name` from this server."""
@@ -95,11 +64,6 @@ class Nsd:
         except (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer):
             return None
         return b"".join(answer[0].strings)
-
-    def stop(self):
-        self.proc.terminate()
-        self.proc.wait(10)
-        self.log.close()
 
 
 def txt_record(name: str, value: str) -> str:

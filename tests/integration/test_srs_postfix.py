@@ -19,7 +19,7 @@ import re
 import pytest
 
 from harness import DOMAIN, TARGET, free_port, srs_of, toml_dumps
-from postfixkit import PostfixInstance, reachable_temp_dir
+from peerkit import PostfixInstance, reachable_temp_dir
 
 ORIGINAL_SENDER = "alice@sender.test"
 

@@ -1,4 +1,4 @@
-"""postfixkit's promise to its callers (the relay tests, the chaos lab, the
+"""peerkit's promise to its callers (the relay tests, the chaos lab, the
 forwarding benchmark): a Postfix start that fails halfway leaves no master
 running, so a failed setup cannot leave Postfix behind on the machine."""
 
@@ -10,7 +10,7 @@ import subprocess
 import pytest
 
 from harness import free_port
-from postfixkit import PostfixInstance, reachable_temp_dir, tool
+from peerkit import PostfixInstance, reachable_temp_dir, tool
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="Postfix's master must start as root")

@@ -1,18 +1,21 @@
-"""Postfix's pieces as real peers for the tests and benchmarks: a Postfix
-instance of its own (config, queue and data directories under one directory,
-started and stopped with `postfix -c DIR`, so nothing of the system's Postfix
-configuration is read or touched), Postfix's `smtp-sink`, and the bounded wait
-for an SMTP greeting that tells both are ready.
+"""The real peers the tests and benchmarks run as processes of their own:
+a Postfix instance (config, queue and data directories under one directory,
+started and stopped with `postfix -c DIR`, so nothing of the system's
+Postfix configuration is read or touched), Postfix's `smtp-sink`, and nsd
+serving test zones; with the bounded waits that tell each is ready (an SMTP
+greeting, an answer from the zone) and the stops that leave nothing running,
+also when a start fails halfway.
 
-Shared by tests/integration (peers.py: a smarthost that requires STARTTLS;
-test_srs_postfix.py: a relay with a transport table; harness.py: the
-smtp-sinks), tests/chaos/lab.py (the sending MTA inside the lab's network
-namespace, delivering by MX lookup; the lab's sinks) and
-tests/bench/forward_bench.py (the virtual-alias relay measured beside
-tempalias; its sink). Each caller passes only what differs: its main.cf
-settings, where smtpd listens, how `postfix` is run (lab.py: inside the
-namespace, through `ip netns exec`), how it is stopped, and the exception its
-suite reports failures with.
+Shared by tests/integration (harness.py: the smtp-sinks; peers.py: a
+smarthost that requires STARTTLS, nsd on a loopback port;
+test_srs_postfix.py: a relay with a transport table), tests/chaos/lab.py
+(the sending MTA inside the lab's network namespace, delivering by MX
+lookup; the lab's sinks and nsd on port 53) and tests/bench/forward_bench.py
+(the virtual-alias relay measured beside tempalias; its sink). Each caller
+passes only what differs: its main.cf settings or zones, where the daemon
+listens, how `postfix` is run (lab.py: inside the namespace, through
+`ip netns exec`), how it is stopped, and the exception its suite reports
+failures with.
 
 Python 3.9+ standard library only, so every suite can import it by putting
 this directory on sys.path. Postfix needs root: master starts as root and
@@ -25,6 +28,7 @@ from __future__ import annotations
 import os
 import shutil
 import socket
+import struct
 import subprocess
 import tempfile
 import time
@@ -54,9 +58,10 @@ def stop_process(proc: subprocess.Popen | None, timeout: float = 10.0):
             proc.wait(timeout)
 
 
-def wait_for_greeting(host: str, port: int, timeout: float, what: str, *, proc: subprocess.Popen | None = None,
-                      log=None, error: type[Exception] = RuntimeError, interval: float = 0.05):
-    """Polls until a connection to host:port is greeted with `220`. Raises
+def wait_for(ready, timeout: float, what: str, *, proc: subprocess.Popen | None = None, log=None,
+             error: type[Exception] = RuntimeError, interval: float = 0.05):
+    """Polls `ready()` until it returns a truthy value, which is returned; an
+    OSError from it (nothing listening yet) counts as "not yet". Raises
     `error` at once when `proc` (the server's process, if the caller owns it)
     exits, or after `timeout` s; either message ends with `log()` (the
     server's log, if given), which is where the reason is."""
@@ -64,19 +69,30 @@ def wait_for_greeting(host: str, port: int, timeout: float, what: str, *, proc: 
     last: object = None
     while True:
         if proc is not None and proc.poll() is not None:
-            raise error(f"{what} exited with {proc.returncode}: {log() if log else ''}")
+            raise error(f"while waiting for {what}: the process exited with {proc.returncode}\n{log() if log else ''}")
         try:
-            with socket.create_connection((host, port), timeout=2) as s:
-                banner = s.recv(100)
-            if banner.startswith(b"220"):
-                return
-            last = banner
+            value = ready()
+            if value:
+                return value
+            last = value
         except OSError as e:
             last = e
         if time.monotonic() >= deadline:
             tail = f"\n{log()[-2000:]}" if log else ""
-            raise error(f"timed out after {timeout:.0f}s waiting for {what} to greet on {host}:{port} (last: {last!r}){tail}")
+            raise error(f"timed out after {timeout:.0f}s waiting for {what} (last: {last!r}){tail}")
         time.sleep(interval)
+
+
+def greets(host: str, port: int) -> bool:
+    """Whether a connection to host:port is greeted with `220` (OSError when
+    nothing listens)."""
+    with socket.create_connection((host, port), timeout=2) as s:
+        return s.recv(100).startswith(b"220")
+
+
+def wait_for_greeting(host: str, port: int, timeout: float, what: str, **kw):
+    """`wait_for` an SMTP server's `220` on host:port."""
+    wait_for(lambda: greets(host, port), timeout, f"{what} to greet on {host}:{port}", **kw)
 
 
 def read_log(path: Path) -> str:
@@ -272,3 +288,103 @@ class PostfixInstance:
             if p.exists():
                 n += sum(len(files) for _, _, files in os.walk(p))
         return n
+
+
+# --------------------------------------------------------------------------- nsd
+
+
+def dns_query(server: str, name: str, qtype: int, port: int = 53, timeout: float = 1.0,
+              recursion_desired: bool = False) -> tuple[int, int]:
+    """One UDP query: (RCODE, number of answers). Enough to see nsd serve a
+    zone; OSError when nothing answers in `timeout` s."""
+    qid = int.from_bytes(os.urandom(2), "big")
+    q = struct.pack(">HHHHHH", qid, 0x0100 if recursion_desired else 0x0000, 1, 0, 0, 0)
+    q += b"".join(bytes([len(p)]) + p.encode() for p in name.rstrip(".").split(".")) + b"\0"
+    q += struct.pack(">HH", qtype, 1)
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.settimeout(timeout)
+        s.sendto(q, (server, port))
+        data, _ = s.recvfrom(4096)
+    rid, flags, _qd, an, _ns, _ar = struct.unpack(">HHHHHH", data[:12])
+    if rid != qid:
+        raise OSError("answer to another query")
+    return flags & 0xF, an
+
+
+def zone_text(zone: str, records: list[str], ns_ip: str = "127.0.0.1", serial: int = 1) -> str:
+    """A zone file for `zone`: SOA, NS `ns.ZONE` at `ns_ip`, then `records`
+    (relative to the zone, e.g. `@ IN MX 10 mx1`)."""
+    head = [f"$ORIGIN {zone}.", "$TTL 60", f"@ IN SOA ns.{zone}. hostmaster.{zone}. ({serial} 3600 600 86400 60)",
+            f"@ IN NS ns.{zone}.", f"ns IN A {ns_ip}"]
+    return "\n".join(head + records) + "\n"
+
+
+class NsdServer:
+    """nsd (Debian package nsd) in the foreground (`-d`, so the caller owns
+    the process) from `dir`, serving `zones` (name -> zone file text) on
+    ip:port, UDP and TCP. `ready()` is the caller's check that the zones are
+    served (a query and its expected answer), polled for up to 20 s."""
+
+    def __init__(self, dir: Path, ip: str, port: int, zones: dict[str, str], *, verbosity: int | None = None,
+                 error: type[Exception] = RuntimeError):
+        self.dir = Path(dir)
+        self.ip = ip
+        self.port = port
+        self.zones = zones
+        self.verbosity = verbosity
+        self.error = error
+        self.proc: subprocess.Popen | None = None
+
+    def conf(self) -> str:
+        d = self.dir
+        lines = [
+            "server:",
+            f"    ip-address: {self.ip}",
+            f"    port: {self.port}",
+            "    do-ip6: no",
+            "    server-count: 1",
+            '    username: ""',
+            '    chroot: ""',
+            f'    zonesdir: "{d}"',
+            '    database: ""',
+            f'    pidfile: "{d}/nsd.pid"',
+            f'    xfrdfile: "{d}/xfrd.state"',
+            f'    xfrdir: "{d}"',
+            f'    zonelistfile: "{d}/zone.list"',
+            f'    logfile: "{d}/nsd.log"',
+        ]
+        if self.verbosity is not None:
+            lines.append(f"    verbosity: {self.verbosity}")
+        lines += ["remote-control:", "    control-enable: no"]
+        for zone in self.zones:
+            lines += ["zone:", f"    name: {zone}", f'    zonefile: "{zone}.zone"']
+        return "\n".join(lines) + "\n"
+
+    def start(self, ready, what: str = "nsd to serve the test zones"):
+        """Writes the zones and nsd.conf, checks it, starts nsd and waits
+        until `ready()`; a start that fails stops nsd before raising."""
+        d = self.dir
+        d.mkdir(parents=True, exist_ok=True)
+        for zone, text in self.zones.items():
+            (d / f"{zone}.zone").write_text(text)
+        (d / "nsd.conf").write_text(self.conf())
+        r = subprocess.run([tool("nsd-checkconf", self.error), str(d / "nsd.conf")], capture_output=True, text=True,
+                           timeout=30)
+        if r.returncode != 0:
+            raise self.error(f"nsd-checkconf: exit {r.returncode}\n{r.stdout}{r.stderr}")
+        with open(d / "nsd.out", "ab") as out:
+            self.proc = subprocess.Popen([tool("nsd", self.error), "-d", "-c", str(d / "nsd.conf")], stdout=out,
+                                         stderr=out, stdin=subprocess.DEVNULL)
+        try:
+            wait_for(ready, 20, what, proc=self.proc, error=self.error,
+                     log=lambda: read_log(d / "nsd.out") + self.log())
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def log(self) -> str:
+        return read_log(self.dir / "nsd.log")
+
+    def stop(self):
+        stop_process(self.proc)
