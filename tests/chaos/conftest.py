@@ -63,12 +63,8 @@ def pytest_runtest_makereport(item, call):
 def lab(binary):
     """The whole lab, once per module: namespace, nsd, smtp-sink, three nodes,
     Postfix. Torn down (namespace deleted) whatever the outcome."""
-    the_lab = Lab(binary)
-    the_lab.start()
-    try:
+    with Lab(binary) as the_lab:
         yield the_lab
-    finally:
-        the_lab.close()
 
 
 @pytest.fixture

@@ -91,12 +91,8 @@ def deliveries(lab: Lab, rcpt: str) -> list[tuple[str, str, str]]:
 
 @pytest.fixture(scope="module")
 def srs_lab(binary):
-    the_lab = Lab(binary, node_config=SRS_NODE_CONFIG, bouncing_target=True, name=f"tasrs{os.getpid()}")
-    the_lab.start()
-    try:
+    with Lab(binary, node_config=SRS_NODE_CONFIG, bouncing_target=True, name=f"tasrs{os.getpid()}") as the_lab:
         yield the_lab
-    finally:
-        the_lab.close()
 
 
 @pytest.fixture
