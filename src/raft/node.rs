@@ -127,6 +127,9 @@ pub struct Node {
     /// Lets the leader serve read barriers without a quorum round for a
     /// while after one (see `read_lease.rs`).
     read_lease: Arc<ReadLease>,
+    /// The log's last and saved committed index (answers `ReadIndex` on the
+    /// leader without its Raft core when nothing is in flight).
+    log_marks: Arc<store::LogMarks>,
 }
 
 /// Counts one proposal in [`Node::proposing`] for as long as it lives (also
@@ -169,6 +172,7 @@ impl Node {
                 .await
                 .map_err(|e| StartError::Raft(e.to_string()))??;
         let reader = state_machine.reader();
+        let log_marks = log_store.marks();
         let election = config.cluster.election_timeout_ms;
         let liveness = Arc::new(Liveness::new(
             config.node_id,
@@ -241,6 +245,7 @@ impl Node {
             stepping_down: Arc::new(std::sync::atomic::AtomicBool::new(false)),
             proposing: Arc::new(std::sync::atomic::AtomicUsize::new(0)),
             read_lease: Arc::new(ReadLease::new(Duration::from_millis(election))),
+            log_marks,
         })
     }
 
@@ -573,6 +578,13 @@ impl Node {
                 None => None,
             };
             match index {
+                // Already applied here (no writes meanwhile): no waiter,
+                // no wake-up.
+                Some(index)
+                    if self.raft.metrics().borrow().last_applied.map(|l| l.index) >= index =>
+                {
+                    return Ok(());
+                }
                 Some(index) => {
                     let remaining = deadline.saturating_duration_since(Instant::now());
                     return self
@@ -612,6 +624,14 @@ impl Node {
             return Err(LeaderReadError::NotLeader);
         }
         if let Some(held) = self.read_lease.valid_at(Instant::now()) {
+            // While the lease runs this node leads and no other leader can
+            // exist (the same check as a local read's, `lease_read`); with
+            // nothing in flight its last index is the committed one.
+            let leads = self.raft.metrics().borrow().state == ServerState::Leader;
+            if let Some(index) = self.log_marks.settled().filter(|_| leads) {
+                self.metrics.raft_lease_reads.inc();
+                return Ok(index);
+            }
             // Checked in the core, not in metrics that may lag: a vote this
             // node granted to a higher term must end the lease at once.
             let checked = self
