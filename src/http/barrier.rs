@@ -5,10 +5,12 @@
 //! `ReadIndex` RPC from a follower). One barrier per request makes the
 //! leader's quorum rounds the bottleneck of status reads. A barrier that
 //! *starts* after a request arrived serves that request just as well as one
-//! of its own, so requests are grouped: while one barrier runs, arriving
-//! requests queue for the next, which starts when the running one ends and
-//! answers all of them. Under load that is one barrier per round trip instead
-//! of one per request; a lone request still gets its own barrier at once.
+//! of its own, so requests are grouped: while a barrier runs, arriving
+//! requests queue for the next, which starts when the running one ends, or
+//! at once when a crowd ([`CROWD`]) is waiting and fewer than [`IN_FLIGHT`]
+//! run, and answers all of them. Under load that is a few barriers per round
+//! trip instead of one per request; a lone request still gets its own barrier
+//! at once.
 //!
 //! The barriers run in a task of their own, so a request that gives up
 //! (client gone, request timeout) never strands the others.
@@ -24,6 +26,16 @@ use crate::raft::Node;
 
 type Waiter = oneshot::Sender<Result<(), String>>;
 
+/// Barriers in flight at once on this node.
+const IN_FLIGHT: usize = 3;
+
+/// Requests that must be waiting before a barrier starts while another one
+/// is still in flight. A lone request waits for the running barrier to end
+/// (one `ReadIndex` round trip at most); a crowd gets a barrier of its own at
+/// once, so under load a request waits about one round trip instead of one
+/// and a half, while a barrier still answers several requests.
+const CROWD: usize = 8;
+
 /// The queue of requests waiting for the next barrier.
 #[derive(Default)]
 pub struct Barriers {
@@ -34,10 +46,23 @@ pub struct Barriers {
 
 #[derive(Default)]
 struct State {
-    /// A task is running barriers.
-    running: bool,
-    /// Requests that arrived since the running barrier started.
+    /// Barrier tasks running.
+    in_flight: usize,
+    /// Requests that arrived since the last barrier started.
     next: Vec<Waiter>,
+}
+
+impl State {
+    /// Whether to start one more barrier task for the requests in `next`
+    /// (and counts it if so).
+    fn start_another(&mut self) -> bool {
+        let start = !self.next.is_empty()
+            && (self.in_flight == 0 || (self.in_flight < IN_FLIGHT && self.next.len() >= CROWD));
+        if start {
+            self.in_flight += 1;
+        }
+        start
+    }
 }
 
 impl Barriers {
@@ -70,7 +95,7 @@ impl Barriers {
         let start = {
             let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
             s.next.push(tx);
-            !std::mem::replace(&mut s.running, true)
+            s.start_another()
         };
         if start {
             tokio::spawn(run(self.clone(), barrier));
@@ -86,7 +111,7 @@ impl Barriers {
     }
 }
 
-/// Runs barriers until no request is waiting.
+/// Runs barriers while requests wait and no other task should take them.
 async fn run<F, Fut>(barriers: Arc<Barriers>, barrier: F)
 where
     F: Fn() -> Fut,
@@ -100,17 +125,20 @@ where
         tokio::task::yield_now().await;
         let batch = {
             let mut s = barriers.state.lock().unwrap_or_else(|p| p.into_inner());
-            if s.next.is_empty() {
-                s.running = false;
-                return;
-            }
             std::mem::take(&mut s.next)
         };
-        // Every request in `batch` arrived before this barrier starts.
-        barriers.rounds.fetch_add(1, Ordering::Relaxed);
-        let result = barrier().await;
-        for waiter in batch {
-            let _ = waiter.send(result.clone());
+        if !batch.is_empty() {
+            // Every request in `batch` arrived before this barrier starts.
+            barriers.rounds.fetch_add(1, Ordering::Relaxed);
+            let result = barrier().await;
+            for waiter in batch {
+                let _ = waiter.send(result.clone());
+            }
+        }
+        let mut s = barriers.state.lock().unwrap_or_else(|p| p.into_inner());
+        s.in_flight -= 1;
+        if !s.start_another() {
+            return;
         }
     }
 }
@@ -139,14 +167,15 @@ mod tests {
         }
     }
 
-    #[tokio::test]
-    async fn reads_arriving_during_a_barrier_share_the_next_one() {
-        let barriers = Arc::new(Barriers::default());
-        let gate = Arc::new(Semaphore::new(0));
-        let calls = Arc::new(AtomicU64::new(0));
-        // The first read starts a barrier at once.
+    /// Starts one read with the gated barrier and waits until its barrier
+    /// runs.
+    async fn first_read(
+        barriers: &Arc<Barriers>,
+        gate: &Arc<Semaphore>,
+        calls: &Arc<AtomicU64>,
+    ) -> tokio::task::JoinHandle<Result<(), String>> {
         let first = tokio::spawn({
-            let (b, f) = (barriers.clone(), gated(&gate, &calls));
+            let (b, f) = (barriers.clone(), gated(gate, calls));
             async move { b.wait_with(f).await }
         });
         tokio::time::timeout(Duration::from_secs(5), async {
@@ -156,29 +185,89 @@ mod tests {
         })
         .await
         .unwrap();
-        // Fifty more arrive while it runs: they queue for one next barrier.
-        let mut later = Vec::new();
-        for _ in 0..50 {
-            let (b, f) = (barriers.clone(), gated(&gate, &calls));
-            later.push(tokio::spawn(async move { b.wait_with(f).await }));
-        }
+        first
+    }
+
+    fn reads(
+        n: usize,
+        barriers: &Arc<Barriers>,
+        gate: &Arc<Semaphore>,
+        calls: &Arc<AtomicU64>,
+    ) -> Vec<tokio::task::JoinHandle<Result<(), String>>> {
+        (0..n)
+            .map(|_| {
+                let (b, f) = (barriers.clone(), gated(gate, calls));
+                tokio::spawn(async move { b.wait_with(f).await })
+            })
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn a_few_reads_arriving_during_a_barrier_share_the_next_one() {
+        let barriers = Arc::new(Barriers::default());
+        let gate = Arc::new(Semaphore::new(0));
+        let calls = Arc::new(AtomicU64::new(0));
+        let first = first_read(&barriers, &gate, &calls).await;
+        // Fewer than a crowd arrive while it runs: they queue.
+        let later = reads(CROWD - 1, &barriers, &gate, &calls);
         tokio::time::timeout(Duration::from_secs(5), async {
-            while barriers.state.lock().unwrap().next.len() < 50 {
+            while barriers.state.lock().unwrap().next.len() < CROWD - 1 {
                 tokio::task::yield_now().await;
             }
         })
         .await
         .unwrap();
+        assert_eq!(calls.load(Ordering::SeqCst), 1);
         assert!(!first.is_finished());
         gate.add_permits(2);
         assert_eq!(first.await.unwrap(), Ok(()));
         for r in later {
             assert_eq!(r.await.unwrap(), Ok(()));
         }
-        // 51 reads, two rounds: the running one, then one for all the others
-        // (which all arrived before it started).
+        // The running barrier, then one for all the others (which all
+        // arrived before it started).
         assert_eq!(calls.load(Ordering::SeqCst), 2);
         assert_eq!(barriers.rounds(), 2);
+    }
+
+    #[tokio::test]
+    async fn a_crowd_gets_a_barrier_without_waiting_for_the_running_one() {
+        let barriers = Arc::new(Barriers::default());
+        let gate = Arc::new(Semaphore::new(0));
+        let calls = Arc::new(AtomicU64::new(0));
+        let first = first_read(&barriers, &gate, &calls).await;
+        let later = reads(50, &barriers, &gate, &calls);
+        // While the first barrier is still held, every later read has been
+        // taken by a barrier of its own batch, and no more than
+        // `IN_FLIGHT` run at once.
+        tokio::time::timeout(Duration::from_secs(5), async {
+            loop {
+                let queued = barriers.state.lock().unwrap().next.len();
+                if queued == 0 && calls.load(Ordering::SeqCst) >= 2 {
+                    break;
+                }
+                tokio::task::yield_now().await;
+            }
+        })
+        .await
+        .unwrap();
+        assert!(!first.is_finished());
+        let running = calls.load(Ordering::SeqCst);
+        assert!((2..=IN_FLIGHT as u64).contains(&running), "{running}");
+        assert!(barriers.state.lock().unwrap().in_flight <= IN_FLIGHT);
+        gate.add_permits(IN_FLIGHT);
+        assert_eq!(first.await.unwrap(), Ok(()));
+        for r in later {
+            assert_eq!(r.await.unwrap(), Ok(()));
+        }
+        assert_eq!(barriers.rounds(), calls.load(Ordering::SeqCst));
+        tokio::time::timeout(Duration::from_secs(5), async {
+            while barriers.state.lock().unwrap().in_flight > 0 {
+                tokio::task::yield_now().await;
+            }
+        })
+        .await
+        .unwrap();
     }
 
     #[tokio::test]
@@ -190,7 +279,7 @@ mod tests {
         assert_eq!(r, Err("no quorum".to_string()));
         // The runner (which keeps its barrier function) is done first.
         tokio::time::timeout(Duration::from_secs(5), async {
-            while barriers.state.lock().unwrap().running {
+            while barriers.state.lock().unwrap().in_flight > 0 {
                 tokio::task::yield_now().await;
             }
         })
