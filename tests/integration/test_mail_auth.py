@@ -285,16 +285,32 @@ def test_two_keys_sign_twice_and_each_signature_verifies_on_its_own(world):
         assert (tag(v, b"s"), tag(v, b"a"), tag(v, b"d")) == (b"d1-rsa", b"rsa-sha256", DUAL_DOMAIN.encode()), v
     cv, results, comment = dkim.arc_verify(eml, dnsfunc=nsd.txt)
     assert cv == dkim.CV_Pass, (cv, results, comment)
+    # Forwarded once more through another alias of the domain: our two
+    # earlier signatures are now signatures "already present" and covered
+    # by the new ones; all five and the two-instance ARC chain verify.
+    second = node.create_alias(days=3, max_usage=5)
+    to2 = f"{second['id']}@{DUAL_DOMAIN}"
+    assert node.send([to2], eml, sender=cap["meta"]["mail_from"]) == {}
+    again = node.captured()[1]["eml"]
+    assert again.endswith(eml)
+    assert [tag(v, b"s") for v in fields_named(again, b"DKIM-Signature")] == [
+        b"d1-rsa", b"d1-ed25519", b"d1-rsa", b"d1-ed25519", b"mail"]
+    for v in fields_named(again, b"DKIM-Signature")[:2]:
+        assert tag(v, b"h").lower().split(b":").count(b"dkim-signature") == 3, v
+    assert verify_all(again, nsd) == [True] * 5
+    cv, results, comment = dkim.arc_verify(again, dnsfunc=nsd.txt)
+    assert cv == dkim.CV_Pass, (cv, results, comment)
+    assert [r["instance"] for r in results] == [2, 1], results
     # The report on a bounce, our own mail, gets both signatures too.
     srs = cap["meta"]["mail_from"]
     assert srs.endswith("@" + DUAL_DOMAIN), srs
     assert node.send([srs], target_bounce(eml, srs), sender="") == {}
-    report = node.captured()[1]["eml"]
+    report = node.captured()[2]["eml"]
     assert signatures(report) == [DUAL_DOMAIN.encode(), DUAL_DOMAIN.encode()]
     assert [tag(v, b"s") for v in fields_named(report, b"DKIM-Signature")] == [b"d1-rsa", b"d1-ed25519"]
     assert verify_all(report, nsd) == [True, True]
     metrics = node.metrics()
-    assert 'tempalias_forward_auth_total{result="signed"} 2' in metrics, metrics
+    assert 'tempalias_forward_auth_total{result="signed"} 3' in metrics, metrics
     assert "dual.test (d1-rsa rsa, d1-ed25519 ed25519)" in node.logs()
 
 
