@@ -287,7 +287,7 @@ impl Signer {
 }
 
 /// True when the header section of `message` has a `DKIM-Signature` field.
-fn has_signature(message: &[u8]) -> bool {
+pub(crate) fn has_signature(message: &[u8]) -> bool {
     for line in message.split(|&b| b == b'\n') {
         let line = line.strip_suffix(b"\r").unwrap_or(line);
         if line.is_empty() {

@@ -508,6 +508,34 @@ mod tests {
         }
         assert!(head.contains("cv=none"), "{head}");
         assert!(msg.ends_with(MESSAGE));
+        // MESSAGE has no DKIM signature: neither the seal nor our signature
+        // signs that field (a verifier would take our signature for it).
+        let unfolded: String = head.split_whitespace().collect();
+        assert!(
+            !unfolded.to_ascii_lowercase().contains(":dkim-signature"),
+            "{head}"
+        );
+        // A message with one: both sign it.
+        let signed = [
+            &b"DKIM-Signature: v=1; d=sender.example; b=x\r\n"[..],
+            MESSAGE,
+        ]
+        .concat();
+        let (_, msg) = f
+            .prepare(
+                incoming(),
+                "k7q2mz9xwd@tempalias.test",
+                envelope("alice@sender.example"),
+                signed.clone(),
+                NOW_MS,
+            )
+            .await;
+        let head = String::from_utf8_lossy(&msg[..msg.len() - signed.len()]);
+        let unfolded: String = head
+            .split_whitespace()
+            .collect::<String>()
+            .to_ascii_lowercase();
+        assert_eq!(unfolded.matches(":dkim-signature").count(), 2, "{head}");
     }
 
     #[tokio::test]

@@ -314,6 +314,28 @@ def test_two_keys_sign_twice_and_each_signature_verifies_on_its_own(world):
     assert "dual.test (d1-rsa rsa, d1-ed25519 ed25519)" in node.logs()
 
 
+def test_unsigned_mail_is_sealed_so_that_arc_verifies(world):
+    """A message without DKIM signature: the seal must not sign the absent
+    DKIM-Signature field, or verifiers take our own signatures (added below
+    the ARC set) for it and fail the seal."""
+    node, nsd, _ = world
+    for domain, ours in ((DOMAIN, 1), (DUAL_DOMAIN, 2)):
+        alias = node.create_alias(days=3, max_usage=5)
+        to = f"{alias['id']}@{domain}"
+        msg = (f"From: Alice <{SIGNED_SENDER}>\r\nTo: <{to}>\r\nSubject: unsigned\r\n"
+               f"Date: {formatdate()}\r\nMessage-ID: <{time.time_ns()}@{SENDER_DOMAIN}>\r\n\r\nbody\r\n").encode()
+        assert node.send([to], msg, sender=SIGNED_SENDER) == {}
+        eml = node.captured()[-1]["eml"]
+        assert eml.endswith(msg)
+        (ams,) = fields_named(eml, b"ARC-Message-Signature")
+        assert b"dkim-signature" not in tag(ams, b"h").lower(), ams
+        for v in fields_named(eml, b"DKIM-Signature"):
+            assert b"dkim-signature" not in tag(v, b"h").lower(), v
+        assert verify_all(eml, nsd) == [True] * ours
+        cv, results, comment = dkim.arc_verify(eml, dnsfunc=nsd.txt)
+        assert cv == dkim.CV_Pass, (domain, cv, results, comment)
+
+
 def drop_field(eml: bytes, name: bytes, index: int) -> bytes:
     """`eml` without the `index`-th (from the top) header field `name`."""
     head, body = eml.split(b"\r\n\r\n", 1)
