@@ -201,29 +201,39 @@ enum ClusterCmd {
 
 #[derive(Subcommand, Debug)]
 enum DkimCmd {
-    /// Generate a signing key: writes the private key (mode 0600, never over
-    /// an existing file) and prints the DNS TXT record and the configuration.
+    /// Generate a signing key (or an RSA and an Ed25519 key): writes the
+    /// private key (mode 0600, never over an existing file) and prints the
+    /// DNS TXT record and the configuration.
     #[command(
         long_about = "Generate a DKIM signing key for an alias domain. The private key \
             is written to --out (mode 0600; an existing file is never overwritten); \
             the DNS TXT record to publish at SELECTOR._domainkey.DOMAIN and the \
             [[dkim.keys]] entry for the configuration are printed. Copy the key \
-            file to every node: they all sign with the same key."
+            file to every node: they all sign with the same key.\n\n\
+            --algorithm both makes two keys, RSA-2048 under the selector SELECTOR-rsa \
+            and Ed25519 under SELECTOR-ed25519, writes them into --out-dir and prints \
+            both records and both entries: every message then carries two \
+            signatures, one every receiver checks and one for those that check \
+            Ed25519 (RFC 8463)."
     )]
     Keygen {
         /// The alias domain the key signs for (d=).
         #[arg(long, value_name = "DOMAIN")]
         domain: String,
-        /// The selector (s=), e.g. the month the key was made: 202611.
+        /// The selector (s=), e.g. the month the key was made: 202611. With
+        /// --algorithm both, the stem of the two selectors.
         #[arg(long, value_name = "SELECTOR")]
         selector: String,
-        /// rsa (2048 bits, checked everywhere) or ed25519.
-        #[arg(long, value_name = "ALG", default_value = "rsa", value_parser = ["rsa", "ed25519"])]
+        /// rsa (2048 bits, checked everywhere), ed25519, or both (two keys).
+        #[arg(long, value_name = "ALG", default_value = "rsa", value_parser = ["rsa", "ed25519", "both"])]
         algorithm: String,
         /// Where to write the private key. Default: SELECTOR.DOMAIN.key in
-        /// the current directory.
-        #[arg(long, value_name = "FILE")]
+        /// --out-dir. Not with --algorithm both (two files).
+        #[arg(long, value_name = "FILE", conflicts_with = "out_dir")]
         out: Option<PathBuf>,
+        /// The directory for SELECTOR.DOMAIN.key (default: the current one).
+        #[arg(long, value_name = "DIR")]
+        out_dir: Option<PathBuf>,
     },
 }
 
@@ -309,6 +319,7 @@ fn dkim_keygen(
     selector: &str,
     algorithm: &str,
     out: Option<PathBuf>,
+    out_dir: Option<PathBuf>,
 ) -> anyhow::Result<ExitCode> {
     use crate::mail::dkim;
     let domain = domain.to_ascii_lowercase();
@@ -323,24 +334,67 @@ fn dkim_keygen(
                 .all(|l| !l.is_empty() && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')),
         "--selector {selector:?} is not a DNS label"
     );
-    let alg = if algorithm == "ed25519" {
-        dkim::Algorithm::Ed25519
-    } else {
-        dkim::Algorithm::Rsa
+    // (selector, algorithm) of each key to make, RSA first (the order the
+    // signatures take in a message).
+    let keys: Vec<(String, dkim::Algorithm)> = match algorithm {
+        "both" => {
+            anyhow::ensure!(
+                out.is_none(),
+                "--out names one file; --algorithm both writes two: use --out-dir"
+            );
+            vec![
+                (format!("{selector}-rsa"), dkim::Algorithm::Rsa),
+                (format!("{selector}-ed25519"), dkim::Algorithm::Ed25519),
+            ]
+        }
+        "ed25519" => vec![(selector.to_string(), dkim::Algorithm::Ed25519)],
+        _ => vec![(selector.to_string(), dkim::Algorithm::Rsa)],
     };
-    let path = out.unwrap_or_else(|| PathBuf::from(format!("{selector}.{domain}.key")));
-    let key = dkim::generate(alg)?;
-    dkim::write_key_file(&path, &key.private_pem)?;
-    println!("; private key written to {}", path.display());
-    println!("; publish this record in the zone of {domain}:");
-    println!("{}", dkim::zone_line(&domain, selector, &key.txt));
+    let dir = out_dir.unwrap_or_else(|| PathBuf::from("."));
+    let paths: Vec<PathBuf> = keys
+        .iter()
+        .map(|(s, _)| {
+            out.clone()
+                .unwrap_or_else(|| dir.join(format!("{s}.{domain}.key")))
+        })
+        .collect();
+    // Neither file is written when one is in the way.
+    for path in &paths {
+        anyhow::ensure!(
+            !path.exists(),
+            "cannot write {}: File exists (a published key would stop working)",
+            path.display()
+        );
+    }
+    let mut written = Vec::new();
+    for ((_, alg), path) in keys.iter().zip(&paths) {
+        let made = dkim::generate(*alg)
+            .and_then(|key| dkim::write_key_file(path, &key.private_pem).map(|()| key));
+        match made {
+            Ok(key) => written.push(key),
+            Err(e) => {
+                // All or nothing: no half of a pair stays behind.
+                for p in &paths[..written.len()] {
+                    let _ = std::fs::remove_file(p);
+                }
+                return Err(e.into());
+            }
+        }
+    }
+    for (((sel, _), path), key) in keys.iter().zip(&paths).zip(&written) {
+        println!("; private key written to {}", path.display());
+        println!("; publish this record in the zone of {domain}:");
+        println!("{}", dkim::zone_line(&domain, sel, &key.txt));
+    }
     println!();
-    println!("# and add this to every node's configuration (same key file on each):");
-    println!("[[dkim.keys]]");
-    println!("domain = \"{domain}\"");
-    println!("selector = \"{selector}\"");
-    println!("key_file = {:?}", path.display().to_string());
-    println!("algorithm = \"{algorithm}\"");
+    println!("# and add this to every node's configuration (same key files on each):");
+    for ((sel, alg), path) in keys.iter().zip(&paths) {
+        println!("[[dkim.keys]]");
+        println!("domain = \"{domain}\"");
+        println!("selector = \"{sel}\"");
+        println!("key_file = {:?}", path.display().to_string());
+        println!("algorithm = \"{}\"", dkim::dns_name(*alg));
+    }
     Ok(ExitCode::SUCCESS)
 }
 
@@ -436,8 +490,9 @@ fn run(cli: Cli, local_offset: time::UtcOffset) -> anyhow::Result<ExitCode> {
                     selector,
                     algorithm,
                     out,
+                    out_dir,
                 },
-        } => dkim_keygen(&domain, &selector, &algorithm, out),
+        } => dkim_keygen(&domain, &selector, &algorithm, out, out_dir),
         Cmd::Completions { shell } => {
             // Generated into memory: the generator panics on a write error
             // (such as a closed pipe), which we report instead.

@@ -799,11 +799,13 @@ pub enum DkimAlgorithm {
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct DkimConfig {
-    /// One key per alias domain; a domain without one is not signed.
+    /// The keys of the alias domains, one `[[dkim.keys]]` entry each; a
+    /// domain may have several (one signature each, RSA first), a domain
+    /// without one is not signed.
     pub keys: Vec<DkimKey>,
 }
 
-/// The DKIM key of one alias domain.
+/// One DKIM key of an alias domain.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DkimKey {
@@ -813,9 +815,10 @@ pub struct DkimKey {
     pub selector: String,
     /// PEM private key written by `tempalias dkim keygen` (the same on every node).
     pub key_file: PathBuf,
-    /// `rsa` or `ed25519`; must match the key file.
-    #[serde(default)]
-    pub algorithm: DkimAlgorithm,
+    /// `rsa` or `ed25519`; read from the key file when not given, and must
+    /// match it when given.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub algorithm: Option<DkimAlgorithm>,
 }
 
 /// ARC sealing of forwarded mail (with the alias domain's DKIM key).
@@ -1340,10 +1343,15 @@ impl Config {
                     format!("{:?} is not one of the alias domains", k.domain),
                 );
             }
-            if seen.contains(&&k.domain) {
-                out.push("dkim.keys", format!("{:?} has more than one key", k.domain));
+            // Several keys per domain are fine; two under one selector
+            // cannot both be published.
+            if seen.contains(&(&k.domain, &k.selector)) {
+                out.push(
+                    "dkim.keys",
+                    format!("{:?} has selector {:?} twice", k.domain, k.selector),
+                );
             }
-            seen.push(&k.domain);
+            seen.push((&k.domain, &k.selector));
             if k.selector.is_empty()
                 || !k.selector.split('.').all(|l| {
                     !l.is_empty() && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
@@ -1354,8 +1362,8 @@ impl Config {
                     format!("selector {:?} is not a DNS label", k.selector),
                 );
             }
-            if let Err(e) = crate::mail::dkim::KeyMaterial::load(&k.key_file, k.algorithm) {
-                out.push("dkim.keys", e.to_string());
+            for e in crate::mail::dkim::key_file_problems(&k.key_file, k.algorithm) {
+                out.push("dkim.keys", format!("{} {}: {e}", k.domain, k.selector));
             }
         }
         out.positive("arc.dns_timeout_ms", self.arc.dns_timeout_ms);
@@ -1514,19 +1522,26 @@ mod tests {
         let key = dir.path().join("k.pem");
         let generated = crate::mail::dkim::generate(DkimAlgorithm::Ed25519).unwrap();
         crate::mail::dkim::write_key_file(&key, &generated.private_pem).unwrap();
+        // A second key of the same domain, its algorithm read from the file.
+        let rsa_key = dir.path().join("r.pem");
+        let generated = crate::mail::dkim::generate(DkimAlgorithm::Rsa).unwrap();
+        crate::mail::dkim::write_key_file(&rsa_key, &generated.private_pem).unwrap();
         let text = format!(
             "domains = [\"a.example\"]\n[srs]\nsecret = \"0123456789abcdef\"\nmax_age_days = 7\n\
              [[dkim.keys]]\ndomain = \"a.example\"\nselector = \"s1\"\nkey_file = {key:?}\nalgorithm = \"ed25519\"\n\
+             [[dkim.keys]]\ndomain = \"a.example\"\nselector = \"r1\"\nkey_file = {rsa_key:?}\n\
              [arc]\ndns_servers = [\"127.0.0.1:5353\", \"::1\"]\n"
         );
         let c = load(&text, &[]).unwrap();
         assert_eq!(c.srs.max_age_days, 7);
-        assert_eq!(c.dkim.keys[0].algorithm, DkimAlgorithm::Ed25519);
+        assert_eq!(c.dkim.keys[0].algorithm, Some(DkimAlgorithm::Ed25519));
+        assert_eq!(c.dkim.keys[1].algorithm, None);
         assert_eq!(c.srs_secrets().unwrap()[0].expose(), "0123456789abcdef");
         assert!(c.arc.enabled);
 
         let bad = format!(
             "domains = [\"a.example\"]\n[srs]\nsecret = \"short\"\nmax_age_days = 0\n\
+             [[dkim.keys]]\ndomain = \"b.example\"\nselector = \"s 1\"\nkey_file = {key:?}\nalgorithm = \"rsa\"\n\
              [[dkim.keys]]\ndomain = \"b.example\"\nselector = \"s 1\"\nkey_file = {key:?}\n\
              [arc]\ndns_servers = [\"resolver\"]\n"
         );
@@ -1542,8 +1557,12 @@ mod tests {
             "{found:?}"
         );
         assert!(has("dkim.keys", "not a DNS label"), "{found:?}");
-        // An Ed25519 key file named as RSA (the default algorithm).
-        assert!(has("dkim.keys", "not a usable rsa key"), "{found:?}");
+        // An Ed25519 key file named as RSA.
+        assert!(
+            has("dkim.keys", "b.example s 1: ") && has("dkim.keys", "not a usable rsa key"),
+            "{found:?}"
+        );
+        assert!(has("dkim.keys", "selector \"s 1\" twice"), "{found:?}");
         assert!(has("arc.dns_servers", "not an IP address"), "{found:?}");
         // Unknown fields of a key are errors too.
         let typo = format!(

@@ -67,7 +67,8 @@ pub struct ConfirmLabels {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
 #[allow(non_camel_case_types)]
 pub enum AuthResult {
-    /// DKIM-signed with the alias domain's key.
+    /// DKIM-signed with each key of the alias domain (one count per
+    /// message, however many keys).
     signed,
     /// The alias domain has no key (`dkim.keys`).
     unsigned,

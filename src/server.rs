@@ -66,7 +66,7 @@ fn log_forwarding(config: &Config, forwarding: &crate::mail::Forwarding) {
         .collect();
     if !signed.is_empty() {
         tracing::info!(
-            domains = %signed.join(", "),
+            keys = %forwarding.signing_keys().join("; "),
             arc = forwarding.seals(),
             "forwarded mail is DKIM-signed"
         );

@@ -80,7 +80,14 @@ pub struct Incoming<'a> {
 /// with `rsa-sha256` alone, and verifiers (dkimpy among them) fail an
 /// Ed25519 seal.
 pub struct DomainSealer {
+    /// Over [`SIGNED_HEADERS`], for a message that has DKIM signatures.
     sealer: ArcSealer<RsaKey<Sha256>, Done>,
+    /// The same without `DKIM-Signature`, for a message that has none. The
+    /// `ARC-Message-Signature` would otherwise sign that field as absent,
+    /// and a verifier, picking the field from the bottom up, would take our
+    /// own DKIM signature (added after the seal, below it) for it and fail
+    /// the seal: the same rule as for our DKIM signatures.
+    unsigned_sealer: ArcSealer<RsaKey<Sha256>, Done>,
 }
 
 impl DomainSealer {
@@ -94,16 +101,32 @@ impl DomainSealer {
         selector: &str,
         material: &KeyMaterial,
     ) -> Result<Option<Self>, DkimError> {
-        let Some(key) = super::dkim::rsa_key(material)? else {
-            return Ok(None);
-        };
-        let sealer = ArcSealer::from_key(key)
-            .domain(domain)
-            .selector(selector)
-            .headers(SIGNED_HEADERS.iter().copied())
-            .header_canonicalization(Canonicalization::Relaxed)
-            .body_canonicalization(Canonicalization::Relaxed);
-        Ok(Some(Self { sealer }))
+        let build =
+            |headers: &[&str]| -> Result<Option<ArcSealer<RsaKey<Sha256>, Done>>, DkimError> {
+                let Some(key) = super::dkim::rsa_key(material)? else {
+                    return Ok(None);
+                };
+                Ok(Some(
+                    ArcSealer::from_key(key)
+                        .domain(domain)
+                        .selector(selector)
+                        .headers(headers.iter().copied())
+                        .header_canonicalization(Canonicalization::Relaxed)
+                        .body_canonicalization(Canonicalization::Relaxed),
+                ))
+            };
+        let without: Vec<&str> = SIGNED_HEADERS
+            .iter()
+            .copied()
+            .filter(|h| !h.eq_ignore_ascii_case("DKIM-Signature"))
+            .collect();
+        Ok(match (build(SIGNED_HEADERS)?, build(&without)?) {
+            (Some(sealer), Some(unsigned_sealer)) => Some(Self {
+                sealer,
+                unsigned_sealer,
+            }),
+            _ => None,
+        })
     }
 }
 
@@ -171,7 +194,12 @@ pub async fn seal(
     if !arc.can_be_sealed() {
         return SealOutcome::ChainBroken;
     }
-    match sealer.sealer.seal(&msg, &results, &arc) {
+    let sealer = if super::dkim::has_signature(message) {
+        &sealer.sealer
+    } else {
+        &sealer.unsigned_sealer
+    };
+    match sealer.seal(&msg, &results, &arc) {
         Ok(set) => SealOutcome::Sealed(set.to_header()),
         Err(e) => SealOutcome::Failed(e.to_string()),
     }

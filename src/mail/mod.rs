@@ -105,20 +105,41 @@ impl Forwarding {
     pub fn from_config(config: &Config) -> Result<Self, ForwardingError> {
         let keys = config.srs_secrets()?.iter().map(srs_key).collect();
         let srs = Srs::new(keys, config.srs.max_age_days);
-        let mut domains = HashMap::new();
+        // The keys of each domain, in configuration order.
+        let mut by_domain: Vec<(String, Vec<(&str, dkim::KeyMaterial)>)> = Vec::new();
         for k in &config.dkim.keys {
+            let domain = k.domain.to_ascii_lowercase();
+            let material = dkim::KeyMaterial::load(&k.key_file, k.algorithm).map_err(|error| {
+                ForwardingError::Dkim {
+                    domain: format!("{domain}, selector {}", k.selector),
+                    error,
+                }
+            })?;
+            match by_domain.iter_mut().find(|(d, _)| *d == domain) {
+                Some((_, keys)) => keys.push((&k.selector, material)),
+                None => by_domain.push((domain, vec![(&k.selector, material)])),
+            }
+        }
+        let mut domains = HashMap::new();
+        for (domain, keys) in by_domain {
             let err = |error| ForwardingError::Dkim {
-                domain: k.domain.clone(),
+                domain: domain.clone(),
                 error,
             };
-            let material = dkim::KeyMaterial::load(&k.key_file, k.algorithm).map_err(err)?;
-            let signer = dkim::DomainSigner::new(&k.domain, &k.selector, &material).map_err(err)?;
-            let sealer = if config.arc.enabled {
-                arc::DomainSealer::new(&k.domain, &k.selector, &material).map_err(err)?
-            } else {
-                None
+            let refs: Vec<(&str, &dkim::KeyMaterial)> = keys.iter().map(|(s, m)| (*s, m)).collect();
+            let signer = dkim::DomainSigner::new(&domain, &refs).map_err(err)?;
+            // ARC seals with one key: the domain's first RSA key (RFC 8617
+            // defines rsa-sha256 only), the same one that signs first.
+            let arc_key = refs
+                .iter()
+                .find(|(_, m)| m.algorithm() == dkim::Algorithm::Rsa);
+            let sealer = match arc_key {
+                Some((selector, material)) if config.arc.enabled => {
+                    arc::DomainSealer::new(&domain, selector, material).map_err(err)?
+                }
+                _ => None,
             };
-            domains.insert(k.domain.to_ascii_lowercase(), DomainKeys { signer, sealer });
+            domains.insert(domain, DomainKeys { signer, sealer });
         }
         let auth = if domains.values().any(|d| d.sealer.is_some()) {
             Some(arc::authenticator(
@@ -173,12 +194,34 @@ impl Forwarding {
         d
     }
 
+    /// Each signed domain with its selectors and algorithms in signing
+    /// order, e.g. `tempalias.example (s1-rsa rsa, s1-ed25519 ed25519)`
+    /// (for the start-up log).
+    pub fn signing_keys(&self) -> Vec<String> {
+        let mut d: Vec<String> = self
+            .keys
+            .iter()
+            .map(|(domain, k)| {
+                let keys: Vec<String> = k
+                    .signer
+                    .selectors()
+                    .into_iter()
+                    .map(|(s, a)| format!("{s} {}", dkim::dns_name(a)))
+                    .collect();
+                format!("{domain} ({})", keys.join(", "))
+            })
+            .collect();
+        d.sort();
+        d
+    }
+
     /// Whether forwarded mail is ARC-sealed (for some domain).
     pub fn seals(&self) -> bool {
         self.auth.is_some()
     }
 
-    /// Signed domains that are not sealed: ARC needs an RSA key.
+    /// Signed domains that are not sealed: ARC needs an RSA key, and these
+    /// have Ed25519 keys only.
     pub fn unsealed_domains(&self) -> Vec<String> {
         let mut d: Vec<String> = self
             .keys
@@ -370,7 +413,7 @@ mod tests {
             domain: "tempalias.test".into(),
             selector: "s1".into(),
             key_file: path,
-            algorithm,
+            algorithm: Some(algorithm),
         }];
         c.arc.enabled = arc;
         // Nothing answers here: every lookup fails at once, nothing leaves.
@@ -465,6 +508,34 @@ mod tests {
         }
         assert!(head.contains("cv=none"), "{head}");
         assert!(msg.ends_with(MESSAGE));
+        // MESSAGE has no DKIM signature: neither the seal nor our signature
+        // signs that field (a verifier would take our signature for it).
+        let unfolded: String = head.split_whitespace().collect();
+        assert!(
+            !unfolded.to_ascii_lowercase().contains(":dkim-signature"),
+            "{head}"
+        );
+        // A message with one: both sign it.
+        let signed = [
+            &b"DKIM-Signature: v=1; d=sender.example; b=x\r\n"[..],
+            MESSAGE,
+        ]
+        .concat();
+        let (_, msg) = f
+            .prepare(
+                incoming(),
+                "k7q2mz9xwd@tempalias.test",
+                envelope("alice@sender.example"),
+                signed.clone(),
+                NOW_MS,
+            )
+            .await;
+        let head = String::from_utf8_lossy(&msg[..msg.len() - signed.len()]);
+        let unfolded: String = head
+            .split_whitespace()
+            .collect::<String>()
+            .to_ascii_lowercase();
+        assert_eq!(unfolded.matches(":dkim-signature").count(), 2, "{head}");
     }
 
     #[tokio::test]
@@ -486,6 +557,93 @@ mod tests {
             .await;
         assert!(msg.starts_with(b"DKIM-Signature:"));
         assert!(!msg.windows(4).any(|w| w == b"ARC-"));
+    }
+
+    /// An RSA and an Ed25519 key for tempalias.test, listed Ed25519 first.
+    fn two_keys(dir: &std::path::Path, arc: bool) -> Config {
+        let mut c = config(dir, arc);
+        let ed = dkim::generate(DkimAlgorithm::Ed25519).unwrap();
+        let rsa = dkim::generate(DkimAlgorithm::Rsa).unwrap();
+        let (ed_path, rsa_path) = (dir.join("ed.pem"), dir.join("rsa.pem"));
+        dkim::write_key_file(&ed_path, &ed.private_pem).unwrap();
+        dkim::write_key_file(&rsa_path, &rsa.private_pem).unwrap();
+        c.dkim.keys = vec![
+            DkimKey {
+                domain: "tempalias.test".into(),
+                selector: "e1".into(),
+                key_file: ed_path,
+                algorithm: None,
+            },
+            DkimKey {
+                domain: "tempalias.test".into(),
+                selector: "r1".into(),
+                key_file: rsa_path,
+                algorithm: None,
+            },
+        ];
+        c
+    }
+
+    /// The names of the header fields in front of the original message, and
+    /// the `s=` of each DKIM-Signature, top first.
+    fn added(msg: &[u8]) -> (Vec<String>, Vec<String>) {
+        let text = String::from_utf8(msg[..msg.len() - MESSAGE.len()].to_vec()).unwrap();
+        let names = text
+            .split("\r\n")
+            .filter(|l| !l.is_empty() && !l.starts_with([' ', '\t']))
+            .map(|l| l.split(':').next().unwrap().to_string())
+            .collect();
+        let selectors = text
+            .split("DKIM-Signature:")
+            .skip(1)
+            .map(|f| {
+                let s = f.split(';').find_map(|t| t.trim().strip_prefix("s="));
+                s.unwrap().trim().to_string()
+            })
+            .collect();
+        (names, selectors)
+    }
+
+    #[tokio::test]
+    async fn two_keys_sign_twice_rsa_first_and_arc_seals_with_rsa() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = Forwarding::from_config(&two_keys(dir.path(), true)).unwrap();
+        assert!(f.seals());
+        assert!(f.unsealed_domains().is_empty());
+        assert_eq!(
+            f.signing_keys(),
+            vec!["tempalias.test (r1 rsa, e1 ed25519)".to_string()]
+        );
+        let (_, msg) = f
+            .prepare(
+                incoming(),
+                "k7q2mz9xwd@tempalias.test",
+                envelope("alice@sender.example"),
+                MESSAGE.to_vec(),
+                NOW_MS,
+            )
+            .await;
+        assert!(msg.ends_with(MESSAGE));
+        let (names, selectors) = added(&msg);
+        assert_eq!(
+            names,
+            [
+                "ARC-Seal",
+                "ARC-Message-Signature",
+                "ARC-Authentication-Results",
+                "DKIM-Signature",
+                "DKIM-Signature"
+            ]
+        );
+        assert_eq!(selectors, ["r1", "e1"]);
+        let text = String::from_utf8_lossy(&msg);
+        // The seal and the message signature carry the RSA key's selector.
+        assert_eq!(text.matches("a=rsa-sha256").count(), 3, "{text}");
+        assert!(text.contains("a=ed25519-sha256"), "{text}");
+        // Our own mail (confirmations, reports) gets both signatures too.
+        let own = f.sign_own("TempAlias.test", MESSAGE.to_vec());
+        assert_eq!(added(&own).1, ["r1", "e1"]);
+        assert!(own.ends_with(MESSAGE));
     }
 
     #[tokio::test]

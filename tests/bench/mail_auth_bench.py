@@ -1,7 +1,7 @@
 """What DKIM signing and ARC sealing cost a forwarded message. Not part of
 the test run:
 
-    python3 tests/bench/mail_auth_bench.py [--messages 200] [--clients 4] [--size 5000] [--runs 5] [--tls [--rsa-cert]] [--dkim-algorithm rsa|ed25519] [--bin PATH]
+    python3 tests/bench/mail_auth_bench.py [--messages 200] [--clients 4] [--size 5000] [--runs 5] [--tls [--rsa-cert]] [--dkim-algorithm rsa|ed25519|both ...] [--bin PATH]
 
 Starts three single nodes (capture relay, HTTP rate limits off so the
 script can make its aliases, each of 100 uses: one alias taking thousands of
@@ -31,7 +31,12 @@ message does not count the client's side of the handshake, which here runs
 in Python on the same cores. --rsa-cert gives both nodes an RSA-2048
 certificate (made with openssl) instead of the zero-config ECDSA P-256 one:
 a full handshake then costs the node an RSA signature. --dkim-algorithm
-ed25519 signs with an Ed25519 key instead of RSA-2048 (RFC 8463).
+ed25519 signs with an Ed25519 key instead of RSA-2048 (RFC 8463); `both`
+with the two keys of `dkim keygen --algorithm both` (two signatures per
+message, RSA first). Given several (`--dkim-algorithm rsa ed25519 both`),
+each gets its own signing node and its own variants (`dkim:rsa`,
+`tls+dkim:rsa`, `dkim:ed25519`, ...), all measured in the same runs
+against the same `plain`.
 """
 
 from __future__ import annotations
@@ -153,6 +158,25 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def make_keys(base: Path, algorithm: str) -> list[dict]:
+    """`dkim keygen` for `algorithm` (rsa, ed25519 or both): the
+    [[dkim.keys]] entries of the signing node."""
+    out = base / f"keys-{algorithm}"
+    out.mkdir()
+    subprocess.run([str(BIN), "dkim", "keygen", "--domain", "tempalias.test", "--selector", "b1",
+                    "--algorithm", algorithm, "--out-dir", str(out)],
+                   check=True, capture_output=True, timeout=60)
+    selectors = {"rsa": ["b1"], "ed25519": ["b1"], "both": ["b1-rsa", "b1-ed25519"]}[algorithm]
+    return [{"domain": "tempalias.test", "selector": s, "key_file": str(out / f"{s}.tempalias.test.key")}
+            for s in selectors]
+
+
+def suffix(args, algorithm: str) -> str:
+    """The variant names' suffix: none with one algorithm (the names of
+    earlier figures), `:ALG` with several."""
+    return "" if len(args.dkim_algorithm) == 1 else f":{algorithm}"
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--messages", type=int, default=200)
@@ -162,40 +186,39 @@ def main() -> int:
     ap.add_argument("--tls", action="store_true", help="plain / tls / dkim / tls+dkim instead")
     ap.add_argument("--rsa-cert", action="store_true",
                     help="with --tls: an RSA-2048 certificate (made with openssl) instead of the ECDSA P-256 self-signed one")
-    ap.add_argument("--dkim-algorithm", choices=("rsa", "ed25519"), default="rsa",
-                    help="the DKIM key of the signing node: rsa (2048 bits, the default of `dkim keygen`) or ed25519")
+    ap.add_argument("--dkim-algorithm", choices=("rsa", "ed25519", "both"), nargs="+", default=["rsa"],
+                    help="the DKIM keys of the signing node: rsa (2048 bits, the default of `dkim keygen`), ed25519,"
+                         " or both (two signatures); several: one signing node each, in the same runs")
     ap.add_argument("--bin", help="the tempalias binary (instead of TEMPALIAS_BIN)")
     args = ap.parse_args()
     if args.tls:
         return tls_bench(args)
     with tempfile.TemporaryDirectory(prefix="tempalias-mailauth-bench-") as tmp:
         base = Path(tmp)
-        key = base / "dkim.key"
-        subprocess.run([str(BIN), "dkim", "keygen", "--domain", "tempalias.test", "--selector", "b1",
-                        "--algorithm", args.dkim_algorithm, "--out", str(key)],
-                       check=True, capture_output=True, timeout=60)
-        dkim = {"keys": [{"domain": "tempalias.test", "selector": "b1", "key_file": str(key), "algorithm": args.dkim_algorithm}]}
         common = {"log": {"level": "warn"}, "ratelimit": {"enabled": False}}
-        variants = {
-            "plain": {},
-            "dkim": {"dkim": dkim, "arc": {"enabled": False}},
-            "dkim+arc": {"dkim": dkim, "arc": {"enabled": True, "dns_servers": []}},
-        }
+        variants = {"plain": {}}
+        for alg in args.dkim_algorithm:
+            dkim = {"keys": make_keys(base, alg)}
+            variants[f"dkim{suffix(args, alg)}"] = {"dkim": dkim, "arc": {"enabled": False}}
+            variants[f"dkim+arc{suffix(args, alg)}"] = {"dkim": dkim, "arc": {"enabled": True, "dns_servers": []}}
         nsd = Nsd(base, {
             "sender.example": ['@ IN TXT "v=spf1 ip4:127.0.0.1 -all"', '_dmarc IN TXT "v=DMARC1; p=none"'],
             "example": [],
         })
-        variants["dkim+arc"]["arc"]["dns_servers"] = [f"127.0.0.1:{nsd.port}"]
+        for name, extra in variants.items():
+            if name.startswith("dkim+arc"):
+                extra["arc"]["dns_servers"] = [f"127.0.0.1:{nsd.port}"]
         nodes = {}
         try:
             for name, extra in variants.items():
-                n = Node(base, name.replace("+", "_"), config={**common, **extra})
+                n = Node(base, name.replace("+", "_").replace(":", "_"), config={**common, **extra})
                 n.start()
                 send_all(n, min(20, args.messages), args.clients, args.size)  # warm-up
                 nodes[name] = n
             results: dict[str, list[float]] = {name: [] for name in variants}
             ratios: dict[str, list[float]] = {name: [] for name in variants}
-            print(f"{args.messages} messages of ~{args.size} bytes, {args.clients} clients, binary {BIN}")
+            print(f"{args.messages} messages of ~{args.size} bytes, {args.clients} clients, "
+                  f"DKIM keys {' '.join(args.dkim_algorithm)}, binary {BIN}")
             for run in range(args.runs):
                 row = {}
                 for name, n in nodes.items():
@@ -219,10 +242,6 @@ def tls_bench(args) -> int:
     throughput and the node's CPU per message."""
     with tempfile.TemporaryDirectory(prefix="tempalias-tls-bench-") as tmp:
         base = Path(tmp)
-        key = base / "dkim.key"
-        subprocess.run([str(BIN), "dkim", "keygen", "--domain", "tempalias.test", "--selector", "b1",
-                        "--algorithm", args.dkim_algorithm, "--out", str(key)],
-                       check=True, capture_output=True, timeout=60)
         common = {"log": {"level": "warn"}, "ratelimit": {"enabled": False}}
         if args.rsa_cert:
             cert_file, key_file = base / "rsa-cert.pem", base / "rsa-key.pem"
@@ -230,13 +249,13 @@ def tls_bench(args) -> int:
                             "-subj", "/CN=mx1.tempalias.test", "-keyout", str(key_file), "-out", str(cert_file)],
                            check=True, capture_output=True, timeout=60)
             common["smtp"] = {"tls_cert_file": str(cert_file), "tls_key_file": str(key_file)}
-        configs = {
-            "plain": {},
-            "dkim": {"dkim": {"keys": [{"domain": "tempalias.test", "selector": "b1", "key_file": str(key), "algorithm": args.dkim_algorithm}]},
-                     "arc": {"enabled": False}},
-        }
-        variants = {"plain": ("plain", False), "tls": ("plain", True), "dkim": ("dkim", False),
-                    "tls+dkim": ("dkim", True)}
+        configs = {"plain": {}}
+        variants = {"plain": ("plain", False), "tls": ("plain", True)}
+        for alg in args.dkim_algorithm:
+            node = f"dkim{suffix(args, alg)}"
+            configs[node] = {"dkim": {"keys": make_keys(base, alg)}, "arc": {"enabled": False}}
+            variants[node] = (node, False)
+            variants[f"tls+{node}"] = (node, True)
         # Mode: (connection kept, TLS session resumed).
         modes = {"new connection, full handshake": (False, False),
                  "new connection, resumed session": (False, True),
@@ -244,11 +263,12 @@ def tls_bench(args) -> int:
         nodes = {}
         try:
             for name, extra in configs.items():
-                n = Node(base, name, config={**common, **extra})
+                n = Node(base, name.replace(":", "_"), config={**common, **extra})
                 n.start()
                 send_all(n, min(20, args.messages), args.clients, args.size, tls=True)  # warm-up
                 nodes[name] = n
-            print(f"{args.messages} messages of ~{args.size} bytes, {args.clients} clients, DKIM key {args.dkim_algorithm}, binary {BIN}")
+            print(f"{args.messages} messages of ~{args.size} bytes, {args.clients} clients, "
+                  f"DKIM keys {' '.join(args.dkim_algorithm)}, binary {BIN}")
             with connect(nodes["plain"], True) as s:
                 print(f"STARTTLS: {s.sock.version()}, {s.sock.cipher()[0]}, "
                       f"{'RSA-2048' if args.rsa_cert else 'ECDSA P-256'} certificate")
@@ -284,8 +304,8 @@ def tls_bench(args) -> int:
                         ratios[(mode, v)].append(row[v] / row["plain"])
                         cpu[(mode, v)].append(used[v])
                         cpu_ratios[(mode, v)].append(used["plain"] / used[v] if used[v] else float("nan"))
-                    tls_note = f" (TLS handshakes resumed: tls {resumed['tls']}, tls+dkim {resumed['tls+dkim']})" \
-                        if not reuse else ""
+                    tls_note = " (TLS handshakes resumed: " + ", ".join(
+                        f"{v} {resumed[v]}" for v in names if variants[v][1]) + ")" if not reuse else ""
                     print(f"run {run + 1}, {mode}: "
                           + ", ".join(f"{v} {row[v]:.1f} msg/s {used[v]:.2f} ms CPU/msg" for v in names)
                           + tls_note, flush=True)

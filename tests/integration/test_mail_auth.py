@@ -9,6 +9,8 @@ leaves the machine.
 
 from __future__ import annotations
 
+import base64
+import os
 import re
 import smtplib
 import stat
@@ -25,6 +27,8 @@ dkim = pytest.importorskip("dkim", reason="dkimpy is not installed; run scripts/
 import dns.resolver  # noqa: E402  (dnspython comes with dkimpy)
 
 ED_DOMAIN = "ed.test"
+# Two keys, RSA and Ed25519, made by `dkim keygen --algorithm both`.
+DUAL_DOMAIN = "dual.test"
 SENDER_DOMAIN = "sender.test"
 SIGNED_SENDER = f"alice@{SENDER_DOMAIN}"
 
@@ -66,6 +70,20 @@ class Nsd(peers.Nsd):
         return b"".join(answer[0].strings)
 
 
+def keygen_both(tmp, domain: str, stem: str):
+    """Runs `tempalias dkim keygen --algorithm both`; returns the stdout and
+    {selector: (key file, TXT value)} in the order printed."""
+    r = subprocess.run(
+        [str(BIN), "dkim", "keygen", "--domain", domain, "--selector", stem, "--algorithm", "both", "--out-dir", str(tmp)],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert r.returncode == 0, r.stderr
+    keys = {}
+    for sel, strings in re.findall(r'^(\S+)\._domainkey\.\S+ IN TXT \( (.*) \)$', r.stdout, re.M):
+        keys[sel] = (tmp / f"{sel}.{domain}.key", "".join(re.findall(r'"([^"]*)"', strings)))
+    return r.stdout, keys
+
+
 def txt_record(name: str, value: str) -> str:
     parts = " ".join(f'"{value[i:i + 255]}"' for i in range(0, len(value), 255))
     return f"{name} IN TXT ( {parts} )"
@@ -73,24 +91,31 @@ def txt_record(name: str, value: str) -> str:
 
 @pytest.fixture
 def world(tmp_path, node_factory):
-    """An RSA key for tempalias.test, an Ed25519 key for ed.test, a signing
-    sender domain, nsd serving all of it, and a node that signs and seals."""
+    """An RSA key for tempalias.test, an Ed25519 key for ed.test, both for
+    dual.test, a signing sender domain, nsd serving all of it, and a node
+    that signs and seals."""
     rsa_key, rsa_txt, _ = keygen(tmp_path, DOMAIN, "s1", "rsa")
     ed_key, ed_txt, _ = keygen(tmp_path, ED_DOMAIN, "e1", "ed25519")
     sender_key, sender_txt, _ = keygen(tmp_path, SENDER_DOMAIN, "mail", "rsa")
+    _, dual = keygen_both(tmp_path, DUAL_DOMAIN, "d1")
     spf = 'IN TXT "v=spf1 ip4:127.0.0.1 -all"'
     nsd = Nsd(tmp_path, {
         DOMAIN: [txt_record("s1._domainkey", rsa_txt), f"@ {spf}", '_dmarc IN TXT "v=DMARC1; p=reject"'],
         ED_DOMAIN: [txt_record("e1._domainkey", ed_txt), f"@ {spf}"],
+        DUAL_DOMAIN: [*(txt_record(f"{sel}._domainkey", txt) for sel, (_, txt) in dual.items()), f"@ {spf}"],
         SENDER_DOMAIN: [txt_record("mail._domainkey", sender_txt), f"@ {spf}", '_dmarc IN TXT "v=DMARC1; p=reject"'],
         # DMARC's tree walk (RFC 9989) asks _dmarc.test too: answer it (NXDOMAIN).
         "test": [],
     })
     node = node_factory(config={
-        "domains": [DOMAIN, ED_DOMAIN],
+        "domains": [DOMAIN, ED_DOMAIN, DUAL_DOMAIN],
         "dkim": {"keys": [
             {"domain": DOMAIN, "selector": "s1", "key_file": str(rsa_key), "algorithm": "rsa"},
             {"domain": ED_DOMAIN, "selector": "e1", "key_file": str(ed_key), "algorithm": "ed25519"},
+            # Listed Ed25519 first and without `algorithm`: read from the
+            # files, and RSA still signs first.
+            {"domain": DUAL_DOMAIN, "selector": "d1-ed25519", "key_file": str(dual["d1-ed25519"][0])},
+            {"domain": DUAL_DOMAIN, "selector": "d1-rsa", "key_file": str(dual["d1-rsa"][0])},
         ]},
         "arc": {"dns_servers": [f"127.0.0.1:{nsd.port}"]},
     })
@@ -167,6 +192,132 @@ def test_ed25519_domain_is_signed_but_not_sealed(world):
     assert signatures(eml) == [ED_DOMAIN.encode(), SENDER_DOMAIN.encode()]
     assert verify_all(eml, nsd) == [True, True]
     assert "not ARC-sealed: ARC (RFC 8617) needs an RSA key" in node.logs()
+
+
+def fields_named(eml: bytes, name: bytes) -> list[bytes]:
+    """The unfolded values of the header fields `name`, top first."""
+    head = eml.split(b"\r\n\r\n", 1)[0]
+    unfolded = re.sub(rb"\r\n[ \t]+", b" ", head)
+    return [line.split(b":", 1)[1] for line in unfolded.split(b"\r\n")
+            if line.lower().startswith(name.lower() + b":")]
+
+
+def tag(value: bytes, t: bytes) -> bytes:
+    m = re.search(rb"(?:^|;)\s*" + t + rb"=([^;]*)", value)
+    return re.sub(rb"\s", b"", m.group(1)) if m else b""
+
+
+def test_two_keys_sign_twice_and_each_signature_verifies_on_its_own(world):
+    """dual.test has an RSA and an Ed25519 key: every message gets two
+    signatures, RSA on top, each verifiable without the other; ARC seals with
+    the RSA key, and the sender's signature below still verifies."""
+    node, nsd, sender_key = world
+    alias = node.create_alias(days=3, max_usage=5)
+    to = f"{alias['id']}@{DUAL_DOMAIN}"
+    msg = signed_message(sender_key, "two keys", to)
+    assert node.send([to], msg, sender=SIGNED_SENDER) == {}
+    (cap,) = node.captured()
+    eml = cap["eml"]
+    assert eml.endswith(msg)
+    assert signatures(eml) == [DUAL_DOMAIN.encode(), DUAL_DOMAIN.encode(), SENDER_DOMAIN.encode()]
+    ours = fields_named(eml, b"DKIM-Signature")[:2]
+    assert [(tag(v, b"s"), tag(v, b"a")) for v in ours] == [
+        (b"d1-rsa", b"rsa-sha256"), (b"d1-ed25519", b"ed25519-sha256")], ours
+    # h= names DKIM-Signature once, for the sender's signature: verifiers
+    # take instances from the bottom (RFC 6376 5.4.2), so neither of ours
+    # covers the other.
+    for v in ours:
+        assert tag(v, b"h").lower().split(b":").count(b"dkim-signature") == 1, v
+    # Both of ours and the sender's verify (dkimpy, keys from nsd).
+    assert verify_all(eml, nsd) == [True, True, True]
+    # A receiver that has only the RSA record (or knows no Ed25519) still
+    # passes the RSA signature; the Ed25519 one fails there alone.
+    only_rsa = lambda name, timeout=5: nsd.txt(name) if b"d1-ed25519" not in (  # noqa: E731
+        name if isinstance(name, bytes) else name.encode()) else None
+    d = dkim.DKIM(eml)
+    assert [d.verify(idx=i, dnsfunc=only_rsa) for i in range(3)] == [True, False, True]
+    # Each of ours verifies with the other one removed: none depends on the
+    # other's bytes (an intermediary may drop a signature it cannot check).
+    for drop, keep in ((0, 1), (1, 0)):
+        stripped = drop_field(eml, b"DKIM-Signature", drop)
+        assert signatures(stripped) == [DUAL_DOMAIN.encode(), SENDER_DOMAIN.encode()]
+        assert verify_all(stripped, nsd) == [True, True], (drop, keep)
+        assert tag(fields_named(stripped, b"DKIM-Signature")[0], b"s") == tag(ours[keep], b"s")
+    # ARC: one set, sealed with the RSA key; the chain verifies.
+    assert eml.count(b"ARC-Seal:") == 1
+    for name in (b"ARC-Seal", b"ARC-Message-Signature"):
+        (v,) = fields_named(eml, name)
+        assert (tag(v, b"s"), tag(v, b"a"), tag(v, b"d")) == (b"d1-rsa", b"rsa-sha256", DUAL_DOMAIN.encode()), v
+    cv, results, comment = dkim.arc_verify(eml, dnsfunc=nsd.txt)
+    assert cv == dkim.CV_Pass, (cv, results, comment)
+    # Forwarded once more through another alias of the domain: our two
+    # earlier signatures are now signatures "already present" and covered
+    # by the new ones; all five and the two-instance ARC chain verify.
+    second = node.create_alias(days=3, max_usage=5)
+    to2 = f"{second['id']}@{DUAL_DOMAIN}"
+    assert node.send([to2], eml, sender=cap["meta"]["mail_from"]) == {}
+    again = node.captured()[1]["eml"]
+    assert again.endswith(eml)
+    assert [tag(v, b"s") for v in fields_named(again, b"DKIM-Signature")] == [
+        b"d1-rsa", b"d1-ed25519", b"d1-rsa", b"d1-ed25519", b"mail"]
+    for v in fields_named(again, b"DKIM-Signature")[:2]:
+        assert tag(v, b"h").lower().split(b":").count(b"dkim-signature") == 3, v
+    assert verify_all(again, nsd) == [True] * 5
+    cv, results, comment = dkim.arc_verify(again, dnsfunc=nsd.txt)
+    assert cv == dkim.CV_Pass, (cv, results, comment)
+    assert [r["instance"] for r in results] == [2, 1], results
+    # The report on a bounce, our own mail, gets both signatures too.
+    srs = cap["meta"]["mail_from"]
+    assert srs.endswith("@" + DUAL_DOMAIN), srs
+    assert node.send([srs], target_bounce(eml, srs), sender="") == {}
+    report = node.captured()[2]["eml"]
+    assert signatures(report) == [DUAL_DOMAIN.encode(), DUAL_DOMAIN.encode()]
+    assert [tag(v, b"s") for v in fields_named(report, b"DKIM-Signature")] == [b"d1-rsa", b"d1-ed25519"]
+    assert verify_all(report, nsd) == [True, True]
+    metrics = node.metrics()
+    assert 'tempalias_forward_auth_total{result="signed"} 3' in metrics, metrics
+    assert "dual.test (d1-rsa rsa, d1-ed25519 ed25519)" in node.logs()
+
+
+def test_unsigned_mail_is_sealed_so_that_arc_verifies(world):
+    """A message without DKIM signature: the seal must not sign the absent
+    DKIM-Signature field, or verifiers take our own signatures (added below
+    the ARC set) for it and fail the seal."""
+    node, nsd, _ = world
+    for domain, ours in ((DOMAIN, 1), (DUAL_DOMAIN, 2)):
+        alias = node.create_alias(days=3, max_usage=5)
+        to = f"{alias['id']}@{domain}"
+        msg = (f"From: Alice <{SIGNED_SENDER}>\r\nTo: <{to}>\r\nSubject: unsigned\r\n"
+               f"Date: {formatdate()}\r\nMessage-ID: <{time.time_ns()}@{SENDER_DOMAIN}>\r\n\r\nbody\r\n").encode()
+        assert node.send([to], msg, sender=SIGNED_SENDER) == {}
+        eml = node.captured()[-1]["eml"]
+        assert eml.endswith(msg)
+        (ams,) = fields_named(eml, b"ARC-Message-Signature")
+        assert b"dkim-signature" not in tag(ams, b"h").lower(), ams
+        for v in fields_named(eml, b"DKIM-Signature"):
+            assert b"dkim-signature" not in tag(v, b"h").lower(), v
+        assert verify_all(eml, nsd) == [True] * ours
+        cv, results, comment = dkim.arc_verify(eml, dnsfunc=nsd.txt)
+        assert cv == dkim.CV_Pass, (domain, cv, results, comment)
+
+
+def drop_field(eml: bytes, name: bytes, index: int) -> bytes:
+    """`eml` without the `index`-th (from the top) header field `name`."""
+    head, body = eml.split(b"\r\n\r\n", 1)
+    fields: list[list[bytes]] = []
+    for line in head.split(b"\r\n"):
+        if line[:1] in (b" ", b"\t") and fields:
+            fields[-1].append(line)
+        else:
+            fields.append([line])
+    seen, out = 0, []
+    for f in fields:
+        if f[0].lower().startswith(name.lower() + b":"):
+            seen += 1
+            if seen - 1 == index:
+                continue
+        out.extend(f)
+    return b"\r\n".join(out) + b"\r\n\r\n" + body
 
 
 def test_a_second_forwarding_extends_the_arc_chain(world):
@@ -368,6 +519,76 @@ def test_dkim_keygen_writes_a_private_key_and_never_overwrites(tmp_path):
     msg = b"From: a@tempalias.example\r\nSubject: k\r\n\r\nbody\r\n"
     sig = dkim.sign(msg, b"s2026", b"tempalias.example", out.read_bytes())
     assert dkim.verify(sig + msg, dnsfunc=lambda name, timeout=5: txt.encode())
+
+
+def test_dkim_keygen_both_makes_an_rsa_and_an_ed25519_key(tmp_path):
+    stdout, keys = keygen_both(tmp_path, "tempalias.example", "k2026")
+    assert list(keys) == ["k2026-rsa", "k2026-ed25519"], stdout
+    (rsa_file, rsa_txt), (ed_file, ed_txt) = keys.values()
+    assert re.fullmatch(r"v=DKIM1; k=rsa; p=[A-Za-z0-9+/=]{300,}", rsa_txt), rsa_txt
+    assert re.fullmatch(r"v=DKIM1; k=ed25519; p=[A-Za-z0-9+/=]{44}", ed_txt), ed_txt
+    for f in (rsa_file, ed_file):
+        assert stat.S_IMODE(f.stat().st_mode) == 0o600
+    assert stdout.count("[[dkim.keys]]") == 2 and 'algorithm = "ed25519"' in stdout, stdout
+    # Each key signs and verifies against its own printed record.
+    msg = b"From: a@tempalias.example\r\nSubject: k\r\n\r\nbody\r\n"
+    for sel, (f, txt) in keys.items():
+        if "ed25519" in sel:
+            # dkimpy takes an Ed25519 key as its base64 seed: the 32 bytes
+            # after the PKCS#8 prefix (RFC 8410).
+            der = base64.b64decode("".join(f.read_text().splitlines()[1:-1]))
+            assert der[2:16] == bytes.fromhex("020101300506032b657004220420"), der[:16].hex()
+            key, alg = base64.b64encode(der[16:48]), b"ed25519-sha256"
+        else:
+            key, alg = f.read_bytes(), b"rsa-sha256"
+        sig = dkim.sign(msg, sel.encode(), b"tempalias.example", key, signature_algorithm=alg)
+        assert dkim.verify(sig + msg, dnsfunc=lambda name, timeout=5, txt=txt: txt.encode()), sel
+    # One of the two files in the way: neither is written, nothing replaced.
+    other = tmp_path / "again"
+    other.mkdir()
+    (other / "k2026-ed25519.tempalias.example.key").write_text("keep")
+    r = subprocess.run([str(BIN), "dkim", "keygen", "--domain", "tempalias.example", "--selector", "k2026",
+                        "--algorithm", "both", "--out-dir", str(other)], capture_output=True, text=True, timeout=60)
+    assert r.returncode != 0 and "File exists" in r.stderr, r.stderr
+    assert sorted(p.name for p in other.iterdir()) == ["k2026-ed25519.tempalias.example.key"]
+    assert (other / "k2026-ed25519.tempalias.example.key").read_text() == "keep"
+    r = subprocess.run([str(BIN), "dkim", "keygen", "--domain", "tempalias.example", "--selector", "k2026",
+                        "--algorithm", "both", "--out", str(other / "x.key")], capture_output=True, text=True, timeout=60)
+    assert r.returncode != 0 and "--out-dir" in r.stderr, r.stderr
+
+
+def test_check_config_reports_each_key_without_its_material(tmp_path):
+    _, keys = keygen_both(tmp_path, DOMAIN, "c1")
+    (rsa_file, _), (ed_file, _) = keys.values()
+    ed_file.chmod(0o644)
+    secret_lines = [line for f in (rsa_file, ed_file) for line in f.read_text().splitlines() if "-----" not in line]
+    # The test run's own TEMPALIAS_* variables are no part of this config.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TEMPALIAS_")}
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(
+        f'domains = ["{DOMAIN}"]\n'
+        f'[[dkim.keys]]\ndomain = "{DOMAIN}"\nselector = "c1-rsa"\nkey_file = "{rsa_file}"\nalgorithm = "ed25519"\n'
+        f'[[dkim.keys]]\ndomain = "{DOMAIN}"\nselector = "c1-ed25519"\nkey_file = "{ed_file}"\n'
+        f'[[dkim.keys]]\ndomain = "{DOMAIN}"\nselector = "c1-ed25519"\nkey_file = "{tmp_path / "missing.key"}"\n'
+    )
+    r = subprocess.run([str(BIN), "check-config", str(cfg)], capture_output=True, text=True, timeout=30, env=env)
+    assert r.returncode == 1, r.stdout + r.stderr
+    err = r.stderr
+    assert f"{DOMAIN} c1-rsa: {rsa_file}: not a usable ed25519 key: the file holds an rsa key" in err, err
+    assert f"{DOMAIN} c1-ed25519: {ed_file}: mode 0644 lets other users read or change the private key" in err, err
+    assert f"cannot read {tmp_path / 'missing.key'}" in err, err
+    assert 'has selector "c1-ed25519" twice' in err, err
+    for line in secret_lines:
+        assert line not in r.stdout + r.stderr
+    # Fixed, the same two keys pass.
+    ed_file.chmod(0o600)
+    cfg.write_text(
+        f'domains = ["{DOMAIN}"]\n'
+        f'[[dkim.keys]]\ndomain = "{DOMAIN}"\nselector = "c1-rsa"\nkey_file = "{rsa_file}"\n'
+        f'[[dkim.keys]]\ndomain = "{DOMAIN}"\nselector = "c1-ed25519"\nkey_file = "{ed_file}"\n'
+    )
+    r = subprocess.run([str(BIN), "check-config", str(cfg)], capture_output=True, text=True, timeout=30, env=env)
+    assert r.returncode == 0, r.stdout + r.stderr
 
 
 def test_check_config_reports_an_unusable_dkim_key(tmp_path):
