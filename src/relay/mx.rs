@@ -31,7 +31,7 @@ use rand::seq::SliceRandom;
 use tokio::time::Instant;
 
 use super::client::{self, AttemptError, Target, TlsPolicy};
-use super::{attempt_result, to_lettre, Delivery, Envelope, RelayError};
+use super::{attempt_result, to_lettre, Delivery, Envelope, PassedOver, RelayError};
 use crate::config::RelayConfig;
 use crate::metrics::{AttemptLabels, Metrics};
 
@@ -168,25 +168,23 @@ impl MxRelay {
             Ok(Route::Unknown(e)) => return Delivery::TempFail(format!("{domain}: {e}")),
         };
         let mut last = format!("{domain}: no MX host answered");
-        // The refusal to give if every host lacks what the message needs.
-        let mut unsupported: Option<Delivery> = None;
-        let mut every_host_unsupported = true;
-        for host in hosts {
+        // Hosts left untried (the deadline) are not passed over: they may
+        // take it later.
+        let mut passed_over = PassedOver::new(hosts.len());
+        for (i, host) in hosts.iter().enumerate() {
             let now = Instant::now();
             if now >= deadline {
-                // Hosts left untried may take it later.
-                every_host_unsupported = false;
                 break;
             }
             let limit = self.host_timeout.min(deadline - now);
             let attempt = async {
-                let addrs = self.addresses(&host).await?;
+                let addrs = self.addresses(host).await?;
                 let tls = TlsPolicy::Opportunistic(
                     client::unverified_tls(host.trim_end_matches('.'))
                         .map_err(AttemptError::Failed)?,
                 );
                 let target = Target {
-                    name: &host,
+                    name: host,
                     addrs: &addrs,
                     tls: &tls,
                     credentials: None,
@@ -223,31 +221,18 @@ impl MxRelay {
                         text,
                     };
                 }
-                Err(AttemptError::Unsupported {
-                    code,
-                    enhanced,
-                    text,
-                }) => {
-                    tracing::warn!(%domain, mx = %host, %enhanced, %text, "MX cannot take this message, trying the next");
+                Err(AttemptError::Unsupported { reason, text }) => {
+                    tracing::warn!(%domain, mx = %host, ?reason, %text, "MX cannot take this message, trying the next");
                     last = text.clone();
-                    unsupported = Some(Delivery::PermFail {
-                        code,
-                        enhanced,
-                        text,
-                    });
+                    passed_over.add(i, reason, text);
                 }
                 Err(e) => {
                     tracing::warn!(%domain, mx = %host, error = %e, "MX did not accept");
-                    every_host_unsupported = false;
                     last = e.to_string();
                 }
             }
         }
-        match unsupported {
-            // Every host was reached and none can take it: that will not clear.
-            Some(refusal) if every_host_unsupported => refusal,
-            _ => Delivery::TempFail(last),
-        }
+        passed_over.outcome(last)
     }
 
     /// The hosts to try for `domain`, best first.
