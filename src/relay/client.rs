@@ -298,7 +298,11 @@ async fn transaction(
         conn.command(Rcpt::new(to.clone(), Vec::new())).await?;
     }
     conn.command(Data).await?;
-    conn.message(message).await
+    // lettre ends the data with CRLF `.` CRLF whatever it ends with; the
+    // message's own final CRLF is that first CRLF, else the upstream gets
+    // an empty line more than we have (and 2 bytes more than `SIZE=` said).
+    conn.message(message.strip_suffix(b"\r\n").unwrap_or(message))
+        .await
 }
 
 /// What the EHLO reply said about SIZE (RFC 1870 4): `None` when it is not
