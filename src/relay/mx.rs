@@ -9,9 +9,11 @@
 //!
 //! A temporary failure at one host moves on to the next; when every host
 //! failed temporarily the sender hears 451. A 5xx from any host is final and
-//! passed on (as a real MTA would bounce). A host that lacks an extension the
-//! message needs (8BITMIME, SMTPUTF8) is passed over like a failed one; only
-//! when every host lacks it is the message refused (`554 5.6.3`, `553 5.6.7`).
+//! passed on (as a real MTA would bounce). A host that cannot take this
+//! message (it lacks 8BITMIME or SMTPUTF8 that the message needs, or its
+//! `SIZE` is below the message) is passed over like a failed one; only when
+//! every host is passed over is the message refused (`554 5.6.3`,
+//! `553 5.6.7`, `552 5.3.4`; see `PassedOver`).
 //!
 //! No circuit breaker here: MX hosts are unbounded and per-destination, and a
 //! dead one costs one connect timeout per message at most.

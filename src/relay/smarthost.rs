@@ -11,13 +11,15 @@
 //! take it). The budget ends the loop early enough that the sender hears
 //! `451` before it gives up on us.
 //!
-//! A smarthost that lacks an extension the message needs (8BITMIME for 8-bit
-//! content, SMTPUTF8 for non-ASCII addresses) is different: nothing was sent,
-//! and the next smarthost may well have it. So it is passed over for this
-//! message (and for the rest of its rounds) without touching its breaker: it
-//! answered, it is not down. Only when every smarthost lacks it is the
-//! message refused (`554 5.6.3`, `553 5.6.7`); while some other smarthost
-//! merely failed, the sender hears `451`, as that may clear.
+//! A smarthost that cannot take this message (it lacks an extension the
+//! message needs, 8BITMIME for 8-bit content or SMTPUTF8 for non-ASCII
+//! addresses, or its `SIZE` is below the message) is different: nothing was
+//! sent, and the next smarthost may well take it. So it is passed over for
+//! this message (and for the rest of its rounds) without touching its
+//! breaker: it answered, it is not down. Only when every smarthost is passed
+//! over is the message refused (`554 5.6.3`, `553 5.6.7`, `552 5.3.4`; see
+//! `PassedOver`); while some other smarthost merely failed, the sender hears
+//! `451`, as that may clear.
 
 use std::sync::Arc;
 use std::time::Duration;

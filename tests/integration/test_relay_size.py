@@ -1,7 +1,7 @@
 """RFC 1870 SIZE on the outbound side, against aiosmtpd peers that announce a
 limit (`data_size_limit`, advertised as `SIZE n`): a message above one
-smarthost's SIZE goes to the next (in plaintext and after STARTTLS, where the
-limit comes from the EHLO after TLS), a message above every smarthost's SIZE
+smarthost's SIZE goes to the next (in plaintext, after STARTTLS, where the
+limit comes from the EHLO after TLS, and over implicit TLS), a message above every smarthost's SIZE
 gets `552 5.3.4` and keeps its use, `SIZE=` is sent on MAIL, an upstream's own
 `552` after DATA is passed on as before, and the same rule holds across MX
 hosts (nsd serving the zones)."""
@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import pytest
 
 from harness import SENDER, free_port, message, wait_until
-from peers import Nsd, self_signed
+from peers import Ca, Nsd
 
 # Any message from `message()` is far below this; padded ones are above it.
 SMALL_LIMIT = 4000
@@ -33,12 +33,15 @@ class SizedPeer:
     host: str = "127.0.0.1"
     port: int = field(default_factory=free_port)
     cert: tuple | None = None
+    implicit_tls: bool = False
     refuse_data: str | None = None
     mails: list[list[str]] = field(default_factory=list)
     messages: list[tuple[str, list[str], bytes, bool]] = field(default_factory=list)
 
     @property
     def url(self) -> str:
+        if self.implicit_tls:
+            return f"smtps://localhost:{self.port}"
         return f"smtp://{self.host}:{self.port}"
 
     def start(self) -> "SizedPeer":
@@ -62,14 +65,18 @@ class SizedPeer:
                     return outer.refuse_data
                 with lock:
                     outer.messages.append((envelope.mail_from, list(envelope.rcpt_tos),
-                                           envelope.original_content, session.ssl is not None))
+                                           envelope.original_content,
+                                           session.ssl is not None or outer.implicit_tls))
                 return "250 2.0.0 OK: queued by aiosmtpd"
 
         kwargs = dict(hostname=self.host, port=self.port, ready_timeout=15, data_size_limit=self.limit)
         if self.cert:
             ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
             ctx.load_cert_chain(str(self.cert[0]), str(self.cert[1]))
-            kwargs.update(tls_context=ctx, require_starttls=False)
+            if self.implicit_tls:
+                kwargs["ssl_context"] = ctx
+            else:
+                kwargs.update(tls_context=ctx, require_starttls=False)
         self.controller = Controller(Handler(), **kwargs)
         self.controller.start()
         return self
@@ -118,22 +125,25 @@ def size_option(options: list[str]) -> int | None:
     return sizes[0] if sizes else None
 
 
-@pytest.mark.parametrize("starttls", [False, True], ids=["plaintext", "starttls"])
-def test_a_message_over_the_first_smarthosts_size_goes_to_the_second(node_factory, peer_factory, tmp_path,
-                                                                    starttls):
-    # With STARTTLS the limit must come from the EHLO after TLS (RFC 3207).
-    cert = self_signed(tmp_path, "127.0.0.1") if starttls else None
-    small = peer_factory(limit=SMALL_LIMIT, cert=cert)
-    large = peer_factory(limit=10 * 1024 * 1024, cert=cert)
+@pytest.mark.parametrize("tls", ["plaintext", "starttls", "implicit"])
+def test_a_message_over_the_first_smarthosts_size_goes_to_the_second(node_factory, peer_factory, tmp_path, tls):
+    # With STARTTLS the limit must come from the EHLO after TLS (RFC 3207);
+    # with implicit TLS it is read below lettre, inside our TLS stream.
+    ca = Ca.create(tmp_path / "ca")
+    peer = {"plaintext": {}, "starttls": {"cert": ca.issue("starttls")},
+            "implicit": {"cert": ca.issue("implicit"), "implicit_tls": True}}[tls]
+    small = peer_factory(limit=SMALL_LIMIT, **peer)
+    large = peer_factory(limit=10 * 1024 * 1024, **peer)
     node = node_factory(relay="smarthost", smarthosts=[small.url, large.url],
-                        config={"relay": {"breaker_failures": 2}})
+                        config={"relay": {"breaker_failures": 2, "ca_file": str(ca.pem_path)}})
+    encrypted = tls != "plaintext"
     alias = node.create_alias(days=1, max_usage=10)
 
     big = big_message("big", to=alias["alias"])
     assert len(big) > SMALL_LIMIT
     assert node.send([alias["alias"]], big) == {}
-    ((mail_from, rcpt, data, tls),) = large.wait_for(1)
-    assert tls == starttls
+    ((mail_from, rcpt, data, tls_used),) = large.wait_for(1)
+    assert tls_used == encrypted
     # Nothing was sent to the small one: no MAIL, no message.
     assert small.mails == [] and small.messages == []
     # SIZE= on MAIL is the size of what was sent (our trace header and
@@ -147,7 +157,7 @@ def test_a_message_over_the_first_smarthosts_size_goes_to_the_second(node_factor
     assert node.send([alias["alias"]], message("small", to=alias["alias"])) == {}
     small.wait_for(1)
     assert size_option(small.mails[0]) == len(small.messages[0][2])
-    assert small.messages[0][3] == starttls
+    assert small.messages[0][3] == encrypted
     assert len(large.wait_for(4)) == 4
     assert node.remaining(alias) == 10 - 5
 
