@@ -23,7 +23,7 @@ use lettre::address::Envelope as LettreEnvelope;
 use lettre::Address;
 
 use crate::config::{RelayConfig, RelayMode};
-use crate::metrics::{AttemptResult, Metrics};
+use crate::metrics::{AttemptLabels, AttemptResult, Metrics};
 
 /// The envelope of one outbound transaction.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -140,6 +140,33 @@ fn envelope_address(a: &str) -> Result<Address, String> {
         }
         _ => Err(e.to_string()),
     })
+}
+
+/// One attempt at `name`, cut off after `limit` (a stalled upstream is a
+/// failure), counted in `tempalias_relay_attempts_total` under `upstream`
+/// (a smarthost's label, or `mx` for all MX hosts).
+async fn counted_attempt(
+    metrics: &Metrics,
+    upstream: &str,
+    name: &str,
+    limit: std::time::Duration,
+    attempt: impl std::future::Future<Output = Result<(), client::AttemptError>>,
+) -> Result<(), client::AttemptError> {
+    let outcome = tokio::time::timeout(limit, attempt)
+        .await
+        .unwrap_or_else(|_| {
+            Err(client::AttemptError::Failed(format!(
+                "{name}: no answer within {limit:?}"
+            )))
+        });
+    metrics
+        .relay_attempts
+        .get_or_create(&AttemptLabels {
+            upstream: upstream.to_string(),
+            result: attempt_result(&outcome),
+        })
+        .inc();
+    outcome
 }
 
 /// The metric label of an attempt's outcome.

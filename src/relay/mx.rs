@@ -33,9 +33,9 @@ use rand::seq::SliceRandom;
 use tokio::time::Instant;
 
 use super::client::{self, AttemptError, Target, TlsPolicy};
-use super::{attempt_result, to_lettre, Delivery, Envelope, PassedOver, RelayError};
+use super::{counted_attempt, to_lettre, Delivery, Envelope, PassedOver, RelayError};
 use crate::config::RelayConfig;
-use crate::metrics::{AttemptLabels, Metrics};
+use crate::metrics::Metrics;
 
 /// The metric label of all MX deliveries together.
 const MX_LABEL: &str = "mx";
@@ -195,20 +195,7 @@ impl MxRelay {
                 };
                 client::send(&target, &lettre_envelope, message).await
             };
-            let outcome = tokio::time::timeout(limit, attempt)
-                .await
-                .unwrap_or_else(|_| {
-                    Err(AttemptError::Failed(format!(
-                        "{host}: no answer within {limit:?}"
-                    )))
-                });
-            self.metrics
-                .relay_attempts
-                .get_or_create(&AttemptLabels {
-                    upstream: MX_LABEL.into(),
-                    result: attempt_result(&outcome),
-                })
-                .inc();
+            let outcome = counted_attempt(&self.metrics, MX_LABEL, host, limit, attempt).await;
             match outcome {
                 Ok(()) => return Delivery::Accepted,
                 Err(AttemptError::Reply {

@@ -30,9 +30,9 @@ use tokio::time::Instant;
 
 use super::breaker::{full_jitter, Breaker};
 use super::client::{self, AttemptError, Target, TlsPolicy};
-use super::{attempt_result, to_lettre, Delivery, Envelope, PassedOver, RelayError};
+use super::{counted_attempt, to_lettre, Delivery, Envelope, PassedOver, RelayError};
 use crate::config::{RelayConfig, SmarthostUrl, TlsMode};
-use crate::metrics::{AttemptLabels, Metrics, UpstreamLabels};
+use crate::metrics::{Metrics, UpstreamLabels};
 
 /// An attempt is not started with less than this left of the budget: it
 /// could not finish, and the sender is better served by an early 451.
@@ -209,22 +209,14 @@ impl SmarthostRelay {
                 tried = true;
                 attempts += 1;
                 let limit = self.attempt_timeout.min(deadline - now);
-                let outcome =
-                    tokio::time::timeout(limit, self.attempt(upstream, &lettre_envelope, message))
-                        .await
-                        .unwrap_or_else(|_| {
-                            Err(AttemptError::Failed(format!(
-                                "{}: no answer within {limit:?}",
-                                upstream.label
-                            )))
-                        });
-                self.metrics
-                    .relay_attempts
-                    .get_or_create(&AttemptLabels {
-                        upstream: upstream.label.clone(),
-                        result: attempt_result(&outcome),
-                    })
-                    .inc();
+                let outcome = counted_attempt(
+                    &self.metrics,
+                    &upstream.label,
+                    &upstream.label,
+                    limit,
+                    self.attempt(upstream, &lettre_envelope, message),
+                )
+                .await;
                 let failed = outcome.as_ref().err().is_some_and(AttemptError::is_failure);
                 if matches!(outcome, Err(AttemptError::Unsupported { .. })) {
                     // Neither a sign of life nor of death: the host answered
