@@ -222,6 +222,10 @@ pub enum AttemptResult {
     /// It works but lacks an extension the message needs (8BITMIME,
     /// SMTPUTF8): nothing sent, the next upstream tried, the breaker not told.
     unsupported,
+    /// It works but announced a `SIZE` below the message's: as
+    /// `unsupported`, counted apart so that an operator sees which limit to
+    /// raise.
+    too_large,
 }
 
 /// An upstream: a smarthost's `scheme://host:port` (never its user), or `mx`

@@ -9,9 +9,16 @@
 //!
 //! Every connection serves exactly one message and is dropped afterwards
 //! (see docs/architecture.md on why there is no pool).
+//!
+//! lettre keeps only the EHLO keywords it knows, and `SIZE` (RFC 1870) is
+//! not one of them; nor does its `send` put `SIZE=` on `MAIL`. So the
+//! upstream's replies are recorded as lettre reads them until its EHLO reply
+//! is in ([`Recorded`]), the limit is read from there, and the transaction
+//! (`MAIL`, `RCPT`, `DATA`) is ours ([`transaction`]) on lettre's commands.
 
 use std::net::SocketAddr;
 use std::pin::Pin;
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -20,7 +27,10 @@ use lettre::transport::smtp::authentication::{Credentials, Mechanism};
 #[allow(deprecated)]
 use lettre::transport::smtp::client::AsyncNetworkStream;
 use lettre::transport::smtp::client::{AsyncSmtpConnection, AsyncTokioStream, TlsParameters};
-use lettre::transport::smtp::extension::{ClientId, Extension, ServerInfo};
+use lettre::transport::smtp::commands::{Data, Ehlo, Mail, Rcpt};
+use lettre::transport::smtp::extension::{
+    ClientId, Extension, MailBodyParameter, MailParameter, ServerInfo,
+};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio_util::compat::{Compat, FuturesAsyncReadCompatExt};
@@ -49,17 +59,47 @@ pub enum AttemptError {
     /// No usable answer: connect, TLS, AUTH or the connection broke.
     #[error("{0}")]
     Failed(String),
-    /// The upstream works but lacks an SMTP extension this message needs
-    /// (8BITMIME for 8-bit content, SMTPUTF8 for non-ASCII addresses), so
-    /// nothing was sent. Another upstream may have it: the caller tries the
-    /// next one, and refuses the message (with these codes) only when none
-    /// can take it. Never a sign of the host being down.
-    #[error("{code} {enhanced} {text}")]
+    /// The upstream works but cannot take this message (see [`Unfit`]), so
+    /// nothing was sent. Another upstream may take it: the caller tries the
+    /// next one, and refuses the message (with [`Unfit::codes`]) only when
+    /// none can. Never a sign of the host being down.
+    #[error("{} {} {text}", .reason.codes().0, .reason.codes().1)]
     Unsupported {
-        code: u16,
-        enhanced: String,
+        reason: Unfit,
+        /// Names the host and what it lacks; for the log.
         text: String,
     },
+}
+
+/// Why a working upstream cannot take this message. Each is a fact about
+/// the host (what its EHLO announced), not about the message alone: another
+/// host may take it, and waiting does not change it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Unfit {
+    /// A non-ASCII envelope address, and no SMTPUTF8 (RFC 6531).
+    NoSmtpUtf8,
+    /// 8-bit content, and no 8BITMIME (RFC 6152); never converted, see
+    /// [`unfit`].
+    No8BitMime,
+    /// Larger than the `SIZE` the host announced (RFC 1870). Sending it
+    /// anyway would only have the host refuse it at `MAIL` or after the
+    /// whole body, and that `552` would end the delivery there, while a host
+    /// with a larger limit may take it.
+    TooLarge,
+}
+
+impl Unfit {
+    /// The reply and enhanced codes when no host can take the message:
+    /// `553 5.6.7` (RFC 6533), `554 5.6.3` (RFC 3463, conversion required
+    /// but not supported), `552 5.3.4` (RFC 3463, message too big for
+    /// system; RFC 1870's code).
+    pub fn codes(self) -> (u16, &'static str) {
+        match self {
+            Unfit::NoSmtpUtf8 => (553, "5.6.7"),
+            Unfit::No8BitMime => (554, "5.6.3"),
+            Unfit::TooLarge => (552, "5.3.4"),
+        }
+    }
 }
 
 impl AttemptError {
@@ -147,6 +187,7 @@ pub async fn send(
     let failed = |what: &str, e: &dyn std::fmt::Display| {
         AttemptError::Failed(format!("{}: {what}: {e}", target.name))
     };
+    let replies = Replies::new();
     let mut conn = match target.tls {
         TlsPolicy::Implicit(params) => {
             #[allow(deprecated)]
@@ -155,15 +196,19 @@ pub async fn send(
                 .upgrade_tls(params.clone())
                 .await
                 .map_err(|e| failed("TLS", &e))?;
-            let stream = ImplicitTls(stream.compat());
+            let stream = Recorded::new(ImplicitTls(stream.compat()), &replies);
             AsyncSmtpConnection::connect_with_transport(Box::new(stream), target.helo).await
         }
-        _ => AsyncSmtpConnection::connect_with_transport(Box::new(tcp), target.helo).await,
+        _ => {
+            let stream = Recorded::new(tcp, &replies);
+            AsyncSmtpConnection::connect_with_transport(Box::new(stream), target.helo).await
+        }
     }
     // A refusal at the greeting or EHLO (`554 no service`, `421 busy`) says
     // nothing about the message: the host is unusable, whatever the code.
     .map_err(|e| failed("greeting or EHLO", &e))?;
-    match target.tls {
+    let mut size = replies.stop().and_then(|r| advertised_size(ehlo_lines(&r)));
+    let starttls = match target.tls {
         TlsPolicy::Required(params) => {
             if !conn.can_starttls() {
                 return Err(AttemptError::Failed(format!(
@@ -171,21 +216,28 @@ pub async fn send(
                     target.name
                 )));
             }
-            conn.starttls(params.clone(), target.helo)
-                .await
-                .map_err(|e| failed("STARTTLS", &e))?;
+            Some(params)
         }
-        TlsPolicy::Opportunistic(params) if conn.can_starttls() => {
-            conn.starttls(params.clone(), target.helo)
-                .await
-                .map_err(|e| failed("STARTTLS", &e))?;
-        }
-        _ => {}
+        TlsPolicy::Opportunistic(params) if conn.can_starttls() => Some(params),
+        _ => None,
+    };
+    if let Some(params) = starttls {
+        conn.starttls(params.clone(), target.helo)
+            .await
+            .map_err(|e| failed("STARTTLS", &e))?;
+        // lettre's EHLO after STARTTLS went through the TLS layer, above
+        // the recording, and what was said before TLS no longer counts
+        // (RFC 3207 4.2): one more EHLO, only on these connections.
+        let ehlo = conn
+            .command(Ehlo::new(target.helo.clone()))
+            .await
+            .map_err(|e| failed("EHLO after STARTTLS", &e))?;
+        size = advertised_size(ehlo.message());
     }
     // Checked on the EHLO reply that counts (the one after STARTTLS), and
     // before AUTH: a host that cannot take the message need not see our
     // password for it.
-    missing_extension(target.name, conn.server_info(), envelope, message)?;
+    unfit(target.name, conn.server_info(), size, envelope, message)?;
     if let Some(credentials) = target.credentials {
         // Any AUTH refusal is ours to fix (wrong password, mechanism), never
         // the sender's: a failure, so the sender hears 4xx and we fail over.
@@ -204,54 +256,134 @@ pub async fn send(
                 }
             })?;
     }
-    conn.send(envelope, message)
-        .await
-        .map_err(|e| classify(target.name, "transaction", &e))?;
-    // The message is safe upstream: QUIT must not delay our 250, nor can its
-    // failure change anything, so it runs on its own, bounded.
-    tokio::spawn(async move {
-        let _ = tokio::time::timeout(Duration::from_secs(5), conn.quit()).await;
-    });
-    Ok(())
+    let outcome = transaction(&mut conn, envelope, message, size.is_some()).await;
+    if outcome.as_ref().err().is_none_or(|e| e.status().is_some()) {
+        // The upstream answered (the message is safe there, or refused):
+        // QUIT must not delay our reply, nor can its failure change
+        // anything, so it runs on its own, bounded. A connection that broke
+        // is just dropped: a QUIT could land in the middle of the data.
+        tokio::spawn(async move {
+            let _ = tokio::time::timeout(Duration::from_secs(5), conn.quit()).await;
+        });
+    }
+    outcome
+        .map(drop)
+        .map_err(|e| classify(target.name, "transaction", &e))
 }
 
-/// The extension this message needs and the server did not announce.
+/// `MAIL`, one `RCPT` per recipient, `DATA` and the message: lettre's own
+/// `send`, plus `SIZE=` on `MAIL` when the host offers SIZE (RFC 1870 5),
+/// so that a host that counts differently from us refuses at once instead
+/// of after the whole body. [`unfit`] has checked the extensions the
+/// parameters need.
+async fn transaction(
+    conn: &mut AsyncSmtpConnection,
+    envelope: &LettreEnvelope,
+    message: &[u8],
+    size_offered: bool,
+) -> Result<lettre::transport::smtp::response::Response, lettre::transport::smtp::Error> {
+    let mut parameters = Vec::new();
+    if size_offered {
+        parameters.push(MailParameter::Size(message.len()));
+    }
+    if non_ascii_address(envelope) {
+        parameters.push(MailParameter::SmtpUtfEight);
+    }
+    if !message.is_ascii() {
+        parameters.push(MailParameter::Body(MailBodyParameter::EightBitMime));
+    }
+    conn.command(Mail::new(envelope.from().cloned(), parameters))
+        .await?;
+    for to in envelope.to() {
+        conn.command(Rcpt::new(to.clone(), Vec::new())).await?;
+    }
+    conn.command(Data).await?;
+    // lettre ends the data with CRLF `.` CRLF whatever it ends with; the
+    // message's own final CRLF is that first CRLF, else the upstream gets
+    // an empty line more than we have (and 2 bytes more than `SIZE=` said).
+    conn.message(message.strip_suffix(b"\r\n").unwrap_or(message))
+        .await
+}
+
+/// What the EHLO reply said about SIZE (RFC 1870 4): `None` when it is not
+/// offered, `Some(0)` when offered without a fixed limit (`SIZE`, `SIZE 0`,
+/// or a number we cannot read: the host then judges by itself), else the
+/// limit in bytes. `lines` are the reply's text lines, without the code.
+fn advertised_size<'a>(lines: impl IntoIterator<Item = &'a str>) -> Option<u64> {
+    lines.into_iter().find_map(|line| {
+        let mut words = line.split_whitespace();
+        if !words.next()?.eq_ignore_ascii_case("SIZE") {
+            return None;
+        }
+        Some(words.next().and_then(|n| n.parse().ok()).unwrap_or(0))
+    })
+}
+
+/// The text lines of the `250` reply (the EHLO reply) among the replies
+/// recorded up to it; the greeting (`220`) is passed over.
+fn ehlo_lines(replies: &[u8]) -> Vec<&str> {
+    replies
+        .split(|&b| b == b'\n')
+        .filter_map(|line| std::str::from_utf8(line).ok())
+        .filter_map(|line| {
+            let line = line.trim_end_matches('\r');
+            match line.as_bytes() {
+                [b'2', b'5', b'0', b' ' | b'-', ..] => Some(&line[4..]),
+                _ => None,
+            }
+        })
+        .collect()
+}
+
+/// Why this host cannot take this message, from what its EHLO announced
+/// (`size` as [`advertised_size`] read it).
 ///
 /// 8-bit content is never converted to 7 bits here (RFC 6152 section 3
 /// would allow it): re-encoding the body breaks every DKIM signature over it,
 /// the original sender's and our own, so the target would see a forged-looking
-/// message. Content that needs conversion is refused with `5.6.3`
-/// (RFC 3463: conversion required but not supported), non-ASCII addresses
-/// without SMTPUTF8 with `5.6.7` (RFC 6531 section 3.2, RFC 6533).
+/// message. The size compared is the message as it goes out (our trace
+/// header and signatures included), which is what the host counts.
 ///
 /// # Errors
 /// [`AttemptError::Unsupported`] naming what is missing.
-fn missing_extension(
+fn unfit(
     name: &str,
     server: &ServerInfo,
+    size: Option<u64>,
     envelope: &LettreEnvelope,
     message: &[u8],
 ) -> Result<(), AttemptError> {
-    let non_ascii = envelope
+    let unsupported = |reason, text| Err(AttemptError::Unsupported { reason, text });
+    if non_ascii_address(envelope) && !server.supports_feature(Extension::SmtpUtfEight) {
+        return unsupported(
+            Unfit::NoSmtpUtf8,
+            format!("{name} does not offer SMTPUTF8, and an envelope address is not ASCII"),
+        );
+    }
+    if !message.is_ascii() && !server.supports_feature(Extension::EightBitMime) {
+        return unsupported(
+            Unfit::No8BitMime,
+            format!("{name} does not offer 8BITMIME, and the message has 8-bit content"),
+        );
+    }
+    match size {
+        Some(limit) if limit > 0 && message.len() as u64 > limit => unsupported(
+            Unfit::TooLarge,
+            format!(
+                "{name} takes messages up to {limit} bytes (SIZE), and this one has {}",
+                message.len()
+            ),
+        ),
+        _ => Ok(()),
+    }
+}
+
+fn non_ascii_address(envelope: &LettreEnvelope) -> bool {
+    envelope
         .from()
         .into_iter()
         .chain(envelope.to())
-        .any(|a| !AsRef::<str>::as_ref(a).is_ascii());
-    if non_ascii && !server.supports_feature(Extension::SmtpUtfEight) {
-        return Err(AttemptError::Unsupported {
-            code: 553,
-            enhanced: "5.6.7".into(),
-            text: format!("{name} does not offer SMTPUTF8, and an envelope address is not ASCII"),
-        });
-    }
-    if !message.is_ascii() && !server.supports_feature(Extension::EightBitMime) {
-        return Err(AttemptError::Unsupported {
-            code: 554,
-            enhanced: "5.6.3".into(),
-            text: format!("{name} does not offer 8BITMIME, and the message has 8-bit content"),
-        });
-    }
-    Ok(())
+        .any(|a| !AsRef::<str>::as_ref(a).is_ascii())
 }
 
 async fn connect(addrs: &[SocketAddr], each: Duration) -> Result<TcpStream, AttemptError> {
@@ -273,16 +405,6 @@ async fn connect(addrs: &[SocketAddr], each: Duration) -> Result<TcpStream, Atte
 /// Maps a lettre error to a reply (the upstream answered) or a failure.
 fn classify(name: &str, stage: &str, e: &lettre::transport::smtp::Error) -> AttemptError {
     let Some(code) = e.status().map(u16::from) else {
-        if e.is_client() {
-            // lettre refused to send (8-bit data to a server without
-            // 8BITMIME, which [`missing_extension`] catches first): this
-            // upstream cannot take it, another may.
-            return AttemptError::Unsupported {
-                code: 554,
-                enhanced: "5.6.3".into(),
-                text: format!("{name}: {e}"),
-            };
-        }
         return AttemptError::Failed(format!("{name}: {stage}: {e}"));
     };
     // lettre renders "permanent error (550): <upstream text>".
@@ -315,6 +437,94 @@ pub fn split_enhanced(text: &str, code: u16) -> (String, String) {
         }
     }
     (format!("{}.0.0", code / 100), text.to_string())
+}
+
+/// A stream that keeps a copy of what the upstream says until
+/// [`Replies::stop`]: the greeting and the EHLO reply that lettre reads
+/// through it, so that the keywords lettre drops (`SIZE`) can be read.
+#[derive(Debug)]
+struct Recorded<S> {
+    inner: S,
+    replies: Replies,
+}
+
+/// The copy a [`Recorded`] stream keeps, shared with the caller because
+/// lettre owns the stream. `None` once stopped. A std mutex: only locked
+/// for a copy, never across an `.await`.
+#[derive(Debug, Clone)]
+struct Replies(Arc<Mutex<Option<Vec<u8>>>>);
+
+impl Replies {
+    /// More than any greeting and EHLO reply (lettre allows 8 KiB for a
+    /// whole reply); beyond it nothing more is kept.
+    const MAX: usize = 16 * 1024;
+
+    fn new() -> Self {
+        Self(Arc::new(Mutex::new(Some(Vec::new()))))
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Option<Vec<u8>>> {
+        // Every update is one append: a panic cannot leave it half-written.
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Ends the recording and gives what was read until now.
+    fn stop(&self) -> Option<Vec<u8>> {
+        self.lock().take()
+    }
+}
+
+impl<S> Recorded<S> {
+    fn new(inner: S, replies: &Replies) -> Self {
+        Self {
+            inner,
+            replies: replies.clone(),
+        }
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Recorded<S> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        let poll = Pin::new(&mut this.inner).poll_read(cx, buf);
+        if let Poll::Ready(Ok(())) = poll {
+            if let Some(replies) = this.replies.lock().as_mut() {
+                let new = &buf.filled()[before..];
+                let room = Replies::MAX.saturating_sub(replies.len());
+                replies.extend_from_slice(&new[..new.len().min(room)]);
+            }
+        }
+        poll
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Recorded<S> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
+}
+
+impl<S: AsyncTokioStream> AsyncTokioStream for Recorded<S> {
+    fn peer_addr(&self) -> std::io::Result<SocketAddr> {
+        self.inner.peer_addr()
+    }
 }
 
 /// A TLS stream made before lettre sees it (implicit TLS on our own socket),
@@ -373,6 +583,71 @@ mod tests {
         );
         // An enhanced code of the wrong class is not trusted.
         assert_eq!(split_enhanced("4.1.1 x", 550).0, "5.0.0");
+    }
+
+    #[test]
+    fn reads_size_from_the_ehlo_reply() {
+        let recorded = b"220-fake.example ESMTP\r\n220 SIZE 1 is not EHLO\r\n\
+            250-fake.example\r\n250-PIPELINING\r\n250-size 52428800\r\n250 8BITMIME\r\n";
+        let lines = ehlo_lines(recorded);
+        assert_eq!(
+            lines,
+            ["fake.example", "PIPELINING", "size 52428800", "8BITMIME"]
+        );
+        assert_eq!(advertised_size(lines), Some(52_428_800));
+        // Offered without a fixed limit (RFC 1870 4): 0.
+        assert_eq!(advertised_size(["x", "SIZE"]), Some(0));
+        assert_eq!(advertised_size(["SIZE 0"]), Some(0));
+        assert_eq!(advertised_size(["SIZE lots"]), Some(0));
+        assert_eq!(advertised_size(["SIZEX 10", "PIPELINING"]), None);
+        assert_eq!(
+            advertised_size(ehlo_lines(b"220 hi\r\n250 fake.example\r\n")),
+            None
+        );
+    }
+
+    #[test]
+    fn a_message_over_the_size_does_not_fit_and_one_at_it_does() {
+        let server = |lines: &str| ServerInfo::from_response(&lines.parse().unwrap()).unwrap();
+        let eight = server("250-fake.example\r\n250 8BITMIME\r\n");
+        let seven = server("250 fake.example\r\n");
+        let envelope = LettreEnvelope::new(
+            Some("a@b.example".parse().unwrap()),
+            vec!["c@d.example".parse().unwrap()],
+        )
+        .unwrap();
+        let m = [b'x'; 100];
+        let fits = |server, size, message: &[u8]| unfit("h", server, size, &envelope, message);
+        assert_eq!(fits(&seven, Some(100), &m), Ok(()));
+        assert_eq!(fits(&seven, Some(0), &m), Ok(()));
+        assert_eq!(fits(&seven, None, &m), Ok(()));
+        match fits(&seven, Some(99), &m) {
+            Err(AttemptError::Unsupported { reason, text }) => {
+                assert_eq!(reason, Unfit::TooLarge);
+                assert_eq!(
+                    text,
+                    "h takes messages up to 99 bytes (SIZE), and this one has 100"
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+        // 8-bit content that is also too big: the missing extension is named.
+        let eight_bit = "\u{fc}".repeat(60);
+        assert!(matches!(
+            fits(&seven, Some(99), eight_bit.as_bytes()),
+            Err(AttemptError::Unsupported {
+                reason: Unfit::No8BitMime,
+                ..
+            })
+        ));
+        assert!(matches!(
+            fits(&eight, Some(99), eight_bit.as_bytes()),
+            Err(AttemptError::Unsupported {
+                reason: Unfit::TooLarge,
+                ..
+            })
+        ));
+        assert_eq!(Unfit::TooLarge.codes(), (552, "5.3.4"));
     }
 
     #[test]

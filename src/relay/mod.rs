@@ -23,7 +23,7 @@ use lettre::address::Envelope as LettreEnvelope;
 use lettre::Address;
 
 use crate::config::{RelayConfig, RelayMode};
-use crate::metrics::{AttemptResult, Metrics};
+use crate::metrics::{AttemptLabels, AttemptResult, Metrics};
 
 /// The envelope of one outbound transaction.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -142,16 +142,103 @@ fn envelope_address(a: &str) -> Result<Address, String> {
     })
 }
 
+/// One attempt at `name`, cut off after `limit` (a stalled upstream is a
+/// failure), counted in `tempalias_relay_attempts_total` under `upstream`
+/// (a smarthost's label, or `mx` for all MX hosts).
+async fn counted_attempt(
+    metrics: &Metrics,
+    upstream: &str,
+    name: &str,
+    limit: std::time::Duration,
+    attempt: impl std::future::Future<Output = Result<(), client::AttemptError>>,
+) -> Result<(), client::AttemptError> {
+    let outcome = tokio::time::timeout(limit, attempt)
+        .await
+        .unwrap_or_else(|_| {
+            Err(client::AttemptError::Failed(format!(
+                "{name}: no answer within {limit:?}"
+            )))
+        });
+    metrics
+        .relay_attempts
+        .get_or_create(&AttemptLabels {
+            upstream: upstream.to_string(),
+            result: attempt_result(&outcome),
+        })
+        .inc();
+    outcome
+}
+
 /// The metric label of an attempt's outcome.
 fn attempt_result(outcome: &Result<(), client::AttemptError>) -> AttemptResult {
     match outcome {
         Ok(()) => AttemptResult::accepted,
         Err(e) if e.is_failure() => AttemptResult::failed,
+        Err(client::AttemptError::Unsupported {
+            reason: client::Unfit::TooLarge,
+            ..
+        }) => AttemptResult::too_large,
         Err(client::AttemptError::Unsupported { .. }) => AttemptResult::unsupported,
         Err(client::AttemptError::Reply { code, .. }) if *code >= 500 => {
             AttemptResult::refused_permanent
         }
         Err(_) => AttemptResult::refused_temporary,
+    }
+}
+
+/// The hosts of one delivery that cannot take the message
+/// ([`client::AttemptError::Unsupported`]: an extension it needs is missing,
+/// or it is larger than their `SIZE`). The same rule for smarthosts and MX
+/// hosts: such a host is asked once per message and then passed over, and
+/// the message is refused only when every host is one of them. While some
+/// other host merely failed, the delivery ends in a `451`, as that may clear.
+struct PassedOver {
+    /// One flag per host, in the caller's order.
+    hosts: Vec<bool>,
+    /// The refusal if no host can take the message: the codes of the last
+    /// host's reason stand for all (the text, naming the host, is logged
+    /// by the session, never sent).
+    refusal: Option<Delivery>,
+}
+
+impl PassedOver {
+    fn new(hosts: usize) -> Self {
+        Self {
+            hosts: vec![false; hosts],
+            refusal: None,
+        }
+    }
+
+    /// Whether host `i` was found unable to take this message.
+    fn contains(&self, i: usize) -> bool {
+        self.hosts.get(i).copied().unwrap_or(false)
+    }
+
+    fn add(&mut self, i: usize, reason: client::Unfit, text: String) {
+        if let Some(flag) = self.hosts.get_mut(i) {
+            *flag = true;
+        }
+        let (code, enhanced) = reason.codes();
+        self.refusal = Some(Delivery::PermFail {
+            code,
+            enhanced: enhanced.into(),
+            text,
+        });
+    }
+
+    /// True when no host is left that might take the message.
+    fn all(&self) -> bool {
+        self.hosts.iter().all(|&h| h)
+    }
+
+    /// The delivery's outcome when no host accepted or refused it: the
+    /// refusal when every host was passed over (that will not clear by
+    /// waiting), else a temporary failure with `last` for the log.
+    fn outcome(self, last: String) -> Delivery {
+        match self.refusal {
+            Some(refusal) if self.all() => refusal,
+            _ => Delivery::TempFail(last),
+        }
     }
 }
 
@@ -173,6 +260,35 @@ fn to_lettre(envelope: &Envelope) -> Result<LettreEnvelope, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn passed_over_refuses_only_when_every_host_is() {
+        let mut p = PassedOver::new(2);
+        p.add(0, client::Unfit::No8BitMime, "a".into());
+        assert!(p.contains(0) && !p.contains(1) && !p.all());
+        assert_eq!(
+            p.outcome("b failed".into()),
+            Delivery::TempFail("b failed".into())
+        );
+
+        let mut p = PassedOver::new(2);
+        p.add(0, client::Unfit::No8BitMime, "a".into());
+        p.add(1, client::Unfit::TooLarge, "b".into());
+        assert!(p.all());
+        assert_eq!(
+            p.outcome("b".into()),
+            Delivery::PermFail {
+                code: 552,
+                enhanced: "5.3.4".into(),
+                text: "b".into()
+            }
+        );
+        // No host at all: nothing refused it, so nothing to pass on.
+        assert!(matches!(
+            PassedOver::new(0).outcome("x".into()),
+            Delivery::TempFail(_)
+        ));
+    }
 
     #[test]
     fn null_sender_maps_to_no_from() {

@@ -9,9 +9,11 @@
 //!
 //! A temporary failure at one host moves on to the next; when every host
 //! failed temporarily the sender hears 451. A 5xx from any host is final and
-//! passed on (as a real MTA would bounce). A host that lacks an extension the
-//! message needs (8BITMIME, SMTPUTF8) is passed over like a failed one; only
-//! when every host lacks it is the message refused (`554 5.6.3`, `553 5.6.7`).
+//! passed on (as a real MTA would bounce). A host that cannot take this
+//! message (it lacks 8BITMIME or SMTPUTF8 that the message needs, or its
+//! `SIZE` is below the message) is passed over like a failed one; only when
+//! every host is passed over is the message refused (`554 5.6.3`,
+//! `553 5.6.7`, `552 5.3.4`; see `PassedOver`).
 //!
 //! No circuit breaker here: MX hosts are unbounded and per-destination, and a
 //! dead one costs one connect timeout per message at most.
@@ -31,9 +33,9 @@ use rand::seq::SliceRandom;
 use tokio::time::Instant;
 
 use super::client::{self, AttemptError, Target, TlsPolicy};
-use super::{attempt_result, to_lettre, Delivery, Envelope, RelayError};
+use super::{counted_attempt, to_lettre, Delivery, Envelope, PassedOver, RelayError};
 use crate::config::RelayConfig;
-use crate::metrics::{AttemptLabels, Metrics};
+use crate::metrics::Metrics;
 
 /// The metric label of all MX deliveries together.
 const MX_LABEL: &str = "mx";
@@ -168,25 +170,23 @@ impl MxRelay {
             Ok(Route::Unknown(e)) => return Delivery::TempFail(format!("{domain}: {e}")),
         };
         let mut last = format!("{domain}: no MX host answered");
-        // The refusal to give if every host lacks what the message needs.
-        let mut unsupported: Option<Delivery> = None;
-        let mut every_host_unsupported = true;
-        for host in hosts {
+        // Hosts left untried (the deadline) are not passed over: they may
+        // take it later.
+        let mut passed_over = PassedOver::new(hosts.len());
+        for (i, host) in hosts.iter().enumerate() {
             let now = Instant::now();
             if now >= deadline {
-                // Hosts left untried may take it later.
-                every_host_unsupported = false;
                 break;
             }
             let limit = self.host_timeout.min(deadline - now);
             let attempt = async {
-                let addrs = self.addresses(&host).await?;
+                let addrs = self.addresses(host).await?;
                 let tls = TlsPolicy::Opportunistic(
                     client::unverified_tls(host.trim_end_matches('.'))
                         .map_err(AttemptError::Failed)?,
                 );
                 let target = Target {
-                    name: &host,
+                    name: host,
                     addrs: &addrs,
                     tls: &tls,
                     credentials: None,
@@ -195,20 +195,7 @@ impl MxRelay {
                 };
                 client::send(&target, &lettre_envelope, message).await
             };
-            let outcome = tokio::time::timeout(limit, attempt)
-                .await
-                .unwrap_or_else(|_| {
-                    Err(AttemptError::Failed(format!(
-                        "{host}: no answer within {limit:?}"
-                    )))
-                });
-            self.metrics
-                .relay_attempts
-                .get_or_create(&AttemptLabels {
-                    upstream: MX_LABEL.into(),
-                    result: attempt_result(&outcome),
-                })
-                .inc();
+            let outcome = counted_attempt(&self.metrics, MX_LABEL, host, limit, attempt).await;
             match outcome {
                 Ok(()) => return Delivery::Accepted,
                 Err(AttemptError::Reply {
@@ -223,31 +210,18 @@ impl MxRelay {
                         text,
                     };
                 }
-                Err(AttemptError::Unsupported {
-                    code,
-                    enhanced,
-                    text,
-                }) => {
-                    tracing::warn!(%domain, mx = %host, %enhanced, %text, "MX cannot take this message, trying the next");
+                Err(AttemptError::Unsupported { reason, text }) => {
+                    tracing::warn!(%domain, mx = %host, ?reason, %text, "MX cannot take this message, trying the next");
                     last = text.clone();
-                    unsupported = Some(Delivery::PermFail {
-                        code,
-                        enhanced,
-                        text,
-                    });
+                    passed_over.add(i, reason, text);
                 }
                 Err(e) => {
                     tracing::warn!(%domain, mx = %host, error = %e, "MX did not accept");
-                    every_host_unsupported = false;
                     last = e.to_string();
                 }
             }
         }
-        match unsupported {
-            // Every host was reached and none can take it: that will not clear.
-            Some(refusal) if every_host_unsupported => refusal,
-            _ => Delivery::TempFail(last),
-        }
+        passed_over.outcome(last)
     }
 
     /// The hosts to try for `domain`, best first.

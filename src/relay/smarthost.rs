@@ -11,13 +11,15 @@
 //! take it). The budget ends the loop early enough that the sender hears
 //! `451` before it gives up on us.
 //!
-//! A smarthost that lacks an extension the message needs (8BITMIME for 8-bit
-//! content, SMTPUTF8 for non-ASCII addresses) is different: nothing was sent,
-//! and the next smarthost may well have it. So it is passed over for this
-//! message (and for the rest of its rounds) without touching its breaker: it
-//! answered, it is not down. Only when every smarthost lacks it is the
-//! message refused (`554 5.6.3`, `553 5.6.7`); while some other smarthost
-//! merely failed, the sender hears `451`, as that may clear.
+//! A smarthost that cannot take this message (it lacks an extension the
+//! message needs, 8BITMIME for 8-bit content or SMTPUTF8 for non-ASCII
+//! addresses, or its `SIZE` is below the message) is different: nothing was
+//! sent, and the next smarthost may well take it. So it is passed over for
+//! this message (and for the rest of its rounds) without touching its
+//! breaker: it answered, it is not down. Only when every smarthost is passed
+//! over is the message refused (`554 5.6.3`, `553 5.6.7`, `552 5.3.4`; see
+//! `PassedOver`); while some other smarthost merely failed, the sender hears
+//! `451`, as that may clear.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -28,9 +30,9 @@ use tokio::time::Instant;
 
 use super::breaker::{full_jitter, Breaker};
 use super::client::{self, AttemptError, Target, TlsPolicy};
-use super::{attempt_result, to_lettre, Delivery, Envelope, RelayError};
+use super::{counted_attempt, to_lettre, Delivery, Envelope, PassedOver, RelayError};
 use crate::config::{RelayConfig, SmarthostUrl, TlsMode};
-use crate::metrics::{AttemptLabels, Metrics, UpstreamLabels};
+use crate::metrics::{Metrics, UpstreamLabels};
 
 /// An attempt is not started with less than this left of the budget: it
 /// could not finish, and the sender is better served by an early 451.
@@ -160,9 +162,8 @@ impl SmarthostRelay {
             }
         };
         let mut last = String::from("every smarthost's circuit breaker is open");
-        // Per smarthost: the refusal to use if it lacks an extension this
-        // message needs. Such a host is not tried again for this message.
-        let mut unsupported: Vec<Option<Delivery>> = vec![None; self.upstreams.len()];
+        // The smarthosts that cannot take this message: not tried again for it.
+        let mut passed_over = PassedOver::new(self.upstreams.len());
         let mut attempts = 0u32;
         let mut round = 0u32;
         'rounds: loop {
@@ -172,8 +173,8 @@ impl SmarthostRelay {
                 if !self
                     .upstreams
                     .iter()
-                    .zip(&unsupported)
-                    .any(|(u, no)| no.is_none() && u.breaker.would_allow(now))
+                    .enumerate()
+                    .any(|(i, u)| !passed_over.contains(i) && u.breaker.would_allow(now))
                 {
                     break;
                 }
@@ -185,7 +186,7 @@ impl SmarthostRelay {
             }
             let mut tried = false;
             for (i, upstream) in self.upstreams.iter().enumerate() {
-                if unsupported[i].is_some() {
+                if passed_over.contains(i) {
                     continue;
                 }
                 if attempts >= self.max_attempts {
@@ -208,22 +209,14 @@ impl SmarthostRelay {
                 tried = true;
                 attempts += 1;
                 let limit = self.attempt_timeout.min(deadline - now);
-                let outcome =
-                    tokio::time::timeout(limit, self.attempt(upstream, &lettre_envelope, message))
-                        .await
-                        .unwrap_or_else(|_| {
-                            Err(AttemptError::Failed(format!(
-                                "{}: no answer within {limit:?}",
-                                upstream.label
-                            )))
-                        });
-                self.metrics
-                    .relay_attempts
-                    .get_or_create(&AttemptLabels {
-                        upstream: upstream.label.clone(),
-                        result: attempt_result(&outcome),
-                    })
-                    .inc();
+                let outcome = counted_attempt(
+                    &self.metrics,
+                    &upstream.label,
+                    &upstream.label,
+                    limit,
+                    self.attempt(upstream, &lettre_envelope, message),
+                )
+                .await;
                 let failed = outcome.as_ref().err().is_some_and(AttemptError::is_failure);
                 if matches!(outcome, Err(AttemptError::Unsupported { .. })) {
                     // Neither a sign of life nor of death: the host answered
@@ -254,23 +247,15 @@ impl SmarthostRelay {
                             text,
                         };
                     }
-                    Err(AttemptError::Unsupported {
-                        code,
-                        enhanced,
-                        text,
-                    }) => {
-                        tracing::warn!(smarthost = %upstream.label, %enhanced, %text, "smarthost cannot take this message, trying the next");
+                    Err(AttemptError::Unsupported { reason, text }) => {
+                        tracing::warn!(smarthost = %upstream.label, ?reason, %text, "smarthost cannot take this message, trying the next");
                         // Not one of max_attempts: those are for retrying
                         // failures, and this host is asked once per message
                         // at most, so the loop stays bounded.
                         attempts -= 1;
                         last = text.clone();
-                        unsupported[i] = Some(Delivery::PermFail {
-                            code,
-                            enhanced,
-                            text,
-                        });
-                        if unsupported.iter().all(Option::is_some) {
+                        passed_over.add(i, reason, text);
+                        if passed_over.all() {
                             break 'rounds;
                         }
                     }
@@ -285,14 +270,7 @@ impl SmarthostRelay {
             }
             round += 1;
         }
-        if unsupported.iter().all(Option::is_some) {
-            // Every smarthost lacks what the message needs: that will not
-            // clear by waiting. The last one's reason stands for all.
-            if let Some(Some(refusal)) = unsupported.pop() {
-                return refusal;
-            }
-        }
-        Delivery::TempFail(last)
+        passed_over.outcome(last)
     }
 
     async fn attempt(
@@ -660,5 +638,234 @@ mod tests {
             "{outcome:?}"
         );
         task.abort();
+    }
+
+    /// A fake upstream for the SIZE tests: greets, answers EHLO with
+    /// `ehlo` (keyword lines after the name), takes a whole transaction,
+    /// and keeps every command line it got. `refuse_at` names the verb
+    /// (`MAIL`, `RCPT`, or `.` for the end of data) it answers with
+    /// `552 5.3.4` instead of accepting.
+    struct Fake {
+        port: u16,
+        commands: Arc<std::sync::Mutex<Vec<String>>>,
+        task: tokio::task::JoinHandle<()>,
+    }
+
+    impl Fake {
+        async fn start(ehlo: &'static [&'static str], refuse_at: Option<&'static str>) -> Self {
+            use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let port = listener.local_addr().unwrap().port();
+            let commands = Arc::new(std::sync::Mutex::new(Vec::new()));
+            let seen = commands.clone();
+            let task = tokio::spawn(async move {
+                while let Ok((sock, _)) = listener.accept().await {
+                    let seen = seen.clone();
+                    tokio::spawn(async move {
+                        let (r, mut w) = sock.into_split();
+                        let mut lines = BufReader::new(r).lines();
+                        let _ = w.write_all(b"220 fake.example ESMTP\r\n").await;
+                        let mut in_data = false;
+                        while let Ok(Some(line)) = lines.next_line().await {
+                            if in_data && line != "." {
+                                continue;
+                            }
+                            in_data = false;
+                            seen.lock().unwrap().push(line.clone());
+                            let verb = line.get(..4).unwrap_or(&line).to_ascii_uppercase();
+                            let reply = if Some(verb.as_str()) == refuse_at
+                                || (line == "." && refuse_at == Some("."))
+                            {
+                                "552 5.3.4 <secret@target.example> mailbox over quota\r\n".into()
+                            } else {
+                                match verb.as_str() {
+                                    "EHLO" => {
+                                        let mut r = String::from("250-fake.example\r\n");
+                                        for (i, k) in ehlo.iter().enumerate() {
+                                            let sep = if i + 1 == ehlo.len() { ' ' } else { '-' };
+                                            r.push_str(&format!("250{sep}{k}\r\n"));
+                                        }
+                                        if ehlo.is_empty() {
+                                            r = "250 fake.example\r\n".into();
+                                        }
+                                        r
+                                    }
+                                    "DATA" => {
+                                        in_data = true;
+                                        "354 go ahead\r\n".to_string()
+                                    }
+                                    "QUIT" => "221 bye\r\n".to_string(),
+                                    _ => "250 2.0.0 ok\r\n".to_string(),
+                                }
+                            };
+                            if w.write_all(reply.as_bytes()).await.is_err() || verb == "QUIT" {
+                                break;
+                            }
+                        }
+                    });
+                }
+            });
+            Self {
+                port,
+                commands,
+                task,
+            }
+        }
+
+        fn url(&self) -> String {
+            format!("smtp://127.0.0.1:{}", self.port)
+        }
+
+        /// The `MAIL` commands it got.
+        fn mails(&self) -> Vec<String> {
+            self.commands
+                .lock()
+                .unwrap()
+                .iter()
+                .filter(|c| c.to_ascii_uppercase().starts_with("MAIL"))
+                .cloned()
+                .collect()
+        }
+    }
+
+    impl Drop for Fake {
+        fn drop(&mut self) {
+            self.task.abort();
+        }
+    }
+
+    /// Delivers a message of `n` bytes, with time to spare.
+    async fn send_size(relay: &SmarthostRelay, n: usize) -> Delivery {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        relay.deliver(&env(), &message_of(n), deadline).await
+    }
+
+    /// A message of `n` bytes.
+    fn message_of(n: usize) -> Vec<u8> {
+        let mut m = b"Subject: size\r\n\r\n".to_vec();
+        while m.len() + 2 < n {
+            m.push(b'x');
+        }
+        m.extend_from_slice(b"\r\n");
+        assert_eq!(m.len(), n);
+        m
+    }
+
+    fn metric_line(metrics: &Metrics, url: &str, result: &str) -> Option<String> {
+        let text = metrics.encode();
+        let needle =
+            format!("tempalias_relay_attempts_total{{upstream=\"{url}\",result=\"{result}\"}} ");
+        text.lines()
+            .find_map(|l| l.strip_prefix(&needle).map(str::to_string))
+    }
+
+    #[tokio::test]
+    async fn a_message_over_a_smarthosts_size_goes_to_the_next_with_size_on_mail() {
+        let small = Fake::start(&["8BITMIME", "SIZE 1000"], None).await;
+        let large = Fake::start(&["8BITMIME", "SIZE 100000"], None).await;
+        let (relay, metrics) = relay(&[small.url(), large.url()], 5);
+        let outcome = send_size(&relay, 1001).await;
+        assert_eq!(outcome, Delivery::Accepted);
+        // Nothing was sent to the small one; the large one heard the size.
+        assert!(small.mails().is_empty(), "{:?}", small.mails());
+        assert_eq!(large.mails(), ["MAIL FROM:<a@b.example> SIZE=1001"]);
+        assert_eq!(
+            metric_line(&metrics, &small.url(), "too_large").as_deref(),
+            Some("1")
+        );
+        assert_eq!(
+            metric_line(&metrics, &large.url(), "accepted").as_deref(),
+            Some("1")
+        );
+        // At its limit exactly, the small one takes it (SIZE is a maximum).
+        let outcome = send_size(&relay, 1000).await;
+        assert_eq!(outcome, Delivery::Accepted);
+        assert_eq!(small.mails(), ["MAIL FROM:<a@b.example> SIZE=1000"]);
+    }
+
+    #[tokio::test]
+    async fn over_every_smarthosts_size_is_552_5_3_4_and_leaves_the_breakers_alone() {
+        let a = Fake::start(&["SIZE 100"], None).await;
+        let b = Fake::start(&["SIZE 200"], None).await;
+        let (relay, metrics) = relay(&[a.url(), b.url()], 5);
+        // More messages than breaker_failures (2): a breaker that counted
+        // these would open.
+        for _ in 0..3 {
+            let outcome = send_size(&relay, 201).await;
+            match outcome {
+                Delivery::PermFail { code, enhanced, .. } => {
+                    assert_eq!((code, enhanced.as_str()), (552, "5.3.4"))
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+        for fake in [&a, &b] {
+            assert!(fake.mails().is_empty());
+            // Asked once per message, no second round.
+            assert_eq!(
+                metric_line(&metrics, &fake.url(), "too_large").as_deref(),
+                Some("3")
+            );
+            assert!(metrics.encode().contains(&format!(
+                "tempalias_relay_breaker_state{{upstream=\"{}\"}} 0",
+                fake.url()
+            )));
+        }
+        assert!(!metrics.encode().contains("result=\"failed\""));
+        // The breakers really were left alone: a message that fits goes through.
+        let outcome = send_size(&relay, 150).await;
+        assert_eq!(outcome, Delivery::Accepted);
+        assert_eq!(b.mails(), ["MAIL FROM:<a@b.example> SIZE=150"]);
+    }
+
+    #[tokio::test]
+    async fn too_large_here_while_another_smarthost_is_down_is_temporary() {
+        let small = Fake::start(&["SIZE 10"], None).await;
+        let (relay, _) = relay(
+            &[small.url(), format!("smtp://127.0.0.1:{}", dead_port())],
+            5,
+        );
+        let outcome = send_size(&relay, 100).await;
+        assert!(matches!(outcome, Delivery::TempFail(_)), "{outcome:?}");
+    }
+
+    #[tokio::test]
+    async fn size_without_a_limit_is_said_on_mail_and_no_size_is_not() {
+        let unlimited = Fake::start(&["SIZE"], None).await;
+        let zero = Fake::start(&["SIZE 0"], None).await;
+        let none = Fake::start(&["PIPELINING"], None).await;
+        for fake in [&unlimited, &zero, &none] {
+            let (relay, _) = relay(&[fake.url()], 5);
+            let outcome = send_size(&relay, 5000).await;
+            assert_eq!(outcome, Delivery::Accepted);
+        }
+        assert_eq!(unlimited.mails(), ["MAIL FROM:<a@b.example> SIZE=5000"]);
+        assert_eq!(zero.mails(), ["MAIL FROM:<a@b.example> SIZE=5000"]);
+        assert_eq!(none.mails(), ["MAIL FROM:<a@b.example>"]);
+    }
+
+    #[tokio::test]
+    async fn an_upstream_552_at_mail_rcpt_or_data_is_final_as_any_5xx() {
+        // The host's own refusal, whatever its SIZE said: passed on with its
+        // codes, and the next smarthost is not asked (it might deliver a
+        // message the first one took after all).
+        for stage in ["MAIL", "RCPT", "."] {
+            let refusing = Fake::start(&["SIZE 100000"], Some(stage)).await;
+            let next = Fake::start(&["SIZE 100000"], None).await;
+            let (relay, metrics) = relay(&[refusing.url(), next.url()], 5);
+            let outcome = send_size(&relay, 100).await;
+            match &outcome {
+                Delivery::PermFail { code, enhanced, .. } => {
+                    assert_eq!((*code, enhanced.as_str()), (552, "5.3.4"), "{stage}")
+                }
+                other => panic!("{stage}: {other:?}"),
+            }
+            assert!(next.mails().is_empty(), "{stage}");
+            assert_eq!(
+                metric_line(&metrics, &refusing.url(), "refused_permanent").as_deref(),
+                Some("1"),
+                "{stage}"
+            );
+        }
     }
 }

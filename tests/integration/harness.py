@@ -535,10 +535,11 @@ def parse_sink_dump(path: Path) -> SinkMessage:
             while i < len(lines) and lines[i][:1] in (b"\t", b" "):
                 i += 1
             body = b"\n".join(lines[i:])
-            # smtp-sink ends each dump with two more newlines (an empty line
-            # after the last line of the message).
+            # smtp-sink ends each dump with one newline more than the
+            # message (whose own last line ends in one): a dump without it
+            # is still being written.
             if not body.endswith(b"\n\n"):
                 return SinkMessage(mail_from, rcpts, helo, None, path)
-            return SinkMessage(mail_from, rcpts, helo, body[:-2], path)
+            return SinkMessage(mail_from, rcpts, helo, body[:-1], path)
         i += 1
     return SinkMessage(mail_from, rcpts, helo, None, path)

@@ -240,6 +240,8 @@ fn refusal_text(enhanced: &str) -> &'static str {
         // the extension or the upstream itself refused with these codes.
         "5.6.3" => "Conversion required but not supported: 8-bit content not accepted upstream",
         "5.6.7" => "Non-ASCII addresses (SMTPUTF8) not accepted upstream",
+        // Larger than every upstream's SIZE, or the upstream's own 552.
+        "5.3.4" => "Message too big for the upstream",
         _ => "Upstream refused the message",
     }
 }

@@ -308,13 +308,9 @@ async fn require_tls_refuses_mail_in_plaintext() {
         .starts_with("530 5.7.0"));
 }
 
-#[tokio::test]
-async fn an_upstream_refusal_shows_its_codes_but_not_its_text() {
-    let refusal = Delivery::PermFail {
-        code: 550,
-        enhanced: "5.1.1".into(),
-        text: "<secret-target@example.org>: Recipient address rejected".into(),
-    };
+/// The reply to a message the upstream refused with `refusal`; the use
+/// taken for it must have gone back, as for any permanent refusal.
+async fn reply_to_refused(refusal: Delivery) -> String {
     let (setup, id) = setup(false, refusal, |_| {});
     let (mut c, _task) = start(&setup);
     c.reply().await;
@@ -323,10 +319,39 @@ async fn an_upstream_refusal_shows_its_codes_but_not_its_text() {
     c.cmd(&format!("RCPT TO:<{id}@tempalias.test>")).await;
     c.cmd("DATA").await;
     let reply = c.cmd("Subject: hi\r\n\r\nHello.\r\n.").await;
-    assert_eq!(reply, "550 5.1.1 Upstream refused the message\r\n");
     assert_eq!(
         setup.shared.aliases.log(),
         [format!("reserve {id}"), format!("release {id}")]
+    );
+    reply
+}
+
+#[tokio::test]
+async fn an_upstream_refusal_shows_its_codes_but_not_its_text() {
+    let refusal = Delivery::PermFail {
+        code: 550,
+        enhanced: "5.1.1".into(),
+        text: "<secret-target@example.org>: Recipient address rejected".into(),
+    };
+    assert_eq!(
+        reply_to_refused(refusal).await,
+        "550 5.1.1 Upstream refused the message\r\n"
+    );
+}
+
+#[tokio::test]
+async fn a_message_too_big_for_the_upstream_is_552_5_3_4_with_a_fixed_text() {
+    // What the relay answers when every upstream's SIZE is below the
+    // message, or an upstream's own 552 5.3.4 (its text names the host or
+    // the target, and is for the log only).
+    let refusal = Delivery::PermFail {
+        code: 552,
+        enhanced: "5.3.4".into(),
+        text: "<secret-target@example.org>: smtp://relay.internal:25 takes up to 10 bytes".into(),
+    };
+    assert_eq!(
+        reply_to_refused(refusal).await,
+        "552 5.3.4 Message too big for the upstream\r\n"
     );
 }
 
