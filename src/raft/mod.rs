@@ -21,6 +21,7 @@ pub mod batch;
 pub mod forward;
 pub mod idempotency;
 pub mod liveness;
+pub mod log_tail;
 pub mod network;
 pub mod node;
 pub mod read_lease;
