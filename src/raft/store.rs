@@ -15,6 +15,8 @@
 //! purges only ever follow a snapshot, which is itself written durably first.
 //!
 //! redb calls block (they may fsync), so each runs on tokio's blocking pool.
+//! Reads of the newest log entries, which openraft makes right after each
+//! append, are answered from memory instead ([`super::log_tail`]).
 //!
 //! Snapshots are files next to the database (`<db>.snapshots/`, format in
 //! [`super::snapshot`]), built by streaming the tables out of one read

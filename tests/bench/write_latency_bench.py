@@ -29,12 +29,26 @@ trace=fsync,fdatasync` attached to every node of the first binary's clusters
 for one extra round-robin run, the fsyncs per create on each node (strace
 slows the nodes down: that run's latencies are not reported).
 
+With `--stages` (root, `perf`), it also records, for every binary, the
+nodes' `pwrite64` and `fdatasync` system calls (kernel tracepoints through
+`perf record -k CLOCK_MONOTONIC`, the client's clock) while one client
+creates `--requests` aliases through the leader and then through one
+follower, and splits each create at the disk writes into stages: from the
+request to the leader's first write; the leader's log append (its writes
+and fsync); from the end of that fsync to the first follower's first write
+(the entry travelling to the followers); the first follower's append (to
+the end of the first follower fsync, the quorum); from the quorum to the
+answer (back to the leader, commit, apply, answer). Medians over the
+creates whose window holds one append per node. Recording slows the
+nodes a little; these runs are not in the latency table.
+
 Only 127.0.0.0/8 is used. Asserts nothing about time.
 """
 
 from __future__ import annotations
 
 import argparse
+import bisect
 import http.client
 import json
 import os
@@ -137,12 +151,90 @@ def count_fsyncs(pids: dict, addrs, n: int) -> dict:
     return counts
 
 
+STAGES = ("request to leader write", "leader append + fsync", "to first follower write", "follower append + fsync", "quorum to answer", "total")
+
+
+def stages(cluster, target_id: int, n: int) -> dict | None:
+    """Median stage times (ms) of `n` creates sent to node `target_id`."""
+    if shutil.which("perf") is None:
+        print("perf not installed; skipping --stages", file=sys.stderr)
+        return None
+    leader = cluster.wait_leader(timeout=30)
+    node_of = {nd.proc.pid: nd.id for nd in cluster}
+    tmp = Path(tempfile.mkdtemp(prefix="tempalias-perf-"))
+    data = tmp / "perf.data"
+    events = []
+    for call in ("pwrite64", "fdatasync"):
+        events += ["-e", f"syscalls:sys_enter_{call}", "-e", f"syscalls:sys_exit_{call}"]
+    rec = subprocess.Popen(
+        ["perf", "record", "-q", "-k", "CLOCK_MONOTONIC", "-o", str(data), "-p", ",".join(map(str, node_of))] + events,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        time.sleep(2.0)  # perf attaches to every thread
+        nd = cluster.node(target_id)
+        conn = http.client.HTTPConnection(nd.ip, nd.http_port, timeout=30)
+        spans = []
+        for i in range(n + 20):
+            t0 = time.monotonic()
+            conn.request("POST", "/v1/aliases", body=BODY, headers=HEADERS)
+            r = conn.getresponse()
+            r.read()
+            t1 = time.monotonic()
+            if i >= 20 and r.status == 201:
+                spans.append((t0, t1))
+        conn.close()
+        time.sleep(0.2)
+    finally:
+        rec.send_signal(2)
+        rec.wait(60)
+    script = subprocess.run(
+        ["perf", "script", "-i", str(data), "-F", "pid,time,event"], capture_output=True, text=True, check=False
+    ).stdout
+    shutil.rmtree(tmp, ignore_errors=True)
+    ev = []
+    for line in script.splitlines():
+        m = re.match(r"\s*(\d+)\s+([\d.]+):\s+syscalls:sys_(enter|exit)_(\w+)", line)
+        if m and int(m.group(1)) in node_of:
+            ev.append((float(m.group(2)), node_of[int(m.group(1))], m.group(3), m.group(4)))
+    ev.sort()
+    times = [e[0] for e in ev]
+    rows = []
+    for t0, t1 in spans:
+        w = ev[bisect.bisect_left(times, t0) : bisect.bisect_right(times, t1)]
+
+        def first(node, kind, call, after=0.0):
+            return next((e[0] for e in w if e[1] == node and e[2] == kind and e[3] == call and e[0] >= after), None)
+
+        def count(node):
+            return sum(1 for e in w if e[1] == node and e[2] == "exit" and e[3] == "fdatasync")
+
+        if any(count(nd.id) != 1 for nd in cluster):
+            continue
+        lw = first(leader, "enter", "pwrite64")
+        ls = first(leader, "exit", "fdatasync")
+        followers = [nd.id for nd in cluster if nd.id != leader]
+        fw = {f: first(f, "enter", "pwrite64", ls or 0.0) for f in followers}
+        fs = {f: first(f, "exit", "fdatasync", ls or 0.0) for f in followers}
+        if lw is None or ls is None or None in fw.values() or None in fs.values():
+            continue
+        quorum = min(fs, key=fs.get)
+        rows.append((lw - t0, ls - lw, min(fw.values()) - ls, fs[quorum] - fw[quorum], t1 - fs[quorum], t1 - t0))
+    if not rows:
+        return None
+    out = {name: 1000 * statistics.median(r[k] for r in rows) for k, name in enumerate(STAGES)}
+    out["creates"] = len(rows)
+    return out
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--binary", action="append", help="LABEL=PATH (repeatable; default: the release build)")
     p.add_argument("--runs", type=int, default=3, help="runs (default: %(default)s)")
     p.add_argument("--requests", type=int, default=500, help="creates per target and run (default: %(default)s)")
     p.add_argument("--fsyncs", action="store_true", help="count fsyncs per create with strace (first binary)")
+    p.add_argument("--stages", action="store_true", help="split creates into stages with perf (root)")
     args = p.parse_args(argv)
     binaries = []
     for b in args.binary or [f"this={find_binary(None)}"]:
@@ -193,6 +285,19 @@ def main(argv=None) -> int:
                         flush=True,
                     )
 
+        breakdown = {}
+        if args.stages:
+            for run in range(args.runs):
+                for label, _ in binaries:
+                    three = targets[label][1][2]
+                    leader = three.wait_leader(timeout=30)
+                    follower = next(nd.id for nd in three if nd.id != leader)
+                    for name, node_id in (("via leader", leader), ("via follower", follower)):
+                        st = stages(three, node_id, args.requests)
+                        if st is not None:
+                            breakdown.setdefault((label, name), []).append(st)
+                            print(f"stages run {run + 1}/{args.runs} {label:>8} {name:<13} " + "  ".join(f"{k} {st[k]:.2f}" for k in STAGES), flush=True)
+
         fsyncs = {}
         if args.fsyncs:
             label = binaries[0][0]
@@ -217,6 +322,14 @@ def main(argv=None) -> int:
     for (label, name), rs in results.items():
         med = [statistics.median(r[k] for r in rs) for k in range(4)]
         print(f"| {label:<8} | {name:<22} | {med[0]:5.2f} ms | {med[1]:5.2f} ms | {med[2]:>15.1f} | {med[3]:>13.2f} |")
+    if breakdown:
+        print()
+        print(f"stages of one create on three nodes, ms, medians over creates, then over {args.runs} runs")
+        print("| binary   | taken by      | " + " | ".join(STAGES) + " |")
+        print("|----------|---------------|" + "|".join("-" * (len(k) + 2) for k in STAGES) + "|")
+        for (label, name), sts in breakdown.items():
+            cells = " | ".join(f"{statistics.median(st[k] for st in sts):>{len(k)}.2f}" for k in STAGES)
+            print(f"| {label:<8} | {name:<13} | {cells} |")
     if fsyncs:
         print()
         print(f"fsync + fdatasync per create ({binaries[0][0]}):")
