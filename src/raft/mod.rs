@@ -10,6 +10,8 @@
 //!   the target) and their tables.
 //! - [`store`]: the redb database holding the Raft log, vote, state machine and
 //!   snapshots of one node.
+//! - [`log_tail`]: the newest log entries in memory, for the reads that
+//!   follow every append.
 //! - [`snapshot`]: the streamed snapshot file format.
 //! - [`network`]: how this node reaches its peers.
 //! - [`batch`]: group proposal (concurrent writes share one entry).
@@ -21,6 +23,7 @@ pub mod batch;
 pub mod forward;
 pub mod idempotency;
 pub mod liveness;
+pub mod log_tail;
 pub mod network;
 pub mod node;
 pub mod read_lease;

@@ -15,6 +15,8 @@
 //! purges only ever follow a snapshot, which is itself written durably first.
 //!
 //! redb calls block (they may fsync), so each runs on tokio's blocking pool.
+//! Reads of the newest log entries, which openraft makes right after each
+//! append, are answered from memory instead ([`super::log_tail`]).
 //!
 //! Snapshots are files next to the database (`<db>.snapshots/`, format in
 //! [`super::snapshot`]), built by streaming the tables out of one read
@@ -27,7 +29,7 @@ use std::io::{BufReader, BufWriter, Seek, SeekFrom, Write};
 use std::ops::{Bound, RangeBounds};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use openraft::storage::{LogFlushed, RaftLogStorage, RaftStateMachine};
 use openraft::{
@@ -39,6 +41,7 @@ use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinitio
 use serde::{Deserialize, Serialize};
 
 use super::idempotency;
+use super::log_tail::LogTail;
 use super::snapshot::{self as format, Kind, SnapshotError};
 use super::state::{self, Change};
 use super::types::{
@@ -51,7 +54,9 @@ type StoreResult<T> = Result<T, StorageError<NodeId>>;
 
 /// Raft log: index -> JSON entry.
 const LOG: TableDefinition<u64, &[u8]> = TableDefinition::new("raft_log");
-/// Raft metadata: `vote`, `committed`, `last_purged`.
+/// Raft metadata: `vote`, `last_purged`. (Releases before the log tail also
+/// kept `committed` here, an advisory copy of the commit index; it is no
+/// longer written nor read: see `RaftLogStorage for LogStore`.)
 const RAFT_META: TableDefinition<&str, &[u8]> = TableDefinition::new("raft_meta");
 /// State machine: alias id -> JSON record.
 pub(super) const ALIASES: TableDefinition<&str, &[u8]> = TableDefinition::new("aliases");
@@ -221,6 +226,7 @@ pub fn open_with(path: &Path, options: &StoreOptions) -> Result<(LogStore, State
         LogStore {
             db: db.clone(),
             marks,
+            tail: Arc::default(),
         },
         StateMachine {
             db,
@@ -281,10 +287,14 @@ impl LogMarks {
     }
 }
 
-/// The Raft log and vote. Cloning shares the database (it is the log reader too).
+/// The Raft log and vote. Cloning shares the database, the tail and the
+/// marks (it is the log reader too).
 #[derive(Clone)]
 pub struct LogStore {
     db: Arc<Database>,
+    /// The newest entries, so that reading back what was just appended
+    /// (replication, apply) needs no blocking read (`log_tail.rs`).
+    tail: Arc<Mutex<LogTail>>,
     marks: Arc<LogMarks>,
 }
 
@@ -293,6 +303,10 @@ impl LogStore {
     pub fn marks(&self) -> Arc<LogMarks> {
         self.marks.clone()
     }
+
+    fn tail(&self) -> std::sync::MutexGuard<'_, LogTail> {
+        self.tail.lock().unwrap_or_else(|p| p.into_inner())
+    }
 }
 
 impl RaftLogReader<TypeConfig> for LogStore {
@@ -300,9 +314,12 @@ impl RaftLogReader<TypeConfig> for LogStore {
         &mut self,
         range: RB,
     ) -> StoreResult<Vec<Entry>> {
-        let db = self.db.clone();
         let bounds: (Bound<u64>, Bound<u64>) =
             (range.start_bound().cloned(), range.end_bound().cloned());
+        if let Some(entries) = self.tail().get(&bounds) {
+            return Ok(entries);
+        }
+        let db = self.db.clone();
         blocking(ErrorSubject::Logs, ErrorVerb::Read, move || {
             let txn = db.begin_read()?;
             let table = txn.open_table(LOG)?;
@@ -317,6 +334,15 @@ impl RaftLogReader<TypeConfig> for LogStore {
     }
 }
 
+/// `save_committed` and `read_committed` keep openraft's defaults (nothing
+/// stored): openraft 0.9 awaits `save_committed` in its core between
+/// committing an entry and applying it, so a stored commit index cost every
+/// write a hop to the blocking pool and a redb transaction on its way to the
+/// answer. It bought nothing for recovery: it was written without an fsync,
+/// like the applies right after it, so both reached the disk with the same
+/// next log append; after a restart openraft applies up to `last_applied`
+/// and learns the commit index from the leader (a single node, from the
+/// entry it commits on becoming leader), as for any lagging follower.
 impl RaftLogStorage<TypeConfig> for LogStore {
     type LogReader = LogStore;
 
@@ -366,35 +392,13 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         .await
     }
 
+    /// Not stored (see `docs/architecture.md`, "Where a write waits"): only
+    /// marked for [`LogMarks`].
     async fn save_committed(&mut self, committed: Option<LogId<NodeId>>) -> StoreResult<()> {
         self.marks
             .committed
             .store(committed.map_or(0, |c| c.index + 1), Ordering::SeqCst);
-        let db = self.db.clone();
-        let bytes = serde_json::to_vec(&committed)
-            .map_err(|e| io_err(ErrorSubject::Store, ErrorVerb::Write, e))?;
-        blocking(ErrorSubject::Store, ErrorVerb::Write, move || {
-            let mut txn = db.begin_write()?;
-            // Advisory: a lost value only means re-applying from an older point.
-            txn.set_durability(Durability::None)?;
-            txn.open_table(RAFT_META)?
-                .insert("committed", bytes.as_slice())?;
-            txn.commit()?;
-            Ok(())
-        })
-        .await
-    }
-
-    async fn read_committed(&mut self) -> StoreResult<Option<LogId<NodeId>>> {
-        let db = self.db.clone();
-        blocking(ErrorSubject::Store, ErrorVerb::Read, move || {
-            let txn = db.begin_read()?;
-            Ok(
-                get_json::<Option<LogId<NodeId>>>(&txn.open_table(RAFT_META)?, "committed")?
-                    .flatten(),
-            )
-        })
-        .await
+        Ok(())
     }
 
     async fn append<I>(&mut self, entries: I, callback: LogFlushed<TypeConfig>) -> StoreResult<()>
@@ -403,10 +407,12 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         I::IntoIter: OptionalSend,
     {
         let mut rows = Vec::new();
+        let mut appended = Vec::new();
         for e in entries {
             let bytes = serde_json::to_vec(&e)
                 .map_err(|err| io_err(ErrorSubject::Log(e.log_id), ErrorVerb::Write, err))?;
             rows.push((e.log_id.index, bytes));
+            appended.push(e);
         }
         // Before the write: replication reads entries from this store, so no
         // other node can hold an entry before its index is marked here.
@@ -424,11 +430,17 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             }
             // Durability::Immediate (the default): returns after fdatasync.
             txn.commit()?;
-            Ok(())
+            Ok(rows
+                .iter()
+                .map(|(_, bytes)| bytes.len())
+                .collect::<Vec<_>>())
         })
         .await;
         match result {
-            Ok(()) => {
+            Ok(sizes) => {
+                // In the log now: readable from the tail before openraft
+                // hears of it.
+                self.tail().append(appended.into_iter().zip(sizes));
                 callback.log_io_completed(Ok(()));
                 Ok(())
             }
@@ -441,6 +453,8 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 
     async fn truncate(&mut self, log_id: LogId<NodeId>) -> StoreResult<()> {
         self.marks.set_last(log_id.index.checked_sub(1));
+        // The tail first: it never holds an entry the log may have lost.
+        self.tail().truncate(log_id.index);
         let db = self.db.clone();
         blocking(ErrorSubject::Logs, ErrorVerb::Delete, move || {
             let txn = db.begin_write()?;
@@ -455,6 +469,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     async fn purge(&mut self, log_id: LogId<NodeId>) -> StoreResult<()> {
         // After a snapshot install the log may end at the snapshot.
         self.marks.raise_last(log_id.index);
+        self.tail().purge(log_id.index);
         let db = self.db.clone();
         let bytes = serde_json::to_vec(&log_id)
             .map_err(|e| io_err(ErrorSubject::Logs, ErrorVerb::Delete, e))?;
