@@ -34,9 +34,12 @@ use openraft::{
     RaftSnapshotBuilder, Snapshot, SnapshotMeta, StorageError, StorageIOError, StoredMembership,
     Vote,
 };
-use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
+use redb::{
+    Database, Durability, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition,
+};
 use serde::{Deserialize, Serialize};
 
+use super::expiry;
 use super::idempotency;
 use super::snapshot::{self as format, Kind, SnapshotError};
 use super::state::{self, Change};
@@ -59,7 +62,8 @@ pub(super) const SM_META: TableDefinition<&str, &[u8]> = TableDefinition::new("s
 /// Replicated settings: `maintenance` (cluster-wide maintenance).
 const SETTINGS: TableDefinition<&str, &[u8]> = TableDefinition::new("settings");
 /// Claimed idempotency keys: SHA-256 of the key -> JSON claim.
-const IDEMPOTENCY: TableDefinition<&str, &[u8]> = TableDefinition::new("idempotency_keys");
+pub(super) const IDEMPOTENCY: TableDefinition<&str, &[u8]> =
+    TableDefinition::new("idempotency_keys");
 /// The current snapshot: `meta` (JSON [`SnapshotMeta`]) and `file` (its file
 /// name in the snapshot directory). Releases before the streamed format kept
 /// the whole snapshot as JSON under `data`; [`open`] converts that once.
@@ -68,7 +72,7 @@ const SNAPSHOT: TableDefinition<&str, &[u8]> = TableDefinition::new("snapshot");
 /// alias is then refused as expired, not counted as a guess against the
 /// sender's address (a large provider's relays would otherwise be throttled
 /// for mail to long-gone aliases). About 30 bytes each.
-const PURGED: TableDefinition<&str, u64> = TableDefinition::new("purged");
+pub(super) const PURGED: TableDefinition<&str, u64> = TableDefinition::new("purged");
 
 /// How long a purged alias's id is remembered.
 pub const TOMBSTONE_KEEP_MS: u64 = 365 * 86_400_000;
@@ -207,7 +211,8 @@ pub fn open_with(path: &Path, options: &StoreOptions) -> Result<(LogStore, State
         txn.open_table(SETTINGS)?;
         txn.open_table(IDEMPOTENCY)?;
     }
-    super::targets::create_tables(&txn)?;
+    let target_index_built = super::targets::create_tables(&txn)?;
+    expiry::create_tables(&txn, target_index_built)?;
     txn.commit()?;
     let db = Arc::new(db);
     let files = SnapshotFiles { dir: snapshots };
@@ -472,23 +477,23 @@ impl StateReader {
         super::targets::link_state(&self.db.begin_read()?, token_hash, now_ms)
     }
 
-    /// Aliases that can still forward at `now_ms`, and all stored aliases.
+    /// Aliases that can still forward at `now_ms` (neither revoked, used up
+    /// nor expired: not [`AliasRecord::is_dead`]), and all stored aliases.
+    ///
+    /// Reads no alias: the per-target index (`targets.rs`) holds one row per
+    /// alias that is neither revoked nor used up, with its `valid_until`, so
+    /// the live ones are its rows less those whose time has passed, which
+    /// its expiry index counts (only the rows expired since the last purge).
     ///
     /// # Errors
     /// [`DbError`] when the database cannot be read.
     pub fn count(&self, now_ms: u64) -> Result<(u64, u64), DbError> {
         let txn = self.db.begin_read()?;
-        let table = txn.open_table(ALIASES)?;
-        let (mut live, mut all) = (0, 0);
-        for item in table.iter()? {
-            let (_, v) = item?;
-            let rec: AliasLiveness = serde_json::from_slice(v.value())?;
-            all += 1;
-            if !rec.is_dead(now_ms) {
-                live += 1;
-            }
-        }
-        Ok((live, all))
+        let all = txn.open_table(ALIASES)?.len()?;
+        let counted = txn.open_table(super::targets::TARGET_ALIASES)?.len()?;
+        let expired =
+            expiry::count_due(&txn.open_table(expiry::TARGET_ALIASES_BY_EXPIRY)?, now_ms)?;
+        Ok((counted.saturating_sub(expired), all))
     }
 }
 
@@ -521,51 +526,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         let entries: Vec<Entry> = entries.into_iter().collect();
         let db = self.db.clone();
         blocking(ErrorSubject::StateMachine, ErrorVerb::Write, move || {
-            let mut txn = db.begin_write()?;
-            txn.set_durability(Durability::None)?;
-            let mut responses = Vec::with_capacity(entries.len());
-            {
-                let mut meta = txn.open_table(SM_META)?;
-                let mut aliases = txn.open_table(ALIASES)?;
-                let mut settings = txn.open_table(SETTINGS)?;
-                let mut keys = txn.open_table(IDEMPOTENCY)?;
-                let mut targets = super::targets::Tables::open(&txn)?;
-                let mut last_now: u64 = get_json(&meta, "last_now")?.unwrap_or(0);
-                let mut membership: Option<StoredMembership<NodeId, openraft::BasicNode>> = None;
-                let mut last_applied = None;
-                for entry in &entries {
-                    last_applied = Some(entry.log_id);
-                    match &entry.payload {
-                        EntryPayload::Blank => responses.push(Response::None),
-                        EntryPayload::Membership(m) => {
-                            membership = Some(StoredMembership::new(Some(entry.log_id), m.clone()));
-                            responses.push(Response::None);
-                        }
-                        EntryPayload::Normal(req) => {
-                            // Replicated time never runs backwards, even across a
-                            // change of leader whose clock lags.
-                            last_now = last_now.max(req.now_ms);
-                            let mut tables = Tables {
-                                txn: &txn,
-                                aliases: &mut aliases,
-                                settings: &mut settings,
-                                keys: &mut keys,
-                                targets: &mut targets,
-                            };
-                            responses.push(apply_command(&mut tables, &req.cmd, last_now)?);
-                        }
-                    }
-                }
-                meta.insert("last_now", serde_json::to_vec(&last_now)?.as_slice())?;
-                if let Some(applied) = last_applied {
-                    meta.insert("last_applied", serde_json::to_vec(&applied)?.as_slice())?;
-                }
-                if let Some(m) = membership {
-                    meta.insert("last_membership", serde_json::to_vec(&m)?.as_slice())?;
-                }
-            }
-            txn.commit()?;
-            Ok(responses)
+            apply_entries(&db, &entries, PurgeBy::Index)
         })
         .await
     }
@@ -912,6 +873,11 @@ impl SnapshotFiles {
             // The per-target index comes with the snapshot; one converted from
             // the JSON format has none, and it is then built from the aliases.
             super::targets::index_installed(&txn)?;
+            // The expiry indexes are derived and never sent: built here from
+            // the installed tables.
+            let indexing = std::time::Instant::now();
+            expiry::rebuild(&txn)?;
+            let index_ms = indexing.elapsed().as_millis() as u64;
             // The checksum matched (next_record returned None): keep the copy.
             let tee = reader.into_inner();
             let copy = tee
@@ -937,6 +903,7 @@ impl SnapshotFiles {
             tracing::info!(
                 index = meta.last_log_id.map(|l| l.index),
                 ms = started.elapsed().as_millis() as u64,
+                index_ms,
                 "snapshot installed"
             );
             Ok(())
@@ -1153,6 +1120,71 @@ fn dump(read: &redb::ReadTransaction, w: &mut format::Writer<impl Write>) -> Res
     Ok(())
 }
 
+/// How a purge finds what is due: from the expiry indexes, or (only to
+/// check those against) by scanning whole tables as earlier releases did.
+#[derive(Debug, Clone, Copy)]
+enum PurgeBy {
+    Index,
+    #[cfg(test)]
+    Scan,
+}
+
+/// Applies `entries` to the state machine in one write transaction.
+fn apply_entries(
+    db: &Database,
+    entries: &[Entry],
+    purge: PurgeBy,
+) -> Result<Vec<Response>, DbError> {
+    let mut txn = db.begin_write()?;
+    txn.set_durability(Durability::None)?;
+    let mut responses = Vec::with_capacity(entries.len());
+    {
+        let mut meta = txn.open_table(SM_META)?;
+        let mut aliases = txn.open_table(ALIASES)?;
+        let mut settings = txn.open_table(SETTINGS)?;
+        let mut keys = txn.open_table(IDEMPOTENCY)?;
+        let mut targets = super::targets::Tables::open(&txn)?;
+        let mut expiry = expiry::Indexes::open(&txn)?;
+        let mut last_now: u64 = get_json(&meta, "last_now")?.unwrap_or(0);
+        let mut membership: Option<StoredMembership<NodeId, openraft::BasicNode>> = None;
+        let mut last_applied = None;
+        for entry in entries {
+            last_applied = Some(entry.log_id);
+            match &entry.payload {
+                EntryPayload::Blank => responses.push(Response::None),
+                EntryPayload::Membership(m) => {
+                    membership = Some(StoredMembership::new(Some(entry.log_id), m.clone()));
+                    responses.push(Response::None);
+                }
+                EntryPayload::Normal(req) => {
+                    // Replicated time never runs backwards, even across a
+                    // change of leader whose clock lags.
+                    last_now = last_now.max(req.now_ms);
+                    let mut tables = Tables {
+                        txn: &txn,
+                        aliases: &mut aliases,
+                        settings: &mut settings,
+                        keys: &mut keys,
+                        targets: &mut targets,
+                        expiry: &mut expiry,
+                        purge,
+                    };
+                    responses.push(apply_command(&mut tables, &req.cmd, last_now)?);
+                }
+            }
+        }
+        meta.insert("last_now", serde_json::to_vec(&last_now)?.as_slice())?;
+        if let Some(applied) = last_applied {
+            meta.insert("last_applied", serde_json::to_vec(&applied)?.as_slice())?;
+        }
+        if let Some(m) = membership {
+            meta.insert("last_membership", serde_json::to_vec(&m)?.as_slice())?;
+        }
+    }
+    txn.commit()?;
+    Ok(responses)
+}
+
 type Table<'t> = redb::Table<'t, &'static str, &'static [u8]>;
 
 /// The state-machine tables one apply transaction writes.
@@ -1163,6 +1195,9 @@ struct Tables<'a, 't> {
     keys: &'a mut Table<'t>,
     /// The per-target index, confirmations and tokens (`targets.rs`).
     targets: &'a mut super::targets::Tables<'t>,
+    /// The expiry indexes of the tables a purge deletes from (`expiry.rs`).
+    expiry: &'a mut expiry::Indexes<'t>,
+    purge: PurgeBy,
 }
 
 /// Applies one command at replicated time `now_ms` and returns its answer.
@@ -1176,26 +1211,32 @@ fn apply_command(t: &mut Tables<'_, '_>, cmd: &Command, now_ms: u64) -> Result<R
         }
         return Ok(Response::Batch { responses });
     }
-    if let Some(response) = t.targets.apply(t.aliases, t.keys, cmd, now_ms)? {
+    if let Command::Purge { .. } = cmd {
+        match t.purge {
+            PurgeBy::Index => {
+                t.targets.apply(t.aliases, t.keys, t.expiry, cmd, now_ms)?;
+            }
+            #[cfg(test)]
+            PurgeBy::Scan => t.targets.purge_by_scan(now_ms)?,
+        }
+    } else if let Some(response) = t.targets.apply(t.aliases, t.keys, t.expiry, cmd, now_ms)? {
         return Ok(response);
     }
-    if let Some(response) = apply_own_tables(t.targets, t.aliases, t.settings, t.keys, cmd, now_ms)?
-    {
+    if let Some(response) = apply_own_tables(t, cmd, now_ms)? {
         return Ok(response);
     }
-    let aliases = &mut *t.aliases;
     Ok(match state::command_id(cmd) {
         Some(id) => {
-            let current: Option<AliasRecord> = get_json(aliases, id)?;
+            let current: Option<AliasRecord> = get_json(t.aliases, id)?;
             let (change, response) = state::apply(current.as_ref(), cmd, now_ms);
             match change {
                 Change::Put(rec) => {
-                    t.targets.sync(current.as_ref(), Some(&rec))?;
-                    aliases.insert(id, serde_json::to_vec(&rec)?.as_slice())?;
+                    t.targets.sync(t.expiry, current.as_ref(), Some(&rec))?;
+                    t.aliases.insert(id, serde_json::to_vec(&rec)?.as_slice())?;
                 }
                 Change::Delete => {
-                    t.targets.sync(current.as_ref(), None)?;
-                    aliases.remove(id)?;
+                    t.targets.sync(t.expiry, current.as_ref(), None)?;
+                    t.aliases.remove(id)?;
                 }
                 Change::Keep => {}
             }
@@ -1208,26 +1249,83 @@ fn apply_command(t: &mut Tables<'_, '_>, cmd: &Command, now_ms: u64) -> Result<R
             let Command::Purge { keep_ms } = cmd else {
                 return Ok(Response::None);
             };
-            let mut doomed = Vec::new();
-            for item in aliases.iter()? {
-                let (k, v) = item?;
-                let rec: AliasLiveness = serde_json::from_slice(v.value())?;
-                if rec.purgeable(now_ms, *keep_ms) {
-                    doomed.push(k.value().to_string());
-                }
-            }
-            let mut purged = t.txn.open_table(PURGED)?;
-            for id in &doomed {
-                aliases.remove(id.as_str())?;
-                purged.insert(id.as_str(), now_ms)?;
-            }
-            let horizon = now_ms.saturating_sub(TOMBSTONE_KEEP_MS);
-            purged.retain(|_, at| at > horizon)?;
-            Response::Purged {
-                count: doomed.len() as u64,
-            }
+            let count = match t.purge {
+                PurgeBy::Index => purge_aliases(t, *keep_ms, now_ms)?,
+                #[cfg(test)]
+                PurgeBy::Scan => purge_aliases_by_scan(t, *keep_ms, now_ms)?,
+            };
+            Response::Purged { count }
         }
     })
+}
+
+/// The alias half of a purge: deletes the aliases due (by the expiry
+/// index, `valid_until + keep_ms` passed) that hold no live reservation,
+/// leaves a tombstone for each and forgets tombstones older than
+/// [`TOMBSTONE_KEEP_MS`]. Reads only due rows: the aliases whose expiry
+/// passed, and the tombstones to forget. Returns how many aliases went.
+fn purge_aliases(t: &mut Tables<'_, '_>, keep_ms: u64, now_ms: u64) -> Result<u64, DbError> {
+    let mut doomed = Vec::new();
+    let mut stale = Vec::new();
+    if let Some(bound) = expiry::alias_bound(now_ms, keep_ms) {
+        for (at, id) in expiry::due(&t.expiry.aliases, bound)? {
+            let Some(v) = t.aliases.get(id.as_str())? else {
+                // An index row without its alias cannot arise (every write
+                // of the alias table keeps the index); it is derived, so
+                // it is simply dropped.
+                stale.push((at, id));
+                continue;
+            };
+            // An alias still holding a live reservation stays (and stays
+            // indexed) until a later purge finds its lease lapsed.
+            let rec: AliasLiveness = serde_json::from_slice(v.value())?;
+            if rec.purgeable(now_ms, keep_ms) {
+                doomed.push((at, id));
+            }
+        }
+    }
+    for (at, id) in &stale {
+        t.expiry.aliases.remove((*at, id.as_str()))?;
+    }
+    let mut purged = t.txn.open_table(PURGED)?;
+    for (at, id) in &doomed {
+        t.aliases.remove(id.as_str())?;
+        t.expiry.aliases.remove((*at, id.as_str()))?;
+        let old = purged.insert(id.as_str(), now_ms)?.map(|v| v.value());
+        expiry::reindex(&mut t.expiry.purged, id, old, Some(now_ms))?;
+    }
+    let horizon = now_ms.saturating_sub(TOMBSTONE_KEEP_MS);
+    for id in expiry::take_due(&mut t.expiry.purged, horizon)? {
+        purged.remove(id.as_str())?;
+    }
+    Ok(doomed.len() as u64)
+}
+
+/// The alias half of a purge as releases before the expiry indexes applied
+/// it: a scan of every alias and every tombstone. Kept to check that
+/// [`purge_aliases`] leaves exactly the same tables.
+#[cfg(test)]
+fn purge_aliases_by_scan(
+    t: &mut Tables<'_, '_>,
+    keep_ms: u64,
+    now_ms: u64,
+) -> Result<u64, DbError> {
+    let mut doomed = Vec::new();
+    for item in t.aliases.iter()? {
+        let (k, v) = item?;
+        let rec: AliasLiveness = serde_json::from_slice(v.value())?;
+        if rec.purgeable(now_ms, keep_ms) {
+            doomed.push(k.value().to_string());
+        }
+    }
+    let mut purged = t.txn.open_table(PURGED)?;
+    for id in &doomed {
+        t.aliases.remove(id.as_str())?;
+        purged.insert(id.as_str(), now_ms)?;
+    }
+    let horizon = now_ms.saturating_sub(TOMBSTONE_KEEP_MS);
+    purged.retain(|_, at| at > horizon)?;
+    Ok(doomed.len() as u64)
 }
 
 /// Applies the commands that live in tables other than the alias table
@@ -1235,17 +1333,14 @@ fn apply_command(t: &mut Tables<'_, '_>, cmd: &Command, now_ms: u64) -> Result<R
 /// command is an alias command for the caller (a purge still is, after its
 /// expired keys are gone).
 fn apply_own_tables(
-    targets: &mut super::targets::Tables<'_>,
-    aliases: &mut Table<'_>,
-    settings: &mut Table<'_>,
-    keys: &mut Table<'_>,
+    t: &mut Tables<'_, '_>,
     cmd: &Command,
     now_ms: u64,
 ) -> Result<Option<Response>, DbError> {
     match cmd {
         Command::SetMaintenance { on } => {
             let current: ClusterMaintenance =
-                get_json(settings, "maintenance")?.unwrap_or_default();
+                get_json(t.settings, "maintenance")?.unwrap_or_default();
             let next = if current.on == *on {
                 current
             } else {
@@ -1254,7 +1349,8 @@ fn apply_own_tables(
                     since_ms: now_ms,
                 }
             };
-            settings.insert("maintenance", serde_json::to_vec(&next)?.as_slice())?;
+            t.settings
+                .insert("maintenance", serde_json::to_vec(&next)?.as_slice())?;
             Ok(Some(Response::Maintenance(next)))
         }
         Command::CreateAliasKeyed {
@@ -1262,13 +1358,13 @@ fn apply_own_tables(
             fingerprint,
             create,
         } => {
-            let claim: Option<IdempotencyRecord> = get_json(keys, key_hash)?;
+            let claim: Option<IdempotencyRecord> = get_json(t.keys, key_hash)?;
             let claimed_alias: Option<AliasRecord> = match &claim {
-                Some(c) => get_json(aliases, &c.alias_id)?,
+                Some(c) => get_json(t.aliases, &c.alias_id)?,
                 None => None,
             };
             let current: Option<AliasRecord> = match state::command_id(create) {
-                Some(id) => get_json(aliases, id)?,
+                Some(id) => get_json(t.aliases, id)?,
                 None => None,
             };
             let outcome = idempotency::apply(
@@ -1280,25 +1376,46 @@ fn apply_own_tables(
                 now_ms,
             );
             if let Change::Put(rec) = &outcome.change {
-                targets.sync(current.as_ref(), Some(rec))?;
-                aliases.insert(rec.id.as_str(), serde_json::to_vec(rec)?.as_slice())?;
+                t.targets.sync(t.expiry, current.as_ref(), Some(rec))?;
+                t.aliases
+                    .insert(rec.id.as_str(), serde_json::to_vec(rec)?.as_slice())?;
             }
             if let Some(c) = &outcome.claim {
-                keys.insert(key_hash.as_str(), serde_json::to_vec(c)?.as_slice())?;
+                expiry::put_json(
+                    t.keys,
+                    &mut t.expiry.keys,
+                    key_hash,
+                    serde_json::to_vec(c)?.as_slice(),
+                    idempotency::expires_at(c),
+                    expiry::key_time,
+                )?;
             }
             Ok(Some(outcome.response))
         }
         Command::Purge { .. } => {
-            keys.retain(|_, v| {
-                serde_json::from_slice::<IdempotencyRecord>(v)
-                    .map(|c| !idempotency::expired(&c, now_ms))
-                    .unwrap_or(false)
-            })?;
+            match t.purge {
+                PurgeBy::Index => {
+                    for key in expiry::take_due(&mut t.expiry.keys, now_ms)? {
+                        t.keys.remove(key.as_str())?;
+                    }
+                }
+                #[cfg(test)]
+                PurgeBy::Scan => {
+                    t.keys.retain(|_, v| {
+                        serde_json::from_slice::<IdempotencyRecord>(v)
+                            .map(|c| !idempotency::expired(&c, now_ms))
+                            .unwrap_or(false)
+                    })?;
+                }
+            }
             Ok(None)
         }
         _ => Ok(None),
     }
 }
+
+#[cfg(test)]
+mod purge_tests;
 
 fn now_nanos() -> u128 {
     std::time::SystemTime::now()
