@@ -189,8 +189,9 @@ pub(super) fn due(index: &Index<'_>, bound: u64) -> Result<Vec<(u64, String)>, D
     Ok(out)
 }
 
-/// Removes the rows of `index` at or before `bound` and returns their keys:
-/// the rows of the indexed table that the caller deletes.
+/// Removes the rows of `index` at or before `bound` and returns their keys,
+/// sorted (the order in which the indexed table is cheapest to write): the
+/// rows of the indexed table that the caller deletes.
 ///
 /// # Errors
 /// [`DbError`] when the index cannot be written.
@@ -200,6 +201,7 @@ pub(super) fn take_due(index: &mut Index<'_>, bound: u64) -> Result<Vec<String>,
         let (k, _) = item?;
         out.push(k.value().1.to_string());
     }
+    out.sort_unstable();
     Ok(out)
 }
 

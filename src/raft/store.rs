@@ -1265,40 +1265,65 @@ fn apply_command(t: &mut Tables<'_, '_>, cmd: &Command, now_ms: u64) -> Result<R
 /// [`TOMBSTONE_KEEP_MS`]. Reads only due rows: the aliases whose expiry
 /// passed, and the tombstones to forget. Returns how many aliases went.
 fn purge_aliases(t: &mut Tables<'_, '_>, keep_ms: u64, now_ms: u64) -> Result<u64, DbError> {
+    let Some(bound) = expiry::alias_bound(now_ms, keep_ms) else {
+        return forget_tombstones(t, now_ms).map(|()| 0);
+    };
+    // Index order is time order, which is random in ids: the alias table is
+    // read and written in id order, so that consecutive ids share pages.
+    let mut candidates = expiry::due(&t.expiry.aliases, bound)?;
+    candidates.sort_unstable_by(|a, b| a.1.cmp(&b.1));
     let mut doomed = Vec::new();
-    let mut stale = Vec::new();
-    if let Some(bound) = expiry::alias_bound(now_ms, keep_ms) {
-        for (at, id) in expiry::due(&t.expiry.aliases, bound)? {
-            let Some(v) = t.aliases.get(id.as_str())? else {
-                // An index row without its alias cannot arise (every write
-                // of the alias table keeps the index); it is derived, so
-                // it is simply dropped.
-                stale.push((at, id));
-                continue;
-            };
-            // An alias still holding a live reservation stays (and stays
-            // indexed) until a later purge finds its lease lapsed.
-            let rec: AliasLiveness = serde_json::from_slice(v.value())?;
-            if rec.purgeable(now_ms, keep_ms) {
-                doomed.push((at, id));
-            }
+    let mut gone = Vec::new();
+    for (at, id) in candidates {
+        let Some(v) = t.aliases.get(id.as_str())? else {
+            // An index row without its alias cannot arise (every write of
+            // the alias table keeps the index); it is derived, so it is
+            // simply dropped.
+            gone.push((at, id));
+            continue;
+        };
+        // An alias still holding a live reservation stays (and stays
+        // indexed) until a later purge finds its lease lapsed.
+        let rec: AliasLiveness = serde_json::from_slice(v.value())?;
+        if rec.purgeable(now_ms, keep_ms) {
+            doomed.push((at, id));
         }
     }
-    for (at, id) in &stale {
+    let mut purged = t.txn.open_table(PURGED)?;
+    for (_, id) in &doomed {
+        t.aliases.remove(id.as_str())?;
+        let old = purged.insert(id.as_str(), now_ms)?.map(|v| v.value());
+        if let Some(old) = old {
+            t.expiry.purged.remove((old, id.as_str()))?;
+        }
+    }
+    gone.extend_from_slice(&doomed);
+    gone.sort_unstable();
+    for (at, id) in &gone {
         t.expiry.aliases.remove((*at, id.as_str()))?;
+    }
+    // New tombstones all have this purge's time: inserted in id order, they
+    // are appended to the index.
+    for (_, id) in &doomed {
+        t.expiry.purged.insert((now_ms, id.as_str()), ())?;
+    }
+    drop(purged);
+    forget_tombstones(t, now_ms)?;
+    Ok(doomed.len() as u64)
+}
+
+/// Forgets the tombstones older than [`TOMBSTONE_KEEP_MS`].
+fn forget_tombstones(t: &mut Tables<'_, '_>, now_ms: u64) -> Result<(), DbError> {
+    let horizon = now_ms.saturating_sub(TOMBSTONE_KEEP_MS);
+    let old = expiry::take_due(&mut t.expiry.purged, horizon)?;
+    if old.is_empty() {
+        return Ok(());
     }
     let mut purged = t.txn.open_table(PURGED)?;
-    for (at, id) in &doomed {
-        t.aliases.remove(id.as_str())?;
-        t.expiry.aliases.remove((*at, id.as_str()))?;
-        let old = purged.insert(id.as_str(), now_ms)?.map(|v| v.value());
-        expiry::reindex(&mut t.expiry.purged, id, old, Some(now_ms))?;
-    }
-    let horizon = now_ms.saturating_sub(TOMBSTONE_KEEP_MS);
-    for id in expiry::take_due(&mut t.expiry.purged, horizon)? {
+    for id in old {
         purged.remove(id.as_str())?;
     }
-    Ok(doomed.len() as u64)
+    Ok(())
 }
 
 /// The alias half of a purge as releases before the expiry indexes applied
@@ -1414,6 +1439,8 @@ fn apply_own_tables(
     }
 }
 
+#[cfg(test)]
+mod purge_bench;
 #[cfg(test)]
 mod purge_tests;
 
