@@ -771,11 +771,18 @@ impl SnapshotFiles {
 
     /// Installs a received snapshot file (see
     /// [`RaftStateMachine::install_snapshot`]).
-    fn install(
+    fn install(&self, db: &Database, meta: &Meta, received: std::fs::File) -> Result<(), DbError> {
+        self.install_with(db, meta, received, true)
+    }
+
+    /// As [`Self::install`]; `build_indexes: false` leaves the expiry
+    /// indexes out (only to measure what building them costs).
+    fn install_with(
         &self,
         db: &Database,
         meta: &Meta,
         mut received: std::fs::File,
+        build_indexes: bool,
     ) -> Result<(), DbError> {
         let started = std::time::Instant::now();
         let source = PathBuf::from(format!("received snapshot {}", meta.snapshot_id));
@@ -805,6 +812,9 @@ impl SnapshotFiles {
             }
             txn.delete_table(PURGED)?;
             txn.delete_table(super::targets::TARGET_ALIASES)?;
+            for def in expiry::ALL {
+                txn.delete_table(def)?;
+            }
             {
                 let mut aliases = txn.open_table(ALIASES)?;
                 let mut purged = txn.open_table(PURGED)?;
@@ -814,6 +824,10 @@ impl SnapshotFiles {
                 let mut targets = txn.open_table(super::targets::TARGETS)?;
                 let mut tokens = txn.open_table(super::targets::CONFIRM_TOKENS)?;
                 let mut index = txn.open_table(super::targets::TARGET_ALIASES)?;
+                // The expiry indexes are derived and never sent: built here
+                // from the records as they are installed.
+                let mut expiry_ix = expiry::Indexes::open(&txn)?;
+                let mut built = expiry::Builder::default();
                 while let Some(rec) = reader.next_record().map_err(|e| format_err(&source, e))? {
                     let key = std::str::from_utf8(&rec.key).map_err(|_| {
                         format_err(
@@ -824,6 +838,17 @@ impl SnapshotFiles {
                             )),
                         )
                     })?;
+                    let which = match rec.kind {
+                        Kind::Alias => Some(expiry::Which::Aliases),
+                        Kind::IdempotencyKey => Some(expiry::Which::Keys),
+                        Kind::ConfirmToken => Some(expiry::Which::Tokens),
+                        Kind::Target => Some(expiry::Which::Targets),
+                        _ => None,
+                    };
+                    if let (Some(which), true) = (which, build_indexes) {
+                        let at = which.time(&rec.value);
+                        built.add(&mut expiry_ix, which, at, key)?;
+                    }
                     match rec.kind {
                         Kind::Alias => {
                             aliases.insert(key, rec.value.as_slice())?;
@@ -838,10 +863,16 @@ impl SnapshotFiles {
                                     )),
                                 )
                             })?;
-                            if rec.kind == Kind::Purged {
-                                purged.insert(key, u64::from_le_bytes(at))?;
+                            let at = u64::from_le_bytes(at);
+                            let which = if rec.kind == Kind::Purged {
+                                purged.insert(key, at)?;
+                                expiry::Which::Purged
                             } else {
-                                index.insert(key, u64::from_le_bytes(at))?;
+                                index.insert(key, at)?;
+                                expiry::Which::TargetAliases
+                            };
+                            if build_indexes {
+                                built.add(&mut expiry_ix, which, at, key)?;
                             }
                         }
                         Kind::Target => {
@@ -869,15 +900,17 @@ impl SnapshotFiles {
                     "last_membership",
                     serde_json::to_vec(&meta.last_membership)?.as_slice(),
                 )?;
+                built.finish(&mut expiry_ix)?;
+                if build_indexes {
+                    expiry::mark_current(&mut sm)?;
+                }
             }
             // The per-target index comes with the snapshot; one converted from
             // the JSON format has none, and it is then built from the aliases.
-            super::targets::index_installed(&txn)?;
-            // The expiry indexes are derived and never sent: built here from
-            // the installed tables.
-            let indexing = std::time::Instant::now();
-            expiry::rebuild(&txn)?;
-            let index_ms = indexing.elapsed().as_millis() as u64;
+            if super::targets::index_installed(&txn)? && build_indexes {
+                // Built now: its expiry index was not.
+                expiry::rebuild(&txn)?;
+            }
             // The checksum matched (next_record returned None): keep the copy.
             let tee = reader.into_inner();
             let copy = tee
@@ -903,7 +936,6 @@ impl SnapshotFiles {
             tracing::info!(
                 index = meta.last_log_id.map(|l| l.index),
                 ms = started.elapsed().as_millis() as u64,
-                index_ms,
                 "snapshot installed"
             );
             Ok(())

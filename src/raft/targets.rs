@@ -289,18 +289,20 @@ fn rebuild_index(
 
 /// After a snapshot was installed in `txn`: an index that came with it is
 /// marked as built; a snapshot without one (converted from the JSON format
-/// of releases before these tables) gets it built from the aliases now.
+/// of releases before these tables) gets it built from the aliases now, and
+/// then `true` is returned (its expiry index must be built again).
 ///
 /// # Errors
 /// [`DbError`] when the database cannot be read or written.
-pub(super) fn index_installed(txn: &WriteTransaction) -> Result<(), DbError> {
+pub(super) fn index_installed(txn: &WriteTransaction) -> Result<bool, DbError> {
     let mut index = txn.open_table(TARGET_ALIASES)?;
-    if redb::ReadableTableMetadata::is_empty(&index)? {
+    let built = redb::ReadableTableMetadata::is_empty(&index)?;
+    if built {
         rebuild_index(&txn.open_table(ALIASES)?, &mut index)?;
     }
     let mut meta = txn.open_table(super::store::SM_META)?;
     meta.insert(INDEX_BUILT, b"true".as_slice())?;
-    Ok(())
+    Ok(built)
 }
 
 /// The three tables, open in one apply transaction.
