@@ -494,7 +494,7 @@ mod tests {
             assert_eq!(keys(u64::MAX - 1).len(), 4);
             assert_eq!(keys(u64::MAX).len(), 5);
             assert_eq!(count_due(&ix, 5).unwrap(), 3);
-            assert_eq!(take_due(&mut ix, 5).unwrap(), vec!["a", "", "zz"]);
+            assert_eq!(take_due(&mut ix, 5).unwrap(), vec!["", "a", "zz"]);
             assert_eq!(ix.len().unwrap(), 2);
         }
         txn.commit().unwrap();

@@ -16,6 +16,10 @@
 //!
 //! redb calls block (they may fsync), so each runs on tokio's blocking pool.
 //!
+//! Every table a purge deletes from has an expiry index ([`super::expiry`]),
+//! written in the same transaction as the rows it indexes, so a purge reads
+//! only the rows that are due instead of whole tables.
+//!
 //! Snapshots are files next to the database (`<db>.snapshots/`, format in
 //! [`super::snapshot`]), built by streaming the tables out of one read
 //! transaction and installed by streaming records into one write transaction;
