@@ -280,6 +280,10 @@ pub(super) fn create_tables(txn: &WriteTransaction, force: bool) -> Result<(), D
     }
     let started = std::time::Instant::now();
     let rows = rebuild(txn)?;
+    if rows.iter().all(|n| *n == 0) {
+        // A new database: nothing to tell.
+        return Ok(());
+    }
     tracing::info!(
         aliases = rows[0],
         tombstones = rows[1],
