@@ -15,6 +15,12 @@ pub fn expired(rec: &IdempotencyRecord, now_ms: u64) -> bool {
     now_ms >= rec.claimed_ms.saturating_add(IDEMPOTENCY_KEY_TTL_MS)
 }
 
+/// The replicated time from which a claim is [`expired`] (and the purge
+/// forgets it): the time its row is indexed by (`expiry.rs`).
+pub fn expires_at(rec: &IdempotencyRecord) -> u64 {
+    rec.claimed_ms.saturating_add(IDEMPOTENCY_KEY_TTL_MS)
+}
+
 /// What applying a keyed create changes.
 #[derive(Debug, PartialEq, Eq)]
 pub struct Outcome {
@@ -191,6 +197,7 @@ mod tests {
         let later = 1000 + IDEMPOTENCY_KEY_TTL_MS;
         assert!(expired(&claim, later));
         assert!(!expired(&claim, later - 1));
+        assert_eq!(expires_at(&claim), later);
         let o = apply(
             Some(&claim),
             Some(&rec),

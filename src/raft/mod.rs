@@ -8,6 +8,7 @@
 //!   with the alias it creates), also pure.
 //! - [`targets`]: per-target rules (cap on live aliases, confirmation by
 //!   the target) and their tables.
+//! - `expiry`: the expiry indexes that let a purge read only what is due.
 //! - [`store`]: the redb database holding the Raft log, vote, state machine and
 //!   snapshots of one node.
 //! - [`log_tail`]: the newest log entries in memory, for the reads that
@@ -20,6 +21,7 @@
 //!   failover, one-way partitions, no disruptive campaigns).
 
 pub mod batch;
+mod expiry;
 pub mod forward;
 pub mod idempotency;
 pub mod liveness;

@@ -18,6 +18,10 @@
 //! Reads of the newest log entries, which openraft makes right after each
 //! append, are answered from memory instead ([`super::log_tail`]).
 //!
+//! Every table a purge deletes from has an expiry index ([`super::expiry`]),
+//! written in the same transaction as the rows it indexes, so a purge reads
+//! only the rows that are due instead of whole tables.
+//!
 //! Snapshots are files next to the database (`<db>.snapshots/`, format in
 //! [`super::snapshot`]), built by streaming the tables out of one read
 //! transaction and installed by streaming records into one write transaction;
@@ -37,9 +41,12 @@ use openraft::{
     RaftSnapshotBuilder, Snapshot, SnapshotMeta, StorageError, StorageIOError, StoredMembership,
     Vote,
 };
-use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
+use redb::{
+    Database, Durability, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition,
+};
 use serde::{Deserialize, Serialize};
 
+use super::expiry;
 use super::idempotency;
 use super::log_tail::LogTail;
 use super::snapshot::{self as format, Kind, SnapshotError};
@@ -65,7 +72,8 @@ pub(super) const SM_META: TableDefinition<&str, &[u8]> = TableDefinition::new("s
 /// Replicated settings: `maintenance` (cluster-wide maintenance).
 const SETTINGS: TableDefinition<&str, &[u8]> = TableDefinition::new("settings");
 /// Claimed idempotency keys: SHA-256 of the key -> JSON claim.
-const IDEMPOTENCY: TableDefinition<&str, &[u8]> = TableDefinition::new("idempotency_keys");
+pub(super) const IDEMPOTENCY: TableDefinition<&str, &[u8]> =
+    TableDefinition::new("idempotency_keys");
 /// The current snapshot: `meta` (JSON [`SnapshotMeta`]) and `file` (its file
 /// name in the snapshot directory). Releases before the streamed format kept
 /// the whole snapshot as JSON under `data`; [`open`] converts that once.
@@ -74,7 +82,7 @@ const SNAPSHOT: TableDefinition<&str, &[u8]> = TableDefinition::new("snapshot");
 /// alias is then refused as expired, not counted as a guess against the
 /// sender's address (a large provider's relays would otherwise be throttled
 /// for mail to long-gone aliases). About 30 bytes each.
-const PURGED: TableDefinition<&str, u64> = TableDefinition::new("purged");
+pub(super) const PURGED: TableDefinition<&str, u64> = TableDefinition::new("purged");
 
 /// How long a purged alias's id is remembered.
 pub const TOMBSTONE_KEEP_MS: u64 = 365 * 86_400_000;
@@ -213,7 +221,8 @@ pub fn open_with(path: &Path, options: &StoreOptions) -> Result<(LogStore, State
         txn.open_table(SETTINGS)?;
         txn.open_table(IDEMPOTENCY)?;
     }
-    super::targets::create_tables(&txn)?;
+    let target_index_built = super::targets::create_tables(&txn)?;
+    expiry::create_tables(&txn, target_index_built)?;
     txn.commit()?;
     let db = Arc::new(db);
     let files = SnapshotFiles { dir: snapshots };
@@ -564,23 +573,23 @@ impl StateReader {
         super::targets::link_state(&self.db.begin_read()?, token_hash, now_ms)
     }
 
-    /// Aliases that can still forward at `now_ms`, and all stored aliases.
+    /// Aliases that can still forward at `now_ms` (neither revoked, used up
+    /// nor expired: not [`AliasRecord::is_dead`]), and all stored aliases.
+    ///
+    /// Reads no alias: the per-target index (`targets.rs`) holds one row per
+    /// alias that is neither revoked nor used up, with its `valid_until`, so
+    /// the live ones are its rows less those whose time has passed, which
+    /// its expiry index counts (only the rows expired since the last purge).
     ///
     /// # Errors
     /// [`DbError`] when the database cannot be read.
     pub fn count(&self, now_ms: u64) -> Result<(u64, u64), DbError> {
         let txn = self.db.begin_read()?;
-        let table = txn.open_table(ALIASES)?;
-        let (mut live, mut all) = (0, 0);
-        for item in table.iter()? {
-            let (_, v) = item?;
-            let rec: AliasLiveness = serde_json::from_slice(v.value())?;
-            all += 1;
-            if !rec.is_dead(now_ms) {
-                live += 1;
-            }
-        }
-        Ok((live, all))
+        let all = txn.open_table(ALIASES)?.len()?;
+        let counted = txn.open_table(super::targets::TARGET_ALIASES)?.len()?;
+        let expired =
+            expiry::count_due(&txn.open_table(expiry::TARGET_ALIASES_BY_EXPIRY)?, now_ms)?;
+        Ok((counted.saturating_sub(expired), all))
     }
 }
 
@@ -613,51 +622,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         let entries: Vec<Entry> = entries.into_iter().collect();
         let db = self.db.clone();
         blocking(ErrorSubject::StateMachine, ErrorVerb::Write, move || {
-            let mut txn = db.begin_write()?;
-            txn.set_durability(Durability::None)?;
-            let mut responses = Vec::with_capacity(entries.len());
-            {
-                let mut meta = txn.open_table(SM_META)?;
-                let mut aliases = txn.open_table(ALIASES)?;
-                let mut settings = txn.open_table(SETTINGS)?;
-                let mut keys = txn.open_table(IDEMPOTENCY)?;
-                let mut targets = super::targets::Tables::open(&txn)?;
-                let mut last_now: u64 = get_json(&meta, "last_now")?.unwrap_or(0);
-                let mut membership: Option<StoredMembership<NodeId, openraft::BasicNode>> = None;
-                let mut last_applied = None;
-                for entry in &entries {
-                    last_applied = Some(entry.log_id);
-                    match &entry.payload {
-                        EntryPayload::Blank => responses.push(Response::None),
-                        EntryPayload::Membership(m) => {
-                            membership = Some(StoredMembership::new(Some(entry.log_id), m.clone()));
-                            responses.push(Response::None);
-                        }
-                        EntryPayload::Normal(req) => {
-                            // Replicated time never runs backwards, even across a
-                            // change of leader whose clock lags.
-                            last_now = last_now.max(req.now_ms);
-                            let mut tables = Tables {
-                                txn: &txn,
-                                aliases: &mut aliases,
-                                settings: &mut settings,
-                                keys: &mut keys,
-                                targets: &mut targets,
-                            };
-                            responses.push(apply_command(&mut tables, &req.cmd, last_now)?);
-                        }
-                    }
-                }
-                meta.insert("last_now", serde_json::to_vec(&last_now)?.as_slice())?;
-                if let Some(applied) = last_applied {
-                    meta.insert("last_applied", serde_json::to_vec(&applied)?.as_slice())?;
-                }
-                if let Some(m) = membership {
-                    meta.insert("last_membership", serde_json::to_vec(&m)?.as_slice())?;
-                }
-            }
-            txn.commit()?;
-            Ok(responses)
+            apply_entries(&db, &entries, PurgeBy::Index)
         })
         .await
     }
@@ -902,11 +867,18 @@ impl SnapshotFiles {
 
     /// Installs a received snapshot file (see
     /// [`RaftStateMachine::install_snapshot`]).
-    fn install(
+    fn install(&self, db: &Database, meta: &Meta, received: std::fs::File) -> Result<(), DbError> {
+        self.install_with(db, meta, received, true)
+    }
+
+    /// As [`Self::install`]; `build_indexes: false` leaves the expiry
+    /// indexes out (only to measure what building them costs).
+    fn install_with(
         &self,
         db: &Database,
         meta: &Meta,
         mut received: std::fs::File,
+        build_indexes: bool,
     ) -> Result<(), DbError> {
         let started = std::time::Instant::now();
         let source = PathBuf::from(format!("received snapshot {}", meta.snapshot_id));
@@ -936,6 +908,9 @@ impl SnapshotFiles {
             }
             txn.delete_table(PURGED)?;
             txn.delete_table(super::targets::TARGET_ALIASES)?;
+            for def in expiry::ALL {
+                txn.delete_table(def)?;
+            }
             {
                 let mut aliases = txn.open_table(ALIASES)?;
                 let mut purged = txn.open_table(PURGED)?;
@@ -945,6 +920,10 @@ impl SnapshotFiles {
                 let mut targets = txn.open_table(super::targets::TARGETS)?;
                 let mut tokens = txn.open_table(super::targets::CONFIRM_TOKENS)?;
                 let mut index = txn.open_table(super::targets::TARGET_ALIASES)?;
+                // The expiry indexes are derived and never sent: built here
+                // from the records as they are installed.
+                let mut expiry_ix = expiry::Indexes::open(&txn)?;
+                let mut built = expiry::Builder::default();
                 while let Some(rec) = reader.next_record().map_err(|e| format_err(&source, e))? {
                     let key = std::str::from_utf8(&rec.key).map_err(|_| {
                         format_err(
@@ -955,6 +934,17 @@ impl SnapshotFiles {
                             )),
                         )
                     })?;
+                    let which = match rec.kind {
+                        Kind::Alias => Some(expiry::Which::Aliases),
+                        Kind::IdempotencyKey => Some(expiry::Which::Keys),
+                        Kind::ConfirmToken => Some(expiry::Which::Tokens),
+                        Kind::Target => Some(expiry::Which::Targets),
+                        _ => None,
+                    };
+                    if let (Some(which), true) = (which, build_indexes) {
+                        let at = which.time(&rec.value);
+                        built.add(&mut expiry_ix, which, at, key)?;
+                    }
                     match rec.kind {
                         Kind::Alias => {
                             aliases.insert(key, rec.value.as_slice())?;
@@ -969,10 +959,16 @@ impl SnapshotFiles {
                                     )),
                                 )
                             })?;
-                            if rec.kind == Kind::Purged {
-                                purged.insert(key, u64::from_le_bytes(at))?;
+                            let at = u64::from_le_bytes(at);
+                            let which = if rec.kind == Kind::Purged {
+                                purged.insert(key, at)?;
+                                expiry::Which::Purged
                             } else {
-                                index.insert(key, u64::from_le_bytes(at))?;
+                                index.insert(key, at)?;
+                                expiry::Which::TargetAliases
+                            };
+                            if build_indexes {
+                                built.add(&mut expiry_ix, which, at, key)?;
                             }
                         }
                         Kind::Target => {
@@ -1000,10 +996,17 @@ impl SnapshotFiles {
                     "last_membership",
                     serde_json::to_vec(&meta.last_membership)?.as_slice(),
                 )?;
+                built.finish(&mut expiry_ix)?;
+                if build_indexes {
+                    expiry::mark_current(&mut sm)?;
+                }
             }
             // The per-target index comes with the snapshot; one converted from
             // the JSON format has none, and it is then built from the aliases.
-            super::targets::index_installed(&txn)?;
+            if super::targets::index_installed(&txn)? && build_indexes {
+                // Built now: its expiry index was not.
+                expiry::rebuild(&txn)?;
+            }
             // The checksum matched (next_record returned None): keep the copy.
             let tee = reader.into_inner();
             let copy = tee
@@ -1245,6 +1248,71 @@ fn dump(read: &redb::ReadTransaction, w: &mut format::Writer<impl Write>) -> Res
     Ok(())
 }
 
+/// How a purge finds what is due: from the expiry indexes, or (only to
+/// check those against) by scanning whole tables as earlier releases did.
+#[derive(Debug, Clone, Copy)]
+enum PurgeBy {
+    Index,
+    #[cfg(test)]
+    Scan,
+}
+
+/// Applies `entries` to the state machine in one write transaction.
+fn apply_entries(
+    db: &Database,
+    entries: &[Entry],
+    purge: PurgeBy,
+) -> Result<Vec<Response>, DbError> {
+    let mut txn = db.begin_write()?;
+    txn.set_durability(Durability::None)?;
+    let mut responses = Vec::with_capacity(entries.len());
+    {
+        let mut meta = txn.open_table(SM_META)?;
+        let mut aliases = txn.open_table(ALIASES)?;
+        let mut settings = txn.open_table(SETTINGS)?;
+        let mut keys = txn.open_table(IDEMPOTENCY)?;
+        let mut targets = super::targets::Tables::open(&txn)?;
+        let mut expiry = expiry::Indexes::open(&txn)?;
+        let mut last_now: u64 = get_json(&meta, "last_now")?.unwrap_or(0);
+        let mut membership: Option<StoredMembership<NodeId, openraft::BasicNode>> = None;
+        let mut last_applied = None;
+        for entry in entries {
+            last_applied = Some(entry.log_id);
+            match &entry.payload {
+                EntryPayload::Blank => responses.push(Response::None),
+                EntryPayload::Membership(m) => {
+                    membership = Some(StoredMembership::new(Some(entry.log_id), m.clone()));
+                    responses.push(Response::None);
+                }
+                EntryPayload::Normal(req) => {
+                    // Replicated time never runs backwards, even across a
+                    // change of leader whose clock lags.
+                    last_now = last_now.max(req.now_ms);
+                    let mut tables = Tables {
+                        txn: &txn,
+                        aliases: &mut aliases,
+                        settings: &mut settings,
+                        keys: &mut keys,
+                        targets: &mut targets,
+                        expiry: &mut expiry,
+                        purge,
+                    };
+                    responses.push(apply_command(&mut tables, &req.cmd, last_now)?);
+                }
+            }
+        }
+        meta.insert("last_now", serde_json::to_vec(&last_now)?.as_slice())?;
+        if let Some(applied) = last_applied {
+            meta.insert("last_applied", serde_json::to_vec(&applied)?.as_slice())?;
+        }
+        if let Some(m) = membership {
+            meta.insert("last_membership", serde_json::to_vec(&m)?.as_slice())?;
+        }
+    }
+    txn.commit()?;
+    Ok(responses)
+}
+
 type Table<'t> = redb::Table<'t, &'static str, &'static [u8]>;
 
 /// The state-machine tables one apply transaction writes.
@@ -1255,6 +1323,9 @@ struct Tables<'a, 't> {
     keys: &'a mut Table<'t>,
     /// The per-target index, confirmations and tokens (`targets.rs`).
     targets: &'a mut super::targets::Tables<'t>,
+    /// The expiry indexes of the tables a purge deletes from (`expiry.rs`).
+    expiry: &'a mut expiry::Indexes<'t>,
+    purge: PurgeBy,
 }
 
 /// Applies one command at replicated time `now_ms` and returns its answer.
@@ -1268,26 +1339,32 @@ fn apply_command(t: &mut Tables<'_, '_>, cmd: &Command, now_ms: u64) -> Result<R
         }
         return Ok(Response::Batch { responses });
     }
-    if let Some(response) = t.targets.apply(t.aliases, t.keys, cmd, now_ms)? {
+    if let Command::Purge { .. } = cmd {
+        match t.purge {
+            PurgeBy::Index => {
+                t.targets.apply(t.aliases, t.keys, t.expiry, cmd, now_ms)?;
+            }
+            #[cfg(test)]
+            PurgeBy::Scan => t.targets.purge_by_scan(now_ms)?,
+        }
+    } else if let Some(response) = t.targets.apply(t.aliases, t.keys, t.expiry, cmd, now_ms)? {
         return Ok(response);
     }
-    if let Some(response) = apply_own_tables(t.targets, t.aliases, t.settings, t.keys, cmd, now_ms)?
-    {
+    if let Some(response) = apply_own_tables(t, cmd, now_ms)? {
         return Ok(response);
     }
-    let aliases = &mut *t.aliases;
     Ok(match state::command_id(cmd) {
         Some(id) => {
-            let current: Option<AliasRecord> = get_json(aliases, id)?;
+            let current: Option<AliasRecord> = get_json(t.aliases, id)?;
             let (change, response) = state::apply(current.as_ref(), cmd, now_ms);
             match change {
                 Change::Put(rec) => {
-                    t.targets.sync(current.as_ref(), Some(&rec))?;
-                    aliases.insert(id, serde_json::to_vec(&rec)?.as_slice())?;
+                    t.targets.sync(t.expiry, current.as_ref(), Some(&rec))?;
+                    t.aliases.insert(id, serde_json::to_vec(&rec)?.as_slice())?;
                 }
                 Change::Delete => {
-                    t.targets.sync(current.as_ref(), None)?;
-                    aliases.remove(id)?;
+                    t.targets.sync(t.expiry, current.as_ref(), None)?;
+                    t.aliases.remove(id)?;
                 }
                 Change::Keep => {}
             }
@@ -1300,26 +1377,108 @@ fn apply_command(t: &mut Tables<'_, '_>, cmd: &Command, now_ms: u64) -> Result<R
             let Command::Purge { keep_ms } = cmd else {
                 return Ok(Response::None);
             };
-            let mut doomed = Vec::new();
-            for item in aliases.iter()? {
-                let (k, v) = item?;
-                let rec: AliasLiveness = serde_json::from_slice(v.value())?;
-                if rec.purgeable(now_ms, *keep_ms) {
-                    doomed.push(k.value().to_string());
-                }
-            }
-            let mut purged = t.txn.open_table(PURGED)?;
-            for id in &doomed {
-                aliases.remove(id.as_str())?;
-                purged.insert(id.as_str(), now_ms)?;
-            }
-            let horizon = now_ms.saturating_sub(TOMBSTONE_KEEP_MS);
-            purged.retain(|_, at| at > horizon)?;
-            Response::Purged {
-                count: doomed.len() as u64,
-            }
+            let count = match t.purge {
+                PurgeBy::Index => purge_aliases(t, *keep_ms, now_ms)?,
+                #[cfg(test)]
+                PurgeBy::Scan => purge_aliases_by_scan(t, *keep_ms, now_ms)?,
+            };
+            Response::Purged { count }
         }
     })
+}
+
+/// The alias half of a purge: deletes the aliases due (by the expiry
+/// index, `valid_until + keep_ms` passed) that hold no live reservation,
+/// leaves a tombstone for each and forgets tombstones older than
+/// [`TOMBSTONE_KEEP_MS`]. Reads only due rows: the aliases whose expiry
+/// passed, and the tombstones to forget. Returns how many aliases went.
+fn purge_aliases(t: &mut Tables<'_, '_>, keep_ms: u64, now_ms: u64) -> Result<u64, DbError> {
+    let Some(bound) = expiry::alias_bound(now_ms, keep_ms) else {
+        return forget_tombstones(t, now_ms).map(|()| 0);
+    };
+    // Index order is time order, which is random in ids: the alias table is
+    // read and written in id order, so that consecutive ids share pages.
+    let mut candidates = expiry::due(&t.expiry.aliases, bound)?;
+    candidates.sort_unstable_by(|a, b| a.1.cmp(&b.1));
+    let mut doomed = Vec::new();
+    let mut gone = Vec::new();
+    for (at, id) in candidates {
+        let Some(v) = t.aliases.get(id.as_str())? else {
+            // An index row without its alias cannot arise (every write of
+            // the alias table keeps the index); it is derived, so it is
+            // simply dropped.
+            gone.push((at, id));
+            continue;
+        };
+        // An alias still holding a live reservation stays (and stays
+        // indexed) until a later purge finds its lease lapsed.
+        let rec: AliasLiveness = serde_json::from_slice(v.value())?;
+        if rec.purgeable(now_ms, keep_ms) {
+            doomed.push((at, id));
+        }
+    }
+    let mut purged = t.txn.open_table(PURGED)?;
+    for (_, id) in &doomed {
+        t.aliases.remove(id.as_str())?;
+        let old = purged.insert(id.as_str(), now_ms)?.map(|v| v.value());
+        if let Some(old) = old {
+            t.expiry.purged.remove((old, id.as_str()))?;
+        }
+    }
+    gone.extend_from_slice(&doomed);
+    gone.sort_unstable();
+    for (at, id) in &gone {
+        t.expiry.aliases.remove((*at, id.as_str()))?;
+    }
+    // New tombstones all have this purge's time: inserted in id order, they
+    // are appended to the index.
+    for (_, id) in &doomed {
+        t.expiry.purged.insert((now_ms, id.as_str()), ())?;
+    }
+    drop(purged);
+    forget_tombstones(t, now_ms)?;
+    Ok(doomed.len() as u64)
+}
+
+/// Forgets the tombstones older than [`TOMBSTONE_KEEP_MS`].
+fn forget_tombstones(t: &mut Tables<'_, '_>, now_ms: u64) -> Result<(), DbError> {
+    let horizon = now_ms.saturating_sub(TOMBSTONE_KEEP_MS);
+    let old = expiry::take_due(&mut t.expiry.purged, horizon)?;
+    if old.is_empty() {
+        return Ok(());
+    }
+    let mut purged = t.txn.open_table(PURGED)?;
+    for id in old {
+        purged.remove(id.as_str())?;
+    }
+    Ok(())
+}
+
+/// The alias half of a purge as releases before the expiry indexes applied
+/// it: a scan of every alias and every tombstone. Kept to check that
+/// [`purge_aliases`] leaves exactly the same tables.
+#[cfg(test)]
+fn purge_aliases_by_scan(
+    t: &mut Tables<'_, '_>,
+    keep_ms: u64,
+    now_ms: u64,
+) -> Result<u64, DbError> {
+    let mut doomed = Vec::new();
+    for item in t.aliases.iter()? {
+        let (k, v) = item?;
+        let rec: AliasLiveness = serde_json::from_slice(v.value())?;
+        if rec.purgeable(now_ms, keep_ms) {
+            doomed.push(k.value().to_string());
+        }
+    }
+    let mut purged = t.txn.open_table(PURGED)?;
+    for id in &doomed {
+        t.aliases.remove(id.as_str())?;
+        purged.insert(id.as_str(), now_ms)?;
+    }
+    let horizon = now_ms.saturating_sub(TOMBSTONE_KEEP_MS);
+    purged.retain(|_, at| at > horizon)?;
+    Ok(doomed.len() as u64)
 }
 
 /// Applies the commands that live in tables other than the alias table
@@ -1327,17 +1486,14 @@ fn apply_command(t: &mut Tables<'_, '_>, cmd: &Command, now_ms: u64) -> Result<R
 /// command is an alias command for the caller (a purge still is, after its
 /// expired keys are gone).
 fn apply_own_tables(
-    targets: &mut super::targets::Tables<'_>,
-    aliases: &mut Table<'_>,
-    settings: &mut Table<'_>,
-    keys: &mut Table<'_>,
+    t: &mut Tables<'_, '_>,
     cmd: &Command,
     now_ms: u64,
 ) -> Result<Option<Response>, DbError> {
     match cmd {
         Command::SetMaintenance { on } => {
             let current: ClusterMaintenance =
-                get_json(settings, "maintenance")?.unwrap_or_default();
+                get_json(t.settings, "maintenance")?.unwrap_or_default();
             let next = if current.on == *on {
                 current
             } else {
@@ -1346,7 +1502,8 @@ fn apply_own_tables(
                     since_ms: now_ms,
                 }
             };
-            settings.insert("maintenance", serde_json::to_vec(&next)?.as_slice())?;
+            t.settings
+                .insert("maintenance", serde_json::to_vec(&next)?.as_slice())?;
             Ok(Some(Response::Maintenance(next)))
         }
         Command::CreateAliasKeyed {
@@ -1354,13 +1511,13 @@ fn apply_own_tables(
             fingerprint,
             create,
         } => {
-            let claim: Option<IdempotencyRecord> = get_json(keys, key_hash)?;
+            let claim: Option<IdempotencyRecord> = get_json(t.keys, key_hash)?;
             let claimed_alias: Option<AliasRecord> = match &claim {
-                Some(c) => get_json(aliases, &c.alias_id)?,
+                Some(c) => get_json(t.aliases, &c.alias_id)?,
                 None => None,
             };
             let current: Option<AliasRecord> = match state::command_id(create) {
-                Some(id) => get_json(aliases, id)?,
+                Some(id) => get_json(t.aliases, id)?,
                 None => None,
             };
             let outcome = idempotency::apply(
@@ -1372,25 +1529,48 @@ fn apply_own_tables(
                 now_ms,
             );
             if let Change::Put(rec) = &outcome.change {
-                targets.sync(current.as_ref(), Some(rec))?;
-                aliases.insert(rec.id.as_str(), serde_json::to_vec(rec)?.as_slice())?;
+                t.targets.sync(t.expiry, current.as_ref(), Some(rec))?;
+                t.aliases
+                    .insert(rec.id.as_str(), serde_json::to_vec(rec)?.as_slice())?;
             }
             if let Some(c) = &outcome.claim {
-                keys.insert(key_hash.as_str(), serde_json::to_vec(c)?.as_slice())?;
+                expiry::put_json(
+                    t.keys,
+                    &mut t.expiry.keys,
+                    key_hash,
+                    serde_json::to_vec(c)?.as_slice(),
+                    idempotency::expires_at(c),
+                    expiry::key_time,
+                )?;
             }
             Ok(Some(outcome.response))
         }
         Command::Purge { .. } => {
-            keys.retain(|_, v| {
-                serde_json::from_slice::<IdempotencyRecord>(v)
-                    .map(|c| !idempotency::expired(&c, now_ms))
-                    .unwrap_or(false)
-            })?;
+            match t.purge {
+                PurgeBy::Index => {
+                    for key in expiry::take_due(&mut t.expiry.keys, now_ms)? {
+                        t.keys.remove(key.as_str())?;
+                    }
+                }
+                #[cfg(test)]
+                PurgeBy::Scan => {
+                    t.keys.retain(|_, v| {
+                        serde_json::from_slice::<IdempotencyRecord>(v)
+                            .map(|c| !idempotency::expired(&c, now_ms))
+                            .unwrap_or(false)
+                    })?;
+                }
+            }
             Ok(None)
         }
         _ => Ok(None),
     }
 }
+
+#[cfg(test)]
+mod purge_bench;
+#[cfg(test)]
+mod purge_tests;
 
 fn now_nanos() -> u128 {
     std::time::SystemTime::now()

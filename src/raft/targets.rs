@@ -23,6 +23,7 @@
 use redb::{ReadableTable, TableDefinition, WriteTransaction};
 use serde::{Deserialize, Serialize};
 
+use super::expiry::{self, Indexes};
 use super::idempotency;
 use super::state::{self, Change};
 use super::store::{get_json, DbError, ALIASES};
@@ -88,6 +89,14 @@ impl Pending {
 pub struct TokenRow {
     pub target: String,
     pub requested_ms: u64,
+}
+
+impl TokenRow {
+    /// The replicated time from which the link no longer works and the
+    /// purge forgets the row (its index time, `expiry.rs`).
+    pub fn lapses_at(&self) -> u64 {
+        self.requested_ms.saturating_add(CONFIRM_REQUEST_TTL_MS)
+    }
 }
 
 /// The key of a target in these tables: the address in lower case. Mail
@@ -223,6 +232,21 @@ pub fn purgeable(t: &TargetRecord, now_ms: u64) -> bool {
         && !confirmed_within(Some(t), CONFIRMATION_KEEP_MS, now_ms)
 }
 
+/// The replicated time from which [`purgeable`] holds for `t` (it holds at
+/// every later time too): the later of the end of its request and the end of
+/// the keeping of its confirmation. The time its row is indexed by
+/// (`expiry.rs`).
+pub fn purgeable_from(t: &TargetRecord) -> u64 {
+    let asked = t
+        .pending
+        .as_ref()
+        .map_or(0, |p| p.requested_ms.saturating_add(CONFIRM_REQUEST_TTL_MS));
+    let confirmed = t
+        .confirmed_ms
+        .map_or(0, |c| c.saturating_add(CONFIRMATION_KEEP_MS));
+    asked.max(confirmed)
+}
+
 type JsonTable<'t> = redb::Table<'t, &'static str, &'static [u8]>;
 
 fn index_key(target: &str, id: &str) -> String {
@@ -230,11 +254,12 @@ fn index_key(target: &str, id: &str) -> String {
 }
 
 /// Creates the tables (and, for a database from before them, builds the
-/// index from the alias table once).
+/// index from the alias table once). Returns whether it built the index
+/// (then its expiry index must be built again too).
 ///
 /// # Errors
 /// [`DbError`] when the database cannot be written.
-pub(super) fn create_tables(txn: &WriteTransaction) -> Result<(), DbError> {
+pub(super) fn create_tables(txn: &WriteTransaction) -> Result<bool, DbError> {
     txn.open_table(TARGETS)?;
     txn.open_table(CONFIRM_TOKENS)?;
     let mut index = txn.open_table(TARGET_ALIASES)?;
@@ -242,8 +267,9 @@ pub(super) fn create_tables(txn: &WriteTransaction) -> Result<(), DbError> {
     if meta.get(INDEX_BUILT)?.is_none() {
         rebuild_index(&txn.open_table(ALIASES)?, &mut index)?;
         meta.insert(INDEX_BUILT, b"true".as_slice())?;
+        return Ok(true);
     }
-    Ok(())
+    Ok(false)
 }
 
 fn rebuild_index(
@@ -263,18 +289,20 @@ fn rebuild_index(
 
 /// After a snapshot was installed in `txn`: an index that came with it is
 /// marked as built; a snapshot without one (converted from the JSON format
-/// of releases before these tables) gets it built from the aliases now.
+/// of releases before these tables) gets it built from the aliases now, and
+/// then `true` is returned (its expiry index must be built again).
 ///
 /// # Errors
 /// [`DbError`] when the database cannot be read or written.
-pub(super) fn index_installed(txn: &WriteTransaction) -> Result<(), DbError> {
+pub(super) fn index_installed(txn: &WriteTransaction) -> Result<bool, DbError> {
     let mut index = txn.open_table(TARGET_ALIASES)?;
-    if redb::ReadableTableMetadata::is_empty(&index)? {
+    let built = redb::ReadableTableMetadata::is_empty(&index)?;
+    if built {
         rebuild_index(&txn.open_table(ALIASES)?, &mut index)?;
     }
     let mut meta = txn.open_table(super::store::SM_META)?;
     meta.insert(INDEX_BUILT, b"true".as_slice())?;
-    Ok(())
+    Ok(built)
 }
 
 /// The three tables, open in one apply transaction.
@@ -297,13 +325,17 @@ impl<'t> Tables<'t> {
         })
     }
 
-    /// Keeps the index in step with an alias row written by the store
-    /// (revoke, commit, create without per-target rules).
+    /// Keeps the tables derived from the alias table in step with an alias
+    /// row written by the store (create, reserve, commit, release, revoke):
+    /// this index, its expiry index and the alias expiry index. The one
+    /// other alias write, the confirmation's (below), changes none of the
+    /// fields they are made of; the purge keeps them itself.
     ///
     /// # Errors
     /// [`DbError`] when the database cannot be written.
     pub(super) fn sync(
         &mut self,
+        expiry: &mut Indexes<'_>,
         before: Option<&AliasRecord>,
         after: Option<&AliasRecord>,
     ) -> Result<(), DbError> {
@@ -311,13 +343,33 @@ impl<'t> Tables<'t> {
         let is = after.is_some_and(counted);
         match (was, is, before, after) {
             (true, false, Some(b), _) => {
-                self.index.remove(index_key(&b.target, &b.id).as_str())?;
+                let key = index_key(&b.target, &b.id);
+                // Gone already when a purge deleted it as expired.
+                let old = self.index.remove(key.as_str())?.map(|v| v.value());
+                expiry::reindex(&mut expiry.target_aliases, &key, old, None)?;
             }
             (false, true, _, Some(a)) => {
-                self.index
-                    .insert(index_key(&a.target, &a.id).as_str(), a.valid_until_ms)?;
+                let key = index_key(&a.target, &a.id);
+                let old = self
+                    .index
+                    .insert(key.as_str(), a.valid_until_ms)?
+                    .map(|v| v.value());
+                expiry::reindex(
+                    &mut expiry.target_aliases,
+                    &key,
+                    old,
+                    Some(a.valid_until_ms),
+                )?;
             }
             _ => {}
+        }
+        if let Some(id) = after.or(before).map(|r| r.id.as_str()) {
+            expiry::reindex(
+                &mut expiry.aliases,
+                id,
+                before.map(|r| r.valid_until_ms),
+                after.map(|r| r.valid_until_ms),
+            )?;
         }
         Ok(())
     }
@@ -358,49 +410,86 @@ impl<'t> Tables<'t> {
         &mut self,
         aliases: &mut JsonTable<'_>,
         keys: &mut JsonTable<'_>,
+        expiry: &mut Indexes<'_>,
         cmd: &Command,
         now_ms: u64,
     ) -> Result<Option<Response>, DbError> {
         match cmd {
-            Command::CreateLimited { policy, create } => {
-                self.create(aliases, keys, policy, create, now_ms).map(Some)
-            }
+            Command::CreateLimited { policy, create } => self
+                .create(aliases, keys, expiry, policy, create, now_ms)
+                .map(Some),
             Command::ConfirmTarget { token_hash } => {
-                self.confirm(aliases, token_hash, now_ms).map(Some)
+                self.confirm(aliases, expiry, token_hash, now_ms).map(Some)
             }
             Command::WithdrawConfirmation { token_hash } => {
                 let row: Option<TokenRow> = get_json(&self.tokens, token_hash)?;
                 if let Some(row) = row {
                     let current = self.target(&row.target)?;
                     if let Some(next) = withdraw(current.as_ref(), token_hash) {
-                        self.put_target(&row.target, &next)?;
-                        self.tokens.remove(token_hash.as_str())?;
+                        self.put_target(expiry, &row.target, &next)?;
+                        expiry::remove_json(
+                            &mut self.tokens,
+                            &mut expiry.tokens,
+                            token_hash,
+                            expiry::token_time,
+                        )?;
                     }
                 }
                 Ok(Some(Response::Withdrawn))
             }
             Command::Purge { .. } => {
-                self.index.retain(|_, until| until > now_ms)?;
-                self.tokens.retain(|_, v| {
-                    serde_json::from_slice::<TokenRow>(v).is_ok_and(|r| {
-                        now_ms < r.requested_ms.saturating_add(CONFIRM_REQUEST_TTL_MS)
-                    })
-                })?;
-                self.targets.retain(|_, v| {
-                    serde_json::from_slice::<TargetRecord>(v).is_ok_and(|t| !purgeable(&t, now_ms))
-                })?;
+                self.purge(expiry, now_ms)?;
                 Ok(None)
             }
             _ => Ok(None),
         }
     }
 
-    fn put_target(&mut self, target: &str, t: &TargetRecord) -> Result<(), DbError> {
-        self.targets.insert(
-            target_key(target).as_str(),
-            serde_json::to_vec(t)?.as_slice(),
-        )?;
+    /// This module's part of a purge: index rows of expired aliases, lapsed
+    /// links and targets with nothing left to remember, read from their
+    /// expiry indexes: the same rows as the scan of earlier releases.
+    fn purge(&mut self, expiry: &mut Indexes<'_>, now_ms: u64) -> Result<(), DbError> {
+        for key in expiry::take_due(&mut expiry.target_aliases, now_ms)? {
+            self.index.remove(key.as_str())?;
+        }
+        for key in expiry::take_due(&mut expiry.tokens, now_ms)? {
+            self.tokens.remove(key.as_str())?;
+        }
+        for key in expiry::take_due(&mut expiry.targets, now_ms)? {
+            self.targets.remove(key.as_str())?;
+        }
         Ok(())
+    }
+
+    /// The purge as releases before the expiry indexes applied it: a scan
+    /// of each table. Kept to check that the indexes delete the same rows.
+    #[cfg(test)]
+    pub(super) fn purge_by_scan(&mut self, now_ms: u64) -> Result<(), DbError> {
+        self.index.retain(|_, until| until > now_ms)?;
+        self.tokens.retain(|_, v| {
+            serde_json::from_slice::<TokenRow>(v)
+                .is_ok_and(|r| now_ms < r.requested_ms.saturating_add(CONFIRM_REQUEST_TTL_MS))
+        })?;
+        self.targets.retain(|_, v| {
+            serde_json::from_slice::<TargetRecord>(v).is_ok_and(|t| !purgeable(&t, now_ms))
+        })?;
+        Ok(())
+    }
+
+    fn put_target(
+        &mut self,
+        expiry: &mut Indexes<'_>,
+        target: &str,
+        t: &TargetRecord,
+    ) -> Result<(), DbError> {
+        expiry::put_json(
+            &mut self.targets,
+            &mut expiry.targets,
+            &target_key(target),
+            serde_json::to_vec(t)?.as_slice(),
+            purgeable_from(t),
+            expiry::target_time,
+        )
     }
 
     /// A create under `policy`: plain or keyed as `create` is, with the cap
@@ -409,6 +498,7 @@ impl<'t> Tables<'t> {
         &mut self,
         aliases: &mut JsonTable<'_>,
         keys: &mut JsonTable<'_>,
+        expiry: &mut Indexes<'_>,
         policy: &TargetPolicy,
         create: &Command,
         now_ms: u64,
@@ -470,24 +560,42 @@ impl<'t> Tables<'t> {
         rec.awaiting_confirmation = awaiting;
         aliases.insert(rec.id.as_str(), serde_json::to_vec(&rec)?.as_slice())?;
         if let Some((key_hash, claim)) = claim {
-            keys.insert(key_hash.as_str(), serde_json::to_vec(&claim)?.as_slice())?;
+            expiry::put_json(
+                keys,
+                &mut expiry.keys,
+                &key_hash,
+                serde_json::to_vec(&claim)?.as_slice(),
+                idempotency::expires_at(&claim),
+                expiry::key_time,
+            )?;
         }
-        self.sync(None, Some(&rec))?;
+        self.sync(expiry, None, Some(&rec))?;
         let mut stored = target;
         if let Some(next) = changed {
             // The new request replaces the old one, whose link stops working.
             if let Some(old) = stored.as_ref().and_then(|t| t.pending.as_ref()) {
-                self.tokens.remove(old.token_hash.as_str())?;
+                expiry::remove_json(
+                    &mut self.tokens,
+                    &mut expiry.tokens,
+                    &old.token_hash,
+                    expiry::token_time,
+                )?;
             }
             if let Some(p) = &next.pending {
                 let row = TokenRow {
                     target: target_key(&rec.target),
                     requested_ms: p.requested_ms,
                 };
-                self.tokens
-                    .insert(p.token_hash.as_str(), serde_json::to_vec(&row)?.as_slice())?;
+                expiry::put_json(
+                    &mut self.tokens,
+                    &mut expiry.tokens,
+                    &p.token_hash,
+                    serde_json::to_vec(&row)?.as_slice(),
+                    row.lapses_at(),
+                    expiry::token_time,
+                )?;
             }
-            self.put_target(&rec.target, &next)?;
+            self.put_target(expiry, &rec.target, &next)?;
             stored = Some(next);
         }
         if !awaiting {
@@ -503,6 +611,7 @@ impl<'t> Tables<'t> {
     fn confirm(
         &mut self,
         aliases: &mut JsonTable<'_>,
+        expiry: &mut Indexes<'_>,
         token_hash: &str,
         now_ms: u64,
     ) -> Result<Response, DbError> {
@@ -515,7 +624,7 @@ impl<'t> Tables<'t> {
             Confirmation::Invalid => Ok(Response::NotFound),
             Confirmation::Again => Ok(Response::TargetConfirmed),
             Confirmation::Confirmed(next) => {
-                self.put_target(&row.target, &next)?;
+                self.put_target(expiry, &row.target, &next)?;
                 let key = target_key(&row.target);
                 let (from, to) = (format!("{key}\0"), format!("{key}\u{1}"));
                 let mut ids = Vec::new();
@@ -528,6 +637,8 @@ impl<'t> Tables<'t> {
                 for id in ids {
                     let rec: Option<AliasRecord> = get_json(aliases, &id)?;
                     if let Some(mut rec) = rec.filter(|r| r.awaiting_confirmation) {
+                        // Neither counted nor valid_until changes: the
+                        // derived tables stay as they are.
                         rec.awaiting_confirmation = false;
                         aliases.insert(id.as_str(), serde_json::to_vec(&rec)?.as_slice())?;
                     }
@@ -711,6 +822,57 @@ mod tests {
         assert!(!purgeable(&confirmed, CONFIRMATION_KEEP_MS - 1));
         assert!(purgeable(&confirmed, CONFIRMATION_KEEP_MS));
         assert!(u64::from(MAX_CONFIRM_VALID_DAYS) * DAY < CONFIRMATION_KEEP_MS);
+    }
+
+    #[test]
+    fn purgeable_from_is_the_first_time_purgeable_holds() {
+        let pending = |at| {
+            Some(Pending {
+                token_hash: "x".into(),
+                requested_ms: at,
+            })
+        };
+        let times = [0, 1, DAY, 3 * DAY, 500 * DAY, u64::MAX - 1, u64::MAX];
+        let mut records = vec![TargetRecord::default()];
+        for &a in &times {
+            records.push(TargetRecord {
+                pending: pending(a),
+                ..Default::default()
+            });
+            for &c in &times {
+                records.push(TargetRecord {
+                    confirmed_ms: Some(c),
+                    pending: pending(a),
+                    confirmed_token: None,
+                });
+                records.push(TargetRecord {
+                    confirmed_ms: Some(c),
+                    ..Default::default()
+                });
+            }
+        }
+        let probes = [
+            0,
+            1,
+            CONFIRM_REQUEST_TTL_MS - 1,
+            CONFIRM_REQUEST_TTL_MS,
+            CONFIRMATION_KEEP_MS,
+            CONFIRMATION_KEEP_MS + 3 * DAY,
+            u64::MAX - 1,
+            u64::MAX,
+        ];
+        for t in &records {
+            let from = purgeable_from(t);
+            let around = [from.saturating_sub(1), from, from.saturating_add(1)];
+            for now in probes.iter().chain(&around) {
+                assert_eq!(purgeable(t, *now), *now >= from, "{t:?} at {now}");
+            }
+        }
+        let row = TokenRow {
+            target: "t".into(),
+            requested_ms: 5,
+        };
+        assert_eq!(row.lapses_at(), 5 + CONFIRM_REQUEST_TTL_MS);
     }
 
     #[test]

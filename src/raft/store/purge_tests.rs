@@ -1,0 +1,458 @@
+//! The purge by expiry indexes against the purge by scan of earlier
+//! releases: the same random logs applied both ways must leave the same
+//! tables and answers (a replicated state machine), the indexes must always
+//! equal indexes built afresh from the tables, and a database or snapshot
+//! without indexes must get them.
+
+use std::path::Path;
+
+use openraft::{CommittedLeaderId, EntryPayload, LogId};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+use super::*;
+use crate::raft::targets::{CONFIRM_TOKENS, TARGETS, TARGET_ALIASES};
+use crate::raft::types::{Request, TargetPolicy};
+
+const MIN: u64 = 60_000;
+const HOUR: u64 = 60 * MIN;
+const DAY: u64 = 24 * HOUR;
+
+fn entry(index: u64, now_ms: u64, cmd: Command) -> Entry {
+    Entry {
+        log_id: LogId::new(CommittedLeaderId::new(1, 1), index),
+        payload: EntryPayload::Normal(Request { now_ms, cmd }),
+    }
+}
+
+/// Random commands over small pools of ids, targets, keys and tokens, so
+/// that commands meet each other's rows: ids are created again after their
+/// purge (a tombstone rewritten), keys are replayed and reclaimed, targets
+/// are capped, asked, confirmed and withdrawn.
+struct Gen {
+    rng: StdRng,
+}
+
+impl Gen {
+    fn id(&mut self) -> String {
+        format!("alias{:02}", self.rng.random_range(0..40))
+    }
+
+    fn token(&mut self) -> String {
+        format!("tok{}", self.rng.random_range(0..12))
+    }
+
+    fn create(&mut self) -> Command {
+        let targets = ["a@x.example", "A@X.example", "b@x.example", "c@y.example"];
+        let valid = [0, MIN, HOUR, DAY, 3 * DAY, 30 * DAY, 400 * DAY];
+        Command::CreateAlias {
+            id: self.id(),
+            domain: "t.example".into(),
+            target: targets[self.rng.random_range(0..targets.len())].into(),
+            token_hash: format!("h{}", self.rng.random_range(0..3)),
+            valid_for_ms: valid[self.rng.random_range(0..valid.len())],
+            max_usage: self.rng.random_range(1..4),
+        }
+    }
+
+    fn keyed(&mut self) -> Command {
+        Command::CreateAliasKeyed {
+            key_hash: format!("key{}", self.rng.random_range(0..8)),
+            fingerprint: format!("fp{}", self.rng.random_range(0..2)),
+            create: Box::new(self.create()),
+        }
+    }
+
+    fn plain(&mut self) -> Command {
+        let reservation = self.rng.random_range(0..16);
+        let lease_ms = [MIN, HOUR, 2 * DAY][self.rng.random_range(0..3)];
+        match self.rng.random_range(0..100) {
+            0..=17 => self.create(),
+            18..=27 => self.keyed(),
+            28..=39 => {
+                let create = if self.rng.random_bool(0.5) {
+                    self.create()
+                } else {
+                    self.keyed()
+                };
+                let confirm = self.rng.random_bool(0.6);
+                Command::CreateLimited {
+                    policy: TargetPolicy {
+                        max_per_target: self.rng.random_range(0..4),
+                        confirm_within_ms: if confirm { 30 * DAY } else { 0 },
+                        confirm_token_hash: confirm.then(|| self.token()),
+                    },
+                    create: Box::new(create),
+                }
+            }
+            40..=44 => Command::ConfirmTarget {
+                token_hash: self.token(),
+            },
+            45..=47 => Command::WithdrawConfirmation {
+                token_hash: self.token(),
+            },
+            48..=63 => Command::Reserve {
+                id: self.id(),
+                lease_ms,
+                reservation,
+            },
+            64..=73 => Command::Commit {
+                id: self.id(),
+                reservation,
+            },
+            74..=79 => Command::Release {
+                id: self.id(),
+                reservation,
+                lease_ms,
+            },
+            80..=83 => Command::Revoke { id: self.id() },
+            84..=85 => Command::SetMaintenance {
+                on: self.rng.random_bool(0.5),
+            },
+            _ => Command::Purge {
+                keep_ms: [0, MIN, DAY, 7 * DAY][self.rng.random_range(0..4)],
+            },
+        }
+    }
+
+    fn command(&mut self) -> Command {
+        if self.rng.random_bool(0.1) {
+            let n = self.rng.random_range(2..5);
+            Command::Batch {
+                cmds: (0..n).map(|_| self.plain()).collect(),
+            }
+        } else {
+            self.plain()
+        }
+    }
+
+    /// The next entry time: mostly small steps, sometimes days, now and
+    /// then more than a year (tombstones and confirmations lapse), and
+    /// sometimes earlier than the last (a leader whose clock lags).
+    fn advance(&mut self, now: u64) -> u64 {
+        match self.rng.random_range(0..100) {
+            0..=4 => now.saturating_sub(self.rng.random_range(0..HOUR)),
+            5..=59 => now + self.rng.random_range(0..10 * MIN),
+            60..=89 => now + self.rng.random_range(0..DAY),
+            90..=97 => now + self.rng.random_range(0..10 * DAY),
+            _ => now + self.rng.random_range(100 * DAY..500 * DAY),
+        }
+    }
+}
+
+/// The rows of one table: key and stored value.
+type Rows = Vec<(String, Vec<u8>)>;
+
+/// Every replicated table of a database, as stored (what a snapshot
+/// carries, plus the state-machine metadata).
+fn replicated(db: &Database) -> Vec<(&'static str, Rows)> {
+    let txn = db.begin_read().unwrap();
+    let json = |def: TableDefinition<&str, &[u8]>| -> Rows {
+        txn.open_table(def)
+            .unwrap()
+            .iter()
+            .unwrap()
+            .map(|i| {
+                let (k, v) = i.unwrap();
+                (k.value().to_string(), v.value().to_vec())
+            })
+            .collect()
+    };
+    let times = |def: TableDefinition<&str, u64>| -> Rows {
+        txn.open_table(def)
+            .unwrap()
+            .iter()
+            .unwrap()
+            .map(|i| {
+                let (k, v) = i.unwrap();
+                (k.value().to_string(), v.value().to_le_bytes().to_vec())
+            })
+            .collect()
+    };
+    vec![
+        ("aliases", json(ALIASES)),
+        ("purged", times(PURGED)),
+        ("idempotency_keys", json(IDEMPOTENCY)),
+        ("settings", json(SETTINGS)),
+        // A node that installed a snapshot has a membership record even if
+        // the log had no membership entry.
+        (
+            "sm_meta",
+            json(SM_META)
+                .into_iter()
+                .filter(|(k, _)| k != "last_membership")
+                .collect(),
+        ),
+        ("targets", json(TARGETS)),
+        ("confirm_tokens", json(CONFIRM_TOKENS)),
+        ("target_aliases", times(TARGET_ALIASES)),
+    ]
+}
+
+type IndexRows = Vec<Vec<(u64, String)>>;
+
+fn index_rows(txn: &redb::WriteTransaction) -> IndexRows {
+    let ix = expiry::Indexes::open(txn).unwrap();
+    [
+        &ix.aliases,
+        &ix.purged,
+        &ix.keys,
+        &ix.target_aliases,
+        &ix.tokens,
+        &ix.targets,
+    ]
+    .iter()
+    .map(|t| expiry::due(t, u64::MAX).unwrap())
+    .collect()
+}
+
+/// The indexes as stored, and as built afresh from the tables.
+fn indexes_and_rebuilt(db: &Database) -> (IndexRows, IndexRows) {
+    let txn = db.begin_write().unwrap();
+    let stored = index_rows(&txn);
+    expiry::rebuild(&txn).unwrap();
+    let rebuilt = index_rows(&txn);
+    txn.abort().unwrap();
+    (stored, rebuilt)
+}
+
+/// The alias count as earlier releases computed it: every alias decoded.
+fn count_by_scan(db: &Database, now_ms: u64) -> (u64, u64) {
+    let txn = db.begin_read().unwrap();
+    let (mut live, mut all) = (0, 0);
+    for item in txn.open_table(ALIASES).unwrap().iter().unwrap() {
+        let (_, v) = item.unwrap();
+        let rec: AliasLiveness = serde_json::from_slice(v.value()).unwrap();
+        all += 1;
+        if !rec.is_dead(now_ms) {
+            live += 1;
+        }
+    }
+    (live, all)
+}
+
+/// Times at which some stored row becomes due (for each purge retention
+/// the generator uses), so the run can land on them exactly and on either
+/// side: where an off-by-one in an index bound would show.
+fn boundaries(db: &Database) -> Vec<u64> {
+    let txn = db.begin_read().unwrap();
+    let mut out = Vec::new();
+    for item in txn.open_table(ALIASES).unwrap().iter().unwrap() {
+        let (_, v) = item.unwrap();
+        let rec: AliasRecord = serde_json::from_slice(v.value()).unwrap();
+        for keep in [0, MIN, DAY, 7 * DAY] {
+            out.push(rec.valid_until_ms.saturating_add(keep));
+        }
+        out.extend(rec.reservations.values());
+    }
+    for item in txn.open_table(PURGED).unwrap().iter().unwrap() {
+        out.push(item.unwrap().1.value() + TOMBSTONE_KEEP_MS);
+    }
+    for item in txn.open_table(TARGET_ALIASES).unwrap().iter().unwrap() {
+        out.push(item.unwrap().1.value());
+    }
+    for (def, time) in [
+        (IDEMPOTENCY, expiry::key_time as fn(&[u8]) -> u64),
+        (CONFIRM_TOKENS, expiry::token_time),
+        (TARGETS, expiry::target_time),
+    ] {
+        for item in txn.open_table(def).unwrap().iter().unwrap() {
+            out.push(time(item.unwrap().1.value()));
+        }
+    }
+    out
+}
+
+fn sizes(db: &Database) -> Vec<usize> {
+    replicated(db).iter().map(|(_, rows)| rows.len()).collect()
+}
+
+fn open_at(path: &Path) -> StateMachine {
+    open(path).expect("open store").1
+}
+
+/// Applies `steps` random entries to `scan` (purging by scan) and `index`
+/// (purging by the indexes) and checks they stay alike. Returns the last
+/// entry time and index, and per replicated table whether some purge
+/// shrank it.
+fn run(
+    seed: u64,
+    steps: u64,
+    scan: &Database,
+    index: &Arc<Database>,
+    first: u64,
+    start_ms: u64,
+) -> (u64, u64, Vec<bool>) {
+    let mut g = Gen {
+        rng: StdRng::seed_from_u64(seed),
+    };
+    let mut now = start_ms;
+    let mut shrank = vec![false; 8];
+    for i in first..first + steps {
+        let mut cmd = g.command();
+        let due: Vec<u64> = boundaries(scan).into_iter().filter(|t| *t > now).collect();
+        if !due.is_empty() && g.rng.random_bool(0.2) {
+            let at = due[g.rng.random_range(0..due.len())];
+            now = at + 1 - g.rng.random_range(0..3);
+            cmd = Command::Purge {
+                keep_ms: [0, MIN, DAY, 7 * DAY][g.rng.random_range(0..4)],
+            };
+        } else {
+            now = g.advance(now);
+        }
+        let before = sizes(index);
+        let e = [entry(i, now, cmd.clone())];
+        let by_scan = apply_entries(scan, &e, PurgeBy::Scan).unwrap();
+        let by_index = apply_entries(index, &e, PurgeBy::Index).unwrap();
+        assert_eq!(by_scan, by_index, "seed {seed} entry {i}: {cmd:?}");
+        let purges = match &cmd {
+            Command::Purge { .. } => true,
+            Command::Batch { cmds } => cmds.iter().any(|c| matches!(c, Command::Purge { .. })),
+            _ => false,
+        };
+        if purges {
+            for (s, (b, a)) in shrank.iter_mut().zip(before.iter().zip(sizes(index))) {
+                *s |= a < *b;
+            }
+        }
+        if purges || i % 25 == 0 {
+            assert_eq!(
+                replicated(scan),
+                replicated(index),
+                "seed {seed} entry {i}: {cmd:?}"
+            );
+            let (stored, rebuilt) = indexes_and_rebuilt(index);
+            assert_eq!(stored, rebuilt, "seed {seed} entry {i}: {cmd:?}");
+            let last_now: u64 = {
+                let txn = index.begin_read().unwrap();
+                get_json(&txn.open_table(SM_META).unwrap(), "last_now")
+                    .unwrap()
+                    .unwrap()
+            };
+            let reader = StateReader { db: index.clone() };
+            for probe in [last_now, last_now + HOUR, last_now + 5 * DAY] {
+                assert_eq!(
+                    reader.count(probe).unwrap(),
+                    count_by_scan(scan, probe),
+                    "seed {seed} entry {i} at {probe}"
+                );
+            }
+        }
+    }
+    (now, first + steps, shrank)
+}
+
+#[test]
+fn purge_by_index_leaves_what_purge_by_scan_leaves() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut shrank_any = vec![false; 8];
+    for seed in 0..6u64 {
+        let scan = open_at(&dir.path().join(format!("scan{seed}.redb")));
+        let index = open_at(&dir.path().join(format!("index{seed}.redb")));
+        let (_, _, shrank) = run(seed, 700, &scan.db, &index.db, 1, 0);
+        for (a, s) in shrank_any.iter_mut().zip(shrank) {
+            *a |= s;
+        }
+    }
+    // Every table the purge deletes from was purged at least once, so the
+    // comparison covered each index (settings and sm_meta are never purged).
+    let names = [
+        "aliases",
+        "purged",
+        "idempotency_keys",
+        "settings",
+        "sm_meta",
+        "targets",
+        "confirm_tokens",
+        "target_aliases",
+    ];
+    for (name, shrank) in names.iter().zip(&shrank_any) {
+        let expected = !matches!(*name, "settings" | "sm_meta");
+        assert_eq!(*shrank, expected, "table {name}");
+    }
+}
+
+#[test]
+fn a_database_without_indexes_gets_them_at_open_and_purges_alike() {
+    let dir = tempfile::tempdir().unwrap();
+    let scan = open_at(&dir.path().join("scan.redb"));
+    let path = dir.path().join("index.redb");
+    let index = open_at(&path);
+    let (now, next, _) = run(11, 300, &scan.db, &index.db, 1, 0);
+    // One row at least in each index: a keyed create that asks its target.
+    let cmd = Command::CreateLimited {
+        policy: TargetPolicy {
+            max_per_target: 0,
+            confirm_within_ms: 30 * DAY,
+            confirm_token_hash: Some("fresh-token".into()),
+        },
+        create: Box::new(Command::CreateAliasKeyed {
+            key_hash: "fresh-key".into(),
+            fingerprint: "fp".into(),
+            create: Box::new(Command::CreateAlias {
+                id: "fresh".into(),
+                domain: "t.example".into(),
+                target: "fresh@x.example".into(),
+                token_hash: "h".into(),
+                valid_for_ms: DAY,
+                max_usage: 1,
+            }),
+        }),
+    };
+    let e = [entry(next, now, cmd)];
+    let answer = apply_entries(&scan.db, &e, PurgeBy::Scan).unwrap();
+    assert_eq!(
+        answer,
+        apply_entries(&index.db, &e, PurgeBy::Index).unwrap()
+    );
+    let next = next + 1;
+    let (maintained, _) = indexes_and_rebuilt(&index.db);
+    assert!(
+        maintained.iter().all(|rows| !rows.is_empty()),
+        "{maintained:?}"
+    );
+    drop(index);
+    // As an earlier release left it: no index tables, no version marker.
+    {
+        let db = Database::open(&path).unwrap();
+        let txn = db.begin_write().unwrap();
+        for def in expiry::ALL {
+            assert!(txn.delete_table(def).unwrap());
+        }
+        txn.open_table(SM_META)
+            .unwrap()
+            .remove(expiry::VERSION_KEY)
+            .unwrap();
+        txn.commit().unwrap();
+    }
+    let index = open_at(&path);
+    let (built, _) = indexes_and_rebuilt(&index.db);
+    assert_eq!(built, maintained);
+    // Opened again, it is not built again (nor changed).
+    drop(index);
+    let index = open_at(&path);
+    assert_eq!(indexes_and_rebuilt(&index.db).0, maintained);
+    run(12, 300, &scan.db, &index.db, next, now);
+}
+
+#[test]
+fn an_installed_snapshot_brings_indexes_built_from_its_tables() {
+    let dir = tempfile::tempdir().unwrap();
+    let scan = open_at(&dir.path().join("scan.redb"));
+    let index = open_at(&dir.path().join("index.redb"));
+    let (now, next, _) = run(21, 300, &scan.db, &index.db, 1, 0);
+    let (meta, file) = index.files.build(&index.db).unwrap();
+    // A node with rows (and index rows) of its own, which the snapshot
+    // replaces.
+    let installed = open_at(&dir.path().join("installed.redb"));
+    let other = open_at(&dir.path().join("other.redb"));
+    run(22, 100, &other.db, &installed.db, 1, 0);
+    installed.files.install(&installed.db, &meta, file).unwrap();
+    assert_eq!(replicated(&installed.db), replicated(&index.db));
+    let (theirs, _) = indexes_and_rebuilt(&index.db);
+    let (ours, rebuilt) = indexes_and_rebuilt(&installed.db);
+    assert_eq!(ours, theirs);
+    assert_eq!(ours, rebuilt);
+    // And it goes on purging as the scan does.
+    run(23, 200, &scan.db, &installed.db, next, now);
+}
