@@ -16,9 +16,11 @@
 //! (client gone, request timeout) never strands the others.
 
 use std::future::Future;
+use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
+use futures::FutureExt;
 use tokio::sync::oneshot;
 
 use crate::metrics::Metrics;
@@ -130,7 +132,13 @@ where
         if !batch.is_empty() {
             // Every request in `batch` arrived before this barrier starts.
             barriers.rounds.fetch_add(1, Ordering::Relaxed);
-            let result = barrier().await;
+            // A panicking barrier must not keep its slot (a lone request
+            // would then wait for a barrier that never ends): it fails its
+            // batch like any other failed barrier.
+            let result = AssertUnwindSafe(barrier())
+                .catch_unwind()
+                .await
+                .unwrap_or_else(|_| Err("read barrier failed".into()));
             for waiter in batch {
                 let _ = waiter.send(result.clone());
             }
@@ -268,6 +276,22 @@ mod tests {
         })
         .await
         .unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_panicking_barrier_fails_its_reads_and_frees_its_slot() {
+        let barriers = Arc::new(Barriers::default());
+        let r = barriers.wait_with(|| async { panic!("barrier bug") }).await;
+        assert_eq!(r, Err("read barrier failed".to_string()));
+        tokio::time::timeout(Duration::from_secs(5), async {
+            while barriers.state.lock().unwrap().in_flight > 0 {
+                tokio::task::yield_now().await;
+            }
+        })
+        .await
+        .unwrap();
+        // A lone read afterwards gets a barrier at once.
+        assert_eq!(barriers.wait_with(|| async { Ok(()) }).await, Ok(()));
     }
 
     #[tokio::test]

@@ -556,11 +556,11 @@ impl Node {
             }
             let leader = m.current_leader;
             let index = match leader {
-                // Every write this leader acknowledged was applied here
-                // before the acknowledgement, and earlier terms' entries
-                // before its lease or round: nothing to wait for.
+                // A follower may already have applied (and shown a client)
+                // an entry this node's state machine has not applied yet:
+                // wait for the index like a follower does.
                 Some(l) if l == self.id => match self.leader_read_index(remaining).await {
-                    Ok(_) => return Ok(()),
+                    Ok(index) => Some(index),
                     Err(LeaderReadError::Timeout) => return Err(WriteError::Timeout(limit)),
                     Err(_) => None,
                 },
@@ -632,8 +632,10 @@ impl Node {
                 self.metrics.raft_lease_reads.inc();
                 return Ok(index);
             }
-            // Checked in the core, not in metrics that may lag: a vote this
-            // node granted to a higher term must end the lease at once.
+            // Writes in flight: the exact committed index, read in the core,
+            // which also checks the vote and membership once more (the
+            // lease itself already ends when this node grants a vote: the
+            // Vote RPC handler suspends it first).
             let checked = self
                 .raft
                 .with_raft_state(move |st| {
@@ -680,11 +682,23 @@ impl Node {
     /// local replica now is linearizable without any barrier (no task
     /// switch, no network). Checked on every status read, SMTP confirmation
     /// and readiness check before anything else.
+    ///
+    /// Only when nothing is in flight and this node's state machine has
+    /// applied its whole log: openraft tells followers about a new committed
+    /// index before the leader's own state machine applies it, so a follower
+    /// may already have shown a client an entry that is not applied here
+    /// yet. Otherwise the caller runs a barrier, which waits for that index.
     pub fn lease_read(&self) -> bool {
-        if self.is_stepping_down() || self.raft.metrics().borrow().state != ServerState::Leader {
-            return false;
-        }
-        let ok = self.read_lease.valid_at(Instant::now()).is_some();
+        let applied = {
+            let m = self.raft.metrics();
+            let m = m.borrow();
+            if self.is_stepping_down() || m.state != ServerState::Leader {
+                return false;
+            }
+            m.last_applied.map(|l| l.index)
+        };
+        let caught_up = matches!(self.log_marks.settled(), Some(index) if applied >= index);
+        let ok = caught_up && self.read_lease.valid_at(Instant::now()).is_some();
         if ok {
             self.metrics.raft_lease_reads.inc();
         }

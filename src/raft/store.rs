@@ -256,15 +256,15 @@ fn last_log_index(db: &Database) -> Result<Option<u64>, DbError> {
 }
 
 /// Two positions of this node's log, readable without the Raft core: the
-/// index of its last entry and the committed index openraft last handed to
-/// [`RaftLogStorage::save_committed`].
+/// index of its last entry and the committed index openraft last reported
+/// through [`RaftLogStorage::save_committed`] (kept in memory only).
 ///
 /// They let the leader answer a follower's `ReadIndex` without a round trip
 /// through its Raft core (a task wake-up per read barrier that was about a
-/// third of the leader's cost of one). A leader's last index is at or above
-/// every entry any node holds, so every committed entry too, whenever it is
-/// read; it is a safe read index but can include entries still in flight,
-/// which the follower would then wait for. When the two are equal nothing is
+/// third of the leader's cost of one). A leader's log holds every committed
+/// entry (Raft's leader completeness), so its last index is at or above the
+/// committed index whenever it is read; it is a safe read index but can
+/// include entries still in flight, which the follower would then wait for. When the two are equal nothing is
 /// in flight and the last index is the committed one; otherwise the leader
 /// asks its core for the exact committed index (`Node::leader_read_index`).
 /// The committed mark alone would not do: openraft tells followers about a
@@ -273,7 +273,7 @@ fn last_log_index(db: &Database) -> Result<Option<u64>, DbError> {
 pub struct LogMarks {
     /// Last index + 1; 0 when the log has no entry.
     last: AtomicU64,
-    /// Saved committed index + 1; 0 before the first `save_committed`.
+    /// Committed index + 1 as last reported; 0 before the first report.
     committed: AtomicU64,
 }
 
@@ -423,8 +423,8 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             rows.push((e.log_id.index, bytes));
             appended.push(e);
         }
-        // Before the write: replication reads entries from this store, so no
-        // other node can hold an entry before its index is marked here.
+        // Before the write, so the mark is never below an entry that
+        // replication could already read.
         if let Some((last, _)) = rows.last() {
             self.marks.set_last(Some(*last));
         }
