@@ -257,7 +257,11 @@ pub async fn send(
             })?;
     }
     let outcome = transaction(&mut conn, envelope, message, size.is_some()).await;
-    if outcome.as_ref().err().is_none_or(|e| e.status().is_some()) {
+    if outcome
+        .as_ref()
+        .err()
+        .is_none_or(|e| e.error.status().is_some())
+    {
         // The upstream answered (the message is safe there, or refused):
         // QUIT must not delay our reply, nor can its failure change
         // anything, so it runs on its own, bounded. A connection that broke
@@ -266,9 +270,42 @@ pub async fn send(
             let _ = tokio::time::timeout(Duration::from_secs(5), conn.quit()).await;
         });
     }
-    outcome
-        .map(drop)
-        .map_err(|e| classify(target.name, "transaction", &e))
+    outcome.map(drop).map_err(|e| {
+        let error = classify(target.name, "transaction", &e.error);
+        if e.at_rcpt {
+            rcpt_552_is_temporary(error)
+        } else {
+            error
+        }
+    })
+}
+
+/// A failed transaction: lettre's error, and whether it answered an `RCPT`.
+struct TransactionError {
+    error: lettre::transport::smtp::Error,
+    at_rcpt: bool,
+}
+
+/// `552` to `RCPT` as `452` (RFC 5321 4.5.3.1.10): it long meant "too many
+/// recipients", and a client SHOULD take it as temporary. Nothing was sent
+/// yet, so the delivery goes on as after any `4xx` (the next upstream, else
+/// `451` and the use is kept), instead of the sender hearing a `5xx` for a
+/// condition that may clear. The enhanced code gets class 4 too; the
+/// upstream's own reply stays in the text, for the log. `552` to `MAIL`
+/// (`SIZE=`) or after the data is left as it is: that one is final.
+fn rcpt_552_is_temporary(error: AttemptError) -> AttemptError {
+    match error {
+        AttemptError::Reply {
+            code: 552,
+            enhanced,
+            text,
+        } => AttemptError::Reply {
+            code: 452,
+            enhanced: format!("4{}", enhanced.get(1..).unwrap_or(".0.0")),
+            text: format!("552 {enhanced} to RCPT, taken as temporary: {text}"),
+        },
+        other => other,
+    }
 }
 
 /// `MAIL`, one `RCPT` per recipient, `DATA` and the message: lettre's own
@@ -281,7 +318,11 @@ async fn transaction(
     envelope: &LettreEnvelope,
     message: &[u8],
     size_offered: bool,
-) -> Result<lettre::transport::smtp::response::Response, lettre::transport::smtp::Error> {
+) -> Result<lettre::transport::smtp::response::Response, TransactionError> {
+    let other = |error| TransactionError {
+        error,
+        at_rcpt: false,
+    };
     let mut parameters = Vec::new();
     if size_offered {
         parameters.push(MailParameter::Size(message.len()));
@@ -293,16 +334,23 @@ async fn transaction(
         parameters.push(MailParameter::Body(MailBodyParameter::EightBitMime));
     }
     conn.command(Mail::new(envelope.from().cloned(), parameters))
-        .await?;
+        .await
+        .map_err(other)?;
     for to in envelope.to() {
-        conn.command(Rcpt::new(to.clone(), Vec::new())).await?;
+        conn.command(Rcpt::new(to.clone(), Vec::new()))
+            .await
+            .map_err(|error| TransactionError {
+                error,
+                at_rcpt: true,
+            })?;
     }
-    conn.command(Data).await?;
+    conn.command(Data).await.map_err(other)?;
     // lettre ends the data with CRLF `.` CRLF whatever it ends with; the
     // message's own final CRLF is that first CRLF, else the upstream gets
     // an empty line more than we have (and 2 bytes more than `SIZE=` said).
     conn.message(message.strip_suffix(b"\r\n").unwrap_or(message))
         .await
+        .map_err(other)
 }
 
 /// What the EHLO reply said about SIZE (RFC 1870 4): `None` when it is not
@@ -583,6 +631,32 @@ mod tests {
         );
         // An enhanced code of the wrong class is not trusted.
         assert_eq!(split_enhanced("4.1.1 x", 550).0, "5.0.0");
+    }
+
+    #[test]
+    fn a_552_to_rcpt_is_temporary() {
+        let reply = |code: u16, enhanced: &str| AttemptError::Reply {
+            code,
+            enhanced: enhanced.into(),
+            text: "too many recipients".into(),
+        };
+        assert_eq!(
+            rcpt_552_is_temporary(reply(552, "5.5.3")),
+            AttemptError::Reply {
+                code: 452,
+                enhanced: "4.5.3".into(),
+                text: "552 5.5.3 to RCPT, taken as temporary: too many recipients".into(),
+            }
+        );
+        // Any other refusal to RCPT stays what it is.
+        assert_eq!(
+            rcpt_552_is_temporary(reply(550, "5.1.1")),
+            reply(550, "5.1.1")
+        );
+        assert_eq!(
+            rcpt_552_is_temporary(reply(452, "4.5.3")),
+            reply(452, "4.5.3")
+        );
     }
 
     #[test]
