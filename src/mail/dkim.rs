@@ -110,8 +110,8 @@ impl KeyMaterial {
     ///
     /// # Errors
     /// [`DkimError`] when the file cannot be read, is not PEM, holds neither
-    /// an RSA (of at least 1024 bits) nor an Ed25519 key, or not a key of
-    /// `expected`.
+    /// an RSA key of at least 2048 bits (`MIN_RSA_BITS`) nor an Ed25519
+    /// key, or not a key of `expected`.
     pub fn load(path: &Path, expected: Option<Algorithm>) -> Result<Self, DkimError> {
         let shown = path.display().to_string();
         let pem = std::fs::read(path).map_err(|error| DkimError::Read {
