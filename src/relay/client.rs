@@ -659,6 +659,117 @@ mod tests {
         );
     }
 
+    /// A one-connection upstream on loopback that answers every command
+    /// with success and returns the raw bytes it got after `354`, up to
+    /// and including the end-of-data line.
+    async fn data_catcher() -> (Vec<SocketAddr>, tokio::task::JoinHandle<Vec<u8>>) {
+        use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let task = tokio::spawn(async move {
+            let (sock, _) = listener.accept().await.unwrap();
+            let (r, mut w) = sock.into_split();
+            let mut r = BufReader::new(r);
+            w.write_all(b"220 catcher.example ESMTP\r\n").await.unwrap();
+            let mut data = Vec::new();
+            let mut line = Vec::new();
+            loop {
+                line.clear();
+                if r.read_until(b'\n', &mut line).await.unwrap() == 0 {
+                    return data;
+                }
+                let verb = line.get(..4).unwrap_or(&line).to_ascii_uppercase();
+                let reply: &[u8] = match &verb[..] {
+                    b"EHLO" => b"250-catcher.example\r\n250 8BITMIME\r\n",
+                    b"QUIT" => b"221 bye\r\n",
+                    b"DATA" => {
+                        w.write_all(b"354 go ahead\r\n").await.unwrap();
+                        // Every line as it came, the terminator included.
+                        loop {
+                            line.clear();
+                            assert_ne!(r.read_until(b'\n', &mut line).await.unwrap(), 0);
+                            data.extend_from_slice(&line);
+                            if line == b".\r\n" {
+                                break;
+                            }
+                        }
+                        b"250 2.0.0 ok\r\n"
+                    }
+                    _ => b"250 2.0.0 ok\r\n",
+                };
+                w.write_all(reply).await.unwrap();
+                if verb == b"QUIT" {
+                    return data;
+                }
+            }
+        });
+        (vec![addr], task)
+    }
+
+    /// What an upstream receives between `354` and the end of the data for
+    /// `message`.
+    async fn data_on_the_wire(message: &[u8]) -> Vec<u8> {
+        let (addrs, catcher) = data_catcher().await;
+        let tls = TlsPolicy::Opportunistic(unverified_tls("127.0.0.1").unwrap());
+        let helo = ClientId::Domain("tempalias.test".into());
+        let target = Target {
+            name: "catcher",
+            addrs: &addrs,
+            tls: &tls,
+            credentials: None,
+            helo: &helo,
+            connect_timeout: Duration::from_secs(5),
+        };
+        let envelope = LettreEnvelope::new(
+            Some("a@b.example".parse().unwrap()),
+            vec!["c@d.example".parse().unwrap()],
+        )
+        .unwrap();
+        send(&target, &envelope, message).await.unwrap();
+        // QUIT runs on its own after the reply; the catcher ends with it.
+        tokio::time::timeout(Duration::from_secs(10), catcher)
+            .await
+            .unwrap()
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn the_data_is_dot_stuffed_and_ends_in_one_crlf_dot_crlf() {
+        let cases: [(&[u8], &[u8]); 5] = [
+            // The usual message: its final CRLF is the terminator's first.
+            (
+                b"Subject: a\r\n\r\nbody\r\n",
+                b"Subject: a\r\n\r\nbody\r\n.\r\n",
+            ),
+            // No final CRLF: one is added before the dot, nothing more.
+            (
+                b"Subject: b\r\n\r\nno line end",
+                b"Subject: b\r\n\r\nno line end\r\n.\r\n",
+            ),
+            // A last line of "." must not end the data early.
+            (
+                b"Subject: c\r\n\r\nbody\r\n.\r\n",
+                b"Subject: c\r\n\r\nbody\r\n..\r\n.\r\n",
+            ),
+            // Lines starting with "." in the middle are stuffed, others not.
+            (
+                b"Subject: d\r\n\r\n.hidden\r\na.b\r\n..two\r\n.\r\nafter\r\n",
+                b"Subject: d\r\n\r\n..hidden\r\na.b\r\n...two\r\n..\r\nafter\r\n.\r\n",
+            ),
+            // The first line starting with ".".
+            (b".first\r\n", b"..first\r\n.\r\n"),
+        ];
+        for (message, expected) in cases {
+            let got = data_on_the_wire(message).await;
+            assert_eq!(
+                String::from_utf8_lossy(&got),
+                String::from_utf8_lossy(expected),
+                "{:?}",
+                String::from_utf8_lossy(message)
+            );
+        }
+    }
+
     #[test]
     fn reads_size_from_the_ehlo_reply() {
         let recorded = b"220-fake.example ESMTP\r\n220 SIZE 1 is not EHLO\r\n\
