@@ -373,7 +373,8 @@ fn dkim_keygen(
         match made {
             Ok(key) => written.push(key),
             Err(e) => {
-                // All or nothing: no half of a pair stays behind.
+                // All or nothing: no half of a pair stays behind. A file
+                // that failed half-way is removed by write_key_file itself.
                 for p in &paths[..written.len()] {
                     let _ = std::fs::remove_file(p);
                 }

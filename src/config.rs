@@ -1337,7 +1337,13 @@ impl Config {
         }
         let mut seen = Vec::new();
         for k in &self.dkim.keys {
-            if !self.domains.contains(&k.domain) {
+            // Domains and selectors are DNS names: compared without case,
+            // as the signer looks keys up (`Forwarding::from_config`).
+            if !self
+                .domains
+                .iter()
+                .any(|d| d.eq_ignore_ascii_case(&k.domain))
+            {
                 out.push(
                     "dkim.keys",
                     format!("{:?} is not one of the alias domains", k.domain),
@@ -1345,13 +1351,17 @@ impl Config {
             }
             // Several keys per domain are fine; two under one selector
             // cannot both be published.
-            if seen.contains(&(&k.domain, &k.selector)) {
+            let name = (
+                k.domain.to_ascii_lowercase(),
+                k.selector.to_ascii_lowercase(),
+            );
+            if seen.contains(&name) {
                 out.push(
                     "dkim.keys",
                     format!("{:?} has selector {:?} twice", k.domain, k.selector),
                 );
             }
-            seen.push((&k.domain, &k.selector));
+            seen.push(name);
             if k.selector.is_empty()
                 || !k.selector.split('.').all(|l| {
                     !l.is_empty() && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
@@ -1563,6 +1573,21 @@ mod tests {
             "{found:?}"
         );
         assert!(has("dkim.keys", "selector \"s 1\" twice"), "{found:?}");
+        // Domains and selectors are DNS names: one key under `A.example`
+        // and another under `a.example` with the same selector (in any
+        // case) are the same published record. The domain matches the
+        // alias domain without case too.
+        let twice = format!(
+            "domains = [\"a.example\"]\n\
+             [[dkim.keys]]\ndomain = \"A.example\"\nselector = \"s1\"\nkey_file = {key:?}\n\
+             [[dkim.keys]]\ndomain = \"a.example\"\nselector = \"S1\"\nkey_file = {rsa_key:?}\n"
+        );
+        let found: Vec<String> = problems(&twice, &[])
+            .into_iter()
+            .filter(|(_, k, _)| k == "dkim.keys")
+            .map(|(_, _, m)| m)
+            .collect();
+        assert_eq!(found, ["\"a.example\" has selector \"S1\" twice"]);
         assert!(has("arc.dns_servers", "not an IP address"), "{found:?}");
         // Unknown fields of a key are errors too.
         let typo = format!(

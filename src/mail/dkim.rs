@@ -110,8 +110,8 @@ impl KeyMaterial {
     ///
     /// # Errors
     /// [`DkimError`] when the file cannot be read, is not PEM, holds neither
-    /// an RSA (of at least 1024 bits) nor an Ed25519 key, or not a key of
-    /// `expected`.
+    /// an RSA key of at least 2048 bits (`MIN_RSA_BITS`) nor an Ed25519
+    /// key, or not a key of `expected`.
     pub fn load(path: &Path, expected: Option<Algorithm>) -> Result<Self, DkimError> {
         let shown = path.display().to_string();
         let pem = std::fs::read(path).map_err(|error| DkimError::Read {
@@ -451,9 +451,24 @@ pub fn zone_line(domain: &str, selector: &str, txt: &str) -> String {
 /// overwrite an existing one (a published key would silently stop working).
 ///
 /// # Errors
-/// [`DkimError::Write`] when the file exists or cannot be written.
+/// [`DkimError::Write`] when the file exists or cannot be written; in the
+/// latter case it is removed again.
 pub fn write_key_file(path: &Path, pem: &str) -> Result<(), DkimError> {
     use std::io::Write;
+    create_new_with(path, |f| {
+        f.write_all(pem.as_bytes())?;
+        f.sync_all()
+    })
+}
+
+/// Creates `path` (mode 0600, never over an existing file) and lets `fill`
+/// write it. When `fill` fails the file is removed: a truncated key left
+/// behind would be taken for a key, and its name would block a second try.
+/// A file that was there already is never touched.
+fn create_new_with(
+    path: &Path,
+    fill: impl FnOnce(&mut std::fs::File) -> std::io::Result<()>,
+) -> Result<(), DkimError> {
     let err = |error| DkimError::Write {
         path: path.display().to_string(),
         error,
@@ -466,8 +481,11 @@ pub fn write_key_file(path: &Path, pem: &str) -> Result<(), DkimError> {
         opts.mode(0o600);
     }
     let mut f = opts.open(path).map_err(err)?;
-    f.write_all(pem.as_bytes()).map_err(err)?;
-    f.sync_all().map_err(err)
+    fill(&mut f).map_err(|e| {
+        drop(f);
+        let _ = std::fs::remove_file(path);
+        err(e)
+    })
 }
 
 #[cfg(test)]
@@ -604,6 +622,30 @@ mod tests {
         write_key_file(&path, &pem).unwrap();
         let e = KeyMaterial::load(&path, None).err().unwrap().to_string();
         assert!(e.contains("1024 bits; at least 2048"), "{e}");
+    }
+
+    #[test]
+    fn a_key_file_that_cannot_be_written_is_removed_again() {
+        use std::io::Write;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("k.pem");
+        let failed = create_new_with(&path, |f| {
+            f.write_all(b"-----BEGIN PRIVATE KEY-----\n")?;
+            Err(std::io::Error::other("disk full"))
+        });
+        assert!(
+            matches!(&failed, Err(DkimError::Write { error, .. }) if error.to_string() == "disk full"),
+            "{failed:?}"
+        );
+        assert!(!path.exists());
+        // The name is free again; an existing file is neither overwritten
+        // nor removed when the create fails.
+        write_key_file(&path, "first").unwrap();
+        assert!(matches!(
+            write_key_file(&path, "second"),
+            Err(DkimError::Write { .. })
+        ));
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "first");
     }
 
     #[test]

@@ -257,7 +257,11 @@ pub async fn send(
             })?;
     }
     let outcome = transaction(&mut conn, envelope, message, size.is_some()).await;
-    if outcome.as_ref().err().is_none_or(|e| e.status().is_some()) {
+    if outcome
+        .as_ref()
+        .err()
+        .is_none_or(|e| e.error.status().is_some())
+    {
         // The upstream answered (the message is safe there, or refused):
         // QUIT must not delay our reply, nor can its failure change
         // anything, so it runs on its own, bounded. A connection that broke
@@ -266,9 +270,42 @@ pub async fn send(
             let _ = tokio::time::timeout(Duration::from_secs(5), conn.quit()).await;
         });
     }
-    outcome
-        .map(drop)
-        .map_err(|e| classify(target.name, "transaction", &e))
+    outcome.map(drop).map_err(|e| {
+        let error = classify(target.name, "transaction", &e.error);
+        if e.at_rcpt {
+            rcpt_552_is_temporary(error)
+        } else {
+            error
+        }
+    })
+}
+
+/// A failed transaction: lettre's error, and whether it answered an `RCPT`.
+struct TransactionError {
+    error: lettre::transport::smtp::Error,
+    at_rcpt: bool,
+}
+
+/// `552` to `RCPT` as `452` (RFC 5321 4.5.3.1.10): it long meant "too many
+/// recipients", and a client SHOULD take it as temporary. Nothing was sent
+/// yet, so the delivery goes on as after any `4xx` (the next upstream, else
+/// `451` and the use is kept), instead of the sender hearing a `5xx` for a
+/// condition that may clear. The enhanced code gets class 4 too; the
+/// upstream's own reply stays in the text, for the log. `552` to `MAIL`
+/// (`SIZE=`) or after the data is left as it is: that one is final.
+fn rcpt_552_is_temporary(error: AttemptError) -> AttemptError {
+    match error {
+        AttemptError::Reply {
+            code: 552,
+            enhanced,
+            text,
+        } => AttemptError::Reply {
+            code: 452,
+            enhanced: format!("4{}", enhanced.get(1..).unwrap_or(".0.0")),
+            text: format!("552 {enhanced} to RCPT, taken as temporary: {text}"),
+        },
+        other => other,
+    }
 }
 
 /// `MAIL`, one `RCPT` per recipient, `DATA` and the message: lettre's own
@@ -281,7 +318,11 @@ async fn transaction(
     envelope: &LettreEnvelope,
     message: &[u8],
     size_offered: bool,
-) -> Result<lettre::transport::smtp::response::Response, lettre::transport::smtp::Error> {
+) -> Result<lettre::transport::smtp::response::Response, TransactionError> {
+    let other = |error| TransactionError {
+        error,
+        at_rcpt: false,
+    };
     let mut parameters = Vec::new();
     if size_offered {
         parameters.push(MailParameter::Size(message.len()));
@@ -293,16 +334,23 @@ async fn transaction(
         parameters.push(MailParameter::Body(MailBodyParameter::EightBitMime));
     }
     conn.command(Mail::new(envelope.from().cloned(), parameters))
-        .await?;
+        .await
+        .map_err(other)?;
     for to in envelope.to() {
-        conn.command(Rcpt::new(to.clone(), Vec::new())).await?;
+        conn.command(Rcpt::new(to.clone(), Vec::new()))
+            .await
+            .map_err(|error| TransactionError {
+                error,
+                at_rcpt: true,
+            })?;
     }
-    conn.command(Data).await?;
+    conn.command(Data).await.map_err(other)?;
     // lettre ends the data with CRLF `.` CRLF whatever it ends with; the
     // message's own final CRLF is that first CRLF, else the upstream gets
     // an empty line more than we have (and 2 bytes more than `SIZE=` said).
     conn.message(message.strip_suffix(b"\r\n").unwrap_or(message))
         .await
+        .map_err(other)
 }
 
 /// What the EHLO reply said about SIZE (RFC 1870 4): `None` when it is not
@@ -583,6 +631,143 @@ mod tests {
         );
         // An enhanced code of the wrong class is not trusted.
         assert_eq!(split_enhanced("4.1.1 x", 550).0, "5.0.0");
+    }
+
+    #[test]
+    fn a_552_to_rcpt_is_temporary() {
+        let reply = |code: u16, enhanced: &str| AttemptError::Reply {
+            code,
+            enhanced: enhanced.into(),
+            text: "too many recipients".into(),
+        };
+        assert_eq!(
+            rcpt_552_is_temporary(reply(552, "5.5.3")),
+            AttemptError::Reply {
+                code: 452,
+                enhanced: "4.5.3".into(),
+                text: "552 5.5.3 to RCPT, taken as temporary: too many recipients".into(),
+            }
+        );
+        // Any other refusal to RCPT stays what it is.
+        assert_eq!(
+            rcpt_552_is_temporary(reply(550, "5.1.1")),
+            reply(550, "5.1.1")
+        );
+        assert_eq!(
+            rcpt_552_is_temporary(reply(452, "4.5.3")),
+            reply(452, "4.5.3")
+        );
+    }
+
+    /// A one-connection upstream on loopback that answers every command
+    /// with success and returns the raw bytes it got after `354`, up to
+    /// and including the end-of-data line.
+    async fn data_catcher() -> (Vec<SocketAddr>, tokio::task::JoinHandle<Vec<u8>>) {
+        use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let task = tokio::spawn(async move {
+            let (sock, _) = listener.accept().await.unwrap();
+            let (r, mut w) = sock.into_split();
+            let mut r = BufReader::new(r);
+            w.write_all(b"220 catcher.example ESMTP\r\n").await.unwrap();
+            let mut data = Vec::new();
+            let mut line = Vec::new();
+            loop {
+                line.clear();
+                if r.read_until(b'\n', &mut line).await.unwrap() == 0 {
+                    return data;
+                }
+                let verb = line.get(..4).unwrap_or(&line).to_ascii_uppercase();
+                let reply: &[u8] = match &verb[..] {
+                    b"EHLO" => b"250-catcher.example\r\n250 8BITMIME\r\n",
+                    b"QUIT" => b"221 bye\r\n",
+                    b"DATA" => {
+                        w.write_all(b"354 go ahead\r\n").await.unwrap();
+                        // Every line as it came, the terminator included.
+                        loop {
+                            line.clear();
+                            assert_ne!(r.read_until(b'\n', &mut line).await.unwrap(), 0);
+                            data.extend_from_slice(&line);
+                            if line == b".\r\n" {
+                                break;
+                            }
+                        }
+                        b"250 2.0.0 ok\r\n"
+                    }
+                    _ => b"250 2.0.0 ok\r\n",
+                };
+                w.write_all(reply).await.unwrap();
+                if verb == b"QUIT" {
+                    return data;
+                }
+            }
+        });
+        (vec![addr], task)
+    }
+
+    /// What an upstream receives between `354` and the end of the data for
+    /// `message`.
+    async fn data_on_the_wire(message: &[u8]) -> Vec<u8> {
+        let (addrs, catcher) = data_catcher().await;
+        let tls = TlsPolicy::Opportunistic(unverified_tls("127.0.0.1").unwrap());
+        let helo = ClientId::Domain("tempalias.test".into());
+        let target = Target {
+            name: "catcher",
+            addrs: &addrs,
+            tls: &tls,
+            credentials: None,
+            helo: &helo,
+            connect_timeout: Duration::from_secs(5),
+        };
+        let envelope = LettreEnvelope::new(
+            Some("a@b.example".parse().unwrap()),
+            vec!["c@d.example".parse().unwrap()],
+        )
+        .unwrap();
+        send(&target, &envelope, message).await.unwrap();
+        // QUIT runs on its own after the reply; the catcher ends with it.
+        tokio::time::timeout(Duration::from_secs(10), catcher)
+            .await
+            .unwrap()
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn the_data_is_dot_stuffed_and_ends_in_one_crlf_dot_crlf() {
+        let cases: [(&[u8], &[u8]); 5] = [
+            // The usual message: its final CRLF is the terminator's first.
+            (
+                b"Subject: a\r\n\r\nbody\r\n",
+                b"Subject: a\r\n\r\nbody\r\n.\r\n",
+            ),
+            // No final CRLF: one is added before the dot, nothing more.
+            (
+                b"Subject: b\r\n\r\nno line end",
+                b"Subject: b\r\n\r\nno line end\r\n.\r\n",
+            ),
+            // A last line of "." must not end the data early.
+            (
+                b"Subject: c\r\n\r\nbody\r\n.\r\n",
+                b"Subject: c\r\n\r\nbody\r\n..\r\n.\r\n",
+            ),
+            // Lines starting with "." in the middle are stuffed, others not.
+            (
+                b"Subject: d\r\n\r\n.hidden\r\na.b\r\n..two\r\n.\r\nafter\r\n",
+                b"Subject: d\r\n\r\n..hidden\r\na.b\r\n...two\r\n..\r\nafter\r\n.\r\n",
+            ),
+            // The first line starting with ".".
+            (b".first\r\n", b"..first\r\n.\r\n"),
+        ];
+        for (message, expected) in cases {
+            let got = data_on_the_wire(message).await;
+            assert_eq!(
+                String::from_utf8_lossy(&got),
+                String::from_utf8_lossy(expected),
+                "{:?}",
+                String::from_utf8_lossy(message)
+            );
+        }
     }
 
     #[test]

@@ -845,11 +845,11 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn an_upstream_552_at_mail_rcpt_or_data_is_final_as_any_5xx() {
+    async fn an_upstream_552_at_mail_or_data_is_final_as_any_5xx() {
         // The host's own refusal, whatever its SIZE said: passed on with its
         // codes, and the next smarthost is not asked (it might deliver a
         // message the first one took after all).
-        for stage in ["MAIL", "RCPT", "."] {
+        for stage in ["MAIL", "."] {
             let refusing = Fake::start(&["SIZE 100000"], Some(stage)).await;
             let next = Fake::start(&["SIZE 100000"], None).await;
             let (relay, metrics) = relay(&[refusing.url(), next.url()], 5);
@@ -867,5 +867,35 @@ mod tests {
                 "{stage}"
             );
         }
+    }
+
+    #[tokio::test]
+    async fn an_upstream_552_at_rcpt_is_temporary() {
+        // RFC 5321 4.5.3.1.10: a 552 to RCPT may mean "too many
+        // recipients" and a client SHOULD treat it as temporary. Nothing
+        // was sent, so the next smarthost is asked ...
+        let refusing = Fake::start(&["SIZE 100000"], Some("RCPT")).await;
+        let next = Fake::start(&["SIZE 100000"], None).await;
+        let (both, metrics) = relay(&[refusing.url(), next.url()], 5);
+        assert_eq!(send_size(&both, 100).await, Delivery::Accepted);
+        assert_eq!(refusing.mails().len(), 1);
+        assert_eq!(next.mails().len(), 1);
+        assert_eq!(
+            metric_line(&metrics, &refusing.url(), "refused_temporary").as_deref(),
+            Some("1")
+        );
+        // ... and when no other one takes it, the sender hears a 451 (the
+        // session keeps the use), never a 5xx.
+        let (alone, metrics) = relay(&[refusing.url()], 5);
+        match send_size(&alone, 100).await {
+            Delivery::TempFail(reason) => assert!(reason.contains("552"), "{reason}"),
+            other => panic!("{other:?}"),
+        }
+        assert!(metric_line(&metrics, &refusing.url(), "refused_permanent").is_none());
+        // A reply, not a failure: the breaker stays closed.
+        assert!(metrics.encode().contains(&format!(
+            "tempalias_relay_breaker_state{{upstream=\"{}\"}} 0",
+            refusing.url()
+        )));
     }
 }

@@ -12,11 +12,12 @@ import ipaddress
 import os
 import shutil
 import ssl
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import peerkit
-from harness import free_port
+from harness import free_port, wait_until
 from peerkit import NsdServer, PostfixInstance, reachable_temp_dir, zone_text
 
 # --------------------------------------------------------------------------- certificates
@@ -128,15 +129,34 @@ class Received:
 
 @dataclass
 class AioSmtpd:
-    """aiosmtpd on 127.0.0.1 in a thread of the test process: a second real
-    SMTP implementation with STARTTLS, implicit TLS and AUTH PLAIN/LOGIN."""
+    """aiosmtpd on a loopback address in a thread of the test process: a
+    second real SMTP implementation with STARTTLS, implicit TLS and AUTH
+    PLAIN/LOGIN. `size_limit` is its SIZE (aiosmtpd's `data_size_limit`,
+    announced in EHLO; `None` for aiosmtpd's default). `refuse_rcpt` /
+    `refuse_data` answer every RCPT / the end of data with that reply instead
+    of accepting. `mails` keeps the parameters of every MAIL it got (even one
+    it refused), `messages` each message it took."""
 
     cert: tuple[Path, Path] | None = None
     implicit_tls: bool = False
     auth: tuple[str, str] | None = None
+    host: str = "127.0.0.1"
     port: int = field(default_factory=free_port)
+    size_limit: int | None = None
+    refuse_rcpt: str | None = None
+    refuse_data: str | None = None
+    mails: list[list[str]] = field(default_factory=list)
     messages: list[Received] = field(default_factory=list)
     auth_attempts: list[tuple[str, bool]] = field(default_factory=list)
+
+    @property
+    def url(self) -> str:
+        """A smarthost URL without AUTH: `smtps://localhost` with implicit TLS
+        (the name a test certificate is for), else `smtp://` (STARTTLS when a
+        certificate is given, unverified)."""
+        if self.implicit_tls:
+            return f"smtps://localhost:{self.port}"
+        return f"smtp://{self.host}:{self.port}"
 
     def start(self) -> "AioSmtpd":
         try:
@@ -145,19 +165,38 @@ class AioSmtpd:
         except ImportError as e:  # pragma: no cover - scripts/test installs it
             raise AssertionError("Python package aiosmtpd is missing; run scripts/test") from e
         outer = self
+        lock = threading.Lock()
         ctx = None
         if self.cert:
             ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
             ctx.load_cert_chain(str(self.cert[0]), str(self.cert[1]))
 
         class Handler:
+            async def handle_MAIL(self, server, session, envelope, address, mail_options):
+                with lock:
+                    outer.mails.append(list(mail_options))
+                envelope.mail_from = address
+                envelope.mail_options.extend(mail_options)
+                return "250 OK"
+
+            async def handle_RCPT(self, server, session, envelope, address, rcpt_options):
+                if outer.refuse_rcpt:
+                    return outer.refuse_rcpt
+                envelope.rcpt_tos.append(address)
+                envelope.rcpt_options.extend(rcpt_options)
+                return "250 OK"
+
             async def handle_DATA(self, server, session, envelope):
+                if outer.refuse_data:
+                    return outer.refuse_data
                 user = None
                 if session.auth_data is not None and isinstance(session.auth_data, LoginPassword):
                     user = session.auth_data.login.decode()
-                outer.messages.append(Received(envelope.mail_from, list(envelope.rcpt_tos), envelope.content,
-                                               # implicit TLS: the listener speaks nothing else
-                                               session.ssl is not None or outer.implicit_tls, user))
+                with lock:
+                    outer.messages.append(Received(envelope.mail_from, list(envelope.rcpt_tos),
+                                                   envelope.original_content,
+                                                   # implicit TLS: the listener speaks nothing else
+                                                   session.ssl is not None or outer.implicit_tls, user))
                 return "250 2.0.0 OK: queued by aiosmtpd"
 
         def authenticator(server, session, envelope, mechanism, auth_data):
@@ -166,7 +205,9 @@ class AioSmtpd:
             outer.auth_attempts.append((mechanism, ok))
             return AuthResult(success=ok, auth_data=auth_data if ok else None)
 
-        kwargs = dict(hostname="127.0.0.1", port=self.port, ready_timeout=15)
+        kwargs = dict(hostname=self.host, port=self.port, ready_timeout=15)
+        if self.size_limit is not None:
+            kwargs["data_size_limit"] = self.size_limit
         if self.implicit_tls:
             kwargs["ssl_context"] = ctx
         elif ctx is not None:
@@ -185,6 +226,10 @@ class AioSmtpd:
         if c is not None:
             c.stop()
             self.controller = None
+
+    def wait_for(self, n: int, timeout: float = 10) -> list[Received]:
+        wait_until(lambda: len(self.messages) >= n, timeout, f"{n} message(s) at {self.url}")
+        return self.messages
 
 
 # --------------------------------------------------------------------------- Postfix

@@ -3,101 +3,30 @@ limit (`data_size_limit`, advertised as `SIZE n`): a message above one
 smarthost's SIZE goes to the next (in plaintext, after STARTTLS, where the
 limit comes from the EHLO after TLS, and over implicit TLS), a message above every smarthost's SIZE
 gets `552 5.3.4` and keeps its use, `SIZE=` is sent on MAIL, an upstream's own
-`552` after DATA is passed on as before, and the same rule holds across MX
-hosts (nsd serving the zones)."""
+`552` after DATA is passed on as before while its `552` to RCPT is temporary
+(RFC 5321 4.5.3.1.10), and the same rule holds across MX hosts (nsd serving
+the zones)."""
 
 from __future__ import annotations
 
 import smtplib
-import ssl
-import threading
-from dataclasses import dataclass, field
 
 import pytest
 
-from harness import SENDER, free_port, message, wait_until
-from peers import Ca, Nsd
+from harness import SENDER, free_port, message
+from peers import AioSmtpd, Ca, Nsd
 
 # Any message from `message()` is far below this; padded ones are above it.
 SMALL_LIMIT = 4000
 BIG = 10_000
 
 
-@dataclass
-class SizedPeer:
-    """aiosmtpd on a loopback address with a SIZE limit of its own. Keeps the
-    parameters of every MAIL it got (even one it refused) and each message it
-    took; `refuse_data` answers the end of data with that reply instead."""
-
-    limit: int
-    host: str = "127.0.0.1"
-    port: int = field(default_factory=free_port)
-    cert: tuple | None = None
-    implicit_tls: bool = False
-    refuse_data: str | None = None
-    mails: list[list[str]] = field(default_factory=list)
-    messages: list[tuple[str, list[str], bytes, bool]] = field(default_factory=list)
-
-    @property
-    def url(self) -> str:
-        if self.implicit_tls:
-            return f"smtps://localhost:{self.port}"
-        return f"smtp://{self.host}:{self.port}"
-
-    def start(self) -> "SizedPeer":
-        try:
-            from aiosmtpd.controller import Controller
-        except ImportError as e:  # pragma: no cover - scripts/test installs it
-            raise AssertionError("Python package aiosmtpd is missing; run scripts/test") from e
-        outer = self
-        lock = threading.Lock()
-
-        class Handler:
-            async def handle_MAIL(self, server, session, envelope, address, mail_options):
-                with lock:
-                    outer.mails.append(list(mail_options))
-                envelope.mail_from = address
-                envelope.mail_options.extend(mail_options)
-                return "250 OK"
-
-            async def handle_DATA(self, server, session, envelope):
-                if outer.refuse_data:
-                    return outer.refuse_data
-                with lock:
-                    outer.messages.append((envelope.mail_from, list(envelope.rcpt_tos),
-                                           envelope.original_content,
-                                           session.ssl is not None or outer.implicit_tls))
-                return "250 2.0.0 OK: queued by aiosmtpd"
-
-        kwargs = dict(hostname=self.host, port=self.port, ready_timeout=15, data_size_limit=self.limit)
-        if self.cert:
-            ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-            ctx.load_cert_chain(str(self.cert[0]), str(self.cert[1]))
-            if self.implicit_tls:
-                kwargs["ssl_context"] = ctx
-            else:
-                kwargs.update(tls_context=ctx, require_starttls=False)
-        self.controller = Controller(Handler(), **kwargs)
-        self.controller.start()
-        return self
-
-    def stop(self):
-        c = getattr(self, "controller", None)
-        if c is not None:
-            c.stop()
-            self.controller = None
-
-    def wait_for(self, n: int, timeout: float = 10):
-        wait_until(lambda: len(self.messages) >= n, timeout, f"{n} message(s) at {self.url}")
-        return self.messages
-
-
 @pytest.fixture
 def peer_factory():
     made = []
 
-    def make(**kwargs) -> SizedPeer:
-        p = SizedPeer(**kwargs).start()
+    def make(**kwargs) -> AioSmtpd:
+        p = AioSmtpd(**kwargs).start()
         made.append(p)
         return p
 
@@ -132,8 +61,8 @@ def test_a_message_over_the_first_smarthosts_size_goes_to_the_second(node_factor
     ca = Ca.create(tmp_path / "ca")
     peer = {"plaintext": {}, "starttls": {"cert": ca.issue("starttls")},
             "implicit": {"cert": ca.issue("implicit"), "implicit_tls": True}}[tls]
-    small = peer_factory(limit=SMALL_LIMIT, **peer)
-    large = peer_factory(limit=10 * 1024 * 1024, **peer)
+    small = peer_factory(size_limit=SMALL_LIMIT, **peer)
+    large = peer_factory(size_limit=10 * 1024 * 1024, **peer)
     node = node_factory(relay="smarthost", smarthosts=[small.url, large.url],
                         config={"relay": {"breaker_failures": 2, "ca_file": str(ca.pem_path)}})
     encrypted = tls != "plaintext"
@@ -142,13 +71,13 @@ def test_a_message_over_the_first_smarthosts_size_goes_to_the_second(node_factor
     big = big_message("big", to=alias["alias"])
     assert len(big) > SMALL_LIMIT
     assert node.send([alias["alias"]], big) == {}
-    ((mail_from, rcpt, data, tls_used),) = large.wait_for(1)
-    assert tls_used == encrypted
+    (m,) = large.wait_for(1)
+    assert m.tls == encrypted
     # Nothing was sent to the small one: no MAIL, no message.
     assert small.mails == [] and small.messages == []
     # SIZE= on MAIL is the size of what was sent (our trace header and
     # signatures included), as aiosmtpd counts it.
-    assert size_option(large.mails[0]) == len(data), (large.mails, len(data))
+    assert size_option(large.mails[0]) == len(m.data), (large.mails, len(m.data))
 
     # More messages than breaker_failures: the small one stays in use for
     # messages that fit it, and hears their size too.
@@ -156,8 +85,8 @@ def test_a_message_over_the_first_smarthosts_size_goes_to_the_second(node_factor
         assert node.send([alias["alias"]], big_message(f"big {i}", to=alias["alias"])) == {}
     assert node.send([alias["alias"]], message("small", to=alias["alias"])) == {}
     small.wait_for(1)
-    assert size_option(small.mails[0]) == len(small.messages[0][2])
-    assert small.messages[0][3] == encrypted
+    assert size_option(small.mails[0]) == len(small.messages[0].data)
+    assert small.messages[0].tls == encrypted
     assert len(large.wait_for(4)) == 4
     assert node.remaining(alias) == 10 - 5
 
@@ -169,8 +98,8 @@ def test_a_message_over_the_first_smarthosts_size_goes_to_the_second(node_factor
 
 
 def test_a_message_over_every_smarthosts_size_is_552_and_keeps_the_use(node_factory, peer_factory):
-    a = peer_factory(limit=SMALL_LIMIT)
-    b = peer_factory(limit=SMALL_LIMIT + 100)
+    a = peer_factory(size_limit=SMALL_LIMIT)
+    b = peer_factory(size_limit=SMALL_LIMIT + 100)
     node = node_factory(relay="smarthost", smarthosts=[a.url, b.url])
     alias = node.create_alias(target="secret-target@example.net", days=1, max_usage=1)
 
@@ -195,9 +124,9 @@ def test_an_upstreams_own_552_after_data_is_passed_on_without_failover(node_fact
     # refuses it after DATA anyway (a quota, say): a permanent refusal as
     # before this change, passed on with its codes and a fixed text; the
     # second smarthost is not asked.
-    refusing = peer_factory(limit=10 * 1024 * 1024,
+    refusing = peer_factory(size_limit=10 * 1024 * 1024,
                             refuse_data="552 5.3.4 <secret-target@example.net>: mailbox quota exceeded")
-    second = peer_factory(limit=10 * 1024 * 1024)
+    second = peer_factory(size_limit=10 * 1024 * 1024)
     node = node_factory(relay="smarthost", smarthosts=[refusing.url, second.url])
     alias = node.create_alias(target="secret-target@example.net", days=1, max_usage=1)
     code, text = data_error(node, alias, message("refused after data", to=alias["alias"]))
@@ -208,6 +137,33 @@ def test_an_upstreams_own_552_after_data_is_passed_on_without_failover(node_fact
     assert node.remaining(alias) == 1
     m = node.metrics()
     assert f'tempalias_relay_attempts_total{{upstream="{refusing.url}",result="refused_permanent"}} 1' in m, m
+
+
+def test_an_upstreams_552_to_rcpt_is_temporary(node_factory, peer_factory):
+    # RFC 5321 4.5.3.1.10: a 552 to RCPT ("too many recipients") is to be
+    # taken as temporary. Nothing was sent, so the next smarthost is asked;
+    # with none left the sender gets 451 and the use is kept.
+    refusing = peer_factory(refuse_rcpt="552 5.5.3 Too many recipients")
+    second = peer_factory()
+    node = node_factory(relay="smarthost", smarthosts=[refusing.url, second.url])
+    alias = node.create_alias(target="secret-target@example.net", days=1, max_usage=2)
+    assert node.send([alias["alias"]], message("552 at rcpt, then the next", to=alias["alias"])) == {}
+    (m,) = second.wait_for(1)
+    assert m.rcpt_to == ["secret-target@example.net"]
+    assert len(refusing.mails) == 1 and refusing.messages == []
+    assert node.remaining(alias) == 1
+    m = node.metrics()
+    assert f'tempalias_relay_attempts_total{{upstream="{refusing.url}",result="refused_temporary"}} 1' in m, m
+    assert f'tempalias_relay_breaker_state{{upstream="{refusing.url}"}} 0' in m
+
+    alone = node_factory(relay="smarthost", smarthosts=[refusing.url],
+                         config={"relay": {"max_attempts": 1}})
+    alias = alone.create_alias(target="secret-target@example.net", days=1, max_usage=1)
+    code, text = data_error(alone, alias, message("552 at rcpt, nobody else", to=alias["alias"]))
+    assert (code, text) == (451, b"4.4.1 Upstream not available, try again later"), (code, text)
+    assert alone.remaining(alias) == 1
+    assert 'tempalias_smtp_messages_total{result="tempfail"} 1' in alone.metrics()
+    assert "taken as temporary" in alone.logs()
 
 
 ZONES = {
@@ -222,16 +178,16 @@ def test_mx_hosts_below_the_message_size_are_passed_over(tmp_path, node_factory,
     nsd = Nsd(tmp_path, ZONES).start()
     request.addfinalizer(nsd.stop)
     port = free_port()
-    mx1 = peer_factory(limit=SMALL_LIMIT, host="127.0.0.21", port=port)
-    mx2 = peer_factory(limit=10 * 1024 * 1024, host="127.0.0.22", port=port)
-    only = peer_factory(limit=SMALL_LIMIT, host="127.0.0.23", port=port)
+    mx1 = peer_factory(size_limit=SMALL_LIMIT, host="127.0.0.21", port=port)
+    mx2 = peer_factory(size_limit=10 * 1024 * 1024, host="127.0.0.22", port=port)
+    only = peer_factory(size_limit=SMALL_LIMIT, host="127.0.0.23", port=port)
     node = node_factory(config={"relay": {"mode": "mx", "dns_servers": [f"127.0.0.1:{nsd.port}"], "mx_port": port,
                                           "timeout_secs": 3}})
 
     alias = node.create_alias(target="me@big.test", days=1, max_usage=2)
     assert node.send([alias["alias"]], big_message("big by mx", to=alias["alias"])) == {}
-    ((_, rcpt, data, _),) = mx2.wait_for(1)
-    assert rcpt == ["me@big.test"] and size_option(mx2.mails[0]) == len(data)
+    (m,) = mx2.wait_for(1)
+    assert m.rcpt_to == ["me@big.test"] and size_option(mx2.mails[0]) == len(m.data)
     assert mx1.mails == []
     assert node.remaining(alias) == 1
 
