@@ -175,6 +175,17 @@ mod tests {
         }
     }
 
+    /// Waits until no barrier task runs.
+    async fn all_done(barriers: &Barriers) {
+        tokio::time::timeout(Duration::from_secs(5), async {
+            while barriers.state.lock().unwrap().in_flight > 0 {
+                tokio::task::yield_now().await;
+            }
+        })
+        .await
+        .unwrap();
+    }
+
     /// Starts one read with the gated barrier and waits until its barrier
     /// runs.
     async fn first_read(
@@ -269,13 +280,7 @@ mod tests {
             assert_eq!(r.await.unwrap(), Ok(()));
         }
         assert_eq!(barriers.rounds(), calls.load(Ordering::SeqCst));
-        tokio::time::timeout(Duration::from_secs(5), async {
-            while barriers.state.lock().unwrap().in_flight > 0 {
-                tokio::task::yield_now().await;
-            }
-        })
-        .await
-        .unwrap();
+        all_done(&barriers).await;
     }
 
     #[tokio::test]
@@ -283,13 +288,7 @@ mod tests {
         let barriers = Arc::new(Barriers::default());
         let r = barriers.wait_with(|| async { panic!("barrier bug") }).await;
         assert_eq!(r, Err("read barrier failed".to_string()));
-        tokio::time::timeout(Duration::from_secs(5), async {
-            while barriers.state.lock().unwrap().in_flight > 0 {
-                tokio::task::yield_now().await;
-            }
-        })
-        .await
-        .unwrap();
+        all_done(&barriers).await;
         // A lone read afterwards gets a barrier at once.
         assert_eq!(barriers.wait_with(|| async { Ok(()) }).await, Ok(()));
     }
@@ -302,13 +301,7 @@ mod tests {
             .await;
         assert_eq!(r, Err("no quorum".to_string()));
         // The runner (which keeps its barrier function) is done first.
-        tokio::time::timeout(Duration::from_secs(5), async {
-            while barriers.state.lock().unwrap().in_flight > 0 {
-                tokio::task::yield_now().await;
-            }
-        })
-        .await
-        .unwrap();
+        all_done(&barriers).await;
         // A later read gets a barrier of its own.
         assert_eq!(barriers.wait_with(|| async { Ok(()) }).await, Ok(()));
         assert_eq!(barriers.rounds(), 2);

@@ -429,6 +429,19 @@ mod tests {
         }
     }
 
+    /// The test message from alice to the test alias, as it leaves.
+    async fn forward(f: &Forwarding) -> Arc<Vec<u8>> {
+        f.prepare(
+            incoming(),
+            "k7q2mz9xwd@tempalias.test",
+            envelope("alice@sender.example"),
+            MESSAGE.to_vec(),
+            NOW_MS,
+        )
+        .await
+        .1
+    }
+
     #[tokio::test]
     async fn signs_rewrites_and_keeps_the_message_intact() {
         let dir = tempfile::tempdir().unwrap();
@@ -487,15 +500,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let f = Forwarding::from_config(&config(dir.path(), true)).unwrap();
         assert!(f.seals());
-        let (_, msg) = f
-            .prepare(
-                incoming(),
-                "k7q2mz9xwd@tempalias.test",
-                envelope("alice@sender.example"),
-                MESSAGE.to_vec(),
-                NOW_MS,
-            )
-            .await;
+        let msg = forward(&f).await;
         let text = String::from_utf8(msg.to_vec()).unwrap();
         let head = &text[..text.len() - MESSAGE.len()];
         for field in [
@@ -546,15 +551,7 @@ mod tests {
         let f = Forwarding::from_config(&c).unwrap();
         assert_eq!(f.unsealed_domains(), vec!["tempalias.test".to_string()]);
         assert!(!f.seals(), "no resolver without anything to seal");
-        let (_, msg) = f
-            .prepare(
-                incoming(),
-                "k7q2mz9xwd@tempalias.test",
-                envelope("alice@sender.example"),
-                MESSAGE.to_vec(),
-                NOW_MS,
-            )
-            .await;
+        let msg = forward(&f).await;
         assert!(msg.starts_with(b"DKIM-Signature:"));
         assert!(!msg.windows(4).any(|w| w == b"ARC-"));
     }
@@ -614,15 +611,7 @@ mod tests {
             f.signing_keys(),
             vec!["tempalias.test (r1 rsa, e1 ed25519)".to_string()]
         );
-        let (_, msg) = f
-            .prepare(
-                incoming(),
-                "k7q2mz9xwd@tempalias.test",
-                envelope("alice@sender.example"),
-                MESSAGE.to_vec(),
-                NOW_MS,
-            )
-            .await;
+        let msg = forward(&f).await;
         assert!(msg.ends_with(MESSAGE));
         let (names, selectors) = added(&msg);
         assert_eq!(
