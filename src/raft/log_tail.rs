@@ -9,13 +9,18 @@
 //! before (`append` got them), so the log store keeps a copy of the newest
 //! ones and answers a read from it when it holds the whole range.
 //!
-//! The tail mirrors the end of the durable log: it is changed together with
-//! the log (after an append has committed; before a truncation or purge
-//! commits, so it never holds an entry the log may already have lost), its
-//! last entry is always the log's last entry, and it holds consecutive
-//! indexes only. A read it cannot answer whole (older entries, an unbounded
-//! range, an empty tail after a restart) goes to redb as before, so the
-//! answers are the same either way. Nothing here is written to disk.
+//! The tail holds consecutive entries, each identical to the log's entry at
+//! its index: a subset of the durable log. It is changed together with the
+//! log (filled after an append has committed; cut before a truncation or
+//! purge commits, so it never holds an entry the log may already have lost).
+//! That is all a read needs: the tail answers only a bounded range it holds
+//! whole, and those entries are the log's. It need not reach the log's end:
+//! it starts empty after a restart, and an append that failed or was
+//! cancelled after its commit may leave the log's newest entries out of it
+//! (the next append that does not follow its last entry starts it afresh).
+//! A read it cannot answer whole (older entries, an unbounded range, entries
+//! it lacks) goes to redb as before, so the answers are the same either way.
+//! Nothing here is written to disk.
 
 use std::collections::VecDeque;
 use std::ops::{Bound, RangeBounds};
@@ -29,9 +34,10 @@ type Entry = openraft::Entry<TypeConfig>;
 /// follower further behind reads from redb, as before.
 pub const MAX_ENTRIES: usize = 1024;
 
-/// Encoded bytes kept at most (an entry holds up to about 128 commands of
-/// at most ~400 bytes of JSON each, see `batch.rs`), so the tail stays a few
-/// MiB whatever the entries hold.
+/// Encoded bytes kept at most, counted as the entries' JSON encoding as
+/// written to the log (an entry holds up to about 128 commands of at most
+/// ~400 bytes of JSON each, see `batch.rs`), so the tail stays a few MiB
+/// whatever the entries hold (their in-memory size is of the same order).
 pub const MAX_BYTES: usize = 4 * 1024 * 1024;
 
 /// The newest log entries, consecutive, with their encoded sizes.

@@ -11,8 +11,17 @@
 //! State-machine transactions commit with `Durability::None`: redb persists
 //! commits in order, so they become durable with the next log append at the
 //! latest, and a state machine that lost its last applies after a crash is
-//! simply re-applied from the log (openraft replays from `last_applied`). Log
-//! purges only ever follow a snapshot, which is itself written durably first.
+//! simply re-applied from the log (openraft replays from `last_applied`).
+//!
+//! A log purge never deletes an entry the state machine may still need: it
+//! first waits until the state machine has applied or installed up to the
+//! purge point ([`Applied`]), then commits with `Durability::Immediate`,
+//! which makes the state it waited for durable too (redb persists commits in
+//! order). A follower that installs a snapshot is told by openraft to purge
+//! while the install still runs; without the wait a crash in between would
+//! leave the log purged past a state machine that never got the snapshot.
+//! The reasons are in `docs/architecture.md` ("A purge waits for the state
+//! machine").
 //!
 //! redb calls block (they may fsync), so each runs on tokio's blocking pool.
 //! Reads of the newest log entries, which openraft makes right after each
@@ -155,6 +164,70 @@ pub(super) fn get_json<T: for<'de> Deserialize<'de>>(
     }
 }
 
+/// How far the state machine has got: the watermark a log purge waits for.
+///
+/// Shared by [`LogStore`] and [`StateMachine`]; set from the state machine's
+/// `last_applied` when the database is opened, raised after each apply or
+/// snapshot install commits, and marked failed when one fails (openraft then
+/// stops the node: a purge waiting for a state that will not come returns an
+/// error instead of holding openraft's core forever).
+#[derive(Debug)]
+pub struct Applied {
+    tx: tokio::sync::watch::Sender<Watermark>,
+}
+
+#[derive(Debug, Clone, Copy, Default)]
+struct Watermark {
+    /// Last applied index + 1; 0 when nothing is applied.
+    next: u64,
+    failed: bool,
+}
+
+impl Applied {
+    fn new(last_applied: Option<u64>) -> Self {
+        Applied {
+            tx: tokio::sync::watch::Sender::new(Watermark {
+                next: last_applied.map_or(0, |i| i + 1),
+                failed: false,
+            }),
+        }
+    }
+
+    /// Records that the state machine has committed everything up to `index`.
+    fn raise(&self, index: Option<u64>) {
+        let Some(index) = index else { return };
+        self.tx.send_if_modified(|w| {
+            let raised = w.next <= index;
+            if raised {
+                w.next = index + 1;
+            }
+            raised
+        });
+    }
+
+    /// Records that an apply or install failed.
+    fn fail(&self) {
+        self.tx.send_modify(|w| w.failed = true);
+    }
+
+    /// The last index the state machine has committed, if any.
+    pub fn index(&self) -> Option<u64> {
+        self.tx.borrow().next.checked_sub(1)
+    }
+
+    /// Waits until the state machine has committed up to `index`; `false`
+    /// when it failed first.
+    async fn reached(&self, index: u64) -> bool {
+        let mut rx = self.tx.subscribe();
+        // The sender lives in `self`: the channel cannot close while we wait.
+        let reached = match rx.wait_for(|w| w.next > index || w.failed).await {
+            Ok(w) => w.next > index,
+            Err(_) => false,
+        };
+        reached
+    }
+}
+
 /// How a node's database is opened.
 #[derive(Debug, Clone)]
 pub struct StoreOptions {
@@ -231,17 +304,28 @@ pub fn open_with(path: &Path, options: &StoreOptions) -> Result<(LogStore, State
     files.remove_leftovers(&db)?;
     let marks = Arc::new(LogMarks::default());
     marks.set_last(last_log_index(&db)?);
+    let applied = Arc::new(Applied::new(last_applied_index(&db)?));
     Ok((
         LogStore {
             db: db.clone(),
             marks,
             tail: Arc::default(),
+            applied: applied.clone(),
+            purge_waits: true,
         },
         StateMachine {
             db,
             files: Arc::new(files),
+            applied,
         },
     ))
+}
+
+/// The state machine's `last_applied` index as stored (and durable) at open.
+fn last_applied_index(db: &Database) -> Result<Option<u64>, DbError> {
+    let txn = db.begin_read()?;
+    let applied: Option<LogId<NodeId>> = get_json(&txn.open_table(SM_META)?, "last_applied")?;
+    Ok(applied.map(|l| l.index))
 }
 
 /// The index of the last entry in the log at open (the last purged one when
@@ -305,12 +389,32 @@ pub struct LogStore {
     /// (replication, apply) needs no blocking read (`log_tail.rs`).
     tail: Arc<Mutex<LogTail>>,
     marks: Arc<LogMarks>,
+    /// What the state machine has committed: a purge waits for it.
+    applied: Arc<Applied>,
+    /// Whether a purge waits for [`Self::applied`]; only openraft's
+    /// conformance suite turns it off ([`Self::purge_without_waiting`]).
+    purge_waits: bool,
 }
 
 impl LogStore {
     /// The log's positions (see [`LogMarks`]).
     pub fn marks(&self) -> Arc<LogMarks> {
         self.marks.clone()
+    }
+
+    /// How far the state machine has got (see [`Applied`]).
+    pub fn applied(&self) -> Arc<Applied> {
+        self.applied.clone()
+    }
+
+    /// A log store whose purges do not wait for the state machine. Only for
+    /// openraft's storage conformance suite, which tests the log alone and
+    /// purges entries its state machine never applies; a node never asks
+    /// that (see `docs/architecture.md`, "A purge waits for the state
+    /// machine"), and a node must not purge this way.
+    pub fn purge_without_waiting(mut self) -> Self {
+        self.purge_waits = false;
+        self
     }
 
     fn tail(&self) -> std::sync::MutexGuard<'_, LogTail> {
@@ -475,7 +579,21 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         .await
     }
 
+    /// Waits first until the state machine has committed up to `log_id`
+    /// (see [`Applied`] and `docs/architecture.md`, "A purge waits for the
+    /// state machine"): on a follower openraft asks for this purge while the
+    /// snapshot that covers it is still being installed.
     async fn purge(&mut self, log_id: LogId<NodeId>) -> StoreResult<()> {
+        if self.purge_waits && !self.applied.reached(log_id.index).await {
+            return Err(io_err(
+                ErrorSubject::Logs,
+                ErrorVerb::Delete,
+                format!(
+                    "purge up to {} refused: the state machine failed before reaching it",
+                    log_id.index
+                ),
+            ));
+        }
         // After a snapshot install the log may end at the snapshot.
         self.marks.raise_last(log_id.index);
         self.tail().purge(log_id.index);
@@ -488,6 +606,9 @@ impl RaftLogStorage<TypeConfig> for LogStore {
                 .insert("last_purged", bytes.as_slice())?;
             txn.open_table(LOG)?
                 .retain_in::<u64, _>(..=log_id.index, |_, _| false)?;
+            // Durability::Immediate (the default): also makes durable the
+            // applies committed before it with Durability::None, which
+            // include the state this purge waited for.
             txn.commit()?;
             Ok(())
         })
@@ -514,6 +635,8 @@ struct LegacySnapshot {
 pub struct StateMachine {
     db: Arc<Database>,
     files: Arc<SnapshotFiles>,
+    /// Raised after each apply and install commits (see [`Applied`]).
+    applied: Arc<Applied>,
 }
 
 impl StateMachine {
@@ -620,11 +743,18 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         I::IntoIter: OptionalSend,
     {
         let entries: Vec<Entry> = entries.into_iter().collect();
+        let last = entries.last().map(|e| e.log_id.index);
         let db = self.db.clone();
-        blocking(ErrorSubject::StateMachine, ErrorVerb::Write, move || {
+        let result = blocking(ErrorSubject::StateMachine, ErrorVerb::Write, move || {
             apply_entries(&db, &entries, PurgeBy::Index)
         })
-        .await
+        .await;
+        match &result {
+            // Committed (not yet durable: see `Applied` and the purge).
+            Ok(_) => self.applied.raise(last),
+            Err(_) => self.applied.fail(),
+        }
+        result
     }
 
     async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
@@ -669,10 +799,17 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         let meta = meta.clone();
         let db = self.db.clone();
         let files = self.files.clone();
-        blocking(subject, ErrorVerb::Write, move || {
+        let index = meta.last_log_id.map(|l| l.index);
+        let result = blocking(subject, ErrorVerb::Write, move || {
             files.install(&db, &meta, received)
         })
-        .await
+        .await;
+        match &result {
+            // Committed durably (`install_with`).
+            Ok(()) => self.applied.raise(index),
+            Err(_) => self.applied.fail(),
+        }
+        result
     }
 
     async fn get_current_snapshot(&mut self) -> StoreResult<Option<Snapshot<TypeConfig>>> {
