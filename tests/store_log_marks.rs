@@ -3,7 +3,7 @@
 //! one) only while nothing is in flight, and the last index never below an
 //! entry the log holds.
 
-use openraft::storage::{RaftLogStorage, RaftLogStorageExt};
+use openraft::storage::{RaftLogStorage, RaftLogStorageExt, RaftStateMachine};
 use openraft::{CommittedLeaderId, Entry, EntryPayload, LogId};
 use tempalias::raft::store;
 use tempalias::raft::TypeConfig;
@@ -23,7 +23,7 @@ fn blank(index: u64) -> Entry<TypeConfig> {
 async fn settled_only_when_the_last_entry_is_committed() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("t.redb");
-    let (mut log, _sm) = store::open(&path).unwrap();
+    let (mut log, mut sm) = store::open(&path).unwrap();
     let marks = log.marks();
     // An empty log with nothing committed: settled, no index.
     assert_eq!(marks.settled(), Some(None));
@@ -51,12 +51,16 @@ async fn settled_only_when_the_last_entry_is_committed() {
     assert_eq!(marks.settled(), Some(Some(4)));
 
     // Purging up to an index never lowers the mark (a snapshot install can
-    // leave the log ending at the snapshot).
+    // leave the log ending at the snapshot). A purge waits for the state
+    // machine (`store_purge.rs`): it has applied up to 3, then reached 10
+    // (as when it installs a snapshot there).
+    sm.apply((1..=3).map(blank)).await.unwrap();
     log.purge(log_id(3)).await.unwrap();
     assert_eq!(marks.settled(), Some(Some(4)));
+    sm.apply((4..=10).map(blank)).await.unwrap();
     log.purge(log_id(10)).await.unwrap();
     assert_eq!(marks.settled(), None);
-    drop((log, _sm));
+    drop((log, sm));
 
     // Reopened: the last index is read back from the log, the committed mark
     // starts empty, so nothing is settled until openraft saves it again.
