@@ -34,6 +34,11 @@
 //! database written before them gets them built once when opened (a version
 //! marker in `sm_meta`). Changing what an index is keyed by (a retention
 //! constant, say) needs a new [`VERSION`], which rebuilds them on open.
+//! Every apply transaction also records the `last_applied` the indexes are
+//! current for ([`APPLIED_KEY`]): an earlier release run on the database in
+//! between (an upgrade rolled back) applies entries without keeping the
+//! indexes, leaves that record behind `last_applied`, and the indexes are
+//! built again at the next open instead of being trusted stale.
 //!
 //! [`AliasLiveness::purgeable`]: super::types::AliasLiveness::purgeable
 //! [`TokenRow::lapses_at`]: super::targets::TokenRow::lapses_at
@@ -77,6 +82,12 @@ pub(super) const ALL: [Def; 6] = [
 
 /// Marker in `sm_meta`: the version of the indexes present.
 pub(super) const VERSION_KEY: &str = "expiry_index_version";
+/// Marker in `sm_meta`: the `last_applied` the indexes are current for,
+/// written in the same transaction as every change to the indexed tables.
+/// An earlier release leaves it alone while it applies entries (and leaves
+/// the indexes stale), so after a downgrade and upgrade it differs from
+/// `last_applied` and the indexes are built again at open.
+pub(super) const APPLIED_KEY: &str = "expiry_index_applied";
 /// The index layout this build writes (see the module documentation).
 const VERSION: &[u8] = b"1";
 
@@ -267,11 +278,12 @@ pub(super) fn target_time(v: &[u8]) -> u64 {
 /// # Errors
 /// [`DbError`] when the database cannot be read or written.
 pub(super) fn create_tables(txn: &WriteTransaction, force: bool) -> Result<(), DbError> {
-    let current = !force
-        && txn
-            .open_table(SM_META)?
-            .get(VERSION_KEY)?
-            .is_some_and(|v| v.value() == VERSION);
+    let current = !force && {
+        let meta = txn.open_table(SM_META)?;
+        let version = meta.get(VERSION_KEY)?.map(|v| v.value().to_vec());
+        let marked = meta.get(APPLIED_KEY)?.map(|v| v.value().to_vec());
+        version.as_deref() == Some(VERSION) && marked == Some(applied_of(&meta)?)
+    };
     if current {
         for def in ALL {
             txn.open_table(def)?;
@@ -292,7 +304,7 @@ pub(super) fn create_tables(txn: &WriteTransaction, force: bool) -> Result<(), D
         confirm_tokens = rows[4],
         targets = rows[5],
         ms = started.elapsed().as_millis() as u64,
-        "expiry indexes built (first start of this release on this database)"
+        "expiry indexes built (a database an earlier release wrote or last applied to)"
     );
     Ok(())
 }
@@ -452,14 +464,35 @@ impl Builder {
     }
 }
 
-/// Records in `sm_meta` that the indexes of this version are present.
+type MetaTable<'t> = redb::Table<'t, &'static str, &'static [u8]>;
+
+/// The stored `last_applied`, as stored (empty when there is none).
+fn applied_of(meta: &MetaTable<'_>) -> Result<Vec<u8>, DbError> {
+    Ok(meta
+        .get("last_applied")?
+        .map(|v| v.value().to_vec())
+        .unwrap_or_default())
+}
+
+/// Records in `sm_meta` that the indexes of this version are present and
+/// current for the stored `last_applied` (write that first).
+///
+/// # Errors
+/// [`DbError`] when the table cannot be read or written.
+pub(super) fn mark_current(meta: &mut MetaTable<'_>) -> Result<(), DbError> {
+    let applied = applied_of(meta)?;
+    meta.insert(VERSION_KEY, VERSION)?;
+    mark_applied(meta, &applied)
+}
+
+/// Records that the indexes are current for `applied` (the bytes just
+/// stored as `last_applied`): every apply transaction does, as it keeps
+/// the indexes.
 ///
 /// # Errors
 /// [`DbError`] when the table cannot be written.
-pub(super) fn mark_current(
-    meta: &mut redb::Table<'_, &'static str, &'static [u8]>,
-) -> Result<(), DbError> {
-    meta.insert(VERSION_KEY, VERSION)?;
+pub(super) fn mark_applied(meta: &mut MetaTable<'_>, applied: &[u8]) -> Result<(), DbError> {
+    meta.insert(APPLIED_KEY, applied)?;
     Ok(())
 }
 

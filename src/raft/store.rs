@@ -1303,7 +1303,10 @@ fn apply_entries(
         }
         meta.insert("last_now", serde_json::to_vec(&last_now)?.as_slice())?;
         if let Some(applied) = last_applied {
-            meta.insert("last_applied", serde_json::to_vec(&applied)?.as_slice())?;
+            let applied = serde_json::to_vec(&applied)?;
+            meta.insert("last_applied", applied.as_slice())?;
+            // The indexes were kept in this transaction: current up to here.
+            expiry::mark_applied(&mut meta, &applied)?;
         }
         if let Some(m) = membership {
             meta.insert("last_membership", serde_json::to_vec(&m)?.as_slice())?;

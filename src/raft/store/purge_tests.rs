@@ -456,3 +456,74 @@ fn an_installed_snapshot_brings_indexes_built_from_its_tables() {
     // And it goes on purging as the scan does.
     run(23, 200, &scan.db, &installed.db, next, now);
 }
+
+/// Writes `rows` into the indexes in place of what they hold.
+fn restore_indexes(db: &Database, rows: &IndexRows) {
+    let txn = db.begin_write().unwrap();
+    {
+        for def in expiry::ALL {
+            txn.delete_table(def).unwrap();
+        }
+        let ix = expiry::Indexes::open(&txn).unwrap();
+        let mut tables = [
+            ix.aliases,
+            ix.purged,
+            ix.keys,
+            ix.target_aliases,
+            ix.tokens,
+            ix.targets,
+        ];
+        for (table, rows) in tables.iter_mut().zip(rows) {
+            for (at, key) in rows {
+                table.insert((*at, key.as_str()), ()).unwrap();
+            }
+        }
+    }
+    txn.commit().unwrap();
+}
+
+fn meta_value(db: &Database, key: &str) -> Option<Vec<u8>> {
+    let txn = db.begin_read().unwrap();
+    let meta = txn.open_table(SM_META).unwrap();
+    let v = meta.get(key).unwrap().map(|v| v.value().to_vec());
+    v
+}
+
+#[test]
+fn indexes_left_stale_by_an_earlier_release_are_built_again_at_open() {
+    let dir = tempfile::tempdir().unwrap();
+    let scan = open_at(&dir.path().join("scan.redb"));
+    let path = dir.path().join("index.redb");
+    let index = open_at(&path);
+    let (now, next, _) = run(31, 200, &scan.db, &index.db, 1, 0);
+    let (before, _) = indexes_and_rebuilt(&index.db);
+    let marker = meta_value(&index.db, expiry::APPLIED_KEY);
+    assert_eq!(marker, meta_value(&index.db, "last_applied"));
+    // An earlier release applies more entries (purges included) on this
+    // database: the tables move on, the indexes and both markers stay as
+    // they were.
+    let (now, next, _) = run(32, 200, &scan.db, &index.db, next, now);
+    restore_indexes(&index.db, &before);
+    {
+        let txn = index.db.begin_write().unwrap();
+        txn.open_table(SM_META)
+            .unwrap()
+            .insert(expiry::APPLIED_KEY, marker.unwrap().as_slice())
+            .unwrap();
+        txn.commit().unwrap();
+    }
+    let (stale, rebuilt) = indexes_and_rebuilt(&index.db);
+    assert_ne!(stale, rebuilt, "the simulated release left nothing stale");
+    drop(index);
+    // Upgraded again: the marker is behind `last_applied`, so the indexes
+    // are built again rather than trusted.
+    let index = open_at(&path);
+    let (stored, rebuilt) = indexes_and_rebuilt(&index.db);
+    assert_eq!(stored, rebuilt);
+    assert_eq!(
+        meta_value(&index.db, expiry::APPLIED_KEY),
+        meta_value(&index.db, "last_applied")
+    );
+    // And purges go on deleting what the scan deletes.
+    run(33, 300, &scan.db, &index.db, next, now);
+}
