@@ -267,12 +267,20 @@ fn purge_bench() {
         let build = k % 2 == 1;
         let fresh = open_db(&dir.path().join(format!("installed{k}.redb")));
         let (_, file) = indexed.files.open_current(&indexed.db).unwrap().unwrap();
+        reset_peak_rss();
         let t = Instant::now();
         fresh
             .files
             .install_with(&fresh.db, &meta, file, build)
             .unwrap();
         if build { &mut with } else { &mut without }.push(ms(t));
+        if let Some(kib) = peak_rss_kib() {
+            println!(
+                "install {} the expiry indexes: peak RSS of the process {:.0} MiB",
+                if build { "with" } else { "without" },
+                kib as f64 / 1024.0
+            );
+        }
         drop(fresh);
         std::fs::remove_file(dir.path().join(format!("installed{k}.redb"))).unwrap();
     }
@@ -308,6 +316,19 @@ fn purge_bench() {
          (builds them) {:.0} ms",
         ms(t)
     );
+}
+
+/// Resets the process's peak RSS (`VmHWM`) to its current RSS (Linux;
+/// elsewhere nothing happens and [`peak_rss_kib`] keeps the older peak).
+fn reset_peak_rss() {
+    let _ = std::fs::write("/proc/self/clear_refs", "5");
+}
+
+/// The process's peak RSS in KiB since start or [`reset_peak_rss`].
+fn peak_rss_kib() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    line.split_whitespace().nth(1)?.parse().ok()
 }
 
 /// The alias count as earlier releases computed it.
