@@ -1403,14 +1403,15 @@ fn purge_aliases(t: &mut Tables<'_, '_>, keep_ms: u64, now_ms: u64) -> Result<u6
     // read and written in id order, so that consecutive ids share pages.
     let mut candidates = expiry::due(&t.expiry.aliases, bound)?;
     candidates.sort_unstable_by(|a, b| a.1.cmp(&b.1));
+    // Each due id is held once: moved from `candidates` into `doomed`, or
+    // dropped with its index row.
     let mut doomed = Vec::new();
-    let mut gone = Vec::new();
     for (at, id) in candidates {
         let Some(v) = t.aliases.get(id.as_str())? else {
             // An index row without its alias cannot arise (every write of
             // the alias table keeps the index); it is derived, so it is
             // simply dropped.
-            gone.push((at, id));
+            t.expiry.aliases.remove((at, id.as_str()))?;
             continue;
         };
         // An alias still holding a live reservation stays (and stays
@@ -1421,17 +1422,13 @@ fn purge_aliases(t: &mut Tables<'_, '_>, keep_ms: u64, now_ms: u64) -> Result<u6
         }
     }
     let mut purged = t.txn.open_table(PURGED)?;
-    for (_, id) in &doomed {
+    for (at, id) in &doomed {
         t.aliases.remove(id.as_str())?;
+        t.expiry.aliases.remove((*at, id.as_str()))?;
         let old = purged.insert(id.as_str(), now_ms)?.map(|v| v.value());
         if let Some(old) = old {
             t.expiry.purged.remove((old, id.as_str()))?;
         }
-    }
-    gone.extend_from_slice(&doomed);
-    gone.sort_unstable();
-    for (at, id) in &gone {
-        t.expiry.aliases.remove((*at, id.as_str()))?;
     }
     // New tombstones all have this purge's time: inserted in id order, they
     // are appended to the index.

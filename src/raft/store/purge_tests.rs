@@ -527,3 +527,35 @@ fn indexes_left_stale_by_an_earlier_release_are_built_again_at_open() {
     // And purges go on deleting what the scan deletes.
     run(33, 300, &scan.db, &index.db, next, now);
 }
+
+#[test]
+fn a_purge_drops_index_rows_without_their_alias() {
+    let dir = tempfile::tempdir().unwrap();
+    let scan = open_at(&dir.path().join("scan.redb"));
+    let index = open_at(&dir.path().join("index.redb"));
+    let (now, next, _) = run(41, 200, &scan.db, &index.db, 1, 0);
+    // Rows no write of the alias table leaves, due and not yet due.
+    {
+        let txn = index.db.begin_write().unwrap();
+        {
+            let mut ix = txn.open_table(expiry::ALIASES_BY_EXPIRY).unwrap();
+            ix.insert((0, "stray-due"), ()).unwrap();
+            ix.insert((u64::MAX, "stray-later"), ()).unwrap();
+        }
+        txn.commit().unwrap();
+    }
+    let e = [entry(next, now, Command::Purge { keep_ms: 0 })];
+    assert_eq!(
+        apply_entries(&scan.db, &e, PurgeBy::Scan).unwrap(),
+        apply_entries(&index.db, &e, PurgeBy::Index).unwrap()
+    );
+    assert_eq!(replicated(&scan.db), replicated(&index.db));
+    let (mut stored, rebuilt) = indexes_and_rebuilt(&index.db);
+    let aliases = &mut stored[0];
+    assert!(
+        !aliases.iter().any(|(_, k)| k == "stray-due"),
+        "{aliases:?}"
+    );
+    assert_eq!(aliases.pop(), Some((u64::MAX, "stray-later".to_string())));
+    assert_eq!(stored, rebuilt);
+}
