@@ -1481,6 +1481,24 @@ fn purge_aliases_by_scan(
     Ok(doomed.len() as u64)
 }
 
+/// The alias count (live, all) as releases before the expiry indexes
+/// computed it: every alias decoded. Kept to check and time
+/// [`StateReader::count`] against.
+#[cfg(test)]
+fn count_aliases_by_scan(db: &Database, now_ms: u64) -> Result<(u64, u64), DbError> {
+    let txn = db.begin_read()?;
+    let (mut live, mut all) = (0, 0);
+    for item in txn.open_table(ALIASES)?.iter()? {
+        let (_, v) = item?;
+        let rec: AliasLiveness = serde_json::from_slice(v.value())?;
+        all += 1;
+        if !rec.is_dead(now_ms) {
+            live += 1;
+        }
+    }
+    Ok((live, all))
+}
+
 /// Applies the commands that live in tables other than the alias table
 /// (maintenance, keyed creates) and the key half of a purge. `None` means the
 /// command is an alias command for the caller (a purge still is, after its
