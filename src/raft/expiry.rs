@@ -27,13 +27,21 @@
 //! which it is exactly (each old rule is monotone in one stored time), so a
 //! purge deletes the same rows as the scan did: every replica, old or new,
 //! reaches the same state from the same log. A row whose value does not
-//! decode is indexed at time 0, as the scan deleted such rows at once.
+//! decode is indexed at time 0, so the next purge reads it and treats it as
+//! the scan did: an idempotency key, token or target record is deleted, an
+//! alias fails the purge's apply (the scan decoded every alias and failed
+//! the same way).
 //!
 //! The indexes are derived data: snapshots do not carry them (the format is
 //! unchanged) and installing one rebuilds them from the installed tables; a
 //! database written before them gets them built once when opened (a version
 //! marker in `sm_meta`). Changing what an index is keyed by (a retention
 //! constant, say) needs a new [`VERSION`], which rebuilds them on open.
+//! Every apply transaction also records the `last_applied` the indexes are
+//! current for ([`APPLIED_KEY`]): an earlier release run on the database in
+//! between (an upgrade rolled back) applies entries without keeping the
+//! indexes, leaves that record behind `last_applied`, and the indexes are
+//! built again at the next open instead of being trusted stale.
 //!
 //! [`AliasLiveness::purgeable`]: super::types::AliasLiveness::purgeable
 //! [`TokenRow::lapses_at`]: super::targets::TokenRow::lapses_at
@@ -77,6 +85,12 @@ pub(super) const ALL: [Def; 6] = [
 
 /// Marker in `sm_meta`: the version of the indexes present.
 pub(super) const VERSION_KEY: &str = "expiry_index_version";
+/// Marker in `sm_meta`: the `last_applied` the indexes are current for,
+/// written in the same transaction as every change to the indexed tables.
+/// An earlier release leaves it alone while it applies entries (and leaves
+/// the indexes stale), so after a downgrade and upgrade it differs from
+/// `last_applied` and the indexes are built again at open.
+pub(super) const APPLIED_KEY: &str = "expiry_index_applied";
 /// The index layout this build writes (see the module documentation).
 const VERSION: &[u8] = b"1";
 
@@ -267,11 +281,12 @@ pub(super) fn target_time(v: &[u8]) -> u64 {
 /// # Errors
 /// [`DbError`] when the database cannot be read or written.
 pub(super) fn create_tables(txn: &WriteTransaction, force: bool) -> Result<(), DbError> {
-    let current = !force
-        && txn
-            .open_table(SM_META)?
-            .get(VERSION_KEY)?
-            .is_some_and(|v| v.value() == VERSION);
+    let current = !force && {
+        let meta = txn.open_table(SM_META)?;
+        let version = meta.get(VERSION_KEY)?.map(|v| v.value().to_vec());
+        let marked = meta.get(APPLIED_KEY)?.map(|v| v.value().to_vec());
+        version.as_deref() == Some(VERSION) && marked == Some(applied_of(&meta)?)
+    };
     if current {
         for def in ALL {
             txn.open_table(def)?;
@@ -292,7 +307,7 @@ pub(super) fn create_tables(txn: &WriteTransaction, force: bool) -> Result<(), D
         confirm_tokens = rows[4],
         targets = rows[5],
         ms = started.elapsed().as_millis() as u64,
-        "expiry indexes built (first start of this release on this database)"
+        "expiry indexes built (a database an earlier release wrote or last applied to)"
     );
     Ok(())
 }
@@ -390,18 +405,22 @@ impl<'t> Indexes<'t> {
     }
 }
 
-/// Rows buffered per index before they are written sorted. A table is
-/// read (or a snapshot streamed) in key order, which is random in time:
-/// written one by one, a million index rows each land on a random page of
-/// the index. Sorted runs of this many rows write the index front to back
-/// instead, a few passes in all, for a few MiB of memory (one index fills at
-/// a time, as tables and snapshots come one table after the other).
-const RUN: usize = 128 * 1024;
+/// Rows buffered before they are written sorted. A table is read (or a
+/// snapshot streamed) in key order, which is random in time: written one by
+/// one, a million index rows each land on a random page of the index. A
+/// sorted run of this many rows is written in one pass in index order
+/// instead, so consecutive rows mostly share a page. Only one run is held
+/// at a time, for one index (tables and snapshots come one table after the
+/// other): at most this many keys, 1-2 MiB with their strings.
+const RUN: usize = 16 * 1024;
 
-/// Builds indexes from rows in any order, in sorted runs of [`RUN`].
+/// Builds indexes from rows in any order, in sorted runs of [`RUN`], one
+/// index at a time: rows for another index first write and free the run.
 #[derive(Default)]
 pub(super) struct Builder {
-    runs: [Vec<(u64, String)>; 6],
+    run: Vec<(u64, String)>,
+    /// The index the buffered rows go to.
+    which: Option<Which>,
 }
 
 impl Builder {
@@ -416,17 +435,27 @@ impl Builder {
         at: u64,
         key: &str,
     ) -> Result<(), DbError> {
-        let run = &mut self.runs[which as usize];
-        run.push((at, key.to_string()));
-        if run.len() >= RUN {
-            Self::flush(run, ix.get(which))?;
+        if self.which != Some(which) {
+            // The previous table is done: its run is written and its
+            // memory given back.
+            self.flush(ix)?;
+            self.run = Vec::new();
+            self.which = Some(which);
+        }
+        self.run.push((at, key.to_string()));
+        if self.run.len() >= RUN {
+            self.flush(ix)?;
         }
         Ok(())
     }
 
-    fn flush(run: &mut Vec<(u64, String)>, index: &mut Index<'_>) -> Result<(), DbError> {
-        run.sort_unstable();
-        for (at, key) in run.drain(..) {
+    fn flush(&mut self, ix: &mut Indexes<'_>) -> Result<(), DbError> {
+        let Some(which) = self.which else {
+            return Ok(());
+        };
+        let index = ix.get(which);
+        self.run.sort_unstable();
+        for (at, key) in self.run.drain(..) {
             index.insert((at, key.as_str()), ())?;
         }
         Ok(())
@@ -438,28 +467,45 @@ impl Builder {
     /// # Errors
     /// [`DbError`] when the database cannot be written.
     pub(super) fn finish(mut self, ix: &mut Indexes<'_>) -> Result<(), DbError> {
-        for which in [
-            Which::Aliases,
-            Which::Purged,
-            Which::Keys,
-            Which::TargetAliases,
-            Which::Tokens,
-            Which::Targets,
-        ] {
-            Self::flush(&mut self.runs[which as usize], ix.get(which))?;
-        }
-        Ok(())
+        self.flush(ix)
+    }
+
+    /// How many rows are buffered, and how many they have room for.
+    #[cfg(test)]
+    fn held(&self) -> (usize, usize) {
+        (self.run.len(), self.run.capacity())
     }
 }
 
-/// Records in `sm_meta` that the indexes of this version are present.
+type MetaTable<'t> = redb::Table<'t, &'static str, &'static [u8]>;
+
+/// The stored `last_applied`, as stored (empty when there is none).
+fn applied_of(meta: &MetaTable<'_>) -> Result<Vec<u8>, DbError> {
+    Ok(meta
+        .get("last_applied")?
+        .map(|v| v.value().to_vec())
+        .unwrap_or_default())
+}
+
+/// Records in `sm_meta` that the indexes of this version are present and
+/// current for the stored `last_applied` (write that first).
+///
+/// # Errors
+/// [`DbError`] when the table cannot be read or written.
+pub(super) fn mark_current(meta: &mut MetaTable<'_>) -> Result<(), DbError> {
+    let applied = applied_of(meta)?;
+    meta.insert(VERSION_KEY, VERSION)?;
+    mark_applied(meta, &applied)
+}
+
+/// Records that the indexes are current for `applied` (the bytes just
+/// stored as `last_applied`): every apply transaction does, as it keeps
+/// the indexes.
 ///
 /// # Errors
 /// [`DbError`] when the table cannot be written.
-pub(super) fn mark_current(
-    meta: &mut redb::Table<'_, &'static str, &'static [u8]>,
-) -> Result<(), DbError> {
-    meta.insert(VERSION_KEY, VERSION)?;
+pub(super) fn mark_applied(meta: &mut MetaTable<'_>, applied: &[u8]) -> Result<(), DbError> {
+    meta.insert(APPLIED_KEY, applied)?;
     Ok(())
 }
 
@@ -480,6 +526,39 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn the_builder_holds_one_run_of_one_index() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = redb::Database::create(dir.path().join("x.redb")).unwrap();
+        let txn = db.begin_write().unwrap();
+        {
+            let mut ix = Indexes::open(&txn).unwrap();
+            let mut b = Builder::default();
+            let n = RUN as u64 + 10;
+            for i in 0..n {
+                let key = format!("a{i:08}");
+                b.add(&mut ix, Which::Aliases, (i * 7919) % 1000, &key)
+                    .unwrap();
+                assert!(b.held().0 < RUN);
+            }
+            // A full run was written; the rest waits.
+            assert_eq!(ix.aliases.len().unwrap(), RUN as u64);
+            assert_eq!(b.held().0, 10);
+            // Rows of another index: the aliases' run is written and freed.
+            b.add(&mut ix, Which::Purged, 5, "p").unwrap();
+            assert_eq!(ix.aliases.len().unwrap(), n);
+            assert_eq!(b.held().0, 1);
+            assert!(b.held().1 < RUN, "{:?}", b.held());
+            // Rows coming back to an index they left still all arrive.
+            b.add(&mut ix, Which::Aliases, 0, "late").unwrap();
+            b.finish(&mut ix).unwrap();
+            assert_eq!(ix.aliases.len().unwrap(), n + 1);
+            assert_eq!(ix.purged.len().unwrap(), 1);
+            assert_eq!(due(&ix.aliases, 0).unwrap()[0], (0, "a00000000".into()));
+        }
+        txn.commit().unwrap();
     }
 
     #[test]

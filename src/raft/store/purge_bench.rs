@@ -242,7 +242,7 @@ fn purge_bench() {
     let (mut c_scan, mut c_index) = (Vec::new(), Vec::new());
     for _ in 0..runs {
         let t = Instant::now();
-        let old = scan_count(&scan.db, now);
+        let old = count_aliases_by_scan(&scan.db, now).unwrap();
         c_scan.push(ms(t));
         let t = Instant::now();
         let new = reader.count(now).unwrap();
@@ -267,12 +267,24 @@ fn purge_bench() {
         let build = k % 2 == 1;
         let fresh = open_db(&dir.path().join(format!("installed{k}.redb")));
         let (_, file) = indexed.files.open_current(&indexed.db).unwrap().unwrap();
+        let before = rss_kib("VmRSS:");
+        reset_peak_rss();
         let t = Instant::now();
         fresh
             .files
             .install_with(&fresh.db, &meta, file, build)
             .unwrap();
         if build { &mut with } else { &mut without }.push(ms(t));
+        if let (Some(before), Some(peak)) = (before, rss_kib("VmHWM:")) {
+            println!(
+                "install {} the expiry indexes: RSS of the process {:.0} MiB before, \
+                 peak {:.0} MiB (+{:.0} MiB)",
+                if build { "with" } else { "without" },
+                before as f64 / 1024.0,
+                peak as f64 / 1024.0,
+                peak.saturating_sub(before) as f64 / 1024.0
+            );
+        }
         drop(fresh);
         std::fs::remove_file(dir.path().join(format!("installed{k}.redb"))).unwrap();
     }
@@ -310,17 +322,16 @@ fn purge_bench() {
     );
 }
 
-/// The alias count as earlier releases computed it.
-fn scan_count(db: &Database, now_ms: u64) -> (u64, u64) {
-    let txn = db.begin_read().unwrap();
-    let (mut live, mut all) = (0, 0);
-    for item in txn.open_table(ALIASES).unwrap().iter().unwrap() {
-        let (_, v) = item.unwrap();
-        let rec: AliasLiveness = serde_json::from_slice(v.value()).unwrap();
-        all += 1;
-        if !rec.is_dead(now_ms) {
-            live += 1;
-        }
-    }
-    (live, all)
+/// Resets the process's peak RSS (`VmHWM`) to its current RSS (Linux;
+/// elsewhere nothing happens and the peak read is the older one).
+fn reset_peak_rss() {
+    let _ = std::fs::write("/proc/self/clear_refs", "5");
+}
+
+/// A field of `/proc/self/status` in KiB (`VmRSS:` now, `VmHWM:` the peak
+/// since start or [`reset_peak_rss`]); `None` where there is none.
+fn rss_kib(field: &str) -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with(field))?;
+    line.split_whitespace().nth(1)?.parse().ok()
 }

@@ -216,21 +216,6 @@ fn indexes_and_rebuilt(db: &Database) -> (IndexRows, IndexRows) {
     (stored, rebuilt)
 }
 
-/// The alias count as earlier releases computed it: every alias decoded.
-fn count_by_scan(db: &Database, now_ms: u64) -> (u64, u64) {
-    let txn = db.begin_read().unwrap();
-    let (mut live, mut all) = (0, 0);
-    for item in txn.open_table(ALIASES).unwrap().iter().unwrap() {
-        let (_, v) = item.unwrap();
-        let rec: AliasLiveness = serde_json::from_slice(v.value()).unwrap();
-        all += 1;
-        if !rec.is_dead(now_ms) {
-            live += 1;
-        }
-    }
-    (live, all)
-}
-
 /// Times at which some stored row becomes due (for each purge retention
 /// the generator uses), so the run can land on them exactly and on either
 /// side: where an off-by-one in an index bound would show.
@@ -333,7 +318,7 @@ fn run(
             for probe in [last_now, last_now + HOUR, last_now + 5 * DAY] {
                 assert_eq!(
                     reader.count(probe).unwrap(),
-                    count_by_scan(scan, probe),
+                    count_aliases_by_scan(scan, probe).unwrap(),
                     "seed {seed} entry {i} at {probe}"
                 );
             }
@@ -455,4 +440,107 @@ fn an_installed_snapshot_brings_indexes_built_from_its_tables() {
     assert_eq!(ours, rebuilt);
     // And it goes on purging as the scan does.
     run(23, 200, &scan.db, &installed.db, next, now);
+}
+
+/// Writes `rows` into the indexes in place of what they hold.
+fn restore_indexes(db: &Database, rows: &IndexRows) {
+    let txn = db.begin_write().unwrap();
+    {
+        for def in expiry::ALL {
+            txn.delete_table(def).unwrap();
+        }
+        let ix = expiry::Indexes::open(&txn).unwrap();
+        let mut tables = [
+            ix.aliases,
+            ix.purged,
+            ix.keys,
+            ix.target_aliases,
+            ix.tokens,
+            ix.targets,
+        ];
+        for (table, rows) in tables.iter_mut().zip(rows) {
+            for (at, key) in rows {
+                table.insert((*at, key.as_str()), ()).unwrap();
+            }
+        }
+    }
+    txn.commit().unwrap();
+}
+
+fn meta_value(db: &Database, key: &str) -> Option<Vec<u8>> {
+    let txn = db.begin_read().unwrap();
+    let meta = txn.open_table(SM_META).unwrap();
+    let v = meta.get(key).unwrap().map(|v| v.value().to_vec());
+    v
+}
+
+#[test]
+fn indexes_left_stale_by_an_earlier_release_are_built_again_at_open() {
+    let dir = tempfile::tempdir().unwrap();
+    let scan = open_at(&dir.path().join("scan.redb"));
+    let path = dir.path().join("index.redb");
+    let index = open_at(&path);
+    let (now, next, _) = run(31, 200, &scan.db, &index.db, 1, 0);
+    let (before, _) = indexes_and_rebuilt(&index.db);
+    let marker = meta_value(&index.db, expiry::APPLIED_KEY);
+    assert_eq!(marker, meta_value(&index.db, "last_applied"));
+    // An earlier release applies more entries (purges included) on this
+    // database: the tables move on, the indexes and both markers stay as
+    // they were.
+    let (now, next, _) = run(32, 200, &scan.db, &index.db, next, now);
+    restore_indexes(&index.db, &before);
+    {
+        let txn = index.db.begin_write().unwrap();
+        txn.open_table(SM_META)
+            .unwrap()
+            .insert(expiry::APPLIED_KEY, marker.unwrap().as_slice())
+            .unwrap();
+        txn.commit().unwrap();
+    }
+    let (stale, rebuilt) = indexes_and_rebuilt(&index.db);
+    assert_ne!(stale, rebuilt, "the simulated release left nothing stale");
+    drop(index);
+    // Upgraded again: the marker is behind `last_applied`, so the indexes
+    // are built again rather than trusted.
+    let index = open_at(&path);
+    let (stored, rebuilt) = indexes_and_rebuilt(&index.db);
+    assert_eq!(stored, rebuilt);
+    assert_eq!(
+        meta_value(&index.db, expiry::APPLIED_KEY),
+        meta_value(&index.db, "last_applied")
+    );
+    // And purges go on deleting what the scan deletes.
+    run(33, 300, &scan.db, &index.db, next, now);
+}
+
+#[test]
+fn a_purge_drops_index_rows_without_their_alias() {
+    let dir = tempfile::tempdir().unwrap();
+    let scan = open_at(&dir.path().join("scan.redb"));
+    let index = open_at(&dir.path().join("index.redb"));
+    let (now, next, _) = run(41, 200, &scan.db, &index.db, 1, 0);
+    // Rows no write of the alias table leaves, due and not yet due.
+    {
+        let txn = index.db.begin_write().unwrap();
+        {
+            let mut ix = txn.open_table(expiry::ALIASES_BY_EXPIRY).unwrap();
+            ix.insert((0, "stray-due"), ()).unwrap();
+            ix.insert((u64::MAX, "stray-later"), ()).unwrap();
+        }
+        txn.commit().unwrap();
+    }
+    let e = [entry(next, now, Command::Purge { keep_ms: 0 })];
+    assert_eq!(
+        apply_entries(&scan.db, &e, PurgeBy::Scan).unwrap(),
+        apply_entries(&index.db, &e, PurgeBy::Index).unwrap()
+    );
+    assert_eq!(replicated(&scan.db), replicated(&index.db));
+    let (mut stored, rebuilt) = indexes_and_rebuilt(&index.db);
+    let aliases = &mut stored[0];
+    assert!(
+        !aliases.iter().any(|(_, k)| k == "stray-due"),
+        "{aliases:?}"
+    );
+    assert_eq!(aliases.pop(), Some((u64::MAX, "stray-later".to_string())));
+    assert_eq!(stored, rebuilt);
 }
