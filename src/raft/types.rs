@@ -308,10 +308,10 @@ fn is_dead(revoked: bool, valid_until_ms: u64, used: u32, max_usage: u32, now_ms
 }
 
 /// The fields of a stored [`AliasRecord`] that say whether it is alive and
-/// whether a purge may delete it, decoded without the rest: the alias count
-/// (every 15 s) and the purge read every record of the store, and decoding
-/// whole records allocated every string and the set of committed uses of
-/// each (at a million aliases, seconds inside the purge's transaction).
+/// whether a purge may delete it, decoded without the rest: a purge decodes
+/// every alias its expiry index names as due (a whole backlog after a long
+/// pause), and decoding whole records allocated every string and the set of
+/// committed uses of each.
 #[derive(Debug, Deserialize)]
 pub struct AliasLiveness {
     valid_until_ms: u64,
