@@ -206,7 +206,7 @@ fn purge_bench() {
         }
         assert_eq!(answers[0], answers[1]);
         let count = match answers[1].as_deref() {
-            Some([Response::Purged { count }]) => *count,
+            Some([Response::Purged { count, .. }]) => *count,
             other => panic!("{other:?}"),
         };
         if k == 0 {
