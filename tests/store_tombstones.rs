@@ -36,9 +36,10 @@ async fn purge_leaves_a_tombstone_that_snapshots_carry() {
     assert!(matches!(out[0], Response::Created(_)));
     assert_eq!(
         out[1],
+        // The alias and its per-target row.
         Response::Purged {
             count: 1,
-            rows: 1,
+            rows: 2,
             more: false
         }
     );

@@ -689,6 +689,44 @@ mod tests {
     }
 
     #[test]
+    fn limited_reads_and_takes_go_in_index_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = redb::Database::create(dir.path().join("x.redb")).unwrap();
+        let txn = db.begin_write().unwrap();
+        {
+            let mut ix = txn.open_table(ALIASES_BY_EXPIRY).unwrap();
+            for (at, k) in [(1, "z"), (2, "a"), (2, "b"), (3, "c"), (9, "late")] {
+                ix.insert((at, k), ()).unwrap();
+            }
+            let row = |at: u64, k: &str| (at, k.to_string());
+            let (page, more) = due_page(&ix, 3, None, 2).unwrap();
+            assert_eq!(page, vec![row(1, "z"), row(2, "a")]);
+            assert!(more);
+            let (page, more) = due_page(&ix, 3, Some(&row(2, "a")), 2).unwrap();
+            assert_eq!(page, vec![row(2, "b"), row(3, "c")]);
+            assert!(!more, "(9, late) is not due");
+            assert_eq!(due_page(&ix, 3, None, 0).unwrap(), (vec![], true));
+            assert_eq!(due_page(&ix, 0, None, 5).unwrap(), (vec![], false));
+            // The oldest two, returned sorted by key.
+            assert_eq!(
+                take_due(&mut ix, 3, 2).unwrap(),
+                (vec!["a".to_string(), "z".into()], true)
+            );
+            assert_eq!(
+                take_due(&mut ix, 3, 2).unwrap(),
+                (vec!["b".to_string(), "c".into()], false)
+            );
+            assert_eq!(take_due(&mut ix, 3, 2).unwrap(), (vec![], false));
+            assert_eq!(ix.len().unwrap(), 1);
+            let mut budget = Budget::new(Some(0));
+            assert_eq!(budget.left(), 1, "a bound of 0 still makes progress");
+            assert_eq!(budget.take(&mut ix, u64::MAX).unwrap(), vec!["late"]);
+            assert_eq!((budget.left(), budget.rows(), budget.more()), (0, 1, false));
+        }
+        txn.commit().unwrap();
+    }
+
+    #[test]
     fn upto_includes_the_bound_and_nothing_after() {
         let dir = tempfile::tempdir().unwrap();
         let db = redb::Database::create(dir.path().join("x.redb")).unwrap();
