@@ -346,6 +346,8 @@ fn bounded_backlog(
     use crate::raft::purge::MAX_ROWS;
     let sm = open_db(bounded_path);
     let (mut times, mut aliases, mut rows) = (Vec::new(), 0, 0);
+    // Entry times of those that deleted aliases, and of the others.
+    let (mut of_aliases, mut of_others) = (Vec::new(), Vec::new());
     let started = Instant::now();
     loop {
         let cmd = Command::PurgeBounded {
@@ -367,6 +369,12 @@ fn bounded_backlog(
             panic!("{answer:?}");
         };
         assert!(*r <= MAX_ROWS);
+        if *count > 0 {
+            &mut of_aliases
+        } else {
+            &mut of_others
+        }
+        .push(*times.last().unwrap());
         aliases += count;
         rows += r;
         if !more {
@@ -390,6 +398,20 @@ fn bounded_backlog(
         pct(1.0),
         total,
         total / unbounded_ms,
+    );
+    let slowest = (0..times.len())
+        .max_by(|a, b| times[*a].total_cmp(&times[*b]))
+        .unwrap();
+    println!(
+        "  entries deleting aliases: {}, median {:.1} ms; the others: {}, median {:.1} ms; \
+         first entry {:.1} ms; slowest: entry {} of {}",
+        of_aliases.len(),
+        median(of_aliases.clone()),
+        of_others.len(),
+        median(of_others.clone()),
+        times[0],
+        slowest + 1,
+        times.len(),
     );
     drop(sm);
 
