@@ -387,7 +387,7 @@ async fn purge_expired(
     metrics: Arc<Metrics>,
     shutdown: CancellationToken,
 ) {
-    let mut tick = tokio::time::interval(PURGE_EVERY);
+    let mut tick = tokio::time::interval(crate::raft::purge::every(PURGE_EVERY));
     tick.tick().await;
     loop {
         tokio::select! {

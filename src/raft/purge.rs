@@ -1,8 +1,8 @@
 //! The leader's purge of long-expired rows: which command it proposes, and
 //! a round of them.
 //!
-//! Every [`PURGE_EVERY`](crate::server) the leader runs one round. Where
-//! every member can apply it, a round is a sequence of
+//! Every ten minutes (`PURGE_EVERY` in `src/server.rs`) the leader runs one
+//! round. Where every member can apply it, a round is a sequence of
 //! [`Command::PurgeBounded`] entries of at most [`MAX_ROWS`] rows each,
 //! proposed one after the other while the previous one answers that more
 //! is due: a backlog (days without a leader, `limits.keep_expired_days`
@@ -27,6 +27,20 @@ use crate::metrics::Metrics;
 /// one entry of this many aliases applies in a few tens of milliseconds on
 /// a loaded two-core machine, against a write timeout of seconds.
 pub const MAX_ROWS: u64 = 1000;
+
+/// Environment variable giving the time between two purge rounds in
+/// milliseconds instead of ten minutes. Meant for tests that watch a round
+/// through the binary; never set it in production.
+pub const TEST_PURGE_EVERY_ENV: &str = "TEMPALIAS_TEST_PURGE_EVERY_MS";
+
+/// The time between two purge rounds: `default`, or what
+/// [`TEST_PURGE_EVERY_ENV`] says (at least 10 ms).
+pub fn every(default: Duration) -> Duration {
+    std::env::var(TEST_PURGE_EVERY_ENV)
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+        .map_or(default, |ms| Duration::from_millis(ms.max(10)))
+}
 
 /// Entries one round proposes at most: a bound on the loop, far beyond any
 /// backlog (ten million rows). What is left waits for the next round.
@@ -61,7 +75,7 @@ pub struct Round {
     pub aliases: u64,
     /// Rows deleted over every table.
     pub rows: u64,
-    /// The round ended with rows still due: it reached [`MAX_ENTRIES`], or
+    /// The round ended with rows still due: it reached `MAX_ENTRIES`, or
     /// this node stopped leading or is shutting down.
     pub more: bool,
     /// Why the last entry failed, if it did.
@@ -71,7 +85,7 @@ pub struct Round {
 
 /// Runs one round: proposes `next()` through `write` until an answer says
 /// nothing more is due, an entry fails, `go_on()` turns false (no longer
-/// the leader, shutting down) or [`MAX_ENTRIES`] entries were applied.
+/// the leader, shutting down) or `MAX_ENTRIES` entries were applied.
 /// Yields between entries. Counts entries and rows in `metrics` as they
 /// are applied.
 pub async fn round<W, Fut, E>(
