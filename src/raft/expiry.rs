@@ -23,6 +23,10 @@
 //! | `confirm_tokens` | [`TokenRow::lapses_at`] | time ≤ `now` |
 //! | `targets` | [`targets::purgeable_from`] | time ≤ `now` |
 //!
+//! A bounded purge (`Command::PurgeBounded`) takes the due rows of each
+//! index in index order, oldest first, until its [`Budget`] is spent: the
+//! same rows on every replica, since every replica holds the same index.
+//!
 //! Each rule is the old per-row decision rewritten as "from this time on",
 //! which it is exactly (each old rule is monotone in one stored time), so a
 //! purge deletes the same rows as the scan did: every replica, old or new,
