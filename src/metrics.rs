@@ -152,6 +152,14 @@ pub struct Metrics {
     pub forward_auth: Family<AuthLabels, Counter>,
     pub aliases_created: Counter,
     pub aliases_active: Gauge,
+    /// Purge entries this node proposed as leader and saw applied.
+    pub purge_entries: Counter,
+    /// Aliases those entries deleted.
+    pub purged_aliases: Counter,
+    /// Rows those entries deleted over every table a purge deletes from
+    /// (aliases, tombstones, idempotency keys, per-target rows, links,
+    /// target records).
+    pub purged_rows: Counter,
     pub http_requests: Family<HttpLabels, Counter>,
     pub raft_term: Gauge,
     pub raft_commit_index: Gauge,
@@ -267,6 +275,9 @@ impl Metrics {
             forward_auth: Family::default(),
             aliases_created: Counter::default(),
             aliases_active: Gauge::default(),
+            purge_entries: Counter::default(),
+            purged_aliases: Counter::default(),
+            purged_rows: Counter::default(),
             http_requests: Family::default(),
             raft_term: Gauge::default(),
             raft_commit_index: Gauge::default(),
@@ -341,6 +352,21 @@ impl Metrics {
             "aliases_active",
             "Aliases in the local replica that can still forward",
             m.aliases_active.clone(),
+        );
+        registry.register(
+            "purge_entries",
+            "Purge entries this node proposed as leader and saw applied (a backlog is deleted in several bounded entries)",
+            m.purge_entries.clone(),
+        );
+        registry.register(
+            "purged_aliases",
+            "Aliases deleted by the purge entries this node proposed as leader",
+            m.purged_aliases.clone(),
+        );
+        registry.register(
+            "purged_rows",
+            "Rows deleted by the purge entries this node proposed as leader, over every table a purge deletes from",
+            m.purged_rows.clone(),
         );
         registry.register(
             "http_requests",

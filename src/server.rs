@@ -233,6 +233,7 @@ pub async fn run(
     let purger = tokio::spawn(purge_expired(
         node.clone(),
         u64::from(config.limits.keep_expired_days) * 86_400_000,
+        metrics.clone(),
         shutdown.clone(),
     ));
 
@@ -376,25 +377,38 @@ async fn watch_clocks(node: Node, metrics: Arc<Metrics>, shutdown: CancellationT
 /// How often the leader proposes deleting long-expired aliases.
 const PURGE_EVERY: Duration = Duration::from_secs(600);
 
-/// On the leader, periodically deletes aliases long past their expiry.
-async fn purge_expired(node: Node, keep_ms: u64, shutdown: CancellationToken) {
-    let mut tick = tokio::time::interval(PURGE_EVERY);
+/// On the leader, periodically deletes aliases long past their expiry: a
+/// round of bounded purge entries, proposed one after the other while more
+/// is due, so a backlog never holds up the writes behind it for long (see
+/// `raft::purge`).
+async fn purge_expired(
+    node: Node,
+    keep_ms: u64,
+    metrics: Arc<Metrics>,
+    shutdown: CancellationToken,
+) {
+    let mut tick = tokio::time::interval(crate::raft::purge::every(PURGE_EVERY));
     tick.tick().await;
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return,
             _ = tick.tick() => {}
         }
-        if node.raft().metrics().borrow().current_leader != Some(node.id) {
+        let leads = || {
+            !shutdown.is_cancelled()
+                && node.raft().metrics().borrow().current_leader == Some(node.id)
+        };
+        if !leads() {
             continue;
         }
-        match node.write(crate::raft::Command::Purge { keep_ms }).await {
-            Ok(crate::raft::Response::Purged { count }) if count > 0 => {
-                tracing::info!(count, "purged long-expired aliases");
-            }
-            Ok(_) => {}
-            Err(e) => tracing::warn!(error = %e, "purge not committed"),
-        }
+        let round = crate::raft::purge::round(
+            |cmd| node.write(cmd),
+            || node.purge_command(keep_ms),
+            leads,
+            &metrics,
+        )
+        .await;
+        round.log();
     }
 }
 

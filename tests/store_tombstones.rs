@@ -34,7 +34,15 @@ async fn purge_leaves_a_tombstone_that_snapshots_carry() {
         .await
         .expect("apply");
     assert!(matches!(out[0], Response::Created(_)));
-    assert_eq!(out[1], Response::Purged { count: 1 });
+    assert_eq!(
+        out[1],
+        // The alias and its per-target row.
+        Response::Purged {
+            count: 1,
+            rows: 2,
+            more: false
+        }
+    );
     let reader = sm.reader();
     assert!(reader.alias("abcdefghijkl").expect("read").is_none());
     assert!(reader.was_purged("abcdefghijkl").expect("read"));

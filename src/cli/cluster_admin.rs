@@ -225,6 +225,7 @@ mod tests {
             leader_alive: ack.is_some_and(|ms| ms < 500),
             last_log_term: Some(2),
             applies_batches: true,
+            applies_bounded_purges: true,
         }
     }
 

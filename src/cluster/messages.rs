@@ -79,6 +79,11 @@ pub struct StatusReport {
     /// never receives one (absent from such a node: false).
     #[serde(default)]
     pub applies_batches: bool,
+    /// This node can apply `Command::PurgeBounded`: a leader proposes
+    /// bounded purges only when every member says so, and the unbounded
+    /// `Command::Purge` otherwise (absent from an older node: false).
+    #[serde(default)]
+    pub applies_bounded_purges: bool,
 }
 
 /// A membership change asked of the cluster.

@@ -281,6 +281,7 @@ pub fn read_file(path: &Path, text: &str, schema: &Schema) -> (Vec<Setting>, Vec
 /// Variables with the prefix that are not configuration keys.
 const NOT_CONFIG: &[&str] = &[
     crate::clock::TEST_CLOCK_OFFSET_FILE_ENV,
+    crate::raft::purge::TEST_PURGE_EVERY_ENV,
     "TEMPALIAS_API",
     "TEMPALIAS_TOKEN",
     "TEMPALIAS_TOKEN_FILE",

@@ -23,6 +23,10 @@
 //! | `confirm_tokens` | [`TokenRow::lapses_at`] | time ≤ `now` |
 //! | `targets` | [`targets::purgeable_from`] | time ≤ `now` |
 //!
+//! A bounded purge (`Command::PurgeBounded`) takes the due rows of each
+//! index in index order, oldest first, until its [`Budget`] is spent: the
+//! same rows on every replica, since every replica holds the same index.
+//!
 //! Each rule is the old per-row decision rewritten as "from this time on",
 //! which it is exactly (each old rule is monotone in one stored time), so a
 //! purge deletes the same rows as the scan did: every replica, old or new,
@@ -189,10 +193,12 @@ fn upto(bound: u64) -> (End, End) {
     }
 }
 
-/// The rows of `index` at or before `bound`, as `(time, key)`.
+/// The rows of `index` at or before `bound`, as `(time, key)` (what the
+/// tests compare).
 ///
 /// # Errors
 /// [`DbError`] when the index cannot be read.
+#[cfg(test)]
 pub(super) fn due(index: &Index<'_>, bound: u64) -> Result<Vec<(u64, String)>, DbError> {
     let mut out = Vec::new();
     for item in index.range::<(u64, &str)>(upto(bound))? {
@@ -203,20 +209,145 @@ pub(super) fn due(index: &Index<'_>, bound: u64) -> Result<Vec<(u64, String)>, D
     Ok(out)
 }
 
-/// Removes the rows of `index` at or before `bound` and returns their keys,
-/// sorted (the order in which the indexed table is cheapest to write): the
-/// rows of the indexed table that the caller deletes.
+/// Removes the rows of `index` at or before `bound`, the first `limit` of
+/// them in index order (oldest first), and returns their keys, sorted (the
+/// order in which the indexed table is cheapest to write): the rows of the
+/// indexed table that the caller deletes. The flag is true when rows at or
+/// before `bound` remain (the limit stopped it).
 ///
 /// # Errors
 /// [`DbError`] when the index cannot be written.
-pub(super) fn take_due(index: &mut Index<'_>, bound: u64) -> Result<Vec<String>, DbError> {
+pub(super) fn take_due(
+    index: &mut Index<'_>,
+    bound: u64,
+    limit: u64,
+) -> Result<(Vec<String>, bool), DbError> {
     let mut out = Vec::new();
-    for item in index.extract_from_if::<(u64, &str), _>(upto(bound), |_, _| true)? {
-        let (k, _) = item?;
-        out.push(k.value().1.to_string());
+    {
+        // Only the rows read from the iterator are removed.
+        let taken = index
+            .extract_from_if::<(u64, &str), _>(upto(bound), |_, _| true)?
+            .take(usize::try_from(limit).unwrap_or(usize::MAX));
+        for item in taken {
+            let (k, _) = item?;
+            out.push(k.value().1.to_string());
+        }
     }
+    let more =
+        out.len() as u64 == limit && index.range::<(u64, &str)>(upto(bound))?.next().is_some();
     out.sort_unstable();
-    Ok(out)
+    Ok((out, more))
+}
+
+/// The rows of `index` at or before `bound` that come after `after` (all of
+/// them from the first when `None`), the first `limit` of them in index
+/// order, as `(time, key)`; the flag is true when more such rows follow.
+///
+/// # Errors
+/// [`DbError`] when the index cannot be read.
+pub(super) fn due_page(
+    index: &Index<'_>,
+    bound: u64,
+    after: Option<&(u64, String)>,
+    limit: u64,
+) -> Result<(Vec<(u64, String)>, bool), DbError> {
+    let (_, end) = upto(bound);
+    let start = match after {
+        Some((at, key)) => Bound::Excluded((*at, key.as_str())),
+        None => Bound::Unbounded,
+    };
+    let mut out = Vec::new();
+    let mut rows = index.range::<(u64, &str)>((start, end))?;
+    let mut more = false;
+    for item in rows.by_ref() {
+        let (k, _) = item?;
+        if out.len() as u64 == limit {
+            more = true;
+            break;
+        }
+        let (at, key) = k.value();
+        out.push((at, key.to_string()));
+    }
+    Ok((out, more))
+}
+
+/// What one purge entry may still delete: a [`Command::PurgeBounded`]
+/// stops at its `max_rows`, a [`Command::Purge`] never does. Every table a
+/// purge deletes from spends from the one budget, in a fixed order, so
+/// replicas applying the same entry delete the same rows.
+///
+/// [`Command::PurgeBounded`]: super::types::Command::PurgeBounded
+/// [`Command::Purge`]: super::types::Command::Purge
+#[derive(Debug)]
+pub(super) struct Budget {
+    left: u64,
+    /// Rows deleted from the replicated tables.
+    rows: u64,
+    /// The bound stopped some part of the purge with rows still due.
+    more: bool,
+}
+
+impl Budget {
+    /// At most `max_rows` rows (`None`: no bound). A bound of 0 is taken as
+    /// 1, so that every bounded entry makes progress.
+    pub(super) fn new(max_rows: Option<u64>) -> Self {
+        Self {
+            left: max_rows.map_or(u64::MAX, |n| n.max(1)),
+            rows: 0,
+            more: false,
+        }
+    }
+
+    /// Rows the entry may still delete.
+    pub(super) fn left(&self) -> u64 {
+        self.left
+    }
+
+    /// Records `n` rows of a replicated table deleted.
+    pub(super) fn deleted(&mut self, n: u64) {
+        self.rows += n;
+        self.charge(n);
+    }
+
+    /// Spends `n` without counting them as deleted rows (index rows
+    /// without their indexed row, which a purge drops on the way).
+    pub(super) fn charge(&mut self, n: u64) {
+        self.left = self.left.saturating_sub(n);
+    }
+
+    /// Records that rows remain due beyond what this entry deleted.
+    pub(super) fn stopped(&mut self) {
+        self.more = true;
+    }
+
+    /// Rows deleted from the replicated tables so far.
+    pub(super) fn rows(&self) -> u64 {
+        self.rows
+    }
+
+    /// Whether rows remain due that this entry's bound left.
+    pub(super) fn more(&self) -> bool {
+        self.more
+    }
+
+    /// Removes the rows of `index` at or before `bound` that the budget
+    /// allows (oldest first), spends them, and returns their keys sorted:
+    /// the rows of the indexed table the caller deletes.
+    ///
+    /// # Errors
+    /// [`DbError`] when the index cannot be written.
+    pub(super) fn take(
+        &mut self,
+        index: &mut Index<'_>,
+        bound: u64,
+    ) -> Result<Vec<String>, DbError> {
+        let (keys, more) = take_due(index, bound, self.left)?;
+        self.deleted(keys.len() as u64);
+        if more {
+            self.stopped();
+        }
+        Ok(keys)
+    }
 }
 
 /// How many rows of `index` are at or before `bound`.
@@ -562,6 +693,44 @@ mod tests {
     }
 
     #[test]
+    fn limited_reads_and_takes_go_in_index_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = redb::Database::create(dir.path().join("x.redb")).unwrap();
+        let txn = db.begin_write().unwrap();
+        {
+            let mut ix = txn.open_table(ALIASES_BY_EXPIRY).unwrap();
+            for (at, k) in [(1, "z"), (2, "a"), (2, "b"), (3, "c"), (9, "late")] {
+                ix.insert((at, k), ()).unwrap();
+            }
+            let row = |at: u64, k: &str| (at, k.to_string());
+            let (page, more) = due_page(&ix, 3, None, 2).unwrap();
+            assert_eq!(page, vec![row(1, "z"), row(2, "a")]);
+            assert!(more);
+            let (page, more) = due_page(&ix, 3, Some(&row(2, "a")), 2).unwrap();
+            assert_eq!(page, vec![row(2, "b"), row(3, "c")]);
+            assert!(!more, "(9, late) is not due");
+            assert_eq!(due_page(&ix, 3, None, 0).unwrap(), (vec![], true));
+            assert_eq!(due_page(&ix, 0, None, 5).unwrap(), (vec![], false));
+            // The oldest two, returned sorted by key.
+            assert_eq!(
+                take_due(&mut ix, 3, 2).unwrap(),
+                (vec!["a".to_string(), "z".into()], true)
+            );
+            assert_eq!(
+                take_due(&mut ix, 3, 2).unwrap(),
+                (vec!["b".to_string(), "c".into()], false)
+            );
+            assert_eq!(take_due(&mut ix, 3, 2).unwrap(), (vec![], false));
+            assert_eq!(ix.len().unwrap(), 1);
+            let mut budget = Budget::new(Some(0));
+            assert_eq!(budget.left(), 1, "a bound of 0 still makes progress");
+            assert_eq!(budget.take(&mut ix, u64::MAX).unwrap(), vec!["late"]);
+            assert_eq!((budget.left(), budget.rows(), budget.more()), (0, 1, false));
+        }
+        txn.commit().unwrap();
+    }
+
+    #[test]
     fn upto_includes_the_bound_and_nothing_after() {
         let dir = tempfile::tempdir().unwrap();
         let db = redb::Database::create(dir.path().join("x.redb")).unwrap();
@@ -577,7 +746,10 @@ mod tests {
             assert_eq!(keys(u64::MAX - 1).len(), 4);
             assert_eq!(keys(u64::MAX).len(), 5);
             assert_eq!(count_due(&ix, 5).unwrap(), 3);
-            assert_eq!(take_due(&mut ix, 5).unwrap(), vec!["", "a", "zz"]);
+            assert_eq!(
+                take_due(&mut ix, 5, u64::MAX).unwrap(),
+                (vec!["".to_string(), "a".into(), "zz".into()], false)
+            );
             assert_eq!(ix.len().unwrap(), 2);
         }
         txn.commit().unwrap();

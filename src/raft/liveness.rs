@@ -63,6 +63,8 @@ struct Report {
     last_log: (u64, u64),
     /// The peer applies entries of several commands (`Command::Batch`).
     applies_batches: bool,
+    /// The peer applies `Command::PurgeBounded`.
+    applies_bounded_purges: bool,
 }
 
 #[derive(Debug, Default)]
@@ -156,6 +158,7 @@ impl Liveness {
                     leader_alive: r.leader_alive,
                     last_log: (r.last_log_term.unwrap_or(0), r.last_log_index.unwrap_or(0)),
                     applies_batches: r.applies_batches,
+                    applies_bounded_purges: r.applies_bounded_purges,
                 });
             }
             None => {
@@ -169,19 +172,43 @@ impl Liveness {
     /// applies batched entries (a node not probed yet does not count as
     /// able): only then may this node, as leader, propose them.
     pub fn all_apply_batches(&self, members: impl IntoIterator<Item = NodeId>) -> bool {
-        let st = self.lock();
-        members.into_iter().filter(|id| *id != self.id).all(|id| {
-            st.peers
-                .get(&id)
-                .and_then(|p| p.report)
-                .is_some_and(|r| r.applies_batches)
-        })
+        self.all_members_say(members, |r| r.applies_batches)
     }
 
     /// [`Liveness::all_apply_batches`] for the members of the membership in
     /// `m` (what the leader's group proposal and a follower's forwards ask).
     pub fn members_apply_batches(&self, m: &RaftMetrics<NodeId, BasicNode>) -> bool {
         self.all_apply_batches(m.membership_config.membership().nodes().map(|(id, _)| *id))
+    }
+
+    /// True when every member but this node has answered a probe saying it
+    /// applies `Command::PurgeBounded` (a node not probed yet does not count
+    /// as able): only then may this node, as leader, propose one.
+    pub fn all_apply_bounded_purges(&self, members: impl IntoIterator<Item = NodeId>) -> bool {
+        self.all_members_say(members, |r| r.applies_bounded_purges)
+    }
+
+    /// [`Liveness::all_apply_bounded_purges`] for the members of the
+    /// membership in `m`.
+    pub fn members_apply_bounded_purges(&self, m: &RaftMetrics<NodeId, BasicNode>) -> bool {
+        self.all_apply_bounded_purges(m.membership_config.membership().nodes().map(|(id, _)| *id))
+    }
+
+    /// True when every member but this node has answered a probe whose
+    /// report `says` (what a peer last said about itself counts, also
+    /// while its probes fail).
+    fn all_members_say(
+        &self,
+        members: impl IntoIterator<Item = NodeId>,
+        says: impl Fn(&Report) -> bool,
+    ) -> bool {
+        let st = self.lock();
+        members.into_iter().filter(|id| *id != self.id).all(|id| {
+            st.peers
+                .get(&id)
+                .and_then(|p| p.report.as_ref())
+                .is_some_and(&says)
+        })
     }
 
     /// Forgets peers that left the membership.
@@ -451,6 +478,7 @@ mod tests {
             leader_alive: alive,
             last_log_term: Some(1),
             applies_batches: true,
+            applies_bounded_purges: true,
         }
     }
 
@@ -486,6 +514,34 @@ mod tests {
         json.as_object_mut().unwrap().remove("applies_batches");
         let decoded: StatusReport = serde_json::from_value(json).unwrap();
         assert!(!decoded.applies_batches);
+    }
+
+    #[test]
+    fn bounded_purges_only_when_every_other_member_said_it_applies_them() {
+        let l = Liveness::new(1, TIMING);
+        assert!(l.all_apply_bounded_purges([1]));
+        assert!(!l.all_apply_bounded_purges([1, 2, 3]));
+        l.record_probe(2, Some(&report(true, 10)));
+        // A member of the release before bounded purges (it applies
+        // batches, and leaves the new field out).
+        let older = StatusReport {
+            applies_bounded_purges: false,
+            ..report(true, 10)
+        };
+        l.record_probe(3, Some(&older));
+        assert!(!l.all_apply_bounded_purges([1, 2, 3]));
+        assert!(l.all_apply_batches([1, 2, 3]));
+        l.record_probe(3, Some(&report(true, 10)));
+        assert!(l.all_apply_bounded_purges([1, 2, 3]));
+        // A member added later and not yet heard from.
+        assert!(!l.all_apply_bounded_purges([1, 2, 3, 4]));
+        let mut json = serde_json::to_value(report(true, 1)).unwrap();
+        json.as_object_mut()
+            .unwrap()
+            .remove("applies_bounded_purges");
+        let decoded: StatusReport = serde_json::from_value(json).unwrap();
+        assert!(!decoded.applies_bounded_purges);
+        assert!(decoded.applies_batches);
     }
 
     #[tokio::test(start_paused = true)]

@@ -16,6 +16,8 @@
 //! - [`snapshot`]: the streamed snapshot file format.
 //! - [`network`]: how this node reaches its peers.
 //! - [`batch`]: group proposal (concurrent writes share one entry).
+//! - [`purge`]: the leader's purge rounds (bounded entries, and the
+//!   unbounded purge while some member cannot apply those).
 //! - [`node`]: the handle the SMTP and HTTP front ends write and read through.
 //! - [`liveness`] and [`watchdog`]: failure detection around openraft (fast
 //!   failover, one-way partitions, no disruptive campaigns).
@@ -28,6 +30,7 @@ pub mod liveness;
 pub mod log_tail;
 pub mod network;
 pub mod node;
+pub mod purge;
 pub mod read_lease;
 pub mod snapshot;
 pub mod state;

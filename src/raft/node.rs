@@ -77,6 +77,9 @@ fn is_idempotent(cmd: &Command) -> bool {
         | Command::Release { .. }
         | Command::Revoke { .. }
         | Command::Purge { .. }
+        // A repeated bounded purge deletes the next rows due, which a later
+        // purge would delete anyway: no row is deleted before it is due.
+        | Command::PurgeBounded { .. }
         // Setting the same state twice leaves it set.
         | Command::SetMaintenance { .. }
         // A second application finds its key claimed by the same request and
@@ -742,8 +745,21 @@ impl Node {
             leader_alive: self.liveness.leader_alive(&m),
             last_log_term: super::liveness::last_log_term(&m),
             applies_batches: true,
+            applies_bounded_purges: true,
         };
         report
+    }
+
+    /// The purge command this node would propose now as leader: bounded
+    /// while every member says it applies bounded purges (see
+    /// [`super::purge`]).
+    pub fn purge_command(&self, keep_ms: u64) -> Command {
+        let m = self.metrics_now();
+        super::purge::command_for(
+            &self.liveness,
+            m.membership_config.membership().nodes().map(|(id, _)| *id),
+            keep_ms,
+        )
     }
 
     /// Applies a membership change on the leader (forwarding if needed).

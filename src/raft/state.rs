@@ -192,12 +192,17 @@ pub fn apply(current: Option<&AliasRecord>, cmd: &Command, now_ms: u64) -> (Chan
         | Command::ConfirmTarget { .. }
         | Command::WithdrawConfirmation { .. }
         | Command::Batch { .. } => (Change::Keep, Response::None),
-        Command::Purge { keep_ms } => match current {
-            Some(rec) if rec.purgeable(now_ms, *keep_ms) => {
-                (Change::Delete, Response::Purged { count: 1 })
+        Command::Purge { keep_ms } | Command::PurgeBounded { keep_ms, .. } => {
+            let purged = |count| Response::Purged {
+                count,
+                rows: count,
+                more: false,
+            };
+            match current {
+                Some(rec) if rec.purgeable(now_ms, *keep_ms) => (Change::Delete, purged(1)),
+                _ => (Change::Keep, purged(0)),
             }
-            _ => (Change::Keep, Response::Purged { count: 0 }),
-        },
+        }
     }
 }
 
@@ -215,6 +220,7 @@ pub fn command_id(cmd: &Command) -> Option<&str> {
         }
         // A batch addresses several aliases; the store splits it first.
         Command::Purge { .. }
+        | Command::PurgeBounded { .. }
         | Command::SetMaintenance { .. }
         | Command::ConfirmTarget { .. }
         | Command::WithdrawConfirmation { .. }
@@ -577,20 +583,25 @@ mod tests {
         let rec = create(5, 10 * DAY);
         let purge = Command::Purge { keep_ms: 7 * DAY };
         assert_eq!(command_id(&purge), None);
+        let purged = |count| Response::Purged {
+            count,
+            rows: count,
+            more: false,
+        };
         assert_eq!(
             apply(Some(&rec), &purge, 17 * DAY - 1),
-            (Change::Keep, Response::Purged { count: 0 })
+            (Change::Keep, purged(0))
         );
         assert_eq!(
             apply(Some(&rec), &purge, 17 * DAY),
-            (Change::Delete, Response::Purged { count: 1 })
+            (Change::Delete, purged(1))
         );
         // A live reservation keeps the record until its lease lapses.
         let mut held = rec.clone();
         held.reservations.insert(9, 18 * DAY);
         assert_eq!(
             apply(Some(&held), &purge, 17 * DAY),
-            (Change::Keep, Response::Purged { count: 0 })
+            (Change::Keep, purged(0))
         );
     }
 

@@ -1479,15 +1479,14 @@ fn apply_command(t: &mut Tables<'_, '_>, cmd: &Command, now_ms: u64) -> Result<R
         }
         return Ok(Response::Batch { responses });
     }
-    if let Command::Purge { .. } = cmd {
-        match t.purge {
-            PurgeBy::Index => {
-                t.targets.apply(t.aliases, t.keys, t.expiry, cmd, now_ms)?;
-            }
-            #[cfg(test)]
-            PurgeBy::Scan => t.targets.purge_by_scan(now_ms)?,
+    match cmd {
+        Command::Purge { keep_ms } => return purge(t, *keep_ms, None, now_ms),
+        Command::PurgeBounded { keep_ms, max_rows } => {
+            return purge(t, *keep_ms, Some(*max_rows), now_ms);
         }
-    } else if let Some(response) = t.targets.apply(t.aliases, t.keys, t.expiry, cmd, now_ms)? {
+        _ => {}
+    }
+    if let Some(response) = t.targets.apply(t.aliases, t.keys, t.expiry, cmd, now_ms)? {
         return Ok(response);
     }
     if let Some(response) = apply_own_tables(t, cmd, now_ms)? {
@@ -1510,54 +1509,119 @@ fn apply_command(t: &mut Tables<'_, '_>, cmd: &Command, now_ms: u64) -> Result<R
             }
             response
         }
-        None => {
-            // A command over all aliases (purge): the same decision as
-            // `state::apply` makes for one record (`AliasRecord::purgeable`),
-            // from the few fields it needs.
-            let Command::Purge { keep_ms } = cmd else {
-                return Ok(Response::None);
-            };
-            let count = match t.purge {
-                PurgeBy::Index => purge_aliases(t, *keep_ms, now_ms)?,
-                #[cfg(test)]
-                PurgeBy::Scan => purge_aliases_by_scan(t, *keep_ms, now_ms)?,
-            };
-            Response::Purged { count }
+        None => Response::None,
+    })
+}
+
+/// Applies a purge: deletes what is due in every table a purge deletes
+/// from, at most `max_rows` rows when bounded ([`Command::PurgeBounded`]).
+/// The parts spend one budget in a fixed order, oldest rows first within
+/// each: aliases (each leaving its tombstone), tombstones past their year,
+/// idempotency keys, then the per-target rows, confirmation links and
+/// target records. The order does not change what a purge deletes in the
+/// end: the parts read and delete different tables, and tombstones are
+/// forgotten only once every due alias is gone (a bound that stops the
+/// aliases leaves nothing for the later parts).
+fn purge(
+    t: &mut Tables<'_, '_>,
+    keep_ms: u64,
+    max_rows: Option<u64>,
+    now_ms: u64,
+) -> Result<Response, DbError> {
+    let mut budget = expiry::Budget::new(max_rows);
+    let count = match t.purge {
+        PurgeBy::Index => {
+            let count = purge_aliases(t, keep_ms, now_ms, &mut budget)?;
+            forget_tombstones(t, now_ms, &mut budget)?;
+            for key in budget.take(&mut t.expiry.keys, now_ms)? {
+                t.keys.remove(key.as_str())?;
+            }
+            t.targets.purge(t.expiry, now_ms, &mut budget)?;
+            count
         }
+        #[cfg(test)]
+        PurgeBy::Scan => {
+            // Earlier releases knew no bound.
+            assert!(max_rows.is_none(), "a bounded purge by scan");
+            let (count, rows) = purge_aliases_by_scan(t, keep_ms, now_ms)?;
+            budget.deleted(rows);
+            let before = t.keys.len()?;
+            t.keys.retain(|_, v| {
+                serde_json::from_slice::<IdempotencyRecord>(v)
+                    .map(|c| !idempotency::expired(&c, now_ms))
+                    .unwrap_or(false)
+            })?;
+            budget.deleted(before - t.keys.len()?);
+            budget.deleted(t.targets.purge_by_scan(now_ms)?);
+            count
+        }
+    };
+    Ok(Response::Purged {
+        count,
+        rows: budget.rows(),
+        more: budget.more(),
     })
 }
 
 /// The alias half of a purge: deletes the aliases due (by the expiry
 /// index, `valid_until + keep_ms` passed) that hold no live reservation,
-/// leaves a tombstone for each and forgets tombstones older than
-/// [`TOMBSTONE_KEEP_MS`]. Reads only due rows: the aliases whose expiry
-/// passed, and the tombstones to forget. Returns how many aliases went.
-fn purge_aliases(t: &mut Tables<'_, '_>, keep_ms: u64, now_ms: u64) -> Result<u64, DbError> {
+/// as many as `budget` allows in index order (earliest `valid_until`
+/// first), and leaves a tombstone for each. Reads only due rows. Returns
+/// how many aliases went.
+///
+/// An alias still holding a live reservation is read and skipped without
+/// spending the budget: it stays (and stays indexed) until a later purge
+/// finds its lease lapsed. There are at most as many as messages in
+/// flight, and they never make a bounded purge report more (which would
+/// have the leader propose purges that delete nothing).
+fn purge_aliases(
+    t: &mut Tables<'_, '_>,
+    keep_ms: u64,
+    now_ms: u64,
+    budget: &mut expiry::Budget,
+) -> Result<u64, DbError> {
     let Some(bound) = expiry::alias_bound(now_ms, keep_ms) else {
-        return forget_tombstones(t, now_ms).map(|()| 0);
+        return Ok(0);
     };
-    // Index order is time order, which is random in ids: the alias table is
-    // read and written in id order, so that consecutive ids share pages.
-    let mut candidates = expiry::due(&t.expiry.aliases, bound)?;
-    candidates.sort_unstable_by(|a, b| a.1.cmp(&b.1));
-    // Each due id is held once: moved from `candidates` into `doomed`, or
-    // dropped with its index row.
     let mut doomed = Vec::new();
-    for (at, id) in candidates {
-        let Some(v) = t.aliases.get(id.as_str())? else {
-            // An index row without its alias cannot arise (every write of
-            // the alias table keeps the index); it is derived, so it is
-            // simply dropped.
-            t.expiry.aliases.remove((at, id.as_str()))?;
-            continue;
-        };
-        // An alias still holding a live reservation stays (and stays
-        // indexed) until a later purge finds its lease lapsed.
-        let rec: AliasLiveness = serde_json::from_slice(v.value())?;
-        if rec.purgeable(now_ms, keep_ms) {
-            doomed.push((at, id));
+    let mut after = None;
+    loop {
+        let (page, more) =
+            expiry::due_page(&t.expiry.aliases, bound, after.as_ref(), budget.left())?;
+        after = page.last().cloned();
+        // Index order is time order, which is random in ids: the alias
+        // table is read and written in id order, so that consecutive ids
+        // share pages.
+        let mut candidates = page;
+        candidates.sort_unstable_by(|a, b| a.1.cmp(&b.1));
+        // Each due id is held once: moved from `candidates` into `doomed`,
+        // or dropped with its index row.
+        for (at, id) in candidates {
+            let Some(v) = t.aliases.get(id.as_str())? else {
+                // An index row without its alias cannot arise (every write
+                // of the alias table keeps the index); it is derived, so it
+                // is simply dropped.
+                t.expiry.aliases.remove((at, id.as_str()))?;
+                budget.charge(1);
+                continue;
+            };
+            let rec: AliasLiveness = serde_json::from_slice(v.value())?;
+            if rec.purgeable(now_ms, keep_ms) {
+                budget.deleted(1);
+                doomed.push((at, id));
+            }
         }
+        if !more {
+            break;
+        }
+        if budget.left() == 0 {
+            budget.stopped();
+            break;
+        }
+        // Some were held: read on for what they left of the budget.
     }
+    // Deleted in id order (pages shared), whatever order they were found in.
+    doomed.sort_unstable_by(|a, b| a.1.cmp(&b.1));
     let mut purged = t.txn.open_table(PURGED)?;
     for (at, id) in &doomed {
         t.aliases.remove(id.as_str())?;
@@ -1572,15 +1636,18 @@ fn purge_aliases(t: &mut Tables<'_, '_>, keep_ms: u64, now_ms: u64) -> Result<u6
     for (_, id) in &doomed {
         t.expiry.purged.insert((now_ms, id.as_str()), ())?;
     }
-    drop(purged);
-    forget_tombstones(t, now_ms)?;
     Ok(doomed.len() as u64)
 }
 
-/// Forgets the tombstones older than [`TOMBSTONE_KEEP_MS`].
-fn forget_tombstones(t: &mut Tables<'_, '_>, now_ms: u64) -> Result<(), DbError> {
+/// Forgets the tombstones older than [`TOMBSTONE_KEEP_MS`], as many as
+/// `budget` allows.
+fn forget_tombstones(
+    t: &mut Tables<'_, '_>,
+    now_ms: u64,
+    budget: &mut expiry::Budget,
+) -> Result<(), DbError> {
     let horizon = now_ms.saturating_sub(TOMBSTONE_KEEP_MS);
-    let old = expiry::take_due(&mut t.expiry.purged, horizon)?;
+    let old = budget.take(&mut t.expiry.purged, horizon)?;
     if old.is_empty() {
         return Ok(());
     }
@@ -1593,13 +1660,14 @@ fn forget_tombstones(t: &mut Tables<'_, '_>, now_ms: u64) -> Result<(), DbError>
 
 /// The alias half of a purge as releases before the expiry indexes applied
 /// it: a scan of every alias and every tombstone. Kept to check that
-/// [`purge_aliases`] leaves exactly the same tables.
+/// [`purge_aliases`] leaves exactly the same tables. Returns the aliases
+/// deleted, and the rows (aliases and tombstones forgotten).
 #[cfg(test)]
 fn purge_aliases_by_scan(
     t: &mut Tables<'_, '_>,
     keep_ms: u64,
     now_ms: u64,
-) -> Result<u64, DbError> {
+) -> Result<(u64, u64), DbError> {
     let mut doomed = Vec::new();
     for item in t.aliases.iter()? {
         let (k, v) = item?;
@@ -1614,8 +1682,10 @@ fn purge_aliases_by_scan(
         purged.insert(id.as_str(), now_ms)?;
     }
     let horizon = now_ms.saturating_sub(TOMBSTONE_KEEP_MS);
+    let before = purged.len()?;
     purged.retain(|_, at| at > horizon)?;
-    Ok(doomed.len() as u64)
+    let forgotten = before - purged.len()?;
+    Ok((doomed.len() as u64, doomed.len() as u64 + forgotten))
 }
 
 /// The alias count (live, all) as releases before the expiry indexes
@@ -1637,9 +1707,8 @@ fn count_aliases_by_scan(db: &Database, now_ms: u64) -> Result<(u64, u64), DbErr
 }
 
 /// Applies the commands that live in tables other than the alias table
-/// (maintenance, keyed creates) and the key half of a purge. `None` means the
-/// command is an alias command for the caller (a purge still is, after its
-/// expired keys are gone).
+/// (maintenance, keyed creates). `None` means the command is an alias
+/// command for the caller.
 fn apply_own_tables(
     t: &mut Tables<'_, '_>,
     cmd: &Command,
@@ -1699,24 +1768,6 @@ fn apply_own_tables(
                 )?;
             }
             Ok(Some(outcome.response))
-        }
-        Command::Purge { .. } => {
-            match t.purge {
-                PurgeBy::Index => {
-                    for key in expiry::take_due(&mut t.expiry.keys, now_ms)? {
-                        t.keys.remove(key.as_str())?;
-                    }
-                }
-                #[cfg(test)]
-                PurgeBy::Scan => {
-                    t.keys.retain(|_, v| {
-                        serde_json::from_slice::<IdempotencyRecord>(v)
-                            .map(|c| !idempotency::expired(&c, now_ms))
-                            .unwrap_or(false)
-                    })?;
-                }
-            }
-            Ok(None)
         }
         _ => Ok(None),
     }

@@ -23,7 +23,7 @@
 use redb::{ReadableTable, TableDefinition, WriteTransaction};
 use serde::{Deserialize, Serialize};
 
-use super::expiry::{self, Indexes};
+use super::expiry::{self, Budget, Indexes};
 use super::idempotency;
 use super::state::{self, Change};
 use super::store::{get_json, DbError, ALIASES};
@@ -402,7 +402,7 @@ impl<'t> Tables<'t> {
     }
 
     /// Applies the commands this module owns; `None` for everything else
-    /// (a purge is `None` too, after this module's part of it).
+    /// (a purge too: the store calls [`Tables::purge`] for its part).
     ///
     /// # Errors
     /// [`DbError`] when the database cannot be read or written.
@@ -437,25 +437,30 @@ impl<'t> Tables<'t> {
                 }
                 Ok(Some(Response::Withdrawn))
             }
-            Command::Purge { .. } => {
-                self.purge(expiry, now_ms)?;
-                Ok(None)
-            }
             _ => Ok(None),
         }
     }
 
     /// This module's part of a purge: index rows of expired aliases, lapsed
     /// links and targets with nothing left to remember, read from their
-    /// expiry indexes: the same rows as the scan of earlier releases.
-    fn purge(&mut self, expiry: &mut Indexes<'_>, now_ms: u64) -> Result<(), DbError> {
-        for key in expiry::take_due(&mut expiry.target_aliases, now_ms)? {
+    /// expiry indexes: the same rows as the scan of earlier releases, as
+    /// many as `budget` allows, oldest first, in this order.
+    ///
+    /// # Errors
+    /// [`DbError`] when the database cannot be read or written.
+    pub(super) fn purge(
+        &mut self,
+        expiry: &mut Indexes<'_>,
+        now_ms: u64,
+        budget: &mut Budget,
+    ) -> Result<(), DbError> {
+        for key in budget.take(&mut expiry.target_aliases, now_ms)? {
             self.index.remove(key.as_str())?;
         }
-        for key in expiry::take_due(&mut expiry.tokens, now_ms)? {
+        for key in budget.take(&mut expiry.tokens, now_ms)? {
             self.tokens.remove(key.as_str())?;
         }
-        for key in expiry::take_due(&mut expiry.targets, now_ms)? {
+        for key in budget.take(&mut expiry.targets, now_ms)? {
             self.targets.remove(key.as_str())?;
         }
         Ok(())
@@ -463,8 +468,11 @@ impl<'t> Tables<'t> {
 
     /// The purge as releases before the expiry indexes applied it: a scan
     /// of each table. Kept to check that the indexes delete the same rows.
+    /// Returns how many rows went.
     #[cfg(test)]
-    pub(super) fn purge_by_scan(&mut self, now_ms: u64) -> Result<(), DbError> {
+    pub(super) fn purge_by_scan(&mut self, now_ms: u64) -> Result<u64, DbError> {
+        use redb::ReadableTableMetadata;
+        let before = self.index.len()? + self.tokens.len()? + self.targets.len()?;
         self.index.retain(|_, until| until > now_ms)?;
         self.tokens.retain(|_, v| {
             serde_json::from_slice::<TokenRow>(v)
@@ -473,7 +481,7 @@ impl<'t> Tables<'t> {
         self.targets.retain(|_, v| {
             serde_json::from_slice::<TargetRecord>(v).is_ok_and(|t| !purgeable(&t, now_ms))
         })?;
-        Ok(())
+        Ok(before - (self.index.len()? + self.tokens.len()? + self.targets.len()?))
     }
 
     fn put_target(

@@ -74,9 +74,21 @@ pub enum Command {
     /// Disable an alias for good.
     Revoke { id: String },
     /// Delete aliases that expired more than `keep_ms` before the entry's time,
-    /// so the store does not grow forever. Proposed periodically by the leader.
-    /// Also forgets idempotency keys older than their retention.
+    /// so the store does not grow forever. Also forgets idempotency keys,
+    /// tombstones, per-target rows, confirmation links and target records
+    /// past their retention. Deletes everything due in one entry, however
+    /// much that is: proposed only when some member cannot apply
+    /// [`Command::PurgeBounded`].
     Purge { keep_ms: u64 },
+    /// [`Command::Purge`] deleting at most `max_rows` rows, taken in the
+    /// expiry indexes' order (oldest first), so that one entry stays short
+    /// however large the backlog; [`Response::Purged`] says whether more are
+    /// due and the leader then proposes the next one at once. The bound is
+    /// in the entry, so every replica deletes the same rows. A node that
+    /// predates this variant cannot decode such an entry (it would stop
+    /// rather than purge differently), so a leader proposes it only when
+    /// every member has said it can apply it (`src/raft/purge.rs`).
+    PurgeBounded { keep_ms: u64, max_rows: u64 },
     /// Turn cluster-wide maintenance on or off: every node drains (SMTP `421`,
     /// HTTP `503`) while it is on. Kept in its own table, not an alias record.
     SetMaintenance { on: bool },
@@ -169,8 +181,16 @@ pub enum Response {
     Released,
     Revoked,
     NotFound,
+    /// What a purge deleted: `count` aliases, `rows` rows over every table
+    /// it deletes from (the aliases included); `more` when a
+    /// [`Command::PurgeBounded`] stopped at its bound with rows still due.
+    /// Older nodes answer without the last two (read as 0 and false).
     Purged {
         count: u64,
+        #[serde(default)]
+        rows: u64,
+        #[serde(default)]
+        more: bool,
     },
     /// The cluster-wide maintenance state after a [`Command::SetMaintenance`].
     Maintenance(ClusterMaintenance),

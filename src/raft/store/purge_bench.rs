@@ -18,7 +18,9 @@
 //! have expired and some are due; one
 //! in ten with an idempotency key; about three aliases per target). Purges
 //! run at the bench time and then every 10 minutes, as the leader proposes
-//! them, keeping 7 days (the default `keep_expired_days`).
+//! them, keeping 7 days (the default `keep_expired_days`). The backlog the
+//! first purge finds is also deleted in bounded entries, on copies of their
+//! own: at the default bound, until done, and at other bounds in turn.
 
 use std::path::Path;
 use std::time::Instant;
@@ -174,8 +176,11 @@ fn purge_bench() {
     );
     let scan_path = dir.path().join("scan.redb");
     let index_path = dir.path().join("index.redb");
-    std::fs::copy(&base, &scan_path).unwrap();
-    std::fs::copy(&base, &index_path).unwrap();
+    let bounded_path = dir.path().join("bounded.redb");
+    let sweep_path = dir.path().join("sweep.redb");
+    for path in [&scan_path, &index_path, &bounded_path, &sweep_path] {
+        std::fs::copy(&base, path).unwrap();
+    }
     std::fs::remove_file(&base).unwrap();
     let scan = open_db(&scan_path);
     let indexed = open_db(&index_path);
@@ -206,7 +211,7 @@ fn purge_bench() {
         }
         assert_eq!(answers[0], answers[1]);
         let count = match answers[1].as_deref() {
-            Some([Response::Purged { count }]) => *count,
+            Some([Response::Purged { count, .. }]) => *count,
             other => panic!("{other:?}"),
         };
         if k == 0 {
@@ -222,6 +227,7 @@ fn purge_bench() {
         "first purge ({first_count} of {stored} aliases due): scan {:.0} ms, index {:.0} ms",
         first_times[0], first_times[1]
     );
+    bounded_backlog(&bounded_path, &sweep_path, bench_at, index, first_times[1]);
     println!(
         "purge every 10 min (median {:.0} aliases due), medians of {runs}: scan {:.1} ms, \
          index {:.2} ms, ratio {:.0}x (scan runs {:?}, index runs {:?})",
@@ -320,6 +326,127 @@ fn purge_bench() {
          (builds them) {:.0} ms",
         ms(t)
     );
+}
+
+/// The same backlog as the first purge above, deleted in bounded entries
+/// ([`Command::PurgeBounded`] of [`MAX_ROWS`], as the leader proposes them
+/// while every member applies them) on a third copy: each entry's apply
+/// time and the total, against `unbounded_ms` (the one unbounded purge by
+/// the indexes measured above). Then, on a fourth copy, entries of other
+/// bounds taken in turn, to show what one entry costs per row. The copies
+/// are of their own: `first` is just the log index their entries start at.
+fn bounded_backlog(
+    bounded_path: &Path,
+    sweep_path: &Path,
+    bench_at: u64,
+    first: u64,
+    unbounded_ms: f64,
+) {
+    let mut index = first;
+    use crate::raft::purge::MAX_ROWS;
+    let sm = open_db(bounded_path);
+    let (mut times, mut aliases, mut rows) = (Vec::new(), 0, 0);
+    // Entry times of those that deleted aliases, and of the others.
+    let (mut of_aliases, mut of_others) = (Vec::new(), Vec::new());
+    let started = Instant::now();
+    loop {
+        let cmd = Command::PurgeBounded {
+            keep_ms: KEEP,
+            max_rows: MAX_ROWS,
+        };
+        let t = Instant::now();
+        let answer = apply_entries(&sm.db, &[entry(index, bench_at, cmd)], PurgeBy::Index).unwrap();
+        times.push(ms(t));
+        index += 1;
+        let Some(
+            [Response::Purged {
+                count,
+                rows: r,
+                more,
+            }],
+        ) = Some(answer.as_slice())
+        else {
+            panic!("{answer:?}");
+        };
+        assert!(*r <= MAX_ROWS);
+        if *count > 0 {
+            &mut of_aliases
+        } else {
+            &mut of_others
+        }
+        .push(*times.last().unwrap());
+        aliases += count;
+        rows += r;
+        if !more {
+            break;
+        }
+    }
+    let wall = ms(started);
+    let total: f64 = times.iter().sum();
+    let mut sorted = times.clone();
+    sorted.sort_by(f64::total_cmp);
+    let pct = |p: f64| sorted[((sorted.len() - 1) as f64 * p).round() as usize];
+    println!(
+        "bounded purge of the backlog, max_rows {MAX_ROWS}: {} entries deleted {aliases} aliases \
+         ({rows} rows); one entry median {:.1} ms, p90 {:.1} ms, p99 {:.1} ms, max {:.1} ms; \
+         total apply {:.0} ms ({wall:.0} ms wall) against {unbounded_ms:.0} ms for the one \
+         unbounded purge (ratio {:.2})",
+        times.len(),
+        median(times.clone()),
+        pct(0.9),
+        pct(0.99),
+        pct(1.0),
+        total,
+        total / unbounded_ms,
+    );
+    let slowest = (0..times.len())
+        .max_by(|a, b| times[*a].total_cmp(&times[*b]))
+        .unwrap();
+    println!(
+        "  entries deleting aliases: {}, median {:.1} ms; the others: {}, median {:.1} ms; \
+         first entry {:.1} ms; slowest: entry {} of {}",
+        of_aliases.len(),
+        median(of_aliases.clone()),
+        of_others.len(),
+        median(of_others.clone()),
+        times[0],
+        slowest + 1,
+        times.len(),
+    );
+    drop(sm);
+
+    // Other bounds, taken in turn on one copy of the backlog, so that each
+    // sees about the same store and cache.
+    let sm = open_db(sweep_path);
+    let bounds = [250u64, 500, 1000, 2000, 4000];
+    let mut by_bound: Vec<Vec<f64>> = vec![Vec::new(); bounds.len()];
+    for _ in 0..7 {
+        for (k, &max_rows) in bounds.iter().enumerate() {
+            let cmd = Command::PurgeBounded {
+                keep_ms: KEEP,
+                max_rows,
+            };
+            let t = Instant::now();
+            let answer =
+                apply_entries(&sm.db, &[entry(index, bench_at, cmd)], PurgeBy::Index).unwrap();
+            by_bound[k].push(ms(t));
+            index += 1;
+            assert!(matches!(
+                answer.as_slice(),
+                [Response::Purged { more: true, .. }]
+            ));
+        }
+    }
+    for (max_rows, times) in bounds.iter().zip(by_bound) {
+        let m = median(times.clone());
+        println!(
+            "one bounded entry of {max_rows} rows, median of {}: {m:.1} ms ({:.1} us per row; \
+             runs {:?})",
+            times.len(),
+            m * 1000.0 / *max_rows as f64,
+            times.iter().map(|v| v.round()).collect::<Vec<_>>(),
+        );
+    }
 }
 
 /// Resets the process's peak RSS (`VmHWM`) to its current RSS (Linux;

@@ -544,3 +544,242 @@ fn a_purge_drops_index_rows_without_their_alias() {
     assert_eq!(aliases.pop(), Some((u64::MAX, "stray-later".to_string())));
     assert_eq!(stored, rebuilt);
 }
+
+fn blank(index: u64) -> Entry {
+    Entry {
+        log_id: LogId::new(CommittedLeaderId::new(1, 1), index),
+        payload: EntryPayload::Blank,
+    }
+}
+
+/// The answer of a purge: aliases, rows, more.
+fn purged(answer: &[Response]) -> (u64, u64, bool) {
+    match answer {
+        [Response::Purged { count, rows, more }] => (*count, *rows, *more),
+        other => panic!("not a purge's answer: {other:?}"),
+    }
+}
+
+fn alias_ids(db: &Database) -> Vec<String> {
+    replicated(db)[0].1.iter().map(|(k, _)| k.clone()).collect()
+}
+
+#[test]
+fn a_bounded_purge_deletes_the_first_due_in_index_order_and_says_more() {
+    let dir = tempfile::tempdir().unwrap();
+    let sm = open_at(&dir.path().join("a.redb"));
+    // Ten aliases whose expiry runs against their ids ("a09" expires
+    // first), so index order is not id order; "held" expires before all of
+    // them and holds a live reservation at the purge's time.
+    let mut entries = Vec::new();
+    for i in 0..10u64 {
+        entries.push(entry(
+            i + 1,
+            0,
+            Command::CreateAlias {
+                id: format!("a{:02}", 9 - i),
+                domain: "t.example".into(),
+                target: "me@x.example".into(),
+                token_hash: "h".into(),
+                valid_for_ms: (i + 1) * MIN,
+                max_usage: 1,
+            },
+        ));
+    }
+    entries.push(entry(
+        11,
+        0,
+        Command::CreateAlias {
+            id: "held".into(),
+            domain: "t.example".into(),
+            target: "me@x.example".into(),
+            token_hash: "h".into(),
+            valid_for_ms: MIN / 2,
+            max_usage: 1,
+        },
+    ));
+    entries.push(entry(
+        12,
+        0,
+        Command::Reserve {
+            id: "held".into(),
+            lease_ms: DAY,
+            reservation: 1,
+        },
+    ));
+    apply_entries(&sm.db, &entries, PurgeBy::Index).unwrap();
+    let now = HOUR;
+    let bounded = Command::PurgeBounded {
+        keep_ms: 0,
+        max_rows: 3,
+    };
+    let mut next = 13;
+    let mut apply = |cmd: &Command| {
+        let answer = apply_entries(&sm.db, &[entry(next, now, cmd.clone())], PurgeBy::Index);
+        next += 1;
+        purged(&answer.unwrap())
+    };
+    // The three that expired first go, whatever their ids; the held alias
+    // is read and skipped without spending the bound.
+    assert_eq!(apply(&bounded), (3, 3, true));
+    let left = alias_ids(&sm.db);
+    assert_eq!(
+        left,
+        ["a00", "a01", "a02", "a03", "a04", "a05", "a06", "held"]
+    );
+    assert_eq!(apply(&bounded), (3, 3, true));
+    assert_eq!(alias_ids(&sm.db), ["a00", "a01", "a02", "a03", "held"]);
+    // Three aliases and nothing else due: whether more is due is known
+    // only by looking on, into the per-target rows (eleven, every alias
+    // counted against its target: the held one's expired too).
+    assert_eq!(apply(&bounded), (3, 3, true));
+    assert_eq!(alias_ids(&sm.db), ["a00", "held"]);
+    // The last alias, then two per-target rows.
+    assert_eq!(apply(&bounded), (1, 3, true));
+    assert_eq!(alias_ids(&sm.db), ["held"]);
+    let per_target = |db: &Database| replicated(db)[7].1.len();
+    assert_eq!(per_target(&sm.db), 9);
+    assert_eq!(apply(&bounded), (0, 3, true));
+    assert_eq!(apply(&bounded), (0, 3, true));
+    assert_eq!(apply(&bounded), (0, 3, false));
+    assert_eq!(per_target(&sm.db), 0);
+    // Done: the held alias stays, and does not make the purge say more.
+    assert_eq!(apply(&bounded), (0, 0, false));
+    assert_eq!(alias_ids(&sm.db), ["held"]);
+    let tombstones: Vec<String> = replicated(&sm.db)[1]
+        .1
+        .iter()
+        .map(|(k, _)| k.clone())
+        .collect();
+    assert_eq!(tombstones.len(), 10);
+    let (stored, rebuilt) = indexes_and_rebuilt(&sm.db);
+    assert_eq!(stored, rebuilt);
+    // Once its lease has lapsed it goes too.
+    let late = apply_entries(
+        &sm.db,
+        &[entry(next, 2 * DAY, bounded.clone())],
+        PurgeBy::Index,
+    )
+    .unwrap();
+    assert_eq!(purged(&late), (1, 1, false));
+}
+
+/// Purges `scan` once, unbounded, at `now` (then blank entries), and
+/// `index` in bounded entries of `max_rows` at the same `now` until none
+/// says more; checks that both end alike, and that no bounded entry went
+/// over its bound. Returns the next index, and the bounded entries.
+fn purge_both_ways(
+    scan: &Database,
+    index: &Database,
+    first: u64,
+    now: u64,
+    keep_ms: u64,
+    max_rows: u64,
+) -> (u64, u64) {
+    let once = apply_entries(
+        scan,
+        &[entry(first, now, Command::Purge { keep_ms })],
+        PurgeBy::Scan,
+    )
+    .unwrap();
+    let (count, rows, more) = purged(&once);
+    assert!(!more);
+    let (mut aliases, mut deleted, mut entries) = (0, 0, 0);
+    let mut i = first;
+    loop {
+        let cmd = Command::PurgeBounded { keep_ms, max_rows };
+        let answer = apply_entries(index, &[entry(i, now, cmd)], PurgeBy::Index).unwrap();
+        let (c, r, more) = purged(&answer);
+        assert!(r <= max_rows, "{r} rows in an entry bounded to {max_rows}");
+        assert!(c <= r);
+        aliases += c;
+        deleted += r;
+        entries += 1;
+        if i > first {
+            apply_entries(scan, &[blank(i)], PurgeBy::Scan).unwrap();
+        }
+        i += 1;
+        if !more {
+            break;
+        }
+        assert!(entries <= rows + 1, "more said after every row was gone");
+    }
+    assert_eq!((aliases, deleted), (count, rows));
+    assert!(entries >= rows.div_ceil(max_rows));
+    assert_eq!(replicated(scan), replicated(index), "at {now}");
+    let (stored, rebuilt) = indexes_and_rebuilt(index);
+    assert_eq!(stored, rebuilt);
+    (i, entries)
+}
+
+#[test]
+fn bounded_purges_until_done_leave_what_one_unbounded_purge_leaves() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut several = 0;
+    for seed in 0..4u64 {
+        let scan = open_at(&dir.path().join(format!("scan{seed}.redb")));
+        let index = open_at(&dir.path().join(format!("index{seed}.redb")));
+        let (mut now, mut next) = (0, 1);
+        for round in 0..6u64 {
+            let (n, i, _) = run(seed * 100 + round, 150, &scan.db, &index.db, next, now);
+            now = n;
+            next = i;
+            // Land on a time at which some row becomes due, or after a long
+            // pause (a backlog of everything).
+            let due: Vec<u64> = boundaries(&scan.db)
+                .into_iter()
+                .filter(|t| *t > now)
+                .collect();
+            now = match (round % 3, due.is_empty()) {
+                (0, _) | (_, true) => now + 400 * DAY,
+                _ => due[(seed as usize * 7 + round as usize) % due.len()],
+            };
+            let keep = [0, MIN, DAY, 7 * DAY][(seed + round) as usize % 4];
+            let max_rows = [1, 2, 5][round as usize % 3];
+            let (i, entries) = purge_both_ways(&scan.db, &index.db, next, now, keep, max_rows);
+            next = i;
+            if entries > 2 {
+                several += 1;
+            }
+        }
+    }
+    assert!(several > 4, "few purges took several entries: {several}");
+}
+
+#[test]
+fn replicas_applying_the_same_bounded_purges_agree() {
+    let dir = tempfile::tempdir().unwrap();
+    let scan = open_at(&dir.path().join("scan.redb"));
+    let a = open_at(&dir.path().join("a.redb"));
+    let (now, next, _) = run(51, 400, &scan.db, &a.db, 1, 0);
+    // A replica that caught up by snapshot: its indexes were built from
+    // the snapshot's records, not kept entry by entry.
+    let (meta, file) = a.files.build(&a.db).unwrap();
+    let b = open_at(&dir.path().join("b.redb"));
+    b.files.install(&b.db, &meta, file).unwrap();
+    let now = now + 400 * DAY;
+    let mut i = next;
+    let mut entries = 0;
+    loop {
+        let e = [entry(
+            i,
+            now,
+            Command::PurgeBounded {
+                keep_ms: DAY,
+                max_rows: 2,
+            },
+        )];
+        let on_a = apply_entries(&a.db, &e, PurgeBy::Index).unwrap();
+        let on_b = apply_entries(&b.db, &e, PurgeBy::Index).unwrap();
+        assert_eq!(on_a, on_b, "entry {i}");
+        assert_eq!(replicated(&a.db), replicated(&b.db), "entry {i}");
+        entries += 1;
+        i += 1;
+        if !purged(&on_a).2 {
+            break;
+        }
+        assert!(entries < 10_000);
+    }
+    assert!(entries > 3, "{entries}");
+    assert_eq!(indexes_and_rebuilt(&a.db).0, indexes_and_rebuilt(&b.db).0);
+}
