@@ -372,7 +372,14 @@ async fn transact(
     message: &[u8],
     reused: bool,
 ) -> Result<(), Retry> {
-    let outcome = transaction(&mut session.conn, envelope, message, session.size.is_some()).await;
+    let outcome = transaction(
+        &mut session.conn,
+        envelope,
+        message,
+        session.size.is_some(),
+        reused.then_some(REUSED_MAIL_TIMEOUT),
+    )
+    .await;
     match outcome {
         Ok(_) => {
             // The final reply of a complete transaction: the connection is
@@ -390,11 +397,11 @@ async fn transact(
             Ok(())
         }
         Err(e) => {
-            let status = e.error.status().map(u16::from);
+            let status = e.status();
             if reused && e.stage == Stage::Mail && status.is_none_or(|c| c == 421) {
                 // Nothing of this message reached a transaction: the same
                 // message on a new connection cannot be a duplicate.
-                return Err(Retry::Stale(classify(target.name, "MAIL", &e.error)));
+                return Err(Retry::Stale(e.classify(target.name, "MAIL")));
             }
             match (status, target.pool) {
                 // Refused before the data: the transaction is cleared with
@@ -420,7 +427,7 @@ async fn transact(
                 // land in the middle of the data.
                 (None, _) => drop(session),
             }
-            let error = classify(target.name, "transaction", &e.error);
+            let error = e.classify(target.name, "transaction");
             Err(Retry::No(if e.stage == Stage::Rcpt {
                 rcpt_552_is_temporary(error)
             } else {
@@ -541,9 +548,32 @@ enum Stage {
 
 /// A failed transaction: lettre's error, and the command it answered.
 struct TransactionError {
-    error: lettre::transport::smtp::Error,
+    /// `None`: no reply to `MAIL` within the bound for reused connections.
+    error: Option<lettre::transport::smtp::Error>,
     stage: Stage,
 }
+
+impl TransactionError {
+    fn status(&self) -> Option<u16> {
+        self.error.as_ref()?.status().map(u16::from)
+    }
+
+    fn classify(&self, name: &str, stage: &str) -> AttemptError {
+        match &self.error {
+            Some(e) => classify(name, stage, e),
+            None => AttemptError::Failed(format!(
+                "{name}: no reply to MAIL within {REUSED_MAIL_TIMEOUT:?} on a reused connection"
+            )),
+        }
+    }
+}
+
+/// How long `MAIL` on a reused connection waits for its reply. A smarthost
+/// that went away without closing the connection (a crash, a dropped
+/// route) would otherwise hold the message for the whole attempt; after
+/// this, the message goes over a new connection, where `MAIL` has the rest
+/// of the attempt. Answering `MAIL` takes a working server milliseconds.
+const REUSED_MAIL_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// `552` to `RCPT` as `452` (RFC 5321 4.5.3.1.10): it long meant "too many
 /// recipients", and a client SHOULD take it as temporary. Nothing was sent
@@ -577,8 +607,14 @@ async fn transaction(
     envelope: &LettreEnvelope,
     message: &[u8],
     size_offered: bool,
+    mail_limit: Option<Duration>,
 ) -> Result<lettre::transport::smtp::response::Response, TransactionError> {
-    let at = |stage| move |error| TransactionError { error, stage };
+    let at = |stage| {
+        move |error| TransactionError {
+            error: Some(error),
+            stage,
+        }
+    };
     let mut parameters = Vec::new();
     if size_offered {
         parameters.push(MailParameter::Size(message.len()));
@@ -589,9 +625,17 @@ async fn transaction(
     if !message.is_ascii() {
         parameters.push(MailParameter::Body(MailBodyParameter::EightBitMime));
     }
-    conn.command(Mail::new(envelope.from().cloned(), parameters))
-        .await
-        .map_err(at(Stage::Mail))?;
+    let mail = conn.command(Mail::new(envelope.from().cloned(), parameters));
+    match mail_limit {
+        Some(limit) => tokio::time::timeout(limit, mail)
+            .await
+            .map_err(|_| TransactionError {
+                error: None,
+                stage: Stage::Mail,
+            })?,
+        None => mail.await,
+    }
+    .map_err(at(Stage::Mail))?;
     for to in envelope.to() {
         conn.command(Rcpt::new(to.clone(), Vec::new()))
             .await

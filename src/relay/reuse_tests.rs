@@ -25,6 +25,9 @@ enum Act {
     CloseAtMail,
     /// Answers `MAIL` with `421` and closes.
     Busy421AtMail,
+    /// Never answers `MAIL`, and keeps the connection open (a host gone
+    /// without closing it).
+    SilentAtMail,
     /// Accepts it, then closes the connection (an idle timeout of its own).
     AcceptAndClose,
 }
@@ -80,6 +83,13 @@ impl Server {
                                     Act::CloseAtMail => return,
                                     Act::Busy421AtMail => {
                                         let _ = w.write_all(b"421 4.4.2 idle too long\r\n").await;
+                                        return;
+                                    }
+                                    Act::SilentAtMail => {
+                                        while let Ok(Some(l)) = lines.next_line().await {
+                                            say(&l);
+                                        }
+                                        say("EOF");
                                         return;
                                     }
                                     _ => "250 2.1.0 ok\r\n",
@@ -208,7 +218,7 @@ fn relay(server: &Server, tune: impl FnOnce(&mut RelayConfig)) -> (SmarthostRela
     let mut config = RelayConfig {
         mode: RelayMode::Smarthost,
         smarthosts: vec![Smarthost::new(SmarthostUrl::parse(&server.url()).unwrap())],
-        timeout_secs: 5,
+        timeout_secs: 60,
         // One failure would open the breaker: a stale connection counted
         // as one would show.
         breaker_failures: 1,
@@ -353,6 +363,7 @@ async fn a_send_cancelled_while_waiting_for_its_data_reply_never_lends_its_conne
     // Message 1 goes over it, and the caller gives up while the upstream
     // has the data and has not answered yet.
     let cancelled = tokio::time::timeout(Duration::from_millis(300), send(&relay, 1)).await;
+    // (The attempt's own timeout, a minute, is far from over.)
     assert!(cancelled.is_err(), "the reply was held: {cancelled:?}");
     // The connection went with the cancelled send: the upstream sees it
     // close, with nothing after message 1's data.
@@ -459,6 +470,15 @@ async fn a_stale_connection_closed_at_mail_costs_nothing() {
 #[tokio::test]
 async fn a_stale_connection_answering_421_at_mail_costs_nothing() {
     stale(Act::Busy421AtMail).await;
+}
+
+#[tokio::test]
+async fn a_stale_connection_that_never_answers_mail_costs_a_few_seconds_only() {
+    // The attempt timeout (60 s) is far away: the bound on MAIL's reply
+    // on a reused connection, not the attempt's, sends the message on.
+    let started = Instant::now();
+    stale(Act::SilentAtMail).await;
+    assert!(started.elapsed() < Duration::from_secs(20));
 }
 
 #[tokio::test]
