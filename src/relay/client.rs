@@ -275,6 +275,7 @@ impl ConnKey {
 struct Probe(Option<std::net::TcpStream>);
 
 impl Probe {
+    #[cfg(unix)]
     fn of(tcp: &TcpStream) -> Self {
         use std::os::fd::AsFd;
         Self(
@@ -283,6 +284,12 @@ impl Probe {
                 .ok()
                 .map(std::net::TcpStream::from),
         )
+    }
+
+    /// Elsewhere nothing is looked at: a dead connection fails at `MAIL`.
+    #[cfg(not(unix))]
+    fn of(_: &TcpStream) -> Self {
+        Self(None)
     }
 
     /// True when the socket has nothing to read and is not closed. The
@@ -312,8 +319,9 @@ impl Probe {
 /// and got `250` to its `RSET`; any other outcome closes it.
 ///
 /// An idle connection that turns out dead before `MAIL` was answered (the
-/// upstream closed it, or answered `421`) costs nothing: the message goes
-/// over a new connection within the same attempt, and nothing is reported.
+/// upstream closed it, answered `421`, or did not answer within
+/// [`REUSED_MAIL_TIMEOUT`]) costs nothing: the message goes over a new
+/// connection within the same attempt, and the breaker is not told.
 ///
 /// # Errors
 /// [`AttemptError`] saying whether the upstream answered.
