@@ -19,7 +19,8 @@ use crate::metrics::Metrics;
 enum Act {
     /// Accepts it.
     Accept,
-    /// Holds the reply to the end of data until notified, then says `250`.
+    /// Holds the reply to the end of data until notified, then says `554`:
+    /// a later message that read it as its own would be refused.
     HoldDataReply(Arc<Notify>),
     /// Closes the connection on reading `MAIL`, without a word.
     CloseAtMail,
@@ -121,7 +122,7 @@ impl Server {
                                     loop {
                                         tokio::select! {
                                             _ = go.notified() => {
-                                                let _ = w.write_all(b"250 2.0.0 late reply\r\n").await;
+                                                let _ = w.write_all(b"554 5.0.0 late reply to an earlier message\r\n").await;
                                                 break;
                                             }
                                             l = lines.next_line() => match l {
