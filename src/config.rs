@@ -379,6 +379,22 @@ pub struct RelayConfig {
     /// How long an open breaker stays open before one probe message may try
     /// the smarthost again.
     pub breaker_cooldown_secs: u64,
+    /// Keep connections to smarthosts open between messages (Postfix's
+    /// connection cache): a later message skips connect, TLS, EHLO and
+    /// AUTH. Only smarthost mode; MX delivery always connects afresh.
+    pub reuse_connections: bool,
+    /// Most idle connections kept per smarthost; beyond it the oldest idle
+    /// one is closed.
+    pub reuse_max_idle: u32,
+    /// How long a connection may sit idle before it is closed: short, so
+    /// that the smarthost is not left holding connections nobody uses and
+    /// rarely closes one first.
+    pub reuse_idle_secs: u64,
+    /// Messages one connection carries before it is closed.
+    pub reuse_max_messages: u32,
+    /// Age after which a connection is no longer reused (a changed DNS
+    /// record or certificate is picked up within this time).
+    pub reuse_max_age_secs: u64,
     /// PEM file of extra CA certificates trusted for smarthost certificates
     /// (a private CA); the public web roots stay trusted too.
     pub ca_file: Option<PathBuf>,
@@ -419,6 +435,11 @@ impl Default for RelayConfig {
             backoff_max_ms: 5000,
             breaker_failures: 5,
             breaker_cooldown_secs: 30,
+            reuse_connections: true,
+            reuse_max_idle: 16,
+            reuse_idle_secs: 2,
+            reuse_max_messages: 100,
+            reuse_max_age_secs: 300,
             ca_file: None,
             password: None,
             password_file: None,
@@ -520,6 +541,18 @@ impl RelayConfig {
         out.positive("relay.breaker_failures", self.breaker_failures as u64);
         out.positive("relay.breaker_cooldown_secs", self.breaker_cooldown_secs);
         out.positive("relay.mx_port", self.mx_port as u64);
+        if self.reuse_connections {
+            out.positive("relay.reuse_max_idle", self.reuse_max_idle as u64);
+            out.positive("relay.reuse_idle_secs", self.reuse_idle_secs);
+            out.positive("relay.reuse_max_messages", self.reuse_max_messages as u64);
+            out.positive("relay.reuse_max_age_secs", self.reuse_max_age_secs);
+            if self.reuse_idle_secs > self.reuse_max_age_secs {
+                out.push(
+                    "relay.reuse_idle_secs",
+                    "must not exceed relay.reuse_max_age_secs",
+                );
+            }
+        }
         if let Err(ConfigError::Invalid { key, message }) = self.dns_server_addrs() {
             out.push(&key, message);
         }
@@ -1865,6 +1898,13 @@ mod tests {
             ("[relay]\ndns_servers = [\"dns.example\"]\n", "relay.dns_servers"),
             ("[relay]\nca_file = \"/nonexistent/ca.pem\"\n", "relay.ca_file"),
             ("[relay]\nbreaker_failures = 0\n", "relay.breaker_failures"),
+            ("[relay]\nreuse_max_idle = 0\n", "relay.reuse_max_idle"),
+            ("[relay]\nreuse_idle_secs = 0\n", "relay.reuse_idle_secs"),
+            ("[relay]\nreuse_max_messages = 0\n", "relay.reuse_max_messages"),
+            (
+                "[relay]\nreuse_idle_secs = 10\nreuse_max_age_secs = 5\n",
+                "relay.reuse_idle_secs",
+            ),
         ];
         for (text, key) in cases {
             let found = problems(text, &[]);

@@ -195,6 +195,19 @@ pub struct Metrics {
     pub relay_breaker_state: Family<UpstreamLabels, Gauge>,
     /// Times a smarthost's breaker opened.
     pub relay_breaker_opened: Family<UpstreamLabels, Counter>,
+    /// Connections opened to a smarthost (TCP connected; each then says
+    /// EHLO, TLS and AUTH as configured).
+    pub relay_connections: Family<UpstreamLabels, Counter>,
+    /// Messages a smarthost accepted on a connection an earlier message had
+    /// used: with `relay_connections`, the share of messages spared a
+    /// connection set-up.
+    pub relay_reused: Family<UpstreamLabels, Counter>,
+    /// Idle connections found closed (or saying something unasked) by the
+    /// smarthost when a message wanted them; the message went over a fresh
+    /// one, and nothing counted against the smarthost.
+    pub relay_stale: Family<UpstreamLabels, Counter>,
+    /// Idle connections kept open per smarthost now.
+    pub relay_idle: Family<UpstreamLabels, Gauge>,
     /// TLS handshakes on the SMTP listeners, by version or failure.
     pub smtp_tls_handshakes: Family<TlsLabels, Counter>,
     /// Of the successful ones, those that resumed an earlier session (a
@@ -307,6 +320,10 @@ impl Metrics {
             relay_skipped: Family::default(),
             relay_breaker_state: Family::default(),
             relay_breaker_opened: Family::default(),
+            relay_connections: Family::default(),
+            relay_reused: Family::default(),
+            relay_stale: Family::default(),
+            relay_idle: Family::default(),
             smtp_tls_handshakes: Family::default(),
             smtp_tls_resumed: Counter::default(),
             confirmations: Family::default(),
@@ -515,6 +532,26 @@ impl Metrics {
             "relay_breaker_opened",
             "Times a smarthost's circuit breaker opened",
             m.relay_breaker_opened.clone(),
+        );
+        registry.register(
+            "relay_connections",
+            "Connections opened to a smarthost",
+            m.relay_connections.clone(),
+        );
+        registry.register(
+            "relay_reused",
+            "Messages a smarthost accepted on a connection kept open from an earlier message",
+            m.relay_reused.clone(),
+        );
+        registry.register(
+            "relay_stale",
+            "Idle smarthost connections found closed by the smarthost when taken; the message went over a fresh connection",
+            m.relay_stale.clone(),
+        );
+        registry.register(
+            "relay_idle",
+            "Idle connections kept open per smarthost",
+            m.relay_idle.clone(),
         );
         registry.register(
             "raft_read_quorum_rounds",

@@ -320,6 +320,9 @@ pub async fn run(
         let attempt = config.relay.timeout_secs * config.relay.smarthosts.len().max(1) as u64;
         c.drain(Duration::from_secs(attempt + 5)).await;
     }
+    // No message is being sent any more: the connections kept open for the
+    // next one are closed politely.
+    relay.close_idle(Duration::from_secs(5)).await;
     // Uses held by sessions that did not finish go back now, while Raft runs,
     // rather than when their leases lapse.
     smtp_ctx.drain_settlements(Duration::from_secs(10)).await;

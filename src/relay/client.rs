@@ -7,8 +7,10 @@
 //! about 40 ms per message. lettre's `connect_with_transport` takes our
 //! connected stream; for implicit TLS the handshake runs on it first.
 //!
-//! Every connection serves exactly one message and is dropped afterwards
-//! (see docs/architecture.md on why there is no pool).
+//! A connection to a smarthost may carry several messages, one after the
+//! other ([`Session`], kept between messages by a [`Pool`]); MX delivery
+//! uses each connection for one message. docs/architecture.md explains why
+//! this reuse is cancel-safe.
 //!
 //! lettre keeps only the EHLO keywords it knows, and `SIZE` (RFC 1870) is
 //! not one of them; nor does its `send` put `SIZE=` on `MAIL`. So the
@@ -27,13 +29,16 @@ use lettre::transport::smtp::authentication::{Credentials, Mechanism};
 #[allow(deprecated)]
 use lettre::transport::smtp::client::AsyncNetworkStream;
 use lettre::transport::smtp::client::{AsyncSmtpConnection, AsyncTokioStream, TlsParameters};
-use lettre::transport::smtp::commands::{Data, Ehlo, Mail, Rcpt};
+use lettre::transport::smtp::commands::{Data, Ehlo, Mail, Rcpt, Rset};
 use lettre::transport::smtp::extension::{
     ClientId, Extension, MailBodyParameter, MailParameter, ServerInfo,
 };
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
+use tokio::time::Instant;
 use tokio_util::compat::{Compat, FuturesAsyncReadCompatExt};
+
+pub use super::pool::Pool;
 
 /// How the connection is to be protected.
 #[derive(Clone)]
@@ -126,6 +131,16 @@ pub struct Target<'a> {
     /// Bound on each TCP connect, so one black-holed address leaves time
     /// for the next.
     pub connect_timeout: Duration,
+    /// Where idle connections to this target wait for the next message;
+    /// `None`: one connection per message (MX delivery).
+    pub pool: Option<&'a Arc<Pool>>,
+}
+
+impl Target<'_> {
+    /// What the connections made for this target are made under.
+    pub fn key(&self) -> ConnKey {
+        ConnKey::new(self.name, self.tls, self.credentials, self.helo)
+    }
 }
 
 /// TLS parameters that verify the peer against the public roots plus `extra_ca`.
@@ -173,8 +188,140 @@ fn split_pem(bundle: &[u8]) -> Vec<String> {
     out
 }
 
-/// Sends one message. Cancel-safe in the plain sense: dropping the future
-/// drops the connection, and nothing outlives it.
+/// One connection to an upstream, greeted (EHLO, TLS and AUTH as its
+/// target says) and between transactions: ready for `MAIL`. Owned by
+/// whoever holds it, never shared: the send future that uses it, or the
+/// idle set of a [`Pool`] between messages. Dropping it closes it.
+pub struct Session {
+    conn: AsyncSmtpConnection,
+    /// The `SIZE` its EHLO announced (see [`advertised_size`]); with the
+    /// EHLO keywords lettre keeps, what [`unfit`] judges a message by.
+    size: Option<u64>,
+    /// What it was made under; a pool takes back only its own.
+    key: ConnKey,
+    /// When the TCP connection was made (for `relay.reuse_max_age_secs`).
+    opened: Instant,
+    /// Transactions completed on it (for `relay.reuse_max_messages`).
+    messages: u32,
+    probe: Probe,
+}
+
+impl Session {
+    pub(super) fn key(&self) -> ConnKey {
+        self.key
+    }
+
+    pub(super) fn opened(&self) -> Instant {
+        self.opened
+    }
+
+    pub(super) fn messages(&self) -> u32 {
+        self.messages
+    }
+
+    /// False when the upstream has closed the connection, or said something
+    /// nobody asked for (a `421` before closing, a TLS alert), while it
+    /// sat idle: a connection between transactions has nothing to read.
+    pub(super) fn quiet(&self) -> bool {
+        !self.conn.has_broken() && self.probe.quiet()
+    }
+
+    /// Ends the connection politely without waiting for it: `QUIT` in a
+    /// task of its own, bounded, because its answer changes nothing. Only
+    /// for a connection whose last transaction ended with a reply (else a
+    /// `QUIT` could land in the middle of the data).
+    pub(super) fn quit_in_background(mut self) {
+        tokio::spawn(async move {
+            let _ = tokio::time::timeout(QUIT_TIMEOUT, self.conn.quit()).await;
+        });
+    }
+
+    /// `QUIT`, waited for up to `limit` (graceful shutdown).
+    pub(super) async fn quit(mut self, limit: Duration) {
+        let _ = tokio::time::timeout(limit, self.conn.quit()).await;
+    }
+}
+
+/// Bound on a `QUIT` (or `RSET`) sent after the reply that matters.
+const QUIT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// What decides a connection's properties: the upstream (its label names
+/// the scheme, so the TLS mode, the host and the port), its TLS policy,
+/// the AUTH credentials and our EHLO name. A hash, so that it can be kept
+/// with each connection without keeping the password twice.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConnKey(u64);
+
+impl ConnKey {
+    pub fn new(
+        name: &str,
+        tls: &TlsPolicy,
+        credentials: Option<&Credentials>,
+        helo: &ClientId,
+    ) -> Self {
+        use std::hash::{Hash, Hasher};
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        name.hash(&mut h);
+        std::mem::discriminant(tls).hash(&mut h);
+        credentials.hash(&mut h);
+        helo.to_string().hash(&mut h);
+        Self(h.finish())
+    }
+}
+
+/// A second handle on the connection's socket, only to look, without
+/// reading, whether anything arrived while the connection was idle.
+/// (lettre owns the stream itself.)
+struct Probe(Option<std::net::TcpStream>);
+
+impl Probe {
+    #[cfg(unix)]
+    fn of(tcp: &TcpStream) -> Self {
+        use std::os::fd::AsFd;
+        Self(
+            tcp.as_fd()
+                .try_clone_to_owned()
+                .ok()
+                .map(std::net::TcpStream::from),
+        )
+    }
+
+    /// Elsewhere nothing is looked at: a dead connection fails at `MAIL`.
+    #[cfg(not(unix))]
+    fn of(_: &TcpStream) -> Self {
+        Self(None)
+    }
+
+    /// True when the socket has nothing to read and is not closed. The
+    /// socket is non-blocking (tokio made it so, and the flag is shared by
+    /// both handles), so `peek` answers at once. Without a second handle
+    /// nothing can be told, and the connection counts as quiet: a dead
+    /// one then fails at `MAIL`, which is retried as well.
+    fn quiet(&self) -> bool {
+        match &self.0 {
+            None => true,
+            Some(s) => matches!(
+                s.peek(&mut [0u8; 1]),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock
+            ),
+        }
+    }
+}
+
+/// Sends one message: over an idle connection of the target's pool when
+/// there is one, else over a new one.
+///
+/// Cancel-safe: the connection belongs to this future while it is used,
+/// so dropping the future (our timeout, the caller giving up) drops and
+/// closes it. A connection goes back to the pool only from the line that
+/// read the final reply of a complete transaction (the `250` after the
+/// data), or from a task that owns it after a refusal at `MAIL` or `RCPT`
+/// and got `250` to its `RSET`; any other outcome closes it.
+///
+/// An idle connection that turns out dead before `MAIL` was answered (the
+/// upstream closed it, answered `421`, or did not answer within
+/// [`REUSED_MAIL_TIMEOUT`]) costs nothing: the message goes over a new
+/// connection within the same attempt, and the breaker is not told.
 ///
 /// # Errors
 /// [`AttemptError`] saying whether the upstream answered.
@@ -183,7 +330,138 @@ pub async fn send(
     envelope: &LettreEnvelope,
     message: &[u8],
 ) -> Result<(), AttemptError> {
+    let key = target.key();
+    if let Some(pool) = target.pool {
+        // One idle connection at most: if it was dead, the others (as old
+        // or older) may be too, and a new one is certain.
+        if let Some(session) = pool.take().filter(|s| s.key == key) {
+            if let Err(reason) = unfit(
+                target.name,
+                session.conn.server_info(),
+                session.size,
+                envelope,
+                message,
+            ) {
+                // Untouched, between transactions: still good.
+                pool.put(session);
+                return Err(reason);
+            }
+            match transact(target, session, envelope, message, true).await {
+                Err(Retry::Stale(why)) => {
+                    tracing::debug!(upstream = target.name, %why, "idle connection was closed by the upstream; using a new one");
+                    pool.count_stale();
+                }
+                Err(Retry::No(error)) => return Err(error),
+                Ok(()) => return Ok(()),
+            }
+        }
+    }
+    let session = open(target, envelope, message).await?;
+    transact(target, session, envelope, message, false)
+        .await
+        .map_err(|e| match e {
+            Retry::Stale(error) | Retry::No(error) => error,
+        })
+}
+
+/// Why [`transact`] failed: on an idle connection before `MAIL` was
+/// answered, the connection was found dead (retry on a new one), or any
+/// other outcome.
+enum Retry {
+    Stale(AttemptError),
+    No(AttemptError),
+}
+
+/// One transaction on `session`, and what becomes of the connection.
+async fn transact(
+    target: &Target<'_>,
+    mut session: Session,
+    envelope: &LettreEnvelope,
+    message: &[u8],
+    reused: bool,
+) -> Result<(), Retry> {
+    let outcome = transaction(
+        &mut session.conn,
+        envelope,
+        message,
+        session.size.is_some(),
+        reused.then_some(REUSED_MAIL_TIMEOUT),
+    )
+    .await;
+    match outcome {
+        Ok(_) => {
+            // The final reply of a complete transaction: the connection is
+            // between transactions again, and only here may it go back.
+            session.messages += 1;
+            match target.pool {
+                Some(pool) => {
+                    if reused {
+                        pool.count_reused();
+                    }
+                    pool.put(session);
+                }
+                None => session.quit_in_background(),
+            }
+            Ok(())
+        }
+        Err(e) => {
+            let status = e.status();
+            if reused && e.stage == Stage::Mail && status.is_none_or(|c| c == 421) {
+                // Nothing of this message reached a transaction: the same
+                // message on a new connection cannot be a duplicate.
+                return Err(Retry::Stale(e.classify(target.name, "MAIL")));
+            }
+            match (status, target.pool) {
+                // Refused before the data: the transaction is cleared with
+                // RSET by a task of its own (the refusal is not delayed),
+                // and only its `250` lets the connection go back.
+                (Some(code), Some(pool))
+                    if code != 421 && matches!(e.stage, Stage::Mail | Stage::Rcpt) =>
+                {
+                    let pool = pool.clone();
+                    tokio::spawn(async move {
+                        let rset =
+                            tokio::time::timeout(QUIT_TIMEOUT, session.conn.command(Rset)).await;
+                        if let Ok(Ok(_)) = rset {
+                            pool.put(session);
+                        }
+                    });
+                }
+                // The upstream answered (the message is safe there, or
+                // refused): QUIT must not delay our reply, nor can its
+                // failure change anything, so it runs on its own, bounded.
+                (Some(_), _) => session.quit_in_background(),
+                // A connection that broke is just dropped: a QUIT could
+                // land in the middle of the data.
+                (None, _) => drop(session),
+            }
+            let error = e.classify(target.name, "transaction");
+            Err(Retry::No(if e.stage == Stage::Rcpt {
+                rcpt_552_is_temporary(error)
+            } else {
+                error
+            }))
+        }
+    }
+}
+
+/// A new connection to `target`, greeted, secured and authenticated, after
+/// checking that the upstream can take `message` at all.
+///
+/// # Errors
+/// [`AttemptError::Failed`] for anything that went wrong before `MAIL`,
+/// [`AttemptError::Unsupported`] when the upstream cannot take the message.
+async fn open(
+    target: &Target<'_>,
+    envelope: &LettreEnvelope,
+    message: &[u8],
+) -> Result<Session, AttemptError> {
     let tcp = connect(target.addrs, target.connect_timeout).await?;
+    let opened = Instant::now();
+    if let Some(pool) = target.pool {
+        pool.count_opened();
+    }
+    let probe = Probe::of(&tcp);
     let failed = |what: &str, e: &dyn std::fmt::Display| {
         AttemptError::Failed(format!("{}: {what}: {e}", target.name))
     };
@@ -256,35 +534,54 @@ pub async fn send(
                 }
             })?;
     }
-    let outcome = transaction(&mut conn, envelope, message, size.is_some()).await;
-    if outcome
-        .as_ref()
-        .err()
-        .is_none_or(|e| e.error.status().is_some())
-    {
-        // The upstream answered (the message is safe there, or refused):
-        // QUIT must not delay our reply, nor can its failure change
-        // anything, so it runs on its own, bounded. A connection that broke
-        // is just dropped: a QUIT could land in the middle of the data.
-        tokio::spawn(async move {
-            let _ = tokio::time::timeout(Duration::from_secs(5), conn.quit()).await;
-        });
-    }
-    outcome.map(drop).map_err(|e| {
-        let error = classify(target.name, "transaction", &e.error);
-        if e.at_rcpt {
-            rcpt_552_is_temporary(error)
-        } else {
-            error
-        }
+    Ok(Session {
+        conn,
+        size,
+        key: target.key(),
+        opened,
+        messages: 0,
+        probe,
     })
 }
 
-/// A failed transaction: lettre's error, and whether it answered an `RCPT`.
-struct TransactionError {
-    error: lettre::transport::smtp::Error,
-    at_rcpt: bool,
+/// How far a transaction got: the command whose reply was missing or
+/// refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stage {
+    Mail,
+    Rcpt,
+    /// `DATA`, or the message and its final reply.
+    Data,
 }
+
+/// A failed transaction: lettre's error, and the command it answered.
+struct TransactionError {
+    /// `None`: no reply to `MAIL` within the bound for reused connections.
+    error: Option<lettre::transport::smtp::Error>,
+    stage: Stage,
+}
+
+impl TransactionError {
+    fn status(&self) -> Option<u16> {
+        self.error.as_ref()?.status().map(u16::from)
+    }
+
+    fn classify(&self, name: &str, stage: &str) -> AttemptError {
+        match &self.error {
+            Some(e) => classify(name, stage, e),
+            None => AttemptError::Failed(format!(
+                "{name}: no reply to MAIL within {REUSED_MAIL_TIMEOUT:?} on a reused connection"
+            )),
+        }
+    }
+}
+
+/// How long `MAIL` on a reused connection waits for its reply. A smarthost
+/// that went away without closing the connection (a crash, a dropped
+/// route) would otherwise hold the message for the whole attempt; after
+/// this, the message goes over a new connection, where `MAIL` has the rest
+/// of the attempt. Answering `MAIL` takes a working server milliseconds.
+const REUSED_MAIL_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// `552` to `RCPT` as `452` (RFC 5321 4.5.3.1.10): it long meant "too many
 /// recipients", and a client SHOULD take it as temporary. Nothing was sent
@@ -318,10 +615,13 @@ async fn transaction(
     envelope: &LettreEnvelope,
     message: &[u8],
     size_offered: bool,
+    mail_limit: Option<Duration>,
 ) -> Result<lettre::transport::smtp::response::Response, TransactionError> {
-    let other = |error| TransactionError {
-        error,
-        at_rcpt: false,
+    let at = |stage| {
+        move |error| TransactionError {
+            error: Some(error),
+            stage,
+        }
     };
     let mut parameters = Vec::new();
     if size_offered {
@@ -333,24 +633,29 @@ async fn transaction(
     if !message.is_ascii() {
         parameters.push(MailParameter::Body(MailBodyParameter::EightBitMime));
     }
-    conn.command(Mail::new(envelope.from().cloned(), parameters))
-        .await
-        .map_err(other)?;
+    let mail = conn.command(Mail::new(envelope.from().cloned(), parameters));
+    match mail_limit {
+        Some(limit) => tokio::time::timeout(limit, mail)
+            .await
+            .map_err(|_| TransactionError {
+                error: None,
+                stage: Stage::Mail,
+            })?,
+        None => mail.await,
+    }
+    .map_err(at(Stage::Mail))?;
     for to in envelope.to() {
         conn.command(Rcpt::new(to.clone(), Vec::new()))
             .await
-            .map_err(|error| TransactionError {
-                error,
-                at_rcpt: true,
-            })?;
+            .map_err(at(Stage::Rcpt))?;
     }
-    conn.command(Data).await.map_err(other)?;
+    conn.command(Data).await.map_err(at(Stage::Data))?;
     // lettre ends the data with CRLF `.` CRLF whatever it ends with; the
     // message's own final CRLF is that first CRLF, else the upstream gets
     // an empty line more than we have (and 2 bytes more than `SIZE=` said).
     conn.message(message.strip_suffix(b"\r\n").unwrap_or(message))
         .await
-        .map_err(other)
+        .map_err(at(Stage::Data))
 }
 
 /// What the EHLO reply said about SIZE (RFC 1870 4): `None` when it is not
@@ -719,6 +1024,7 @@ mod tests {
             credentials: None,
             helo: &helo,
             connect_timeout: Duration::from_secs(5),
+            pool: None,
         };
         let envelope = LettreEnvelope::new(
             Some("a@b.example".parse().unwrap()),

@@ -11,6 +11,9 @@ mod breaker;
 mod capture;
 mod client;
 mod mx;
+mod pool;
+#[cfg(test)]
+mod reuse_tests;
 mod smarthost;
 
 pub use capture::CaptureRelay;
@@ -117,6 +120,15 @@ impl Relay {
             Relay::Capture(c) => c.deliver(envelope, message).await,
             Relay::Smarthost(s) => s.deliver(envelope, &message, deadline).await,
             Relay::Mx(m) => m.deliver(envelope, &message, deadline).await,
+        }
+    }
+
+    /// Closes the idle connections kept for later messages (smarthost
+    /// mode), with `QUIT`, waiting at most `limit`; none are kept after it.
+    /// For a graceful shutdown, once no message is being sent any more.
+    pub async fn close_idle(&self, limit: std::time::Duration) {
+        if let Relay::Smarthost(s) = self {
+            s.close_idle(limit).await;
         }
     }
 

@@ -192,6 +192,9 @@ impl MxRelay {
                     credentials: None,
                     helo: &self.helo,
                     connect_timeout: limit,
+                    // A connection per message: MX hosts are many and
+                    // each gets few messages from one node.
+                    pool: None,
                 };
                 client::send(&target, &lettre_envelope, message).await
             };

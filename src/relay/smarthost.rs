@@ -29,7 +29,8 @@ use lettre::transport::smtp::extension::ClientId;
 use tokio::time::Instant;
 
 use super::breaker::{full_jitter, Breaker};
-use super::client::{self, AttemptError, Target, TlsPolicy};
+use super::client::{self, AttemptError, ConnKey, Target, TlsPolicy};
+use super::pool::{Pool, PoolSettings};
 use super::{counted_attempt, to_lettre, Delivery, Envelope, PassedOver, RelayError};
 use crate::config::{RelayConfig, SmarthostUrl, TlsMode};
 use crate::metrics::{Metrics, UpstreamLabels};
@@ -45,12 +46,15 @@ struct Upstream {
     tls: TlsPolicy,
     credentials: Option<Credentials>,
     breaker: Breaker,
+    /// Its idle connections: one pool per entry, so that two entries for
+    /// the same host with other accounts never share a connection.
+    pool: Arc<Pool>,
 }
 
 /// Sends through the configured smarthosts.
 ///
-/// Each message uses a fresh connection (docs/architecture.md explains why
-/// there is no pool).
+/// Connections are kept open between messages when `relay.reuse_connections`
+/// is on (docs/architecture.md explains why that is cancel-safe).
 pub struct SmarthostRelay {
     upstreams: Vec<Upstream>,
     helo: ClientId,
@@ -78,6 +82,14 @@ impl SmarthostRelay {
                 RelayError::Smarthost(format!("relay.ca_file {}: {e}", path.display()))
             })?,
             None => Vec::new(),
+        };
+        let helo = ClientId::Domain(helo_name.to_string());
+        let settings = PoolSettings {
+            enabled: config.reuse_connections,
+            max_idle: config.reuse_max_idle as usize,
+            idle: Duration::from_secs(config.reuse_idle_secs),
+            max_messages: config.reuse_max_messages,
+            max_age: Duration::from_secs(config.reuse_max_age_secs),
         };
         let mut upstreams = Vec::new();
         for host in &config.smarthosts {
@@ -111,11 +123,14 @@ impl SmarthostRelay {
                     upstream: label.clone(),
                 })
                 .set(0);
+            let key = ConnKey::new(&label, &tls, credentials.as_ref(), &helo);
+            let pool = Pool::new(key, settings, &label, metrics.clone());
             upstreams.push(Upstream {
                 url: url.clone(),
                 label,
                 tls,
                 credentials,
+                pool,
                 breaker: Breaker::new(
                     config.breaker_failures,
                     Duration::from_secs(config.breaker_cooldown_secs),
@@ -124,7 +139,7 @@ impl SmarthostRelay {
         }
         Ok(Self {
             upstreams,
-            helo: ClientId::Domain(helo_name.to_string()),
+            helo,
             attempt_timeout: Duration::from_secs(config.timeout_secs),
             budget: Duration::from_secs(config.delivery_timeout_secs),
             max_attempts: config.max_attempts.max(1),
@@ -132,6 +147,16 @@ impl SmarthostRelay {
             backoff_max: Duration::from_millis(config.backoff_max_ms),
             metrics,
         })
+    }
+
+    /// See [`super::Relay::close_idle`].
+    pub async fn close_idle(&self, limit: Duration) {
+        let mut closing = tokio::task::JoinSet::new();
+        for upstream in &self.upstreams {
+            let pool = upstream.pool.clone();
+            closing.spawn(async move { pool.close(limit).await });
+        }
+        while closing.join_next().await.is_some() {}
     }
 
     pub fn describe(&self) -> String {
@@ -291,6 +316,7 @@ impl SmarthostRelay {
             credentials: upstream.credentials.as_ref(),
             helo: &self.helo,
             connect_timeout: self.attempt_timeout,
+            pool: Some(&upstream.pool),
         };
         client::send(&target, envelope, message).await
     }

@@ -53,7 +53,11 @@ Measured per run:
     one upstream delivery (`tempalias_forward_duration_seconds`): where a
     message's time goes; and how many forwarded writes one forward call to
     the leader carried (`tempalias_raft_forwarded_writes_total` over
-    `tempalias_raft_forward_calls_total`, summed over the nodes);
+    `tempalias_raft_forward_calls_total`, summed over the nodes), and how many
+    messages one connection to the smarthost carried (upstream deliveries
+    over `tempalias_relay_connections_total`; 1 with
+    `--set relay.reuse_connections=false`, more with reuse, the default:
+    smtp-sink takes any number of transactions per connection);
   * errors: smtp-source error lines and probe failures.
 
 Prints the figures and the ratios to Postfix and to the bare hop of the same
@@ -212,15 +216,21 @@ HISTOGRAMS = ("tempalias_raft_write_duration_seconds", "tempalias_forward_durati
 # Writes forwarded by followers, and the calls that carried them (one call
 # carries every write forwarded meanwhile).
 COUNTERS = ("tempalias_raft_forwarded_writes_total", "tempalias_raft_forward_calls_total")
+# Connections the nodes opened to the smarthost (labelled by upstream; summed):
+# with the upstream deliveries, how many messages one connection carried.
+LABELLED = ("tempalias_relay_connections_total",)
 
 
 def histogram_sums(cluster: LocalCluster) -> dict:
     """Sum and count of the write and upstream histograms over every node."""
-    out = {h: [0.0, 0.0] for h in HISTOGRAMS + COUNTERS}
+    out = {h: [0.0, 0.0] for h in HISTOGRAMS + COUNTERS + LABELLED}
     for nd in cluster:
         for line in nd.metrics().splitlines():
             for c in COUNTERS:
                 if line.startswith(c + " "):
+                    out[c][0] += float(line.split()[-1])
+            for c in LABELLED:
+                if line.startswith(c + "{"):
                     out[c][0] += float(line.split()[-1])
             for h in HISTOGRAMS:
                 if line.startswith(h + "_sum"):
@@ -392,10 +402,14 @@ def run_load(target: Target, sessions: int, messages: int, reuse: bool, probe: b
             means[h] = 1000 * (sums1[h][0] - sums0[h][0]) / n if n else float("nan")
         writes, calls = (sums1[c][0] - sums0[c][0] for c in COUNTERS)
         means["per_call"] = writes / calls if calls else float("nan")
+        delivered = sums1[HISTOGRAMS[1]][1] - sums0[HISTOGRAMS[1]][1]
+        conns = sums1[LABELLED[0]][0] - sums0[LABELLED[0]][0]
+        means["per_conn"] = delivered / conns if conns else float("nan")
     return {
         "write_ms": means.get(HISTOGRAMS[0], float("nan")),
         "upstream_ms": means.get(HISTOGRAMS[1], float("nan")),
         "writes_per_forward": means.get("per_call", float("nan")),
+        "msgs_per_conn": means.get("per_conn", float("nan")),
         "rate": messages / elapsed,
         "elapsed": elapsed,
         "p50_ms": 1000 * pct(pr.lat, 0.5) if pr else float("nan"),
@@ -490,7 +504,7 @@ def main(argv=None) -> int:
                     print(
                         f"run {run + 1}/{args.runs} {t.name:8} {load:5}: {r['rate']:8.0f} msgs/s ({n} in {r['elapsed']:.1f} s)  "
                         f"p50 {r['p50_ms']:6.1f} ms  p99 {r['p99_ms']:6.1f} ms (probe n={r['probe_n']})  "
-                        f"CPU {r['cpu_per_1000']:6.2f} s/1000  mean Raft write {r['write_ms']:.1f} ms, upstream {r['upstream_ms']:.1f} ms, forwarded writes per call {r['writes_per_forward']:.2f}  "
+                        f"CPU {r['cpu_per_1000']:6.2f} s/1000  mean Raft write {r['write_ms']:.1f} ms, upstream {r['upstream_ms']:.1f} ms, forwarded writes per call {r['writes_per_forward']:.2f}, messages per upstream connection {r['msgs_per_conn']:.1f}  "
                         f"errors {r['errors']} {r['err_text']}",
                         flush=True,
                     )

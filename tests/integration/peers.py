@@ -125,6 +125,9 @@ class Received:
     data: bytes
     tls: bool
     auth_user: str | None
+    # The client's (address, port): one per connection, so messages that
+    # share one show the same.
+    peer: tuple | None = None
 
 
 @dataclass
@@ -196,7 +199,8 @@ class AioSmtpd:
                     outer.messages.append(Received(envelope.mail_from, list(envelope.rcpt_tos),
                                                    envelope.original_content,
                                                    # implicit TLS: the listener speaks nothing else
-                                                   session.ssl is not None or outer.implicit_tls, user))
+                                                   session.ssl is not None or outer.implicit_tls, user,
+                                                   tuple(session.peer)))
                 return "250 2.0.0 OK: queued by aiosmtpd"
 
         def authenticator(server, session, envelope, mechanism, auth_data):

@@ -1,0 +1,579 @@
+//! Connection reuse against a real SMTP server on loopback: one written
+//! here, which keeps what each of its sessions heard, so that the tests can
+//! tell which connection carried which message.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::sync::Notify;
+use tokio::time::Instant;
+
+use super::{Delivery, Envelope, SmarthostRelay};
+use crate::config::{RelayConfig, RelayMode, Smarthost, SmarthostUrl};
+use crate::metrics::Metrics;
+
+/// What the server does in one transaction (`n`-th of its session, from 0).
+#[derive(Clone)]
+enum Act {
+    /// Accepts it.
+    Accept,
+    /// Holds the reply to the end of data until notified, then says `554`:
+    /// a later message that read it as its own would be refused.
+    HoldDataReply(Arc<Notify>),
+    /// Closes the connection on reading `MAIL`, without a word.
+    CloseAtMail,
+    /// Answers `MAIL` with `421` and closes.
+    Busy421AtMail,
+    /// Never answers `MAIL`, and keeps the connection open (a host gone
+    /// without closing it).
+    SilentAtMail,
+    /// Accepts it, then closes the connection (an idle timeout of its own).
+    AcceptAndClose,
+}
+
+/// What one session heard, in order: commands, plus `data:<Message-ID>`
+/// for each message body, and `EOF` when the client closed it.
+type Log = Arc<Mutex<Vec<String>>>;
+
+struct Server {
+    port: u16,
+    sessions: Arc<Mutex<Vec<Log>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Server {
+    /// `script(session, transaction)` says what to do; a `RCPT` to an
+    /// address starting with `refuse` is answered `550 5.1.1`.
+    async fn start(script: impl Fn(usize, usize) -> Act + Send + Sync + 'static) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let sessions: Arc<Mutex<Vec<Log>>> = Arc::default();
+        let all = sessions.clone();
+        let script = Arc::new(script);
+        let task = tokio::spawn(async move {
+            while let Ok((sock, _)) = listener.accept().await {
+                let log = Log::default();
+                let index = {
+                    let mut all = all.lock().unwrap();
+                    all.push(log.clone());
+                    all.len() - 1
+                };
+                let script = script.clone();
+                tokio::spawn(async move {
+                    let (r, mut w) = sock.into_split();
+                    let mut lines = BufReader::new(r).lines();
+                    let say = |l: &str| log.lock().unwrap().push(l.to_string());
+                    let _ = w.write_all(b"220 upstream.test ESMTP\r\n").await;
+                    let mut transaction = 0;
+                    let mut act = Act::Accept;
+                    loop {
+                        let Ok(Some(line)) = lines.next_line().await else {
+                            say("EOF");
+                            return;
+                        };
+                        say(&line);
+                        let verb = line.get(..4).unwrap_or(&line).to_ascii_uppercase();
+                        let reply = match verb.as_str() {
+                            "EHLO" => "250-upstream.test\r\n250-8BITMIME\r\n250 SIZE 100000\r\n",
+                            "MAIL" => {
+                                act = script(index, transaction);
+                                transaction += 1;
+                                match act {
+                                    Act::CloseAtMail => return,
+                                    Act::Busy421AtMail => {
+                                        let _ = w.write_all(b"421 4.4.2 idle too long\r\n").await;
+                                        return;
+                                    }
+                                    Act::SilentAtMail => {
+                                        while let Ok(Some(l)) = lines.next_line().await {
+                                            say(&l);
+                                        }
+                                        say("EOF");
+                                        return;
+                                    }
+                                    _ => "250 2.1.0 ok\r\n",
+                                }
+                            }
+                            "RCPT" if line.to_ascii_lowercase().contains("to:<refuse") => {
+                                "550 5.1.1 no such user\r\n"
+                            }
+                            "DATA" => {
+                                let _ = w.write_all(b"354 go ahead\r\n").await;
+                                let mut id = String::new();
+                                loop {
+                                    let Ok(Some(l)) = lines.next_line().await else {
+                                        say("EOF");
+                                        return;
+                                    };
+                                    if l == "." {
+                                        break;
+                                    }
+                                    if let Some(v) = l.strip_prefix("Message-ID: ") {
+                                        id = v.to_string();
+                                    }
+                                }
+                                say(&format!("data:{id}"));
+                                if let Act::HoldDataReply(go) = &act {
+                                    // Whatever the client says meanwhile is
+                                    // kept: a next message's commands on this
+                                    // connection would show here.
+                                    loop {
+                                        tokio::select! {
+                                            _ = go.notified() => {
+                                                let _ = w.write_all(b"554 5.0.0 late reply to an earlier message\r\n").await;
+                                                break;
+                                            }
+                                            l = lines.next_line() => match l {
+                                                Ok(Some(l)) => say(&l),
+                                                _ => {
+                                                    say("EOF");
+                                                    return;
+                                                }
+                                            },
+                                        }
+                                    }
+                                    continue;
+                                }
+                                let _ = w.write_all(b"250 2.0.0 queued\r\n").await;
+                                if let Act::AcceptAndClose = act {
+                                    say("CLOSED");
+                                    return;
+                                }
+                                continue;
+                            }
+                            "QUIT" => {
+                                let _ = w.write_all(b"221 bye\r\n").await;
+                                return;
+                            }
+                            _ => "250 2.0.0 ok\r\n",
+                        };
+                        if w.write_all(reply.as_bytes()).await.is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        Self {
+            port,
+            sessions,
+            task,
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("smtp://127.0.0.1:{}", self.port)
+    }
+
+    /// Each session's log so far.
+    fn logs(&self) -> Vec<Vec<String>> {
+        self.sessions
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|l| l.lock().unwrap().clone())
+            .collect()
+    }
+
+    /// Per session, the message ids it received and the senders it heard,
+    /// in order.
+    fn transactions(&self) -> Vec<Vec<(String, String)>> {
+        self.logs()
+            .iter()
+            .map(|log| {
+                let mut out = Vec::new();
+                let mut from = String::new();
+                for l in log {
+                    if let Some(f) = l.strip_prefix("MAIL FROM:") {
+                        // Without the parameters (SIZE=).
+                        from = f.split(' ').next().unwrap_or_default().to_string();
+                    } else if let Some(id) = l.strip_prefix("data:") {
+                        out.push((id.to_string(), from.clone()));
+                    }
+                }
+                out
+            })
+            .collect()
+    }
+
+    /// Waits (bounded) until `pred` holds for the logs.
+    async fn until(&self, what: &str, pred: impl Fn(&[Vec<String>]) -> bool) {
+        let end = Instant::now() + Duration::from_secs(10);
+        while !pred(&self.logs()) {
+            assert!(Instant::now() < end, "{what}: {:?}", self.logs());
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+fn relay(server: &Server, tune: impl FnOnce(&mut RelayConfig)) -> (SmarthostRelay, Arc<Metrics>) {
+    let metrics = Arc::new(Metrics::new());
+    let mut config = RelayConfig {
+        mode: RelayMode::Smarthost,
+        smarthosts: vec![Smarthost::new(SmarthostUrl::parse(&server.url()).unwrap())],
+        timeout_secs: 60,
+        // One failure would open the breaker: a stale connection counted
+        // as one would show.
+        breaker_failures: 1,
+        max_attempts: 1,
+        ..Default::default()
+    };
+    tune(&mut config);
+    let relay = SmarthostRelay::new(&config, "mx.test.example", metrics.clone()).unwrap();
+    (relay, metrics)
+}
+
+/// Message `i`: from `s<i>@a.example` to `t<i>@b.example`, its id in a header.
+fn message(i: usize) -> (Envelope, Vec<u8>) {
+    (
+        Envelope {
+            mail_from: format!("s{i}@a.example"),
+            rcpt_to: vec![format!("t{i}@b.example")],
+        },
+        format!("Message-ID: <m{i}@a.example>\r\nSubject: {i}\r\n\r\nbody {i}\r\n").into_bytes(),
+    )
+}
+
+async fn send(relay: &SmarthostRelay, i: usize) -> Delivery {
+    let (envelope, bytes) = message(i);
+    relay
+        .deliver(&envelope, &bytes, Instant::now() + Duration::from_secs(20))
+        .await
+}
+
+fn id(i: usize) -> (String, String) {
+    (format!("<m{i}@a.example>"), format!("<s{i}@a.example>"))
+}
+
+/// The value of `name{upstream="url"}`.
+fn metric(metrics: &Metrics, name: &str, url: &str) -> String {
+    let needle = format!("{name}{{upstream=\"{url}\"}} ");
+    metrics
+        .encode()
+        .lines()
+        .find_map(|l| l.strip_prefix(&needle).map(str::to_string))
+        .unwrap_or_else(|| panic!("no {needle} in {}", metrics.encode()))
+}
+
+fn failed_attempts(metrics: &Metrics) -> usize {
+    metrics
+        .encode()
+        .lines()
+        .filter(|l| l.contains("result=\"failed\"") && !l.ends_with(" 0"))
+        .count()
+}
+
+#[tokio::test]
+async fn several_messages_share_one_connection_each_delivered_once() {
+    let server = Server::start(|_, _| Act::Accept).await;
+    let (relay, metrics) = relay(&server, |_| {});
+    for i in 0..5 {
+        assert_eq!(send(&relay, i).await, Delivery::Accepted);
+    }
+    // One session, the five messages in order, each with its own sender.
+    assert_eq!(
+        server.transactions(),
+        vec![(0..5).map(id).collect::<Vec<_>>()]
+    );
+    assert_eq!(
+        metric(&metrics, "tempalias_relay_connections_total", &server.url()),
+        "1"
+    );
+    assert_eq!(
+        metric(&metrics, "tempalias_relay_reused_total", &server.url()),
+        "4"
+    );
+    assert_eq!(metric(&metrics, "tempalias_relay_idle", &server.url()), "1");
+    // Concurrent messages take a connection each (fewer than messages, as
+    // some finish before others start, at most one each) and every
+    // message arrives exactly once.
+    let all = futures::future::join_all((5..25).map(|i| send(&relay, i))).await;
+    assert!(all.iter().all(|d| *d == Delivery::Accepted), "{all:?}");
+    let mut seen: HashMap<(String, String), usize> = HashMap::new();
+    for t in server.transactions().into_iter().flatten() {
+        *seen.entry(t).or_default() += 1;
+    }
+    assert_eq!(seen.len(), 25);
+    assert!(seen.values().all(|&n| n == 1), "{seen:?}");
+    assert!((0..25).all(|i| seen.contains_key(&id(i))));
+    let sessions = server.logs().len();
+    assert!((1..=21).contains(&sessions), "{sessions}");
+    // Shutdown says QUIT on every idle connection.
+    relay.close_idle(Duration::from_secs(5)).await;
+    server
+        .until("every session ended with QUIT", |logs| {
+            logs.iter()
+                .all(|l| l.last().map(String::as_str) == Some("QUIT"))
+        })
+        .await;
+    assert_eq!(metric(&metrics, "tempalias_relay_idle", &server.url()), "0");
+}
+
+#[tokio::test]
+async fn reuse_off_is_one_connection_per_message() {
+    let server = Server::start(|_, _| Act::Accept).await;
+    let (relay, metrics) = relay(&server, |c| c.reuse_connections = false);
+    for i in 0..3 {
+        assert_eq!(send(&relay, i).await, Delivery::Accepted);
+    }
+    server
+        .until("three sessions, each ended with QUIT", |logs| {
+            logs.len() == 3
+                && logs
+                    .iter()
+                    .all(|l| l.last().map(String::as_str) == Some("QUIT"))
+        })
+        .await;
+    assert_eq!(
+        server.transactions(),
+        vec![vec![id(0)], vec![id(1)], vec![id(2)]]
+    );
+    assert_eq!(
+        metric(&metrics, "tempalias_relay_connections_total", &server.url()),
+        "3"
+    );
+    assert_eq!(
+        metric(&metrics, "tempalias_relay_reused_total", &server.url()),
+        "0"
+    );
+}
+
+#[tokio::test]
+async fn a_send_cancelled_while_waiting_for_its_data_reply_never_lends_its_connection() {
+    let late = Arc::new(Notify::new());
+    let hold = late.clone();
+    let server = Server::start(move |session, transaction| {
+        if (session, transaction) == (0, 1) {
+            Act::HoldDataReply(hold.clone())
+        } else {
+            Act::Accept
+        }
+    })
+    .await;
+    let (relay, metrics) = relay(&server, |_| {});
+    // Message 0 makes the connection and leaves it idle.
+    assert_eq!(send(&relay, 0).await, Delivery::Accepted);
+    // Message 1 goes over it, and the caller gives up while the upstream
+    // has the data and has not answered yet.
+    let cancelled = tokio::time::timeout(Duration::from_millis(300), send(&relay, 1)).await;
+    // (The attempt's own timeout, a minute, is far from over.)
+    assert!(cancelled.is_err(), "the reply was held: {cancelled:?}");
+    // The connection went with the cancelled send: the upstream sees it
+    // close, with nothing after message 1's data.
+    server
+        .until("the first session closed by the client", |logs| {
+            logs[0].last().map(String::as_str) == Some("EOF")
+        })
+        .await;
+    // The upstream now sends its late reply, to a closed connection.
+    late.notify_one();
+    // Message 2 goes over a new connection and gets its own reply.
+    assert_eq!(send(&relay, 2).await, Delivery::Accepted);
+    assert_eq!(server.transactions(), vec![vec![id(0), id(1)], vec![id(2)]]);
+    let first = &server.logs()[0];
+    let after_data = first
+        .iter()
+        .position(|l| l == "data:<m1@a.example>")
+        .unwrap();
+    assert_eq!(&first[after_data + 1..], ["EOF"], "{first:?}");
+    assert_eq!(
+        metric(&metrics, "tempalias_relay_connections_total", &server.url()),
+        "2"
+    );
+}
+
+#[tokio::test]
+async fn a_send_cut_off_by_the_attempt_timeout_never_lends_its_connection() {
+    let late = Arc::new(Notify::new());
+    let hold = late.clone();
+    let server = Server::start(move |session, transaction| {
+        if (session, transaction) == (0, 1) {
+            Act::HoldDataReply(hold.clone())
+        } else {
+            Act::Accept
+        }
+    })
+    .await;
+    let (relay, _) = relay(&server, |c| c.timeout_secs = 1);
+    assert_eq!(send(&relay, 0).await, Delivery::Accepted);
+    // Our own timeout ends the attempt: 451 for the sender.
+    assert!(matches!(send(&relay, 1).await, Delivery::TempFail(_)));
+    late.notify_one();
+    // The breaker (one failure) is open now; a relay with it closed shows
+    // what the next message gets: a new connection and its own reply.
+    let (relay, _) = self::relay(&server, |_| {});
+    assert_eq!(send(&relay, 2).await, Delivery::Accepted);
+    server
+        .until("the first session closed after message 1's data", |logs| {
+            logs[0].last().map(String::as_str) == Some("EOF")
+        })
+        .await;
+    assert_eq!(server.transactions(), vec![vec![id(0), id(1)], vec![id(2)]]);
+}
+
+/// A reused connection that the upstream closed or refuses before `MAIL`
+/// is answered: the message goes over a new one, the breaker (opened by
+/// one failure here) hears nothing.
+async fn stale(act: Act) {
+    let server = Server::start(move |session, transaction| {
+        if (session, transaction) == (0, 0) {
+            Act::AcceptAndClose
+        } else if (session, transaction) == (1, 1) {
+            act.clone()
+        } else {
+            Act::Accept
+        }
+    })
+    .await;
+    let (relay, metrics) = relay(&server, |_| {});
+    // Session 0: accepted, then closed by the upstream while idle.
+    assert_eq!(send(&relay, 0).await, Delivery::Accepted);
+    server
+        .until("the upstream's close", |logs| {
+            logs[0].last().map(String::as_str) == Some("CLOSED")
+        })
+        .await;
+    // Found dead when taken: a new connection (session 1).
+    assert_eq!(send(&relay, 1).await, Delivery::Accepted);
+    // Session 1 dies (the act) when message 2 says MAIL: session 2.
+    assert_eq!(send(&relay, 2).await, Delivery::Accepted);
+    assert_eq!(send(&relay, 3).await, Delivery::Accepted);
+    let t = server.transactions();
+    assert_eq!(t, vec![vec![id(0)], vec![id(1)], vec![id(2), id(3)]]);
+    assert_eq!(
+        metric(&metrics, "tempalias_relay_stale_total", &server.url()),
+        "2"
+    );
+    assert_eq!(
+        metric(&metrics, "tempalias_relay_connections_total", &server.url()),
+        "3"
+    );
+    assert_eq!(failed_attempts(&metrics), 0, "{}", metrics.encode());
+    assert_eq!(
+        metric(&metrics, "tempalias_relay_breaker_state", &server.url()),
+        "0"
+    );
+}
+
+#[tokio::test]
+async fn a_stale_connection_closed_at_mail_costs_nothing() {
+    stale(Act::CloseAtMail).await;
+}
+
+#[tokio::test]
+async fn a_stale_connection_answering_421_at_mail_costs_nothing() {
+    stale(Act::Busy421AtMail).await;
+}
+
+#[tokio::test]
+async fn a_stale_connection_that_never_answers_mail_costs_a_few_seconds_only() {
+    // The attempt timeout (60 s) is far away: the bound on MAIL's reply
+    // on a reused connection, not the attempt's, sends the message on.
+    let started = Instant::now();
+    stale(Act::SilentAtMail).await;
+    assert!(started.elapsed() < Duration::from_secs(20));
+}
+
+#[tokio::test]
+async fn an_idle_connection_is_closed_after_the_idle_time() {
+    let server = Server::start(|_, _| Act::Accept).await;
+    let (relay, metrics) = relay(&server, |c| c.reuse_idle_secs = 1);
+    assert_eq!(send(&relay, 0).await, Delivery::Accepted);
+    // The sweeper says QUIT after a second, without any message coming.
+    server
+        .until("QUIT on the idle connection", |logs| {
+            logs[0].iter().any(|l| l == "QUIT")
+        })
+        .await;
+    assert_eq!(metric(&metrics, "tempalias_relay_idle", &server.url()), "0");
+    assert_eq!(send(&relay, 1).await, Delivery::Accepted);
+    assert_eq!(server.transactions(), vec![vec![id(0)], vec![id(1)]]);
+    assert_eq!(
+        metric(&metrics, "tempalias_relay_stale_total", &server.url()),
+        "0"
+    );
+}
+
+#[tokio::test]
+async fn a_refused_recipient_is_reset_and_the_connection_reused() {
+    let server = Server::start(|_, _| Act::Accept).await;
+    let (relay, metrics) = relay(&server, |_| {});
+    let refused = relay
+        .deliver(
+            &Envelope {
+                mail_from: "x@a.example".into(),
+                rcpt_to: vec!["refuse@b.example".into()],
+            },
+            b"Subject: r\r\n\r\nr\r\n",
+            Instant::now() + Duration::from_secs(20),
+        )
+        .await;
+    assert!(
+        matches!(refused, Delivery::PermFail { code: 550, .. }),
+        "{refused:?}"
+    );
+    // The connection goes back once RSET got its 250.
+    let end = Instant::now() + Duration::from_secs(10);
+    while metric(&metrics, "tempalias_relay_idle", &server.url()) != "1" {
+        assert!(Instant::now() < end, "{:?}", server.logs());
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert_eq!(send(&relay, 1).await, Delivery::Accepted);
+    let logs = server.logs();
+    assert_eq!(logs.len(), 1, "{logs:?}");
+    let rset = logs[0].iter().position(|l| l == "RSET").unwrap();
+    let mail = logs[0]
+        .iter()
+        .position(|l| l.starts_with("MAIL FROM:<s1@a.example>"));
+    assert!(mail > Some(rset), "{logs:?}");
+}
+
+#[tokio::test]
+async fn a_connection_carries_at_most_max_messages() {
+    let server = Server::start(|_, _| Act::Accept).await;
+    let (relay, _) = relay(&server, |c| c.reuse_max_messages = 2);
+    for i in 0..5 {
+        assert_eq!(send(&relay, i).await, Delivery::Accepted);
+    }
+    assert_eq!(
+        server.transactions(),
+        vec![vec![id(0), id(1)], vec![id(2), id(3)], vec![id(4)]]
+    );
+}
+
+#[test]
+fn connections_are_keyed_by_everything_that_makes_them() {
+    use super::client::{unverified_tls, ConnKey, TlsPolicy};
+    use lettre::transport::smtp::authentication::Credentials;
+    use lettre::transport::smtp::extension::ClientId;
+    let params = unverified_tls("h.example").unwrap();
+    let helo = ClientId::Domain("mx.example".into());
+    let a = Credentials::new("a".into(), "pw".into());
+    let b = Credentials::new("a".into(), "other".into());
+    let opp = TlsPolicy::Opportunistic(params.clone());
+    let req = TlsPolicy::Required(params);
+    let key = |name, tls, cred, helo| ConnKey::new(name, tls, cred, helo);
+    let base = key("smtp://h.example:25", &opp, Some(&a), &helo);
+    assert_eq!(base, key("smtp://h.example:25", &opp, Some(&a), &helo));
+    assert_ne!(base, key("smtp://h.example:26", &opp, Some(&a), &helo));
+    assert_ne!(base, key("smtp://h.example:25", &req, Some(&a), &helo));
+    assert_ne!(base, key("smtp://h.example:25", &opp, Some(&b), &helo));
+    assert_ne!(base, key("smtp://h.example:25", &opp, None, &helo));
+    assert_ne!(
+        base,
+        key(
+            "smtp://h.example:25",
+            &opp,
+            Some(&a),
+            &ClientId::Domain("other.example".into())
+        )
+    );
+}
