@@ -294,6 +294,7 @@ class Probe:
         self.stop_event = threading.Event()
         self.lat: list[float] = []
         self.errors = 0
+        self.error_text = ""
         self.sent = 0
         self.lock = threading.Lock()
         self.threads = [threading.Thread(target=self._run, args=(i,), daemon=True) for i in range(threads)]
@@ -320,9 +321,10 @@ class Probe:
                     self.lat.append(t1 - t0)
                     self.sent += 1
                 self.stop_event.wait(self.pause)
-            except (smtplib.SMTPException, OSError):
+            except (smtplib.SMTPException, OSError) as e:
                 with self.lock:
                     self.errors += 1
+                    self.error_text = f"probe: {e!r}"[:200]
                 self.stop_event.wait(0.05)
 
     def start(self):
@@ -417,7 +419,7 @@ def run_load(target: Target, sessions: int, messages: int, reuse: bool, probe: b
         "probe_n": pr.sent if pr else 0,
         "cpu_per_1000": (1000 * cpu / done) if cpu is not None else float("nan"),
         "errors": errors + (pr.errors if pr else 0),
-        "err_text": err_text,
+        "err_text": err_text or (pr.error_text if pr else ""),
     }
 
 
