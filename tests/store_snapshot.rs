@@ -10,7 +10,7 @@ use openraft::storage::{RaftSnapshotBuilder, RaftStateMachine};
 use openraft::{CommittedLeaderId, Entry, EntryPayload, LogId, Snapshot};
 use tempalias::raft::snapshot::FORMAT_VERSION;
 use tempalias::raft::store::{self, StateMachine};
-use tempalias::raft::{Command, Request, TypeConfig};
+use tempalias::raft::{Command, Request, Response, TargetPolicy, TypeConfig};
 
 fn entry(index: u64, now_ms: u64, cmd: Command) -> Entry<TypeConfig> {
     Entry {
@@ -268,4 +268,15 @@ async fn a_legacy_json_snapshot_is_converted_at_open() {
     assert_eq!(r.alias("legacy000001").unwrap().unwrap().max_usage, 2);
     assert!(r.was_purged("gone00000001").unwrap());
     assert!(r.cluster_maintenance().unwrap().on);
+    // The old format has no per-target index: the install built it from
+    // the aliases, so the live legacy alias counts against a cap of one.
+    let capped = Command::CreateLimited {
+        policy: TargetPolicy {
+            max_per_target: 1,
+            ..Default::default()
+        },
+        create: Box::new(create("new000000001", 86_400_000)),
+    };
+    let out = dst.apply([entry(8, 10, capped)]).await.expect("apply");
+    assert_eq!(out, [Response::TargetFull { max: 1 }]);
 }

@@ -1033,6 +1033,9 @@ impl SnapshotFiles {
             .map_err(|e| format_err(&source, e))?;
             // One transaction: the state machine is replaced whole or not at all.
             let txn = db.begin_write()?;
+            // Whether the snapshot carried per-target rows, and whether any
+            // of its aliases counts for them (see `targets::index_installed`).
+            let (mut carries_index, mut any_counted) = (false, false);
             for table in [
                 ALIASES,
                 SETTINGS,
@@ -1084,9 +1087,13 @@ impl SnapshotFiles {
                     }
                     match rec.kind {
                         Kind::Alias => {
+                            // Decoded only until the first alias that counts.
+                            any_counted =
+                                any_counted || super::targets::stored_counted(rec.value.as_slice());
                             aliases.insert(key, rec.value.as_slice())?;
                         }
                         Kind::Purged | Kind::TargetAlias => {
+                            carries_index |= rec.kind == Kind::TargetAlias;
                             let at: [u8; 8] = rec.value.as_slice().try_into().map_err(|_| {
                                 format_err(
                                     &source,
@@ -1140,7 +1147,8 @@ impl SnapshotFiles {
             }
             // The per-target index comes with the snapshot; one converted from
             // the JSON format has none, and it is then built from the aliases.
-            if super::targets::index_installed(&txn)? && build_indexes {
+            let build_index = !carries_index && any_counted;
+            if super::targets::index_installed(&txn, build_index)? && build_indexes {
                 // Built now: its expiry index was not.
                 expiry::rebuild(&txn)?;
             }

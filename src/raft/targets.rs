@@ -287,22 +287,41 @@ fn rebuild_index(
     Ok(())
 }
 
-/// After a snapshot was installed in `txn`: an index that came with it is
-/// marked as built; a snapshot without one (converted from the JSON format
-/// of releases before these tables) gets it built from the aliases now, and
-/// then `true` is returned (its expiry index must be built again).
+/// After a snapshot was installed in `txn`: `build` when the snapshot
+/// carried no per-target rows although some alias in it counts (one
+/// converted from the JSON format of releases before these tables); the
+/// index is then built from the aliases, and `true` is returned (its expiry
+/// index must be built again). A snapshot without rows because none of its
+/// aliases counts needs no build: the empty index is right, and a pass over
+/// every alias (seconds at a million) would find nothing.
 ///
 /// # Errors
 /// [`DbError`] when the database cannot be read or written.
-pub(super) fn index_installed(txn: &WriteTransaction) -> Result<bool, DbError> {
+pub(super) fn index_installed(txn: &WriteTransaction, build: bool) -> Result<bool, DbError> {
     let mut index = txn.open_table(TARGET_ALIASES)?;
-    let built = redb::ReadableTableMetadata::is_empty(&index)?;
+    let built = build && redb::ReadableTableMetadata::is_empty(&index)?;
     if built {
         rebuild_index(&txn.open_table(ALIASES)?, &mut index)?;
     }
     let mut meta = txn.open_table(super::store::SM_META)?;
     meta.insert(INDEX_BUILT, b"true".as_slice())?;
     Ok(built)
+}
+
+/// Just the fields of a stored alias that [`counted`] reads.
+#[derive(serde::Deserialize)]
+struct CountedFields {
+    max_usage: u32,
+    used: u32,
+    #[serde(default)]
+    revoked: bool,
+}
+
+/// [`counted`] of a stored alias record, decoding only what it reads; a
+/// record that does not decode is taken as counted (so the index is built
+/// from the aliases, which then reports the error).
+pub(super) fn stored_counted(v: &[u8]) -> bool {
+    serde_json::from_slice::<CountedFields>(v).map_or(true, |r| !r.revoked && r.used < r.max_usage)
 }
 
 /// The three tables, open in one apply transaction.
@@ -887,5 +906,62 @@ mod tests {
     fn keys_ignore_case_and_tokens_are_domain_separated() {
         assert_eq!(target_key("Me@Example.NET"), "me@example.net");
         assert_ne!(token_hash("a"), crate::alias::token_hash("a"));
+    }
+
+    fn stored(max_usage: u32, used: u32, revoked: bool) -> Vec<u8> {
+        serde_json::to_vec(&serde_json::json!({
+            "id": "a00000000001", "domain": "t.example", "target": "Me@example.net",
+            "token_hash": "h", "created_ms": 0, "valid_until_ms": 5 * DAY,
+            "max_usage": max_usage, "used": used, "reservations": {}, "revoked": revoked
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn stored_counted_reads_what_counted_reads() {
+        for (max, used, revoked) in [(2, 0, false), (2, 2, false), (2, 0, true), (1, 3, false)] {
+            let v = stored(max, used, revoked);
+            let rec: AliasRecord = serde_json::from_slice(&v).unwrap();
+            assert_eq!(stored_counted(&v), counted(&rec), "{max} {used} {revoked}");
+        }
+        // Not an alias record: counted, so the index is built (and the
+        // build reports what is wrong with it).
+        assert!(stored_counted(b"{}"));
+    }
+
+    /// The index is built from the aliases only when the install asks for
+    /// it; otherwise it is left as the snapshot brought it, and marked built.
+    #[test]
+    fn index_installed_builds_only_when_asked() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = redb::Database::create(dir.path().join("t.redb")).unwrap();
+        for build in [false, true] {
+            let txn = db.begin_write().unwrap();
+            txn.delete_table(TARGET_ALIASES).unwrap();
+            txn.open_table(ALIASES)
+                .unwrap()
+                .insert("a00000000001", stored(2, 0, false).as_slice())
+                .unwrap();
+            assert_eq!(index_installed(&txn, build).unwrap(), build);
+            let index = txn.open_table(TARGET_ALIASES).unwrap();
+            let rows: Vec<(String, u64)> = index
+                .iter()
+                .unwrap()
+                .map(|r| {
+                    let (k, v) = r.unwrap();
+                    (k.value().to_string(), v.value())
+                })
+                .collect();
+            if build {
+                assert_eq!(
+                    rows,
+                    [(index_key("Me@example.net", "a00000000001"), 5 * DAY)]
+                );
+            } else {
+                assert!(rows.is_empty(), "{rows:?}");
+            }
+            let meta = txn.open_table(super::super::store::SM_META).unwrap();
+            assert!(meta.get(INDEX_BUILT).unwrap().is_some());
+        }
     }
 }
