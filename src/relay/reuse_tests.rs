@@ -609,6 +609,53 @@ async fn a_connection_carries_at_most_max_messages() {
     );
 }
 
+#[tokio::test]
+async fn pools_sharing_a_label_add_up_in_the_idle_gauge() {
+    use super::client::{self, unverified_tls, ConnKey, Target, TlsPolicy};
+    use super::pool::{Pool, PoolSettings};
+    use lettre::transport::smtp::extension::ClientId;
+    // Two smarthost entries for one host and port (with other accounts in
+    // production) have a pool each and one metric label.
+    let server = Server::start(|_, _| Act::Accept).await;
+    let metrics = Arc::new(Metrics::new());
+    let label = server.url();
+    let tls = TlsPolicy::Opportunistic(unverified_tls("127.0.0.1").unwrap());
+    let helo = ClientId::Domain("mx.test.example".into());
+    let addrs = [([127, 0, 0, 1], server.port).into()];
+    let settings = PoolSettings {
+        enabled: true,
+        max_idle: 4,
+        idle: Duration::from_secs(60),
+        max_messages: 100,
+        max_age: Duration::from_secs(300),
+    };
+    let target = |pool| Target {
+        name: &label,
+        addrs: &addrs,
+        tls: &tls,
+        credentials: None,
+        helo: &helo,
+        connect_timeout: Duration::from_secs(5),
+        pool: Some(pool),
+    };
+    let key = ConnKey::new(&label, &tls, None, &helo);
+    let a = Pool::new(key, settings, &label, metrics.clone());
+    let b = Pool::new(key, settings, &label, metrics.clone());
+    for (i, pool) in [&a, &b].into_iter().enumerate() {
+        let (envelope, bytes) = message(i);
+        let envelope = super::to_lettre(&envelope).unwrap();
+        client::send(&target(pool), &envelope, &bytes)
+            .await
+            .unwrap();
+    }
+    assert_eq!(server.logs().len(), 2);
+    assert_eq!(metric(&metrics, "tempalias_relay_idle", &label), "2");
+    a.close(Duration::from_secs(5)).await;
+    assert_eq!(metric(&metrics, "tempalias_relay_idle", &label), "1");
+    b.close(Duration::from_secs(5)).await;
+    assert_eq!(metric(&metrics, "tempalias_relay_idle", &label), "0");
+}
+
 #[test]
 fn connections_are_keyed_by_everything_that_makes_them() {
     use super::client::{unverified_tls, ConnKey, TlsPolicy};
