@@ -316,7 +316,9 @@ impl Probe {
 /// closes it. A connection goes back to the pool only from the line that
 /// read the final reply of a complete transaction (the `250` after the
 /// data), or from a task that owns it after a refusal at `MAIL` or `RCPT`
-/// and got `250` to its `RSET`; any other outcome closes it.
+/// and got `250` to its `RSET`; any other outcome closes it. (An idle
+/// connection whose EHLO says it cannot take this message goes back
+/// untouched, and the message asks a new connection.)
 ///
 /// An idle connection that turns out dead before `MAIL` was answered (the
 /// upstream closed it, answered `421`, or did not answer within
@@ -335,24 +337,30 @@ pub async fn send(
         // One idle connection at most: if it was dead, the others (as old
         // or older) may be too, and a new one is certain.
         if let Some(session) = pool.take().filter(|s| s.key == key) {
-            if let Err(reason) = unfit(
+            if unfit(
                 target.name,
                 session.conn.server_info(),
                 session.size,
                 envelope,
                 message,
-            ) {
-                // Untouched, between transactions: still good.
+            )
+            .is_err()
+            {
+                // Untouched, between transactions: still good for other
+                // messages. Its EHLO may be minutes old, and a host that
+                // was reconfigured (a larger SIZE, 8BITMIME) must be used
+                // at once, as without reuse: this message asks a new
+                // connection, whose EHLO decides.
                 pool.put(session);
-                return Err(reason);
-            }
-            match transact(target, session, envelope, message, true).await {
-                Err(Retry::Stale(why)) => {
-                    tracing::debug!(upstream = target.name, %why, "idle connection was closed by the upstream; using a new one");
-                    pool.count_stale();
+            } else {
+                match transact(target, session, envelope, message, true).await {
+                    Err(Retry::Stale(why)) => {
+                        tracing::debug!(upstream = target.name, %why, "idle connection was closed by the upstream; using a new one");
+                        pool.count_stale();
+                    }
+                    Err(Retry::No(error)) => return Err(error),
+                    Ok(()) => return Ok(()),
                 }
-                Err(Retry::No(error)) => return Err(error),
-                Ok(()) => return Ok(()),
             }
         }
     }

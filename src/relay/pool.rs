@@ -60,6 +60,10 @@ struct Inner {
     sweeping: bool,
     /// Set at shutdown: nothing is kept any more.
     closed: bool,
+    /// What this pool added to the `relay_idle` gauge: two smarthost
+    /// entries for one host and port (other accounts) share its label, so
+    /// each pool adds its changes instead of setting the value.
+    shown: i64,
 }
 
 struct Idle {
@@ -84,7 +88,7 @@ impl Pool {
         ] {
             let _ = family.get_or_create(&label);
         }
-        metrics.relay_idle.get_or_create(&label).set(0);
+        let _ = metrics.relay_idle.get_or_create(&label);
         Arc::new_cyclic(|this| Self {
             key,
             settings,
@@ -94,6 +98,7 @@ impl Pool {
                 idle: VecDeque::new(),
                 sweeping: false,
                 closed: false,
+                shown: 0,
             }),
             this: this.clone(),
         })
@@ -119,7 +124,7 @@ impl Pool {
             let Idle { session, since } = {
                 let mut inner = self.lock();
                 let idle = inner.idle.pop_back();
-                self.show(&inner);
+                self.show(&mut inner);
                 idle?
             };
             if !self.fresh(&session, since, now) {
@@ -163,7 +168,7 @@ impl Pool {
             });
             let sweep = !inner.sweeping;
             inner.sweeping = true;
-            self.show(&inner);
+            self.show(&mut inner);
             (evicted, sweep)
         };
         if let Some(old) = evicted {
@@ -181,7 +186,7 @@ impl Pool {
             let mut inner = self.lock();
             inner.closed = true;
             let idle = inner.idle.drain(..).collect();
-            self.show(&inner);
+            self.show(&mut inner);
             idle
         };
         let mut quits = tokio::task::JoinSet::new();
@@ -212,7 +217,7 @@ impl Pool {
             if next.is_none() {
                 inner.sweeping = false;
             }
-            self.show(&inner);
+            self.show(&mut inner);
             (expired, next)
         };
         for i in expired {
@@ -221,11 +226,14 @@ impl Pool {
         next
     }
 
-    fn show(&self, inner: &Inner) {
+    /// Brings this pool's share of the `relay_idle` gauge up to date.
+    fn show(&self, inner: &mut Inner) {
+        let now = inner.idle.len() as i64;
         self.metrics
             .relay_idle
             .get_or_create(&self.label)
-            .set(inner.idle.len() as i64);
+            .inc_by(now - inner.shown);
+        inner.shown = now;
     }
 
     /// A connection was opened (whether or not it will be kept).

@@ -47,11 +47,20 @@ impl Server {
     /// `script(session, transaction)` says what to do; a `RCPT` to an
     /// address starting with `refuse` is answered `550 5.1.1`.
     async fn start(script: impl Fn(usize, usize) -> Act + Send + Sync + 'static) -> Self {
+        Self::start_sized(|_| 100_000, script).await
+    }
+
+    /// [`Server::start`], announcing `size(session)` as its `SIZE`.
+    async fn start_sized(
+        size: impl Fn(usize) -> u64 + Send + Sync + 'static,
+        script: impl Fn(usize, usize) -> Act + Send + Sync + 'static,
+    ) -> Self {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();
         let sessions: Arc<Mutex<Vec<Log>>> = Arc::default();
         let all = sessions.clone();
         let script = Arc::new(script);
+        let size = Arc::new(size);
         let task = tokio::spawn(async move {
             while let Ok((sock, _)) = listener.accept().await {
                 let log = Log::default();
@@ -61,6 +70,10 @@ impl Server {
                     all.len() - 1
                 };
                 let script = script.clone();
+                let ehlo = format!(
+                    "250-upstream.test\r\n250-8BITMIME\r\n250 SIZE {}\r\n",
+                    size(index)
+                );
                 tokio::spawn(async move {
                     let (r, mut w) = sock.into_split();
                     let mut lines = BufReader::new(r).lines();
@@ -76,7 +89,7 @@ impl Server {
                         say(&line);
                         let verb = line.get(..4).unwrap_or(&line).to_ascii_uppercase();
                         let reply = match verb.as_str() {
-                            "EHLO" => "250-upstream.test\r\n250-8BITMIME\r\n250 SIZE 100000\r\n",
+                            "EHLO" => ehlo.as_str(),
                             "MAIL" => {
                                 act = script(index, transaction);
                                 transaction += 1;
@@ -537,6 +550,53 @@ async fn a_refused_recipient_is_reset_and_the_connection_reused() {
 }
 
 #[tokio::test]
+async fn a_message_too_large_for_an_idle_connections_ehlo_asks_a_new_one() {
+    // The first connection's EHLO says SIZE 200; the smarthost is then
+    // reconfigured, and new connections say 100,000.
+    let server = Server::start_sized(
+        |session| if session == 0 { 200 } else { 100_000 },
+        |_, _| Act::Accept,
+    )
+    .await;
+    let (relay, metrics) = relay(&server, |_| {});
+    assert_eq!(send(&relay, 0).await, Delivery::Accepted);
+    assert_eq!(metric(&metrics, "tempalias_relay_idle", &server.url()), "1");
+    // Over the old connection's SIZE, within the smarthost's new one: not
+    // refused on the idle connection's word (one smarthost: that would be
+    // 552 5.3.4), but sent over a new connection.
+    let envelope = Envelope {
+        mail_from: "big@a.example".into(),
+        rcpt_to: vec!["t@b.example".into()],
+    };
+    let big = format!(
+        "Message-ID: <big@a.example>\r\nSubject: big\r\n\r\n{}\r\n",
+        "x".repeat(300)
+    );
+    let outcome = relay
+        .deliver(
+            &envelope,
+            big.as_bytes(),
+            Instant::now() + Duration::from_secs(20),
+        )
+        .await;
+    assert_eq!(outcome, Delivery::Accepted);
+    assert_eq!(
+        server.transactions(),
+        vec![
+            vec![id(0)],
+            vec![("<big@a.example>".to_string(), "<big@a.example>".to_string())]
+        ]
+    );
+    // The first connection was left untouched, and both wait for more.
+    assert_eq!(
+        server.logs()[0].last().map(String::as_str),
+        Some("data:<m0@a.example>")
+    );
+    assert_eq!(metric(&metrics, "tempalias_relay_idle", &server.url()), "2");
+    assert_eq!(failed_attempts(&metrics), 0, "{}", metrics.encode());
+}
+
+#[tokio::test]
 async fn a_connection_carries_at_most_max_messages() {
     let server = Server::start(|_, _| Act::Accept).await;
     let (relay, _) = relay(&server, |c| c.reuse_max_messages = 2);
@@ -547,6 +607,53 @@ async fn a_connection_carries_at_most_max_messages() {
         server.transactions(),
         vec![vec![id(0), id(1)], vec![id(2), id(3)], vec![id(4)]]
     );
+}
+
+#[tokio::test]
+async fn pools_sharing_a_label_add_up_in_the_idle_gauge() {
+    use super::client::{self, unverified_tls, ConnKey, Target, TlsPolicy};
+    use super::pool::{Pool, PoolSettings};
+    use lettre::transport::smtp::extension::ClientId;
+    // Two smarthost entries for one host and port (with other accounts in
+    // production) have a pool each and one metric label.
+    let server = Server::start(|_, _| Act::Accept).await;
+    let metrics = Arc::new(Metrics::new());
+    let label = server.url();
+    let tls = TlsPolicy::Opportunistic(unverified_tls("127.0.0.1").unwrap());
+    let helo = ClientId::Domain("mx.test.example".into());
+    let addrs = [([127, 0, 0, 1], server.port).into()];
+    let settings = PoolSettings {
+        enabled: true,
+        max_idle: 4,
+        idle: Duration::from_secs(60),
+        max_messages: 100,
+        max_age: Duration::from_secs(300),
+    };
+    let target = |pool| Target {
+        name: &label,
+        addrs: &addrs,
+        tls: &tls,
+        credentials: None,
+        helo: &helo,
+        connect_timeout: Duration::from_secs(5),
+        pool: Some(pool),
+    };
+    let key = ConnKey::new(&label, &tls, None, &helo);
+    let a = Pool::new(key, settings, &label, metrics.clone());
+    let b = Pool::new(key, settings, &label, metrics.clone());
+    for (i, pool) in [&a, &b].into_iter().enumerate() {
+        let (envelope, bytes) = message(i);
+        let envelope = super::to_lettre(&envelope).unwrap();
+        client::send(&target(pool), &envelope, &bytes)
+            .await
+            .unwrap();
+    }
+    assert_eq!(server.logs().len(), 2);
+    assert_eq!(metric(&metrics, "tempalias_relay_idle", &label), "2");
+    a.close(Duration::from_secs(5)).await;
+    assert_eq!(metric(&metrics, "tempalias_relay_idle", &label), "1");
+    b.close(Duration::from_secs(5)).await;
+    assert_eq!(metric(&metrics, "tempalias_relay_idle", &label), "0");
 }
 
 #[test]
