@@ -393,7 +393,10 @@ async fn transact(
         envelope,
         message,
         session.size.is_some(),
-        reused.then_some(REUSED_MAIL_TIMEOUT),
+        // At most half the attempt's time (a smarthost's `connect_timeout`
+        // is its attempt timeout), so a short `relay.timeout_secs` still
+        // leaves the new connection time to deliver.
+        reused.then_some(REUSED_MAIL_TIMEOUT.min(target.connect_timeout / 2)),
     )
     .await;
     match outcome {
@@ -578,7 +581,7 @@ impl TransactionError {
         match &self.error {
             Some(e) => classify(name, stage, e),
             None => AttemptError::Failed(format!(
-                "{name}: no reply to MAIL within {REUSED_MAIL_TIMEOUT:?} on a reused connection"
+                "{name}: no timely reply to MAIL on a reused connection"
             )),
         }
     }
@@ -587,8 +590,9 @@ impl TransactionError {
 /// How long `MAIL` on a reused connection waits for its reply. A smarthost
 /// that went away without closing the connection (a crash, a dropped
 /// route) would otherwise hold the message for the whole attempt; after
-/// this, the message goes over a new connection, where `MAIL` has the rest
-/// of the attempt. Answering `MAIL` takes a working server milliseconds.
+/// this (or half the attempt's time, when that is shorter), the message
+/// goes over a new connection, where `MAIL` has the rest of the attempt.
+/// Answering `MAIL` takes a working server milliseconds.
 const REUSED_MAIL_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// `552` to `RCPT` as `452` (RFC 5321 4.5.3.1.10): it long meant "too many

@@ -436,6 +436,11 @@ async fn a_send_cut_off_by_the_attempt_timeout_never_lends_its_connection() {
 /// is answered: the message goes over a new one, the breaker (opened by
 /// one failure here) hears nothing.
 async fn stale(act: Act) {
+    stale_tuned(act, |_| {}).await;
+}
+
+/// [`stale`] with the relay's settings changed by `tune`.
+async fn stale_tuned(act: Act, tune: impl FnOnce(&mut RelayConfig)) {
     let server = Server::start(move |session, transaction| {
         if (session, transaction) == (0, 0) {
             Act::AcceptAndClose
@@ -446,7 +451,7 @@ async fn stale(act: Act) {
         }
     })
     .await;
-    let (relay, metrics) = relay(&server, |_| {});
+    let (relay, metrics) = relay(&server, tune);
     // Session 0: accepted, then closed by the upstream while idle.
     assert_eq!(send(&relay, 0).await, Delivery::Accepted);
     server
@@ -493,6 +498,16 @@ async fn a_stale_connection_that_never_answers_mail_costs_a_few_seconds_only() {
     let started = Instant::now();
     stale(Act::SilentAtMail).await;
     assert!(started.elapsed() < Duration::from_secs(20));
+}
+
+#[tokio::test]
+async fn a_silent_reused_connection_leaves_a_short_attempt_time_to_deliver() {
+    // An attempt of 2 s: the wait for MAIL's reply on the reused
+    // connection is cut to half of it (not 5 s, which would outlast the
+    // attempt and give the sender a 451), and the new connection delivers.
+    let started = Instant::now();
+    stale_tuned(Act::SilentAtMail, |c| c.timeout_secs = 2).await;
+    assert!(started.elapsed() < Duration::from_secs(5));
 }
 
 #[tokio::test]
