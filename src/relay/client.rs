@@ -33,6 +33,7 @@ use lettre::transport::smtp::commands::{Data, Ehlo, Mail, Rcpt, Rset};
 use lettre::transport::smtp::extension::{
     ClientId, Extension, MailBodyParameter, MailParameter, ServerInfo,
 };
+use lettre::transport::smtp::response::Severity;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
@@ -400,17 +401,22 @@ async fn transact(
     )
     .await;
     match outcome {
-        Ok(_) => {
+        Ok(reply) => {
             // The final reply of a complete transaction: the connection is
             // between transactions again, and only here may it go back.
+            // lettre takes any 2xx or 3xx reply as success; a 3xx here
+            // (a server out of step with its own replies) may leave a reply
+            // unread, so such a connection is not lent again.
             session.messages += 1;
+            let in_step = reply.code().severity == Severity::PositiveCompletion;
             match target.pool {
-                Some(pool) => {
+                Some(pool) if in_step => {
                     if reused {
                         pool.count_reused();
                     }
                     pool.put(session);
                 }
+                Some(_) => drop(session),
                 None => session.quit_in_background(),
             }
             Ok(())

@@ -31,6 +31,9 @@ enum Act {
     SilentAtMail,
     /// Accepts it, then closes the connection (an idle timeout of its own).
     AcceptAndClose,
+    /// Answers the end of data with a `3xx` (a server out of step with its
+    /// own replies; lettre reads it as success).
+    ThreeXxDataReply,
 }
 
 /// What one session heard, in order: commands, plus `data:<Message-ID>`
@@ -147,6 +150,10 @@ impl Server {
                                             },
                                         }
                                     }
+                                    continue;
+                                }
+                                if let Act::ThreeXxDataReply = act {
+                                    let _ = w.write_all(b"354 out of step\r\n").await;
                                     continue;
                                 }
                                 let _ = w.write_all(b"250 2.0.0 queued\r\n").await;
@@ -328,6 +335,28 @@ async fn several_messages_share_one_connection_each_delivered_once() {
         })
         .await;
     assert_eq!(metric(&metrics, "tempalias_relay_idle", &server.url()), "0");
+}
+
+#[tokio::test]
+async fn a_connection_whose_data_reply_was_not_2xx_is_not_lent_again() {
+    let server = Server::start(|session, transaction| {
+        if (session, transaction) == (0, 0) {
+            Act::ThreeXxDataReply
+        } else {
+            Act::Accept
+        }
+    })
+    .await;
+    let (relay, metrics) = relay(&server, |_| {});
+    // lettre takes the 354 as success (as it always did); the connection
+    // it came on is closed, not kept.
+    assert_eq!(send(&relay, 0).await, Delivery::Accepted);
+    assert_eq!(send(&relay, 1).await, Delivery::Accepted);
+    assert_eq!(server.transactions(), vec![vec![id(0)], vec![id(1)]]);
+    assert_eq!(
+        metric(&metrics, "tempalias_relay_connections_total", &server.url()),
+        "2"
+    );
 }
 
 #[tokio::test]
