@@ -12,6 +12,7 @@ import subprocess
 import pytest
 
 from harness import BIN, REPO, Node, SmtpSink
+from peers import AioSmtpd, Ca
 
 
 def pytest_configure(config):
@@ -85,3 +86,24 @@ def sink_factory(request, tmp_path):
     yield make
     for s in made:
         s.cleanup()
+
+
+@pytest.fixture
+def ca(tmp_path):
+    """A private certificate authority for peers that speak TLS."""
+    return Ca.create(tmp_path / "ca")
+
+
+@pytest.fixture
+def aiosmtpd_factory():
+    """make(**kwargs) -> a started AioSmtpd peer, stopped after the test."""
+    made: list[AioSmtpd] = []
+
+    def make(**kwargs) -> AioSmtpd:
+        s = AioSmtpd(**kwargs).start()
+        made.append(s)
+        return s
+
+    yield make
+    for s in made:
+        s.stop()

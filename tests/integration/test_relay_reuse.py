@@ -12,26 +12,7 @@ import re
 import pytest
 
 from harness import TARGET, message
-from peers import AioSmtpd, Ca
-
-
-@pytest.fixture
-def ca(tmp_path):
-    return Ca.create(tmp_path / "ca")
-
-
-@pytest.fixture
-def aiosmtpd_factory():
-    made = []
-
-    def make(**kwargs) -> AioSmtpd:
-        s = AioSmtpd(**kwargs).start()
-        made.append(s)
-        return s
-
-    yield make
-    for s in made:
-        s.stop()
+from peers import AioSmtpd
 
 
 def metric(text: str, name: str, upstream: str) -> float:

@@ -14,25 +14,11 @@ import smtplib
 import pytest
 
 from harness import SENDER, free_port, message
-from peers import AioSmtpd, Ca, Nsd
+from peers import Ca, Nsd
 
 # Any message from `message()` is far below this; padded ones are above it.
 SMALL_LIMIT = 4000
 BIG = 10_000
-
-
-@pytest.fixture
-def peer_factory():
-    made = []
-
-    def make(**kwargs) -> AioSmtpd:
-        p = AioSmtpd(**kwargs).start()
-        made.append(p)
-        return p
-
-    yield make
-    for p in made:
-        p.stop()
 
 
 def big_message(subject: str, to: str) -> bytes:
@@ -55,14 +41,14 @@ def size_option(options: list[str]) -> int | None:
 
 
 @pytest.mark.parametrize("tls", ["plaintext", "starttls", "implicit"])
-def test_a_message_over_the_first_smarthosts_size_goes_to_the_second(node_factory, peer_factory, tmp_path, tls):
+def test_a_message_over_the_first_smarthosts_size_goes_to_the_second(node_factory, aiosmtpd_factory, tmp_path, tls):
     # With STARTTLS the limit must come from the EHLO after TLS (RFC 3207);
     # with implicit TLS it is read below lettre, inside our TLS stream.
     ca = Ca.create(tmp_path / "ca")
     peer = {"plaintext": {}, "starttls": {"cert": ca.issue("starttls")},
             "implicit": {"cert": ca.issue("implicit"), "implicit_tls": True}}[tls]
-    small = peer_factory(size_limit=SMALL_LIMIT, **peer)
-    large = peer_factory(size_limit=10 * 1024 * 1024, **peer)
+    small = aiosmtpd_factory(size_limit=SMALL_LIMIT, **peer)
+    large = aiosmtpd_factory(size_limit=10 * 1024 * 1024, **peer)
     node = node_factory(relay="smarthost", smarthosts=[small.url, large.url],
                         config={"relay": {"breaker_failures": 2, "ca_file": str(ca.pem_path)}})
     encrypted = tls != "plaintext"
@@ -97,9 +83,9 @@ def test_a_message_over_the_first_smarthosts_size_goes_to_the_second(node_factor
     assert 'result="failed"' not in m
 
 
-def test_a_message_over_every_smarthosts_size_is_552_and_keeps_the_use(node_factory, peer_factory):
-    a = peer_factory(size_limit=SMALL_LIMIT)
-    b = peer_factory(size_limit=SMALL_LIMIT + 100)
+def test_a_message_over_every_smarthosts_size_is_552_and_keeps_the_use(node_factory, aiosmtpd_factory):
+    a = aiosmtpd_factory(size_limit=SMALL_LIMIT)
+    b = aiosmtpd_factory(size_limit=SMALL_LIMIT + 100)
     node = node_factory(relay="smarthost", smarthosts=[a.url, b.url])
     alias = node.create_alias(target="secret-target@example.net", days=1, max_usage=1)
 
@@ -119,14 +105,14 @@ def test_a_message_over_every_smarthosts_size_is_552_and_keeps_the_use(node_fact
     assert "takes messages up to" in node.logs()
 
 
-def test_an_upstreams_own_552_after_data_is_passed_on_without_failover(node_factory, peer_factory):
+def test_an_upstreams_own_552_after_data_is_passed_on_without_failover(node_factory, aiosmtpd_factory):
     # The first smarthost announces a limit the message is far below, then
     # refuses it after DATA anyway (a quota, say): a permanent refusal as
     # before this change, passed on with its codes and a fixed text; the
     # second smarthost is not asked.
-    refusing = peer_factory(size_limit=10 * 1024 * 1024,
+    refusing = aiosmtpd_factory(size_limit=10 * 1024 * 1024,
                             refuse_data="552 5.3.4 <secret-target@example.net>: mailbox quota exceeded")
-    second = peer_factory(size_limit=10 * 1024 * 1024)
+    second = aiosmtpd_factory(size_limit=10 * 1024 * 1024)
     node = node_factory(relay="smarthost", smarthosts=[refusing.url, second.url])
     alias = node.create_alias(target="secret-target@example.net", days=1, max_usage=1)
     code, text = data_error(node, alias, message("refused after data", to=alias["alias"]))
@@ -139,12 +125,12 @@ def test_an_upstreams_own_552_after_data_is_passed_on_without_failover(node_fact
     assert f'tempalias_relay_attempts_total{{upstream="{refusing.url}",result="refused_permanent"}} 1' in m, m
 
 
-def test_an_upstreams_552_to_rcpt_is_temporary(node_factory, peer_factory):
+def test_an_upstreams_552_to_rcpt_is_temporary(node_factory, aiosmtpd_factory):
     # RFC 5321 4.5.3.1.10: a 552 to RCPT ("too many recipients") is to be
     # taken as temporary. Nothing was sent, so the next smarthost is asked;
     # with none left the sender gets 451 and the use is kept.
-    refusing = peer_factory(refuse_rcpt="552 5.5.3 Too many recipients")
-    second = peer_factory()
+    refusing = aiosmtpd_factory(refuse_rcpt="552 5.5.3 Too many recipients")
+    second = aiosmtpd_factory()
     node = node_factory(relay="smarthost", smarthosts=[refusing.url, second.url])
     alias = node.create_alias(target="secret-target@example.net", days=1, max_usage=2)
     assert node.send([alias["alias"]], message("552 at rcpt, then the next", to=alias["alias"])) == {}
@@ -174,13 +160,13 @@ ZONES = {
 }
 
 
-def test_mx_hosts_below_the_message_size_are_passed_over(tmp_path, node_factory, peer_factory, request):
+def test_mx_hosts_below_the_message_size_are_passed_over(tmp_path, node_factory, aiosmtpd_factory, request):
     nsd = Nsd(tmp_path, ZONES).start()
     request.addfinalizer(nsd.stop)
     port = free_port()
-    mx1 = peer_factory(size_limit=SMALL_LIMIT, host="127.0.0.21", port=port)
-    mx2 = peer_factory(size_limit=10 * 1024 * 1024, host="127.0.0.22", port=port)
-    only = peer_factory(size_limit=SMALL_LIMIT, host="127.0.0.23", port=port)
+    mx1 = aiosmtpd_factory(size_limit=SMALL_LIMIT, host="127.0.0.21", port=port)
+    mx2 = aiosmtpd_factory(size_limit=10 * 1024 * 1024, host="127.0.0.22", port=port)
+    only = aiosmtpd_factory(size_limit=SMALL_LIMIT, host="127.0.0.23", port=port)
     node = node_factory(config={"relay": {"mode": "mx", "dns_servers": [f"127.0.0.1:{nsd.port}"], "mx_port": port,
                                           "timeout_secs": 3}})
 

@@ -11,26 +11,7 @@ import smtplib
 import pytest
 
 from harness import SENDER, TARGET, message, srs_of
-from peers import AioSmtpd, Ca, PostfixSmarthost, self_signed
-
-
-@pytest.fixture
-def ca(tmp_path):
-    return Ca.create(tmp_path / "ca")
-
-
-@pytest.fixture
-def aiosmtpd_factory():
-    made = []
-
-    def make(**kwargs) -> AioSmtpd:
-        s = AioSmtpd(**kwargs).start()
-        made.append(s)
-        return s
-
-    yield make
-    for s in made:
-        s.stop()
+from peers import PostfixSmarthost, self_signed
 
 
 def data_error(node, alias, subject):
