@@ -86,6 +86,35 @@ pub struct StatusReport {
     pub applies_bounded_purges: bool,
 }
 
+#[cfg(test)]
+impl StatusReport {
+    /// The report of a member `id` of this release, initialized, term 1,
+    /// alive; tests change the fields they are about.
+    pub(crate) fn for_test(id: NodeId) -> Self {
+        Self {
+            id,
+            state: String::new(),
+            term: 1,
+            leader: None,
+            last_log_index: Some(1),
+            last_applied: None,
+            snapshot_index: None,
+            purged_index: None,
+            initialized: true,
+            voters: vec![],
+            learners: vec![],
+            nodes: BTreeMap::new(),
+            replication: BTreeMap::new(),
+            millis_since_quorum_ack: None,
+            now_ms: 0,
+            leader_alive: true,
+            last_log_term: Some(1),
+            applies_batches: true,
+            applies_bounded_purges: true,
+        }
+    }
+}
+
 /// A membership change asked of the cluster.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case")]

@@ -460,25 +460,9 @@ mod tests {
 
     fn report(alive: bool, last_log_index: u64) -> StatusReport {
         StatusReport {
-            id: 0,
-            state: String::new(),
-            term: 1,
-            leader: None,
             last_log_index: Some(last_log_index),
-            last_applied: None,
-            snapshot_index: None,
-            purged_index: None,
-            initialized: true,
-            voters: vec![],
-            learners: vec![],
-            nodes: BTreeMap::new(),
-            replication: BTreeMap::new(),
-            millis_since_quorum_ack: None,
-            now_ms: 0,
             leader_alive: alive,
-            last_log_term: Some(1),
-            applies_batches: true,
-            applies_bounded_purges: true,
+            ..StatusReport::for_test(0)
         }
     }
 

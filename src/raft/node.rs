@@ -69,6 +69,30 @@ pub enum LeaderReadError {
 /// its reservation id, a repeated Create its id and token digest, a repeated
 /// keyed create its key, and the others are idempotent by nature. A new
 /// command must decide here.
+/// What a node's status report says it cannot do that this release's
+/// entries need, as a refusal to add it (`None`: nothing missing).
+fn learner_gap(id: NodeId, addr: &str, report: &StatusReport) -> Option<String> {
+    if report.id != id {
+        return Some(format!(
+            "the node at {addr} says it is node {}, not {id}: check its node_id",
+            report.id
+        ));
+    }
+    let mut missing = Vec::new();
+    if !report.applies_batches {
+        missing.push("batched entries");
+    }
+    if !report.applies_bounded_purges {
+        missing.push("bounded purges");
+    }
+    (!missing.is_empty()).then(|| {
+        format!(
+            "node {id} at {addr} runs a release that cannot apply {} written by this cluster; upgrade it to this release first",
+            missing.join(" and ")
+        )
+    })
+}
+
 fn is_idempotent(cmd: &Command) -> bool {
     match cmd {
         Command::CreateAlias { .. }
@@ -762,6 +786,23 @@ impl Node {
         )
     }
 
+    /// Why node `id` at `addr` must not join, from its own status report:
+    /// a release that cannot apply entries this cluster writes (batches,
+    /// bounded purges) would stop at the first one it received, and the
+    /// capability gates only see members. A node that does not answer is
+    /// not refused here: it may still be starting, and joining waits for it
+    /// as before.
+    async fn learner_refusal(&self, id: NodeId, addr: &str) -> Option<String> {
+        let report = match self.peers.status_within(addr, Duration::from_secs(5)).await {
+            Ok(report) => report,
+            Err(e) => {
+                tracing::warn!(id, addr, error = %e, "new member did not report its status; adding it anyway");
+                return None;
+            }
+        };
+        learner_gap(id, addr, &report)
+    }
+
     /// Applies a membership change on the leader (forwarding if needed).
     pub async fn change_membership(&self, change: MembershipChange) -> MembershipResponse {
         let leader = self.metrics_now().current_leader;
@@ -795,6 +836,12 @@ impl Node {
         let _no_lease = self.read_lease.suspend();
         let result = match &change {
             MembershipChange::AddLearner { id, addr } => {
+                if let Some(refusal) = self.learner_refusal(*id, addr).await {
+                    return MembershipResponse {
+                        ok: false,
+                        message: refusal,
+                    };
+                }
                 // Blocking: returns once the learner has caught up (by log or snapshot).
                 self.raft
                     .add_learner(*id, BasicNode { addr: addr.clone() }, true)
@@ -1085,5 +1132,34 @@ impl Node {
         if let Err(e) = self.raft.shutdown().await {
             tracing::warn!(error = %e, "raft shutdown");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_learner_of_another_release_or_id_is_refused_with_the_reason() {
+        let addr = "127.0.0.4:7001";
+        assert_eq!(learner_gap(4, addr, &StatusReport::for_test(4)), None);
+        let old = StatusReport {
+            applies_batches: false,
+            applies_bounded_purges: false,
+            ..StatusReport::for_test(4)
+        };
+        let why = learner_gap(4, addr, &old).expect("refused");
+        assert!(
+            why.contains("batched entries and bounded purges") && why.contains("upgrade"),
+            "{why}"
+        );
+        let no_bounded = StatusReport {
+            applies_bounded_purges: false,
+            ..StatusReport::for_test(4)
+        };
+        let why = learner_gap(4, addr, &no_bounded).expect("refused");
+        assert!(why.contains("cannot apply bounded purges"), "{why}");
+        let why = learner_gap(5, addr, &StatusReport::for_test(4)).expect("refused");
+        assert!(why.contains("says it is node 4, not 5"), "{why}");
     }
 }

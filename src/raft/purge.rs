@@ -175,7 +175,6 @@ impl Round {
 #[cfg(test)]
 mod tests {
     use std::cell::RefCell;
-    use std::collections::BTreeMap;
 
     use super::*;
     use crate::cluster::messages::StatusReport;
@@ -194,25 +193,9 @@ mod tests {
 
     fn report(bounded: bool) -> StatusReport {
         StatusReport {
-            id: 0,
-            state: String::new(),
-            term: 1,
             leader: Some(1),
-            last_log_index: Some(1),
-            last_applied: None,
-            snapshot_index: None,
-            purged_index: None,
-            initialized: true,
-            voters: vec![],
-            learners: vec![],
-            nodes: BTreeMap::new(),
-            replication: BTreeMap::new(),
-            millis_since_quorum_ack: None,
-            now_ms: 0,
-            leader_alive: true,
-            last_log_term: Some(1),
-            applies_batches: true,
             applies_bounded_purges: bounded,
+            ..StatusReport::for_test(0)
         }
     }
 
