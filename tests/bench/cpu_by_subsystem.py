@@ -35,10 +35,11 @@ GROUPS = [
     ),
     ("outbound SMTP (relay client)", re.compile(r"relay::Relay::deliver|relay::client")),
     ("inbound SMTP session", re.compile(r"smtp::session|smtp::server")),
+    # Before gRPC: the HTTP API is served by hyper too (HTTP/1.1).
+    ("HTTP API (axum, hyper HTTP/1)", re.compile(r"tempalias::http::|hyper::proto::h1::")),
     ("gRPC (tonic, hyper, h2)", re.compile(r"tonic::|hyper::|h2::")),
     ("openraft core, replication, state-machine worker", re.compile(r"openraft::")),
     ("write forwarding and group proposal", re.compile(r"raft::forward|raft::batch|raft::node")),
-    ("HTTP API", re.compile(r"tempalias::http::|axum::")),
 ]
 
 
