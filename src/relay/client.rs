@@ -433,7 +433,9 @@ async fn transact(
                 // RSET by a task of its own (the refusal is not delayed),
                 // and only its `250` lets the connection go back.
                 (Some(code), Some(pool))
-                    if code != 421 && matches!(e.stage, Stage::Mail | Stage::Rcpt) =>
+                    if code != 421
+                        && matches!(e.stage, Stage::Mail | Stage::Rcpt)
+                        && pool.enabled() =>
                 {
                     let pool = pool.clone();
                     tokio::spawn(async move {

@@ -137,6 +137,11 @@ impl Pool {
         }
     }
 
+    /// Whether connections are kept at all (`relay.reuse_connections`).
+    pub fn enabled(&self) -> bool {
+        self.settings.enabled
+    }
+
     /// Takes back a connection after a complete transaction, or closes it
     /// when reuse is off, it is spent or old, it was made under other
     /// settings, or the node is shutting down.

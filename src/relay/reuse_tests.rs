@@ -594,6 +594,35 @@ async fn a_refused_recipient_is_reset_and_the_connection_reused() {
 }
 
 #[tokio::test]
+async fn with_reuse_off_a_refused_recipient_ends_the_connection_without_rset() {
+    let server = Server::start(|_, _| Act::Accept).await;
+    let (relay, _) = relay(&server, |c| c.reuse_connections = false);
+    let refused = relay
+        .deliver(
+            &Envelope {
+                mail_from: "x@a.example".into(),
+                rcpt_to: vec!["refuse@b.example".into()],
+            },
+            b"Subject: r\r\n\r\nr\r\n",
+            Instant::now() + Duration::from_secs(20),
+        )
+        .await;
+    assert!(
+        matches!(refused, Delivery::PermFail { code: 550, .. }),
+        "{refused:?}"
+    );
+    server
+        .until("QUIT", |logs| {
+            logs.first()
+                .and_then(|l| l.last())
+                .is_some_and(|l| l == "QUIT")
+        })
+        .await;
+    let logs = server.logs();
+    assert!(!logs[0].iter().any(|l| l == "RSET"), "{logs:?}");
+}
+
+#[tokio::test]
 async fn a_message_too_large_for_an_idle_connections_ehlo_asks_a_new_one() {
     // The first connection's EHLO says SIZE 200; the smarthost is then
     // reconfigured, and new connections say 100,000.
