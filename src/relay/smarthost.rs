@@ -94,7 +94,20 @@ impl SmarthostRelay {
         let mut upstreams = Vec::new();
         for host in &config.smarthosts {
             let url = &host.url;
-            let label = url.label();
+            // Entries for one host and port (other users, other TLS
+            // modes) would share a label and overwrite each other's
+            // gauges: the second is `...#2`, the third `...#3`.
+            let label = {
+                let base = url.label();
+                match upstreams
+                    .iter()
+                    .filter(|u: &&Upstream| u.url.label() == base)
+                    .count()
+                {
+                    0 => base,
+                    n => format!("{base}#{}", n + 1),
+                }
+            };
             let err = |e: String| RelayError::Smarthost(format!("{label}: {e}"));
             let tls = match url.tls {
                 TlsMode::Opportunistic => {
@@ -397,6 +410,21 @@ mod tests {
             started.elapsed()
         );
         hold.abort();
+    }
+
+    #[test]
+    fn entries_for_one_host_and_port_get_labels_of_their_own() {
+        let url = format!("smtp://127.0.0.1:{}", dead_port());
+        let (_relay, metrics) = relay(&[url.clone(), url.clone(), url.clone()], 5);
+        let text = metrics.encode();
+        for label in [url.clone(), format!("{url}#2"), format!("{url}#3")] {
+            assert!(
+                text.contains(&format!(
+                    "tempalias_relay_breaker_state{{upstream=\"{label}\"}} 0"
+                )),
+                "{text}"
+            );
+        }
     }
 
     #[tokio::test]
