@@ -94,9 +94,9 @@ impl SmarthostRelay {
         let mut upstreams = Vec::new();
         for host in &config.smarthosts {
             let url = &host.url;
-            // Entries for one host and port (other users, other TLS
-            // modes) would share a label and overwrite each other's
-            // gauges: the second is `...#2`, the third `...#3`.
+            // Entries for one scheme, host and port (other users) would
+            // share a label and overwrite each other's gauges: the second
+            // is `...#2`, the third `...#3`.
             let label = {
                 let base = url.label();
                 match upstreams
