@@ -4,20 +4,10 @@
 //! entry the log holds.
 
 use openraft::storage::{RaftLogStorage, RaftLogStorageExt, RaftStateMachine};
-use openraft::{CommittedLeaderId, Entry, EntryPayload, LogId};
 use tempalias::raft::store;
-use tempalias::raft::TypeConfig;
 
-fn log_id(index: u64) -> LogId<u64> {
-    LogId::new(CommittedLeaderId::new(1, 1), index)
-}
-
-fn blank(index: u64) -> Entry<TypeConfig> {
-    Entry {
-        log_id: log_id(index),
-        payload: EntryPayload::Blank,
-    }
-}
+mod common;
+use common::{blank, log_id};
 
 #[tokio::test]
 async fn settled_only_when_the_last_entry_is_committed() {

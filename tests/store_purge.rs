@@ -5,31 +5,22 @@
 //! cannot start). The purge must not complete before the state it relies on
 //! has committed, and must fail, not hang, when that state never comes.
 
-use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::Path;
 use std::time::Duration;
 
 use openraft::storage::{RaftLogStorage, RaftLogStorageExt, RaftSnapshotBuilder, RaftStateMachine};
-use openraft::{CommittedLeaderId, Entry, EntryPayload, LogId, RaftLogReader, SnapshotMeta};
+use openraft::{Entry, EntryPayload, RaftLogReader, SnapshotMeta};
 use tempalias::raft::store::{self, LogStore, StateMachine};
 use tempalias::raft::{Command, Request, TypeConfig};
+
+mod common;
+use common::{blank, bytes_of, install_bytes, log_id};
 
 /// How long a purge that should be waiting is given to (wrongly) finish.
 /// A purge that does not wait finishes in milliseconds.
 const MUST_STILL_WAIT: Duration = Duration::from_millis(300);
 /// Bound on a purge that should finish.
 const MUST_FINISH: Duration = Duration::from_secs(20);
-
-fn log_id(index: u64) -> LogId<u64> {
-    LogId::new(CommittedLeaderId::new(1, 1), index)
-}
-
-fn blank(index: u64) -> Entry<TypeConfig> {
-    Entry {
-        log_id: log_id(index),
-        payload: EntryPayload::Blank,
-    }
-}
 
 fn create(index: u64, id: &str) -> Entry<TypeConfig> {
     Entry {
@@ -61,26 +52,8 @@ async fn leader_snapshot(dir: &Path) -> (SnapshotMeta<u64, openraft::BasicNode>,
         .build_snapshot()
         .await
         .expect("build");
-    let meta = snap.meta;
-    let mut file = snap.snapshot.into_std().await;
-    file.seek(SeekFrom::Start(0)).unwrap();
-    let mut bytes = Vec::new();
-    file.read_to_end(&mut bytes).unwrap();
-    (meta, bytes)
-}
-
-/// Hands `bytes` to the state machine the way openraft does.
-async fn install(
-    sm: &mut StateMachine,
-    meta: &SnapshotMeta<u64, openraft::BasicNode>,
-    bytes: &[u8],
-) -> Result<(), String> {
-    let file = sm.begin_receiving_snapshot().await.expect("begin");
-    let mut file = file.into_std().await;
-    file.write_all(bytes).unwrap();
-    sm.install_snapshot(meta, Box::new(tokio::fs::File::from_std(file)))
-        .await
-        .map_err(|e| e.to_string())
+    let meta = snap.meta.clone();
+    (meta, bytes_of(snap).await)
 }
 
 /// A follower with log entries 1..=5, of which 1..=2 are applied.
@@ -127,7 +100,9 @@ async fn a_purge_for_an_installing_snapshot_waits_for_the_install() {
     );
     log_untouched(&mut log).await;
 
-    install(&mut sm, &snap, &bytes).await.expect("install");
+    install_bytes(&mut sm, &snap, &bytes)
+        .await
+        .expect("install");
     tokio::time::timeout(MUST_FINISH, purge)
         .await
         .expect("the purge finishes once the install has")
@@ -217,7 +192,7 @@ async fn a_purge_fails_instead_of_hanging_when_the_install_fails() {
 
     let mid = bytes.len() / 2;
     bytes[mid] ^= 0x01;
-    assert!(install(&mut sm, &snap, &bytes).await.is_err());
+    assert!(install_bytes(&mut sm, &snap, &bytes).await.is_err());
     let result = tokio::time::timeout(MUST_FINISH, purge)
         .await
         .expect("the purge ends once the install has failed")

@@ -3,7 +3,6 @@
 //! format version, converted from the JSON snapshot of older releases, and
 //! rebuilt when the file has gone missing.
 
-use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::Path;
 
 use openraft::storage::{RaftSnapshotBuilder, RaftStateMachine};
@@ -11,6 +10,9 @@ use openraft::{CommittedLeaderId, Entry, EntryPayload, LogId, Snapshot};
 use tempalias::raft::snapshot::FORMAT_VERSION;
 use tempalias::raft::store::{self, StateMachine};
 use tempalias::raft::{Command, Request, Response, TargetPolicy, TypeConfig};
+
+mod common;
+use common::{bytes_of, install_bytes};
 
 fn entry(index: u64, now_ms: u64, cmd: Command) -> Entry<TypeConfig> {
     Entry {
@@ -52,30 +54,6 @@ async fn source(dir: &Path) -> (StateMachine, Snapshot<TypeConfig>) {
         .await
         .expect("build");
     (sm, snap)
-}
-
-/// The snapshot's bytes, read from its file.
-async fn bytes_of(snap: Snapshot<TypeConfig>) -> Vec<u8> {
-    let mut file = snap.snapshot.into_std().await;
-    file.seek(SeekFrom::Start(0)).unwrap();
-    let mut out = Vec::new();
-    file.read_to_end(&mut out).unwrap();
-    out
-}
-
-/// Hands `bytes` to the receiver the way openraft does: written into the
-/// file `begin_receiving_snapshot` gave.
-async fn install_bytes(
-    sm: &mut StateMachine,
-    meta: &openraft::SnapshotMeta<u64, openraft::BasicNode>,
-    bytes: &[u8],
-) -> Result<(), String> {
-    let file = sm.begin_receiving_snapshot().await.expect("begin");
-    let mut file = file.into_std().await;
-    file.write_all(bytes).unwrap();
-    sm.install_snapshot(meta, Box::new(tokio::fs::File::from_std(file)))
-        .await
-        .map_err(|e| e.to_string())
 }
 
 /// A receiver that already holds one alias of its own, to see that a refused

@@ -388,8 +388,9 @@ async fn reuse_off_is_one_connection_per_message() {
     );
 }
 
-#[tokio::test]
-async fn a_send_cancelled_while_waiting_for_its_data_reply_never_lends_its_connection() {
+/// An upstream that holds its reply to the second message of its first
+/// session until the returned `Notify` fires.
+async fn holding_second_reply() -> (Server, Arc<Notify>) {
     let late = Arc::new(Notify::new());
     let hold = late.clone();
     let server = Server::start(move |session, transaction| {
@@ -400,6 +401,12 @@ async fn a_send_cancelled_while_waiting_for_its_data_reply_never_lends_its_conne
         }
     })
     .await;
+    (server, late)
+}
+
+#[tokio::test]
+async fn a_send_cancelled_while_waiting_for_its_data_reply_never_lends_its_connection() {
+    let (server, late) = holding_second_reply().await;
     let (relay, metrics) = relay(&server, |_| {});
     // Message 0 makes the connection and leaves it idle.
     assert_eq!(send(&relay, 0).await, Delivery::Accepted);
@@ -434,16 +441,7 @@ async fn a_send_cancelled_while_waiting_for_its_data_reply_never_lends_its_conne
 
 #[tokio::test]
 async fn a_send_cut_off_by_the_attempt_timeout_never_lends_its_connection() {
-    let late = Arc::new(Notify::new());
-    let hold = late.clone();
-    let server = Server::start(move |session, transaction| {
-        if (session, transaction) == (0, 1) {
-            Act::HoldDataReply(hold.clone())
-        } else {
-            Act::Accept
-        }
-    })
-    .await;
+    let (server, late) = holding_second_reply().await;
     let (relay, _) = relay(&server, |c| c.timeout_secs = 1);
     assert_eq!(send(&relay, 0).await, Delivery::Accepted);
     // Our own timeout ends the attempt: 451 for the sender.
@@ -559,10 +557,8 @@ async fn an_idle_connection_is_closed_after_the_idle_time() {
     );
 }
 
-#[tokio::test]
-async fn a_refused_recipient_is_reset_and_the_connection_reused() {
-    let server = Server::start(|_, _| Act::Accept).await;
-    let (relay, metrics) = relay(&server, |_| {});
+/// Sends a message whose one recipient the upstream refuses (`550`).
+async fn refused_recipient(relay: &SmarthostRelay) {
     let refused = relay
         .deliver(
             &Envelope {
@@ -577,6 +573,13 @@ async fn a_refused_recipient_is_reset_and_the_connection_reused() {
         matches!(refused, Delivery::PermFail { code: 550, .. }),
         "{refused:?}"
     );
+}
+
+#[tokio::test]
+async fn a_refused_recipient_is_reset_and_the_connection_reused() {
+    let server = Server::start(|_, _| Act::Accept).await;
+    let (relay, metrics) = relay(&server, |_| {});
+    refused_recipient(&relay).await;
     // The connection goes back once RSET got its 250.
     let end = Instant::now() + Duration::from_secs(10);
     while metric(&metrics, "tempalias_relay_idle", &server.url()) != "1" {
@@ -597,20 +600,7 @@ async fn a_refused_recipient_is_reset_and_the_connection_reused() {
 async fn with_reuse_off_a_refused_recipient_ends_the_connection_without_rset() {
     let server = Server::start(|_, _| Act::Accept).await;
     let (relay, _) = relay(&server, |c| c.reuse_connections = false);
-    let refused = relay
-        .deliver(
-            &Envelope {
-                mail_from: "x@a.example".into(),
-                rcpt_to: vec!["refuse@b.example".into()],
-            },
-            b"Subject: r\r\n\r\nr\r\n",
-            Instant::now() + Duration::from_secs(20),
-        )
-        .await;
-    assert!(
-        matches!(refused, Delivery::PermFail { code: 550, .. }),
-        "{refused:?}"
-    );
+    refused_recipient(&relay).await;
     server
         .until("QUIT", |logs| {
             logs.first()
