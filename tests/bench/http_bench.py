@@ -28,6 +28,11 @@ header line every second) are held open by a process of its own, which
 reopens any the node closes. Prints tables; asserts nothing about time.
 
     python3 tests/bench/http_bench.py --only-held    # just that part
+
+With `--leases-off-peer` a second three-node cluster runs beside the first
+with `cluster.follower_read_leases = false` (every follower read asks the
+leader for its read index), interleaved with the others as `3-node/no lease`:
+the follower read leases' effect, measured in the same run.
 """
 
 from __future__ import annotations
@@ -301,6 +306,8 @@ def main(argv=None) -> int:
     p.add_argument("--held-seconds", type=float, default=12.0,
                    help="seconds of creates while they are held (default: %(default)s)")
     p.add_argument("--only-held", action="store_true", help="skip the wrk rounds (only the held-connection part)")
+    p.add_argument("--leases-off-peer", action="store_true",
+                   help="also a three-node cluster with cluster.follower_read_leases = false")
     args = p.parse_args(argv)
     if not shutil.which("wrk"):
         print("wrk is missing: apt-get install wrk", file=sys.stderr)
@@ -327,19 +334,25 @@ def main(argv=None) -> int:
         "ratelimit": {"create_quota": big, "status_quota": big, "failed_quota": big},
     }
     started = time.monotonic()
-    nginx = one = three = None
+    nginx = one = three = plain = None
     try:
         nginx_port = free_ports(ips[:1], 1)[0]
         nginx = start_nginx(tmp / "nginx", nginx_port)
         p3 = dict(zip(("http", "smtp", "cluster"), free_ports(ips, 3)))
         three = LocalCluster(tmp / "three", n=3, binary=binary, ports=p3, extra_config=extra)
         three.start(timeout=60)
+        if args.leases_off_peer:
+            off = {**extra, "cluster": {"follower_read_leases": False}}
+            pp = dict(zip(("http", "smtp", "cluster"), free_ports(ips, 3)))
+            plain = LocalCluster(tmp / "plain", n=3, binary=binary, ports=pp, extra_config=off)
+            plain.start(timeout=60)
         p1 = dict(zip(("http", "smtp", "cluster"), free_ports(ips[:1], 3)))
         one = LocalCluster(tmp / "one", n=1, binary=binary, ports=p1, extra_config=extra)
         one.start(timeout=60)
 
         targets = {}
-        for name, cl in (("1-node", one), ("3-node", three)):
+        clusters = [("1-node", one), ("3-node", three)] + ([("3-node/no lease", plain)] if plain else [])
+        for name, cl in clusters:
             nodes = list(cl)
             alias = create(nodes[0].ip, nodes[0].http_port)
             targets[name] = {
@@ -355,7 +368,7 @@ def main(argv=None) -> int:
         for run in range(0 if args.only_held else args.runs):
             jobs = [("nginx static 200", lambda: wrk([f"http://127.0.0.1:{nginx_port}/"], args.duration, tmp,
                                                      pids=nginx_pids))]
-            for name in ("1-node", "3-node"):
+            for name, _ in clusters:
                 urls, hdrs = targets[name]["read"]
                 pids = targets[name]["pids"]
                 jobs.append((f"{name} GET status", lambda u=urls, h=hdrs, p=pids: wrk(
@@ -365,7 +378,7 @@ def main(argv=None) -> int:
             for label, job in jobs:
                 r = job()
                 figures.setdefault(label, []).append(r)
-                print(f"run {run + 1}/{args.runs} {label:<18} {r['rate']:9.0f} req/s  p50 {r['p50']:6.2f} ms  "
+                print(f"run {run + 1}/{args.runs} {label:<24} {r['rate']:9.0f} req/s  p50 {r['p50']:6.2f} ms  "
                       f"p99 {r['p99']:6.2f} ms  cpu {r['cpu_us']:7.1f} us/req  errors {r['errors']}", flush=True)
 
         # Creates while idle and slowloris connections are held open: one
@@ -384,8 +397,10 @@ def main(argv=None) -> int:
             holder.close()
         one.stop()
         three.stop()
+        if plain is not None:
+            plain.stop()
     finally:
-        for cl in (one, three):
+        for cl in (one, three, plain):
             if cl is not None:
                 cl.cleanup()
         if nginx is not None:
@@ -404,14 +419,14 @@ def main(argv=None) -> int:
         print(f"wrk, {CONNECTIONS} connections, {THREADS} threads per wrk; {args.runs} runs x {args.duration:g} s "
               f"(medians); total {time.monotonic() - started:.0f} s")
         print()
-        print(f"| {'target':<18} | {'req/s':>9} | {'x nginx':>7} | {'p50':>8} | {'p99':>8} | {'errors':>6} |")
-        print(f"|{'-' * 20}|{'-' * 11}|{'-' * 9}|{'-' * 10}|{'-' * 10}|{'-' * 8}|")
+        print(f"| {'target':<24} | {'req/s':>9} | {'x nginx':>7} | {'p50':>8} | {'p99':>8} | {'errors':>6} |")
+        print(f"|{'-' * 26}|{'-' * 11}|{'-' * 9}|{'-' * 10}|{'-' * 10}|{'-' * 8}|")
         for k, v in med.items():
-            print(f"| {k:<18} | {v['rate']:9.0f} | {v['rate'] / ceiling:7.2f} | {v['p50']:5.2f} ms | {v['p99']:5.2f} ms | {errs[k]:6d} |")
+            print(f"| {k:<24} | {v['rate']:9.0f} | {v['rate'] / ceiling:7.2f} | {v['p50']:5.2f} ms | {v['p99']:5.2f} ms | {errs[k]:6d} |")
         print()
         print("Per run (req/s):")
         for k, v in figures.items():
-            print(f"    {k:<18} " + " ".join(f"{r['rate']:.0f}" for r in v))
+            print(f"    {k:<24} " + " ".join(f"{r['rate']:.0f}" for r in v))
         # The machine may be shared: a ratio to the nginx run of the same round is
         # steadier than a ratio of medians.
         print()
@@ -420,13 +435,13 @@ def main(argv=None) -> int:
             if k == "nginx static 200":
                 continue
             ratios = [r["rate"] / n["rate"] for r, n in zip(v, figures["nginx static 200"])]
-            print(f"    {k:<18} " + " ".join(f"{x:.2f}" for x in ratios) + f"   (median {statistics.median(ratios):.2f})")
+            print(f"    {k:<24} " + " ".join(f"{x:.2f}" for x in ratios) + f"   (median {statistics.median(ratios):.2f})")
         print()
         print("Server CPU time per request (all server processes, user + system), median of runs:")
         cpu_nginx = statistics.median(r["cpu_us"] for r in figures["nginx static 200"])
         for k, v in figures.items():
             c = statistics.median(r["cpu_us"] for r in v)
-            print(f"    {k:<18} {c:8.1f} us   {c / cpu_nginx:6.2f} x nginx's cost  "
+            print(f"    {k:<24} {c:8.1f} us   {c / cpu_nginx:6.2f} x nginx's cost  "
                   f"(rate at equal CPU: {cpu_nginx / c:.2f} x nginx)")
         print()
 
