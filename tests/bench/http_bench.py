@@ -32,7 +32,10 @@ reopens any the node closes. Prints tables; asserts nothing about time.
 With `--leases-off-peer` a second three-node cluster runs beside the first
 with `cluster.follower_read_leases = false` (every follower read asks the
 leader for its read index), interleaved with the others as `3-node/no lease`:
-the follower read leases' effect, measured in the same run.
+the follower read leases' effect, measured in the same run. It then also
+times creates on the leader of each (one every 0.02 s on fresh connections),
+alone and while wrk reads on the two followers: what a lease costs the
+writes it makes wait for the lease holders.
 """
 
 from __future__ import annotations
@@ -51,6 +54,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -284,6 +288,32 @@ def paced_creates(node, seconds: float, every: float = 0.12) -> list[float]:
     return times
 
 
+def leader_of(cluster) -> "object":
+    """The node that reports itself as leader (`tempalias_raft_is_leader`)."""
+    def find():
+        for nd in cluster:
+            if nd.metric("tempalias_raft_is_leader", default=0.0) == 1.0:
+                return nd
+        return None
+    return wait_until(find, timeout=30, what="a leader")
+
+
+def creates_beside_reads(cluster, seconds: float, directory: Path, read_path: str, headers: dict) -> tuple:
+    """Paced creates on the leader alone, then the same while wrk reads on
+    the followers (64 connections between them); both lists of times (ms)."""
+    leader = leader_of(cluster)
+    followers = [nd for nd in cluster if nd is not leader]
+    alone = paced_creates(leader, seconds, every=0.02)
+    done = {}
+    t = threading.Thread(target=lambda: done.setdefault("wrk", wrk(
+        [f"http://{nd.ip}:{nd.http_port}{read_path}" for nd in followers], seconds + 1.0, directory,
+        headers=headers)))
+    t.start()
+    beside = paced_creates(leader, seconds, every=0.02)
+    t.join(timeout=seconds + 90)
+    return alone, beside, done.get("wrk", {}).get("rate", 0.0)
+
+
 def connections_active(ip: str, port: int) -> float:
     conn = http.client.HTTPConnection(ip, port, timeout=10)
     try:
@@ -381,6 +411,18 @@ def main(argv=None) -> int:
                 print(f"run {run + 1}/{args.runs} {label:<24} {r['rate']:9.0f} req/s  p50 {r['p50']:6.2f} ms  "
                       f"p99 {r['p99']:6.2f} ms  cpu {r['cpu_us']:7.1f} us/req  errors {r['errors']}", flush=True)
 
+        mixed: dict[str, list] = {}
+        if plain is not None:
+            for run in range(args.runs):
+                for name, cl in (("3-node", three), ("3-node/no lease", plain)):
+                    alias_url = targets[name]["read"][0][0]
+                    path = "/" + alias_url.split("/", 3)[3]
+                    alone, beside, reads = creates_beside_reads(cl, args.duration, tmp, path, targets[name]["read"][1])
+                    mixed.setdefault(name, []).append((alone, beside, reads))
+                    print(f"run {run + 1}/{args.runs} {name:<16} creates on the leader: alone median "
+                          f"{statistics.median(alone):.2f} ms, beside follower reads ({reads:.0f}/s) median "
+                          f"{statistics.median(beside):.2f} ms", flush=True)
+
         # Creates while idle and slowloris connections are held open: one
         # every 0.12 s for 12 s, longer than the header-read timeout (10 s),
         # so the node also closes and the holder reopens them meanwhile.
@@ -443,6 +485,18 @@ def main(argv=None) -> int:
             c = statistics.median(r["cpu_us"] for r in v)
             print(f"    {k:<24} {c:8.1f} us   {c / cpu_nginx:6.2f} x nginx's cost  "
                   f"(rate at equal CPU: {cpu_nginx / c:.2f} x nginx)")
+        print()
+
+    if mixed:
+        print("Creates on the leader (one every 0.02 s, fresh connections), alone and while wrk reads on the")
+        print("two followers; all runs pooled:")
+        for name, rs in mixed.items():
+            alone = [x for r in rs for x in r[0]]
+            beside = [x for r in rs for x in r[1]]
+            p99 = lambda xs: sorted(xs)[max(0, int(len(xs) * 0.99) - 1)]  # noqa: E731
+            print(f"    {name:<16} alone: median {statistics.median(alone):6.2f} ms  p99 {p99(alone):6.2f} ms;  "
+                  f"beside reads: median {statistics.median(beside):6.2f} ms  p99 {p99(beside):6.2f} ms  "
+                  f"(reads {statistics.median(r[2] for r in rs):.0f}/s)")
         print()
 
     def line(label, xs):
