@@ -697,8 +697,8 @@ pub struct ClusterConfig {
     /// detector sees the leader gone). Also the deadline of one probe.
     pub election_timeout_ms: u64,
     /// Followers and learners serve linearizable reads from their own
-    /// replica under a lease from the leader, which then acknowledges no
-    /// write before every lease holder has it (`raft/follower_lease.rs`).
+    /// replica under a lease from the leader, which then makes no write
+    /// visible before every lease holder has it (`raft/follower_lease.rs`).
     /// Off: every follower read asks the leader for its read index, and a
     /// node neither asks for nor grants leases.
     pub follower_read_leases: bool,

@@ -224,7 +224,8 @@ pub struct Metrics {
     pub raft_follower_lease_reads: Counter,
     /// Follower leases this node granted as leader.
     pub raft_follower_leases_granted: Counter,
-    /// Entries whose acknowledgement waited for a follower lease holder.
+    /// Applies that waited for a follower lease holder to persist their
+    /// entries.
     pub raft_lease_holds: Counter,
     /// Read barriers run for HTTP status reads (each serves every read
     /// that queued for it).
@@ -584,7 +585,7 @@ impl Metrics {
         );
         registry.register(
             "raft_lease_holds",
-            "Log entries whose acknowledgement this node held as leader until a follower lease holder had persisted them",
+            "Applies this node held as leader until every follower lease holder had persisted the entries (writes are answered after their apply)",
             m.raft_lease_holds.clone(),
         );
         registry.register(

@@ -11,7 +11,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
-use openraft::raft::{AppendEntriesRequest, AppendEntriesResponse};
+use openraft::raft::{AppendEntriesRequest, AppendEntriesResponse, VoteRequest};
 
 use super::messages::{ForwardRequest, MembershipChange, ReadIndexResponse};
 use super::proto::cluster_server::{Cluster, ClusterServer};
@@ -19,6 +19,7 @@ use super::proto::{Empty, Payload};
 use crate::config::Secret;
 use crate::maintenance::{Maintenance, MaintenanceRequest};
 use crate::metrics::Metrics;
+use crate::raft::types::NodeId;
 use crate::raft::{Node, TypeConfig};
 
 /// Handlers of the cluster RPCs on one node.
@@ -80,21 +81,26 @@ impl Cluster for ClusterService {
                 "this node has just started and does not vote yet",
             ));
         }
-        let rpc = decode(req)?;
+        let rpc: VoteRequest<NodeId> = decode(req)?;
         // Granting a vote may end this node's leadership: its read lease
         // ends before openraft sees the request, and no lease round that
         // overlaps it grants one (raft/read_lease.rs).
         let _no_lease = self.node.read_lease().suspend();
-        // A vote may elect a leader that does not know this node's follower
-        // lease; and the holders of leases this node granted count on it
-        // leading until they end (raft/follower_lease.rs).
-        self.node.follower_lease().drop_lease();
-        if let Some(end) = self
-            .node
-            .read_lease()
-            .granted_until(tokio::time::Instant::now())
-        {
-            tokio::time::sleep_until(end).await;
+        // openraft refuses a vote that is not above this node's own: no
+        // lease needs to end for it.
+        let current = self.node.raft().metrics().borrow().vote;
+        if rpc.vote > current {
+            // A vote may elect a leader that does not know this node's
+            // follower lease; and the holders of leases this node granted
+            // count on it leading until they end (raft/follower_lease.rs).
+            self.node.follower_lease().drop_lease();
+            if let Some(end) = self
+                .node
+                .read_lease()
+                .granted_until(tokio::time::Instant::now())
+            {
+                tokio::time::sleep_until(end).await;
+            }
         }
         encode(&self.node.raft().vote(rpc).await)
     }

@@ -5,26 +5,30 @@
 //! A follower's read barrier normally asks the leader for its read index
 //! (`Node::read_barrier_within`), a gRPC round trip that, under load, bounds
 //! a follower's status reads by latency rather than CPU. With a lease the
-//! leader makes the follower part of every acknowledgement instead: while
-//! the lease runs, the leader answers no write before the follower has
-//! persisted its entry (`Node::hold_for_lease_holders`). Then every write
-//! acknowledged before a read started is in the follower's log when the read
-//! looks at it, and a read served once the follower has applied its whole
-//! log (and the read index that came with the lease) sees every such write.
-//! This is the quorum-lease idea (Moraru, Andersen and Kaminsky, "Paxos
-//! Quorum Leases", 2014) reduced to one key range and Raft's log.
+//! leader makes the follower part of every entry's visibility instead: while
+//! the lease runs, no entry is applied on the leader or reported committed to
+//! any follower before the holder has persisted it ([`LeaseGate`]). Then
+//! every entry a client could have seen before a read started is in the
+//! holder's log when the read looks at it, and a read served once the holder
+//! has applied its whole log (and the read index that came with the lease)
+//! sees every such entry. This is the quorum-lease idea (Moraru, Andersen
+//! and Kaminsky, "Paxos Quorum Leases", 2014) reduced to one key range and
+//! Raft's log.
 //!
-//! Why no other leader can acknowledge a write the holder lacks while the
-//! lease runs:
+//! Why no other leader can make an entry visible that a holder lacks while
+//! its lease runs:
 //!
 //! - the leader grants a lease only while its own read lease runs
 //!   (`ReadLease::grant`), and never past its end; that lease already rests
 //!   on the voters' promise not to vote for anyone else meanwhile;
 //! - the one voter that does not keep that promise, the leader itself, waits
-//!   out every lease it granted before it passes a vote request on
-//!   (`cluster::service`), and a hand-over waits them out before it asks a
-//!   follower to campaign;
-//! - a node that handles a vote request drops its own lease first;
+//!   out every lease it granted before it passes on a vote request it could
+//!   grant (`cluster::service`), and a hand-over waits them out before it
+//!   asks a follower to campaign;
+//! - a node that handles such a vote request drops its own lease;
+//! - a restarted leader, which openraft restores in its term without an
+//!   election, treats every member as a holder for the longest lease after
+//!   it starts (the leases it granted died with the process);
 //! - the holder counts its lease from before it asked, the leader keeps it a
 //!   quarter longer than granted, so the holder's lease ends first (only
 //!   clock rates matter, never instants of different machines);
@@ -32,18 +36,24 @@
 //!   asked: any change in either ends it, and it lives only in memory, so a
 //!   restart ends it too.
 //!
-//! The price: a lease holder that stops answering holds the leader's writes
-//! until its lease ends (a quarter of a second by default, plus the margin).
-//! `cluster.follower_read_leases = false` turns the leases off.
+//! The price: a lease holder that stops answering holds the leader's applies
+//! (and so its writes) until its lease ends (a quarter of a second by
+//! default, plus the margin). `cluster.follower_read_leases = false` turns
+//! the leases off.
 
-use std::sync::Mutex;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
-use openraft::Raft;
+use openraft::{BasicNode, LogId, Raft, RaftMetrics, ServerState};
 use tokio::time::Instant;
 
 use super::read_lease::ReadLease;
+use super::store::ApplyGate;
 use super::types::{NodeId, TypeConfig};
+use crate::metrics::Metrics;
 
 /// One lease held by this node.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -116,54 +126,195 @@ impl FollowerLease {
     }
 }
 
-/// On the leader: waits until every node holding a follower lease this node
-/// granted has persisted the entry at `index`, or that node's lease has
-/// ended, so that the entry's writes can be acknowledged. True when it had to
-/// wait (counted in `tempalias_raft_lease_holds_total`).
+/// On the leader: keeps every entry invisible until each node that may hold
+/// a follower lease has it, so that no read anywhere shows an entry that a
+/// lease holder could still answer without.
 ///
-/// Usually the holders have the entry already: a follower persists an entry
-/// about when the quorum does. A holder that stopped answering holds the
-/// answers until its lease ends, which `ReadLease::grant` bounds.
-pub async fn hold_for_holders(raft: &Raft<TypeConfig>, leases: &ReadLease, index: u64) -> bool {
-    let mut metrics = raft.metrics();
-    let mut waited = false;
-    loop {
-        let holders = leases.holders(Instant::now());
-        if holders.is_empty() {
-            return waited;
+/// Holding back only the write's answer would not do: a read on the leader,
+/// or on another follower that applied the entry, could show it while a
+/// holder still serves the older state to the next read (reads would go
+/// backwards). So the gate works where entries become visible:
+///
+/// - the leader's state machine applies nothing before every holder has
+///   persisted it or its lease has ended ([`LeaseGate::before_apply`]); a
+///   write is answered only after its entry is applied, so its answer
+///   waits too;
+/// - the committed index the leader sends to its followers is lowered to
+///   what every holder has ([`LeaseGate::clamp_commit`]), so no follower
+///   applies an entry a holder lacks.
+///
+/// For a moment after the process starts, every member counts as a holder
+/// (the blanket): openraft restores a restarted leader in its term at once,
+/// without an election, and leases granted before the restart are forgotten
+/// with the process's memory.
+pub struct LeaseGate {
+    leases: Arc<ReadLease>,
+    raft: OnceLock<Raft<TypeConfig>>,
+    counters: Arc<Metrics>,
+    /// End of the blanket: when every lease granted before this process
+    /// started has surely ended.
+    blanket_until: Instant,
+    /// A heartbeat to carry a commit index that was lowered is on its way.
+    nudging: AtomicBool,
+}
+
+/// A node that may hold a lease, and until when.
+type Holder = (NodeId, Instant);
+
+/// What `id` has persisted, as the leader's replication metrics say.
+fn matched(m: &RaftMetrics<NodeId, BasicNode>, id: NodeId) -> Option<LogId<NodeId>> {
+    m.replication
+        .as_ref()
+        .and_then(|r| r.get(&id).copied().flatten())
+}
+
+impl LeaseGate {
+    /// The gate of a node whose leader-side leases are `leases`; it holds
+    /// nothing back until [`LeaseGate::connect`] gives it the Raft instance.
+    pub fn new(leases: Arc<ReadLease>, counters: Arc<Metrics>) -> Self {
+        let blanket_until = Instant::now() + leases.longest_follower_lease();
+        Self {
+            leases,
+            raft: OnceLock::new(),
+            counters,
+            blanket_until,
+            nudging: AtomicBool::new(false),
         }
-        // The earliest end among the holders that lack the entry.
-        let first_end = {
-            let m = metrics.borrow_and_update();
-            let matched = |id: &NodeId| {
-                m.replication
-                    .as_ref()
-                    .and_then(|r| r.get(id).copied().flatten())
-                    .map(|l| l.index)
-            };
+    }
+
+    /// Gives the gate the Raft instance whose replication it watches.
+    pub fn connect(&self, raft: Raft<TypeConfig>) {
+        let _ = self.raft.set(raft);
+    }
+
+    /// The nodes that may hold a lease at `now` (`m`: this node's metrics).
+    fn holders(&self, m: &RaftMetrics<NodeId, BasicNode>, now: Instant) -> Vec<Holder> {
+        let mut out = self.leases.holders(now);
+        if now < self.blanket_until && m.state == ServerState::Leader {
+            if let Some(r) = &m.replication {
+                out.extend(
+                    r.keys()
+                        .filter(|id| **id != m.id)
+                        .map(|id| (*id, self.blanket_until)),
+                );
+            }
+        }
+        out
+    }
+
+    /// Lowers `leader_commit` (of an `AppendEntries` this leader sends) to
+    /// what every lease holder has persisted. A follower only ever raises
+    /// its committed index, so a lowered one is only late news; a
+    /// heartbeat carries the rest as soon as the holders have it.
+    pub fn clamp_commit(
+        self: &Arc<Self>,
+        leader_commit: Option<LogId<NodeId>>,
+    ) -> Option<LogId<NodeId>> {
+        let Some(raft) = self.raft.get() else {
+            return leader_commit;
+        };
+        let floor = {
+            let m = raft.metrics();
+            let m = m.borrow();
+            let holders = self.holders(&m, Instant::now());
+            if holders.is_empty() {
+                return leader_commit;
+            }
             holders
                 .iter()
-                .filter(|(id, _)| matched(id).is_none_or(|m| m < index))
-                .map(|(_, until)| *until)
+                .map(|(id, _)| matched(&m, *id))
                 .min()
+                .flatten()
         };
-        let Some(first_end) = first_end else {
-            return waited;
-        };
-        waited = true;
-        tokio::select! {
-            changed = metrics.changed() => {
-                if changed.is_err() {
-                    // Raft stopped: nothing will be acknowledged by it any more,
-                    // but the leases still run; wait them out.
-                    if let Some(end) = leases.granted_until(Instant::now()) {
-                        tokio::time::sleep_until(end).await;
-                    }
-                    return waited;
-                }
+        match leader_commit {
+            Some(commit) if floor < leader_commit => {
+                self.nudge(commit.index);
+                floor
             }
-            () = tokio::time::sleep_until(first_end) => {}
+            _ => leader_commit,
         }
+    }
+
+    /// Sends a heartbeat once every holder has `index` (or its lease has
+    /// ended), so that followers whose committed index was lowered learn
+    /// the rest without waiting for the next heartbeat interval.
+    fn nudge(self: &Arc<Self>, index: u64) {
+        if self.nudging.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        let gate = self.clone();
+        tokio::spawn(async move {
+            gate.wait_until_held(index).await;
+            gate.nudging.store(false, Ordering::SeqCst);
+            if let Some(raft) = gate.raft.get() {
+                let _ = raft.trigger().heartbeat().await;
+            }
+        });
+    }
+
+    /// Before this node's state machine applies entries up to `index`:
+    /// waits until every node that may hold a lease has persisted them, or
+    /// its lease has ended. Usually they have: a follower persists an entry
+    /// about when the quorum does. Waits that happen are counted in
+    /// `tempalias_raft_lease_holds_total`.
+    pub async fn before_apply(&self, index: u64) {
+        if self.wait_until_held(index).await {
+            self.counters.raft_lease_holds.inc();
+        }
+    }
+
+    /// Waits until every node that may hold a lease now has persisted
+    /// `index` or its lease has ended; true if it had to wait. The holders
+    /// and their ends are taken once: a lease renewed meanwhile does not
+    /// prolong the wait, and need not, since a renewal brings its holder a
+    /// read index at or above every entry committed before it.
+    async fn wait_until_held(&self, index: u64) -> bool {
+        let Some(raft) = self.raft.get() else {
+            return false;
+        };
+        let mut metrics = raft.metrics();
+        let holders = self.holders(&metrics.borrow_and_update(), Instant::now());
+        if holders.is_empty() {
+            return false;
+        }
+        let mut waited = false;
+        loop {
+            let now = Instant::now();
+            let first_end = {
+                let m = metrics.borrow_and_update();
+                holders
+                    .iter()
+                    .filter(|(id, until)| {
+                        *until > now && matched(&m, *id).is_none_or(|l| l.index < index)
+                    })
+                    .map(|(_, until)| *until)
+                    .min()
+            };
+            let Some(first_end) = first_end else {
+                return waited;
+            };
+            waited = true;
+            tokio::select! {
+                changed = metrics.changed() => {
+                    if changed.is_err() {
+                        // Raft stopped: no metrics any more; the leases
+                        // still run, so wait them out.
+                        let last = holders.iter().map(|(_, until)| *until).max();
+                        if let Some(last) = last {
+                            tokio::time::sleep_until(last).await;
+                        }
+                        return waited;
+                    }
+                }
+                () = tokio::time::sleep_until(first_end) => {}
+            }
+        }
+    }
+}
+
+impl ApplyGate for LeaseGate {
+    fn before_apply(&self, index: u64) -> Pin<Box<dyn Future<Output = ()> + Send + '_>> {
+        Box::pin(LeaseGate::before_apply(self, index))
     }
 }
 

@@ -17,6 +17,7 @@ use openraft::raft::{
 };
 use openraft::BasicNode;
 
+use super::follower_lease::LeaseGate;
 use super::types::{NodeId, TypeConfig};
 use crate::cluster::client::{Peers, RpcError};
 use crate::metrics::{Metrics, PeerLabels};
@@ -48,6 +49,9 @@ fn snapshot_chunk_timeout(last: bool, hard_ttl: Duration) -> Duration {
 pub struct Network {
     pub peers: Peers,
     pub metrics: Arc<Metrics>,
+    /// Lowers the committed index sent to followers to what every follower
+    /// lease holder has (`follower_lease.rs`).
+    pub lease_gate: Arc<LeaseGate>,
 }
 
 /// Raft's handle on one peer.
@@ -56,6 +60,7 @@ pub struct PeerConnection {
     addr: String,
     peers: Peers,
     metrics: Arc<Metrics>,
+    lease_gate: Arc<LeaseGate>,
 }
 
 impl RaftNetworkFactory<TypeConfig> for Network {
@@ -67,6 +72,7 @@ impl RaftNetworkFactory<TypeConfig> for Network {
             addr: node.addr.clone(),
             peers: self.peers.clone(),
             metrics: self.metrics.clone(),
+            lease_gate: self.lease_gate.clone(),
         }
     }
 }
@@ -112,9 +118,10 @@ impl PeerConnection {
 impl RaftNetwork<TypeConfig> for PeerConnection {
     async fn append_entries(
         &mut self,
-        rpc: AppendEntriesRequest<TypeConfig>,
+        mut rpc: AppendEntriesRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<AppendEntriesResponse<NodeId>, RPCError<NodeId, BasicNode, RaftError<NodeId>>> {
+        rpc.leader_commit = self.lease_gate.clamp_commit(rpc.leader_commit);
         let r = self
             .peers
             .append_entries(&self.addr, &rpc, self.timeout(&option))

@@ -14,7 +14,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::batch::Proposer;
-use super::follower_lease::FollowerLease;
+use super::follower_lease::{FollowerLease, LeaseGate};
 use super::forward::Forwarder;
 use super::liveness::{Liveness, Timing};
 use super::network::Network;
@@ -201,7 +201,7 @@ impl Node {
             cache_bytes: usize::try_from(config.cluster.store_cache_mb.saturating_mul(1024 * 1024))
                 .unwrap_or(usize::MAX),
         };
-        let (log_store, state_machine) =
+        let (log_store, mut state_machine) =
             tokio::task::spawn_blocking(move || store::open_with(&path, &options))
                 .await
                 .map_err(|e| StartError::Raft(e.to_string()))??;
@@ -238,9 +238,17 @@ impl Node {
                 .validate()
                 .map_err(|e| StartError::RaftConfig(e.to_string()))?,
         );
+        let read_lease = Arc::new(ReadLease::new(Duration::from_millis(election)));
+        // Follower read leases hold entries back where they become visible:
+        // the leader's applies and the committed index it sends.
+        let lease_gate = Arc::new(LeaseGate::new(read_lease.clone(), metrics.clone()));
+        // Also with leases off here: a restarted leader's blanket covers
+        // leases granted before the restart, whatever the setting was then.
+        state_machine.set_apply_gate(lease_gate.clone());
         let network = Network {
             peers: peers.clone(),
             metrics: metrics.clone(),
+            lease_gate: lease_gate.clone(),
         };
         let raft = Raft::new(
             config.node_id,
@@ -251,14 +259,8 @@ impl Node {
         )
         .await
         .map_err(|e| StartError::Raft(e.to_string()))?;
-        let read_lease = Arc::new(ReadLease::new(Duration::from_millis(election)));
-        let proposer = Proposer::start(
-            raft.clone(),
-            clock.clone(),
-            liveness.clone(),
-            read_lease.clone(),
-            metrics.clone(),
-        );
+        lease_gate.connect(raft.clone());
+        let proposer = Proposer::start(raft.clone(), clock.clone(), liveness.clone());
         let forwarder = {
             let (peers, metrics) = (peers.clone(), metrics.clone());
             Forwarder::new(Arc::new(move |addr: String, cmd: Command| {
@@ -753,8 +755,10 @@ impl Node {
         limit: Duration,
     ) -> Result<(Option<u64>, Option<Duration>), LeaderReadError> {
         let lease = match asker {
+            // A lease that cannot be granted (the renewing round failed) is
+            // no reason to refuse the read index.
             Some(to) if self.follower_leases && to != self.id => {
-                self.grant_follower_lease(to, limit).await?
+                self.grant_follower_lease(to, limit).await.unwrap_or(None)
             }
             _ => None,
         };
@@ -770,9 +774,17 @@ impl Node {
         to: NodeId,
         limit: Duration,
     ) -> Result<Option<Duration>, LeaderReadError> {
+        // Only to a node that has every committed entry: the leader's
+        // applies wait for each holder, so a holder far behind (a snapshot
+        // to install, a slow disk) would hold every write until it caught
+        // up. It asks again once it has.
+        let committed = self.log_marks.committed();
         let replicates_to = |m: &RaftMetrics<NodeId, BasicNode>| {
             m.state == ServerState::Leader
-                && m.replication.as_ref().is_some_and(|r| r.contains_key(&to))
+                && m.replication.as_ref().is_some_and(|r| {
+                    r.get(&to)
+                        .is_some_and(|matched| matched.map(|l| l.index) >= committed)
+                })
         };
         if self.is_stepping_down() || !replicates_to(&self.metrics_now()) {
             return Ok(None);

@@ -222,6 +222,13 @@ impl ReadLease {
         self.holders(now).into_iter().map(|(_, u)| u).max()
     }
 
+    /// The longest a follower lease granted by this node can run, margin
+    /// included: no lease is granted past this node's own, which runs for
+    /// at most `election_timeout_ms`.
+    pub fn longest_follower_lease(&self) -> Duration {
+        self.valid_for + follower_margin(self.valid_for)
+    }
+
     /// Forgets the lease (the vote or membership moved on).
     pub fn drop_lease(&self) {
         self.lock().held = None;

@@ -38,9 +38,11 @@
 //! redb's cache ([`StoreOptions::cache_bytes`]) whatever the number of aliases.
 
 use std::fmt::Debug;
+use std::future::Future;
 use std::io::{BufReader, BufWriter, Seek, SeekFrom, Write};
 use std::ops::{Bound, RangeBounds};
 use std::path::{Path, PathBuf};
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -317,6 +319,7 @@ pub fn open_with(path: &Path, options: &StoreOptions) -> Result<(LogStore, State
             db,
             files: Arc::new(files),
             applied,
+            gate: None,
         },
     ))
 }
@@ -375,6 +378,12 @@ impl LogMarks {
     /// an append starts, before the entry is persisted.
     pub fn last(&self) -> Option<u64> {
         self.last.load(Ordering::SeqCst).checked_sub(1)
+    }
+
+    /// The committed index openraft last reported (`None` before the first
+    /// report).
+    pub fn committed(&self) -> Option<u64> {
+        self.committed.load(Ordering::SeqCst).checked_sub(1)
     }
 
     /// The last index when every entry of the log is known to be committed
@@ -643,9 +652,24 @@ pub struct StateMachine {
     files: Arc<SnapshotFiles>,
     /// Raised after each apply and install commits (see [`Applied`]).
     applied: Arc<Applied>,
+    /// Awaited before entries are applied (follower read leases).
+    gate: Option<Arc<dyn ApplyGate>>,
+}
+
+/// Something entries must wait for before they are applied and become
+/// visible to reads: the leader's follower read leases
+/// (`raft/follower_lease.rs`). The store only awaits it.
+pub trait ApplyGate: Send + Sync {
+    /// Resolves when entries up to `index` may be applied.
+    fn before_apply(&self, index: u64) -> Pin<Box<dyn Future<Output = ()> + Send + '_>>;
 }
 
 impl StateMachine {
+    /// Makes every apply wait for `gate` first.
+    pub fn set_apply_gate(&mut self, gate: Arc<dyn ApplyGate>) {
+        self.gate = Some(gate);
+    }
+
     /// A read-only view for the front ends (shares the database).
     pub fn reader(&self) -> StateReader {
         StateReader {
@@ -750,6 +774,9 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
     {
         let entries: Vec<Entry> = entries.into_iter().collect();
         let last = entries.last().map(|e| e.log_id.index);
+        if let (Some(gate), Some(last)) = (&self.gate, last) {
+            gate.before_apply(last).await;
+        }
         let db = self.db.clone();
         let result = blocking(ErrorSubject::StateMachine, ErrorVerb::Write, move || {
             apply_entries(&db, &entries, PurgeBy::Index)
