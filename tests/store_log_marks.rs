@@ -60,3 +60,66 @@ async fn settled_only_when_the_last_entry_is_committed() {
     log.save_committed(Some(log_id(10))).await.unwrap();
     assert_eq!(marks.settled(), Some(Some(10)));
 }
+
+/// An apply gate that opens when told to, and records the indexes it was
+/// asked about.
+struct Gate {
+    open: tokio::sync::watch::Receiver<bool>,
+    asked: std::sync::Mutex<Vec<u64>>,
+}
+
+impl store::ApplyGate for Gate {
+    fn before_apply(
+        &self,
+        index: u64,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + '_>> {
+        self.asked.lock().unwrap().push(index);
+        let mut open = self.open.clone();
+        Box::pin(async move {
+            let _ = open.wait_for(|o| *o).await;
+        })
+    }
+}
+
+#[tokio::test]
+async fn nothing_is_applied_or_readable_before_the_apply_gate_opens() {
+    // The follower read leases' gate (raft/follower_lease.rs): entries stay
+    // invisible to readers until every lease holder has them.
+    let dir = tempfile::tempdir().unwrap();
+    let (mut log, mut sm) = store::open(&dir.path().join("t.redb")).unwrap();
+    let (tx, rx) = tokio::sync::watch::channel(false);
+    let gate = std::sync::Arc::new(Gate {
+        open: rx,
+        asked: Default::default(),
+    });
+    sm.set_apply_gate(gate.clone());
+    let applied = log.applied();
+    let marks = log.marks();
+    log.blocking_append([blank(1), blank(2)]).await.unwrap();
+    assert_eq!(marks.last(), Some(2));
+    log.save_committed(Some(log_id(2))).await.unwrap();
+    assert_eq!(marks.committed(), Some(2));
+
+    let apply = tokio::spawn(async move {
+        sm.apply((1..=2).map(blank)).await.unwrap();
+        sm
+    });
+    // The gate was asked about the last entry and holds the apply back.
+    tokio::time::timeout(std::time::Duration::from_secs(10), async {
+        while gate.asked.lock().unwrap().is_empty() {
+            tokio::task::yield_now().await;
+        }
+    })
+    .await
+    .expect("the gate was asked");
+    assert_eq!(*gate.asked.lock().unwrap(), vec![2]);
+    assert!(!apply.is_finished());
+    assert_eq!(applied.index(), None);
+
+    tx.send(true).unwrap();
+    let mut sm = tokio::time::timeout(std::time::Duration::from_secs(10), apply)
+        .await
+        .expect("applied once the gate opened")
+        .unwrap();
+    assert_eq!(sm.applied_state().await.unwrap().0.map(|l| l.index), Some(2));
+}
