@@ -109,11 +109,11 @@ def finish_show(conn: http.client.HTTPConnection) -> tuple[int, bytes]:
         conn.close()
 
 
-def read_after_resume(node, alias: dict, want: dict, first: tuple[int, bytes] | None = None, timeout: float = 15.0) -> dict:
-    """A status read on a node that just resumed: 200 with the fields in
-    `want`, or a clean 503 while it catches up (retried until `timeout`).
-    Anything else, a 404 above all, fails at once: the alias was
-    acknowledged before this read started."""
+def read_sees(node, alias: dict, want: dict, first: tuple[int, bytes] | None = None, timeout: float = 15.0) -> dict:
+    """A status read of a write acknowledged before it, on a node that may
+    have just resumed or lost its leader: 200 with the fields in `want`, or
+    a clean 503 while it catches up (retried until `timeout`). Anything
+    else, a 404 above all, fails at once. `first`: an answer already read."""
     deadline = time.monotonic() + timeout
     answers = []
     while True:
@@ -240,10 +240,10 @@ def test_paused_lease_holder_holds_writes_once_and_serves_nothing_stale(cluster)
         pending = start_show(f, created[0])
     first = finish_show(pending)
 
-    read_after_resume(f, created[0], {"alias": created[0]["alias"]}, first=first)
+    read_sees(f, created[0], {"alias": created[0]["alias"]}, first=first)
     for a in created[1:]:
-        read_after_resume(f, a, {"alias": a["alias"], "remaining": 3})
-    read_after_resume(f, mailbox, {"remaining": 50 - mails})
+        read_sees(f, a, {"alias": a["alias"], "remaining": 3})
+    read_sees(f, mailbox, {"remaining": 50 - mails})
     holds = counter(leader, LEASE_HOLDS) - holds0
     print(
         f"\nwrites via node{leader.id} while lease holder node{f.id} was paused: "
@@ -258,7 +258,7 @@ def test_paused_lease_holder_holds_writes_once_and_serves_nothing_stale(cluster)
     # after the pause is fine; nothing else is).
     new = create_eventually(f)
     for nd in cluster:
-        read_after_resume(nd, new, {"alias": new["alias"]})
+        read_sees(nd, new, {"alias": new["alias"]})
 
 
 def test_write_acknowledged_while_lease_holder_paused_is_read_there_at_once(cluster):
@@ -297,7 +297,7 @@ def paused_write_rounds(leader, holder, mailbox: dict, rounds: int):
                 target, want = mailbox, {"remaining": remaining}
             waits.append(time.monotonic() - t)
             pending = start_show(holder, target)
-        read_after_resume(holder, target, want, first=finish_show(pending))
+        read_sees(holder, target, want, first=finish_show(pending))
     holds = counter(leader, LEASE_HOLDS) - holds0
     print(
         f"\nwrites via node{leader.id} held for paused fresh lease holder node{holder.id}: "
@@ -405,8 +405,8 @@ def test_reads_after_leader_death_see_the_new_leaders_writes(cluster):
     for i in range(10):
         sent = send(new, mailbox["alias"])
         assert sent.ok, f"mail via the new leader node{new_id}: {sent}"
-        read_after_resume(other, mailbox, {"remaining": 50 - (i + 1)})
+        read_sees(other, mailbox, {"remaining": 50 - (i + 1)})
         a = create_ok(new, max_usage=2)
-        read_after_resume(other, a, {"alias": a["alias"]})
+        read_sees(other, a, {"alias": a["alias"]})
     warm_lease(other, mailbox)
     assert counter(new, LEASES_GRANTED) > granted0, f"the new leader node{new_id} granted no lease"
