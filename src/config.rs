@@ -696,6 +696,12 @@ pub struct ClusterConfig {
     /// 2 * election_timeout_ms] starts an election (sooner when the failure
     /// detector sees the leader gone). Also the deadline of one probe.
     pub election_timeout_ms: u64,
+    /// Followers and learners serve linearizable reads from their own
+    /// replica under a lease from the leader, which then acknowledges no
+    /// write before every lease holder has it (`raft/follower_lease.rs`).
+    /// Off: every follower read asks the leader for its read index, and a
+    /// node neither asks for nor grants leases.
+    pub follower_read_leases: bool,
 }
 
 /// A secret that never appears in `Debug` output or logs.
@@ -733,6 +739,7 @@ impl Default for ClusterConfig {
             rpc_timeout_ms: 2000,
             heartbeat_ms: 80,
             election_timeout_ms: 250,
+            follower_read_leases: true,
         }
     }
 }

@@ -220,6 +220,12 @@ pub struct Metrics {
     pub raft_read_quorum_rounds: Counter,
     /// Read barriers the leader served from its read lease.
     pub raft_lease_reads: Counter,
+    /// Read barriers a follower or learner served from its follower lease.
+    pub raft_follower_lease_reads: Counter,
+    /// Follower leases this node granted as leader.
+    pub raft_follower_leases_granted: Counter,
+    /// Entries whose acknowledgement waited for a follower lease holder.
+    pub raft_lease_holds: Counter,
     /// Read barriers run for HTTP status reads (each serves every read
     /// that queued for it).
     pub http_read_barriers: Counter,
@@ -329,6 +335,9 @@ impl Metrics {
             confirmations: Family::default(),
             raft_read_quorum_rounds: Counter::default(),
             raft_lease_reads: Counter::default(),
+            raft_follower_lease_reads: Counter::default(),
+            raft_follower_leases_granted: Counter::default(),
+            raft_lease_holds: Counter::default(),
             http_read_barriers: Counter::default(),
             readiness_checks: Counter::default(),
             registry: Registry::default(),
@@ -562,6 +571,21 @@ impl Metrics {
             "raft_lease_reads",
             "Read barriers this node served as leader from its read lease, without a quorum round",
             m.raft_lease_reads.clone(),
+        );
+        registry.register(
+            "raft_follower_lease_reads",
+            "Read barriers this node served as follower or learner from its follower lease, without a ReadIndex call",
+            m.raft_follower_lease_reads.clone(),
+        );
+        registry.register(
+            "raft_follower_leases_granted",
+            "Follower read leases this node granted as leader with a ReadIndex answer",
+            m.raft_follower_leases_granted.clone(),
+        );
+        registry.register(
+            "raft_lease_holds",
+            "Log entries whose acknowledgement this node held as leader until a follower lease holder had persisted them",
+            m.raft_lease_holds.clone(),
         );
         registry.register(
             "http_read_barriers",

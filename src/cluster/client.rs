@@ -28,6 +28,12 @@ use super::proto::{Empty, Payload};
 use crate::config::Secret;
 use crate::raft::types::{NodeId, TypeConfig};
 
+/// Metadata of a `ReadIndex` call naming the node that asks for a follower
+/// lease with the answer (`raft/follower_lease.rs`). A header rather than a
+/// request field: the request is `Empty`, and older leaders ignore headers
+/// they do not know.
+pub const LEASE_FOR: &str = "x-tempalias-lease-for";
+
 /// Why an RPC gave no answer.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum RpcError {
@@ -314,12 +320,18 @@ impl Peers {
         .await
     }
 
+    /// The leader's read index; with `lease_for`, also asks for a follower
+    /// lease for that node (a header older leaders ignore).
     pub async fn read_index(
         &self,
         addr: &str,
         timeout: Duration,
+        lease_for: Option<NodeId>,
     ) -> Result<ReadIndexResponse, RpcError> {
-        self.call_raw(addr, Empty {}, timeout, |mut c, r| async move {
+        self.call_raw(addr, Empty {}, timeout, |mut c, mut r| async move {
+            if let Some(id) = lease_for {
+                r.metadata_mut().insert(LEASE_FOR, MetadataValue::from(id));
+            }
             c.read_index(r).await
         })
         .await

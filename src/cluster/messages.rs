@@ -35,6 +35,11 @@ pub enum ForwardResponse {
 pub struct ReadIndexResponse {
     pub index: Option<u64>,
     pub error: Option<String>,
+    /// A follower lease for the asker, in milliseconds from when it asked
+    /// (`raft/follower_lease.rs`); absent when none was asked for or granted,
+    /// and from leaders that do not grant leases (older versions).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lease_ms: Option<u64>,
 }
 
 /// One node's view of itself and the cluster.

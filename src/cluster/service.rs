@@ -85,6 +85,17 @@ impl Cluster for ClusterService {
         // ends before openraft sees the request, and no lease round that
         // overlaps it grants one (raft/read_lease.rs).
         let _no_lease = self.node.read_lease().suspend();
+        // A vote may elect a leader that does not know this node's follower
+        // lease; and the holders of leases this node granted count on it
+        // leading until they end (raft/follower_lease.rs).
+        self.node.follower_lease().drop_lease();
+        if let Some(end) = self
+            .node
+            .read_lease()
+            .granted_until(tokio::time::Instant::now())
+        {
+            tokio::time::sleep_until(end).await;
+        }
         encode(&self.node.raft().vote(rpc).await)
     }
 
@@ -98,20 +109,31 @@ impl Cluster for ClusterService {
         encode(&self.node.write_as_leader(fwd.cmd).await)
     }
 
-    async fn read_index(&self, _req: Request<Empty>) -> Result<Response<Payload>, Status> {
+    async fn read_index(&self, req: Request<Empty>) -> Result<Response<Payload>, Status> {
         if self.node.is_stepping_down() {
             return encode(&ReadIndexResponse {
                 index: None,
                 error: Some("stepping down".into()),
+                lease_ms: None,
             });
         }
+        let asker = req
+            .metadata()
+            .get(super::client::LEASE_FOR)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse().ok());
         // The asking follower gives up after one forward attempt.
         let limit = crate::raft::node::FORWARD_ATTEMPT;
-        let answer = match self.node.leader_read_index(limit).await {
-            Ok(index) => ReadIndexResponse { index, error: None },
+        let answer = match self.node.read_index_for(asker, limit).await {
+            Ok((index, lease)) => ReadIndexResponse {
+                index,
+                error: None,
+                lease_ms: lease.map(|l| u64::try_from(l.as_millis()).unwrap_or(u64::MAX)),
+            },
             Err(e) => ReadIndexResponse {
                 index: None,
                 error: Some(e.to_string()),
+                lease_ms: None,
             },
         };
         encode(&answer)

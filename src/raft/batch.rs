@@ -20,10 +20,13 @@ use openraft::error::{ClientWriteError, RaftError};
 use openraft::Raft;
 use tokio::sync::{mpsc, oneshot, Semaphore};
 
+use super::follower_lease;
 use super::liveness::Liveness;
+use super::read_lease::ReadLease;
 use super::types::{Command, Request, Response, TypeConfig};
 use crate::clock::Clock;
 use crate::cluster::messages::ForwardResponse;
+use crate::metrics::Metrics;
 
 /// Proposals under way at once. One would batch the most but leave the
 /// leader's disk idle while an entry travels to the followers; two let the
@@ -62,10 +65,17 @@ impl Proposer {
     /// Starts the proposing task of `raft` (it ends when every handle is
     /// dropped). Entries are stamped with `clock` when they are proposed.
     /// Several commands go into one entry only while `liveness` says every
-    /// member can apply such an entry.
-    pub fn start(raft: Raft<TypeConfig>, clock: Arc<dyn Clock>, liveness: Arc<Liveness>) -> Self {
+    /// member can apply such an entry. An entry's answers wait for the
+    /// holders of the follower leases in `leases` (`follower_lease.rs`).
+    pub fn start(
+        raft: Raft<TypeConfig>,
+        clock: Arc<dyn Clock>,
+        liveness: Arc<Liveness>,
+        leases: Arc<ReadLease>,
+        metrics: Arc<Metrics>,
+    ) -> Self {
         let (tx, rx) = mpsc::channel(QUEUE);
-        tokio::spawn(run(raft, clock, liveness, rx));
+        tokio::spawn(run(raft, clock, liveness, leases, metrics, rx));
         Self { queue: tx }
     }
 
@@ -89,6 +99,8 @@ async fn run(
     raft: Raft<TypeConfig>,
     clock: Arc<dyn Clock>,
     liveness: Arc<Liveness>,
+    leases: Arc<ReadLease>,
+    counters: Arc<Metrics>,
     mut rx: mpsc::Receiver<Pending>,
 ) {
     let slots = Arc::new(Semaphore::new(IN_FLIGHT));
@@ -118,10 +130,22 @@ async fn run(
             }
         }
         let raft = raft.clone();
+        let (leases, counters) = (leases.clone(), counters.clone());
         let now_ms = clock.now_ms();
         tokio::spawn(async move {
-            propose(&raft, now_ms, batch).await;
+            let (answers, index) = propose(&raft, now_ms, &batch).await;
+            // The slot is free once the entry is committed: holding answers
+            // for lease holders must not hold up the next entry.
             drop(slot);
+            if let Some(index) = index {
+                if follower_lease::hold_for_holders(&raft, &leases, index).await {
+                    counters.raft_lease_holds.inc();
+                }
+            }
+            for (p, a) in batch.into_iter().zip(answers) {
+                // The caller may have given up (its deadline); nothing to do then.
+                let _ = p.answer.send(a);
+            }
         });
     }
 }
@@ -134,8 +158,13 @@ fn weight_of(cmd: &Command) -> usize {
     }
 }
 
-/// Proposes one entry for `batch` and hands every write its answer.
-async fn propose(raft: &Raft<TypeConfig>, now_ms: u64, mut batch: Vec<Pending>) {
+/// Proposes one entry for `batch`: every write's answer, in order, and the
+/// entry's log index when it was committed.
+async fn propose(
+    raft: &Raft<TypeConfig>,
+    now_ms: u64,
+    batch: &[Pending],
+) -> (Vec<ForwardResponse>, Option<u64>) {
     let single = batch.len() == 1;
     let cmd = if single {
         batch[0].cmd.clone()
@@ -145,6 +174,7 @@ async fn propose(raft: &Raft<TypeConfig>, now_ms: u64, mut batch: Vec<Pending>) 
         }
     };
     let written = raft.client_write(Request { now_ms, cmd }).await;
+    let index = written.as_ref().ok().map(|r| r.log_id.index);
     let answers: Vec<ForwardResponse> = match written {
         Ok(resp) if single => vec![ForwardResponse::Applied {
             response: resp.data,
@@ -183,8 +213,5 @@ async fn propose(raft: &Raft<TypeConfig>, now_ms: u64, mut batch: Vec<Pending>) 
                 .collect()
         }
     };
-    for (p, a) in batch.drain(..).zip(answers) {
-        // The caller may have given up (its deadline); nothing to do then.
-        let _ = p.answer.send(a);
-    }
+    (answers, index)
 }

@@ -24,6 +24,7 @@
 
 pub mod batch;
 mod expiry;
+pub mod follower_lease;
 pub mod forward;
 pub mod idempotency;
 pub mod liveness;

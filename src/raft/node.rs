@@ -14,6 +14,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::batch::Proposer;
+use super::follower_lease::FollowerLease;
 use super::forward::Forwarder;
 use super::liveness::{Liveness, Timing};
 use super::network::Network;
@@ -157,6 +158,12 @@ pub struct Node {
     /// The log's last and saved committed index (answers `ReadIndex` on the
     /// leader without its Raft core when nothing is in flight).
     log_marks: Arc<store::LogMarks>,
+    /// The lease under which this node, as follower or learner, serves reads
+    /// without a `ReadIndex` call (`follower_lease.rs`).
+    follower_lease: Arc<FollowerLease>,
+    /// `cluster.follower_read_leases`: whether this node asks for and grants
+    /// follower leases.
+    follower_leases: bool,
 }
 
 /// Counts one proposal in [`Node::proposing`] for as long as it lives (also
@@ -244,7 +251,14 @@ impl Node {
         )
         .await
         .map_err(|e| StartError::Raft(e.to_string()))?;
-        let proposer = Proposer::start(raft.clone(), clock.clone(), liveness.clone());
+        let read_lease = Arc::new(ReadLease::new(Duration::from_millis(election)));
+        let proposer = Proposer::start(
+            raft.clone(),
+            clock.clone(),
+            liveness.clone(),
+            read_lease.clone(),
+            metrics.clone(),
+        );
         let forwarder = {
             let (peers, metrics) = (peers.clone(), metrics.clone());
             Forwarder::new(Arc::new(move |addr: String, cmd: Command| {
@@ -271,8 +285,10 @@ impl Node {
             liveness,
             stepping_down: Arc::new(std::sync::atomic::AtomicBool::new(false)),
             proposing: Arc::new(std::sync::atomic::AtomicUsize::new(0)),
-            read_lease: Arc::new(ReadLease::new(Duration::from_millis(election))),
+            read_lease,
             log_marks,
+            follower_lease: Arc::new(FollowerLease::default()),
+            follower_leases: config.cluster.follower_read_leases,
         })
     }
 
@@ -567,6 +583,17 @@ impl Node {
             return Ok(());
         }
         let deadline = Instant::now() + limit;
+        if let Some(index) = self.follower_lease_index() {
+            // Every write acknowledged before now is in this node's log at
+            // or below `index`: applying it is all the read needs. Entries
+            // that never apply (a deposed leader's, truncated) end the wait
+            // after an election timeout; then ask the leader as usual.
+            let wait = limit.min(self.election_timeout);
+            if self.applied_index_at_least(index, wait).await {
+                self.metrics.raft_follower_lease_reads.inc();
+                return Ok(());
+            }
+        }
         let mut backoff = Duration::from_millis(10);
         loop {
             let remaining = deadline.saturating_duration_since(Instant::now());
@@ -592,14 +619,31 @@ impl Node {
                     Err(_) => None,
                 },
                 Some(l) => match self.addr_of(l) {
-                    Some(addr) => match self
-                        .peers
-                        .read_index(&addr, remaining.min(FORWARD_ATTEMPT))
-                        .await
-                    {
-                        Ok(r) if r.error.is_none() => Some(r.index),
-                        _ => None,
-                    },
+                    Some(addr) => {
+                        let asked_at = Instant::now();
+                        let lease_for = (self.follower_leases
+                            && matches!(m.state, ServerState::Follower | ServerState::Learner))
+                        .then_some(self.id);
+                        match self
+                            .peers
+                            .read_index(&addr, remaining.min(FORWARD_ATTEMPT), lease_for)
+                            .await
+                        {
+                            Ok(r) if r.error.is_none() => {
+                                if let (Some(_), Some(ms)) = (lease_for, r.lease_ms) {
+                                    self.follower_lease.record(
+                                        l,
+                                        m.current_term,
+                                        asked_at,
+                                        Duration::from_millis(ms),
+                                        r.index,
+                                    );
+                                }
+                                Some(r.index)
+                            }
+                            _ => None,
+                        }
+                    }
                     None => None,
                 },
                 None => None,
@@ -635,6 +679,106 @@ impl Node {
                 }
             }
         }
+    }
+
+    /// As follower or learner under a running follower lease: the index this
+    /// replica must have applied for a read to be linearizable (the log's
+    /// last index, read now, and the lease's read index); `None` without a
+    /// lease. The last index is read before anything else: every write
+    /// acknowledged before the read started is at or below it, because the
+    /// leader acknowledged it only once this node had appended it.
+    fn follower_lease_index(&self) -> Option<Option<u64>> {
+        if !self.follower_leases {
+            return None;
+        }
+        let last = self.log_marks.last();
+        let m = self.raft.metrics();
+        let m = m.borrow();
+        if !matches!(m.state, ServerState::Follower | ServerState::Learner)
+            || !self.liveness.can_read(&m)
+        {
+            return None;
+        }
+        let lease_index =
+            self.follower_lease
+                .read_index(Instant::now(), m.current_leader, m.current_term)?;
+        Some(last.max(lease_index))
+    }
+
+    /// Waits up to `limit` until this replica has applied `index`; true if
+    /// it has.
+    async fn applied_index_at_least(&self, index: Option<u64>, limit: Duration) -> bool {
+        if self.raft.metrics().borrow().last_applied.map(|l| l.index) >= index {
+            return true;
+        }
+        self.raft
+            .wait(Some(limit))
+            .applied_index_at_least(index, "follower lease read")
+            .await
+            .is_ok()
+    }
+
+    /// This node's follower lease (a vote request ends it).
+    pub fn follower_lease(&self) -> &FollowerLease {
+        &self.follower_lease
+    }
+
+    /// On the leader, answering the `ReadIndex` of `asker` (`None`: a node
+    /// that wants no lease): its read index and, when granted, a follower
+    /// lease for `asker`. The lease is recorded before the read index is
+    /// taken, so every write acknowledged after the index waits for `asker`
+    /// and every write before it is at or below the index.
+    ///
+    /// # Errors
+    /// See [`Node::leader_read_index`].
+    pub async fn read_index_for(
+        &self,
+        asker: Option<NodeId>,
+        limit: Duration,
+    ) -> Result<(Option<u64>, Option<Duration>), LeaderReadError> {
+        let lease = match asker {
+            Some(to) if self.follower_leases && to != self.id => {
+                self.grant_follower_lease(to, limit).await?
+            }
+            _ => None,
+        };
+        Ok((self.leader_read_index(limit).await?, lease))
+    }
+
+    /// Grants `to` a follower lease if this node leads, is not stepping down,
+    /// replicates to `to`, and its own read lease runs for long enough (a
+    /// quorum round first renews a lease that has less than half its length
+    /// left, so holders do not come back for a sliver).
+    async fn grant_follower_lease(
+        &self,
+        to: NodeId,
+        limit: Duration,
+    ) -> Result<Option<Duration>, LeaderReadError> {
+        let replicates_to = |m: &RaftMetrics<NodeId, BasicNode>| {
+            m.state == ServerState::Leader
+                && m.replication.as_ref().is_some_and(|r| r.contains_key(&to))
+        };
+        if self.is_stepping_down() || !replicates_to(&self.metrics_now()) {
+            return Ok(None);
+        }
+        let now = Instant::now();
+        let left = self
+            .read_lease
+            .valid_at(now)
+            .map_or(Duration::ZERO, |h| h.until.saturating_duration_since(now));
+        if left < self.election_timeout / 2 {
+            self.quorum_round(limit).await?;
+        }
+        if self.is_stepping_down() || !replicates_to(&self.metrics_now()) {
+            return Ok(None);
+        }
+        let lease = self
+            .read_lease
+            .grant(to, Instant::now(), self.election_timeout);
+        if lease.is_some() {
+            self.metrics.raft_follower_leases_granted.inc();
+        }
+        Ok(lease)
     }
 
     /// On the leader: an index that every write acknowledged to a client
@@ -681,6 +825,13 @@ impl Node {
                 Err(e) => return Err(LeaderReadError::Raft(e.to_string())),
             }
         }
+        self.quorum_round(limit).await
+    }
+
+    /// A quorum round confirming this leader (openraft's
+    /// `ensure_linearizable`), which renews the read lease when it surely ran
+    /// in one vote and membership; the committed index it confirmed.
+    async fn quorum_round(&self, limit: Duration) -> Result<Option<u64>, LeaderReadError> {
         let token = self.read_lease.round_starts();
         let before = self.metrics_now();
         let t0 = Instant::now();
@@ -926,6 +1077,11 @@ impl Node {
             .store(true, std::sync::atomic::Ordering::SeqCst);
         // This node must not campaign again once it has handed over.
         self.raft.runtime_config().elect(false);
+        // No lease is granted any more; the holders of earlier ones count on
+        // this node leading until they end (`follower_lease.rs`).
+        if let Some(end) = self.read_lease.granted_until(Instant::now()) {
+            tokio::time::sleep_until(end).await;
+        }
         let moved = |m: &RaftMetrics<NodeId, BasicNode>| {
             m.current_leader.is_some() && m.current_leader != Some(self.id)
         };

@@ -38,6 +38,7 @@
 //! earlier term is at or below the leader's first entry of its own term, which
 //! the confirming round waited to apply.
 
+use std::collections::BTreeMap;
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -45,6 +46,10 @@ use openraft::{LogId, Vote};
 use tokio::time::Instant;
 
 use super::types::NodeId;
+
+/// A follower lease shorter than this is not worth a grant (the holder
+/// would ask again at once).
+const MIN_FOLLOWER_LEASE: Duration = Duration::from_millis(20);
 
 /// What one quorum round confirmed, and until when it may be relied on.
 #[derive(Debug, Clone)]
@@ -78,6 +83,18 @@ struct Inner {
     generation: u64,
     /// Vote requests and membership changes in progress: no lease meanwhile.
     suspended: usize,
+    /// Follower leases granted by this leader: until when (on this node's
+    /// clock, with the margin of [`follower_margin`]) each holder may serve
+    /// reads on its own. Entries past their end are pruned as they are seen.
+    granted: BTreeMap<NodeId, Instant>,
+}
+
+/// The leader keeps a holder's lease for a quarter longer than it told the
+/// holder, plus 5 ms: the holder counts its lease from before it asked, so on
+/// clocks of the same rate its lease always ends first, and the quarter
+/// covers clocks whose rates differ by far more than any real clock's.
+fn follower_margin(granted: Duration) -> Duration {
+    granted / 4 + Duration::from_millis(5)
 }
 
 /// Keeps the lease suspended while it lives (see [`ReadLease::suspend`]).
@@ -159,6 +176,45 @@ impl ReadLease {
         Suspension(self)
     }
 
+    /// Grants `to` a follower read lease at `now` for at most `cap`, if this
+    /// node's own lease runs: the follower's lease must end before this
+    /// node's does, because this node's lease is what says that no other
+    /// leader (which would not wait for the follower) can be writing
+    /// meanwhile. Records the holder first, so that every write acknowledged
+    /// after this call waits for it ([`ReadLease::holders`]). `None` (no
+    /// lease) when this node's lease does not run or is about to end.
+    pub fn grant(&self, to: NodeId, now: Instant, cap: Duration) -> Option<Duration> {
+        let mut inner = self.lock();
+        if inner.suspended > 0 {
+            return None;
+        }
+        let left = inner.held.as_ref()?.until.checked_duration_since(now)?;
+        let lease = left.min(cap);
+        if lease < MIN_FOLLOWER_LEASE {
+            return None;
+        }
+        let until = now + lease + follower_margin(lease);
+        let entry = inner.granted.entry(to).or_insert(until);
+        *entry = (*entry).max(until);
+        Some(lease)
+    }
+
+    /// The nodes whose follower leases may still run at `now`, and until
+    /// when: a write is acknowledged only once each has the entry, or its
+    /// lease has ended.
+    pub fn holders(&self, now: Instant) -> Vec<(NodeId, Instant)> {
+        let mut inner = self.lock();
+        inner.granted.retain(|_, until| *until > now);
+        inner.granted.iter().map(|(id, u)| (*id, *u)).collect()
+    }
+
+    /// When the last follower lease this node granted ends (`None`: none
+    /// runs). A vote or a hand-over waits until then: the holders count on
+    /// this node being the only leader for as long.
+    pub fn granted_until(&self, now: Instant) -> Option<Instant> {
+        self.holders(now).into_iter().map(|(_, u)| u).max()
+    }
+
     /// Forgets the lease (the vote or membership moved on).
     pub fn drop_lease(&self) {
         self.lock().held = None;
@@ -235,6 +291,69 @@ mod tests {
         // A round that started after it ended does.
         l.confirmed(l.round_starts(), vote(2), log(1), t0);
         assert!(l.valid_at(t0).is_some());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn follower_leases_end_before_the_leaders_and_the_leader_keeps_them_longer() {
+        let l = ReadLease::new(Duration::from_millis(250));
+        let t0 = Instant::now();
+        // No lease of its own: nothing to grant.
+        assert_eq!(l.grant(2, t0, Duration::from_millis(250)), None);
+        l.confirmed(l.round_starts(), vote(2), log(1), t0);
+        // Capped, and never past the leader's own lease.
+        assert_eq!(
+            l.grant(2, t0, Duration::from_millis(100)),
+            Some(Duration::from_millis(100))
+        );
+        let late = t0 + Duration::from_millis(200);
+        assert_eq!(
+            l.grant(3, late, Duration::from_millis(100)),
+            Some(Duration::from_millis(50))
+        );
+        // A sliver is not granted.
+        assert_eq!(
+            l.grant(
+                3,
+                t0 + Duration::from_millis(240),
+                Duration::from_millis(100)
+            ),
+            None
+        );
+        // The leader keeps each a quarter longer plus 5 ms.
+        let holders = l.holders(t0);
+        assert_eq!(
+            holders,
+            vec![
+                (2, t0 + Duration::from_millis(130)),
+                (
+                    3,
+                    late + Duration::from_millis(67) + Duration::from_micros(500)
+                ),
+            ]
+        );
+        assert_eq!(
+            l.granted_until(t0),
+            Some(late + Duration::from_micros(67_500))
+        );
+        // A shorter later grant does not shorten an earlier one.
+        l.grant(2, t0 + Duration::from_millis(10), Duration::from_millis(20));
+        assert_eq!(l.holders(t0)[0], (2, t0 + Duration::from_millis(130)));
+        // Ended leases are dropped.
+        assert_eq!(l.holders(t0 + Duration::from_millis(130)).len(), 1);
+        assert_eq!(l.granted_until(t0 + Duration::from_millis(300)), None);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn no_follower_lease_is_granted_while_a_vote_is_handled() {
+        let l = ReadLease::new(Duration::from_millis(250));
+        let t0 = Instant::now();
+        l.confirmed(l.round_starts(), vote(2), log(1), t0);
+        let vote_in_progress = l.suspend();
+        assert_eq!(l.grant(2, t0, Duration::from_millis(100)), None);
+        drop(vote_in_progress);
+        // The suspension ended the leader's lease too: still nothing.
+        assert_eq!(l.grant(2, t0, Duration::from_millis(100)), None);
+        assert!(l.holders(t0).is_empty());
     }
 
     #[tokio::test(start_paused = true)]

@@ -371,6 +371,12 @@ impl LogMarks {
         self.last.fetch_max(index + 1, Ordering::SeqCst);
     }
 
+    /// The index of the log's last entry (`None`: an empty log), raised when
+    /// an append starts, before the entry is persisted.
+    pub fn last(&self) -> Option<u64> {
+        self.last.load(Ordering::SeqCst).checked_sub(1)
+    }
+
     /// The last index when every entry of the log is known to be committed
     /// (`Some(None)` for an empty log); `None` while entries are in flight.
     pub fn settled(&self) -> Option<Option<u64>> {
