@@ -13,7 +13,8 @@ What must hold, and what these tests check on three real nodes:
     stale use count);
   - `cluster.follower_read_leases = false` turns the leases off: a node with
     it neither asks for one nor grants one, and reads stay correct;
-  - after the leader dies, reads on the survivors see the new leader's writes.
+  - across a leader change (SIGKILL, or SIGTERM and its hand-over), a write
+    acknowledged by one survivor is seen by an immediate read on the other.
 
 The counters come from each node's /metrics (absent counts as 0):
   tempalias_raft_follower_lease_reads_total    follower: barriers served from its lease
@@ -26,11 +27,13 @@ from __future__ import annotations
 
 import http.client
 import json
+import signal
+import threading
 import time
 
 import pytest
 
-from clusterkit import create, create_ok, paused, send, show, show_ok
+from clusterkit import create, create_ok, paused, send, show, show_ok, wait_until
 
 # The default cluster.election_timeout_ms. A follower's lease runs at most
 # this plus a quarter; the shortest a lease could usefully be is taken as
@@ -389,24 +392,87 @@ def test_a_node_with_leases_off_neither_asks_for_nor_grants_one(cluster_factory,
         assert granted > 0
 
 
-def test_reads_after_leader_death_see_the_new_leaders_writes(cluster):
-    """Both followers hold leases when the leader is killed (SIGKILL). Once
-    a new leader leads, every write it acknowledges is seen by an immediate
-    read on the other survivor, and leases resume under the new leader."""
+class CrossChecker:
+    """A background client: creates an alias through one of two nodes and
+    at once reads it on the other (roles alternate), for as long as it runs.
+    A create may be refused with 503 while the cluster has no leader; a
+    created alias must then be readable (200, or 503 retried, never 404)."""
+
+    def __init__(self, a, b):
+        self.pair = (a, b)
+        self.done: list[float] = []  # monotonic end time of each checked write
+        self.refused = 0
+        self.failures: list[str] = []
+        self.stop_event = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True, name="cross-checker")
+
+    def _run(self):
+        n = 0
+        while not self.stop_event.is_set() and not self.failures:
+            writer, reader = self.pair if n % 2 == 0 else self.pair[::-1]
+            n += 1
+            r = create(writer, max_usage=2, timeout=20)
+            if r.status == 503:
+                self.refused += 1
+                self.stop_event.wait(0.02)
+                continue
+            if r.status != 201:
+                self.failures.append(f"create via node{writer.id}: {r.status} {r.body!r} {r.error}")
+                return
+            alias = r.json()
+            try:
+                read_sees(reader, alias, {"alias": alias["alias"]})
+            except AssertionError as e:
+                self.failures.append(f"created via node{writer.id}, read on node{reader.id}: {e}")
+                return
+            self.done.append(time.monotonic())
+
+    def since(self, t: float) -> int:
+        return sum(1 for d in list(self.done) if d >= t)
+
+    def start(self):
+        self.thread.start()
+        return self
+
+    def stop(self):
+        self.stop_event.set()
+        self.thread.join(60)
+        assert not self.thread.is_alive(), "the checking client did not stop"
+
+
+@pytest.mark.parametrize("how", ["SIGKILL", "SIGTERM"])
+def test_reads_across_a_leader_change_see_every_acknowledged_write(cluster, how):
+    """Both followers hold leases when the leader is killed (SIGKILL) or
+    stopped (SIGTERM: it hands over, after waiting out the leases it
+    granted). Throughout, a client creates aliases through one survivor and
+    at once reads them on the other; afterwards mails through the new leader
+    are counted in an immediate read on the other survivor, and leases
+    resume under the new leader."""
     leader, followers = leader_and_followers(cluster)
     mailbox = create_ok(leader, max_usage=50)
     for f in followers:
         warm_lease(f, mailbox)
-    cluster.kill(leader.id)
-    new_id = cluster.wait_leader(among=[f.id for f in followers])
+    granted_before = {f.id: counter(f, LEASES_GRANTED) for f in followers}
+    checker = CrossChecker(*followers).start()
+    try:
+        wait_until(lambda: checker.failures or checker.since(0) >= 5, 30, "checked writes before the leader change")
+        cluster.kill(leader.id, getattr(signal, how))
+        t_gone = time.monotonic()
+        new_id = cluster.wait_leader(among=[f.id for f in followers])
+        t_led = time.monotonic()
+        wait_until(lambda: checker.failures or checker.since(t_led) >= 10, 30, "checked writes under the new leader")
+    finally:
+        checker.stop()
+    print(
+        f"\n{how} to leader node{leader.id}: node{new_id} leads after {t_led - t_gone:.2f} s; "
+        f"{len(checker.done)} creates read back on the other node, {checker.refused} refused with 503"
+    )
+    assert not checker.failures, checker.failures
     new = cluster.node(new_id)
     other = next(f for f in followers if f.id != new_id)
-    granted0 = counter(new, LEASES_GRANTED)
     for i in range(10):
         sent = send(new, mailbox["alias"])
         assert sent.ok, f"mail via the new leader node{new_id}: {sent}"
         read_sees(other, mailbox, {"remaining": 50 - (i + 1)})
-        a = create_ok(new, max_usage=2)
-        read_sees(other, a, {"alias": a["alias"]})
     warm_lease(other, mailbox)
-    assert counter(new, LEASES_GRANTED) > granted0, f"the new leader node{new_id} granted no lease"
+    assert counter(new, LEASES_GRANTED) > granted_before[new_id], f"the new leader node{new_id} granted no lease"
