@@ -35,10 +35,9 @@ import pytest
 
 from clusterkit import create, create_ok, paused, send, show, show_ok, wait_until
 
-# The default cluster.election_timeout_ms. A follower's lease runs at most
-# this plus a quarter; the shortest a lease could usefully be is taken as
-# 100 ms when judging how many reads it should have served.
-ELECTION_TIMEOUT_S = 0.25
+# A follower's lease runs at most cluster.election_timeout_ms (250 ms by
+# default) plus a quarter; the shortest a lease could usefully be is taken
+# as 100 ms when judging how many reads it should have served.
 SHORTEST_LEASE_S = 0.1
 # Generous bound on a write held back by a paused lease holder (the lease is
 # ~0.31 s at most; the rest is room for a loaded test machine).
