@@ -74,8 +74,9 @@ impl Barriers {
     /// # Errors
     /// Why no barrier completed (no leader or quorum in time).
     pub async fn wait(self: &Arc<Self>, node: &Node, metrics: &Arc<Metrics>) -> Result<(), String> {
-        // A leader within its read lease needs no barrier at all.
-        if node.lease_read() {
+        // A leader within its read lease, or a follower within its follower
+        // lease that has applied its log, needs no barrier at all.
+        if node.lease_read() || node.follower_lease_read() {
             return Ok(());
         }
         let (node, metrics) = (node.clone(), metrics.clone());

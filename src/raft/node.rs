@@ -705,6 +705,22 @@ impl Node {
         Some(last.max(lease_index))
     }
 
+    /// True when this node, as follower or learner, holds a running follower
+    /// lease and has applied everything it must for a linearizable read:
+    /// the read needs no barrier (no task switch, no network). Checked on
+    /// every status read before a barrier is queued, like
+    /// [`Node::lease_read`] on the leader.
+    pub fn follower_lease_read(&self) -> bool {
+        let Some(index) = self.follower_lease_index() else {
+            return false;
+        };
+        let ok = self.raft.metrics().borrow().last_applied.map(|l| l.index) >= index;
+        if ok {
+            self.metrics.raft_follower_lease_reads.inc();
+        }
+        ok
+    }
+
     /// Waits up to `limit` until this replica has applied `index`; true if
     /// it has.
     async fn applied_index_at_least(&self, index: Option<u64>, limit: Duration) -> bool {
@@ -769,12 +785,13 @@ impl Node {
         if left < self.election_timeout / 2 {
             self.quorum_round(limit).await?;
         }
-        if self.is_stepping_down() || !replicates_to(&self.metrics_now()) {
+        let m = self.metrics_now();
+        if self.is_stepping_down() || !replicates_to(&m) {
             return Ok(None);
         }
         let lease = self
             .read_lease
-            .grant(to, Instant::now(), self.election_timeout);
+            .grant(to, &m.vote, Instant::now(), self.election_timeout);
         if lease.is_some() {
             self.metrics.raft_follower_leases_granted.inc();
         }

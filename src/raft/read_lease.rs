@@ -177,18 +177,25 @@ impl ReadLease {
     }
 
     /// Grants `to` a follower read lease at `now` for at most `cap`, if this
-    /// node's own lease runs: the follower's lease must end before this
+    /// node's own lease runs in `vote` (its current one): the follower's lease must end before this
     /// node's does, because this node's lease is what says that no other
     /// leader (which would not wait for the follower) can be writing
     /// meanwhile. Records the holder first, so that every write acknowledged
     /// after this call waits for it ([`ReadLease::holders`]). `None` (no
     /// lease) when this node's lease does not run or is about to end.
-    pub fn grant(&self, to: NodeId, now: Instant, cap: Duration) -> Option<Duration> {
+    pub fn grant(
+        &self,
+        to: NodeId,
+        vote: &Vote<NodeId>,
+        now: Instant,
+        cap: Duration,
+    ) -> Option<Duration> {
         let mut inner = self.lock();
         if inner.suspended > 0 {
             return None;
         }
-        let left = inner.held.as_ref()?.until.checked_duration_since(now)?;
+        let held = inner.held.as_ref().filter(|h| h.vote == *vote)?;
+        let left = held.until.checked_duration_since(now)?;
         let lease = left.min(cap);
         if lease < MIN_FOLLOWER_LEASE {
             return None;
@@ -298,22 +305,24 @@ mod tests {
         let l = ReadLease::new(Duration::from_millis(250));
         let t0 = Instant::now();
         // No lease of its own: nothing to grant.
-        assert_eq!(l.grant(2, t0, Duration::from_millis(250)), None);
+        assert_eq!(l.grant(2, &vote(2), t0, Duration::from_millis(250)), None);
         l.confirmed(l.round_starts(), vote(2), log(1), t0);
         // Capped, and never past the leader's own lease.
         assert_eq!(
-            l.grant(2, t0, Duration::from_millis(100)),
+            l.grant(2, &vote(2), t0, Duration::from_millis(100)),
             Some(Duration::from_millis(100))
         );
         let late = t0 + Duration::from_millis(200);
         assert_eq!(
-            l.grant(3, late, Duration::from_millis(100)),
+            l.grant(3, &vote(2), late, Duration::from_millis(100)),
             Some(Duration::from_millis(50))
         );
-        // A sliver is not granted.
+        // Not from a lease of another term, and not a sliver.
+        assert_eq!(l.grant(3, &vote(3), late, Duration::from_millis(100)), None);
         assert_eq!(
             l.grant(
                 3,
+                &vote(2),
                 t0 + Duration::from_millis(240),
                 Duration::from_millis(100)
             ),
@@ -336,7 +345,12 @@ mod tests {
             Some(late + Duration::from_micros(67_500))
         );
         // A shorter later grant does not shorten an earlier one.
-        l.grant(2, t0 + Duration::from_millis(10), Duration::from_millis(20));
+        l.grant(
+            2,
+            &vote(2),
+            t0 + Duration::from_millis(10),
+            Duration::from_millis(20),
+        );
         assert_eq!(l.holders(t0)[0], (2, t0 + Duration::from_millis(130)));
         // Ended leases are dropped.
         assert_eq!(l.holders(t0 + Duration::from_millis(130)).len(), 1);
@@ -349,10 +363,10 @@ mod tests {
         let t0 = Instant::now();
         l.confirmed(l.round_starts(), vote(2), log(1), t0);
         let vote_in_progress = l.suspend();
-        assert_eq!(l.grant(2, t0, Duration::from_millis(100)), None);
+        assert_eq!(l.grant(2, &vote(2), t0, Duration::from_millis(100)), None);
         drop(vote_in_progress);
         // The suspension ended the leader's lease too: still nothing.
-        assert_eq!(l.grant(2, t0, Duration::from_millis(100)), None);
+        assert_eq!(l.grant(2, &vote(2), t0, Duration::from_millis(100)), None);
         assert!(l.holders(t0).is_empty());
     }
 

@@ -28,6 +28,14 @@ header line every second) are held open by a process of its own, which
 reopens any the node closes. Prints tables; asserts nothing about time.
 
     python3 tests/bench/http_bench.py --only-held    # just that part
+
+With `--leases-off-peer` a second three-node cluster runs beside the first
+with `cluster.follower_read_leases = false` (every follower read asks the
+leader for its read index), interleaved with the others as `3-node/no lease`:
+the follower read leases' effect, measured in the same run. It then also
+times creates on the leader of each (one every 0.02 s on fresh connections),
+alone and while wrk reads on the two followers: what a lease costs the
+writes it makes wait for the lease holders.
 """
 
 from __future__ import annotations
@@ -46,6 +54,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -279,6 +288,32 @@ def paced_creates(node, seconds: float, every: float = 0.12) -> list[float]:
     return times
 
 
+def leader_of(cluster) -> "object":
+    """The node that reports itself as leader (`tempalias_raft_is_leader`)."""
+    def find():
+        for nd in cluster:
+            if nd.metric("tempalias_raft_is_leader", default=0.0) == 1.0:
+                return nd
+        return None
+    return wait_until(find, timeout=30, what="a leader")
+
+
+def creates_beside_reads(cluster, seconds: float, directory: Path, read_path: str, headers: dict) -> tuple:
+    """Paced creates on the leader alone, then the same while wrk reads on
+    the followers (64 connections between them); both lists of times (ms)."""
+    leader = leader_of(cluster)
+    followers = [nd for nd in cluster if nd is not leader]
+    alone = paced_creates(leader, seconds, every=0.02)
+    done = {}
+    t = threading.Thread(target=lambda: done.setdefault("wrk", wrk(
+        [f"http://{nd.ip}:{nd.http_port}{read_path}" for nd in followers], seconds + 1.0, directory,
+        headers=headers)))
+    t.start()
+    beside = paced_creates(leader, seconds, every=0.02)
+    t.join(timeout=seconds + 90)
+    return alone, beside, done.get("wrk", {}).get("rate", 0.0)
+
+
 def connections_active(ip: str, port: int) -> float:
     conn = http.client.HTTPConnection(ip, port, timeout=10)
     try:
@@ -301,6 +336,8 @@ def main(argv=None) -> int:
     p.add_argument("--held-seconds", type=float, default=12.0,
                    help="seconds of creates while they are held (default: %(default)s)")
     p.add_argument("--only-held", action="store_true", help="skip the wrk rounds (only the held-connection part)")
+    p.add_argument("--leases-off-peer", action="store_true",
+                   help="also a three-node cluster with cluster.follower_read_leases = false")
     args = p.parse_args(argv)
     if not shutil.which("wrk"):
         print("wrk is missing: apt-get install wrk", file=sys.stderr)
@@ -327,19 +364,25 @@ def main(argv=None) -> int:
         "ratelimit": {"create_quota": big, "status_quota": big, "failed_quota": big},
     }
     started = time.monotonic()
-    nginx = one = three = None
+    nginx = one = three = plain = None
     try:
         nginx_port = free_ports(ips[:1], 1)[0]
         nginx = start_nginx(tmp / "nginx", nginx_port)
         p3 = dict(zip(("http", "smtp", "cluster"), free_ports(ips, 3)))
         three = LocalCluster(tmp / "three", n=3, binary=binary, ports=p3, extra_config=extra)
         three.start(timeout=60)
+        if args.leases_off_peer:
+            off = {**extra, "cluster": {"follower_read_leases": False}}
+            pp = dict(zip(("http", "smtp", "cluster"), free_ports(ips, 3)))
+            plain = LocalCluster(tmp / "plain", n=3, binary=binary, ports=pp, extra_config=off)
+            plain.start(timeout=60)
         p1 = dict(zip(("http", "smtp", "cluster"), free_ports(ips[:1], 3)))
         one = LocalCluster(tmp / "one", n=1, binary=binary, ports=p1, extra_config=extra)
         one.start(timeout=60)
 
         targets = {}
-        for name, cl in (("1-node", one), ("3-node", three)):
+        clusters = [("1-node", one), ("3-node", three)] + ([("3-node/no lease", plain)] if plain else [])
+        for name, cl in clusters:
             nodes = list(cl)
             alias = create(nodes[0].ip, nodes[0].http_port)
             targets[name] = {
@@ -355,7 +398,7 @@ def main(argv=None) -> int:
         for run in range(0 if args.only_held else args.runs):
             jobs = [("nginx static 200", lambda: wrk([f"http://127.0.0.1:{nginx_port}/"], args.duration, tmp,
                                                      pids=nginx_pids))]
-            for name in ("1-node", "3-node"):
+            for name, _ in clusters:
                 urls, hdrs = targets[name]["read"]
                 pids = targets[name]["pids"]
                 jobs.append((f"{name} GET status", lambda u=urls, h=hdrs, p=pids: wrk(
@@ -365,8 +408,20 @@ def main(argv=None) -> int:
             for label, job in jobs:
                 r = job()
                 figures.setdefault(label, []).append(r)
-                print(f"run {run + 1}/{args.runs} {label:<18} {r['rate']:9.0f} req/s  p50 {r['p50']:6.2f} ms  "
+                print(f"run {run + 1}/{args.runs} {label:<24} {r['rate']:9.0f} req/s  p50 {r['p50']:6.2f} ms  "
                       f"p99 {r['p99']:6.2f} ms  cpu {r['cpu_us']:7.1f} us/req  errors {r['errors']}", flush=True)
+
+        mixed: dict[str, list] = {}
+        if plain is not None:
+            for run in range(args.runs):
+                for name, cl in (("3-node", three), ("3-node/no lease", plain)):
+                    alias_url = targets[name]["read"][0][0]
+                    path = "/" + alias_url.split("/", 3)[3]
+                    alone, beside, reads = creates_beside_reads(cl, args.duration, tmp, path, targets[name]["read"][1])
+                    mixed.setdefault(name, []).append((alone, beside, reads))
+                    print(f"run {run + 1}/{args.runs} {name:<16} creates on the leader: alone median "
+                          f"{statistics.median(alone):.2f} ms, beside follower reads ({reads:.0f}/s) median "
+                          f"{statistics.median(beside):.2f} ms", flush=True)
 
         # Creates while idle and slowloris connections are held open: one
         # every 0.12 s for 12 s, longer than the header-read timeout (10 s),
@@ -384,8 +439,10 @@ def main(argv=None) -> int:
             holder.close()
         one.stop()
         three.stop()
+        if plain is not None:
+            plain.stop()
     finally:
-        for cl in (one, three):
+        for cl in (one, three, plain):
             if cl is not None:
                 cl.cleanup()
         if nginx is not None:
@@ -404,14 +461,14 @@ def main(argv=None) -> int:
         print(f"wrk, {CONNECTIONS} connections, {THREADS} threads per wrk; {args.runs} runs x {args.duration:g} s "
               f"(medians); total {time.monotonic() - started:.0f} s")
         print()
-        print(f"| {'target':<18} | {'req/s':>9} | {'x nginx':>7} | {'p50':>8} | {'p99':>8} | {'errors':>6} |")
-        print(f"|{'-' * 20}|{'-' * 11}|{'-' * 9}|{'-' * 10}|{'-' * 10}|{'-' * 8}|")
+        print(f"| {'target':<24} | {'req/s':>9} | {'x nginx':>7} | {'p50':>8} | {'p99':>8} | {'errors':>6} |")
+        print(f"|{'-' * 26}|{'-' * 11}|{'-' * 9}|{'-' * 10}|{'-' * 10}|{'-' * 8}|")
         for k, v in med.items():
-            print(f"| {k:<18} | {v['rate']:9.0f} | {v['rate'] / ceiling:7.2f} | {v['p50']:5.2f} ms | {v['p99']:5.2f} ms | {errs[k]:6d} |")
+            print(f"| {k:<24} | {v['rate']:9.0f} | {v['rate'] / ceiling:7.2f} | {v['p50']:5.2f} ms | {v['p99']:5.2f} ms | {errs[k]:6d} |")
         print()
         print("Per run (req/s):")
         for k, v in figures.items():
-            print(f"    {k:<18} " + " ".join(f"{r['rate']:.0f}" for r in v))
+            print(f"    {k:<24} " + " ".join(f"{r['rate']:.0f}" for r in v))
         # The machine may be shared: a ratio to the nginx run of the same round is
         # steadier than a ratio of medians.
         print()
@@ -420,14 +477,26 @@ def main(argv=None) -> int:
             if k == "nginx static 200":
                 continue
             ratios = [r["rate"] / n["rate"] for r, n in zip(v, figures["nginx static 200"])]
-            print(f"    {k:<18} " + " ".join(f"{x:.2f}" for x in ratios) + f"   (median {statistics.median(ratios):.2f})")
+            print(f"    {k:<24} " + " ".join(f"{x:.2f}" for x in ratios) + f"   (median {statistics.median(ratios):.2f})")
         print()
         print("Server CPU time per request (all server processes, user + system), median of runs:")
         cpu_nginx = statistics.median(r["cpu_us"] for r in figures["nginx static 200"])
         for k, v in figures.items():
             c = statistics.median(r["cpu_us"] for r in v)
-            print(f"    {k:<18} {c:8.1f} us   {c / cpu_nginx:6.2f} x nginx's cost  "
+            print(f"    {k:<24} {c:8.1f} us   {c / cpu_nginx:6.2f} x nginx's cost  "
                   f"(rate at equal CPU: {cpu_nginx / c:.2f} x nginx)")
+        print()
+
+    if mixed:
+        print("Creates on the leader (one every 0.02 s, fresh connections), alone and while wrk reads on the")
+        print("two followers; all runs pooled:")
+        for name, rs in mixed.items():
+            alone = [x for r in rs for x in r[0]]
+            beside = [x for r in rs for x in r[1]]
+            p99 = lambda xs: sorted(xs)[max(0, int(len(xs) * 0.99) - 1)]  # noqa: E731
+            print(f"    {name:<16} alone: median {statistics.median(alone):6.2f} ms  p99 {p99(alone):6.2f} ms;  "
+                  f"beside reads: median {statistics.median(beside):6.2f} ms  p99 {p99(beside):6.2f} ms  "
+                  f"(reads {statistics.median(r[2] for r in rs):.0f}/s)")
         print()
 
     def line(label, xs):
