@@ -9,12 +9,14 @@ from __future__ import annotations
 import http.client
 import json
 import re
+import signal
 import smtplib
 import sys
 import threading
 import time
 import uuid
 from collections import Counter
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -294,3 +296,17 @@ def first_success_after(ops: list[Op], t: float) -> Op | None:
 def raft_status(cluster: LocalCluster, via: int) -> dict[int, dict]:
     """{node id: status dict} from `tempalias cluster status --json` (members that answered)."""
     return {e["id"]: e["status"] for e in cluster.status(via=via) if e.get("status")}
+
+
+@contextmanager
+def paused(node: LocalNode):
+    """The node's process stopped (SIGSTOP) for the block and continued
+    (SIGCONT) after it, whatever happens in the block: a node that is alive
+    but answers nothing (the kernel still queues connections and data for
+    it). Its monotonic clock keeps running meanwhile, as on a stalled host."""
+    node.signal(signal.SIGSTOP)
+    try:
+        yield node
+    finally:
+        if node.running():
+            node.signal(signal.SIGCONT)
