@@ -19,7 +19,7 @@ What must hold, and what these tests check on three real nodes:
 The counters come from each node's /metrics (absent counts as 0):
   tempalias_raft_follower_lease_reads_total    follower: barriers served from its lease
   tempalias_raft_follower_leases_granted_total leader: leases granted with ReadIndex answers
-  tempalias_raft_lease_holds_total             leader: writes whose acknowledgement waited for a lease holder
+  tempalias_raft_lease_holds_total             leader: applies (so writes) that waited for a lease holder
   tempalias_http_read_barriers_total           barriers run for HTTP status reads
 """
 

@@ -70,9 +70,11 @@ def test_reads_on_every_node_see_the_write_just_acknowledged(cluster):
     )
 
 
-def test_concurrent_reads_share_barrier_rounds(cluster):
+def test_concurrent_reads_share_barrier_rounds(cluster_factory):
     """Reads that arrive together at a follower share ReadIndex round trips:
-    fewer barriers run than reads are served."""
+    fewer barriers run than reads are served. (Follower read leases are off:
+    a follower within its lease runs no barrier at all.)"""
+    cluster = cluster_factory(extra={"cluster": {"follower_read_leases": False}})
     leader, followers = leader_and_followers(cluster)
     follower = followers[0]
     alias = create_ok(leader)
