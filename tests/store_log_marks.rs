@@ -121,5 +121,8 @@ async fn nothing_is_applied_or_readable_before_the_apply_gate_opens() {
         .await
         .expect("applied once the gate opened")
         .unwrap();
-    assert_eq!(sm.applied_state().await.unwrap().0.map(|l| l.index), Some(2));
+    assert_eq!(
+        sm.applied_state().await.unwrap().0.map(|l| l.index),
+        Some(2)
+    );
 }

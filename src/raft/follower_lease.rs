@@ -41,13 +41,15 @@
 //! default, plus the margin). `cluster.follower_read_leases = false` turns
 //! the leases off.
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
-use openraft::{BasicNode, LogId, Raft, RaftMetrics, ServerState};
+use openraft::{BasicNode, LogId, Raft, RaftMetrics, Vote};
+use tokio::sync::Notify;
 use tokio::time::Instant;
 
 use super::read_lease::ReadLease;
@@ -143,41 +145,63 @@ impl FollowerLease {
 ///   what every holder has ([`LeaseGate::clamp_commit`]), so no follower
 ///   applies an entry a holder lacks.
 ///
-/// For a moment after the process starts, every member counts as a holder
-/// (the blanket): openraft restores a restarted leader in its term at once,
-/// without an election, and leases granted before the restart are forgotten
-/// with the process's memory.
+/// What a holder has persisted is the higher of openraft's replication
+/// metrics and the answers this node's own `AppendEntries` calls got
+/// ([`LeaseGate::acknowledged`]): the metrics are published only after the
+/// Raft core has handled the answer, and by then the next `AppendEntries`,
+/// carrying the new committed index, has often been built.
+///
+/// A leader that openraft restores in its term at start (no election: its
+/// stored vote is its own and committed) counts every member as a holder
+/// for the longest lease after it starts (the blanket): the leases it
+/// granted before the restart are forgotten with the process's memory.
 pub struct LeaseGate {
     leases: Arc<ReadLease>,
     raft: OnceLock<Raft<TypeConfig>>,
     counters: Arc<Metrics>,
-    /// End of the blanket: when every lease granted before this process
-    /// started has surely ended.
-    blanket_until: Instant,
-    /// A heartbeat to carry a commit index that was lowered is on its way.
+    /// End of the blanket (`None`: this node was not a leader when it
+    /// stopped, so it granted no lease that could still run).
+    blanket_until: Option<Instant>,
+    /// Per peer: the last log id it acknowledged to this node's
+    /// `AppendEntries`, in the vote it was sent in.
+    acked: Mutex<HashMap<NodeId, Acked>>,
+    /// Woken whenever `acked` moves.
+    acked_moved: Notify,
+    /// The highest committed index a lowered `AppendEntries` held back; a
+    /// heartbeat carries it once the holders have it.
+    nudge_for: AtomicU64,
+    /// A nudge task is running.
     nudging: AtomicBool,
 }
 
-/// A node that may hold a lease, and until when.
+/// What a peer acknowledged last: in which vote, up to which log id.
+type Acked = (Vote<NodeId>, LogId<NodeId>);
+
+/// A node that may hold a lease, and until when. [`BLANKET`] stands for
+/// members not known yet.
 type Holder = (NodeId, Instant);
 
-/// What `id` has persisted, as the leader's replication metrics say.
-fn matched(m: &RaftMetrics<NodeId, BasicNode>, id: NodeId) -> Option<LogId<NodeId>> {
-    m.replication
-        .as_ref()
-        .and_then(|r| r.get(&id).copied().flatten())
-}
+/// During the blanket, before the metrics list the members: a holder that
+/// has nothing, waited out until the blanket ends.
+const BLANKET: NodeId = NodeId::MAX;
 
 impl LeaseGate {
-    /// The gate of a node whose leader-side leases are `leases`; it holds
-    /// nothing back until [`LeaseGate::connect`] gives it the Raft instance.
-    pub fn new(leases: Arc<ReadLease>, counters: Arc<Metrics>) -> Self {
-        let blanket_until = Instant::now() + leases.longest_follower_lease();
+    /// The gate of a node whose leader-side leases are `leases`.
+    /// `restored_leader`: the stored vote is this node's own and committed,
+    /// so openraft restores it as leader at once. It holds nothing back
+    /// (but the blanket) until [`LeaseGate::connect`] gives it the Raft
+    /// instance.
+    pub fn new(leases: Arc<ReadLease>, counters: Arc<Metrics>, restored_leader: bool) -> Self {
+        let blanket_until =
+            restored_leader.then(|| Instant::now() + leases.longest_follower_lease());
         Self {
             leases,
             raft: OnceLock::new(),
             counters,
             blanket_until,
+            acked: Mutex::default(),
+            acked_moved: Notify::new(),
+            nudge_for: AtomicU64::new(0),
             nudging: AtomicBool::new(false),
         }
     }
@@ -187,16 +211,53 @@ impl LeaseGate {
         let _ = self.raft.set(raft);
     }
 
-    /// The nodes that may hold a lease at `now` (`m`: this node's metrics).
-    fn holders(&self, m: &RaftMetrics<NodeId, BasicNode>, now: Instant) -> Vec<Holder> {
+    /// Records that `target` acknowledged everything up to `matched` to an
+    /// `AppendEntries` this node sent in `vote` (as leader).
+    pub fn acknowledged(&self, target: NodeId, vote: Vote<NodeId>, matched: LogId<NodeId>) {
+        {
+            let mut acked = self.acked.lock().unwrap_or_else(|p| p.into_inner());
+            let entry = acked.entry(target).or_insert((vote, matched));
+            if entry.0 != vote || entry.1 < matched {
+                *entry = (vote, matched);
+            }
+        }
+        self.acked_moved.notify_waiters();
+    }
+
+    /// What `id` has persisted of this leader's log (`None`: nothing known).
+    pub fn matched(&self, m: &RaftMetrics<NodeId, BasicNode>, id: NodeId) -> Option<LogId<NodeId>> {
+        let reported = m
+            .replication
+            .as_ref()
+            .and_then(|r| r.get(&id).copied().flatten());
+        let acked = self
+            .acked
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&id)
+            .filter(|(vote, _)| *vote == m.vote)
+            .map(|(_, l)| *l);
+        reported.max(acked)
+    }
+
+    /// The nodes that may hold a lease at `now` (`m`: this node's metrics,
+    /// `None` before it is connected).
+    fn holders(&self, m: Option<&RaftMetrics<NodeId, BasicNode>>, now: Instant) -> Vec<Holder> {
         let mut out = self.leases.holders(now);
-        if now < self.blanket_until && m.state == ServerState::Leader {
-            if let Some(r) = &m.replication {
-                out.extend(
+        if let Some(until) = self.blanket_until.filter(|u| now < *u) {
+            let follows_another = m.is_some_and(|m| m.current_leader.is_some_and(|l| l != m.id));
+            let members = m.and_then(|m| {
+                m.replication.as_ref().map(|r| {
                     r.keys()
                         .filter(|id| **id != m.id)
-                        .map(|id| (*id, self.blanket_until)),
-                );
+                        .copied()
+                        .collect::<Vec<_>>()
+                })
+            });
+            match members {
+                _ if follows_another => {}
+                Some(members) => out.extend(members.into_iter().map(|id| (id, until))),
+                None => out.push((BLANKET, until)),
             }
         }
         out
@@ -210,44 +271,54 @@ impl LeaseGate {
         self: &Arc<Self>,
         leader_commit: Option<LogId<NodeId>>,
     ) -> Option<LogId<NodeId>> {
+        let commit = leader_commit?;
         let Some(raft) = self.raft.get() else {
             return leader_commit;
         };
         let floor = {
             let m = raft.metrics();
             let m = m.borrow();
-            let holders = self.holders(&m, Instant::now());
+            let holders = self.holders(Some(&m), Instant::now());
             if holders.is_empty() {
                 return leader_commit;
             }
             holders
                 .iter()
-                .map(|(id, _)| matched(&m, *id))
+                .map(|(id, _)| self.matched(&m, *id))
                 .min()
                 .flatten()
         };
-        match leader_commit {
-            Some(commit) if floor < leader_commit => {
-                self.nudge(commit.index);
-                floor
-            }
-            _ => leader_commit,
+        if floor >= leader_commit {
+            return leader_commit;
         }
+        self.nudge(commit.index);
+        floor
     }
 
     /// Sends a heartbeat once every holder has `index` (or its lease has
     /// ended), so that followers whose committed index was lowered learn
     /// the rest without waiting for the next heartbeat interval.
     fn nudge(self: &Arc<Self>, index: u64) {
+        self.nudge_for.fetch_max(index, Ordering::SeqCst);
         if self.nudging.swap(true, Ordering::SeqCst) {
             return;
         }
         let gate = self.clone();
         tokio::spawn(async move {
-            gate.wait_until_held(index).await;
-            gate.nudging.store(false, Ordering::SeqCst);
-            if let Some(raft) = gate.raft.get() {
-                let _ = raft.trigger().heartbeat().await;
+            loop {
+                let want = gate.nudge_for.load(Ordering::SeqCst);
+                gate.wait_until_held(want).await;
+                if let Some(raft) = gate.raft.get() {
+                    let _ = raft.trigger().heartbeat().await;
+                }
+                gate.nudging.store(false, Ordering::SeqCst);
+                // A clamp for a higher index that found this task still
+                // running left it to this task.
+                if gate.nudge_for.load(Ordering::SeqCst) <= want
+                    || gate.nudging.swap(true, Ordering::SeqCst)
+                {
+                    return;
+                }
             }
         });
     }
@@ -270,22 +341,35 @@ impl LeaseGate {
     /// read index at or above every entry committed before it.
     async fn wait_until_held(&self, index: u64) -> bool {
         let Some(raft) = self.raft.get() else {
+            // Not connected yet (the store applies before Raft is up): only
+            // the blanket can hold anything then.
+            let holders = self.holders(None, Instant::now());
+            let last = holders.iter().map(|(_, until)| *until).max();
+            if let Some(last) = last {
+                tokio::time::sleep_until(last).await;
+                return true;
+            }
             return false;
         };
         let mut metrics = raft.metrics();
-        let holders = self.holders(&metrics.borrow_and_update(), Instant::now());
+        let holders = self.holders(Some(&metrics.borrow_and_update()), Instant::now());
         if holders.is_empty() {
             return false;
         }
         let mut waited = false;
         loop {
+            // Registered before the check, so an acknowledgement between the
+            // check and the wait is not missed.
+            let acked = self.acked_moved.notified();
+            tokio::pin!(acked);
+            acked.as_mut().enable();
             let now = Instant::now();
             let first_end = {
                 let m = metrics.borrow_and_update();
                 holders
                     .iter()
                     .filter(|(id, until)| {
-                        *until > now && matched(&m, *id).is_none_or(|l| l.index < index)
+                        *until > now && self.matched(&m, *id).is_none_or(|l| l.index < index)
                     })
                     .map(|(_, until)| *until)
                     .min()
@@ -306,6 +390,7 @@ impl LeaseGate {
                         return waited;
                     }
                 }
+                () = &mut acked => {}
                 () = tokio::time::sleep_until(first_end) => {}
             }
         }

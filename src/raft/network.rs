@@ -126,6 +126,18 @@ impl RaftNetwork<TypeConfig> for PeerConnection {
             .peers
             .append_entries(&self.addr, &rpc, self.timeout(&option))
             .await;
+        // What the peer now has, known here before openraft's metrics say
+        // it (the lease gate waits for it).
+        let matched = match &r {
+            Ok(Ok(AppendEntriesResponse::Success)) => {
+                rpc.entries.last().map(|e| e.log_id).or(rpc.prev_log_id)
+            }
+            Ok(Ok(AppendEntriesResponse::PartialSuccess(m))) => *m,
+            _ => None,
+        };
+        if let Some(matched) = matched {
+            self.lease_gate.acknowledged(self.target, rpc.vote, matched);
+        }
         self.map(r)
     }
 

@@ -9,6 +9,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
 
+use openraft::storage::RaftLogStorage;
 use openraft::{BasicNode, ChangeMembers, Raft, RaftMetrics, ServerState, SnapshotPolicy};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -164,6 +165,18 @@ pub struct Node {
     /// `cluster.follower_read_leases`: whether this node asks for and grants
     /// follower leases.
     follower_leases: bool,
+    /// Holds entries back for the holders of leases this node granted, and
+    /// knows what each peer has persisted.
+    lease_gate: Arc<LeaseGate>,
+    /// When openraft restores this node as leader in its stored vote: that
+    /// vote and the log's last index at open. Until the vote moves on, no
+    /// read index it hands out is below that index: it may hold entries up
+    /// to it that it acknowledged before the restart and has not applied
+    /// again (applies become durable with the next append, and openraft
+    /// starts from the durable applied index).
+    restored: Option<(openraft::Vote<NodeId>, Option<u64>)>,
+    /// `cluster.heartbeat_ms`.
+    heartbeat: Duration,
 }
 
 /// Counts one proposal in [`Node::proposing`] for as long as it lives (also
@@ -201,12 +214,21 @@ impl Node {
             cache_bytes: usize::try_from(config.cluster.store_cache_mb.saturating_mul(1024 * 1024))
                 .unwrap_or(usize::MAX),
         };
-        let (log_store, mut state_machine) =
+        let (mut log_store, mut state_machine) =
             tokio::task::spawn_blocking(move || store::open_with(&path, &options))
                 .await
                 .map_err(|e| StartError::Raft(e.to_string()))??;
+        // openraft restores a node whose stored vote is its own and
+        // committed as leader at once, without an election.
+        let restored_vote = log_store
+            .read_vote()
+            .await
+            .map_err(|e| StartError::Raft(e.to_string()))?
+            .filter(|v| v.is_committed() && v.leader_id().voted_for() == Some(config.node_id));
+        let restored_leader = restored_vote.is_some();
         let reader = state_machine.reader();
         let log_marks = log_store.marks();
+        let restored = restored_vote.map(|vote| (vote, log_marks.last()));
         let election = config.cluster.election_timeout_ms;
         let liveness = Arc::new(Liveness::new(
             config.node_id,
@@ -241,7 +263,11 @@ impl Node {
         let read_lease = Arc::new(ReadLease::new(Duration::from_millis(election)));
         // Follower read leases hold entries back where they become visible:
         // the leader's applies and the committed index it sends.
-        let lease_gate = Arc::new(LeaseGate::new(read_lease.clone(), metrics.clone()));
+        let lease_gate = Arc::new(LeaseGate::new(
+            read_lease.clone(),
+            metrics.clone(),
+            restored_leader,
+        ));
         // Also with leases off here: a restarted leader's blanket covers
         // leases granted before the restart, whatever the setting was then.
         state_machine.set_apply_gate(lease_gate.clone());
@@ -291,6 +317,9 @@ impl Node {
             log_marks,
             follower_lease: Arc::new(FollowerLease::default()),
             follower_leases: config.cluster.follower_read_leases,
+            lease_gate,
+            restored,
+            heartbeat: Duration::from_millis(config.cluster.heartbeat_ms),
         })
     }
 
@@ -587,10 +616,13 @@ impl Node {
         let deadline = Instant::now() + limit;
         if let Some(index) = self.follower_lease_index() {
             // Every write acknowledged before now is in this node's log at
-            // or below `index`: applying it is all the read needs. Entries
+            // or below `index`: applying it is all the read needs. It may
+            // wait for another lease holder that stopped answering (the
+            // committed index this node hears is held back for it) until
+            // that lease ends, plus a heartbeat to hear the rest. Entries
             // that never apply (a deposed leader's, truncated) end the wait
-            // after an election timeout; then ask the leader as usual.
-            let wait = limit.min(self.election_timeout);
+            // then; the read asks the leader as usual.
+            let wait = limit.min(self.read_lease.longest_follower_lease() + self.heartbeat);
             if self.applied_index_at_least(index, wait).await {
                 self.metrics.raft_follower_lease_reads.inc();
                 return Ok(());
@@ -781,10 +813,8 @@ impl Node {
         let committed = self.log_marks.committed();
         let replicates_to = |m: &RaftMetrics<NodeId, BasicNode>| {
             m.state == ServerState::Leader
-                && m.replication.as_ref().is_some_and(|r| {
-                    r.get(&to)
-                        .is_some_and(|matched| matched.map(|l| l.index) >= committed)
-                })
+                && m.replication.as_ref().is_some_and(|r| r.contains_key(&to))
+                && self.lease_gate.matched(m, to).map(|l| l.index) >= committed
         };
         if self.is_stepping_down() || !replicates_to(&self.metrics_now()) {
             return Ok(None);
@@ -830,7 +860,7 @@ impl Node {
             let leads = self.raft.metrics().borrow().state == ServerState::Leader;
             if let Some(index) = self.log_marks.settled().filter(|_| leads) {
                 self.metrics.raft_lease_reads.inc();
-                return Ok(index);
+                return Ok(index.max(self.restored_floor(&held.vote)));
             }
             // Writes in flight: the exact committed index, read in the core,
             // which also checks the vote and membership once more (the
@@ -848,7 +878,7 @@ impl Node {
             match checked {
                 Ok(Some(index)) => {
                     self.metrics.raft_lease_reads.inc();
-                    return Ok(index);
+                    return Ok(index.max(self.restored_floor(&held.vote)));
                 }
                 Ok(None) => self.read_lease.drop_lease(),
                 Err(e) => return Err(LeaderReadError::Raft(e.to_string())),
@@ -882,7 +912,21 @@ impl Node {
             self.read_lease
                 .confirmed(token, before.vote, *before.membership_config.log_id(), t0);
         }
-        Ok(log_id.map(|l| l.index))
+        // A leader restored in its term after a crash confirms a committed
+        // index that may be below entries it acknowledged before (openraft
+        // starts it from its durable applied index); they are in its log.
+        Ok(log_id
+            .map(|l| l.index)
+            .max(self.restored_floor(&before.vote)))
+    }
+
+    /// While this node leads in the vote openraft restored it in: the log's
+    /// last index at open, which no read index may be below (see the
+    /// `restored` field).
+    fn restored_floor(&self, vote: &openraft::Vote<NodeId>) -> Option<u64> {
+        self.restored
+            .filter(|(restored, _)| restored == vote)
+            .and_then(|(_, last)| last)
     }
 
     /// True when this node leads and its read lease runs: a read of the
