@@ -220,7 +220,8 @@ pub struct Metrics {
     pub raft_read_quorum_rounds: Counter,
     /// Read barriers the leader served from its read lease.
     pub raft_lease_reads: Counter,
-    /// Read barriers a follower or learner served from its follower lease.
+    /// Reads (or read barriers) a follower or learner served from its
+    /// follower lease.
     pub raft_follower_lease_reads: Counter,
     /// Follower leases this node granted as leader.
     pub raft_follower_leases_granted: Counter,
@@ -575,7 +576,7 @@ impl Metrics {
         );
         registry.register(
             "raft_follower_lease_reads",
-            "Read barriers this node served as follower or learner from its follower lease, without a ReadIndex call",
+            "Reads (or read barriers) this node served as follower or learner from its follower lease, without a ReadIndex call",
             m.raft_follower_lease_reads.clone(),
         );
         registry.register(

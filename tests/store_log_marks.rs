@@ -82,7 +82,7 @@ impl store::ApplyGate for Gate {
 }
 
 #[tokio::test]
-async fn nothing_is_applied_or_readable_before_the_apply_gate_opens() {
+async fn nothing_is_applied_before_the_apply_gate_opens() {
     // The follower read leases' gate (raft/follower_lease.rs): entries stay
     // invisible to readers until every lease holder has them.
     let dir = tempfile::tempdir().unwrap();

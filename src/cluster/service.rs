@@ -86,8 +86,9 @@ impl Cluster for ClusterService {
         // ends before openraft sees the request, and no lease round that
         // overlaps it grants one (raft/read_lease.rs).
         let _no_lease = self.node.read_lease().suspend();
-        // openraft refuses a vote that is not above this node's own: no
-        // lease needs to end for it.
+        // openraft grants a vote only if it is at least this node's own; an
+        // equal one is a candidate's repeated request, for which the leases
+        // were ended the first time. So only a higher vote waits.
         let current = self.node.raft().metrics().borrow().vote;
         if rpc.vote > current {
             // A vote may elect a leader that does not know this node's

@@ -60,8 +60,12 @@ use crate::metrics::Metrics;
 /// One lease held by this node.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Held {
+    /// The leader that granted it: a lease means nothing under another.
     leader: NodeId,
+    /// The term this node followed `leader` in when it asked: a new term
+    /// may mean a new leader that never heard of the lease.
     term: u64,
+    /// End on this node's clock, counted from before it asked.
     until: Instant,
     /// The read index that came with the grant: a local read waits for it.
     read_index: Option<u64>,
@@ -70,6 +74,7 @@ struct Held {
 /// The follower read lease of one node (held only while it follows).
 #[derive(Debug, Default)]
 pub struct FollowerLease {
+    /// A std mutex: held for a copy or a store, never across an await.
     held: Mutex<Option<Held>>,
 }
 
@@ -156,9 +161,12 @@ impl FollowerLease {
 /// for the longest lease after it starts (the blanket): the leases it
 /// granted before the restart are forgotten with the process's memory.
 pub struct LeaseGate {
+    /// The leases this node granted as leader (and its own read lease).
     leases: Arc<ReadLease>,
+    /// Set once Raft is up: the store is opened, and may apply, before it.
     raft: OnceLock<Raft<TypeConfig>>,
-    counters: Arc<Metrics>,
+    /// For `tempalias_raft_lease_holds_total`.
+    metrics: Arc<Metrics>,
     /// End of the blanket (`None`: this node was not a leader when it
     /// stopped, so it granted no lease that could still run).
     blanket_until: Option<Instant>,
@@ -191,13 +199,13 @@ impl LeaseGate {
     /// so openraft restores it as leader at once. It holds nothing back
     /// (but the blanket) until [`LeaseGate::connect`] gives it the Raft
     /// instance.
-    pub fn new(leases: Arc<ReadLease>, counters: Arc<Metrics>, restored_leader: bool) -> Self {
+    pub fn new(leases: Arc<ReadLease>, metrics: Arc<Metrics>, restored_leader: bool) -> Self {
         let blanket_until =
             restored_leader.then(|| Instant::now() + leases.longest_follower_lease());
         Self {
             leases,
             raft: OnceLock::new(),
-            counters,
+            metrics,
             blanket_until,
             acked: Mutex::default(),
             acked_moved: Notify::new(),
@@ -330,7 +338,7 @@ impl LeaseGate {
     /// `tempalias_raft_lease_holds_total`.
     pub async fn before_apply(&self, index: u64) {
         if self.wait_until_held(index).await {
-            self.counters.raft_lease_holds.inc();
+            self.metrics.raft_lease_holds.inc();
         }
     }
 
@@ -406,6 +414,33 @@ impl ApplyGate for LeaseGate {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn a_restored_leader_holds_applies_until_its_blanket_ends_even_before_raft_is_up() {
+        let metrics = Arc::new(Metrics::new());
+        let leases = Arc::new(ReadLease::new(Duration::from_millis(250)));
+        let longest = leases.longest_follower_lease();
+        assert_eq!(longest, Duration::from_micros(317_500));
+        // Restored as leader: every apply in the blanket waits it out (no
+        // member list yet, so no acknowledgement can end it early).
+        let gate = LeaseGate::new(leases.clone(), metrics.clone(), true);
+        let t0 = Instant::now();
+        gate.before_apply(7).await;
+        // (tokio's timer rounds up to whole milliseconds)
+        let waited = Instant::now() - t0;
+        assert!(waited >= longest && waited <= longest + Duration::from_millis(1));
+        assert_eq!(metrics.raft_lease_holds.get(), 1);
+        // After the blanket nothing waits.
+        gate.before_apply(8).await;
+        assert_eq!(Instant::now() - t0, waited);
+        assert_eq!(metrics.raft_lease_holds.get(), 1);
+        // Not restored as leader: no blanket at all.
+        let gate = LeaseGate::new(leases, metrics.clone(), false);
+        let t1 = Instant::now();
+        gate.before_apply(1).await;
+        assert_eq!(Instant::now(), t1);
+        assert_eq!(metrics.raft_lease_holds.get(), 1);
+    }
 
     #[tokio::test(start_paused = true)]
     async fn the_lease_runs_from_the_request_and_only_for_the_leader_and_term_it_came_from() {

@@ -615,8 +615,9 @@ impl Node {
         }
         let deadline = Instant::now() + limit;
         if let Some(index) = self.follower_lease_index() {
-            // Every write acknowledged before now is in this node's log at
-            // or below `index`: applying it is all the read needs. It may
+            // Every entry visible anywhere before now (applied, or known as
+            // committed) is in this node's log at or below `index`:
+            // applying it is all the read needs. It may
             // wait for another lease holder that stopped answering (the
             // committed index this node hears is held back for it) until
             // that lease ends, plus a heartbeat to hear the rest. Entries
@@ -718,9 +719,11 @@ impl Node {
     /// As follower or learner under a running follower lease: the index this
     /// replica must have applied for a read to be linearizable (the log's
     /// last index, read now, and the lease's read index); `None` without a
-    /// lease. The last index is read before anything else: every write
-    /// acknowledged before the read started is at or below it, because the
-    /// leader acknowledged it only once this node had appended it.
+    /// lease. The last index is read before anything else: every entry
+    /// visible anywhere before the read started (applied, or known as
+    /// committed; a write is answered only after its apply) is at or below
+    /// it, because the leader lets an entry become visible only once this
+    /// node has persisted it.
     fn follower_lease_index(&self) -> Option<Option<u64>> {
         if !self.follower_leases {
             return None;
@@ -776,8 +779,10 @@ impl Node {
     /// On the leader, answering the `ReadIndex` of `asker` (`None`: a node
     /// that wants no lease): its read index and, when granted, a follower
     /// lease for `asker`. The lease is recorded before the read index is
-    /// taken, so every write acknowledged after the index waits for `asker`
-    /// and every write before it is at or below the index.
+    /// taken, so every entry that becomes visible after the index waits for
+    /// `asker`, and every entry visible before it is at or below the index.
+    /// When the read index then fails, the recorded lease holds entries back
+    /// for nothing until it ends (at most one lease); the asker retries.
     ///
     /// # Errors
     /// See [`Node::leader_read_index`].
@@ -790,7 +795,13 @@ impl Node {
             // A lease that cannot be granted (the renewing round failed) is
             // no reason to refuse the read index.
             Some(to) if self.follower_leases && to != self.id => {
-                self.grant_follower_lease(to, limit).await.unwrap_or(None)
+                match self.grant_follower_lease(to, limit).await {
+                    Ok(lease) => lease,
+                    Err(e) => {
+                        tracing::debug!(follower = to, error = %e, "no follower lease granted");
+                        None
+                    }
+                }
             }
             _ => None,
         };
@@ -849,7 +860,7 @@ impl Node {
     /// # Errors
     /// [`LeaderReadError`] when this node is not the leader (or steps down),
     /// or no quorum confirmed it within `limit`.
-    pub async fn leader_read_index(&self, limit: Duration) -> Result<Option<u64>, LeaderReadError> {
+    async fn leader_read_index(&self, limit: Duration) -> Result<Option<u64>, LeaderReadError> {
         if self.is_stepping_down() {
             return Err(LeaderReadError::NotLeader);
         }
@@ -1150,8 +1161,11 @@ impl Node {
             .store(true, std::sync::atomic::Ordering::SeqCst);
         // This node must not campaign again once it has handed over.
         self.raft.runtime_config().elect(false);
-        // No lease is granted any more; the holders of earlier ones count on
-        // this node leading until they end (`follower_lease.rs`).
+        // No lease is granted any more (the suspension stops grants under the
+        // same lock `grant` takes, so none slips in after the look below);
+        // the holders of earlier ones count on this node leading until they
+        // end (`follower_lease.rs`).
+        let _no_grants = self.read_lease.suspend();
         if let Some(end) = self.read_lease.granted_until(Instant::now()) {
             tokio::time::sleep_until(end).await;
         }

@@ -177,12 +177,13 @@ impl ReadLease {
     }
 
     /// Grants `to` a follower read lease at `now` for at most `cap`, if this
-    /// node's own lease runs in `vote` (its current one): the follower's lease must end before this
-    /// node's does, because this node's lease is what says that no other
-    /// leader (which would not wait for the follower) can be writing
-    /// meanwhile. Records the holder first, so that every write acknowledged
-    /// after this call waits for it ([`ReadLease::holders`]). `None` (no
-    /// lease) when this node's lease does not run or is about to end.
+    /// node's own lease runs in `vote` (its current one): the follower's
+    /// lease must end before this node's does, because this node's lease is
+    /// what says that no other leader (which would not wait for the
+    /// follower) can be writing meanwhile. Records the holder first, so that
+    /// every entry that becomes visible after this call waits for it
+    /// ([`ReadLease::holders`]). `None` (no lease) when this node's lease
+    /// does not run or is about to end, or while it is suspended.
     pub fn grant(
         &self,
         to: NodeId,
@@ -207,8 +208,9 @@ impl ReadLease {
     }
 
     /// The nodes whose follower leases may still run at `now`, and until
-    /// when: a write is acknowledged only once each has the entry, or its
-    /// lease has ended.
+    /// when: an entry becomes visible (is applied here, or reported
+    /// committed to followers) only once each has it, or its lease has
+    /// ended.
     pub fn holders(&self, now: Instant) -> Vec<(NodeId, Instant)> {
         let mut inner = self.lock();
         inner.granted.retain(|_, until| *until > now);

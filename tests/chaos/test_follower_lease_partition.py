@@ -10,7 +10,7 @@ never comes), and by then the holder no longer reads locally. And the holder
 must not get new leases meanwhile, or every write would wait for one.
 
 Only the three nodes and the firewall of the lab (no Postfix); needs root
-like the rest of tests/chaos. Takes about 10 s.
+like the rest of tests/chaos. Takes about 5 s.
 """
 
 from __future__ import annotations
@@ -124,7 +124,7 @@ def test_cut_off_lease_holder_never_serves_a_stale_read(lab):
     assert not wrong, wrong[:5]
     assert latencies[0] < HELD_WRITE_BOUND_S, f"the first write waited {latencies[0]:.2f} s for the cut-off holder"
     assert 1 <= holds <= MAX_HOLDS, f"{holds:.0f} writes held for a holder that could not acknowledge them"
-    late = [round(x, 3) for x in latencies[1:] if x >= 1.0]
+    late = [round(x, 3) for x in latencies[1:] if x >= 2.5]
     assert not late, f"writes still waited after the holder's lease ended: {late}"
 
     # After the heal the holder catches up: every acknowledged alias is there.
