@@ -228,6 +228,9 @@ pub struct Metrics {
     /// Applies that waited for a follower lease holder to persist their
     /// entries.
     pub raft_lease_holds: Counter,
+    /// How long those applies waited: tells a busy holder (fractions of a
+    /// millisecond) from one that stopped answering (its whole lease).
+    pub raft_lease_hold_duration: Histogram,
     /// Read barriers run for HTTP status reads (each serves every read
     /// that queued for it).
     pub http_read_barriers: Counter,
@@ -340,6 +343,10 @@ impl Metrics {
             raft_follower_lease_reads: Counter::default(),
             raft_follower_leases_granted: Counter::default(),
             raft_lease_holds: Counter::default(),
+            raft_lease_hold_duration: Histogram::new([
+                0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+                1.0,
+            ]),
             http_read_barriers: Counter::default(),
             readiness_checks: Counter::default(),
             registry: Registry::default(),
@@ -588,6 +595,12 @@ impl Metrics {
             "raft_lease_holds",
             "Applies this node held as leader until every follower lease holder had persisted the entries (writes are answered after their apply)",
             m.raft_lease_holds.clone(),
+        );
+        registry.register_with_unit(
+            "raft_lease_hold_duration",
+            "How long each held apply waited for follower lease holders",
+            prometheus_client::registry::Unit::Seconds,
+            m.raft_lease_hold_duration.clone(),
         );
         registry.register(
             "http_read_barriers",

@@ -335,10 +335,15 @@ impl LeaseGate {
     /// waits until every node that may hold a lease has persisted them, or
     /// its lease has ended. Usually they have: a follower persists an entry
     /// about when the quorum does. Waits that happen are counted in
-    /// `tempalias_raft_lease_holds_total`.
+    /// `tempalias_raft_lease_holds_total` and timed in
+    /// `tempalias_raft_lease_hold_duration_seconds`.
     pub async fn before_apply(&self, index: u64) {
+        let started = Instant::now();
         if self.wait_until_held(index).await {
             self.metrics.raft_lease_holds.inc();
+            self.metrics
+                .raft_lease_hold_duration
+                .observe(started.elapsed().as_secs_f64());
         }
     }
 

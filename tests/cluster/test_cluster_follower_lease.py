@@ -54,6 +54,7 @@ UNHELD_WRITE_BOUND_S = 2.5
 LEASE_READS = "raft_follower_lease_reads"
 LEASES_GRANTED = "raft_follower_leases_granted"
 LEASE_HOLDS = "raft_lease_holds"
+HELD_SECONDS = "tempalias_raft_lease_hold_duration_seconds_sum"
 
 
 def counter(node, name: str) -> float:
@@ -228,6 +229,7 @@ def test_paused_lease_holder_holds_writes_once_and_serves_nothing_stale(cluster_
     mailbox = create_ok(leader, max_usage=50)
     warm_lease(f, mailbox)
     holds0 = counter(leader, LEASE_HOLDS)
+    held0 = leader.metric(HELD_SECONDS, default=0.0)
     fresh_lease(leader, f, mailbox)
 
     timings: list[tuple[str, float]] = []
@@ -263,6 +265,11 @@ def test_paused_lease_holder_holds_writes_once_and_serves_nothing_stale(cluster_
     slow = [(k, round(s, 3)) for k, s in timings[1:] if s >= UNHELD_WRITE_BOUND_S]
     assert not slow, f"writes after the lease ran out still waited: {slow} (all: {timings})"
     assert holds >= 1, "the leader applied a write without waiting for the paused lease holder"
+    # The hold lasted until the lease ended (at least half a second after
+    # the grant with LONG_LEASES; a busy but answering holder costs well
+    # under a millisecond).
+    held = leader.metric(HELD_SECONDS, default=0.0) - held0
+    assert held >= 0.05, f"the holds lasted {held:.4f} s in all"
     # The node is a working member again (a 503 while it finds its leader
     # after the pause is fine; nothing else is).
     new = create_eventually(f)
