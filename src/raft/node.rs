@@ -684,22 +684,13 @@ impl Node {
                 None => None,
             };
             match index {
-                // Already applied here (no writes meanwhile): no waiter,
-                // no wake-up.
-                Some(index)
-                    if self.raft.metrics().borrow().last_applied.map(|l| l.index) >= index =>
-                {
-                    return Ok(());
-                }
                 Some(index) => {
                     let remaining = deadline.saturating_duration_since(Instant::now());
-                    return self
-                        .raft
-                        .wait(Some(remaining))
-                        .applied_index_at_least(index, "read barrier")
-                        .await
-                        .map(|_| ())
-                        .map_err(|_| WriteError::Timeout(limit));
+                    return if self.applied_index_at_least(index, remaining).await {
+                        Ok(())
+                    } else {
+                        Err(WriteError::Timeout(limit))
+                    };
                 }
                 None => {
                     // No leader could confirm its position (election, or no
@@ -759,14 +750,14 @@ impl Node {
     }
 
     /// Waits up to `limit` until this replica has applied `index`; true if
-    /// it has.
+    /// it has. Already applied (no writes meanwhile): no waiter, no wake-up.
     async fn applied_index_at_least(&self, index: Option<u64>, limit: Duration) -> bool {
         if self.raft.metrics().borrow().last_applied.map(|l| l.index) >= index {
             return true;
         }
         self.raft
             .wait(Some(limit))
-            .applied_index_at_least(index, "follower lease read")
+            .applied_index_at_least(index, "read barrier")
             .await
             .is_ok()
     }

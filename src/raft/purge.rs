@@ -266,13 +266,15 @@ mod tests {
             keep_ms: KEEP,
             max_rows: MAX_ROWS,
         };
-        let r = round(
-            |c| std::future::ready(due.apply(c)),
-            next,
-            || true,
-            &metrics,
-        )
-        .await;
+        let run = || {
+            round(
+                |c| std::future::ready(due.apply(c)),
+                next,
+                || true,
+                &metrics,
+            )
+        };
+        let r = run().await;
         assert_eq!(r.entries, 3);
         assert_eq!(r.bounded, 3);
         assert_eq!((r.aliases, r.rows), (2 * MAX_ROWS + 5, 2 * MAX_ROWS + 5));
@@ -281,13 +283,7 @@ mod tests {
         assert_eq!(metrics.purge_entries.get(), 3);
         assert_eq!(metrics.purged_rows.get(), 2 * MAX_ROWS + 5);
         // An idle round is one entry that finds nothing.
-        let r = round(
-            |c| std::future::ready(due.apply(c)),
-            next,
-            || true,
-            &metrics,
-        )
-        .await;
+        let r = run().await;
         assert_eq!((r.entries, r.rows, r.more), (1, 0, false));
     }
 

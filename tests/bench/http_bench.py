@@ -288,20 +288,10 @@ def paced_creates(node, seconds: float, every: float = 0.12) -> list[float]:
     return times
 
 
-def leader_of(cluster) -> "object":
-    """The node that reports itself as leader (`tempalias_raft_is_leader`)."""
-    def find():
-        for nd in cluster:
-            if nd.metric("tempalias_raft_is_leader", default=0.0) == 1.0:
-                return nd
-        return None
-    return wait_until(find, timeout=30, what="a leader")
-
-
 def creates_beside_reads(cluster, seconds: float, directory: Path, read_path: str, headers: dict) -> tuple:
     """Paced creates on the leader alone, then the same while wrk reads on
     the followers (64 connections between them); both lists of times (ms)."""
-    leader = leader_of(cluster)
+    leader = cluster.node(cluster.wait_leader())
     followers = [nd for nd in cluster if nd is not leader]
     alone = paced_creates(leader, seconds, every=0.02)
     done = {}
