@@ -125,7 +125,7 @@ impl Negotiated {
 
 /// Names of the cipher suites `[smtp] tls_cipher_suites` may list.
 pub fn known_cipher_suites() -> Vec<String> {
-    rustls::crypto::ring::ALL_CIPHER_SUITES
+    rustls::crypto::aws_lc_rs::ALL_CIPHER_SUITES
         .iter()
         .map(|s| format!("{:?}", s.suite()))
         .collect()
@@ -185,7 +185,7 @@ impl Tls {
         // tickets are off) and 2 TLS 1.3 tickets per handshake, so a client
         // has a spare when one is used up.
         if config.tls_session_tickets {
-            server.ticketer = rustls::crypto::ring::Ticketer::new()
+            server.ticketer = rustls::crypto::aws_lc_rs::Ticketer::new()
                 .map_err(|e| TlsError::Settings(format!("session ticket keys: {e}")))?;
         }
         Ok(Some(Arc::new(Tls {
@@ -275,13 +275,13 @@ pub fn check_files(config: &SmtpConfig) -> Result<(), TlsError> {
 
 /// The ring provider, with only the named cipher suites when any are named.
 fn provider(names: &[String]) -> Result<CryptoProvider, TlsError> {
-    let mut provider = rustls::crypto::ring::default_provider();
+    let mut provider = rustls::crypto::aws_lc_rs::default_provider();
     if names.is_empty() {
         return Ok(provider);
     }
     let mut suites = Vec::new();
     for name in names {
-        let suite = rustls::crypto::ring::ALL_CIPHER_SUITES
+        let suite = rustls::crypto::aws_lc_rs::ALL_CIPHER_SUITES
             .iter()
             .find(|s| format!("{:?}", s.suite()).eq_ignore_ascii_case(name))
             .ok_or_else(|| {
