@@ -908,8 +908,9 @@ struct Recorded<S> {
 struct Replies(Arc<Mutex<Option<Vec<u8>>>>);
 
 impl Replies {
-    /// More than any greeting and EHLO reply (lettre allows 8 KiB for a
-    /// whole reply); beyond it nothing more is kept.
+    /// More than any greeting and EHLO reply (a few hundred bytes; lettre
+    /// itself allows 1,000 bytes a line and 100,000 a reply); beyond it
+    /// nothing more is kept.
     const MAX: usize = 16 * 1024;
 
     fn new() -> Self {
