@@ -19,7 +19,7 @@ mod diagnose;
 mod smarthost;
 
 pub use diagnose::{env_var, Origin, Problem};
-pub use smarthost::{Smarthost, SmarthostUrl, TlsMode};
+pub use smarthost::{ReuseOverrides, Smarthost, SmarthostUrl, TlsMode};
 
 /// Why a configuration could not be used.
 #[derive(Debug, thiserror::Error)]
@@ -450,7 +450,93 @@ impl Default for RelayConfig {
     }
 }
 
+/// The connection-reuse bounds that hold for one smarthost: its entry's
+/// own `reuse_*` keys, else the relay-wide ones.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Reuse {
+    pub connections: bool,
+    pub max_idle: u32,
+    pub idle_secs: u64,
+    pub max_messages: u32,
+    pub max_age_secs: u64,
+}
+
 impl RelayConfig {
+    /// The reuse bounds of `host`: each `reuse_*` key its entry sets,
+    /// else `relay.reuse_*`.
+    pub fn reuse_for(&self, host: &Smarthost) -> Reuse {
+        let own = &host.reuse;
+        Reuse {
+            connections: own.reuse_connections.unwrap_or(self.reuse_connections),
+            max_idle: own.reuse_max_idle.unwrap_or(self.reuse_max_idle),
+            idle_secs: own.reuse_idle_secs.unwrap_or(self.reuse_idle_secs),
+            max_messages: own.reuse_max_messages.unwrap_or(self.reuse_max_messages),
+            max_age_secs: own.reuse_max_age_secs.unwrap_or(self.reuse_max_age_secs),
+        }
+    }
+
+    /// The checks of `relay.reuse_*` for each entry that sets any of them
+    /// and keeps connections, on the values that hold for it, reported
+    /// under `relay.smarthosts` with the entry's URL. A relay-wide value
+    /// it inherits is named as such, and not reported again when the
+    /// relay-wide check already did (reuse on there).
+    fn entry_reuse_problems(&self, out: &mut Checks) {
+        for host in &self.smarthosts {
+            let own = &host.reuse;
+            let reuse = self.reuse_for(host);
+            if own.is_empty() || !reuse.connections {
+                continue;
+            }
+            let url = &host.url;
+            let mut report = |key: &str, set_here: bool, message: &str| {
+                if set_here {
+                    out.push("relay.smarthosts", format!("{url}: {key} {message}"));
+                } else if !self.reuse_connections {
+                    out.push(
+                        "relay.smarthosts",
+                        format!("{url}: {key} (from relay.{key}) {message}"),
+                    );
+                }
+            };
+            for (key, set_here, value) in [
+                (
+                    "reuse_max_idle",
+                    own.reuse_max_idle.is_some(),
+                    u64::from(reuse.max_idle),
+                ),
+                (
+                    "reuse_idle_secs",
+                    own.reuse_idle_secs.is_some(),
+                    reuse.idle_secs,
+                ),
+                (
+                    "reuse_max_messages",
+                    own.reuse_max_messages.is_some(),
+                    u64::from(reuse.max_messages),
+                ),
+                (
+                    "reuse_max_age_secs",
+                    own.reuse_max_age_secs.is_some(),
+                    reuse.max_age_secs,
+                ),
+            ] {
+                if value == 0 {
+                    report(key, set_here, "must be greater than zero");
+                }
+            }
+            if reuse.idle_secs > reuse.max_age_secs {
+                report(
+                    "reuse_idle_secs",
+                    own.reuse_idle_secs.is_some() || own.reuse_max_age_secs.is_some(),
+                    &format!(
+                        "({}) must not exceed reuse_max_age_secs ({})",
+                        reuse.idle_secs, reuse.max_age_secs
+                    ),
+                );
+            }
+        }
+    }
+
     /// The default AUTH password (for smarthosts without a `password_file` of
     /// their own), if one is configured.
     ///
@@ -553,6 +639,7 @@ impl RelayConfig {
                 );
             }
         }
+        self.entry_reuse_problems(out);
         if let Err(ConfigError::Invalid { key, message }) = self.dns_server_addrs() {
             out.push(&key, message);
         }
@@ -1775,6 +1862,135 @@ mod tests {
         load("[smtp]\nrecipient_delimiter = \"+-\"\n", &[]).unwrap();
         let e = load("[smtp]\nrecipient_delimiter = \"a\"\n", &[]).unwrap_err();
         assert!(e.to_string().contains("smtp.recipient_delimiter"), "{e}");
+    }
+
+    #[test]
+    fn smarthost_entries_override_the_reuse_bounds() {
+        let c = load(
+            r#"
+[relay]
+mode = "smarthost"
+reuse_max_idle = 8
+smarthosts = [
+  "smtp://a.example",
+  { url = "smtp://b.example", reuse_connections = false },
+  { url = "smtp://c.example", reuse_max_idle = 64, reuse_idle_secs = 30, reuse_max_messages = 1000, reuse_max_age_secs = 600 },
+  { url = "smtp://d.example", reuse_max_messages = 5 },
+]
+"#,
+            &[],
+        )
+        .unwrap();
+        let r = &c.relay;
+        let of = |i: usize| r.reuse_for(&r.smarthosts[i]);
+        // No override: the relay-wide values (one set, the rest defaults).
+        let wide = Reuse {
+            connections: true,
+            max_idle: 8,
+            idle_secs: 2,
+            max_messages: 100,
+            max_age_secs: 300,
+        };
+        assert_eq!(of(0), wide);
+        assert_eq!(
+            of(1),
+            Reuse {
+                connections: false,
+                ..wide
+            }
+        );
+        assert_eq!(
+            of(2),
+            Reuse {
+                connections: true,
+                max_idle: 64,
+                idle_secs: 30,
+                max_messages: 1000,
+                max_age_secs: 600,
+            }
+        );
+        assert_eq!(
+            of(3),
+            Reuse {
+                max_messages: 5,
+                ..wide
+            }
+        );
+        // From the environment: the whole list, inline tables and all.
+        let c = load(
+            "",
+            &[(
+                "TEMPALIAS_RELAY_SMARTHOSTS",
+                "[{ url = \"smtp://e.example\", reuse_idle_secs = 7 }]",
+            )],
+        )
+        .unwrap();
+        assert_eq!(c.relay.reuse_for(&c.relay.smarthosts[0]).idle_secs, 7);
+    }
+
+    #[test]
+    fn a_smarthost_s_own_reuse_bounds_are_checked_and_name_it() {
+        let entry = |keys: &str| {
+            format!("[relay]\nmode = \"smarthost\"\nsmarthosts = [{{ url = \"smtp://b.example\", {keys} }}]\n")
+        };
+        let messages = |text: &str| {
+            problems(text, &[])
+                .into_iter()
+                .filter(|(_, k, _)| k == "relay.smarthosts")
+                .map(|(_, _, m)| m)
+                .collect::<Vec<_>>()
+        };
+        for (keys, expected) in [
+            (
+                "reuse_max_idle = 0",
+                "smtp://b.example:25: reuse_max_idle must be greater than zero",
+            ),
+            (
+                "reuse_idle_secs = 0",
+                "smtp://b.example:25: reuse_idle_secs must be greater than zero",
+            ),
+            (
+                "reuse_max_messages = 0",
+                "smtp://b.example:25: reuse_max_messages must be greater than zero",
+            ),
+            (
+                "reuse_idle_secs = 400",
+                "smtp://b.example:25: reuse_idle_secs (400) must not exceed reuse_max_age_secs (300)",
+            ),
+            (
+                "reuse_max_age_secs = 1, reuse_idle_secs = 2",
+                "smtp://b.example:25: reuse_idle_secs (2) must not exceed reuse_max_age_secs (1)",
+            ),
+        ] {
+            assert_eq!(messages(&entry(keys)), [expected], "{keys}");
+        }
+        assert_eq!(
+            messages(&entry("reuse_max_age_secs = 0")),
+            [
+                "smtp://b.example:25: reuse_max_age_secs must be greater than zero",
+                "smtp://b.example:25: reuse_idle_secs (2) must not exceed reuse_max_age_secs (0)",
+            ]
+        );
+        // Reuse off for the entry: its bounds do not matter.
+        assert!(load(&entry("reuse_connections = false, reuse_max_idle = 0"), &[]).is_ok());
+        // Reuse off relay-wide (so its values went unchecked) and on for
+        // the entry: what the entry inherits is checked, and named.
+        let text = "[relay]\nmode = \"smarthost\"\nreuse_connections = false\nreuse_max_messages = 0\nsmarthosts = [\"smtp://a.example\", { url = \"smtp://b.example\", reuse_connections = true }]\n";
+        assert_eq!(
+            messages(text),
+            ["smtp://b.example:25: reuse_max_messages (from relay.reuse_max_messages) must be greater than zero"]
+        );
+        // Reuse on relay-wide: a bad relay-wide value is reported once,
+        // under its own key, not again for each entry.
+        let found = problems(
+            "[relay]\nmode = \"smarthost\"\nreuse_max_messages = 0\nsmarthosts = [{ url = \"smtp://b.example\", reuse_max_idle = 4 }]\n",
+            &[],
+        );
+        assert_eq!(
+            found.iter().map(|(_, k, _)| k.as_str()).collect::<Vec<_>>(),
+            ["relay.reuse_max_messages"],
+            "{found:?}"
+        );
     }
 
     #[test]

@@ -162,6 +162,63 @@ pub struct Smarthost {
     pub url: SmarthostUrl,
     /// This smarthost's own AUTH password file; `None` uses the relay-wide one.
     pub password_file: Option<PathBuf>,
+    /// This smarthost's own connection-reuse bounds, where they differ from
+    /// the relay-wide `relay.reuse_*` keys.
+    pub reuse: ReuseOverrides,
+}
+
+/// The `reuse_*` keys an entry may set for its smarthost alone: a large
+/// provider may take many long-lived connections, while a small one should
+/// get few, or none. Each key left out (`None`) takes the relay-wide value,
+/// so an entry without any behaves as before.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ReuseOverrides {
+    pub reuse_connections: Option<bool>,
+    pub reuse_max_idle: Option<u32>,
+    pub reuse_idle_secs: Option<u64>,
+    pub reuse_max_messages: Option<u32>,
+    pub reuse_max_age_secs: Option<u64>,
+}
+
+impl ReuseOverrides {
+    /// True when the entry sets none of them.
+    pub fn is_empty(&self) -> bool {
+        *self == Self::default()
+    }
+
+    /// Reads one `reuse_*` key of an entry into its field; `false` when
+    /// `key` is none of them.
+    fn read<'de, A: MapAccess<'de>>(&mut self, key: &str, map: &mut A) -> Result<bool, A::Error> {
+        match key {
+            "reuse_connections" => self.reuse_connections = Some(map.next_value()?),
+            "reuse_max_idle" => self.reuse_max_idle = Some(map.next_value()?),
+            "reuse_idle_secs" => self.reuse_idle_secs = Some(map.next_value()?),
+            "reuse_max_messages" => self.reuse_max_messages = Some(map.next_value()?),
+            "reuse_max_age_secs" => self.reuse_max_age_secs = Some(map.next_value()?),
+            _ => return Ok(false),
+        }
+        Ok(true)
+    }
+
+    /// Writes the keys the entry sets.
+    fn write<M: SerializeMap>(&self, map: &mut M) -> Result<(), M::Error> {
+        if let Some(v) = self.reuse_connections {
+            map.serialize_entry("reuse_connections", &v)?;
+        }
+        if let Some(v) = self.reuse_max_idle {
+            map.serialize_entry("reuse_max_idle", &v)?;
+        }
+        if let Some(v) = self.reuse_idle_secs {
+            map.serialize_entry("reuse_idle_secs", &v)?;
+        }
+        if let Some(v) = self.reuse_max_messages {
+            map.serialize_entry("reuse_max_messages", &v)?;
+        }
+        if let Some(v) = self.reuse_max_age_secs {
+            map.serialize_entry("reuse_max_age_secs", &v)?;
+        }
+        Ok(())
+    }
 }
 
 impl Smarthost {
@@ -170,6 +227,7 @@ impl Smarthost {
         Self {
             url,
             password_file: None,
+            reuse: ReuseOverrides::default(),
         }
     }
 
@@ -201,6 +259,7 @@ impl Smarthost {
         Ok(Self {
             url: parsed,
             password_file,
+            reuse: ReuseOverrides::default(),
         })
     }
 }
@@ -216,7 +275,7 @@ impl Serialize for Smarthost {
     /// A plain URL string when the entry has nothing else, else a table with
     /// the user apart (a user with `@` or `:` would not read back from a URL).
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        if self.url.user.is_none() && self.password_file.is_none() {
+        if self.url.user.is_none() && self.password_file.is_none() && self.reuse.is_empty() {
             return s.collect_str(&self.url);
         }
         let mut map = s.serialize_map(None)?;
@@ -227,12 +286,22 @@ impl Serialize for Smarthost {
         if let Some(path) = &self.password_file {
             map.serialize_entry("password_file", path)?;
         }
+        self.reuse.write(&mut map)?;
         map.end()
     }
 }
 
 /// The keys of an entry's table form.
-const ENTRY_KEYS: [&str; 3] = ["url", "user", "password_file"];
+const ENTRY_KEYS: [&str; 8] = [
+    "url",
+    "user",
+    "password_file",
+    "reuse_connections",
+    "reuse_max_idle",
+    "reuse_idle_secs",
+    "reuse_max_messages",
+    "reuse_max_age_secs",
+];
 
 struct SmarthostVisitor;
 
@@ -240,7 +309,9 @@ impl<'de> Visitor<'de> for SmarthostVisitor {
     type Value = Smarthost;
 
     fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("a smarthost URL, or a table with url and optionally user and password_file")
+        f.write_str(
+            "a smarthost URL, or a table with url and optionally user, password_file and reuse_* keys",
+        )
     }
 
     fn visit_str<E: de::Error>(self, v: &str) -> Result<Smarthost, E> {
@@ -254,8 +325,12 @@ impl<'de> Visitor<'de> for SmarthostVisitor {
     /// misspelt key gets a suggestion.
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Smarthost, A::Error> {
         let (mut url, mut user, mut password_file) = (None::<String>, None, None);
+        let mut reuse = ReuseOverrides::default();
         let mut problems = Vec::new();
         while let Some(key) = map.next_key::<String>()? {
+            if reuse.read(&key, &mut map)? {
+                continue;
+            }
             match key.as_str() {
                 "url" => url = Some(map.next_value()?),
                 "user" => user = Some(map.next_value::<String>()?),
@@ -273,7 +348,7 @@ impl<'de> Visitor<'de> for SmarthostVisitor {
                         .map(|k| format!("; did you mean {k}?"))
                         .unwrap_or_default();
                     problems.push(format!(
-                        "unknown key {other:?} (an entry has url, user and password_file){hint}"
+                        "unknown key {other:?} (an entry has url, user, password_file and the reuse_* keys of [relay]){hint}"
                     ));
                 }
             }
@@ -286,7 +361,10 @@ impl<'de> Visitor<'de> for SmarthostVisitor {
         if let Some(first) = problems.first() {
             return Err(de::Error::custom(format!("{url}: {first}")));
         }
-        Smarthost::from_parts(&url, user, password_file).map_err(de::Error::custom)
+        let mut entry =
+            Smarthost::from_parts(&url, user, password_file).map_err(de::Error::custom)?;
+        entry.reuse = reuse;
+        Ok(entry)
     }
 }
 
@@ -351,6 +429,47 @@ mod tests {
     }
 
     #[test]
+    fn entries_may_set_their_own_reuse_bounds() {
+        #[derive(Serialize, Deserialize)]
+        struct W {
+            smarthosts: Vec<Smarthost>,
+        }
+        let w: W = toml::from_str(
+            r#"
+smarthosts = [
+  "smtp://a.example",
+  { url = "smtp://b.example", reuse_connections = false },
+  { url = "smtp://c.example", reuse_max_idle = 64, reuse_idle_secs = 10, reuse_max_messages = 1000, reuse_max_age_secs = 600 },
+]
+"#,
+        )
+        .unwrap();
+        assert!(w.smarthosts[0].reuse.is_empty());
+        assert_eq!(
+            w.smarthosts[1].reuse,
+            ReuseOverrides {
+                reuse_connections: Some(false),
+                ..Default::default()
+            }
+        );
+        assert_eq!(
+            w.smarthosts[2].reuse,
+            ReuseOverrides {
+                reuse_connections: None,
+                reuse_max_idle: Some(64),
+                reuse_idle_secs: Some(10),
+                reuse_max_messages: Some(1000),
+                reuse_max_age_secs: Some(600),
+            }
+        );
+        // Written as a table when it sets any, and read back the same.
+        let text = toml::to_string(&w).unwrap();
+        assert!(text.contains("reuse_max_age_secs = 600"), "{text}");
+        let again: W = toml::from_str(&text).unwrap();
+        assert_eq!(again.smarthosts, w.smarthosts);
+    }
+
+    #[test]
     fn entries_are_urls_or_tables() {
         #[derive(Serialize, Deserialize)]
         struct W {
@@ -412,6 +531,18 @@ password_file = "/run/b.pw"
                 "password_file",
             ),
             ("smarthosts = [1]", "smarthost URL"),
+            (
+                "smarthosts = [{ url = \"smtps://h\", reuse_max_idel = 2 }]",
+                "did you mean reuse_max_idle?",
+            ),
+            (
+                "smarthosts = [{ url = \"smtps://h\", reuse_max_idle = -1 }]",
+                "invalid value",
+            ),
+            (
+                "smarthosts = [{ url = \"smtps://h\", reuse_connections = \"yes\" }]",
+                "invalid type",
+            ),
         ] {
             let e = toml::from_str::<W>(bad).err().unwrap();
             assert!(e.message().contains(why), "{bad}: {}", e.message());

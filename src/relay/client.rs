@@ -5,7 +5,10 @@
 //! with Nagle's algorithm on, a small write that follows unacknowledged data
 //! (the end of the message after its body) waits for the peer's delayed ACK,
 //! about 40 ms per message. lettre's `connect_with_transport` takes our
-//! connected stream; for implicit TLS the handshake runs on it first.
+//! connected stream; for implicit TLS the handshake runs on it first, and
+//! STARTTLS hands the socket from a plaintext lettre connection to a TLS
+//! one (see [`starttls`]), so that a new connection costs greeting, EHLO,
+//! STARTTLS, handshake and EHLO, nothing more.
 //!
 //! A connection to a smarthost may carry several messages, one after the
 //! other ([`Session`], kept between messages by a [`Pool`]); MX delivery
@@ -15,7 +18,7 @@
 //! lettre keeps only the EHLO keywords it knows, and `SIZE` (RFC 1870) is
 //! not one of them; nor does its `send` put `SIZE=` on `MAIL`. So the
 //! upstream's replies are recorded as lettre reads them until its EHLO reply
-//! is in ([`Recorded`]), the limit is read from there, and the transaction
+//! is in ([`Recorded`], above TLS), the limit is read from there, and the transaction
 //! (`MAIL`, `RCPT`, `DATA`) is ours ([`transaction`]) on lettre's commands.
 
 use std::net::SocketAddr;
@@ -29,7 +32,7 @@ use lettre::transport::smtp::authentication::{Credentials, Mechanism};
 #[allow(deprecated)]
 use lettre::transport::smtp::client::AsyncNetworkStream;
 use lettre::transport::smtp::client::{AsyncSmtpConnection, AsyncTokioStream, TlsParameters};
-use lettre::transport::smtp::commands::{Data, Ehlo, Mail, Rcpt, Rset};
+use lettre::transport::smtp::commands::{Data, Mail, Rcpt, Rset, Starttls};
 use lettre::transport::smtp::extension::{
     ClientId, Extension, MailBodyParameter, MailParameter, ServerInfo,
 };
@@ -44,7 +47,9 @@ pub use super::pool::Pool;
 /// How the connection is to be protected.
 #[derive(Clone)]
 pub enum TlsPolicy {
-    /// STARTTLS when offered (certificate not verified), else plaintext.
+    /// STARTTLS when offered (certificate not verified), else plaintext;
+    /// plaintext too when the host refuses the `STARTTLS` command itself
+    /// (see [`starttls`]).
     Opportunistic(TlsParameters),
     /// STARTTLS required, certificate verified.
     Required(TlsParameters),
@@ -467,6 +472,9 @@ async fn transact(
 /// A new connection to `target`, greeted, secured and authenticated, after
 /// checking that the upstream can take `message` at all.
 ///
+/// Over STARTTLS this costs what RFC 3207 asks and no more: greeting, EHLO,
+/// STARTTLS, the TLS handshake, EHLO (see [`starttls`]).
+///
 /// # Errors
 /// [`AttemptError::Failed`] for anything that went wrong before `MAIL`,
 /// [`AttemptError::Unsupported`] when the upstream cannot take the message.
@@ -481,56 +489,16 @@ async fn open(
         pool.count_opened();
     }
     let probe = Probe::of(&tcp);
-    let failed = |what: &str, e: &dyn std::fmt::Display| {
-        AttemptError::Failed(format!("{}: {what}: {e}", target.name))
-    };
-    let replies = Replies::new();
-    let mut conn = match target.tls {
+    let Greeted { mut conn, size } = match target.tls {
         TlsPolicy::Implicit(params) => {
-            #[allow(deprecated)]
-            let mut stream = AsyncNetworkStream::use_existing_tokio1(Box::new(tcp));
-            stream
-                .upgrade_tls(params.clone())
+            let tls = upgrade(tcp, params)
                 .await
-                .map_err(|e| failed("TLS", &e))?;
-            let stream = Recorded::new(ImplicitTls(stream.compat()), &replies);
-            AsyncSmtpConnection::connect_with_transport(Box::new(stream), target.helo).await
+                .map_err(|e| failed(target, "TLS", &e))?;
+            greet(target, Tls::implicit(tls), "greeting or EHLO").await?
         }
-        _ => {
-            let stream = Recorded::new(tcp, &replies);
-            AsyncSmtpConnection::connect_with_transport(Box::new(stream), target.helo).await
-        }
-    }
-    // A refusal at the greeting or EHLO (`554 no service`, `421 busy`) says
-    // nothing about the message: the host is unusable, whatever the code.
-    .map_err(|e| failed("greeting or EHLO", &e))?;
-    let mut size = replies.stop().and_then(|r| advertised_size(ehlo_lines(&r)));
-    let starttls = match target.tls {
-        TlsPolicy::Required(params) => {
-            if !conn.can_starttls() {
-                return Err(AttemptError::Failed(format!(
-                    "{}: STARTTLS is required but not offered",
-                    target.name
-                )));
-            }
-            Some(params)
-        }
-        TlsPolicy::Opportunistic(params) if conn.can_starttls() => Some(params),
-        _ => None,
+        TlsPolicy::Required(params) => starttls(target, tcp, params, true).await?,
+        TlsPolicy::Opportunistic(params) => starttls(target, tcp, params, false).await?,
     };
-    if let Some(params) = starttls {
-        conn.starttls(params.clone(), target.helo)
-            .await
-            .map_err(|e| failed("STARTTLS", &e))?;
-        // lettre's EHLO after STARTTLS went through the TLS layer, above
-        // the recording, and what was said before TLS no longer counts
-        // (RFC 3207 4.2): one more EHLO, only on these connections.
-        let ehlo = conn
-            .command(Ehlo::new(target.helo.clone()))
-            .await
-            .map_err(|e| failed("EHLO after STARTTLS", &e))?;
-        size = advertised_size(ehlo.message());
-    }
     // Checked on the EHLO reply that counts (the one after STARTTLS), and
     // before AUTH: a host that cannot take the message need not see our
     // password for it.
@@ -540,7 +508,7 @@ async fn open(
         // the sender's: a failure, so the sender hears 4xx and we fail over.
         conn.auth(&[Mechanism::Plain, Mechanism::Login], credentials)
             .await
-            .map_err(|e| failed("AUTH", &e))
+            .map_err(|e| failed(target, "AUTH", &e))
             .and_then(|r| {
                 if r.is_positive() {
                     Ok(())
@@ -561,6 +529,118 @@ async fn open(
         messages: 0,
         probe,
     })
+}
+
+/// Anything that went wrong before `MAIL`: the host is unusable for now,
+/// whatever it answered (a `554 no service` or `421 busy` at the greeting
+/// says nothing about the message).
+fn failed(target: &Target<'_>, what: &str, e: &dyn std::fmt::Display) -> AttemptError {
+    AttemptError::Failed(format!("{}: {what}: {e}", target.name))
+}
+
+/// A connection lettre has greeted (its EHLO reply read), and the `SIZE`
+/// that reply announced.
+struct Greeted {
+    conn: AsyncSmtpConnection,
+    size: Option<u64>,
+}
+
+/// lettre reads the greeting from `stream` and says EHLO, while
+/// [`Recorded`] keeps what it reads, for the `SIZE` lettre drops. lettre's
+/// bounds hold for each reply (1,000 bytes a line, 100,000 a reply), and
+/// [`Replies::MAX`] for the copy.
+///
+/// # Errors
+/// [`AttemptError::Failed`] naming `stage`: a refusal here is the host's.
+async fn greet<S: AsyncTokioStream + 'static>(
+    target: &Target<'_>,
+    stream: S,
+    stage: &str,
+) -> Result<Greeted, AttemptError> {
+    let replies = Replies::new();
+    let stream = Box::new(Recorded::new(stream, &replies));
+    let conn = AsyncSmtpConnection::connect_with_transport(stream, target.helo)
+        .await
+        .map_err(|e| failed(target, stage, &e))?;
+    let size = replies.stop().and_then(|r| advertised_size(ehlo_lines(&r)));
+    Ok(Greeted { conn, size })
+}
+
+/// Greeting and EHLO in plaintext, then STARTTLS as the policy says, and
+/// over TLS a second EHLO: the one that counts (RFC 3207 4.2).
+///
+/// lettre's own `starttls` would run the TLS handshake on the stream it
+/// owns, under our recording, so the EHLO reply after it would arrive
+/// encrypted and its `SIZE` be lost; an earlier version paid for that with
+/// a third EHLO on every such connection. Instead the plaintext part runs
+/// on a stream we can take back ([`Handoff`]): after the `220` to
+/// `STARTTLS`, the socket leaves that lettre connection, lettre's own TLS
+/// (`upgrade_tls`, as for implicit TLS, so certificate checks stay
+/// lettre's) runs on it, and a new lettre connection over TLS, recorded
+/// again, says the EHLO that counts. That connection expects a greeting,
+/// which RFC 3207 does not repeat after TLS: [`Tls`] gives it one line of
+/// its own. Whatever lettre had read beyond the `220` goes with the first
+/// connection: nothing sent in plaintext is read as a reply inside TLS
+/// (response injection).
+///
+/// A host that refuses the `STARTTLS` command (`454 TLS not available`):
+/// with TLS required, a failure; opportunistically, the session goes on in
+/// plaintext on the same connection, whose EHLO still stands, as Postfix
+/// does at `smtp_tls_security_level = may`. An attacker able to make the
+/// host refuse could as well strip `STARTTLS` from the EHLO reply, which
+/// also ends in plaintext; failing instead would make a host with broken
+/// TLS unusable though it takes mail. A `421` (closing) is a failure.
+///
+/// # Errors
+/// [`AttemptError::Failed`] naming the stage.
+async fn starttls(
+    target: &Target<'_>,
+    tcp: TcpStream,
+    params: &TlsParameters,
+    required: bool,
+) -> Result<Greeted, AttemptError> {
+    let plain = Handoff::new(tcp);
+    let mut greeted = greet(target, plain.clone(), "greeting or EHLO").await?;
+    if !greeted.conn.can_starttls() {
+        if required {
+            return Err(AttemptError::Failed(format!(
+                "{}: STARTTLS is required but not offered",
+                target.name
+            )));
+        }
+        return Ok(greeted);
+    }
+    match greeted.conn.command(Starttls).await {
+        Ok(_) => {}
+        Err(e) if !required && e.status().is_some_and(|c| u16::from(c) != 421) => {
+            tracing::info!(upstream = target.name, reply = %e, "STARTTLS refused; going on in plaintext (opportunistic TLS)");
+            return Ok(greeted);
+        }
+        Err(e) => return Err(failed(target, "STARTTLS", &e)),
+    }
+    drop(greeted);
+    let tcp = plain
+        .take()
+        .ok_or_else(|| failed(target, "STARTTLS", &"the connection was gone"))?;
+    let tls = upgrade(tcp, params)
+        .await
+        .map_err(|e| failed(target, "STARTTLS", &e))?;
+    greet(target, Tls::after_starttls(tls), "EHLO after STARTTLS").await
+}
+
+/// The TLS handshake on our own socket, by lettre (its verification as
+/// `params` says).
+///
+/// # Errors
+/// lettre's, for the handshake.
+#[allow(deprecated)]
+async fn upgrade(
+    tcp: TcpStream,
+    params: &TlsParameters,
+) -> Result<AsyncNetworkStream, lettre::transport::smtp::Error> {
+    let mut stream = AsyncNetworkStream::use_existing_tokio1(Box::new(tcp));
+    stream.upgrade_tls(params.clone()).await?;
+    Ok(stream)
 }
 
 /// How far a transaction got: the command whose reply was missing or
@@ -828,8 +908,9 @@ struct Recorded<S> {
 struct Replies(Arc<Mutex<Option<Vec<u8>>>>);
 
 impl Replies {
-    /// More than any greeting and EHLO reply (lettre allows 8 KiB for a
-    /// whole reply); beyond it nothing more is kept.
+    /// More than any greeting and EHLO reply (a few hundred bytes; lettre
+    /// itself allows 1,000 bytes a line and 100,000 a reply); beyond it
+    /// nothing more is kept.
     const MAX: usize = 16 * 1024;
 
     fn new() -> Self {
@@ -900,43 +981,154 @@ impl<S: AsyncTokioStream> AsyncTokioStream for Recorded<S> {
     }
 }
 
-/// A TLS stream made before lettre sees it (implicit TLS on our own socket),
-/// handed to lettre as if it were a plain transport.
+/// A TLS stream made before lettre sees it (on our own socket: implicit
+/// TLS, or after our `STARTTLS`), handed to lettre as if it were a plain
+/// transport.
 #[derive(Debug)]
 #[allow(deprecated)]
-struct ImplicitTls(Compat<AsyncNetworkStream>);
+struct Tls {
+    stream: Compat<AsyncNetworkStream>,
+    /// Read before the stream: what lettre takes for the greeting.
+    greeting: &'static [u8],
+}
 
-impl AsyncRead for ImplicitTls {
+impl Tls {
+    /// The greeting lettre reads after STARTTLS. The real one came in
+    /// plaintext and RFC 3207 sends none after the handshake, but the only
+    /// way to a lettre connection, `connect_with_transport`, reads one
+    /// before its EHLO. lettre discards it unread; it never reaches a log.
+    const AFTER_STARTTLS: &'static [u8] = b"220 greeted before STARTTLS\r\n";
+
+    /// Implicit TLS: the upstream's greeting comes over it.
+    #[allow(deprecated)]
+    fn implicit(stream: AsyncNetworkStream) -> Self {
+        Self {
+            stream: stream.compat(),
+            greeting: b"",
+        }
+    }
+
+    /// After STARTTLS: lettre is given [`Tls::AFTER_STARTTLS`] first.
+    #[allow(deprecated)]
+    fn after_starttls(stream: AsyncNetworkStream) -> Self {
+        Self {
+            stream: stream.compat(),
+            greeting: Self::AFTER_STARTTLS,
+        }
+    }
+}
+
+impl AsyncRead for Tls {
     fn poll_read(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.get_mut().0).poll_read(cx, buf)
+        let this = self.get_mut();
+        if !this.greeting.is_empty() {
+            let n = this.greeting.len().min(buf.remaining());
+            buf.put_slice(&this.greeting[..n]);
+            this.greeting = &this.greeting[n..];
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut this.stream).poll_read(cx, buf)
     }
 }
 
-impl AsyncWrite for ImplicitTls {
+impl AsyncWrite for Tls {
     fn poll_write(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.get_mut().0).poll_write(cx, buf)
+        Pin::new(&mut self.get_mut().stream).poll_write(cx, buf)
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.get_mut().0).poll_flush(cx)
+        Pin::new(&mut self.get_mut().stream).poll_flush(cx)
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.get_mut().0).poll_shutdown(cx)
+        Pin::new(&mut self.get_mut().stream).poll_shutdown(cx)
     }
 }
 
-impl AsyncTokioStream for ImplicitTls {
+impl AsyncTokioStream for Tls {
     fn peer_addr(&self) -> std::io::Result<SocketAddr> {
-        self.0.get_ref().peer_addr()
+        self.stream.get_ref().peer_addr()
+    }
+}
+
+/// The plaintext socket lent to lettre until STARTTLS, then taken back
+/// ([`Handoff::take`]) for the TLS handshake: lettre's connection owns
+/// its stream and gives no way to get it back. Empty after the take, it
+/// answers every read and write with `NotConnected`. A std mutex: locked
+/// for one poll or the take, never across an `.await`; never contended
+/// (the open future is the only user).
+#[derive(Debug, Clone)]
+struct Handoff(Arc<Mutex<Option<TcpStream>>>);
+
+impl Handoff {
+    fn new(tcp: TcpStream) -> Self {
+        Self(Arc::new(Mutex::new(Some(tcp))))
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Option<TcpStream>> {
+        // The one change is the take: a panic cannot leave it torn.
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The socket, which the lent stream no longer reaches.
+    fn take(&self) -> Option<TcpStream> {
+        self.lock().take()
+    }
+
+    /// `f` on the socket, or `NotConnected` once it was taken.
+    fn with<T>(
+        &self,
+        f: impl FnOnce(Pin<&mut TcpStream>) -> Poll<std::io::Result<T>>,
+    ) -> Poll<std::io::Result<T>> {
+        match self.lock().as_mut() {
+            Some(tcp) => f(Pin::new(tcp)),
+            None => Poll::Ready(Err(std::io::ErrorKind::NotConnected.into())),
+        }
+    }
+}
+
+impl AsyncRead for Handoff {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        self.with(|tcp| tcp.poll_read(cx, buf))
+    }
+}
+
+impl AsyncWrite for Handoff {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        self.with(|tcp| tcp.poll_write(cx, buf))
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        self.with(|tcp| tcp.poll_flush(cx))
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        self.with(|tcp| tcp.poll_shutdown(cx))
+    }
+}
+
+impl AsyncTokioStream for Handoff {
+    fn peer_addr(&self) -> std::io::Result<SocketAddr> {
+        match self.lock().as_ref() {
+            Some(tcp) => tcp.peer_addr(),
+            None => Err(std::io::ErrorKind::NotConnected.into()),
+        }
     }
 }
 
@@ -1159,6 +1351,350 @@ mod tests {
             })
         ));
         assert_eq!(Unfit::TooLarge.codes(), (552, "5.3.4"));
+    }
+
+    /// What a STARTTLS upstream does with the `STARTTLS` command.
+    #[derive(Clone, Copy, PartialEq, Eq)]
+    enum Offer {
+        /// Offered and accepted.
+        StartTls,
+        /// Offered, then refused with `454` (RFC 3207: TLS not available).
+        Refuse454,
+        /// Not offered.
+        NoStartTls,
+    }
+
+    /// A one-connection upstream on loopback that offers STARTTLS as
+    /// `offer` says, with a certificate for 127.0.0.1 (its PEM is
+    /// returned), and logs what it hears in order: `220` when it greeted,
+    /// each command line, `TLS` when the handshake is done, `EOF`. Its
+    /// EHLO reply before TLS announces `SIZE 10` when it will accept
+    /// STARTTLS (so a message taken on that word would not fit), and
+    /// `SIZE 100000` over TLS; each EHLO reply goes out in two writes.
+    async fn starttls_upstream(
+        offer: Offer,
+    ) -> (
+        Vec<SocketAddr>,
+        String,
+        tokio::task::JoinHandle<Vec<String>>,
+    ) {
+        let pair = rcgen::KeyPair::generate().unwrap();
+        let cert = rcgen::CertificateParams::new(vec!["127.0.0.1".to_string()])
+            .unwrap()
+            .self_signed(&pair)
+            .unwrap();
+        let key = rustls_pki_types::PrivateKeyDer::try_from(pair.serialize_der()).unwrap();
+        let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(vec![cert.der().clone()], key)
+        .unwrap();
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let task = tokio::spawn(async move {
+            use tokio::io::AsyncWriteExt;
+            let (mut sock, _) = listener.accept().await.unwrap();
+            sock.set_nodelay(true).unwrap();
+            let mut log = Vec::new();
+            sock.write_all(b"220 upstream.test ESMTP\r\n")
+                .await
+                .unwrap();
+            log.push("220".to_string());
+            let plain = match offer {
+                Offer::StartTls => "250-PIPELINING\r\n250-STARTTLS\r\n250 SIZE 10\r\n",
+                Offer::Refuse454 => "250-PIPELINING\r\n250-STARTTLS\r\n250 SIZE 100000\r\n",
+                Offer::NoStartTls => "250-PIPELINING\r\n250 SIZE 100000\r\n",
+            };
+            let Some(tcp) = converse(sock, &mut log, plain, offer).await else {
+                return log;
+            };
+            let tls = acceptor.accept(tcp).await.unwrap();
+            log.push("TLS".to_string());
+            converse(tls, &mut log, "250 SIZE 100000\r\n", Offer::NoStartTls).await;
+            log
+        });
+        (vec![addr], cert.pem(), task)
+    }
+
+    /// The upstream's side of one phase (plaintext, or TLS) of a session:
+    /// answers until `QUIT` or the end, or until it accepts `STARTTLS`,
+    /// when it gives the stream back for the handshake.
+    async fn converse<S: AsyncRead + AsyncWrite + Unpin>(
+        stream: S,
+        log: &mut Vec<String>,
+        ehlo_rest: &str,
+        offer: Offer,
+    ) -> Option<S> {
+        use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+        let mut stream = BufReader::new(stream);
+        let mut line = String::new();
+        loop {
+            line.clear();
+            if stream.read_line(&mut line).await.unwrap_or(0) == 0 {
+                log.push("EOF".to_string());
+                return None;
+            }
+            let command = line.trim_end().to_string();
+            log.push(command.clone());
+            let verb = command.get(..4).unwrap_or(&command).to_ascii_uppercase();
+            let reply = match verb.as_str() {
+                "EHLO" => {
+                    // Two writes, flushed apart: the reply may come to
+                    // the client in more than one read.
+                    stream.write_all(b"250-upstream.test\r\n").await.ok()?;
+                    stream.flush().await.ok()?;
+                    tokio::task::yield_now().await;
+                    ehlo_rest
+                }
+                "STAR" => match offer {
+                    Offer::StartTls => {
+                        stream.write_all(b"220 2.0.0 go ahead\r\n").await.ok()?;
+                        stream.flush().await.ok()?;
+                        // The client waits for the 220: nothing of its
+                        // handshake can have been read as a line.
+                        assert!(stream.buffer().is_empty());
+                        return Some(stream.into_inner());
+                    }
+                    Offer::Refuse454 => "454 4.7.0 TLS not available\r\n",
+                    Offer::NoStartTls => "502 5.5.1 not offered\r\n",
+                },
+                "DATA" => {
+                    stream.write_all(b"354 go ahead\r\n").await.ok()?;
+                    loop {
+                        line.clear();
+                        if stream.read_line(&mut line).await.unwrap_or(0) == 0 {
+                            log.push("EOF".to_string());
+                            return None;
+                        }
+                        if line == ".\r\n" {
+                            break;
+                        }
+                    }
+                    "250 2.0.0 queued\r\n"
+                }
+                "QUIT" => {
+                    let _ = stream.write_all(b"221 bye\r\n").await;
+                    return None;
+                }
+                _ => "250 2.0.0 ok\r\n",
+            };
+            stream.write_all(reply.as_bytes()).await.ok()?;
+            stream.flush().await.ok()?;
+        }
+    }
+
+    /// One message to a [`starttls_upstream`] over a new connection made
+    /// under `policy` (given the upstream's certificate); the outcome and
+    /// what the upstream heard.
+    async fn deliver_to(
+        offer: Offer,
+        policy: impl FnOnce(&str) -> TlsPolicy,
+    ) -> (Result<(), AttemptError>, Vec<String>) {
+        let (addrs, ca, upstream) = starttls_upstream(offer).await;
+        let tls = policy(&ca);
+        let helo = ClientId::Domain("tempalias.test".into());
+        let target = Target {
+            name: "upstream",
+            addrs: &addrs,
+            tls: &tls,
+            credentials: None,
+            helo: &helo,
+            connect_timeout: Duration::from_secs(5),
+            pool: None,
+        };
+        let envelope = LettreEnvelope::new(
+            Some("a@b.example".parse().unwrap()),
+            vec!["c@d.example".parse().unwrap()],
+        )
+        .unwrap();
+        let outcome = send(&target, &envelope, b"Subject: t\r\n\r\nbody\r\n").await;
+        // QUIT (after a delivery) runs on its own; the upstream ends with
+        // it, or with the connection.
+        let log = tokio::time::timeout(Duration::from_secs(10), upstream)
+            .await
+            .unwrap()
+            .unwrap();
+        (outcome, log)
+    }
+
+    fn opportunistic(_: &str) -> TlsPolicy {
+        TlsPolicy::Opportunistic(unverified_tls("127.0.0.1").unwrap())
+    }
+
+    fn required(ca: &str) -> TlsPolicy {
+        TlsPolicy::Required(verified_tls("127.0.0.1", ca.as_bytes()).unwrap())
+    }
+
+    /// The commands before `MAIL`: each is one round trip.
+    fn before_mail(log: &[String]) -> Vec<&str> {
+        log.iter()
+            .map(String::as_str)
+            .take_while(|l| !l.starts_with("MAIL"))
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn a_new_starttls_connection_says_ehlo_once_before_tls_and_once_after() {
+        for policy in [opportunistic as fn(&str) -> TlsPolicy, required] {
+            let (outcome, log) = deliver_to(Offer::StartTls, policy).await;
+            assert_eq!(outcome, Ok(()), "{log:?}");
+            // RFC 3207's minimum: greeting, EHLO, STARTTLS, handshake,
+            // EHLO; then the transaction. Three commands before MAIL (an
+            // earlier version needed four: a third EHLO for SIZE).
+            assert_eq!(
+                before_mail(&log),
+                [
+                    "220",
+                    "EHLO tempalias.test",
+                    "STARTTLS",
+                    "TLS",
+                    "EHLO tempalias.test"
+                ],
+                "{log:?}"
+            );
+            assert_eq!(log.iter().filter(|l| l.starts_with("EHLO")).count(), 2);
+            // SIZE came from the EHLO over TLS (the one before said 10,
+            // which this message exceeds) and went on MAIL.
+            let mail = log.iter().find(|l| l.starts_with("MAIL")).unwrap();
+            assert_eq!(mail, "MAIL FROM:<a@b.example> SIZE=20", "{log:?}");
+            assert_eq!(
+                &log[log.len() - 3..],
+                ["RCPT TO:<c@d.example>", "DATA", "QUIT"],
+                "{log:?}"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn a_plaintext_connection_says_ehlo_once() {
+        let (outcome, log) = deliver_to(Offer::NoStartTls, opportunistic).await;
+        assert_eq!(outcome, Ok(()), "{log:?}");
+        assert_eq!(before_mail(&log), ["220", "EHLO tempalias.test"], "{log:?}");
+        assert!(log.iter().any(|l| l.ends_with("SIZE=20")), "{log:?}");
+    }
+
+    #[tokio::test]
+    async fn starttls_not_offered_fails_when_required() {
+        let (outcome, log) = deliver_to(Offer::NoStartTls, required).await;
+        let error = outcome.unwrap_err();
+        assert_eq!(
+            error,
+            AttemptError::Failed("upstream: STARTTLS is required but not offered".into())
+        );
+        assert!(error.is_failure());
+        assert!(!log.iter().any(|l| l.starts_with("MAIL")), "{log:?}");
+    }
+
+    #[tokio::test]
+    async fn starttls_refused_fails_when_required() {
+        let (outcome, log) = deliver_to(Offer::Refuse454, required).await;
+        match outcome {
+            Err(e @ AttemptError::Failed(_)) => {
+                assert!(e.is_failure());
+                let text = e.to_string();
+                assert!(
+                    text.starts_with("upstream: STARTTLS: ") && text.contains("454"),
+                    "{text}"
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(!log.iter().any(|l| l.starts_with("MAIL")), "{log:?}");
+    }
+
+    #[tokio::test]
+    async fn starttls_refused_goes_on_in_plaintext_when_opportunistic() {
+        // As Postfix does at smtp_tls_security_level = may: the same
+        // connection, its EHLO still standing, no second EHLO.
+        let (outcome, log) = deliver_to(Offer::Refuse454, opportunistic).await;
+        assert_eq!(outcome, Ok(()), "{log:?}");
+        assert_eq!(
+            before_mail(&log),
+            ["220", "EHLO tempalias.test", "STARTTLS"],
+            "{log:?}"
+        );
+        assert!(!log.iter().any(|l| l == "TLS"), "{log:?}");
+        assert!(log.iter().any(|l| l.ends_with("SIZE=20")), "{log:?}");
+    }
+
+    /// A stream that gives its replies a few bytes per read, and keeps
+    /// what is written to it.
+    #[derive(Debug)]
+    struct Trickle {
+        replies: &'static [u8],
+        written: Arc<Mutex<Vec<u8>>>,
+    }
+
+    impl AsyncRead for Trickle {
+        fn poll_read(
+            self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            buf: &mut ReadBuf<'_>,
+        ) -> Poll<std::io::Result<()>> {
+            let this = self.get_mut();
+            let n = this.replies.len().min(buf.remaining()).min(3);
+            buf.put_slice(&this.replies[..n]);
+            this.replies = &this.replies[n..];
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    impl AsyncWrite for Trickle {
+        fn poll_write(
+            self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<std::io::Result<usize>> {
+            self.written.lock().unwrap().extend_from_slice(buf);
+            Poll::Ready(Ok(buf.len()))
+        }
+
+        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+
+        fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    impl AsyncTokioStream for Trickle {
+        fn peer_addr(&self) -> std::io::Result<SocketAddr> {
+            Ok(([127, 0, 0, 1], 25).into())
+        }
+    }
+
+    #[tokio::test]
+    async fn a_multi_line_ehlo_reply_split_across_reads_is_read_whole() {
+        let written = Arc::new(Mutex::new(Vec::new()));
+        let stream = Trickle {
+            replies: b"220-upstream.test ESMTP\r\n220 SIZE 1 is not EHLO\r\n\
+                250-upstream.test\r\n250-8BITMIME\r\n250-SIZE 4242\r\n250 STARTTLS\r\n",
+            written: written.clone(),
+        };
+        let tls = TlsPolicy::Opportunistic(unverified_tls("127.0.0.1").unwrap());
+        let helo = ClientId::Domain("tempalias.test".into());
+        let target = Target {
+            name: "upstream",
+            addrs: &[],
+            tls: &tls,
+            credentials: None,
+            helo: &helo,
+            connect_timeout: Duration::from_secs(5),
+            pool: None,
+        };
+        let greeted = greet(&target, stream, "greeting or EHLO").await.unwrap();
+        assert_eq!(greeted.size, Some(4242));
+        assert!(greeted
+            .conn
+            .server_info()
+            .supports_feature(Extension::EightBitMime));
+        assert!(greeted.conn.can_starttls());
+        assert_eq!(*written.lock().unwrap(), b"EHLO tempalias.test\r\n");
     }
 
     #[test]

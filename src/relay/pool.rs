@@ -22,7 +22,8 @@ use tokio::time::Instant;
 use super::client::{ConnKey, Session};
 use crate::metrics::{Metrics, UpstreamLabels};
 
-/// The bounds of one pool (the `relay.reuse_*` keys).
+/// The bounds of one pool: its smarthost entry's `reuse_*` keys, else
+/// the relay-wide `relay.reuse_*` ones.
 #[derive(Debug, Clone, Copy)]
 pub struct PoolSettings {
     /// False: every connection is closed after its message.

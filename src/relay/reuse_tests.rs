@@ -747,3 +747,73 @@ fn connections_are_keyed_by_everything_that_makes_them() {
         )
     );
 }
+
+#[tokio::test]
+async fn each_smarthost_keeps_connections_by_its_own_bounds() {
+    use crate::config::ReuseOverrides;
+    // Reuse is on relay-wide; the first smarthost turns it off for itself,
+    // the second keeps it, with a message limit of its own.
+    let a = Server::start(|_, _| Act::Accept).await;
+    let b = Server::start(|_, _| Act::Accept).await;
+    let entry = |server: &Server, reuse| Smarthost {
+        reuse,
+        ..Smarthost::new(SmarthostUrl::parse(&server.url()).unwrap())
+    };
+    let config = RelayConfig {
+        mode: RelayMode::Smarthost,
+        smarthosts: vec![
+            entry(
+                &a,
+                ReuseOverrides {
+                    reuse_connections: Some(false),
+                    ..Default::default()
+                },
+            ),
+            entry(
+                &b,
+                ReuseOverrides {
+                    reuse_max_messages: Some(2),
+                    ..Default::default()
+                },
+            ),
+        ],
+        timeout_secs: 60,
+        // The first failure opens a breaker, and the next smarthost is
+        // tried in the same round.
+        breaker_failures: 1,
+        max_attempts: 2,
+        ..Default::default()
+    };
+    assert!(config.reuse_connections);
+    let metrics = Arc::new(Metrics::new());
+    let relay = SmarthostRelay::new(&config, "mx.test.example", metrics.clone()).unwrap();
+    // The first smarthost takes three messages, a connection each.
+    for i in 0..3 {
+        assert_eq!(send(&relay, i).await, Delivery::Accepted);
+    }
+    assert_eq!(
+        a.transactions(),
+        vec![vec![id(0)], vec![id(1)], vec![id(2)]]
+    );
+    assert_eq!(metric(&metrics, "tempalias_relay_idle", &a.url()), "0");
+    // Once it is gone, the second takes the rest: two per connection.
+    let a_url = a.url();
+    drop(a);
+    for i in 3..8 {
+        assert_eq!(send(&relay, i).await, Delivery::Accepted);
+    }
+    assert_eq!(
+        b.transactions(),
+        vec![vec![id(3), id(4)], vec![id(5), id(6)], vec![id(7)]]
+    );
+    // (A refused connect opens nothing.)
+    assert_eq!(
+        metric(&metrics, "tempalias_relay_connections_total", &a_url),
+        "3"
+    );
+    assert_eq!(
+        metric(&metrics, "tempalias_relay_connections_total", &b.url()),
+        "3"
+    );
+    assert_eq!(metric(&metrics, "tempalias_relay_idle", &b.url()), "1");
+}

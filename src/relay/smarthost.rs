@@ -54,7 +54,9 @@ struct Upstream {
 /// Sends through the configured smarthosts.
 ///
 /// Connections are kept open between messages when `relay.reuse_connections`
-/// is on (docs/architecture.md explains why that is cancel-safe).
+/// (or the entry's own `reuse_connections`) is on; each smarthost's pool
+/// has its entry's bounds (docs/architecture.md explains why reuse is
+/// cancel-safe).
 pub struct SmarthostRelay {
     upstreams: Vec<Upstream>,
     helo: ClientId,
@@ -84,13 +86,6 @@ impl SmarthostRelay {
             None => Vec::new(),
         };
         let helo = ClientId::Domain(helo_name.to_string());
-        let settings = PoolSettings {
-            enabled: config.reuse_connections,
-            max_idle: config.reuse_max_idle as usize,
-            idle: Duration::from_secs(config.reuse_idle_secs),
-            max_messages: config.reuse_max_messages,
-            max_age: Duration::from_secs(config.reuse_max_age_secs),
-        };
         let mut upstreams = Vec::new();
         for host in &config.smarthosts {
             let url = &host.url;
@@ -137,6 +132,15 @@ impl SmarthostRelay {
                 })
                 .set(0);
             let key = ConnKey::new(&label, &tls, credentials.as_ref(), &helo);
+            // The entry's own bounds, else the relay-wide ones.
+            let reuse = config.reuse_for(host);
+            let settings = PoolSettings {
+                enabled: reuse.connections,
+                max_idle: reuse.max_idle as usize,
+                idle: Duration::from_secs(reuse.idle_secs),
+                max_messages: reuse.max_messages,
+                max_age: Duration::from_secs(reuse.max_age_secs),
+            };
             let pool = Pool::new(key, settings, &label, metrics.clone());
             upstreams.push(Upstream {
                 url: url.clone(),

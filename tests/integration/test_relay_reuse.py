@@ -1,7 +1,8 @@
 """Smarthost connection reuse through a real node against aiosmtpd: messages
 share connections (STARTTLS and implicit TLS with AUTH included), each
-arrives once with its own envelope, and with reuse off every message has a
-connection of its own. The cancel-safety and stale-connection cases are in
+arrives once with its own envelope, with reuse off every message has a
+connection of its own, and a smarthost entry's own reuse keys win over the
+relay-wide ones. The cancel-safety and stale-connection cases are in
 the Rust tests (src/relay/reuse_tests.rs), where the upstream's timing can be
 steered."""
 
@@ -83,3 +84,39 @@ def test_reuse_off_is_a_connection_per_message(node_factory, aiosmtpd_factory):
     assert metric(m, "tempalias_relay_connections_total", peer.url) == 4
     assert metric(m, "tempalias_relay_reused_total", peer.url) == 0
     assert metric(m, "tempalias_relay_idle", peer.url) == 0
+
+
+def test_each_smarthost_entry_keeps_its_own_reuse_bounds(node_factory, aiosmtpd_factory):
+    # Reuse off relay-wide; on for the first entry alone (with an idle time
+    # of its own), off for the second, which inherits the relay-wide value.
+    # The first entry takes every message.
+    kept, other = aiosmtpd_factory(), aiosmtpd_factory()
+    node = node_factory(
+        relay="smarthost",
+        smarthosts=[{"url": kept.url, "reuse_connections": True, "reuse_idle_secs": 30}, other.url],
+        config={"relay": {"reuse_connections": False}},
+    )
+    subjects = send_several(node, 4)
+    kept.wait_for(4)
+    arrived_once(kept, subjects)
+    assert len({m.peer for m in kept.messages}) == 1
+    m = node.metrics()
+    assert metric(m, "tempalias_relay_connections_total", kept.url) == 1
+    assert metric(m, "tempalias_relay_reused_total", kept.url) == 3
+    assert metric(m, "tempalias_relay_idle", kept.url) == 1
+    assert metric(m, "tempalias_relay_idle", other.url) == 0
+    # The other way round on a second node: reuse on relay-wide, off for
+    # the one entry.
+    node = node_factory(
+        name="node2",
+        relay="smarthost",
+        smarthosts=[{"url": other.url, "reuse_connections": False}],
+        config={"relay": {"reuse_idle_secs": 30}},
+    )
+    subjects = send_several(node, 3)
+    other.wait_for(3)
+    arrived_once(other, subjects)
+    assert len({m.peer for m in other.messages}) == 3
+    m = node.metrics()
+    assert metric(m, "tempalias_relay_connections_total", other.url) == 3
+    assert metric(m, "tempalias_relay_reused_total", other.url) == 0
