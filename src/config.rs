@@ -494,7 +494,7 @@ impl RelayConfig {
                 } else if !self.reuse_connections {
                     out.push(
                         "relay.smarthosts",
-                        format!("{url}: {key} (from relay.{key}) {message}"),
+                        format!("{url}: {key} {message} (the value of relay.{key})"),
                     );
                 }
             };
@@ -1978,7 +1978,7 @@ smarthosts = [
         let text = "[relay]\nmode = \"smarthost\"\nreuse_connections = false\nreuse_max_messages = 0\nsmarthosts = [\"smtp://a.example\", { url = \"smtp://b.example\", reuse_connections = true }]\n";
         assert_eq!(
             messages(text),
-            ["smtp://b.example:25: reuse_max_messages (from relay.reuse_max_messages) must be greater than zero"]
+            ["smtp://b.example:25: reuse_max_messages must be greater than zero (the value of relay.reuse_max_messages)"]
         );
         // Reuse on relay-wide: a bad relay-wide value is reported once,
         // under its own key, not again for each entry.

@@ -428,13 +428,15 @@ mod tests {
         assert!(e.message().contains("ftp://x"), "{}", e.message());
     }
 
+    /// A config section holding smarthost entries, as `[relay]` does.
+    #[derive(Debug, Serialize, Deserialize)]
+    struct Entries {
+        smarthosts: Vec<Smarthost>,
+    }
+
     #[test]
     fn entries_may_set_their_own_reuse_bounds() {
-        #[derive(Serialize, Deserialize)]
-        struct W {
-            smarthosts: Vec<Smarthost>,
-        }
-        let w: W = toml::from_str(
+        let w: Entries = toml::from_str(
             r#"
 smarthosts = [
   "smtp://a.example",
@@ -465,17 +467,13 @@ smarthosts = [
         // Written as a table when it sets any, and read back the same.
         let text = toml::to_string(&w).unwrap();
         assert!(text.contains("reuse_max_age_secs = 600"), "{text}");
-        let again: W = toml::from_str(&text).unwrap();
+        let again: Entries = toml::from_str(&text).unwrap();
         assert_eq!(again.smarthosts, w.smarthosts);
     }
 
     #[test]
     fn entries_are_urls_or_tables() {
-        #[derive(Serialize, Deserialize)]
-        struct W {
-            smarthosts: Vec<Smarthost>,
-        }
-        let w: W = toml::from_str(
+        let w: Entries = toml::from_str(
             r#"
 smarthosts = [
   "smtps://fwd@a.example",
@@ -495,7 +493,7 @@ smarthosts = [
             "smtp+starttls://postmaster@mg.b.example@b.example:2587"
         );
         // The array-of-tables form reads the same.
-        let tables: W = toml::from_str(
+        let tables: Entries = toml::from_str(
             r#"
 [[smarthosts]]
 url = "smtps://fwd@a.example"
@@ -509,7 +507,7 @@ password_file = "/run/b.pw"
         .unwrap();
         assert_eq!(tables.smarthosts, w.smarthosts);
         // And what is written reads back.
-        let again: W = toml::from_str(&toml::to_string(&w).unwrap()).unwrap();
+        let again: Entries = toml::from_str(&toml::to_string(&w).unwrap()).unwrap();
         assert_eq!(again.smarthosts, w.smarthosts);
         for (bad, why) in [
             (
@@ -544,7 +542,7 @@ password_file = "/run/b.pw"
                 "invalid type",
             ),
         ] {
-            let e = toml::from_str::<W>(bad).err().unwrap();
+            let e = toml::from_str::<Entries>(bad).err().unwrap();
             assert!(e.message().contains(why), "{bad}: {}", e.message());
         }
     }

@@ -46,9 +46,9 @@ pub const SIGNED_HEADERS: &[&str] = &[
 pub use crate::config::DkimAlgorithm as Algorithm;
 
 /// The smallest RSA key we sign with: RFC 8301 3.2 asks signers for 2048
-/// bits (and receivers refuse below 1024), and the signing library (ring)
+/// bits (and receivers refuse below 1024), and the signing library (aws-lc)
 /// refuses shorter keys anyway; said here with the key's size instead of
-/// ring's terse rejection.
+/// the library's terse rejection.
 const MIN_RSA_BITS: usize = 2048;
 
 /// The `k=` tag of the DNS record.

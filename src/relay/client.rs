@@ -1223,27 +1223,46 @@ mod tests {
         (vec![addr], task)
     }
 
+    /// The EHLO name the tests' client says.
+    fn test_helo() -> ClientId {
+        ClientId::Domain("tempalias.test".into())
+    }
+
+    /// A target at `addrs`, without AUTH or a pool.
+    fn test_target<'a>(
+        name: &'a str,
+        addrs: &'a [SocketAddr],
+        tls: &'a TlsPolicy,
+        helo: &'a ClientId,
+    ) -> Target<'a> {
+        Target {
+            name,
+            addrs,
+            tls,
+            credentials: None,
+            helo,
+            connect_timeout: Duration::from_secs(5),
+            pool: None,
+        }
+    }
+
+    /// `a@b.example` to `c@d.example`.
+    fn test_envelope() -> LettreEnvelope {
+        LettreEnvelope::new(
+            Some("a@b.example".parse().unwrap()),
+            vec!["c@d.example".parse().unwrap()],
+        )
+        .unwrap()
+    }
+
     /// What an upstream receives between `354` and the end of the data for
     /// `message`.
     async fn data_on_the_wire(message: &[u8]) -> Vec<u8> {
         let (addrs, catcher) = data_catcher().await;
         let tls = TlsPolicy::Opportunistic(unverified_tls("127.0.0.1").unwrap());
-        let helo = ClientId::Domain("tempalias.test".into());
-        let target = Target {
-            name: "catcher",
-            addrs: &addrs,
-            tls: &tls,
-            credentials: None,
-            helo: &helo,
-            connect_timeout: Duration::from_secs(5),
-            pool: None,
-        };
-        let envelope = LettreEnvelope::new(
-            Some("a@b.example".parse().unwrap()),
-            vec!["c@d.example".parse().unwrap()],
-        )
-        .unwrap();
-        send(&target, &envelope, message).await.unwrap();
+        let helo = test_helo();
+        let target = test_target("catcher", &addrs, &tls, &helo);
+        send(&target, &test_envelope(), message).await.unwrap();
         // QUIT runs on its own after the reply; the catcher ends with it.
         tokio::time::timeout(Duration::from_secs(10), catcher)
             .await
@@ -1362,6 +1381,9 @@ mod tests {
         Refuse454,
         /// Not offered.
         NoStartTls,
+        /// Accepted, with a fake EHLO reply (SIZE 10) in plaintext right
+        /// after the 220, in the same write (response injection).
+        Inject,
     }
 
     /// A one-connection upstream on loopback that offers STARTTLS as
@@ -1406,6 +1428,7 @@ mod tests {
             log.push("220".to_string());
             let plain = match offer {
                 Offer::StartTls => "250-PIPELINING\r\n250-STARTTLS\r\n250 SIZE 10\r\n",
+                Offer::Inject => "250-PIPELINING\r\n250-STARTTLS\r\n250 SIZE 100000\r\n",
                 Offer::Refuse454 => "250-PIPELINING\r\n250-STARTTLS\r\n250 SIZE 100000\r\n",
                 Offer::NoStartTls => "250-PIPELINING\r\n250 SIZE 100000\r\n",
             };
@@ -1459,6 +1482,14 @@ mod tests {
                         assert!(stream.buffer().is_empty());
                         return Some(stream.into_inner());
                     }
+                    Offer::Inject => {
+                        stream
+                            .write_all(b"220 2.0.0 go ahead\r\n250-injected\r\n250 SIZE 10\r\n")
+                            .await
+                            .ok()?;
+                        stream.flush().await.ok()?;
+                        return Some(stream.into_inner());
+                    }
                     Offer::Refuse454 => "454 4.7.0 TLS not available\r\n",
                     Offer::NoStartTls => "502 5.5.1 not offered\r\n",
                 },
@@ -1496,22 +1527,9 @@ mod tests {
     ) -> (Result<(), AttemptError>, Vec<String>) {
         let (addrs, ca, upstream) = starttls_upstream(offer).await;
         let tls = policy(&ca);
-        let helo = ClientId::Domain("tempalias.test".into());
-        let target = Target {
-            name: "upstream",
-            addrs: &addrs,
-            tls: &tls,
-            credentials: None,
-            helo: &helo,
-            connect_timeout: Duration::from_secs(5),
-            pool: None,
-        };
-        let envelope = LettreEnvelope::new(
-            Some("a@b.example".parse().unwrap()),
-            vec!["c@d.example".parse().unwrap()],
-        )
-        .unwrap();
-        let outcome = send(&target, &envelope, b"Subject: t\r\n\r\nbody\r\n").await;
+        let helo = test_helo();
+        let target = test_target("upstream", &addrs, &tls, &helo);
+        let outcome = send(&target, &test_envelope(), b"Subject: t\r\n\r\nbody\r\n").await;
         // QUIT (after a delivery) runs on its own; the upstream ends with
         // it, or with the connection.
         let log = tokio::time::timeout(Duration::from_secs(10), upstream)
@@ -1566,6 +1584,16 @@ mod tests {
                 ["RCPT TO:<c@d.example>", "DATA", "QUIT"],
                 "{log:?}"
             );
+        }
+    }
+
+    #[tokio::test]
+    async fn plaintext_sent_behind_the_220_is_never_read_inside_tls() {
+        for policy in [opportunistic as fn(&str) -> TlsPolicy, required] {
+            let (outcome, log) = deliver_to(Offer::Inject, policy).await;
+            assert_eq!(outcome, Ok(()), "{log:?}");
+            let mail = log.iter().find(|l| l.starts_with("MAIL")).unwrap();
+            assert_eq!(mail, "MAIL FROM:<a@b.example> SIZE=20", "{log:?}");
         }
     }
 
@@ -1677,16 +1705,8 @@ mod tests {
             written: written.clone(),
         };
         let tls = TlsPolicy::Opportunistic(unverified_tls("127.0.0.1").unwrap());
-        let helo = ClientId::Domain("tempalias.test".into());
-        let target = Target {
-            name: "upstream",
-            addrs: &[],
-            tls: &tls,
-            credentials: None,
-            helo: &helo,
-            connect_timeout: Duration::from_secs(5),
-            pool: None,
-        };
+        let helo = test_helo();
+        let target = test_target("upstream", &[], &tls, &helo);
         let greeted = greet(&target, stream, "greeting or EHLO").await.unwrap();
         assert_eq!(greeted.size, Some(4242));
         assert!(greeted

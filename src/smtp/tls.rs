@@ -6,8 +6,8 @@
 //! what it needs at handshake time). A file that does not load leaves the
 //! current certificate in place, so a botched renewal never takes TLS down.
 //!
-//! Only rustls with the `ring` provider is used (the one lettre already
-//! pulls), TLS 1.2 and 1.3 only.
+//! rustls with the `aws-lc-rs` provider (the one mail-auth signs with; see
+//! docs/architecture.md for why not ring), TLS 1.2 and 1.3 only.
 //!
 //! Sessions resume: sending MTAs keep a TLS session cache (Postfix's
 //! `smtp_tls_session_cache_database`, Exim, ...), and a resumed handshake
@@ -273,7 +273,8 @@ pub fn check_files(config: &SmtpConfig) -> Result<(), TlsError> {
     load(&source, &provider(&config.tls_cipher_suites)?).map(|_| ())
 }
 
-/// The ring provider, with only the named cipher suites when any are named.
+/// The aws-lc-rs provider, with only the named cipher suites when any are
+/// named.
 fn provider(names: &[String]) -> Result<CryptoProvider, TlsError> {
     let mut provider = rustls::crypto::aws_lc_rs::default_provider();
     if names.is_empty() {
