@@ -12,6 +12,8 @@ pub mod arc;
 pub mod dkim;
 pub mod dsn;
 pub mod srs;
+#[cfg(test)]
+mod sign_bench;
 
 use std::collections::HashMap;
 use std::sync::Arc;
