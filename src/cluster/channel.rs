@@ -370,17 +370,20 @@ mod tests {
     const HOLD: &str = "/hold";
 
     /// A real HTTP/2 server (h2's) answering like a gRPC service: headers,
-    /// the request's bytes back, `grpc-status` trailers. Counts connections;
-    /// with `close_after_first`, each connection is closed after it has
-    /// answered one request.
-    async fn server(close_after_first: bool) -> (SocketAddr, Arc<AtomicUsize>) {
+    /// the request's bytes back, `grpc-status` trailers. Counts connections
+    /// and the held streams the client reset; with `close_after_first`,
+    /// each connection is closed after it has answered one request.
+    async fn server(close_after_first: bool) -> (SocketAddr, Arc<AtomicUsize>, Arc<AtomicUsize>) {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let conns = Arc::new(AtomicUsize::new(0));
+        let resets = Arc::new(AtomicUsize::new(0));
         let counted = conns.clone();
+        let reset_count = resets.clone();
         tokio::spawn(async move {
             while let Ok((socket, _)) = listener.accept().await {
                 counted.fetch_add(1, Ordering::SeqCst);
+                let reset_count = reset_count.clone();
                 tokio::spawn(async move {
                     let Ok(mut conn) = h2::server::handshake(socket).await else {
                         return;
@@ -388,6 +391,7 @@ mod tests {
                     while let Some(Ok((request, mut respond))) = conn.accept().await {
                         let path = request.uri().path().to_string();
                         let mut body = request.into_body();
+                        let reset_count = reset_count.clone();
                         let handle = tokio::spawn(async move {
                             let mut got = Vec::new();
                             while let Some(Ok(chunk)) = body.data().await {
@@ -396,7 +400,12 @@ mod tests {
                             }
                             if path == HOLD {
                                 // Keep the stream open until the client goes.
-                                let _ = std::future::poll_fn(|cx| respond.poll_reset(cx)).await;
+                                if std::future::poll_fn(|cx| respond.poll_reset(cx))
+                                    .await
+                                    .is_ok()
+                                {
+                                    reset_count.fetch_add(1, Ordering::SeqCst);
+                                }
                                 return;
                             }
                             let response = http::Response::builder()
@@ -419,7 +428,7 @@ mod tests {
                 });
             }
         });
-        (addr, conns)
+        (addr, conns, resets)
     }
 
     fn channel(addr: SocketAddr) -> PeerChannel {
@@ -470,7 +479,7 @@ mod tests {
 
     #[tokio::test]
     async fn concurrent_calls_share_one_connection() {
-        let (addr, conns) = server(false).await;
+        let (addr, conns, _) = server(false).await;
         let ch = channel(addr);
         assert_eq!(conns.load(Ordering::SeqCst), 0, "connected before a call");
         let calls = (0..32).map(|_| call(&ch, request(addr, ECHO, b"ping")));
@@ -484,7 +493,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_dropped_call_leaves_the_connection_usable() {
-        let (addr, conns) = server(false).await;
+        let (addr, conns, resets) = server(false).await;
         let ch = channel(addr);
         let held = tokio::time::timeout(
             Duration::from_millis(200),
@@ -495,11 +504,19 @@ mod tests {
         let (data, _) = call(&ch, request(addr, ECHO, b"after")).await.unwrap();
         assert_eq!(data, b"after");
         assert_eq!(conns.load(Ordering::SeqCst), 1);
+        // The dropped call reset its stream, so the server let it go.
+        tokio::time::timeout(Duration::from_secs(5), async {
+            while resets.load(Ordering::SeqCst) == 0 {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+        .await
+        .expect("the dropped call's stream was never reset");
     }
 
     #[tokio::test]
     async fn a_closed_connection_is_replaced_on_a_later_call() {
-        let (addr, conns) = server(true).await;
+        let (addr, conns, _) = server(true).await;
         let ch = channel(addr);
         assert_eq!(
             call(&ch, request(addr, ECHO, b"one")).await.unwrap().0,
