@@ -216,53 +216,49 @@ impl Shared {
                 }
             }
         }
-        let mut head = Some(http::Request::from_parts(parts, ()));
+        let head = http::Request::from_parts(parts, ());
         // A connection found dead before the request left is replaced once:
         // the peer has not seen the call, so a second try is safe.
-        for retry in [true, false] {
+        let mut retried = false;
+        let (slot, conn, mut ready) = loop {
             let (slot, conn) = self.connection().await?;
-            let ready = match conn.send.clone().ready().await {
-                Ok(r) => r,
+            match conn.send.clone().ready().await {
+                Ok(ready) => break (slot, conn, ready),
                 Err(e) => {
                     self.discard(&slot);
-                    if retry {
-                        continue;
+                    if retried {
+                        return Err(
+                            Status::unavailable(format!("{}: {e}", self.target.addr)).into()
+                        );
                     }
-                    return Err(Status::unavailable(format!("{}: {e}", self.target.addr)).into());
+                    retried = true;
                 }
-            };
-            let mut ready = ready;
-            let head = head.take().expect("the request is sent once");
-            let (response, mut stream) =
-                ready.send_request(head, chunks.is_empty()).map_err(|e| {
-                    self.discard(&slot);
-                    Status::unavailable(format!("{}: {e}", self.target.addr))
-                })?;
-            let last = chunks.len().saturating_sub(1);
-            for (i, chunk) in chunks.drain(..).enumerate() {
-                // h2 frames and paces the data by the peer's windows; the
-                // bytes are already in memory, so no copy is buffered.
-                stream.send_data(chunk, i == last)?;
             }
-            let response = match response.await {
-                Ok(r) => r,
-                Err(e) => {
-                    if conn.state.load(Ordering::Acquire) == PING_TIMED_OUT {
-                        return Err(Status::unavailable(format!(
-                            "{}: no answer to a keep-alive ping",
-                            self.target.addr
-                        ))
-                        .into());
-                    }
-                    return Err(e.into());
-                }
-            };
-            return Ok(response.map(|body| ResponseBody {
+        };
+        let (response, mut stream) = ready.send_request(head, chunks.is_empty()).map_err(|e| {
+            self.discard(&slot);
+            Status::unavailable(format!("{}: {e}", self.target.addr))
+        })?;
+        let last = chunks.len().saturating_sub(1);
+        for (i, chunk) in chunks.into_iter().enumerate() {
+            // h2 frames and paces the data by the peer's windows; the bytes
+            // are already in memory, so no copy is buffered.
+            stream.send_data(chunk, i == last)?;
+        }
+        match response.await {
+            Ok(response) => Ok(response.map(|body| ResponseBody {
                 body,
                 data_done: false,
-            }));
+            })),
+            Err(_) if conn.state.load(Ordering::Acquire) == PING_TIMED_OUT => {
+                Err(Status::unavailable(format!(
+                    "{}: no answer to a keep-alive ping",
+                    self.target.addr
+                ))
+                .into())
+            }
+            Err(e) => Err(e.into()),
         }
-        unreachable!("the second attempt returns")
     }
 }
 
