@@ -1,5 +1,6 @@
-//! The outbound side of cluster RPC: one cached channel per peer address, the
-//! shared secret on every call, a timeout on every call.
+//! The outbound side of cluster RPC: one cached client per peer address (over
+//! one HTTP/2 connection, [`super::channel`]), the shared secret on every
+//! call, a timeout on every call.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -16,9 +17,9 @@ use serde::Serialize;
 use tonic::metadata::{Ascii, MetadataValue};
 use tonic::service::interceptor::InterceptedService;
 use tonic::service::Interceptor;
-use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Status};
 
+use super::channel::{PeerChannel, Target};
 use super::messages::{
     ForwardRequest, ForwardResponse, MembershipChange, MembershipResponse, ReadIndexResponse,
     StatusReport,
@@ -83,7 +84,7 @@ impl Interceptor for AuthInterceptor {
     }
 }
 
-type Client = ClusterClient<InterceptedService<Channel, AuthInterceptor>>;
+type Client = ClusterClient<InterceptedService<PeerChannel, AuthInterceptor>>;
 
 /// Channels to peers, shared by Raft replication, write forwarding and the CLI.
 #[derive(Clone)]
@@ -92,9 +93,9 @@ pub struct Peers {
 }
 
 struct Inner {
-    /// Address -> channel. A tonic channel reconnects by itself, so one per peer
-    /// serves for the life of the process.
-    channels: Mutex<HashMap<String, Channel>>,
+    /// Address -> client. Its connection is replaced by itself when it dies,
+    /// so one per peer serves for the life of the process; calls clone it.
+    clients: Mutex<HashMap<String, Client>>,
     auth: AuthInterceptor,
     timeout: Duration,
     /// Source address of outgoing connections: a node's own cluster address,
@@ -111,7 +112,7 @@ impl Peers {
             .map_err(|_| RpcError::Codec("the cluster secret must be printable ASCII".into()))?;
         Ok(Self {
             inner: Arc::new(Inner {
-                channels: Mutex::new(HashMap::new()),
+                clients: Mutex::new(HashMap::new()),
                 auth: AuthInterceptor { header },
                 timeout,
                 local: None,
@@ -125,7 +126,7 @@ impl Peers {
     pub fn with_local_address(self, ip: Option<IpAddr>) -> Self {
         Self {
             inner: Arc::new(Inner {
-                channels: Mutex::new(HashMap::new()),
+                clients: Mutex::new(HashMap::new()),
                 auth: self.inner.auth.clone(),
                 timeout: self.inner.timeout,
                 local: ip.filter(|ip| !ip.is_unspecified()),
@@ -148,41 +149,36 @@ impl Peers {
     }
 
     fn client(&self, addr: &str) -> Result<Client, RpcError> {
-        let channel = {
-            let mut channels = self
-                .inner
-                .channels
-                .lock()
-                .unwrap_or_else(|e| e.into_inner());
-            match channels.get(addr) {
-                Some(c) => c.clone(),
-                None => {
-                    let endpoint = Endpoint::from_shared(format!("http://{addr}"))
-                        .map_err(|e| RpcError::BadAddress {
-                            addr: addr.to_string(),
-                            message: e.to_string(),
-                        })?
-                        .connect_timeout(self.inner.timeout.min(Duration::from_secs(1)))
-                        .tcp_nodelay(true)
-                        .local_address(self.local_for(addr))
-                        // A connection whose peer vanished without a reset (a
-                        // partition, a dead host) is noticed within ~4 s and
-                        // replaced, instead of stalling every call on it; a
-                        // busy link gets 3 s to answer a ping.
-                        .http2_keep_alive_interval(Duration::from_secs(1))
-                        .keep_alive_timeout(Duration::from_secs(3))
-                        .keep_alive_while_idle(true);
-                    let c = endpoint.connect_lazy();
-                    channels.insert(addr.to_string(), c.clone());
-                    c
-                }
-            }
-        };
-        Ok(
-            ClusterClient::with_interceptor(channel, self.inner.auth.clone())
-                .max_decoding_message_size(super::MAX_MESSAGE)
-                .max_encoding_message_size(super::MAX_MESSAGE),
+        let mut clients = self.inner.clients.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(c) = clients.get(addr) {
+            return Ok(c.clone());
+        }
+        let origin = format!("http://{addr}")
+            .parse::<tonic::codegen::http::Uri>()
+            .map_err(|e| RpcError::BadAddress {
+                addr: addr.to_string(),
+                message: e.to_string(),
+            })?;
+        if origin.authority().is_none() || origin.path() != "/" {
+            return Err(RpcError::BadAddress {
+                addr: addr.to_string(),
+                message: "expected host:port".into(),
+            });
+        }
+        // Connected by the first call, not here.
+        let channel = PeerChannel::new(Target {
+            addr: addr.to_string(),
+            local: self.local_for(addr),
+            connect_timeout: self.inner.timeout.min(Duration::from_secs(1)),
+        });
+        let client = ClusterClient::with_origin(
+            InterceptedService::new(channel, self.inner.auth.clone()),
+            origin,
         )
+        .max_decoding_message_size(super::MAX_MESSAGE)
+        .max_encoding_message_size(super::MAX_MESSAGE);
+        clients.insert(addr.to_string(), client.clone());
+        Ok(client)
     }
 
     /// One unary call with a JSON payload.

@@ -2,10 +2,13 @@
 //! port, never the public HTTP or SMTP listeners.
 //!
 //! - [`messages`]: the JSON payloads carried by each RPC.
-//! - [`client`]: one cached channel per peer, typed calls, the shared secret.
+//! - [`channel`]: one HTTP/2 connection per peer, kept alive and replaced
+//!   when it dies; the service tonic's generated client calls.
+//! - [`client`]: one cached client per peer, typed calls, the shared secret.
 //! - [`service`]: the inbound side: Raft RPCs, forwarded writes, status and
 //!   membership changes, every call authenticated.
 
+pub mod channel;
 pub mod client;
 pub mod messages;
 pub mod service;

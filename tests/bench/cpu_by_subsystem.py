@@ -42,6 +42,22 @@ GROUPS = [
     ("write forwarding and group proposal", re.compile(r"raft::forward|raft::batch|raft::node")),
 ]
 
+# With --transport: where the cluster transport's share goes. A sample counts
+# for every line one of its frames matches (the lines overlap).
+TRANSPORT = [
+    ("client: tonic Channel (Buffer worker, Reconnect, hyper's client tasks)",
+     re.compile(r"tower::buffer|tonic::transport::channel|hyper::proto::h2::client")),
+    ("client: tower Buffer worker alone", re.compile(r"tower::buffer")),
+    ("client: cluster::channel (h2 driven directly, its connection task)", re.compile(r"cluster::channel")),
+    ("client: tonic's generated client and codec", re.compile(r"tonic::client|cluster_client")),
+    ("server: hyper's h2 server and tonic's server", re.compile(r"hyper::proto::h2::server|tonic::transport::server|tonic::server")),
+    ("handlers (cluster::service)", re.compile(r"cluster::service")),
+    ("kernel sends under the transport", None),
+    ("HPACK", re.compile(r"hpack")),
+]
+TRANSPORT_ANY = re.compile(r"tonic::|hyper::proto::h2|h2::|tower::buffer|cluster::channel")
+KERNEL_SEND = re.compile(r"tcp_sendmsg")
+
 
 def samples(script):
     """Yields the frames (symbols, leaf first) of each sample."""
@@ -62,6 +78,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("perf_data", help="file written by perf record -g")
     ap.add_argument("--comm", default="tokio-rt-worker", help="thread name to count")
+    ap.add_argument("--transport", action="store_true", help="also split the cluster transport's samples")
     args = ap.parse_args()
     proc = subprocess.Popen(
         ["perf", "script", "-i", args.perf_data, "--comm", args.comm, "-F", "ip,sym"],
@@ -70,9 +87,19 @@ def main():
         text=True,
     )
     counts = collections.Counter()
+    transport = collections.Counter()
     total = 0
     for frames in samples(proc.stdout):
         total += 1
+        if args.transport and any(TRANSPORT_ANY.search(f) for f in frames):
+            transport["all"] += 1
+            for name, pattern in TRANSPORT:
+                if pattern is None:
+                    hit = any(KERNEL_SEND.search(f) for f in frames)
+                else:
+                    hit = any(pattern.search(f) for f in frames)
+                if hit:
+                    transport[name] += 1
         for name, pattern in GROUPS:
             if any(pattern.search(f) for f in frames):
                 counts[name] += 1
@@ -85,6 +112,10 @@ def main():
     print(f"{total} samples of {args.comm}")
     for name, n in counts.most_common():
         print(f"{100 * n / total:5.1f}%  {name}")
+    if args.transport:
+        print(f"cluster transport, any frame (of all {total} samples): {100 * transport['all'] / total:.1f}%")
+        for name, _ in TRANSPORT:
+            print(f"{100 * transport[name] / total:5.1f}%  {name}")
 
 
 if __name__ == "__main__":
