@@ -11,9 +11,9 @@
 pub mod arc;
 pub mod dkim;
 pub mod dsn;
-pub mod srs;
 #[cfg(test)]
 mod sign_bench;
+pub mod srs;
 
 use std::collections::HashMap;
 use std::sync::Arc;

@@ -95,7 +95,9 @@ fn sign_bench() {
         r.push(x);
         a.push(y);
         ratio.push(y / x);
-        m_rsa.push(per_call(|| drop(dkim_rsa.sign(message.as_bytes()).unwrap())));
+        m_rsa.push(per_call(|| {
+            drop(dkim_rsa.sign(message.as_bytes()).unwrap())
+        }));
         m_ed.push(per_call(|| drop(dkim_ed.sign(message.as_bytes()).unwrap())));
     }
     println!(
