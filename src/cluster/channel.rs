@@ -533,6 +533,39 @@ mod tests {
         assert_eq!(conns.load(Ordering::SeqCst), 2);
     }
 
+    /// A call made after the peer closed the connection (GOAWAY, then the
+    /// close) goes over a new connection at once: the caller never sees the
+    /// old one's end. (The retry inside `call` for a connection that took
+    /// a GOAWAY but is still open is not provoked here.)
+    #[tokio::test]
+    async fn a_call_after_a_goaway_goes_over_a_new_connection_first_time() {
+        let (addr, conns, _) = server(true).await;
+        let ch = channel(addr);
+        assert_eq!(
+            call(&ch, request(addr, ECHO, b"one")).await.unwrap().0,
+            b"one"
+        );
+        // Wait (bounded) until the client side has taken in the server's
+        // GOAWAY: the connection then refuses new streams.
+        let send = ch.inner.current().conn.get().unwrap().send.clone();
+        let mut closed = false;
+        for _ in 0..500 {
+            if let Ok(Err(_)) =
+                tokio::time::timeout(Duration::from_millis(10), send.clone().ready()).await
+            {
+                closed = true;
+                break;
+            }
+        }
+        assert!(closed, "the client never saw the server's GOAWAY");
+        let (data, status) = call(&ch, request(addr, ECHO, b"two"))
+            .await
+            .expect("the call after the GOAWAY failed instead of reconnecting");
+        assert_eq!(data, b"two");
+        assert_eq!(status.as_deref(), Some("0"));
+        assert_eq!(conns.load(Ordering::SeqCst), 2);
+    }
+
     #[tokio::test]
     async fn an_unreachable_peer_is_unavailable() {
         // A port that was free a moment ago: the connection is refused.

@@ -334,14 +334,27 @@ impl Peers {
     }
 
     /// Asks `addr` to start an election now.
+    ///
+    /// Bounded here like every other call (see [`Self::call_raw`]): the
+    /// `grpc-timeout` header binds only the peer, and a peer that queues
+    /// the request before its own timer starts would otherwise hold a
+    /// leader's hand-over at shutdown.
     pub async fn trigger_election(&self, addr: &str) -> Result<(), RpcError> {
+        let timeout = self.inner.timeout;
         let mut request = tonic::Request::new(Empty {});
-        request.set_timeout(self.inner.timeout);
+        request.set_timeout(timeout);
         let mut client = self.client(addr)?;
-        client
-            .trigger_election(request)
-            .await
-            .map(|_| ())
-            .map_err(|s| RpcError::from_status(addr, s))
+        match tokio::time::timeout(
+            timeout + Duration::from_millis(100),
+            client.trigger_election(request),
+        )
+        .await
+        {
+            Err(_) => Err(RpcError::Failed {
+                addr: addr.to_string(),
+                message: format!("no answer within {timeout:?}"),
+            }),
+            Ok(r) => r.map(|_| ()).map_err(|s| RpcError::from_status(addr, s)),
+        }
     }
 }
