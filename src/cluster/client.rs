@@ -70,6 +70,24 @@ impl RpcError {
     }
 }
 
+/// `call` bounded on our side: the `grpc-timeout` header binds only the
+/// peer, and a peer that queues the request before its own timer starts
+/// would otherwise keep the caller waiting. A little slack lets the peer's
+/// own `DeadlineExceeded` arrive first when it can.
+async fn within<T>(
+    addr: &str,
+    timeout: Duration,
+    call: impl std::future::Future<Output = Result<T, Status>>,
+) -> Result<T, RpcError> {
+    match tokio::time::timeout(timeout + Duration::from_millis(100), call).await {
+        Err(_) => Err(RpcError::Failed {
+            addr: addr.to_string(),
+            message: format!("no answer within {timeout:?}"),
+        }),
+        Ok(r) => r.map_err(|s| RpcError::from_status(addr, s)),
+    }
+}
+
 /// Adds `authorization: Bearer <secret>` to every outgoing call.
 #[derive(Clone)]
 pub struct AuthInterceptor {
@@ -215,18 +233,7 @@ impl Peers {
         let mut request = tonic::Request::new(msg);
         request.set_timeout(timeout);
         let client = self.client(addr)?;
-        let resp =
-            match tokio::time::timeout(timeout + Duration::from_millis(100), f(client, request))
-                .await
-            {
-                Err(_) => {
-                    return Err(RpcError::Failed {
-                        addr: addr.to_string(),
-                        message: format!("no answer within {timeout:?}"),
-                    })
-                }
-                Ok(r) => r.map_err(|s| RpcError::from_status(addr, s))?,
-            };
+        let resp = within(addr, timeout, f(client, request)).await?;
         serde_json::from_slice(&resp.into_inner().json).map_err(|e| RpcError::Codec(e.to_string()))
     }
 
@@ -335,26 +342,15 @@ impl Peers {
 
     /// Asks `addr` to start an election now.
     ///
-    /// Bounded here like every other call (see [`Self::call_raw`]): the
-    /// `grpc-timeout` header binds only the peer, and a peer that queues
-    /// the request before its own timer starts would otherwise hold a
-    /// leader's hand-over at shutdown.
+    /// Bounded by [`within`] like every other call: unbounded, a queued
+    /// request would hold a leader's hand-over at shutdown.
     pub async fn trigger_election(&self, addr: &str) -> Result<(), RpcError> {
         let timeout = self.inner.timeout;
         let mut request = tonic::Request::new(Empty {});
         request.set_timeout(timeout);
         let mut client = self.client(addr)?;
-        match tokio::time::timeout(
-            timeout + Duration::from_millis(100),
-            client.trigger_election(request),
-        )
-        .await
-        {
-            Err(_) => Err(RpcError::Failed {
-                addr: addr.to_string(),
-                message: format!("no answer within {timeout:?}"),
-            }),
-            Ok(r) => r.map(|_| ()).map_err(|s| RpcError::from_status(addr, s)),
-        }
+        within(addr, timeout, client.trigger_election(request))
+            .await
+            .map(|_| ())
     }
 }
