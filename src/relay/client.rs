@@ -203,6 +203,9 @@ pub struct Session {
     /// The `SIZE` its EHLO announced (see [`advertised_size`]); with the
     /// EHLO keywords lettre keeps, what [`unfit`] judges a message by.
     size: Option<u64>,
+    /// Its EHLO offered PIPELINING (RFC 2920), which lettre does not keep:
+    /// `MAIL`, `RCPT` and `DATA` then go in one write (see [`transaction`]).
+    pipelining: bool,
     /// What it was made under; a pool takes back only its own.
     key: ConnKey,
     /// When the TCP connection was made (for `relay.reuse_max_age_secs`).
@@ -399,6 +402,7 @@ async fn transact(
         envelope,
         message,
         session.size.is_some(),
+        session.pipelining,
         // At most half the attempt's time (a smarthost's `connect_timeout`
         // is its attempt timeout), so a short `relay.timeout_secs` still
         // leaves the new connection time to deliver.
@@ -434,6 +438,8 @@ async fn transact(
                 return Err(Retry::Stale(e.classify(target.name, "MAIL")));
             }
             match (status, target.pool) {
+                // Out of step with the upstream: only closing it is safe.
+                _ if e.broken => drop(session),
                 // Refused before the data: the transaction is cleared with
                 // RSET by a task of its own (the refusal is not delayed),
                 // and only its `250` lets the connection go back.
@@ -489,7 +495,11 @@ async fn open(
         pool.count_opened();
     }
     let probe = Probe::of(&tcp);
-    let Greeted { mut conn, size } = match target.tls {
+    let Greeted {
+        mut conn,
+        size,
+        pipelining,
+    } = match target.tls {
         TlsPolicy::Implicit(params) => {
             let tls = upgrade(tcp, params)
                 .await
@@ -524,6 +534,7 @@ async fn open(
     Ok(Session {
         conn,
         size,
+        pipelining,
         key: target.key(),
         opened,
         messages: 0,
@@ -538,11 +549,12 @@ fn failed(target: &Target<'_>, what: &str, e: &dyn std::fmt::Display) -> Attempt
     AttemptError::Failed(format!("{}: {what}: {e}", target.name))
 }
 
-/// A connection lettre has greeted (its EHLO reply read), and the `SIZE`
-/// that reply announced.
+/// A connection lettre has greeted (its EHLO reply read), and what that
+/// reply announced beyond lettre's keywords: `SIZE` and PIPELINING.
 struct Greeted {
     conn: AsyncSmtpConnection,
     size: Option<u64>,
+    pipelining: bool,
 }
 
 /// lettre reads the greeting from `stream` and says EHLO, while
@@ -562,8 +574,17 @@ async fn greet<S: AsyncTokioStream + 'static>(
     let conn = AsyncSmtpConnection::connect_with_transport(stream, target.helo)
         .await
         .map_err(|e| failed(target, stage, &e))?;
-    let size = replies.stop().and_then(|r| advertised_size(ehlo_lines(&r)));
-    Ok(Greeted { conn, size })
+    let ehlo = replies.stop().unwrap_or_default();
+    let lines = ehlo_lines(&ehlo);
+    Ok(Greeted {
+        conn,
+        size: advertised_size(lines.iter().copied()),
+        pipelining: lines.iter().any(|l| {
+            l.split_ascii_whitespace()
+                .next()
+                .is_some_and(|k| k.eq_ignore_ascii_case("PIPELINING"))
+        }),
+    })
 }
 
 /// Greeting and EHLO in plaintext, then STARTTLS as the policy says, and
@@ -658,6 +679,10 @@ struct TransactionError {
     /// `None`: no reply to `MAIL` within the bound for reused connections.
     error: Option<lettre::transport::smtp::Error>,
     stage: Stage,
+    /// The connection is out of step with the upstream (a pipelined group
+    /// whose later replies could not be read, or a `354` to a `DATA` that
+    /// followed a refusal): it must be closed, without `RSET` or `QUIT`.
+    broken: bool,
 }
 
 impl TransactionError {
@@ -710,17 +735,30 @@ fn rcpt_552_is_temporary(error: AttemptError) -> AttemptError {
 /// so that a host that counts differently from us refuses at once instead
 /// of after the whole body. [`unfit`] has checked the extensions the
 /// parameters need.
+///
+/// With `pipelining` (the host offered it, RFC 2920) `MAIL`, the `RCPT`s
+/// and `DATA` go in one write and their replies are read in order: one
+/// round trip instead of two or more, as Postfix's `smtp` does. The body
+/// is sent only after `DATA`'s `354`, which comes only if `MAIL` and a
+/// `RCPT` were accepted; a refusal is returned with the stage it answered,
+/// once every reply of the group was read, so the connection is between
+/// transactions again (`RSET` and reuse, as without pipelining). A host
+/// that answers `354` after refusing the recipients leaves a data phase
+/// open that we will not fill: that connection is dropped, which ends the
+/// transaction without a message (RFC 5321 4.1.1.4: no `.`, no mail).
 async fn transaction(
     conn: &mut AsyncSmtpConnection,
     envelope: &LettreEnvelope,
     message: &[u8],
     size_offered: bool,
+    pipelining: bool,
     mail_limit: Option<Duration>,
 ) -> Result<lettre::transport::smtp::response::Response, TransactionError> {
     let at = |stage| {
         move |error| TransactionError {
             error: Some(error),
             stage,
+            broken: false,
         }
     };
     let mut parameters = Vec::new();
@@ -733,13 +771,18 @@ async fn transaction(
     if !message.is_ascii() {
         parameters.push(MailParameter::Body(MailBodyParameter::EightBitMime));
     }
-    let mail = conn.command(Mail::new(envelope.from().cloned(), parameters));
+    let mail = Mail::new(envelope.from().cloned(), parameters);
+    if pipelining {
+        return pipelined(conn, envelope, message, mail, mail_limit).await;
+    }
+    let mail = conn.command(mail);
     match mail_limit {
         Some(limit) => tokio::time::timeout(limit, mail)
             .await
             .map_err(|_| TransactionError {
                 error: None,
                 stage: Stage::Mail,
+                broken: false,
             })?,
         None => mail.await,
     }
@@ -756,6 +799,100 @@ async fn transaction(
     conn.message(message.strip_suffix(b"\r\n").unwrap_or(message))
         .await
         .map_err(at(Stage::Data))
+}
+
+/// [`transaction`] with PIPELINING: `MAIL`, the `RCPT`s and `DATA` in one
+/// write, then their replies in order, then the message.
+async fn pipelined(
+    conn: &mut AsyncSmtpConnection,
+    envelope: &LettreEnvelope,
+    message: &[u8],
+    mail: Mail,
+    mail_limit: Option<Duration>,
+) -> Result<lettre::transport::smtp::response::Response, TransactionError> {
+    use std::fmt::Write as _;
+    let mut group = mail.to_string();
+    for to in envelope.to() {
+        let _ = write!(group, "{}", Rcpt::new(to.clone(), Vec::new()));
+    }
+    let _ = write!(group, "{Data}");
+    // `command` writes the whole group and reads the first reply, `MAIL`'s.
+    let first = conn.command(group);
+    let first = match mail_limit {
+        Some(limit) => tokio::time::timeout(limit, first)
+            .await
+            .map_err(|_| TransactionError {
+                error: None,
+                stage: Stage::Mail,
+                broken: false,
+            })?,
+        None => first.await,
+    };
+    // Every reply of the group is read, in order, before anything else is
+    // decided: only then is the connection between transactions again. The
+    // first refusal is what the transaction failed at.
+    let stages = std::iter::once(Stage::Mail)
+        .chain(envelope.to().iter().map(|_| Stage::Rcpt))
+        .chain(std::iter::once(Stage::Data));
+    let mut first = Some(first);
+    let mut refused: Option<TransactionError> = None;
+    let mut data_open = false;
+    for stage in stages {
+        let reply = match first.take() {
+            Some(reply) => reply,
+            None => conn.read_response().await,
+        };
+        let error = match reply {
+            Ok(_) => {
+                data_open = stage == Stage::Data;
+                continue;
+            }
+            Err(error) => error,
+        };
+        let status = error.status().map(u16::from);
+        let failed = TransactionError {
+            error: Some(error),
+            stage,
+            broken: false,
+        };
+        match status {
+            // The connection failed, or the host is closing it (`421`):
+            // nothing more will come. An earlier refusal stays the answer.
+            None | Some(421) => {
+                return Err(match refused {
+                    Some(earlier) if status.is_none() => TransactionError {
+                        broken: true,
+                        ..earlier
+                    },
+                    _ => TransactionError {
+                        broken: true,
+                        ..failed
+                    },
+                });
+            }
+            Some(_) => {
+                refused.get_or_insert(failed);
+            }
+        }
+    }
+    if let Some(refusal) = refused {
+        return Err(TransactionError {
+            broken: data_open,
+            ..refusal
+        });
+    }
+    conn.message(message.strip_suffix(b"\r\n").unwrap_or(message))
+        .await
+        .map_err(at_data)
+}
+
+/// A data-stage failure of the message itself.
+fn at_data(error: lettre::transport::smtp::Error) -> TransactionError {
+    TransactionError {
+        error: Some(error),
+        stage: Stage::Data,
+        broken: false,
+    }
 }
 
 /// What the EHLO reply said about SIZE (RFC 1870 4): `None` when it is not

@@ -34,6 +34,15 @@ enum Act {
     /// Answers the end of data with a `3xx` (a server out of step with its
     /// own replies; lettre reads it as success).
     ThreeXxDataReply,
+    /// Refuses `MAIL` with `550 5.7.1`.
+    RefuseMail,
+    /// Answers nothing until it has read the transaction's `DATA`: only a
+    /// client that pipelines gets past `MAIL`.
+    RepliesAfterData,
+    /// Answers `DATA` with `354` even when no recipient was accepted (RFC
+    /// 2920 says to refuse it; a client must cope with the server that
+    /// does not).
+    DataOpenAfterRefusal,
 }
 
 /// What one session heard, in order: commands, plus `data:<Message-ID>`
@@ -53,8 +62,23 @@ impl Server {
         Self::start_sized(|_| 100_000, script).await
     }
 
+    /// [`Server::start`], announcing PIPELINING (RFC 2920).
+    async fn start_pipelining(
+        script: impl Fn(usize, usize) -> Act + Send + Sync + 'static,
+    ) -> Self {
+        Self::start_with(true, |_| 100_000, script).await
+    }
+
     /// [`Server::start`], announcing `size(session)` as its `SIZE`.
     async fn start_sized(
+        size: impl Fn(usize) -> u64 + Send + Sync + 'static,
+        script: impl Fn(usize, usize) -> Act + Send + Sync + 'static,
+    ) -> Self {
+        Self::start_with(false, size, script).await
+    }
+
+    async fn start_with(
+        pipelining: bool,
         size: impl Fn(usize) -> u64 + Send + Sync + 'static,
         script: impl Fn(usize, usize) -> Act + Send + Sync + 'static,
     ) -> Self {
@@ -74,7 +98,8 @@ impl Server {
                 };
                 let script = script.clone();
                 let ehlo = format!(
-                    "250-upstream.test\r\n250-8BITMIME\r\n250 SIZE {}\r\n",
+                    "250-upstream.test\r\n{}250-8BITMIME\r\n250 SIZE {}\r\n",
+                    if pipelining { "250-PIPELINING\r\n" } else { "" },
                     size(index)
                 );
                 tokio::spawn(async move {
@@ -84,19 +109,63 @@ impl Server {
                     let _ = w.write_all(b"220 upstream.test ESMTP\r\n").await;
                     let mut transaction = 0;
                     let mut act = Act::Accept;
+                    // The transaction so far: `MAIL` and `RCPT`s accepted.
+                    let (mut mail_ok, mut rcpts_ok) = (false, 0usize);
+                    // A line already read (and logged) to be handled next.
+                    let mut pushback: Option<String> = None;
                     loop {
-                        let Ok(Some(line)) = lines.next_line().await else {
-                            say("EOF");
-                            return;
+                        let line = match pushback.take() {
+                            Some(line) => line,
+                            None => {
+                                let Ok(Some(line)) = lines.next_line().await else {
+                                    say("EOF");
+                                    return;
+                                };
+                                say(&line);
+                                line
+                            }
                         };
-                        say(&line);
                         let verb = line.get(..4).unwrap_or(&line).to_ascii_uppercase();
+                        let refused_rcpt =
+                            verb == "RCPT" && line.to_ascii_lowercase().contains("to:<refuse");
                         let reply = match verb.as_str() {
                             "EHLO" => ehlo.as_str(),
+                            "RSET" => {
+                                (mail_ok, rcpts_ok) = (false, 0);
+                                "250 2.0.0 ok\r\n"
+                            }
                             "MAIL" => {
                                 act = script(index, transaction);
                                 transaction += 1;
+                                mail_ok = !matches!(act, Act::RefuseMail);
                                 match act {
+                                    Act::RefuseMail => "550 5.7.1 sender refused\r\n",
+                                    Act::RepliesAfterData => {
+                                        // The group's replies, in one write,
+                                        // once its DATA is in.
+                                        let mut replies = String::from("250 2.1.0 ok\r\n");
+                                        loop {
+                                            let Ok(Some(l)) = lines.next_line().await else {
+                                                say("EOF");
+                                                return;
+                                            };
+                                            say(&l);
+                                            if l.to_ascii_uppercase().starts_with("DATA") {
+                                                pushback = Some(l);
+                                                break;
+                                            }
+                                            if l.to_ascii_lowercase().contains("to:<refuse") {
+                                                replies.push_str("550 5.1.1 no such user\r\n");
+                                            } else {
+                                                rcpts_ok += 1;
+                                                replies.push_str("250 2.1.5 ok\r\n");
+                                            }
+                                        }
+                                        if w.write_all(replies.as_bytes()).await.is_err() {
+                                            return;
+                                        }
+                                        continue;
+                                    }
                                     Act::CloseAtMail => return,
                                     Act::Busy421AtMail => {
                                         let _ = w.write_all(b"421 4.4.2 idle too long\r\n").await;
@@ -112,10 +181,20 @@ impl Server {
                                     _ => "250 2.1.0 ok\r\n",
                                 }
                             }
-                            "RCPT" if line.to_ascii_lowercase().contains("to:<refuse") => {
-                                "550 5.1.1 no such user\r\n"
+                            "RCPT" if refused_rcpt => "550 5.1.1 no such user\r\n",
+                            "RCPT" if !mail_ok => "503 5.5.1 MAIL first\r\n",
+                            "RCPT" => {
+                                rcpts_ok += 1;
+                                "250 2.1.5 ok\r\n"
+                            }
+                            "DATA" if !mail_ok => "503 5.5.1 MAIL first\r\n",
+                            "DATA"
+                                if rcpts_ok == 0 && !matches!(act, Act::DataOpenAfterRefusal) =>
+                            {
+                                "554 5.5.1 no valid recipients\r\n"
                             }
                             "DATA" => {
+                                (mail_ok, rcpts_ok) = (false, 0);
                                 let _ = w.write_all(b"354 go ahead\r\n").await;
                                 let mut id = String::new();
                                 loop {
@@ -123,6 +202,10 @@ impl Server {
                                         say("EOF");
                                         return;
                                     };
+                                    if matches!(act, Act::DataOpenAfterRefusal) {
+                                        // Whatever the client sends into it.
+                                        say(&format!("in data: {l}"));
+                                    }
                                     if l == "." {
                                         break;
                                     }
@@ -816,4 +899,106 @@ async fn each_smarthost_keeps_connections_by_its_own_bounds() {
         "3"
     );
     assert_eq!(metric(&metrics, "tempalias_relay_idle", &b.url()), "1");
+}
+
+/// Waits (bounded) until the relay holds an idle connection again.
+async fn until_idle(server: &Server, metrics: &Metrics) {
+    let end = Instant::now() + Duration::from_secs(10);
+    while metric(metrics, "tempalias_relay_idle", &server.url()) != "1" {
+        assert!(Instant::now() < end, "{:?}", server.logs());
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+#[tokio::test]
+async fn with_pipelining_the_envelope_and_data_go_before_any_reply() {
+    // The server answers `MAIL` only once it has read `DATA`: a client
+    // that waited for each reply would wait for ever (bounded here).
+    let server = Server::start_pipelining(|_, _| Act::RepliesAfterData).await;
+    let (relay, _) = relay(&server, |_| {});
+    for i in 0..3 {
+        let sent = tokio::time::timeout(Duration::from_secs(10), send(&relay, i)).await;
+        assert_eq!(sent, Ok(Delivery::Accepted), "{:?}", server.logs());
+    }
+    assert_eq!(
+        server.transactions(),
+        vec![(0..3).map(id).collect::<Vec<_>>()]
+    );
+}
+
+#[tokio::test]
+async fn without_pipelining_offered_the_client_waits_for_each_reply() {
+    // The same server without PIPELINING in its EHLO: the client must not
+    // send `RCPT` before `MAIL` is answered, so it never gets an answer.
+    let server = Server::start(|_, _| Act::RepliesAfterData).await;
+    let (relay, _) = relay(&server, |_| {});
+    let sent = tokio::time::timeout(Duration::from_millis(500), send(&relay, 0)).await;
+    assert!(sent.is_err(), "{sent:?}");
+    let logs = server.logs();
+    assert_eq!(logs.len(), 1, "{logs:?}");
+    assert!(
+        logs[0].last().unwrap().starts_with("MAIL FROM:"),
+        "{logs:?}"
+    );
+}
+
+#[tokio::test]
+async fn with_pipelining_a_refused_recipient_is_reset_and_the_connection_reused() {
+    let server = Server::start_pipelining(|_, _| Act::Accept).await;
+    let (relay, metrics) = relay(&server, |_| {});
+    refused_recipient(&relay).await;
+    until_idle(&server, &metrics).await;
+    assert_eq!(send(&relay, 1).await, Delivery::Accepted);
+    let logs = server.logs();
+    assert_eq!(logs.len(), 1, "{logs:?}");
+    // The whole group was read (its DATA refused: no recipient) before RSET.
+    let data = logs[0].iter().position(|l| l == "DATA").unwrap();
+    let rset = logs[0].iter().position(|l| l == "RSET").unwrap();
+    assert!(data < rset, "{logs:?}");
+    assert_eq!(server.transactions(), vec![vec![id(1)]]);
+}
+
+#[tokio::test]
+async fn with_pipelining_a_refused_sender_is_passed_on_and_the_connection_reused() {
+    let server =
+        Server::start_pipelining(|_, t| if t == 0 { Act::RefuseMail } else { Act::Accept }).await;
+    let (relay, metrics) = relay(&server, |_| {});
+    let refused = send(&relay, 0).await;
+    assert!(
+        matches!(&refused, Delivery::PermFail { code: 550, enhanced, .. } if enhanced == "5.7.1"),
+        "{refused:?}"
+    );
+    until_idle(&server, &metrics).await;
+    assert_eq!(send(&relay, 1).await, Delivery::Accepted);
+    assert_eq!(server.logs().len(), 1, "{:?}", server.logs());
+    assert_eq!(server.transactions(), vec![vec![id(1)]]);
+}
+
+#[tokio::test]
+async fn a_data_phase_opened_after_a_refusal_closes_the_connection() {
+    // `354` to the pipelined DATA although its one recipient was refused:
+    // the client sends no message, no RSET and no QUIT into the data
+    // phase; it closes the connection, and the next message takes a new one.
+    let server = Server::start_pipelining(|_, t| {
+        if t == 0 {
+            Act::DataOpenAfterRefusal
+        } else {
+            Act::Accept
+        }
+    })
+    .await;
+    let (relay, _) = relay(&server, |_| {});
+    refused_recipient(&relay).await;
+    server
+        .until("the first connection closed", |logs| {
+            logs.first()
+                .and_then(|l| l.last())
+                .is_some_and(|l| l == "EOF")
+        })
+        .await;
+    let first = &server.logs()[0];
+    let data = first.iter().position(|l| l == "DATA").unwrap();
+    assert_eq!(&first[data + 1..], ["EOF"], "{first:?}");
+    assert_eq!(send(&relay, 1).await, Delivery::Accepted);
+    assert_eq!(server.transactions(), vec![vec![], vec![id(1)]]);
 }
