@@ -742,10 +742,11 @@ fn rcpt_552_is_temporary(error: AttemptError) -> AttemptError {
 /// is sent only after `DATA`'s `354`, which comes only if `MAIL` and a
 /// `RCPT` were accepted; a refusal is returned with the stage it answered,
 /// once every reply of the group was read, so the connection is between
-/// transactions again (`RSET` and reuse, as without pipelining). A host
-/// that answers `354` after refusing the recipients leaves a data phase
-/// open that we will not fill: that connection is dropped, which ends the
-/// transaction without a message (RFC 5321 4.1.1.4: no `.`, no mail).
+/// transactions again (`RSET` and reuse, as without pipelining). A `354`
+/// after a refusal (normal when another recipient was accepted, allowed
+/// even when none was) leaves a data phase open that we will not fill:
+/// that connection is dropped, which ends the transaction without a
+/// message (RFC 5321 4.1.1.4: no `.`, no mail).
 async fn transaction(
     conn: &mut AsyncSmtpConnection,
     envelope: &LettreEnvelope,
@@ -754,13 +755,6 @@ async fn transaction(
     pipelining: bool,
     mail_limit: Option<Duration>,
 ) -> Result<lettre::transport::smtp::response::Response, TransactionError> {
-    let at = |stage| {
-        move |error| TransactionError {
-            error: Some(error),
-            stage,
-            broken: false,
-        }
-    };
     let mut parameters = Vec::new();
     if size_offered {
         parameters.push(MailParameter::Size(message.len()));
@@ -857,17 +851,13 @@ async fn pipelined(
         };
         match status {
             // The connection failed, or the host is closing it (`421`):
-            // nothing more will come. An earlier refusal stays the answer.
+            // nothing more will come. An earlier refusal stays the answer
+            // (a `550` to `RCPT` then `421` to `DATA` is still the `550`,
+            // as without pipelining, where `DATA` is never sent).
             None | Some(421) => {
-                return Err(match refused {
-                    Some(earlier) if status.is_none() => TransactionError {
-                        broken: true,
-                        ..earlier
-                    },
-                    _ => TransactionError {
-                        broken: true,
-                        ..failed
-                    },
+                return Err(TransactionError {
+                    broken: true,
+                    ..refused.unwrap_or(failed)
                 });
             }
             Some(_) => {
@@ -883,14 +873,14 @@ async fn pipelined(
     }
     conn.message(message.strip_suffix(b"\r\n").unwrap_or(message))
         .await
-        .map_err(at_data)
+        .map_err(at(Stage::Data))
 }
 
-/// A data-stage failure of the message itself.
-fn at_data(error: lettre::transport::smtp::Error) -> TransactionError {
-    TransactionError {
+/// lettre's error as a refusal or failure at `stage`.
+fn at(stage: Stage) -> impl Fn(lettre::transport::smtp::Error) -> TransactionError {
+    move |error| TransactionError {
         error: Some(error),
-        stage: Stage::Data,
+        stage,
         broken: false,
     }
 }

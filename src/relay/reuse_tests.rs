@@ -43,6 +43,8 @@ enum Act {
     /// 2920 says to refuse it; a client must cope with the server that
     /// does not).
     DataOpenAfterRefusal,
+    /// Answers `DATA` with `421` and closes.
+    Busy421AtData,
 }
 
 /// What one session heard, in order: commands, plus `data:<Message-ID>`
@@ -186,6 +188,11 @@ impl Server {
                             "RCPT" => {
                                 rcpts_ok += 1;
                                 "250 2.1.5 ok\r\n"
+                            }
+                            "DATA" if matches!(act, Act::Busy421AtData) => {
+                                let _ = w.write_all(b"421 4.7.0 too many errors\r\n").await;
+                                say("CLOSED");
+                                return;
                             }
                             "DATA" if !mail_ok => "503 5.5.1 MAIL first\r\n",
                             "DATA"
@@ -551,7 +558,12 @@ async fn stale(act: Act) {
 
 /// [`stale`] with the relay's settings changed by `tune`.
 async fn stale_tuned(act: Act, tune: impl FnOnce(&mut RelayConfig)) {
-    let server = Server::start(move |session, transaction| {
+    stale_with(false, act, tune).await;
+}
+
+/// [`stale_tuned`] against a server that offers PIPELINING or not.
+async fn stale_with(pipelining: bool, act: Act, tune: impl FnOnce(&mut RelayConfig)) {
+    let script = move |session, transaction| {
         if (session, transaction) == (0, 0) {
             Act::AcceptAndClose
         } else if (session, transaction) == (1, 1) {
@@ -559,8 +571,8 @@ async fn stale_tuned(act: Act, tune: impl FnOnce(&mut RelayConfig)) {
         } else {
             Act::Accept
         }
-    })
-    .await;
+    };
+    let server = Server::start_with(pipelining, |_| 100_000, script).await;
     let (relay, metrics) = relay(&server, tune);
     // Session 0: accepted, then closed by the upstream while idle.
     assert_eq!(send(&relay, 0).await, Delivery::Accepted);
@@ -1001,4 +1013,72 @@ async fn a_data_phase_opened_after_a_refusal_closes_the_connection() {
     assert_eq!(&first[data + 1..], ["EOF"], "{first:?}");
     assert_eq!(send(&relay, 1).await, Delivery::Accepted);
     assert_eq!(server.transactions(), vec![vec![], vec![id(1)]]);
+}
+
+#[tokio::test]
+async fn with_pipelining_stale_connections_cost_nothing_either() {
+    // The group (MAIL, RCPT, DATA) went out, the body did not: the retry
+    // on a new connection cannot be a duplicate.
+    stale_with(true, Act::CloseAtMail, |_| {}).await;
+    stale_with(true, Act::Busy421AtMail, |_| {}).await;
+    let started = Instant::now();
+    stale_with(true, Act::SilentAtMail, |c| c.timeout_secs = 2).await;
+    assert!(started.elapsed() < Duration::from_secs(5));
+}
+
+#[tokio::test]
+async fn with_pipelining_a_421_after_a_refusal_leaves_the_refusal_standing() {
+    // RCPT 550, then 421 to DATA: the sender hears the 550 (as without
+    // pipelining, where DATA is never sent), not a temporary failure.
+    let server = Server::start_pipelining(|s, t| {
+        if (s, t) == (0, 0) {
+            Act::Busy421AtData
+        } else {
+            Act::Accept
+        }
+    })
+    .await;
+    let (relay, _) = relay(&server, |_| {});
+    refused_recipient(&relay).await;
+    assert_eq!(send(&relay, 1).await, Delivery::Accepted);
+    assert_eq!(server.transactions(), vec![vec![], vec![id(1)]]);
+}
+
+#[tokio::test]
+async fn with_pipelining_a_partly_refused_envelope_closes_the_connection() {
+    // Two recipients, one refused: the server answers DATA with 354 (one
+    // recipient was accepted). The transaction fails as without
+    // pipelining, and nothing, not even an empty message, is delivered.
+    let server = Server::start_pipelining(|_, _| Act::Accept).await;
+    let (relay, metrics) = relay(&server, |_| {});
+    let refused = relay
+        .deliver(
+            &Envelope {
+                mail_from: "x@a.example".into(),
+                rcpt_to: vec!["ok@b.example".into(), "refuse@b.example".into()],
+            },
+            b"Subject: r\r\n\r\nr\r\n",
+            Instant::now() + Duration::from_secs(20),
+        )
+        .await;
+    assert!(
+        matches!(refused, Delivery::PermFail { code: 550, .. }),
+        "{refused:?}"
+    );
+    server
+        .until("the first connection closed", |logs| {
+            logs.first()
+                .and_then(|l| l.last())
+                .is_some_and(|l| l == "EOF")
+        })
+        .await;
+    let first = &server.logs()[0];
+    let data = first.iter().position(|l| l == "DATA").unwrap();
+    assert_eq!(&first[data + 1..], ["EOF"], "{first:?}");
+    assert_eq!(send(&relay, 1).await, Delivery::Accepted);
+    assert_eq!(server.transactions(), vec![vec![], vec![id(1)]]);
+    assert_eq!(
+        metric(&metrics, "tempalias_relay_connections_total", &server.url()),
+        "2"
+    );
 }
