@@ -769,18 +769,9 @@ async fn transaction(
     if pipelining {
         return pipelined(conn, envelope, message, mail, mail_limit).await;
     }
-    let mail = conn.command(mail);
-    match mail_limit {
-        Some(limit) => tokio::time::timeout(limit, mail)
-            .await
-            .map_err(|_| TransactionError {
-                error: None,
-                stage: Stage::Mail,
-                broken: false,
-            })?,
-        None => mail.await,
-    }
-    .map_err(at(Stage::Mail))?;
+    mail_reply(conn.command(mail), mail_limit)
+        .await?
+        .map_err(at(Stage::Mail))?;
     for to in envelope.to() {
         conn.command(Rcpt::new(to.clone(), Vec::new()))
             .await
@@ -811,17 +802,7 @@ async fn pipelined(
     }
     let _ = write!(group, "{Data}");
     // `command` writes the whole group and reads the first reply, `MAIL`'s.
-    let first = conn.command(group);
-    let first = match mail_limit {
-        Some(limit) => tokio::time::timeout(limit, first)
-            .await
-            .map_err(|_| TransactionError {
-                error: None,
-                stage: Stage::Mail,
-                broken: false,
-            })?,
-        None => first.await,
-    };
+    let first = mail_reply(conn.command(group), mail_limit).await?;
     // Every reply of the group is read, in order, before anything else is
     // decided: only then is the connection between transactions again. The
     // first refusal is what the transaction failed at.
@@ -874,6 +855,33 @@ async fn pipelined(
     conn.message(message.strip_suffix(b"\r\n").unwrap_or(message))
         .await
         .map_err(at(Stage::Data))
+}
+
+/// The reply to `MAIL`, waited for at most `limit` when given (a reused
+/// connection, see [`REUSED_MAIL_TIMEOUT`]): no reply by then is a failure
+/// at `MAIL` without an answer.
+async fn mail_reply(
+    reply: impl std::future::Future<
+        Output = Result<
+            lettre::transport::smtp::response::Response,
+            lettre::transport::smtp::Error,
+        >,
+    >,
+    limit: Option<Duration>,
+) -> Result<
+    Result<lettre::transport::smtp::response::Response, lettre::transport::smtp::Error>,
+    TransactionError,
+> {
+    match limit {
+        Some(limit) => tokio::time::timeout(limit, reply)
+            .await
+            .map_err(|_| TransactionError {
+                error: None,
+                stage: Stage::Mail,
+                broken: false,
+            }),
+        None => Ok(reply.await),
+    }
 }
 
 /// lettre's error as a refusal or failure at `stage`.

@@ -324,6 +324,18 @@ impl Drop for Server {
     }
 }
 
+/// A script: `act` for the first transaction of the first session, then
+/// every transaction accepted.
+fn first_then_accept(act: Act) -> impl Fn(usize, usize) -> Act + Send + Sync + 'static {
+    move |session, transaction| {
+        if (session, transaction) == (0, 0) {
+            act.clone()
+        } else {
+            Act::Accept
+        }
+    }
+}
+
 fn relay(server: &Server, tune: impl FnOnce(&mut RelayConfig)) -> (SmarthostRelay, Arc<Metrics>) {
     let metrics = Arc::new(Metrics::new());
     let mut config = RelayConfig {
@@ -429,14 +441,7 @@ async fn several_messages_share_one_connection_each_delivered_once() {
 
 #[tokio::test]
 async fn a_connection_whose_data_reply_was_not_2xx_is_not_lent_again() {
-    let server = Server::start(|session, transaction| {
-        if (session, transaction) == (0, 0) {
-            Act::ThreeXxDataReply
-        } else {
-            Act::Accept
-        }
-    })
-    .await;
+    let server = Server::start(first_then_accept(Act::ThreeXxDataReply)).await;
     let (relay, metrics) = relay(&server, |_| {});
     // lettre takes the 354 as success (as it always did); the connection
     // it came on is closed, not kept.
@@ -972,8 +977,7 @@ async fn with_pipelining_a_refused_recipient_is_reset_and_the_connection_reused(
 
 #[tokio::test]
 async fn with_pipelining_a_refused_sender_is_passed_on_and_the_connection_reused() {
-    let server =
-        Server::start_pipelining(|_, t| if t == 0 { Act::RefuseMail } else { Act::Accept }).await;
+    let server = Server::start_pipelining(first_then_accept(Act::RefuseMail)).await;
     let (relay, metrics) = relay(&server, |_| {});
     let refused = send(&relay, 0).await;
     assert!(
@@ -991,14 +995,7 @@ async fn a_data_phase_opened_after_a_refusal_closes_the_connection() {
     // `354` to the pipelined DATA although its one recipient was refused:
     // the client sends no message, no RSET and no QUIT into the data
     // phase; it closes the connection, and the next message takes a new one.
-    let server = Server::start_pipelining(|_, t| {
-        if t == 0 {
-            Act::DataOpenAfterRefusal
-        } else {
-            Act::Accept
-        }
-    })
-    .await;
+    let server = Server::start_pipelining(first_then_accept(Act::DataOpenAfterRefusal)).await;
     let (relay, _) = relay(&server, |_| {});
     refused_recipient(&relay).await;
     server
@@ -1030,14 +1027,7 @@ async fn with_pipelining_stale_connections_cost_nothing_either() {
 async fn with_pipelining_a_421_after_a_refusal_leaves_the_refusal_standing() {
     // RCPT 550, then 421 to DATA: the sender hears the 550 (as without
     // pipelining, where DATA is never sent), not a temporary failure.
-    let server = Server::start_pipelining(|s, t| {
-        if (s, t) == (0, 0) {
-            Act::Busy421AtData
-        } else {
-            Act::Accept
-        }
-    })
-    .await;
+    let server = Server::start_pipelining(first_then_accept(Act::Busy421AtData)).await;
     let (relay, _) = relay(&server, |_| {});
     refused_recipient(&relay).await;
     assert_eq!(send(&relay, 1).await, Delivery::Accepted);
