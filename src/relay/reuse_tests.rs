@@ -990,14 +990,9 @@ async fn with_pipelining_a_refused_sender_is_passed_on_and_the_connection_reused
     assert_eq!(server.transactions(), vec![vec![id(1)]]);
 }
 
-#[tokio::test]
-async fn a_data_phase_opened_after_a_refusal_closes_the_connection() {
-    // `354` to the pipelined DATA although its one recipient was refused:
-    // the client sends no message, no RSET and no QUIT into the data
-    // phase; it closes the connection, and the next message takes a new one.
-    let server = Server::start_pipelining(first_then_accept(Act::DataOpenAfterRefusal)).await;
-    let (relay, _) = relay(&server, |_| {});
-    refused_recipient(&relay).await;
+/// Waits (bounded) until the first session ends, and checks that the
+/// client sent nothing after its `DATA`: no message, `.`, `RSET` or `QUIT`.
+async fn closed_right_after_data(server: &Server) {
     server
         .until("the first connection closed", |logs| {
             logs.first()
@@ -1008,6 +1003,17 @@ async fn a_data_phase_opened_after_a_refusal_closes_the_connection() {
     let first = &server.logs()[0];
     let data = first.iter().position(|l| l == "DATA").unwrap();
     assert_eq!(&first[data + 1..], ["EOF"], "{first:?}");
+}
+
+#[tokio::test]
+async fn a_data_phase_opened_after_a_refusal_closes_the_connection() {
+    // `354` to the pipelined DATA although its one recipient was refused:
+    // the client sends no message, no RSET and no QUIT into the data
+    // phase; it closes the connection, and the next message takes a new one.
+    let server = Server::start_pipelining(first_then_accept(Act::DataOpenAfterRefusal)).await;
+    let (relay, _) = relay(&server, |_| {});
+    refused_recipient(&relay).await;
+    closed_right_after_data(&server).await;
     assert_eq!(send(&relay, 1).await, Delivery::Accepted);
     assert_eq!(server.transactions(), vec![vec![], vec![id(1)]]);
 }
@@ -1055,16 +1061,7 @@ async fn with_pipelining_a_partly_refused_envelope_closes_the_connection() {
         matches!(refused, Delivery::PermFail { code: 550, .. }),
         "{refused:?}"
     );
-    server
-        .until("the first connection closed", |logs| {
-            logs.first()
-                .and_then(|l| l.last())
-                .is_some_and(|l| l == "EOF")
-        })
-        .await;
-    let first = &server.logs()[0];
-    let data = first.iter().position(|l| l == "DATA").unwrap();
-    assert_eq!(&first[data + 1..], ["EOF"], "{first:?}");
+    closed_right_after_data(&server).await;
     assert_eq!(send(&relay, 1).await, Delivery::Accepted);
     assert_eq!(server.transactions(), vec![vec![], vec![id(1)]]);
     assert_eq!(
