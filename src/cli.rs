@@ -453,7 +453,12 @@ fn run(cli: Cli, local_offset: time::UtcOffset) -> anyhow::Result<ExitCode> {
                 config.log.format = f;
             }
             init_logging(&config);
-            let runtime = tokio::runtime::Runtime::new().context("starting the runtime")?;
+            let mut runtime = tokio::runtime::Builder::new_multi_thread();
+            runtime.enable_all();
+            if config.worker_threads > 0 {
+                runtime.worker_threads(config.worker_threads);
+            }
+            let runtime = runtime.build().context("starting the runtime")?;
             runtime.block_on(serve(config))?;
             Ok(ExitCode::SUCCESS)
         }

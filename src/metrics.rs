@@ -169,6 +169,8 @@ pub struct Metrics {
     pub raft_write_errors: Counter,
     pub raft_write_duration: Histogram,
     pub build_info: Family<BuildLabels, Gauge>,
+    /// Worker threads of the async runtime (`worker_threads`, or one per CPU).
+    pub runtime_workers: Gauge,
     pub raft_elections: Counter,
     pub raft_forwarded_writes: Counter,
     pub raft_forward_calls: Counter,
@@ -313,6 +315,7 @@ impl Metrics {
                 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0,
             ]),
             build_info: Family::default(),
+            runtime_workers: Gauge::default(),
             raft_elections: Counter::default(),
             raft_forwarded_writes: Counter::default(),
             raft_forward_calls: Counter::default(),
@@ -479,6 +482,11 @@ impl Metrics {
             "build_info",
             "Build information (always 1)",
             m.build_info.clone(),
+        );
+        registry.register(
+            "runtime_workers",
+            "Worker threads of the node's async runtime (worker_threads; 0 there means one per CPU)",
+            m.runtime_workers.clone(),
         );
         registry.register(
             "raft_elections",

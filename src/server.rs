@@ -160,6 +160,10 @@ pub async fn run(
     };
     let clock: Arc<dyn Clock> = Arc::new(SystemClock::from_env());
     let metrics = Arc::new(Metrics::new());
+    metrics.runtime_workers.set(
+        i64::try_from(tokio::runtime::Handle::current().metrics().num_workers())
+            .unwrap_or(i64::MAX),
+    );
     let relay = Arc::new(Relay::from_config(
         &config.relay,
         &config.smtp.hostname,

@@ -192,3 +192,12 @@ password_file = "second.pw"
     assert 'unknown key "pasword_file"' in r.stderr and "did you mean password_file?" in r.stderr, r.stderr
     for out in (r.stdout, r.stderr):
         assert "default-secret" not in out and "second-secret" not in out
+
+
+@pytest.mark.parametrize("workers", [1, 3])
+def test_worker_threads_sizes_the_runtime(node_factory, workers):
+    node = node_factory(config={"worker_threads": workers})
+    # The runtime's own count (tokio names its blocking-pool threads as it
+    # names its workers, so /proc cannot tell them apart).
+    assert f"tempalias_runtime_workers {workers}\n" in node.metrics()
+    assert node.create_alias(days=1)["alias"]
