@@ -101,9 +101,9 @@ pub struct Config {
     pub domains: Vec<String>,
     /// Threads of the node's async runtime; 0: one per CPU (tokio's default,
     /// which also reads `TOKIO_WORKER_THREADS`). For a node that shares its
-    /// machine: three nodes on two CPUs spent about 11 % less CPU per
-    /// message with one thread each (docs/benchmarks.md), as fewer threads
-    /// contend for the same cores. Storage writes run on tokio's blocking
+    /// machine: three nodes on two CPUs spent 4-18 % less CPU per message
+    /// with one thread each (docs/benchmarks.md), as fewer threads contend
+    /// for the same cores. Storage writes run on tokio's blocking
     /// pool either way.
     pub worker_threads: usize,
     pub http: HttpConfig,

@@ -485,7 +485,7 @@ impl Metrics {
         );
         registry.register(
             "runtime_workers",
-            "Worker threads of the node's async runtime (worker_threads; 0 there means one per CPU)",
+            "Worker threads of the node's async runtime (worker_threads; when 0, tokio's CPU count or TOKIO_WORKER_THREADS)",
             m.runtime_workers.clone(),
         );
         registry.register(

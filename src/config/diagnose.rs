@@ -56,7 +56,8 @@ impl std::fmt::Display for Problem {
 
 /// The keys a configuration may contain.
 pub struct Schema {
-    /// Top-level keys that are values (`node_id`, `data_dir`, `domains`).
+    /// Top-level keys that are values (`node_id`, `data_dir`, `domains`,
+    /// `worker_threads`).
     pub top: Vec<String>,
     /// Section name to its keys.
     pub sections: BTreeMap<String, Vec<String>>,
