@@ -857,21 +857,17 @@ async fn pipelined(
         .map_err(at(Stage::Data))
 }
 
+/// One reply as lettre reads it: a positive one, or the refusal (or
+/// failure) as an error.
+type Reply = Result<lettre::transport::smtp::response::Response, lettre::transport::smtp::Error>;
+
 /// The reply to `MAIL`, waited for at most `limit` when given (a reused
 /// connection, see [`REUSED_MAIL_TIMEOUT`]): no reply by then is a failure
 /// at `MAIL` without an answer.
 async fn mail_reply(
-    reply: impl std::future::Future<
-        Output = Result<
-            lettre::transport::smtp::response::Response,
-            lettre::transport::smtp::Error,
-        >,
-    >,
+    reply: impl std::future::Future<Output = Reply>,
     limit: Option<Duration>,
-) -> Result<
-    Result<lettre::transport::smtp::response::Response, lettre::transport::smtp::Error>,
-    TransactionError,
-> {
+) -> Result<Reply, TransactionError> {
     match limit {
         Some(limit) => tokio::time::timeout(limit, reply)
             .await

@@ -316,6 +316,16 @@ impl Server {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
     }
+
+    /// Waits (bounded) until the first session's log ends with `line`.
+    async fn until_first_ends_with(&self, line: &str) {
+        self.until(line, |logs| {
+            logs.first()
+                .and_then(|l| l.last())
+                .is_some_and(|l| l == line)
+        })
+        .await;
+    }
 }
 
 impl Drop for Server {
@@ -659,11 +669,17 @@ async fn an_idle_connection_is_closed_after_the_idle_time() {
 
 /// Sends a message whose one recipient the upstream refuses (`550`).
 async fn refused_recipient(relay: &SmarthostRelay) {
+    refused_to(relay, &["refuse@b.example"]).await;
+}
+
+/// Sends a message to `rcpts`, of which the upstream refuses at least one
+/// (`550`): the whole message is refused.
+async fn refused_to(relay: &SmarthostRelay, rcpts: &[&str]) {
     let refused = relay
         .deliver(
             &Envelope {
                 mail_from: "x@a.example".into(),
-                rcpt_to: vec!["refuse@b.example".into()],
+                rcpt_to: rcpts.iter().map(|r| r.to_string()).collect(),
             },
             b"Subject: r\r\n\r\nr\r\n",
             Instant::now() + Duration::from_secs(20),
@@ -675,21 +691,24 @@ async fn refused_recipient(relay: &SmarthostRelay) {
     );
 }
 
-#[tokio::test]
-async fn a_refused_recipient_is_reset_and_the_connection_reused() {
-    let server = Server::start(|_, _| Act::Accept).await;
-    let (relay, metrics) = relay(&server, |_| {});
+/// A refused recipient, then message 1 on the same connection: the one
+/// session's log, and the position of its `RSET`.
+async fn refused_then_reused(server: &Server) -> (Vec<Vec<String>>, usize) {
+    let (relay, metrics) = relay(server, |_| {});
     refused_recipient(&relay).await;
     // The connection goes back once RSET got its 250.
-    let end = Instant::now() + Duration::from_secs(10);
-    while metric(&metrics, "tempalias_relay_idle", &server.url()) != "1" {
-        assert!(Instant::now() < end, "{:?}", server.logs());
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    until_idle(server, &metrics).await;
     assert_eq!(send(&relay, 1).await, Delivery::Accepted);
     let logs = server.logs();
     assert_eq!(logs.len(), 1, "{logs:?}");
     let rset = logs[0].iter().position(|l| l == "RSET").unwrap();
+    (logs, rset)
+}
+
+#[tokio::test]
+async fn a_refused_recipient_is_reset_and_the_connection_reused() {
+    let server = Server::start(|_, _| Act::Accept).await;
+    let (logs, rset) = refused_then_reused(&server).await;
     let mail = logs[0]
         .iter()
         .position(|l| l.starts_with("MAIL FROM:<s1@a.example>"));
@@ -701,13 +720,7 @@ async fn with_reuse_off_a_refused_recipient_ends_the_connection_without_rset() {
     let server = Server::start(|_, _| Act::Accept).await;
     let (relay, _) = relay(&server, |c| c.reuse_connections = false);
     refused_recipient(&relay).await;
-    server
-        .until("QUIT", |logs| {
-            logs.first()
-                .and_then(|l| l.last())
-                .is_some_and(|l| l == "QUIT")
-        })
-        .await;
+    server.until_first_ends_with("QUIT").await;
     let logs = server.logs();
     assert!(!logs[0].iter().any(|l| l == "RSET"), "{logs:?}");
 }
@@ -962,15 +975,9 @@ async fn without_pipelining_offered_the_client_waits_for_each_reply() {
 #[tokio::test]
 async fn with_pipelining_a_refused_recipient_is_reset_and_the_connection_reused() {
     let server = Server::start_pipelining(|_, _| Act::Accept).await;
-    let (relay, metrics) = relay(&server, |_| {});
-    refused_recipient(&relay).await;
-    until_idle(&server, &metrics).await;
-    assert_eq!(send(&relay, 1).await, Delivery::Accepted);
-    let logs = server.logs();
-    assert_eq!(logs.len(), 1, "{logs:?}");
+    let (logs, rset) = refused_then_reused(&server).await;
     // The whole group was read (its DATA refused: no recipient) before RSET.
     let data = logs[0].iter().position(|l| l == "DATA").unwrap();
-    let rset = logs[0].iter().position(|l| l == "RSET").unwrap();
     assert!(data < rset, "{logs:?}");
     assert_eq!(server.transactions(), vec![vec![id(1)]]);
 }
@@ -993,13 +1000,7 @@ async fn with_pipelining_a_refused_sender_is_passed_on_and_the_connection_reused
 /// Waits (bounded) until the first session ends, and checks that the
 /// client sent nothing after its `DATA`: no message, `.`, `RSET` or `QUIT`.
 async fn closed_right_after_data(server: &Server) {
-    server
-        .until("the first connection closed", |logs| {
-            logs.first()
-                .and_then(|l| l.last())
-                .is_some_and(|l| l == "EOF")
-        })
-        .await;
+    server.until_first_ends_with("EOF").await;
     let first = &server.logs()[0];
     let data = first.iter().position(|l| l == "DATA").unwrap();
     assert_eq!(&first[data + 1..], ["EOF"], "{first:?}");
@@ -1047,20 +1048,7 @@ async fn with_pipelining_a_partly_refused_envelope_closes_the_connection() {
     // pipelining, and nothing, not even an empty message, is delivered.
     let server = Server::start_pipelining(|_, _| Act::Accept).await;
     let (relay, metrics) = relay(&server, |_| {});
-    let refused = relay
-        .deliver(
-            &Envelope {
-                mail_from: "x@a.example".into(),
-                rcpt_to: vec!["ok@b.example".into(), "refuse@b.example".into()],
-            },
-            b"Subject: r\r\n\r\nr\r\n",
-            Instant::now() + Duration::from_secs(20),
-        )
-        .await;
-    assert!(
-        matches!(refused, Delivery::PermFail { code: 550, .. }),
-        "{refused:?}"
-    );
+    refused_to(&relay, &["ok@b.example", "refuse@b.example"]).await;
     closed_right_after_data(&server).await;
     assert_eq!(send(&relay, 1).await, Delivery::Accepted);
     assert_eq!(server.transactions(), vec![vec![], vec![id(1)]]);
