@@ -1,7 +1,7 @@
 """What DKIM signing and ARC sealing cost a forwarded message. Not part of
 the test run:
 
-    python3 tests/bench/mail_auth_bench.py [--messages 200] [--clients 4] [--size 5000] [--runs 5] [--tls [--rsa-cert]] [--dkim-algorithm rsa|ed25519|both ...] [--bin PATH]
+    python3 tests/bench/mail_auth_bench.py [--messages 200] [--clients 4] [--size 5000] [--runs 5] [--tls [--rsa-cert] [--cluster N] [--rate R]] [--dkim-algorithm rsa|ed25519|both ...] [--bin PATH]
 
 Starts three single nodes (capture relay, HTTP rate limits off so the
 script can make its aliases, each of 100 uses: one alias taking thousands of
@@ -37,6 +37,17 @@ message, RSA first). Given several (`--dkim-algorithm rsa ed25519 both`),
 each gets its own signing node and its own variants (`dkim:rsa`,
 `tls+dkim:rsa`, `dkim:ed25519`, ...), all measured in the same runs
 against the same `plain`.
+
+--cluster N (with --tls) makes each of those nodes a cluster of N nodes on
+127.0.0.1..N relaying to one smtp-sink smarthost, with default Raft settings
+and durability: the setup of the forwarding benchmark
+(tests/bench/forward_bench.py). Client k connects to node k mod N, as
+senders spread over round-robin MX records; CPU per message is the whole
+cluster's. --rate R offers every variant the same load, R messages/s over
+all clients, instead of as much as each takes: a cluster spends less CPU
+per message the more writes one fsync carries, so at full speed a variant
+slowed by its client (the Python client's side of every handshake runs on
+the same cores) would also be charged for smaller Raft batches.
 """
 
 from __future__ import annotations
@@ -59,8 +70,12 @@ sys.path.insert(0, str(REPO / "tests" / "integration"))
 if "--bin" in sys.argv[:-1]:
     os.environ["TEMPALIAS_BIN"] = os.path.abspath(sys.argv[sys.argv.index("--bin") + 1])
 
-from harness import BIN, Node  # noqa: E402
+from harness import BIN, Node, http_request  # noqa: E402
+from peerkit import start_smtp_sink, stop_process  # noqa: E402
 from test_mail_auth import Nsd  # noqa: E402
+
+sys.path.insert(0, str(REPO / "cluster"))
+from launch import LocalCluster, free_ports  # noqa: E402
 
 # The node's self-signed certificate: encrypted, not verified (as most MTAs
 # do for opportunistic STARTTLS).
@@ -94,8 +109,21 @@ class SMTP(smtplib.SMTP):
         self.does_esmtp = False
 
 
-def connect(node: Node, tls: bool, session: ssl.SSLSession | None = None) -> SMTP:
-    s = SMTP("127.0.0.1", node.smtp_port, local_hostname="client.example.org", timeout=60)
+def endpoints(node) -> list[tuple[str, int]]:
+    """The SMTP listeners of a target: a Node's one, or a ClusterTarget's."""
+    return getattr(node, "endpoints", None) or [("127.0.0.1", node.smtp_port)]
+
+
+def node_cpu(node) -> float:
+    """CPU seconds used so far by a target's node processes."""
+    return sum(cpu_seconds(pid) for pid in getattr(node, "pids", None) or [node.pid])
+
+
+def connect(node, tls: bool, session: ssl.SSLSession | None = None, k: int = 0) -> SMTP:
+    """A connection to the target's listener k (round robin over a cluster's
+    nodes, as senders spread over round-robin MX records)."""
+    host, port = endpoints(node)[k % len(endpoints(node))]
+    s = SMTP(host, port, local_hostname="client.example.org", timeout=60)
     if tls:
         s.starttls_resuming(session)
     return s
@@ -116,27 +144,38 @@ def fresh_aliases(node: Node, n: int) -> list[str]:
 
 def send_all(node: Node, n: int, clients: int, size: int, tls: bool = False,
              reuse: bool = True, resume: bool = False, aliases: list[str] | None = None,
-             sessions: dict | None = None) -> tuple[float, int]:
+             sessions: dict | None = None, rate: float = 0.0) -> tuple[float, int]:
     """Messages per second for n messages (message i to alias i // PER_ALIAS
     of `aliases`, fresh ones when not given) from `clients` threads, each over
     one connection (`reuse`) or a new connection per message, and how many
     TLS handshakes resumed a session. With `resume`, each thread offers the
     newest session it has (taken after the message, when the TLS 1.3 ticket
     has arrived), as a sender's session cache would; `sessions` keeps them
-    from one call to the next."""
+    from one call to the next. With `rate` (messages/s, all clients
+    together), message j of a client is not started before t0 + j * clients
+    / rate: every variant then meets the same offered load, below what the
+    slowest can take, instead of each running as fast as it can."""
     aliases = aliases or fresh_aliases(node, n)
     msgs = [(aliases[i // PER_ALIAS], message(i, size)) for i in range(n)]
     sessions = {} if sessions is None else sessions
 
+    def pace(j: int):
+        if rate:
+            delay = t0 + (j * clients) / rate - time.monotonic()
+            if delay > 0:
+                time.sleep(delay)
+
     def worker(k: int) -> int:
         resumed = 0
         if reuse:
-            with connect(node, tls) as s:
-                for alias, m in msgs[k::clients]:
+            with connect(node, tls, k=k) as s:
+                for j, (alias, m) in enumerate(msgs[k::clients]):
+                    pace(j)
                     s.sendmail("alice@sender.example", [alias], m)
             return resumed
-        for alias, m in msgs[k::clients]:
-            with connect(node, tls, sessions.get(k)) as s:
+        for j, (alias, m) in enumerate(msgs[k::clients]):
+            pace(j)
+            with connect(node, tls, sessions.get(k), k) as s:
                 s.sendmail("alice@sender.example", [alias], m)
                 if tls:
                     resumed += s.sock.session_reused
@@ -148,6 +187,31 @@ def send_all(node: Node, n: int, clients: int, size: int, tls: bool = False,
     with ThreadPoolExecutor(clients) as ex:
         resumed = sum(ex.map(worker, range(clients)))
     return n / (time.monotonic() - t0), resumed
+
+
+class ClusterTarget:
+    """A LocalCluster of `n` nodes (127.0.0.1..n) relaying to a smarthost, as
+    in the forwarding benchmark (tests/bench/forward_bench.py): what
+    send_all and the CPU reading need of it."""
+
+    def __init__(self, base: Path, name: str, n: int, config: dict):
+        ips = [f"127.0.0.{i}" for i in range(1, n + 1)]
+        ports = dict(zip(("http", "smtp", "cluster"), free_ports(ips, 3)))
+        self.cluster = LocalCluster(base / name, n=n, binary=BIN, ports=ports, extra_config=config)
+        self.cluster.start(timeout=60)
+        self.cluster.wait_ready(timeout=60)
+        self.endpoints = [nd.smtp_addr for nd in self.cluster]
+        self.pids = [nd.pid for nd in self.cluster]
+        self.api = next(iter(self.cluster)).api
+
+    def create_alias(self, days=None, max_usage=None) -> dict:
+        r = http_request(self.api + "/v1/aliases", "POST",
+                         {"target": "me@example.net", "days": days, "max-usage": max_usage})
+        assert r.status == 201, f"create: {r.status} {r.body!r}"
+        return r.json()
+
+    def stop(self):
+        self.cluster.stop()
 
 
 def cpu_seconds(pid: int) -> float:
@@ -189,6 +253,14 @@ def main() -> int:
     ap.add_argument("--dkim-algorithm", choices=("rsa", "ed25519", "both"), nargs="+", default=["rsa"],
                     help="the DKIM keys of the signing node: rsa (2048 bits, the default of `dkim keygen`), ed25519,"
                          " or both (two signatures); several: one signing node each, in the same runs")
+    ap.add_argument("--cluster", type=int, default=0, metavar="N",
+                    help="with --tls: each variant's node is a cluster of N nodes relaying to a "
+                         "smtp-sink smarthost (the forwarding benchmark's setup) instead of one "
+                         "node writing to its capture directory; CPU is the cluster's")
+    ap.add_argument("--rate", type=float, default=0.0, metavar="MSGS_PER_S",
+                    help="with --tls: offer every variant this load (all clients together) instead "
+                         "of as much as it takes: CPU per message then compares like with like "
+                         "(a cluster spends less per message the more writes one fsync carries)")
     ap.add_argument("--bin", help="the tempalias binary (instead of TEMPALIAS_BIN)")
     args = ap.parse_args()
     if args.tls:
@@ -261,14 +333,24 @@ def tls_bench(args) -> int:
                  "new connection, resumed session": (False, True),
                  "connection kept": (True, False)}
         nodes = {}
+        sink = None
         try:
+            if args.cluster:
+                sink_port = free_ports(["127.0.0.1"], 1)[0]
+                sink = start_smtp_sink("127.0.0.1", sink_port, base / "smtp-sink.log", backlog=1024)
+                common["relay"] = {"mode": "smarthost", "smarthosts": [f"smtp://127.0.0.1:{sink_port}"]}
             for name, extra in configs.items():
-                n = Node(base, name.replace(":", "_"), config={**common, **extra})
-                n.start()
+                if args.cluster:
+                    n = ClusterTarget(base, name.replace(":", "_"), args.cluster, {**common, **extra})
+                else:
+                    n = Node(base, name.replace(":", "_"), config={**common, **extra})
+                    n.start()
                 send_all(n, min(20, args.messages), args.clients, args.size, tls=True)  # warm-up
                 nodes[name] = n
             print(f"{args.messages} messages of ~{args.size} bytes, {args.clients} clients, "
-                  f"DKIM keys {' '.join(args.dkim_algorithm)}, binary {BIN}")
+                  f"DKIM keys {' '.join(args.dkim_algorithm)}, binary {BIN}, "
+                  + (f"{args.cluster}-node clusters relaying to smtp-sink" if args.cluster
+                     else "single nodes relaying to their capture directory"))
             with connect(nodes["plain"], True) as s:
                 print(f"STARTTLS: {s.sock.version()}, {s.sock.cipher()[0]}, "
                       f"{'RSA-2048' if args.rsa_cert else 'ECDSA P-256'} certificate")
@@ -290,10 +372,11 @@ def tls_bench(args) -> int:
                             node_name, tls = variants[v]
                             n = nodes[node_name]
                             aliases = fresh_aliases(n, chunk)
-                            before = cpu_seconds(n.pid)
+                            before = node_cpu(n)
                             rate, r = send_all(n, chunk, args.clients, args.size, tls=tls, reuse=reuse,
-                                               resume=resume, aliases=aliases, sessions=sessions[v])
-                            used_s[v] += cpu_seconds(n.pid) - before
+                                               resume=resume, aliases=aliases, sessions=sessions[v],
+                                               rate=args.rate)
+                            used_s[v] += node_cpu(n) - before
                             elapsed[v] += chunk / rate
                             resumed[v] += r
                     row = {v: args.messages / elapsed[v] for v in names}
@@ -320,6 +403,7 @@ def tls_bench(args) -> int:
         finally:
             for n in nodes.values():
                 n.stop()
+            stop_process(sink)
     return 0
 
 
