@@ -153,15 +153,17 @@ def send_all(node: Node, n: int, clients: int, size: int, tls: bool = False,
     has arrived), as a sender's session cache would; `sessions` keeps them
     from one call to the next. With `rate` (messages/s, all clients
     together), message j of a client is not started before t0 + j * clients
-    / rate: every variant then meets the same offered load, below what the
-    slowest can take, instead of each running as fast as it can."""
+    / rate (client k offset by k / rate, so that the messages come one at a
+    time, evenly spaced, not in bursts of `clients`): every variant then
+    meets the same offered load, below what the slowest can take, instead of
+    each running as fast as it can."""
     aliases = aliases or fresh_aliases(node, n)
     msgs = [(aliases[i // PER_ALIAS], message(i, size)) for i in range(n)]
     sessions = {} if sessions is None else sessions
 
-    def pace(j: int):
+    def pace(k: int, j: int):
         if rate:
-            delay = t0 + (j * clients) / rate - time.monotonic()
+            delay = t0 + (j * clients + k) / rate - time.monotonic()
             if delay > 0:
                 time.sleep(delay)
 
@@ -170,11 +172,11 @@ def send_all(node: Node, n: int, clients: int, size: int, tls: bool = False,
         if reuse:
             with connect(node, tls, k=k) as s:
                 for j, (alias, m) in enumerate(msgs[k::clients]):
-                    pace(j)
+                    pace(k, j)
                     s.sendmail("alice@sender.example", [alias], m)
             return resumed
         for j, (alias, m) in enumerate(msgs[k::clients]):
-            pace(j)
+            pace(k, j)
             with connect(node, tls, sessions.get(k), k) as s:
                 s.sendmail("alice@sender.example", [alias], m)
                 if tls:
@@ -198,8 +200,12 @@ class ClusterTarget:
         ips = [f"127.0.0.{i}" for i in range(1, n + 1)]
         ports = dict(zip(("http", "smtp", "cluster"), free_ports(ips, 3)))
         self.cluster = LocalCluster(base / name, n=n, binary=BIN, ports=ports, extra_config=config)
-        self.cluster.start(timeout=60)
-        self.cluster.wait_ready(timeout=60)
+        try:
+            self.cluster.start(timeout=60)
+            self.cluster.wait_ready(timeout=60)
+        except BaseException:
+            self.cluster.stop()
+            raise
         self.endpoints = [nd.smtp_addr for nd in self.cluster]
         self.pids = [nd.pid for nd in self.cluster]
         self.api = next(iter(self.cluster)).api
@@ -263,6 +269,8 @@ def main() -> int:
                          "(a cluster spends less per message the more writes one fsync carries)")
     ap.add_argument("--bin", help="the tempalias binary (instead of TEMPALIAS_BIN)")
     args = ap.parse_args()
+    if (args.cluster or args.rate) and not args.tls:
+        ap.error("--cluster and --rate go with --tls")
     if args.tls:
         return tls_bench(args)
     with tempfile.TemporaryDirectory(prefix="tempalias-mailauth-bench-") as tmp:
@@ -339,14 +347,17 @@ def tls_bench(args) -> int:
                 sink_port = free_ports(["127.0.0.1"], 1)[0]
                 sink = start_smtp_sink("127.0.0.1", sink_port, base / "smtp-sink.log", backlog=1024)
                 common["relay"] = {"mode": "smarthost", "smarthosts": [f"smtp://127.0.0.1:{sink_port}"]}
+                # As forward_bench.py: no per-address session cap for the loopback clients.
+                common["smtp"] = {**common.get("smtp", {}), "trusted_networks": ["127.0.0.0/8"]}
             for name, extra in configs.items():
                 if args.cluster:
                     n = ClusterTarget(base, name.replace(":", "_"), args.cluster, {**common, **extra})
                 else:
                     n = Node(base, name.replace(":", "_"), config={**common, **extra})
+                    nodes[name] = n
                     n.start()
-                send_all(n, min(20, args.messages), args.clients, args.size, tls=True)  # warm-up
                 nodes[name] = n
+                send_all(n, min(20, args.messages), args.clients, args.size, tls=True)  # warm-up
             print(f"{args.messages} messages of ~{args.size} bytes, {args.clients} clients, "
                   f"DKIM keys {' '.join(args.dkim_algorithm)}, binary {BIN}, "
                   + (f"{args.cluster}-node clusters relaying to smtp-sink" if args.cluster
@@ -402,7 +413,10 @@ def tls_bench(args) -> int:
             table(modes, names, cpu, cpu_ratios, "{:.2f} ms")
         finally:
             for n in nodes.values():
-                n.stop()
+                try:
+                    n.stop()
+                except Exception as e:  # noqa: BLE001 - report and go on cleaning up
+                    print(f"stopping {n}: {e}", file=sys.stderr)
             stop_process(sink)
     return 0
 
