@@ -483,7 +483,8 @@ class SmtpSink:
 
     @property
     def url(self) -> str:
-        return f"smtp://{self.host}:{self.port}"
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"smtp://{host}:{self.port}"
 
     def start(self) -> "SmtpSink":
         self.proc = start_smtp_sink(self.host, self.port, self.stderr_path, options=self.options,

@@ -105,8 +105,8 @@ def read_log(path: Path) -> str:
 
 def start_smtp_sink(host: str, port: int, log_path: Path, *, options=(), dump_prefix: str | Path | None = None,
                     backlog: int = 64, error: type[Exception] = RuntimeError, timeout: float = 15.0) -> subprocess.Popen:
-    """Postfix's smtp-sink on host:port with its output appended to
-    `log_path`; returns the process once it greets. `dump_prefix` makes it
+    """Postfix's smtp-sink on host:port (an IPv4 or IPv6 address) with its
+    output appended to `log_path`; returns the process once it greets. `dump_prefix` makes it
     write one file per transaction (`-d`); `options` go before the address
     (e.g. `["-f", ".", "-B", "550 5.2.2 mailbox full"]` to refuse every
     message after DATA). As root it drops to `nobody` after binding, so a dump
@@ -118,7 +118,9 @@ def start_smtp_sink(host: str, port: int, log_path: Path, *, options=(), dump_pr
         cmd += ["-u", "nobody"]
     if dump_prefix is not None:
         cmd += ["-d", str(dump_prefix)]
-    cmd += [*options, f"{host}:{port}", str(backlog)]
+    # An IPv6 address goes in brackets, as Postfix writes it ([::1]:port).
+    address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    cmd += [*options, address, str(backlog)]
     with open(log_path, "ab") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=log, stdin=subprocess.DEVNULL)
     try:
