@@ -247,9 +247,11 @@ def test_a_silent_mx_is_cut_off_at_the_per_host_timeout(mx_dns, node_factory, si
     assert code == 250, (code, text)
     # The silent host was tried first and held the attempt for the per-host
     # timeout, no longer: the rest of the delivery budget was left for mx2.
+    # (Without the per-host bound the 15 s budget would run out: 451. The
+    # upper bound leaves a loaded machine room and still tells the two apart.)
     wait_until(lambda: silent.held, 5, "the silent host's accept")
     assert len(silent.held) == 1
-    assert host_timeout <= elapsed < host_timeout + 4, elapsed
+    assert host_timeout <= elapsed < 10, elapsed
     (m,) = sink.wait_for(1)
     assert m.rcpt_to == ["me@silent.test"]
     assert node.remaining(alias) == 1
