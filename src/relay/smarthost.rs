@@ -703,23 +703,59 @@ mod tests {
     /// and keeps every command line it got. `refuse_at` names the verb
     /// (`MAIL`, `RCPT`, or `.` for the end of data) it answers with
     /// `552 5.3.4` instead of accepting.
+    ///
+    /// Its [`Mode`] (settable at any time) decides what a new connection
+    /// gets; `accepted` counts the connections.
     struct Fake {
         port: u16,
         commands: Arc<std::sync::Mutex<Vec<String>>>,
+        mode: Arc<std::sync::atomic::AtomicU8>,
+        accepted: Arc<std::sync::atomic::AtomicUsize>,
+        /// One permit lets one stalled connection go on.
+        release: Arc<tokio::sync::Semaphore>,
         task: tokio::task::JoinHandle<()>,
+    }
+
+    /// What a [`Fake`] does with a new connection.
+    #[derive(Clone, Copy)]
+    #[repr(u8)]
+    enum Mode {
+        Serve = 0,
+        /// Closes it without a greeting: a failed attempt.
+        HangUp = 1,
+        /// Says nothing until [`Fake::release_one`], then serves.
+        Stall = 2,
     }
 
     impl Fake {
         async fn start(ehlo: &'static [&'static str], refuse_at: Option<&'static str>) -> Self {
+            use std::sync::atomic::Ordering::SeqCst;
             use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
             let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
             let port = listener.local_addr().unwrap().port();
             let commands = Arc::new(std::sync::Mutex::new(Vec::new()));
-            let seen = commands.clone();
+            let mode = Arc::new(std::sync::atomic::AtomicU8::new(Mode::Serve as u8));
+            let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+            let release = Arc::new(tokio::sync::Semaphore::new(0));
+            let (seen, modes, count, gate) = (
+                commands.clone(),
+                mode.clone(),
+                accepted.clone(),
+                release.clone(),
+            );
             let task = tokio::spawn(async move {
                 while let Ok((sock, _)) = listener.accept().await {
                     let seen = seen.clone();
+                    let mode = modes.load(SeqCst);
+                    count.fetch_add(1, SeqCst);
+                    if mode == Mode::HangUp as u8 {
+                        continue;
+                    }
+                    let gate = gate.clone();
                     tokio::spawn(async move {
+                        if mode == Mode::Stall as u8 {
+                            gate.acquire().await.unwrap().forget();
+                        }
                         let (r, mut w) = sock.into_split();
                         let mut lines = BufReader::new(r).lines();
                         let _ = w.write_all(b"220 fake.example ESMTP\r\n").await;
@@ -766,12 +802,28 @@ mod tests {
             Self {
                 port,
                 commands,
+                mode,
+                accepted,
+                release,
                 task,
             }
         }
 
         fn url(&self) -> String {
             format!("smtp://127.0.0.1:{}", self.port)
+        }
+
+        fn set_mode(&self, mode: Mode) {
+            self.mode
+                .store(mode as u8, std::sync::atomic::Ordering::SeqCst);
+        }
+
+        fn accepted(&self) -> usize {
+            self.accepted.load(std::sync::atomic::Ordering::SeqCst)
+        }
+
+        fn release_one(&self) {
+            self.release.add_permits(1);
         }
 
         /// The `MAIL` commands it got.
@@ -955,5 +1007,81 @@ mod tests {
             "tempalias_relay_breaker_state{{upstream=\"{}\"}} 0",
             refusing.url()
         )));
+    }
+
+    /// Polls `done` every 10 ms until it holds; panics after `limit`.
+    async fn wait_until(limit: Duration, what: &str, mut done: impl FnMut() -> bool) {
+        let give_up = Instant::now() + limit;
+        while !done() {
+            assert!(Instant::now() < give_up, "not within {limit:?}: {what}");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn breaker_gauge_shows_half_open_while_the_probe_runs() {
+        let fake = Fake::start(&["8BITMIME"], None).await;
+        let url = fake.url();
+        let metrics = Arc::new(Metrics::new());
+        let config = RelayConfig {
+            mode: crate::config::RelayMode::Smarthost,
+            smarthosts: vec![Smarthost::new(SmarthostUrl::parse(&url).unwrap())],
+            timeout_secs: 10,
+            breaker_failures: 2,
+            breaker_cooldown_secs: 1,
+            backoff_base_ms: 10,
+            backoff_max_ms: 20,
+            ..Default::default()
+        };
+        let relay =
+            Arc::new(SmarthostRelay::new(&config, "mx.test.example", metrics.clone()).unwrap());
+        let deadline = || Instant::now() + Duration::from_secs(20);
+        let gauge = || {
+            let text = metrics.encode();
+            let needle = format!("tempalias_relay_breaker_state{{upstream=\"{url}\"}} ");
+            text.lines()
+                .find_map(|l| l.strip_prefix(&needle).map(str::to_string))
+                .expect("breaker state exported")
+        };
+
+        // Two hang-ups open the breaker.
+        fake.set_mode(Mode::HangUp);
+        let outcome = relay.deliver(&env(), b"x\r\n", deadline()).await;
+        assert!(matches!(outcome, Delivery::TempFail(_)), "{outcome:?}");
+        assert_eq!(gauge(), "1");
+        assert_eq!(fake.accepted(), 2);
+
+        // After the cool-down, a message probes a smarthost that stalls.
+        fake.set_mode(Mode::Stall);
+        wait_until(Duration::from_secs(5), "cool-down over", || {
+            relay.upstreams[0].breaker.would_allow(Instant::now())
+        })
+        .await;
+        let probe = tokio::spawn({
+            let relay = relay.clone();
+            async move { relay.deliver(&env(), b"x\r\n", deadline()).await }
+        });
+        wait_until(Duration::from_secs(5), "probe connected", || {
+            fake.accepted() == 3
+        })
+        .await;
+        assert_eq!(gauge(), "2", "half-open while the probe runs");
+        // Another message meanwhile skips it, and the gauge stays at 2.
+        match relay.deliver(&env(), b"x\r\n", deadline()).await {
+            Delivery::TempFail(reason) => assert!(reason.contains("circuit breaker"), "{reason}"),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(gauge(), "2");
+        assert!(!probe.is_finished());
+
+        // The probe gets through: closed.
+        fake.release_one();
+        let outcome = tokio::time::timeout(Duration::from_secs(10), probe)
+            .await
+            .expect("probe finished")
+            .unwrap();
+        assert_eq!(outcome, Delivery::Accepted);
+        assert_eq!(gauge(), "0");
+        assert_eq!(fake.mails(), ["MAIL FROM:<a@b.example>"]);
     }
 }

@@ -134,7 +134,8 @@ class Received:
 class AioSmtpd:
     """aiosmtpd on a loopback address in a thread of the test process: a
     second real SMTP implementation with STARTTLS, implicit TLS and AUTH
-    PLAIN/LOGIN. `size_limit` is its SIZE (aiosmtpd's `data_size_limit`,
+    PLAIN/LOGIN (`auth_mechanisms` narrows what it offers and accepts, e.g.
+    `("LOGIN",)`). `size_limit` is its SIZE (aiosmtpd's `data_size_limit`,
     announced in EHLO; `None` for aiosmtpd's default). `refuse_rcpt` /
     `refuse_data` answer every RCPT / the end of data with that reply instead
     of accepting. `mails` keeps the parameters of every MAIL it got (even one
@@ -143,6 +144,7 @@ class AioSmtpd:
     cert: tuple[Path, Path] | None = None
     implicit_tls: bool = False
     auth: tuple[str, str] | None = None
+    auth_mechanisms: tuple[str, ...] = ("PLAIN", "LOGIN")
     host: str = "127.0.0.1"
     port: int = field(default_factory=free_port)
     size_limit: int | None = None
@@ -220,7 +222,10 @@ class AioSmtpd:
         if self.auth:
             # aiosmtpd counts only STARTTLS as TLS for auth_require_tls; with
             # implicit TLS the whole session is encrypted anyway.
-            kwargs.update(authenticator=authenticator, auth_required=True, auth_require_tls=not self.implicit_tls)
+            kwargs.update(authenticator=authenticator, auth_required=True, auth_require_tls=not self.implicit_tls,
+                          # aiosmtpd's built-ins are PLAIN and LOGIN; one left
+                          # out is neither announced nor accepted.
+                          auth_exclude_mechanism=[m for m in ("PLAIN", "LOGIN") if m not in self.auth_mechanisms])
         self.controller = Controller(Handler(), **kwargs)
         self.controller.start()
         return self
