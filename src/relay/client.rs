@@ -1703,10 +1703,19 @@ mod tests {
         offer: Offer,
         policy: impl FnOnce(&str) -> TlsPolicy,
     ) -> (Result<(), AttemptError>, Vec<String>) {
+        deliver_named("upstream", offer, policy).await
+    }
+
+    /// [`deliver_to`] with the upstream's name for the logs.
+    async fn deliver_named(
+        name: &str,
+        offer: Offer,
+        policy: impl FnOnce(&str) -> TlsPolicy,
+    ) -> (Result<(), AttemptError>, Vec<String>) {
         let (addrs, ca, upstream) = starttls_upstream(offer).await;
         let tls = policy(&ca);
         let helo = test_helo();
-        let target = test_target("upstream", &addrs, &tls, &helo);
+        let target = test_target(name, &addrs, &tls, &helo);
         let outcome = send(&target, &test_envelope(), b"Subject: t\r\n\r\nbody\r\n").await;
         // QUIT (after a delivery) runs on its own; the upstream ends with
         // it, or with the connection.
@@ -1825,6 +1834,17 @@ mod tests {
         );
         assert!(!log.iter().any(|l| l == "TLS"), "{log:?}");
         assert!(log.iter().any(|l| l.ends_with("SIZE=20")), "{log:?}");
+    }
+
+    #[tokio::test]
+    async fn a_refused_starttls_is_logged_through_the_throttle() {
+        // A name of its own: the throttle is shared by the whole process.
+        let name = "refuses-starttls.throttle.test";
+        let (outcome, log) = deliver_named(name, Offer::Refuse454, opportunistic).await;
+        assert_eq!(outcome, Ok(()), "{log:?}");
+        // The refusal took this host's line for the hour: the next is not
+        // logged at info.
+        assert!(!STARTTLS_REFUSALS.first_in_a_while(name, std::time::Instant::now()));
     }
 
     #[test]

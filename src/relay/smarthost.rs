@@ -1072,6 +1072,12 @@ mod tests {
             other => panic!("{other:?}"),
         }
         assert_eq!(gauge(), "2");
+        assert!(
+            metrics.encode().contains(&format!(
+                "tempalias_relay_skipped_total{{upstream=\"{url}\"}} 1"
+            )),
+            "the second message skipped the smarthost"
+        );
         assert!(!probe.is_finished());
 
         // The probe gets through: closed.

@@ -354,7 +354,7 @@ def tls_bench(args) -> int:
                     n = ClusterTarget(base, name.replace(":", "_"), args.cluster, {**common, **extra})
                 else:
                     n = Node(base, name.replace(":", "_"), config={**common, **extra})
-                    nodes[name] = n
+                    nodes[name] = n  # before start(): stopped in `finally` if it fails
                     n.start()
                 nodes[name] = n
                 send_all(n, min(20, args.messages), args.clients, args.size, tls=True)  # warm-up

@@ -220,6 +220,8 @@ class AioSmtpd:
             kwargs["tls_context"] = ctx
             kwargs["require_starttls"] = False  # a plaintext fallback would be seen
         if self.auth:
+            unknown = set(self.auth_mechanisms) - {"PLAIN", "LOGIN"}
+            assert not unknown, f"aiosmtpd's built-in mechanisms are PLAIN and LOGIN, not {sorted(unknown)}"
             # aiosmtpd counts only STARTTLS as TLS for auth_require_tls; with
             # implicit TLS the whole session is encrypted anyway.
             kwargs.update(authenticator=authenticator, auth_required=True, auth_require_tls=not self.implicit_tls,
