@@ -287,6 +287,15 @@ pub struct SmtpConfig {
     /// Refuse MAIL until the client has started TLS. Off by default: a
     /// public MX must accept plaintext from senders without TLS.
     pub require_tls: bool,
+    /// Answer `250` as soon as the upstream accepted, and write the Commit
+    /// of the message's uses after it (tracked, retried until the lease
+    /// ends, awaited by shutdown). Faster (the sessions no longer wait for
+    /// the second Raft write, and more commits share one entry) at a named
+    /// risk: a crash between the `250` and the Commit releases the use when
+    /// its lease ends, so the alias may forward one message more than its
+    /// limit, and the API shows the use a moment after the `250`. Off: the
+    /// Commit is on a quorum's disks before the `250`.
+    pub reply_before_commit: bool,
     /// Lowest TLS version offered: `"1.2"` or `"1.3"`.
     pub tls_min_version: String,
     /// Cipher suites offered, by their rustls names; empty for the rustls defaults.
@@ -340,6 +349,7 @@ impl Default for SmtpConfig {
             tls_self_signed: true,
             tls_listen: String::new(),
             require_tls: false,
+            reply_before_commit: false,
             tls_min_version: "1.2".to_string(),
             tls_cipher_suites: Vec::new(),
             tls_handshake_timeout_secs: 30,

@@ -55,6 +55,11 @@ pub trait AliasStore: Send + Sync + 'static {
     /// Spends a reserved use: the message is safe upstream.
     fn commit(&self, id: &str, reserved: &Reserved) -> impl Future<Output = ()> + Send;
 
+    /// [`AliasStore::commit`] without waiting for it
+    /// (`smtp.reply_before_commit`): the store settles it in the background
+    /// and shutdown waits for it.
+    fn commit_later(&self, id: &str, reserved: &Reserved);
+
     /// Gives a reserved use back: the message was not forwarded.
     fn release(&self, id: &str, reserved: &Reserved) -> impl Future<Output = ()> + Send;
 
@@ -181,6 +186,11 @@ impl AliasStore for RaftAliases {
         self.settlements
             .commit(&self.node, id, reserved.reservation, reserved.lease_ends)
             .await;
+    }
+
+    fn commit_later(&self, id: &str, reserved: &Reserved) {
+        self.settlements
+            .commit_later(&self.node, id, reserved.reservation, reserved.lease_ends);
     }
 
     async fn release(&self, id: &str, reserved: &Reserved) {

@@ -10,7 +10,7 @@
 //!   before Raft stops, instead of staying held for a whole lease.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tokio_util::task::TaskTracker;
@@ -84,6 +84,24 @@ impl Settlements {
                 }
                 pause = (pause * 2).min(Duration::from_secs(5));
             }
+        });
+    }
+
+    /// [`Settlements::commit`] in the background, for a session that has
+    /// already answered (`smtp.reply_before_commit`). The use leaves the
+    /// held set now, so shutdown does not release it, and the task is
+    /// tracked with the retries, so shutdown waits for it.
+    pub fn commit_later(
+        self: &Arc<Self>,
+        node: &Node,
+        alias_id: &str,
+        reservation: u64,
+        lease_ends: Instant,
+    ) {
+        self.lock().remove(&reservation);
+        let (this, node, alias) = (self.clone(), node.clone(), alias_id.to_string());
+        self.retries.spawn(async move {
+            this.commit(&node, &alias, reservation, lease_ends).await;
         });
     }
 

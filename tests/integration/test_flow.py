@@ -10,7 +10,7 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 
-from harness import BIN, DOMAIN, HOSTNAME, SENDER, TARGET, message, srs_of
+from harness import BIN, DOMAIN, HOSTNAME, SENDER, TARGET, message, srs_of, wait_until
 
 
 def tempalias_received_count(data: bytes) -> int:
@@ -265,3 +265,23 @@ def test_8bit_message_is_relayed_byte_for_byte(node_factory, sink_factory):
     # smtp-sink writes lines with LF endings.
     assert m.data.endswith(msg.replace(b"\r\n", b"\n")), m.data
     assert m.rcpt_to == [TARGET]
+
+
+def test_reply_before_commit_counts_every_use_after_the_250_and_at_shutdown(node_factory, sink_factory):
+    # smtp.reply_before_commit: the 250 comes once the upstream accepted, the
+    # Commit after it. Every use is still counted (the alias ends used up,
+    # not one message over), and a graceful stop right after a 250 waits for
+    # its Commit: after the restart the use is there.
+    sink = sink_factory()
+    node = node_factory(relay="smarthost", smarthosts=[sink.url], config={"smtp": {"reply_before_commit": True}})
+    alias = node.create_alias(days=1, max_usage=3)
+    for i in range(2):
+        assert node.send([alias["alias"]], message(f"early reply {i}", to=alias["alias"])) == {}
+    wait_until(lambda: node.remaining(alias) == 1, 10, "both commits to be applied")
+    assert node.send([alias["alias"]], message("last one", to=alias["alias"])) == {}
+    assert node.stop() == 0
+    node.start()
+    view = node.get_alias(alias)
+    assert (view["remaining"], view["state"]) == (0, "used_up"), view
+    assert node.rcpt_reply(alias["alias"])[0] == 550
+    assert len(sink.wait_for(3)) == 3

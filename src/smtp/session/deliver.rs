@@ -1,6 +1,7 @@
 //! After DATA: the message goes upstream once, and the uses held for it are
 //! settled by the outcome (committed when the upstream accepted, released
-//! otherwise) before the client hears the verdict.
+//! otherwise) before the client hears the verdict; with
+//! `smtp.reply_before_commit` the commits are written after the `250`.
 
 use std::time::Instant;
 
@@ -130,7 +131,11 @@ where
         let rcpts = tx.rcpts.len();
         match delivery {
             Delivery::Accepted => {
-                self.settle(tx.rcpts, true).await;
+                if self.shared.config.reply_before_commit {
+                    self.commit_later(&tx.rcpts);
+                } else {
+                    self.settle(tx.rcpts, true).await;
+                }
                 self.count_message(MessageResult::forwarded);
                 tracing::info!(rcpts, size = message.len(), "forwarded");
                 let sid = self.sid.clone();
@@ -206,6 +211,16 @@ where
             AcceptedKind::Postmaster | AcceptedKind::Bounce { .. } => None,
         });
         futures::future::join_all(writes).await;
+    }
+
+    /// Hands the commits of `rcpts` to the store to write after the reply
+    /// (`smtp.reply_before_commit`).
+    fn commit_later(&self, rcpts: &[Accepted]) {
+        for a in rcpts {
+            if let AcceptedKind::Alias { id, reserved } = &a.kind {
+                self.shared.aliases.commit_later(id, reserved);
+            }
+        }
     }
 }
 

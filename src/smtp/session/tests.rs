@@ -55,6 +55,10 @@ impl AliasStore for FakeAliases {
         self.log.lock().unwrap().push(format!("commit {id}"));
     }
 
+    fn commit_later(&self, id: &str, _reserved: &Reserved) {
+        self.log.lock().unwrap().push(format!("commit later {id}"));
+    }
+
     async fn release(&self, id: &str, _reserved: &Reserved) {
         *self.uses.lock().unwrap().get_mut(id).unwrap() += 1;
         self.log.lock().unwrap().push(format!("release {id}"));
@@ -509,5 +513,27 @@ async fn an_srs_address_takes_only_its_share_of_bounces() {
         assert!(text.contains("MAILER-DAEMON@tempalias.test"), "{text}");
         assert!(text.contains("Status: 5.1.1\r\n"), "{text}");
         assert!(!text.contains("target@example.org"), "{text}");
+    }
+}
+
+#[tokio::test]
+async fn reply_before_commit_hands_the_commits_to_the_store_and_answers_250() {
+    for (on, expected) in [(false, "commit"), (true, "commit later")] {
+        let (setup, id) = setup(false, Delivery::Accepted, |c| c.reply_before_commit = on);
+        let (mut c, _task) = start(&setup);
+        c.reply().await;
+        c.cmd("EHLO client.example").await;
+        c.cmd("MAIL FROM:<a@example.org>").await;
+        // One recipient holding a use, one not (postmaster).
+        c.cmd(&format!("RCPT TO:<{id}@tempalias.test>")).await;
+        c.cmd("RCPT TO:<postmaster>").await;
+        c.cmd("DATA").await;
+        let done = c.cmd("Subject: hi\r\n\r\nHello.\r\n.").await;
+        assert!(done.starts_with("250 2.0.0"), "{done}");
+        assert_eq!(
+            setup.shared.aliases.log(),
+            [format!("reserve {id}"), format!("{expected} {id}")],
+            "reply_before_commit = {on}"
+        );
     }
 }
