@@ -293,8 +293,9 @@ pub struct SmtpConfig {
     /// the second Raft write, and more commits share one entry) at a named
     /// risk: a crash between the `250` and the Commit releases the use when
     /// its lease ends, so the alias may forward one message more than its
-    /// limit, and the API shows the use a moment after the `250`. Off: the
-    /// Commit is on a quorum's disks before the `250`.
+    /// limit per Commit then pending, and the API shows the use a moment
+    /// after the `250`. Off: the Commit is on a quorum's disks before the
+    /// `250`.
     pub reply_before_commit: bool,
     /// Lowest TLS version offered: `"1.2"` or `"1.3"`.
     pub tls_min_version: String,

@@ -146,3 +146,85 @@ impl Settlements {
         let _ = tokio::time::timeout(limit, futures::future::join_all(releases)).await;
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use tokio_util::sync::CancellationToken;
+
+    use super::*;
+    use crate::config::{Config, Secret};
+    use crate::raft::Response;
+
+    /// A one-node cluster of its own, leader once this returns.
+    async fn one_node(dir: &std::path::Path) -> Node {
+        let mut config = Config {
+            node_id: 1,
+            data_dir: dir.to_path_buf(),
+            ..Config::default()
+        };
+        config.cluster.listen = "127.0.0.1:1".to_string();
+        let members: BTreeMap<_, _> = [(1, config.cluster.listen.clone())].into();
+        let peers = crate::cluster::client::Peers::new(
+            &Secret::new("settle test secret"),
+            Duration::from_secs(1),
+        )
+        .unwrap();
+        let node = Node::start(
+            &config,
+            Arc::new(crate::clock::SystemClock::default()),
+            peers,
+            Arc::new(crate::metrics::Metrics::new()),
+        )
+        .await
+        .unwrap();
+        node.form_cluster(members, CancellationToken::new()).await;
+        node
+    }
+
+    #[tokio::test]
+    async fn shutdown_waits_for_a_commit_handed_over_after_the_reply() {
+        let dir = tempfile::tempdir().unwrap();
+        let node = one_node(dir.path()).await;
+        let create = Command::CreateAlias {
+            id: "settletest01".into(),
+            domain: "t.example".into(),
+            target: "me@example.net".into(),
+            token_hash: "h".into(),
+            valid_for_ms: 3_600_000,
+            max_usage: 2,
+        };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while node.write(create.clone()).await.is_err() {
+            assert!(Instant::now() < deadline, "no leader");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let reserved = node
+            .write(Command::Reserve {
+                id: "settletest01".into(),
+                lease_ms: 60_000,
+                reservation: 7,
+            })
+            .await
+            .unwrap();
+        assert!(
+            matches!(reserved, Response::Reserved { .. }),
+            "{reserved:?}"
+        );
+        let settlements = Arc::new(Settlements::new());
+        settlements.hold("settletest01", 7);
+
+        // The session answered 250 and handed the commit over; shutdown
+        // comes at once.
+        let lease_ends = Instant::now() + Duration::from_secs(60);
+        settlements.commit_later(&node, "settletest01", 7, lease_ends);
+        settlements
+            .drain(&node, 60_000, Duration::from_secs(10))
+            .await;
+
+        // Counted, not released: shutdown waited for it.
+        let rec = node.reader().alias("settletest01").unwrap().unwrap();
+        assert_eq!((rec.used, rec.max_usage), (1, 2), "{rec:?}");
+    }
+}

@@ -12,7 +12,8 @@
 //! two messages racing on different nodes can never exceed the alias's
 //! limit. After DATA the message goes upstream once, to all targets; the
 //! reservations are committed only when the upstream accepted (and then the
-//! client hears `250`) and released otherwise. Any way the transaction ends
+//! client hears `250`; with `smtp.reply_before_commit` the `250` comes first
+//! and the commit is written after it) and released otherwise. Any way the transaction ends
 //! (RSET, EHLO/HELO, STARTTLS, QUIT, timeout, disconnect, shutdown) releases
 //! what is still held; if the node dies instead, the reservation's lease
 //! lapses.
