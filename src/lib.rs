@@ -36,3 +36,4 @@ pub mod raft;
 pub mod relay;
 pub mod server;
 pub mod smtp;
+pub mod window_counts;

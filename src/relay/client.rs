@@ -634,7 +634,7 @@ async fn starttls(
     match greeted.conn.command(Starttls).await {
         Ok(_) => {}
         Err(e) if !required && e.status().is_some_and(|c| u16::from(c) != 421) => {
-            if STARTTLS_REFUSALS.first_in_a_while(target.name, std::time::Instant::now()) {
+            if STARTTLS_REFUSALS.allow(target.name) {
                 tracing::info!(upstream = target.name, reply = %e, "STARTTLS refused; going on in plaintext (opportunistic TLS; this host's further refusals within the hour are logged at debug)");
             } else {
                 tracing::debug!(upstream = target.name, reply = %e, "STARTTLS refused; going on in plaintext (opportunistic TLS)");
@@ -655,46 +655,13 @@ async fn starttls(
 
 /// Hosts whose refused `STARTTLS` was logged at info, so that a host with
 /// broken TLS costs one line an hour, not one per delivery (MX delivery opens
-/// a connection per message).
-static STARTTLS_REFUSALS: LogThrottle = LogThrottle::new(Duration::from_secs(3600));
-
-/// Which keys were logged within the last `every`: one line per key and
-/// period instead of one per event. Bounded by forgetting every key when
-/// full, which at worst logs a key again early.
-pub(crate) struct LogThrottle {
-    every: Duration,
-    logged: Mutex<Option<std::collections::HashMap<String, std::time::Instant>>>,
-}
-
-impl LogThrottle {
-    /// Keys remembered at most; MX host names come from the recipients'
-    /// domains, so the set must not grow without end.
-    const MAX_KEYS: usize = 1024;
-
-    pub(crate) const fn new(every: Duration) -> Self {
-        Self {
-            every,
-            logged: Mutex::new(None),
-        }
-    }
-
-    /// True when `key` was not logged within the period before `now` (and
-    /// then counts it as logged now).
-    pub(crate) fn first_in_a_while(&self, key: &str, now: std::time::Instant) -> bool {
-        let mut guard = self.logged.lock().unwrap_or_else(|e| e.into_inner());
-        let logged = guard.get_or_insert_with(Default::default);
-        if let Some(at) = logged.get(key) {
-            if now.saturating_duration_since(*at) < self.every {
-                return false;
-            }
-        }
-        if logged.len() >= Self::MAX_KEYS && !logged.contains_key(key) {
-            logged.clear();
-        }
-        logged.insert(key.to_string(), now);
-        true
-    }
-}
+/// a connection per message). At most 1,024 hosts (MX names come from the
+/// recipients' domains); while that many were logged within the hour, a new
+/// one is logged at debug.
+static STARTTLS_REFUSALS: std::sync::LazyLock<crate::window_counts::WindowCounts> =
+    std::sync::LazyLock::new(|| {
+        crate::window_counts::WindowCounts::new(1, Duration::from_secs(3600), 1024)
+    });
 
 /// The TLS handshake on our own socket, by lettre (its verification as
 /// `params` says).
@@ -1844,34 +1811,7 @@ mod tests {
         assert_eq!(outcome, Ok(()), "{log:?}");
         // The refusal took this host's line for the hour: the next is not
         // logged at info.
-        assert!(!STARTTLS_REFUSALS.first_in_a_while(name, std::time::Instant::now()));
-    }
-
-    #[test]
-    fn log_throttle_lets_one_line_a_period_through_per_key() {
-        let throttle = LogThrottle::new(Duration::from_secs(60));
-        let t0 = std::time::Instant::now();
-        assert!(throttle.first_in_a_while("mx1", t0));
-        assert!(!throttle.first_in_a_while("mx1", t0 + Duration::from_secs(59)));
-        assert!(throttle.first_in_a_while("mx2", t0 + Duration::from_secs(1)));
-        assert!(throttle.first_in_a_while("mx1", t0 + Duration::from_secs(60)));
-        assert!(!throttle.first_in_a_while("mx1", t0 + Duration::from_secs(61)));
-    }
-
-    #[test]
-    fn log_throttle_stays_bounded() {
-        let throttle = LogThrottle::new(Duration::from_secs(60));
-        let t0 = std::time::Instant::now();
-        for i in 0..LogThrottle::MAX_KEYS * 3 {
-            throttle.first_in_a_while(&format!("mx{i}"), t0);
-        }
-        let held = throttle
-            .logged
-            .lock()
-            .unwrap()
-            .as_ref()
-            .map_or(0, |m| m.len());
-        assert!(held <= LogThrottle::MAX_KEYS, "{held}");
+        assert!(!STARTTLS_REFUSALS.allow(name));
     }
 
     /// A stream that gives its replies a few bytes per read, and keeps

@@ -386,7 +386,7 @@ fn id(i: usize) -> (String, String) {
 }
 
 /// The value of `name{upstream="url"}`.
-fn metric(metrics: &Metrics, name: &str, url: &str) -> String {
+pub(super) fn metric(metrics: &Metrics, name: &str, url: &str) -> String {
     let needle = format!("{name}{{upstream=\"{url}\"}} ");
     metrics
         .encode()

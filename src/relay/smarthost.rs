@@ -1009,6 +1009,8 @@ mod tests {
         )));
     }
 
+    use crate::relay::reuse_tests::metric;
+
     /// Polls `done` every 10 ms until it holds; panics after `limit`.
     async fn wait_until(limit: Duration, what: &str, mut done: impl FnMut() -> bool) {
         let give_up = Instant::now() + limit;
@@ -1036,13 +1038,7 @@ mod tests {
         let relay =
             Arc::new(SmarthostRelay::new(&config, "mx.test.example", metrics.clone()).unwrap());
         let deadline = || Instant::now() + Duration::from_secs(20);
-        let gauge = || {
-            let text = metrics.encode();
-            let needle = format!("tempalias_relay_breaker_state{{upstream=\"{url}\"}} ");
-            text.lines()
-                .find_map(|l| l.strip_prefix(&needle).map(str::to_string))
-                .expect("breaker state exported")
-        };
+        let gauge = || metric(&metrics, "tempalias_relay_breaker_state", &url);
 
         // Two hang-ups open the breaker.
         fake.set_mode(Mode::HangUp);
@@ -1072,10 +1068,9 @@ mod tests {
             other => panic!("{other:?}"),
         }
         assert_eq!(gauge(), "2");
-        assert!(
-            metrics.encode().contains(&format!(
-                "tempalias_relay_skipped_total{{upstream=\"{url}\"}} 1"
-            )),
+        assert_eq!(
+            metric(&metrics, "tempalias_relay_skipped_total", &url),
+            "1",
             "the second message skipped the smarthost"
         );
         assert!(!probe.is_finished());

@@ -11,9 +11,9 @@
 //! Counted per node and in memory (like the per-address SMTP limits), in a
 //! table bounded in size whatever the number of addresses.
 
-use std::collections::HashMap;
-use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use crate::window_counts::WindowCounts;
 
 /// Most addresses tracked at once; when full, expired entries are dropped
 /// first, and a new address is refused while none has expired (the table
@@ -25,50 +25,23 @@ pub const WINDOW: Duration = Duration::from_secs(24 * 3600);
 
 /// Bounces accepted per SRS address within [`WINDOW`].
 pub struct BounceCounts {
-    /// 0: no cap.
-    max: u32,
-    window: Duration,
-    counts: Mutex<HashMap<String, (u32, Instant)>>,
+    /// `None`: no cap (`srs.max_bounces_per_address = 0`).
+    counts: Option<WindowCounts>,
 }
 
 impl BounceCounts {
     pub fn new(max: u32, window: Duration) -> Self {
         Self {
-            max,
-            window,
-            counts: Mutex::new(HashMap::new()),
+            counts: (max > 0).then(|| WindowCounts::new(max, window, MAX_TRACKED)),
         }
     }
 
     /// Counts one bounce to `address` (an SRS address, any case); `false`
     /// when the address has had its share within the window.
     pub fn allow(&self, address: &str) -> bool {
-        if self.max == 0 {
-            return true;
-        }
-        let now = Instant::now();
-        let key = address.to_ascii_lowercase();
-        let mut counts = self.counts.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some((n, since)) = counts.get_mut(&key) {
-            if now.duration_since(*since) >= self.window {
-                *n = 0;
-                *since = now;
-            }
-            if *n >= self.max {
-                return false;
-            }
-            *n += 1;
-            return true;
-        }
-        if counts.len() >= MAX_TRACKED {
-            let window = self.window;
-            counts.retain(|_, (_, since)| now.duration_since(*since) < window);
-            if counts.len() >= MAX_TRACKED {
-                return false;
-            }
-        }
-        counts.insert(key, (1, now));
-        true
+        self.counts
+            .as_ref()
+            .is_none_or(|c| c.allow(&address.to_ascii_lowercase()))
     }
 }
 

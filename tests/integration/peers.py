@@ -130,6 +130,10 @@ class Received:
     peer: tuple | None = None
 
 
+# aiosmtpd's built-in AUTH mechanisms.
+AIOSMTPD_AUTH = ("PLAIN", "LOGIN")
+
+
 @dataclass
 class AioSmtpd:
     """aiosmtpd on a loopback address in a thread of the test process: a
@@ -144,7 +148,7 @@ class AioSmtpd:
     cert: tuple[Path, Path] | None = None
     implicit_tls: bool = False
     auth: tuple[str, str] | None = None
-    auth_mechanisms: tuple[str, ...] = ("PLAIN", "LOGIN")
+    auth_mechanisms: tuple[str, ...] = AIOSMTPD_AUTH
     host: str = "127.0.0.1"
     port: int = field(default_factory=free_port)
     size_limit: int | None = None
@@ -220,14 +224,13 @@ class AioSmtpd:
             kwargs["tls_context"] = ctx
             kwargs["require_starttls"] = False  # a plaintext fallback would be seen
         if self.auth:
-            unknown = set(self.auth_mechanisms) - {"PLAIN", "LOGIN"}
-            assert not unknown, f"aiosmtpd's built-in mechanisms are PLAIN and LOGIN, not {sorted(unknown)}"
+            unknown = set(self.auth_mechanisms) - set(AIOSMTPD_AUTH)
+            assert not unknown, f"aiosmtpd's built-in mechanisms are {AIOSMTPD_AUTH}, not {sorted(unknown)}"
             # aiosmtpd counts only STARTTLS as TLS for auth_require_tls; with
             # implicit TLS the whole session is encrypted anyway.
             kwargs.update(authenticator=authenticator, auth_required=True, auth_require_tls=not self.implicit_tls,
-                          # aiosmtpd's built-ins are PLAIN and LOGIN; one left
-                          # out is neither announced nor accepted.
-                          auth_exclude_mechanism=[m for m in ("PLAIN", "LOGIN") if m not in self.auth_mechanisms])
+                          # A built-in left out is neither announced nor accepted.
+                          auth_exclude_mechanism=[m for m in AIOSMTPD_AUTH if m not in self.auth_mechanisms])
         self.controller = Controller(Handler(), **kwargs)
         self.controller.start()
         return self
